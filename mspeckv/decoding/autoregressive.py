@@ -1,0 +1,104 @@
+"""Autoregressive decoding: chunked prefill, then one token per forward. The baseline every speedup is measured from."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import GenerationConfig
+from ..kv.dense import DenseKV
+from .sampling import make_generator, next_token
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per row, cut after the first EOS (EOS kept)
+    prompt_len: int
+    prefill_s: float
+    ttft_s: float  # prefill + first token
+    decode_s: float  # every token after the first
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def n_generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_steps(self) -> int:
+        """Forwards after the first token (includes steps past EOS that ran before the host noticed)."""
+        return self.stats.get("forwards", max(len(t) for t in self.tokens)) - 1
+
+    @property
+    def ms_per_token(self) -> float:
+        """Mean ms per decoded token after the first (one forward each for AR)."""
+        return 1e3 * self.decode_s / max(self.decode_steps, 1)
+
+    @property
+    def tok_per_s(self) -> float:
+        """Generated tokens per second of decoding, first token excluded (it is part of TTFT)."""
+        return (self.n_generated - len(self.tokens)) / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def summary(self) -> dict:
+        return {"prompt_len": self.prompt_len, "n_generated": self.n_generated, "prefill_s": self.prefill_s,
+                "ttft_s": self.ttft_s, "decode_s": self.decode_s, "ms_per_token": self.ms_per_token,
+                "tok_per_s": self.tok_per_s, **self.stats}
+
+
+def trim_at_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    out = []
+    for r in rows:
+        cut = next((i for i, t in enumerate(r) if t in eos), None)
+        out.append(r if cut is None else r[:cut + 1])
+    return out
+
+
+@torch.inference_mode()
+def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_ids=None,
+             eos_check_every: int | None = None, progress=None) -> GenerationResult:
+    """Generate up to ``gen.max_new_tokens`` per row. input_ids: (B, T), all rows the same length.
+
+    EOS is checked on the host every ``eos_check_every`` steps (default: every step on CPU, every 16 on CUDA, so
+    the GPU queue never drains); tokens produced past a row's EOS are discarded.
+    """
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, T = input_ids.shape
+    model.check_context(T + gen.max_new_tokens)
+    if cache is None:
+        cache = DenseKV.for_model(model, B, T + gen.max_new_tokens)
+    eos = set(model.cfg.eos_token_ids if eos_ids is None else eos_ids) if gen.stop_on_eos else set()
+    every = eos_check_every or (16 if device.type == "cuda" else 1)
+    g = make_generator(device, gen.sampling.seed)
+    eos_t = torch.tensor(sorted(eos) or [-1], device=device)
+
+    sync(device)
+    t0 = time.perf_counter()
+    logits = model.prefill(input_ids, cache, chunk=gen.prefill_chunk, progress=progress)
+    sync(device)
+    t_prefill = time.perf_counter()
+    tok = next_token(logits, gen.sampling, g)  # (B,)
+    out = [tok]
+    done = torch.isin(tok, eos_t)
+    sync(device)
+    t_first = time.perf_counter()
+    for step in range(1, gen.max_new_tokens):
+        if eos and step % every == 0 and bool(done.all()):
+            break
+        logits = model(tok[:, None], cache)[:, -1]
+        tok = next_token(logits, gen.sampling, g)
+        out.append(tok)
+        done |= torch.isin(tok, eos_t)
+    sync(device)
+    t_end = time.perf_counter()
+    rows = torch.stack(out, 1).tolist()
+    rows = trim_at_eos(rows, eos) if eos else rows
+    return GenerationResult(rows, T, t_prefill - t0, t_first - t0, t_end - t_first,
+                            stats={"mode": "ar", "forwards": len(out)})

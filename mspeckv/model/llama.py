@@ -1,0 +1,263 @@
+"""Our decoder forward for the Llama family: Llama, Qwen2 (qkv bias) and Mistral.
+
+Parameter names match Hugging Face's, so a safetensors state dict loads as is. The model knows storage only through
+the ``KVCache`` interface (``mspeckv.kv.base``): each layer hands its new K/V to ``cache.update`` and attends over what
+comes back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kv.base import KVCache
+from .rope import Rope, RopeConfig, apply_rope
+
+FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_embeddings: bool
+    max_position: int
+    act: str
+    rope: RopeConfig
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf(cls, hf) -> ModelConfig:
+        family = hf.model_type
+        if family not in FAMILIES:
+            raise ValueError(
+                f"model_type '{family}' is not supported; MSpecKV runs {', '.join(FAMILIES.values())}"
+            )
+        if hf.hidden_act not in ACTS:
+            raise ValueError(f"hidden_act '{hf.hidden_act}' is not supported; use one of {sorted(ACTS)}")
+        n_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
+        eos = hf.eos_token_id
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+        window = getattr(hf, "sliding_window", None) if family != "qwen2" or getattr(hf, "use_sliding_window", False) else None
+        return cls(
+            family=family, vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers,
+            n_heads=n_heads, n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
+            intermediate=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
+            qkv_bias=family == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            o_bias=family != "qwen2" and bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            max_position=hf.max_position_embeddings, act=hf.hidden_act, rope=RopeConfig.from_hf(hf),
+            sliding_window=window, eos_token_ids=eos,
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def causal_mask(t: int, s: int, groups: int, device) -> Tensor:
+    """Bool mask (groups*t, s): query row i (the i-th of the t newest keys) sees keys j <= s - t + i."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(s, device=device)[None, :]
+    return (j <= s - t + i).repeat(groups, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, masks: dict) -> Tensor:
+        c = self.c
+        B, T, _ = x.shape
+        G = c.n_heads // c.n_kv_heads
+        q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), the last T rows are the new tokens
+        S = k.shape[2]
+        # GQA without copying K/V: fold each KV head's G query heads into the query-length axis.
+        q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)  # (B, Hkv, G*T, D)
+        mask = None
+        if T > 1:
+            mask = masks.get(S)
+            if mask is None:
+                mask = masks[S] = causal_mask(T, S, G, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, D)
+        y = y.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.intermediate, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.dim, c.intermediate, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate, c.dim, bias=c.mlp_bias)
+        self.act = ACTS[c.act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, masks):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, masks)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. ``forward(ids, cache)`` returns fp32 logits for the last ``num_logits`` positions."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.cfg = c
+        self.model = Decoder(c)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = Rope(c.rope)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids: Tensor, cache: KVCache, pos0: int | None = None,
+                num_logits: int | None = 1) -> Tensor:
+        """input_ids (B, T) -> logits (B, num_logits or T, V) in fp32.
+
+        ``pos0`` is the absolute position of ``input_ids[:, 0]``; it defaults to ``cache.length()`` and differs only
+        for caches that hold a subset of the history (retrieval, streaming).
+        """
+        B, T = input_ids.shape
+        pos0 = cache.length() if pos0 is None else pos0
+        w = self.cfg.sliding_window
+        if w is not None and pos0 + T > w:
+            raise ValueError(
+                f"this checkpoint uses sliding-window attention (window {w}) and the sequence reaches {pos0 + T} "
+                f"tokens; MSpecKV implements full attention only: use a checkpoint with sliding_window null"
+            )
+        positions = torch.arange(pos0, pos0 + T, device=input_ids.device)
+        cos, sin = self.rope.cos_sin(positions, pos0 + T, self.dtype)
+        x = self.model.embed_tokens(input_ids)
+        masks: dict[int, Tensor] = {}
+        cache.begin(T)
+        try:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, cache, i, masks)
+        except BaseException:
+            getattr(cache, "abort", lambda: None)()
+            raise
+        cache.end()
+        if num_logits is not None:
+            x = x[:, -num_logits:]
+        return self.lm_head(self.model.norm(x)).float()
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor, cache: KVCache, chunk: int = 1024, progress=None) -> Tensor:
+        """Feed a prompt in chunks of ``chunk`` tokens (bounded attention memory). Returns (B, V) last logits."""
+        T = input_ids.shape[1]
+        logits = None
+        for s in range(0, T, chunk):
+            logits = self(input_ids[:, s:s + chunk], cache, num_logits=1)
+            if progress is not None:
+                progress(min(s + chunk, T), T)
+        return logits[:, -1]
+
+    def check_context(self, n_tokens: int) -> None:
+        if n_tokens > self.cfg.max_position:
+            raise ValueError(
+                f"{n_tokens} tokens exceed this model's maximum context of {self.cfg.max_position} "
+                f"(max_position_embeddings); shorten the prompt or lower --max-new-tokens"
+            )
+
+    @classmethod
+    def from_hf_config(cls, hf, device="cpu", dtype=torch.float32) -> CausalLM:
+        with torch.device("meta"):
+            m = cls(ModelConfig.from_hf(hf))
+        m = m.to_empty(device=device).to(dtype)
+        m.rope = Rope(m.cfg.rope, device=device)
+        if m.cfg.tie_embeddings:
+            m.lm_head.weight = m.model.embed_tokens.weight
+        return m
+
+    def load_safetensors(self, directory: str | Path) -> CausalLM:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        index = d / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
+        files = [d / f for f in files] if files else sorted(d.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {d}")
+        own = self.state_dict()
+        seen = set()
+        for f in files:
+            for name, t in load_file(str(f), device=str(self.device)).items():
+                if name not in own:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise KeyError(f"{f.name}: unexpected tensor '{name}' for a {self.cfg.family} model")
+                if own[name].shape != t.shape:
+                    raise ValueError(f"{f.name}: '{name}' has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+                own[name].copy_(t)
+                seen.add(name)
+        missing = set(own) - seen - ({"lm_head.weight"} if self.cfg.tie_embeddings else set())
+        if missing:
+            raise KeyError(f"checkpoint in {d} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        return self
