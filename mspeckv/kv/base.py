@@ -11,6 +11,10 @@ A forward over ``n_new`` tokens does::
 ``(B, H_kv, S, D)``, whose **last** ``n_new`` rows are the new tokens (so the causal mask is "everything before, plus
 causal among the new rows"). A view may be a subset of the history (retrieval, streaming windows): ``S`` need not
 equal ``length + n_new``. ``rollback(n)`` forgets the newest ``n`` committed tokens; callers never touch lengths.
+
+``read(layer)`` returns the committed history ``(B, H_kv, length, D)`` on the compute device, outside any forward
+(used to build retrieval caches and by presses). Caches may also define ``observe_query(layer, q)``: the model then
+hands it each layer's post-RoPE queries ``(B, H_q, n_new, D)`` before ``update`` (retrieval scoring, SnapKV, H2O).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class KVCache(Protocol):
     def end(self) -> None: ...
 
     def rollback(self, n: int) -> None: ...
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]: ...
 
 
 class CacheFullError(ValueError):

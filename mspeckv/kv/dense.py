@@ -53,6 +53,9 @@ class DenseKV:
         """Drop a forward that failed between begin() and end()."""
         self._pending = None
 
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer][:, :, :self._len], self.v[layer][:, :, :self._len]
+
     def rollback(self, n: int) -> None:
         check_rollback(n, self._len)
         if n:

@@ -110,6 +110,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if (observe := getattr(cache, "observe_query", None)) is not None:
+            observe(layer, q)
         k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), the last T rows are the new tokens
         S = k.shape[2]
         # GQA without copying K/V: fold each KV head's G query heads into the query-length axis.
