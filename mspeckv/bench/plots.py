@@ -1,0 +1,124 @@
+"""PNG plots of a rendered sweep (optional extra ``plot``: matplotlib, imported lazily; pyplot is never used)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+INSTALL_HINT = "pip install 'mspeckv[plot]'  (or: pip install 'matplotlib>=3.7')"
+
+
+class PlotDependencyError(ImportError):
+    """matplotlib is not installed."""
+
+
+def _figure_cls() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise PlotDependencyError(f"plots need matplotlib, which is not installed: {INSTALL_HINT}") from e
+    return Figure
+
+
+def matplotlib_available() -> bool:
+    try:
+        _figure_cls()
+    except PlotDependencyError:
+        return False
+    return True
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_metric(
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    path: str | os.PathLike,
+    *,
+    x_name: str = "x",
+    ylabel: str | None = None,
+    title: str | None = None,
+    methods: Sequence[str] | None = None,
+) -> Path:
+    """One line per method of ``row[f'{metric}_mean']`` vs ``row['x']``, error bars = ``row[f'{metric}_std']``.
+
+    ``rows`` are summary rows (``x``, ``method``, ``<metric>_mean``, ``<metric>_std``); rows with no mean (all runs
+    failed) are left out. Numeric x spanning >= 4x is drawn on a log2 axis; non-numeric x is categorical.
+    """
+    Figure = _figure_cls()
+    methods = list(methods) if methods is not None else list(dict.fromkeys(r["method"] for r in rows))
+    xs_all = list(dict.fromkeys(r["x"] for r in rows))
+    numeric = all(_finite(x) for x in xs_all)
+    pos = {x: (x if numeric else i) for i, x in enumerate(xs_all)}
+
+    fig = Figure(figsize=(7.0, 4.5), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    for method in methods:
+        pts = [r for r in rows if r["method"] == method and _finite(r.get(f"{metric}_mean"))]
+        if not pts:
+            continue
+        pts.sort(key=lambda r: pos[r["x"]])
+        ys = [r[f"{metric}_mean"] for r in pts]
+        es = [r.get(f"{metric}_std") if _finite(r.get(f"{metric}_std")) else 0.0 for r in pts]
+        ax.errorbar([pos[r["x"]] for r in pts], ys, yerr=es, marker="o", capsize=3, label=method)
+    if numeric and xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 4:
+        ax.set_xscale("log", base=2)
+    if numeric:
+        ax.set_xticks(sorted(xs_all))
+        ax.set_xticklabels([f"{x:g}" for x in sorted(xs_all)])
+    else:
+        ax.set_xticks(list(range(len(xs_all))))
+        ax.set_xticklabels([str(x) for x in xs_all])
+    ax.minorticks_off()
+    ax.set_xlabel(x_name)
+    ax.set_ylabel(ylabel or metric)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_summary(
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    x_name: str = "x",
+    methods: Sequence[str] | None = None,
+    title: str = "",
+) -> list[Path]:
+    """``throughput.png`` (tok/s) and ``latency.png`` (s) in ``out_dir``. Raises PlotDependencyError."""
+    out = Path(out_dir)
+    sfx = f" ({title})" if title else ""
+    return [
+        plot_metric(
+            rows,
+            "tok_per_s",
+            out / "throughput.png",
+            x_name=x_name,
+            ylabel="decode throughput (tok/s)",
+            title=f"Throughput vs {x_name}{sfx}",
+            methods=methods,
+        ),
+        plot_metric(
+            rows,
+            "latency_s",
+            out / "latency.png",
+            x_name=x_name,
+            ylabel="end-to-end latency (s)",
+            title=f"Latency vs {x_name}{sfx}",
+            methods=methods,
+        ),
+    ]

@@ -1,0 +1,399 @@
+"""Render a sweep directory (``<dir>/runs/*.json``) into summary.{csv,json,md} and PNG plots.
+
+Used both at the end of a sweep and by ``mspeckv report DIR``. All statistics are over seeds; comparisons between
+methods are paired by seed (see :mod:`mspeckv.bench.stats`). Failed runs never enter a mean; they are counted and
+shown (``FAILED (3/3: OutOfMemoryError)`` or a footnote on a partially failed cell).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mspeckv.bench.results import METHODS, STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
+from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
+
+METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s")
+HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False}
+REFERENCES = ("baseline", "mspeckv")
+# (column, method, reference): latency speedup of ``method`` over ``reference`` = latency[reference] / latency[method]
+SPEEDUP_COLUMNS = (
+    ("vanilla_vs_base", "vanilla_specdec", "baseline"),
+    ("no_kv_quant_vs_base", "mspeckv", "baseline"),
+    ("kv_quant_vs_base", "mspeckv_kv_quant", "baseline"),
+    ("quant_vs_no_quant", "mspeckv_kv_quant", "mspeckv"),
+)
+HF_SPEEDUP_COLUMN = ("kv_quant_vs_hf", "mspeckv_kv_quant", "hf_assisted")
+MD_TABLES = (
+    ("Throughput (tok/s, higher is better)", "tok_per_s"),
+    ("Latency (s, lower is better)", "latency_s"),
+    ("Accepted tokens (higher is better)", "accepted"),
+)
+FAILED = "FAILED"
+
+
+@dataclass
+class Group:
+    """All runs of one (x, method)."""
+
+    x: Any
+    method: str
+    ok: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_total(self) -> int:
+        return len(self.ok) + len(self.failed)
+
+    def values(self, metric: str) -> dict[Any, Any]:
+        """``{seed: value}`` over ok runs (missing metrics are None and get ignored by the stats)."""
+        return {r.get("seed"): (r.get("metrics") or {}).get(metric) for r in self.ok}
+
+    def errors(self) -> Counter:
+        return Counter(_error_name(r.get("error")) for r in self.failed)
+
+    def errors_text(self) -> str:
+        """``'OutOfMemoryError'``; with several error types ``'OutOfMemoryError×2, ValueError×1'``."""
+        errs = sorted(self.errors().items())
+        return errs[0][0] if len(errs) == 1 else ", ".join(f"{name}×{n}" for name, n in errs)
+
+
+def _error_name(err: Any) -> str:
+    if not err:
+        return "unknown error"
+    head = str(err).split(":", 1)[0].strip()
+    return head if head and " " not in head else "error"
+
+
+def _x_key(x: Any) -> tuple:
+    if isinstance(x, int | float) and not isinstance(x, bool):
+        return (0, float(x), "")
+    return (1, 0.0, str(x))
+
+
+def _method_key(m: str) -> tuple:
+    return (METHODS.index(m), "") if m in METHODS else (len(METHODS), m)
+
+
+def _fmt_x(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _ms_dict(prefix: str, ms: tuple[float, float]) -> dict[str, float | None]:
+    m, s = ms
+    return {f"{prefix}_mean": None if math.isnan(m) else m, f"{prefix}_std": None if math.isnan(s) else s}
+
+
+# ---------------------------------------------------------------------------------------------------- aggregation
+def _group(records: list[dict[str, Any]]) -> dict[tuple[Any, str], Group]:
+    groups: dict[tuple[Any, str], Group] = {}
+    for r in records:
+        key = (r.get("x"), str(r.get("method")))
+        g = groups.setdefault(key, Group(x=key[0], method=key[1]))
+        (g.ok if r.get("status") == STATUS_OK else g.failed).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (_x_key(kv[0][0]), _method_key(kv[0][1]))))
+
+
+def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, Any]]:
+    rows = []
+    for (x, method), g in groups.items():
+        row: dict[str, Any] = {
+            "x_name": x_name, "x": x, "method": method, "n_ok": len(g.ok), "n_failed": len(g.failed),
+            "errors": dict(sorted(g.errors().items())),
+            "error_examples": sorted({str(r.get("error"))[:300] for r in g.failed}),
+            "seeds_ok": sorted(r.get("seed") for r in g.ok),
+        }  # fmt: skip
+        for metric in METRICS:
+            row.update(_ms_dict(metric, mean_std(g.values(metric).values())))
+        for ref in REFERENCES:
+            rg = groups.get((x, ref))
+            for metric, tag in (("tok_per_s", "tps"), ("latency_s", "latency")):
+                ms = (math.nan, math.nan)
+                if rg is not None:
+                    ms = speedup(g.values(metric), rg.values(metric), HIGHER_IS_BETTER[metric])
+                row.update(_ms_dict(f"{tag}_speedup_vs_{ref}", ms))
+        rows.append(row)
+    return rows
+
+
+def _speedup_columns(methods: list[str]) -> list[tuple[str, str, str]]:
+    return list(SPEEDUP_COLUMNS) + ([HF_SPEEDUP_COLUMN] if "hf_assisted" in methods else [])
+
+
+def _speedup_rows(groups, xs, methods, x_name) -> list[dict[str, Any]]:
+    out = []
+    for x in xs:
+        row: dict[str, Any] = {x_name: x}
+        for col, method, ref in _speedup_columns(methods):
+            a, b = groups.get((x, method)), groups.get((x, ref))
+            ms = (
+                (math.nan, math.nan)
+                if a is None or b is None
+                else speedup(a.values("latency_s"), b.values("latency_s"), higher_is_better=False)
+            )
+            row.update(_ms_dict(col, ms))
+            row[f"{col}_text"] = _cmp_cell(a, b, ms)
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ markdown
+def _cmp_cell(a: Group | None, b: Group | None, ms: tuple[float, float], signed: bool = False) -> str:
+    if a is None or b is None:
+        return NA
+    if not a.ok or not b.ok:
+        return FAILED
+    text = fmt_pm(*ms)
+    return "+" + text if signed and text != NA and ms[0] >= 0 else text
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class _Footnotes:
+    def __init__(self) -> None:
+        self.n = 0
+        self.pending: list[str] = []
+
+    def add(self, text: str) -> str:
+        self.n += 1
+        self.pending.append(f"[^{self.n}]: {text}")
+        return f"[^{self.n}]"
+
+    def flush(self) -> str:
+        out, self.pending = "\n".join(self.pending), []
+        return out
+
+
+def _value_cell(g: Group | None, metric: str, x_name: str, notes: _Footnotes) -> str:
+    if g is None:
+        return NA
+    if not g.ok:
+        return f"{FAILED} ({len(g.failed)}/{g.n_total}: {g.errors_text()})"
+    text = fmt_pm(*mean_std(g.values(metric).values()))
+    if g.failed:
+        text += " " + notes.add(
+            f"{x_name}={_fmt_x(g.x)}, {g.method}: {len(g.failed)}/{g.n_total} runs failed ({g.errors_text()}); "
+            f"mean ± std over the {len(g.ok)} ok run(s)."
+        )
+    return text
+
+
+def _metric_table(groups, xs, methods, metric, x_name, notes: _Footnotes) -> str:
+    comparisons = [
+        (m, ref)
+        for ref in REFERENCES
+        if ref in methods
+        for m in methods
+        if m != ref and not (ref == "mspeckv" and m == "baseline")
+    ]
+    header = [x_name] + list(methods)
+    body: list[list[str]] = []
+    cmp_cols: list[list[str]] = []
+    for m, ref in comparisons:
+        d_col, s_col = [], []
+        for x in xs:
+            a, b = groups.get((x, m)), groups.get((x, ref))
+            va, vb = (a.values(metric) if a else {}), (b.values(metric) if b else {})
+            d_col.append(_cmp_cell(a, b, delta(va, vb), signed=True))
+            s_col.append(_cmp_cell(a, b, speedup(va, vb, HIGHER_IS_BETTER[metric])))
+        for name, col in ((f"Δ {m} vs {ref}", d_col), (f"× {m} vs {ref}", s_col)):
+            if any(c != NA for c in col):  # e.g. 'accepted' does not exist for the baseline
+                header.append(name)
+                cmp_cols.append(col)
+    for i, x in enumerate(xs):
+        cells = [_fmt_x(x)] + [_value_cell(groups.get((x, m)), metric, x_name, notes) for m in methods]
+        body.append(cells + [col[i] for col in cmp_cols])
+    return _md_table(header, body)
+
+
+def _common_config(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    seen: dict[str, set[str]] = {}
+    first: dict[str, Any] = {}
+    for r in records:
+        for k, v in (r.get("config") or {}).items():
+            seen.setdefault(k, set()).add(json.dumps(json_safe(v), sort_keys=True))
+            first.setdefault(k, v)
+    common = {
+        k: first[k] for k, vals in seen.items() if len(vals) == 1 and all(k in (r.get("config") or {}) for r in records)
+    }
+    return common, sorted(k for k in seen if k not in common)
+
+
+def _header(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    common, varying = _common_config(records)
+    lines = [
+        f"# Sweep {', '.join(summary['sweeps']) or '?'}: {summary['x_name']}",
+        "",
+        f"- weights: {summary['weights']}",
+        f"- GPU: {', '.join(summary['gpu']) or 'none recorded'}",
+        f"- commit: {', '.join(summary['commit']) or 'unknown'}",
+        f"- seeds: {', '.join(str(s) for s in summary['seeds']) or 'none'}",
+        f"- methods: {', '.join(summary['methods'])}",
+        f"- runs: {summary['n_ok']} ok, {summary['n_failed']} failed ({summary['n_runs']} total)",
+        "- config:",
+    ]
+    lines += [f"  - {k}: `{json.dumps(json_safe(v), sort_keys=True)}`" for k, v in sorted(common.items())]
+    if varying:
+        lines.append(f"  - varies between runs: {', '.join(varying)}")
+    return "\n".join(lines)
+
+
+def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
+    x_name = summary["x_name"]
+    notes = _Footnotes()
+    parts = [_header(summary, records)]
+    for title, metric in MD_TABLES:
+        parts.append(f"## {title}\n\n{_metric_table(groups, xs, methods, metric, x_name, notes)}")
+        if notes.pending:
+            parts.append(notes.flush())
+    cols = _speedup_columns(methods)
+    rows = [[_fmt_x(r[x_name])] + [r[f"{c}_text"] for c, _, _ in cols] for r in summary["speedups"]]
+    parts.append("## Latency speedups (paired by seed)\n\n" + _md_table([x_name] + [c for c, _, _ in cols], rows))
+    parts.append(
+        "Cells are mean ± sample std over seeds. Δ = method − reference and × = speedup of method over reference "
+        "(throughput and accepted: method / reference; latency: reference / method), both computed per seed on "
+        "the seeds where both runs succeeded. NA = not run; FAILED = no successful run to compare."
+    )
+    return "\n\n".join(parts) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------------- render
+CSV_COLUMNS = (
+    ["x_name", "x", "method", "n_ok", "n_failed", "errors"]
+    + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    + [f"{t}_speedup_vs_{r}_{s}" for r in REFERENCES for t in ("tps", "latency") for s in ("mean", "std")]
+)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        out = {k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS}
+        out["errors"] = ";".join(f"{k}:{v}" for k, v in r["errors"].items())
+        w.writerow(out)
+    return buf.getvalue()
+
+
+def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
+    """Aggregate ``<dir>/runs/*.json`` and write summary.csv/.json/.md (+ throughput/latency PNGs) into ``dir``."""
+    store = RunStore(dir)
+    if not store.runs_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {store.runs_dir} (expected raw run JSONs there)")
+    records = store.load_all()
+    groups = _group(records)
+    xs = sorted({x for x, _ in groups}, key=_x_key)
+    methods = sorted({m for _, m in groups}, key=_method_key)
+    x_name = Counter(str(r.get("x_name", "x")) for r in records).most_common(1)[0][0] if records else "x"
+    meta = [r.get("meta") or {} for r in records]
+    configs = [r.get("config") or {} for r in records]
+    weights = sorted({str(c["weights"]) for c in configs if c.get("weights") is not None})
+    commits = sorted(
+        {f"{m['git_commit'][:12]}{' (dirty)' if m.get('git_dirty') else ''}" for m in meta if m.get("git_commit")}
+    )
+    summary: dict[str, Any] = {
+        "dir": str(Path(dir)),
+        "sweeps": sorted({str(r.get("sweep")) for r in records}),
+        "x_name": x_name, "x_values": xs, "methods": methods,
+        "seeds": sorted({r.get("seed") for r in records}, key=_x_key),
+        "n_runs": len(records), "n_ok": sum(r.get("status") == STATUS_OK for r in records),
+        "weights": "|".join(weights) or "unknown",
+        "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
+    }  # fmt: skip
+    summary["n_failed"] = summary["n_runs"] - summary["n_ok"]
+    summary["rows"] = _rows(groups, x_name)
+    summary["speedups"] = _speedup_rows(groups, xs, methods, x_name)
+    out = Path(dir)
+    files = {
+        "summary_csv": str(atomic_write_text(out / "summary.csv", _csv(summary["rows"]))),
+        "summary_md": str(atomic_write_text(out / "summary.md", _markdown(summary, records, groups, xs, methods))),
+    }
+    summary["warnings"] = []
+    if plots and summary["rows"]:
+        try:
+            from mspeckv.bench.plots import PlotDependencyError, plot_summary
+
+            title = ", ".join(summary["sweeps"])
+            pngs = plot_summary(summary["rows"], out, x_name=x_name, methods=methods, title=title)
+            files.update({f"{p.stem}_png": str(p) for p in pngs})
+        except PlotDependencyError as e:
+            summary["warnings"].append(f"plots skipped: {e}")
+        except Exception as e:  # a plotting problem must not lose the tables
+            summary["warnings"].append(f"plots failed: {type(e).__name__}: {e}")
+        for w in summary["warnings"]:
+            warnings.warn(w, stacklevel=2)
+    files["summary_json"] = str(out / "summary.json")
+    summary["files"] = files
+    summary = json_safe(summary)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------- console
+def console_table(summary: dict[str, Any]) -> str:
+    """A compact text table of the summary rows (rich if available, else plain)."""
+    x_name = summary.get("x_name", "x")
+    header = [x_name, "method", "ok/total", "tok/s", "latency (s)", "accepted", "× latency vs baseline"]
+    rows = []
+    for r in summary.get("rows", []):
+        total = r["n_ok"] + r["n_failed"]
+        ok = f"{r['n_ok']}/{total}" + (f" ({', '.join(r['errors'])})" if r["errors"] else "")
+        rows.append(
+            [
+                _fmt_x(r["x"]),
+                r["method"],
+                ok,
+                fmt_pm(r["tok_per_s_mean"], r["tok_per_s_std"]),
+                fmt_pm(r["latency_s_mean"], r["latency_s_std"], 3),
+                fmt_pm(r["accepted_mean"], r["accepted_std"]),
+                fmt_pm(r["latency_speedup_vs_baseline_mean"], r["latency_speedup_vs_baseline_std"]),
+            ]
+        )
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+        return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    table = Table(title=f"{', '.join(summary.get('sweeps', []))} (weights: {summary.get('weights', '?')})")
+    for h in header:
+        table.add_column(h, justify="left" if h in (x_name, "method") else "right")
+    for r in rows:
+        table.add_row(*r)
+    buf = io.StringIO()
+    Console(file=buf, width=160, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue().rstrip("\n")
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """ONE JSON line for the CLI: counts, output files and the latency speedup table (numbers only)."""
+    keep = (
+        "dir",
+        "sweeps",
+        "x_name",
+        "methods",
+        "x_values",
+        "n_runs",
+        "n_ok",
+        "n_failed",
+        "weights",
+        "files",
+        "warnings",
+    )
+    speedups = [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.get("speedups", [])]
+    return json.dumps(json_safe({**{k: summary.get(k) for k in keep}, "speedups": speedups}), separators=(",", ":"))

@@ -1,0 +1,359 @@
+"""One benchmark run -> one JSON file.
+
+A sweep is a list of :class:`RunSpec` (sweep, method, x_name, x, seed, config). :func:`run_sweep` runs each spec
+that is not already done, catches every ``Exception`` (CUDA OOM included) into a ``failed`` record, and writes each
+record atomically to ``<dir>/runs/<run_filename(...)>``. Resuming a sweep skips runs whose JSON says ``ok`` and
+retries the failed ones. ``KeyboardInterrupt`` propagates and never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("baseline", "vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted")
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+_TMP_SUFFIX = ".tmp"
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (NaN/inf are written as ``null``)."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """Recursively convert to plain JSON types: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        with contextlib.suppress(Exception):
+            return json_safe(obj.item())
+    return str(obj)
+
+
+# --------------------------------------------------------------------------------------------------------- metadata
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    cwd = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _static_metadata() -> dict[str, Any]:
+    commit = _git("rev-parse", "HEAD") or None
+    dirty = None
+    if commit is not None:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = None if status is None else bool(status)
+    gpu = cuda = None
+    torch_version = _version("torch")
+    if torch_version is not None:
+        try:
+            import torch  # lazy: heavy, and optional for report-only use
+
+            torch_version = torch.__version__
+            cuda = torch.version.cuda
+            if torch.cuda.is_available():
+                gpu = torch.cuda.get_device_name(torch.cuda.current_device())
+        except Exception:  # broken installs must not kill a sweep
+            pass
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "transformers": _version("transformers"),
+        "numpy": _version("numpy"),
+        "mspeckv": _version("mspeckv"),
+        "cuda": cuda,
+        "gpu": gpu,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+    }
+
+
+def run_metadata() -> dict[str, Any]:
+    """Provenance for one run: git commit + dirty flag, library versions, hostname, GPU name, UTC timestamp."""
+    meta = dict(_static_metadata())
+    meta["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------- specs / records
+@dataclass
+class RunSpec:
+    """One planned run of a sweep; ``config`` is recorded verbatim in the result."""
+
+    sweep: str
+    method: str
+    x_name: str
+    x: Any
+    seed: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """The content of one run JSON."""
+
+    sweep: str
+    x_name: str
+    x: Any
+    method: str
+    seed: int
+    status: str  # 'ok' | 'failed'
+    error: str | None = None  # "ExceptionType: message" when failed
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def _safe(part: Any) -> str:
+    s = repr(part) if isinstance(part, float) else str(part)
+    cleaned = _SAFE.sub("-", s).strip("-.") or "_"
+    if cleaned != s:  # keep distinct values distinct after sanitising
+        cleaned += "~" + hashlib.sha1(s.encode()).hexdigest()[:8]
+    return cleaned[:80]
+
+
+def run_filename(sweep: str, method: str, x_name: str, x: Any, seed: int) -> str:
+    """Deterministic, filesystem-safe name, e.g. ``a1__mspeckv__prefill=4096__seed0.json``."""
+    return f"{_safe(sweep)}__{_safe(method)}__{_safe(x_name)}={_safe(x)}__seed{_safe(seed)}.json"
+
+
+def _key(args: tuple) -> tuple:
+    if len(args) == 1:
+        s = args[0]
+        if isinstance(s, dict):
+            return (s["sweep"], s["method"], s["x_name"], s["x"], s["seed"])
+        return (s.sweep, s.method, s.x_name, s.x, s.seed)
+    if len(args) == 5:
+        return tuple(args)
+    raise TypeError("expected a RunSpec/RunRecord/dict or (sweep, method, x_name, x, seed)")
+
+
+class RunStore:
+    """Raw run JSONs under ``<dir>/runs/``; the rendered summaries live in ``<dir>``."""
+
+    def __init__(self, dir: str | os.PathLike):
+        self.dir = Path(dir)
+        self.runs_dir = self.dir / "runs"
+
+    def path_for(self, *args: Any) -> Path:
+        """``path_for(spec_or_record)`` or ``path_for(sweep, method, x_name, x, seed)``."""
+        sweep, method, x_name, x, seed = _key(args)
+        return self.runs_dir / run_filename(sweep, method, x_name, x, seed)
+
+    def load(self, *args: Any) -> dict[str, Any] | None:
+        """The stored JSON for a run, or None if absent/unreadable."""
+        try:
+            return json.loads(self.path_for(*args).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def done(self, *args: Any) -> bool:
+        """True iff an ``ok`` JSON exists for this run (failed runs are retried on resume)."""
+        d = self.load(*args)
+        return isinstance(d, dict) and d.get("status") == STATUS_OK
+
+    def save(self, record: RunRecord | dict[str, Any]) -> Path:
+        d = record.to_dict() if isinstance(record, RunRecord) else json_safe(record)
+        return atomic_write_json(self.path_for(d), d)
+
+    def load_all(self) -> list[dict[str, Any]]:
+        """All raw run JSONs (sorted by file name); temp and unreadable files are skipped with a warning."""
+        out: list[dict[str, Any]] = []
+        if not self.runs_dir.is_dir():
+            return out
+        for p in sorted(self.runs_dir.glob("*.json")):
+            if p.name.startswith("."):
+                continue
+            try:
+                d = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                print(f"warning: skipping unreadable run file {p}: {e}", file=sys.stderr)
+                continue
+            if isinstance(d, dict):
+                out.append(d)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------- sweeps
+def _free_cuda_memory() -> None:
+    torch = sys.modules.get("torch")  # only if the caller already uses torch
+    if torch is None:
+        return
+    with contextlib.suppress(Exception):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_one(spec: RunSpec, fn: Callable[[RunSpec], dict[str, Any]]) -> RunRecord:
+    """Run ``fn(spec)``; any ``Exception`` becomes a failed record (``"TypeName: message"``)."""
+    meta = run_metadata()
+    t0 = time.perf_counter()
+    try:
+        metrics = fn(spec)
+        if not isinstance(metrics, dict):
+            raise TypeError(f"run function must return a dict of metrics, got {type(metrics).__name__}")
+        status, error = STATUS_OK, None
+    except Exception as e:  # incl. torch.cuda.OutOfMemoryError (a RuntimeError); KeyboardInterrupt propagates
+        metrics, status = {}, STATUS_FAILED
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        _free_cuda_memory()
+    meta["wall_s"] = time.perf_counter() - t0
+    return RunRecord(
+        sweep=spec.sweep, x_name=spec.x_name, x=spec.x, method=spec.method, seed=spec.seed, status=status,
+        error=error, config=dict(spec.config), metrics=dict(metrics), meta=meta,
+    )  # fmt: skip
+
+
+def run_sweep(
+    store: RunStore,
+    plan: Sequence[RunSpec],
+    fn: Callable[[RunSpec], dict[str, Any]],
+    progress: bool = True,
+) -> list[RunRecord]:
+    """Run every planned spec not already ``ok`` in ``store``; one record per spec, in plan order.
+
+    Done runs are not re-run (their stored record is returned). A failure is recorded and the sweep goes on.
+    """
+    records: list[RunRecord] = []
+    n_todo = sum(not store.done(s) for s in plan)
+    bar = _Progress(n_todo, enabled=progress and n_todo > 0)
+    with bar:
+        for spec in plan:
+            stored = store.load(spec)
+            if isinstance(stored, dict) and stored.get("status") == STATUS_OK:
+                records.append(RunRecord.from_dict(stored))
+                continue
+            bar.describe(f"{spec.method} {spec.x_name}={spec.x} seed={spec.seed}")
+            rec = run_one(spec, fn)
+            store.save(rec)
+            records.append(rec)
+            if not rec.ok:
+                bar.log(f"[red]FAILED[/red] {spec.method} {spec.x_name}={spec.x} seed={spec.seed}: {rec.error}")
+            bar.advance()
+    return records
+
+
+class _Progress:
+    """Thin rich progress bar (ETA included); a no-op when disabled or rich is missing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self._p = None
+        self._task = None
+        if not enabled:
+            return
+        try:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+        except ImportError:
+            return
+        self._p = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(),
+        )  # fmt: skip
+        self._task = self._p.add_task("sweep", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self._p is not None:
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+    def describe(self, text: str) -> None:
+        if self._p is not None:
+            self._p.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._p is not None:
+            self._p.advance(self._task)
+
+    def log(self, text: str) -> None:
+        if self._p is not None:
+            self._p.console.print(text)
+        else:
+            print(re.sub(r"\[/?[a-z]+\]", "", text), file=sys.stderr)

