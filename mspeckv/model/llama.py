@@ -56,7 +56,8 @@ class ModelConfig:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
         eos = hf.eos_token_id
         eos = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
-        window = getattr(hf, "sliding_window", None) if family != "qwen2" or getattr(hf, "use_sliding_window", False) else None
+        windowed = family != "qwen2" or getattr(hf, "use_sliding_window", False)
+        window = getattr(hf, "sliding_window", None) if windowed else None
         return cls(
             family=family, vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers,
             n_heads=n_heads, n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
@@ -256,7 +257,8 @@ class CausalLM(nn.Module):
                         continue
                     raise KeyError(f"{f.name}: unexpected tensor '{name}' for a {self.cfg.family} model")
                 if own[name].shape != t.shape:
-                    raise ValueError(f"{f.name}: '{name}' has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+                    want = tuple(own[name].shape)
+                    raise ValueError(f"{f.name}: '{name}' has shape {tuple(t.shape)}, expected {want}")
                 own[name].copy_(t)
                 seen.add(name)
         missing = set(own) - seen - ({"lm_head.weight"} if self.cfg.tie_embeddings else set())
