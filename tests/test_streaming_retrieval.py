@@ -1,0 +1,313 @@
+"""StreamingCache (sinks + recent window, eviction only in begin) and RetrievalCache (top chunks per KV head)."""
+
+import pytest
+import torch
+
+from mspeckv.kv.base import CacheFullError, KVCache
+from mspeckv.kv.dense import DenseKV
+from mspeckv.kv.retrieval import BudgetCoversPrompt, QueryCapture, RetrievalCache, retrieval_or_none, select_chunks
+from mspeckv.kv.streaming import StreamingCache
+from tests.tiny import tiny_model
+
+
+def fwd(cache, layer_kvs):
+    """Drive the cache as the model does: begin, update each layer, end."""
+    cache.begin(layer_kvs[0][0].shape[2])
+    views = [cache.update(i, k, v) for i, (k, v) in enumerate(layer_kvs)]
+    cache.end()
+    return views
+
+
+def pos_kv(p0: int, n: int, layers: int = 2, H: int = 2):
+    """K/V rows whose values are their absolute positions (V = -position), (1, H, n, 1) per layer."""
+    k = torch.arange(p0, p0 + n, dtype=torch.float32).view(1, 1, n, 1).expand(1, H, n, 1)
+    return [(k.clone(), -k.clone()) for _ in range(layers)]
+
+
+def held(cache) -> list[int]:
+    return cache.read(0)[0][0, 0, :, 0].long().tolist()
+
+
+def stream(**kw):
+    return StreamingCache(2, 1, 2, 1, **{"window": 8, "sinks": 4, "room": 3, "slack": 2, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ StreamingCache
+
+def test_streaming_keeps_sinks_and_recent_window():
+    c = stream()
+    assert isinstance(c, KVCache) and c.capacity() == 4 + 8 + 3 + 2
+    sizes = [3, 1, 2, 3, 1, 1, 3, 2, 2, 1] * 8
+    for n in sizes:
+        t0 = c.n_seen
+        views = fwd(c, pos_kv(t0, n))
+        # the view handed to attention: everything held, the new rows last
+        assert views[1][0][0, 0, -n:, 0].tolist() == list(range(t0, t0 + n))
+        assert c.length() <= c.capacity()
+        assert held(c) == c.positions()
+        recent = c.positions()[4:]
+        assert c.positions()[:4] == list(range(min(4, c.n_seen)))
+        assert recent == list(range(c.n_seen - len(recent), c.n_seen))  # contiguous, ends at the newest token
+        assert len(recent) >= min(c.n_seen - 4, 8)  # never fewer than `window` recent tokens
+        assert held(c) == [-x for x in c.read(1)[1][0, 1, :, 0].long().tolist()]  # V moved with K, every layer
+    assert c.n_seen == sum(sizes) and c.n_evicted > 0 and c.n_seen - c.n_evicted == c.length()
+
+
+def test_streaming_rollback_exact_and_not_across_eviction():
+    c = stream()
+    for n in [3, 3, 3, 3]:  # 12 tokens, no eviction yet (capacity 17)
+        fwd(c, pos_kv(c.n_seen, n))
+    fwd(c, pos_kv(12, 2))
+    c.rollback(2)
+    ref = stream()
+    for n in [3, 3, 3, 3]:
+        fwd(ref, pos_kv(ref.n_seen, n))
+    assert c.n_seen == ref.n_seen == 12 and held(c) == held(ref)
+    assert torch.equal(c.read(1)[1], ref.read(1)[1])
+    fwd(c, pos_kv(12, 3))
+    fwd(c, pos_kv(15, 3))  # 15 + 3 > 17: begin evicted down to 4 sinks + 8 recent, then appended
+    assert c.n_evicted == 3 and held(c) == [0, 1, 2, 3] + list(range(7, 18))
+    before = held(c)
+    fwd(c, pos_kv(18, 2))
+    c.rollback(2)  # appended since the eviction: exact
+    assert held(c) == before and c.n_seen == 18
+    c.rollback(3)  # the 3 tokens of the evicting forward itself are still rollback-able
+    assert held(c) == [0, 1, 2, 3] + list(range(7, 15)) and c.n_seen == 15
+    with pytest.raises(ValueError, match="crosses an eviction"):
+        c.rollback(1)
+
+
+def test_streaming_reserve_makes_a_round_rollback_safe():
+    c = stream()
+    for _ in range(5):
+        fwd(c, pos_kv(c.n_seen, 3))  # 15 held
+    c.reserve(4)  # 15 + 4 > 17: evict now
+    assert c.length() == 12
+    before = held(c)
+    for _ in range(4):
+        fwd(c, pos_kv(c.n_seen, 1))
+    c.rollback(4)
+    assert held(c) == before
+    with pytest.raises(ValueError, match="room"):
+        c.reserve(6)
+
+
+def test_streaming_bad_input():
+    with pytest.raises(ValueError, match="sinks"):
+        stream(sinks=-1)
+    with pytest.raises(ValueError, match="window"):
+        stream(window=0)
+    with pytest.raises(ValueError, match="room"):
+        stream(room=0)
+    c = stream()
+    with pytest.raises(CacheFullError, match="room of 3"):
+        c.begin(4)
+    with pytest.raises(ValueError, match="rollback"):
+        c.rollback(1)
+
+
+def test_streaming_large_window_equals_dense_and_model_runs_with_gaps():
+    m = tiny_model("llama")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 97, (2, 40))
+    dense = DenseKV.for_model(m, 2, 64)
+    big = StreamingCache.for_model(m, 2, window=64, sinks=4, room=8)
+    small = StreamingCache.for_model(m, 2, window=8, sinks=4, room=8, slack=0)
+    with torch.no_grad():
+        for s in range(0, 40, 8):
+            chunk = ids[:, s:s + 8]
+            ref = m(chunk, dense, num_logits=None)
+            got = m(chunk, big, pos0=big.n_seen, num_logits=None)
+            torch.testing.assert_close(got, ref, atol=0, rtol=0)
+            out = m(chunk, small, pos0=small.n_seen, num_logits=None)
+            assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert small.n_evicted > 0 and small.positions()[:4] == [0, 1, 2, 3]
+        for _ in range(5):  # decode one token at a time
+            tok = m(ids[:, -1:], small, pos0=small.n_seen)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, tok], 1)
+        assert small.n_seen == 45 and small.length() <= small.capacity()
+
+
+# ------------------------------------------------------------------------------------------------ RetrievalCache
+
+class FakeFull:
+    """A committed full cache with given K/V per layer, (B, Hkv, L, D)."""
+
+    def __init__(self, ks, vs):
+        self.ks, self.vs, self.n_layers = ks, vs, len(ks)
+
+    def length(self):
+        return self.ks[0].shape[2]
+
+    def read(self, layer):
+        return self.ks[layer], self.vs[layer]
+
+
+def chunked_keys(means: torch.Tensor, chunk: int, tail: int) -> torch.Tensor:
+    """means (B, Hkv, n, D) -> K (B, Hkv, n*chunk + tail, D) whose chunk c has exactly mean means[..., c, :]."""
+    B, H, n, D = means.shape
+    wobble = torch.randn(B, H, n, chunk, D) * 0.1
+    k = means[:, :, :, None] + wobble - wobble.mean(3, keepdim=True)  # zero-mean perturbation within each chunk
+    return torch.cat([k.flatten(2, 3), torch.randn(B, H, tail, D)], 2)
+
+
+def expected_index(chunks: list[int], chunk: int, L: int) -> list[int]:
+    tail = list(range(L // chunk * chunk, L))
+    return [c * chunk + i for c in sorted(chunks) for i in range(chunk)] + tail
+
+
+@pytest.mark.parametrize("tail", [0, 3])
+def test_retrieval_picks_top_chunks_per_head(tail):
+    torch.manual_seed(0)
+    chunk, n, D = 4, 8, 4
+    L = n * chunk + tail
+    # head h scores chunk c by a[h, c] along e0; the query is e0 for both heads (MHA: G = 1)
+    a = torch.tensor([[0.0, 5, 1, 4, 2, 7, 3, 6], [9, 1, 8, 2, 7, 3, 6, 0]])
+    means = torch.zeros(1, 2, n, D)
+    means[0, :, :, 0] = a
+    k = chunked_keys(means, chunk, tail)
+    v = torch.randn_like(k)
+    q = torch.zeros(1, 2, 1, D)
+    q[..., 0] = 1.0
+    budget = 16
+    n_top = (budget - chunk - tail) // chunk  # 3 without a tail, 2 with one
+    rc = RetrievalCache.build(FakeFull([k, k], [v, v]), [q, q], budget=budget, chunk=chunk, extra=4)
+    for h in range(2):
+        ranked = [c for c in a[h].argsort(descending=True).tolist() if c != 0][:n_top]
+        exp = expected_index([0, *ranked], chunk, L)
+        assert rc.index[0][0, h].tolist() == exp
+        torch.testing.assert_close(rc.read(1)[0][0, h], k[0, h, exp])
+        torch.testing.assert_close(rc.read(1)[1][0, h], v[0, h, exp])
+    assert rc.n_retrieved == chunk * (1 + n_top) + tail <= budget and rc.length() == rc.n_retrieved
+
+
+def test_retrieval_gqa_groups_query_heads_by_kv_head_with_max():
+    torch.manual_seed(1)
+    chunk, n, D = 4, 8, 4
+    means = torch.randn(1, 2, n, D) * 0.1
+    means[0, 0, 3, 0] = means[0, 0, 5, 1] = 6.0  # kv head 0: q-head 0 (e0) wants chunk 3, q-head 1 (e1) chunk 5
+    means[0, 1, 1, 2] = means[0, 1, 6, 3] = 6.0  # kv head 1: q-head 2 (e2) wants chunk 1, q-head 3 (e3) chunk 6
+    k = chunked_keys(means, chunk, 0)
+    q = torch.eye(4).view(1, 4, 1, D)  # (B, Hq=4, nq=1, D): query head h is e_h
+    idx = select_chunks(k, q, budget=12, chunk=chunk)  # sink + 2 chunks per KV head
+    assert idx[0, 0].tolist() == expected_index([0, 3, 5], chunk, 32)
+    assert idx[0, 1].tolist() == expected_index([0, 1, 6], chunk, 32)
+    # several query tokens per head: a chunk wanted by any token of the group is kept
+    q2 = torch.zeros(1, 4, 2, D)
+    q2[0, 0, 0, 0] = q2[0, 0, 1, 1] = 1.0  # head 0's two tokens want chunks 3 and 5; head 1 is silent
+    q2[0, 2, 0, 2] = q2[0, 3, 1, 3] = 1.0
+    idx2 = select_chunks(k, q2, budget=12, chunk=chunk)
+    assert torch.equal(idx2, idx)
+
+
+def test_retrieval_budget_checks_and_fallback():
+    k = torch.randn(1, 2, 40, 4)
+    full = FakeFull([k], [k])
+    q = [torch.randn(1, 2, 1, 4)]
+    with pytest.raises(ValueError, match="budget 100 is not a multiple of chunk 8"):
+        RetrievalCache.build(full, q, budget=100, chunk=8)
+    with pytest.raises(ValueError, match="at least 2 chunks"):
+        RetrievalCache.build(full, q, budget=8, chunk=8)
+    with pytest.raises(BudgetCoversPrompt):
+        RetrievalCache.build(full, q, budget=40, chunk=8)
+    with pytest.warns(UserWarning, match="covers the whole history"):
+        assert retrieval_or_none(full, q, budget=48, chunk=8) is None
+    assert retrieval_or_none(full, q, budget=16, chunk=8) is not None
+
+
+def test_retrieval_rollback_and_append_external():
+    torch.manual_seed(2)
+    k = torch.randn(1, 2, 32, 4)
+    full = FakeFull([k, k + 1], [-k, -k - 1])
+    rc = RetrievalCache.build(full, [torch.randn(1, 2, 1, 4)] * 2, budget=16, chunk=4, extra=5)
+    assert rc.capacity() == 16 + 5
+    retrieved = [t.clone() for t in rc.read(0)]
+    fwd(rc, [(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))] * 2)
+    assert rc.length() == 19 and rc.n_appended == 3
+    rc.rollback(2)
+    assert rc.length() == 17
+    with pytest.raises(ValueError, match="only appended rows"):
+        rc.rollback(2)
+    ext = [(torch.full((1, 2, 2, 4), 7.0), torch.full((1, 2, 2, 4), -7.0)) for _ in range(2)]
+    rc.append_external(ext)
+    assert rc.n_appended == 3
+    kk, vv = rc.read(1)
+    assert (kk[:, :, -2:] == 7).all() and (vv[:, :, -2:] == -7).all() and (kk[:, :, 16] == 1).all()
+    rc.rollback(3)
+    assert all(torch.equal(a, b) for a, b in zip(rc.read(0), retrieved, strict=True))  # retrieved rows untouched
+    with pytest.raises(CacheFullError):
+        rc.append_external([(torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 4))] * 2)
+
+
+def decode_compare(m, ids, dense, other, steps=4, tol=None):
+    """Feed the same tokens (pos0 explicit) to both caches; logits must match."""
+    tol = tol or dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for _ in range(steps):
+            pos = dense.length()
+            ref = m(ids[:, -1:], dense)
+            got = m(ids[:, -1:], other, pos0=pos)
+            torch.testing.assert_close(got, ref, **tol)
+            ids = torch.cat([ids, ref[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def test_retrieval_with_all_rows_equals_dense_and_external_rows_keep_it_exact():
+    m = tiny_model("qwen2")
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (2, 37))
+    full = DenseKV.for_model(m, 2, 64)
+    with torch.no_grad():
+        m.prefill(ids[:, :-1], full, chunk=16)
+    every = torch.arange(36).expand(2, m.cfg.n_kv_heads, 36)
+    rc = RetrievalCache.from_indices(full, every, extra=8)
+    ids = decode_compare(m, ids, full, rc, steps=3)
+    # the retrieval cache drops its own 3 rows, takes the full target's exact rows instead: still identical
+    rc.rollback(3)
+    rc.append_external([tuple(t[:, :, 36:39] for t in full.read(i)) for i in range(m.cfg.n_layers)])
+    decode_compare(m, ids, full, rc, steps=2)
+
+
+def test_retrieval_subset_forward_equals_dense_over_the_same_rows():
+    """A budget < prompt selection, per head different, attends exactly like a dense cache holding those rows."""
+    m = tiny_model("llama")
+    torch.manual_seed(4)
+    ids = torch.randint(3, 97, (1, 45))
+    full = DenseKV.for_model(m, 1, 64)
+    cap = QueryCapture(full, n_last=4)
+    with torch.no_grad():
+        m.prefill(ids, cap, chunk=11)  # last chunk has 1 token: the captured rows roll over forwards
+    assert all(q.shape == (1, 4, 4, 16) for q in cap.queries) and cap.length() == 45
+    rc = RetrievalCache.build(full, cap.queries, budget=24, chunk=4, extra=8)
+    assert rc.n_retrieved == 4 + 4 * 4 + 1  # sink chunk + 4 chunks + 1 tail token (45 = 11 * 4 + 1)
+    assert any(not torch.equal(rc.index[i][0, 0], rc.index[i][0, 1]) for i in range(m.cfg.n_layers))
+    sub = DenseKV.for_model(m, 1, 64)
+    for i in range(m.cfg.n_layers):
+        k, v = rc.read(i)
+        sub.k[i][:, :, :rc.n_retrieved], sub.v[i][:, :, :rc.n_retrieved] = k, v
+    sub._len = rc.n_retrieved
+    tok = torch.tensor([[5]])
+    with torch.no_grad():
+        for p in range(45, 49):
+            a = m(tok, sub, pos0=p)
+            assert rc.n_seen == p
+            b = m(tok, rc, pos0=rc.n_seen)
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+            tok = a[:, -1].argmax(-1, keepdim=True)
+    # the captured queries are the last 4 prompt positions' queries (same as a one-shot prefill's)
+    one = QueryCapture(DenseKV.for_model(m, 1, 64), n_last=4)
+    with torch.no_grad():
+        m(ids, one)
+    for a, b in zip(cap.queries, one.queries, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_retrieval_rebuild_after_growth():
+    torch.manual_seed(5)
+    k = torch.randn(1, 2, 64, 4)
+    grow = FakeFull([k[:, :, :40]], [k[:, :, :40]])
+    rc = RetrievalCache.build(grow, [torch.randn(1, 2, 1, 4)], budget=16, chunk=4, extra=4)
+    fwd(rc, [(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))])
+    rc.rebuild(FakeFull([k[:, :, :63]], [k[:, :, :63]]), [torch.randn(1, 2, 1, 4)], chunk=4)
+    assert rc.n_appended == 0 and rc.source_len == 63 and rc.n_seen == 63 and rc.n_retrieved == 4 + 2 * 4 + 3
+    assert rc.index[0][0, 0, -3:].tolist() == [60, 61, 62]
