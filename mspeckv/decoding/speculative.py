@@ -1,0 +1,394 @@
+"""Speculative decoding: vanilla (draft -> target) and the MSpecKV hierarchy
+(draft + StreamingLLM cache -> target + retrieval cache -> target + full KV), lossless at every level.
+
+Tokens live in one device buffer (``Seq``); each model runs through a ``Runner`` that knows how many of those
+tokens its cache holds, so a forward feeds exactly the missing suffix (one token, or a few after a correction).
+A level is a (proposer, verifier) pair and calls the one ``speculative_accept`` (or ``greedy_accept``):
+    DraftLevel      proposes k tokens autoregressively (small model) or by prompt lookup (n-gram)
+    VerifyLevel     verifies a lower level's proposals in one forward; as a proposer for the level above it repeats
+                    rounds until it has k tokens, each distributed exactly as its own model (its probabilities are
+                    handed up as the proposal distribution, so the top level's output is the target's).
+The only host syncs are the accept counts each verification needs (plus EOS flags, read in the same transfer).
+
+``accepted`` (reported) = mean number of proposed tokens the full-KV target accepts per verification, in [0, gamma];
+each verification also yields one more token (the correction or the bonus), so tokens per verification = accepted+1.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import GenerationConfig, SamplingConfig
+from ..kv.dense import DenseKV
+from ..kv.placement import Placement, make_cache
+from ..kv.retrieval import BudgetCoversPrompt, QueryCapture, RetrievalCache, check_budget
+from ..kv.streaming import StreamingCache
+from .accept import greedy_accept, speculative_accept
+from .autoregressive import GenerationResult, sync, trim_at_eos
+from .drafters import NGramDrafter
+from .sampling import logits_to_probs, make_generator, sample
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    mode: str = "mspeckv"  # vanilla | mspeckv
+    gamma: int = 8  # proposals per full-KV verification (level 2)
+    draft_gamma: int = 4  # mspeckv: proposals per retrieval-level verification (level 1)
+    budget: int = 4096  # retrieval cache: retrieved prompt tokens (multiple of chunk)
+    chunk: int = 8
+    draft_sinks: int = 16
+    draft_window: int | None = None  # default 256 - sinks - gamma
+    refresh_every: int | None = None  # rebuild the retrieval selection every N generated tokens (None: once)
+    drafter: str = "model"  # model | ngram (prompt lookup in place of the draft model)
+    ngram_max: int = 3
+    sync_retrieval: bool = True  # put the full target's exact K/V of accepted tokens into the retrieval cache
+
+    def __post_init__(self):
+        if self.mode not in ("vanilla", "mspeckv"):
+            raise ValueError(f"speculative mode must be vanilla or mspeckv, got '{self.mode}'")
+        if self.gamma < 1 or self.draft_gamma < 1:
+            raise ValueError(f"--gamma and --draft-gamma must be >= 1, got {self.gamma} and {self.draft_gamma}")
+        if self.mode == "mspeckv":
+            check_budget(self.budget, self.chunk)
+        if self.draft_sinks < 0 or self.window < 1:
+            raise ValueError(f"draft window must be >= 1 (sinks {self.draft_sinks}, window {self.window})")
+        if self.refresh_every is not None and self.refresh_every < 1:
+            raise ValueError(f"--refresh-every must be >= 1, got {self.refresh_every}")
+        if self.drafter not in ("model", "ngram"):
+            raise ValueError(f"--drafter must be model or ngram, got '{self.drafter}'")
+
+    @property
+    def window(self) -> int:
+        return self.draft_window if self.draft_window is not None else 256 - self.draft_sinks - self.gamma
+
+
+class Seq:
+    """Token ids on the device, with the host-side length (and a host mirror when a host drafter needs it)."""
+
+    def __init__(self, prompt: Tensor, capacity: int, host: bool):
+        self.tokens = torch.zeros(1, capacity, dtype=torch.long, device=prompt.device)
+        self.tokens[:, : prompt.shape[1]] = prompt
+        self.len = prompt.shape[1]
+        self.host = prompt[0].tolist() if host else None
+
+
+class Timers:
+    """Per-region elapsed time; CUDA events on the GPU (read once at the end), perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.ev: dict[str, list] = {}
+        self.cpu: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        t = self
+
+        class _Region:
+            def __enter__(self):
+                if t.cuda:
+                    self.s = torch.cuda.Event(enable_timing=True)
+                    self.s.record()
+                else:
+                    self.s = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if t.cuda:
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    t.ev.setdefault(name, []).append((self.s, e))
+                else:
+                    t.cpu[name] = t.cpu.get(name, 0.0) + time.perf_counter() - self.s
+
+        return _Region()
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {k: sum(s.elapsed_time(e) for s, e in v) / 1e3 for k, v in self.ev.items()}
+        return dict(self.cpu)
+
+
+class KVTee:
+    """Wraps a cache and keeps the new K/V of the latest forward per layer (for retrieval sync)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.new: list = [None] * inner.n_layers
+
+    def update(self, layer, k, v):
+        self.new[layer] = (k, v)
+        return self.inner.update(layer, k, v)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class Runner:
+    """A model, its cache, and ``n``: how many tokens of the sequence the cache holds (absolute position)."""
+
+    def __init__(self, model, cache, n: int = 0):
+        self.model, self.cache, self.n = model, cache, n
+
+    def feed(self, seq: Seq, upto: int, num_logits: int) -> Tensor:
+        """Feed tokens [n, upto) -> logits (1, num_logits, V) for the last num_logits positions."""
+        logits = self.model(seq.tokens[:, self.n:upto], self.cache, pos0=self.n, num_logits=num_logits)
+        self.n = upto
+        return logits
+
+    def rollback_to(self, m: int) -> None:
+        if self.n > m:
+            self.cache.rollback(self.n - m)
+            self.n = m
+
+
+@dataclass
+class LevelStats:
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def as_dict(self) -> dict:
+        return {"rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+                "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
+                "accepted_per_round": self.accepted / self.rounds if self.rounds else None}
+
+
+class DraftLevel:
+    """Level 0: a small model (streaming or full cache) or an n-gram table proposes k tokens."""
+
+    def __init__(self, runner: Runner | None, s: SamplingConfig, g, timers: Timers, ngram: NGramDrafter | None = None):
+        self.runner, self.s, self.g, self.t, self.ngram = runner, s, g, timers, ngram
+
+    def propose(self, seq: Seq, k: int) -> tuple[int, Tensor | None]:
+        if self.ngram is not None:
+            toks = self.ngram.propose(seq.host, k)
+            if toks:
+                seq.tokens[0, seq.len:seq.len + len(toks)] = torch.tensor(toks, device=seq.tokens.device)
+                seq.host.extend(toks)
+                seq.len += len(toks)
+            return len(toks), None  # one-hot proposals: q(x) = 1
+        qs = []
+        with self.t("draft"):
+            for _ in range(k):
+                logits = self.runner.feed(seq, seq.len, 1)[:, -1]  # (1, V)
+                if self.s.greedy:
+                    tok = logits.argmax(-1)
+                else:
+                    p = logits_to_probs(logits, self.s)
+                    tok = sample(p, self.g)
+                    qs.append(p)
+                seq.tokens[0, seq.len] = tok[0]
+                seq.len += 1
+        return k, (torch.stack(qs, 1) if qs else None)
+
+    def rollback_to(self, m: int) -> None:
+        if self.runner is not None:
+            self.runner.rollback_to(m)
+
+
+class VerifyLevel:
+    """Verifies a lower level's proposals with its own model; proposes to the level above in rounds."""
+
+    def __init__(self, name: str, runner: Runner, lower, lower_gamma: int, s: SamplingConfig, g, timers: Timers,
+                 eos: Tensor | None = None):
+        self.name, self.runner, self.lower, self.lower_gamma = name, runner, lower, lower_gamma
+        self.s, self.g, self.t, self.eos = s, g, timers, eos
+        self.stats = LevelStats()
+        self.saw_eos = False
+
+    def _probs(self, logits: Tensor) -> Tensor:
+        return logits_to_probs(logits, self.s)
+
+    def verify(self, seq: Seq, L: int, n: int, q: Tensor | None) -> tuple[int, Tensor]:
+        """Tokens [L, L+n) were proposed with distributions q (1, n, V) (None: greedy or one-hot).
+        Returns (accepted, this level's distributions (1, accepted+1, V) for the accepted + next token)."""
+        with self.t(self.name):
+            logits = self.runner.feed(seq, L + n, n + 1)  # (1, n+1, V): positions L .. L+n
+            drafted = seq.tokens[:, L:L + n]
+            if self.s.greedy:
+                acc, nxt = greedy_accept(drafted, logits)
+                p = logits
+            else:
+                p = self._probs(logits)
+                if q is None:  # deterministic proposals (n-gram): a one-hot proposal distribution
+                    q = torch.zeros_like(p[:, :n]).scatter_(-1, drafted[..., None], 1.0)
+                acc, nxt = speculative_accept(q, p, drafted, self.g)
+            seq.tokens[0].index_copy_(0, L + acc, nxt)  # device-side index: no sync
+            window = seq.tokens[0, L:L + n + 1]
+            flags = torch.isin(window, self.eos).long() if self.eos is not None else torch.zeros_like(window)
+            host = torch.cat([acc, window, flags]).tolist()  # the one sync: accept count (+ tokens, EOS flags)
+        a = host[0]
+        if seq.host is not None:
+            del seq.host[L:]
+            seq.host.extend(host[1:1 + a + 1])
+        self.saw_eos = any(host[2 + n: 2 + n + a + 1])
+        seq.len = L + a + 1
+        self.rollback_to(L + a)
+        self.stats.rounds += 1
+        self.stats.proposed += n
+        self.stats.accepted += a
+        return a, p[:, :a + 1]
+
+    def propose(self, seq: Seq, k: int) -> tuple[int, Tensor | None]:
+        """k tokens (exactly) distributed as this level's model, with their distributions."""
+        out, made = [], 0
+        while made < k:
+            L = seq.len
+            n, q = self.lower.propose(seq, min(self.lower_gamma, k - made - 1))
+            a, p = self.verify(seq, L, n, q)
+            out.append(p)
+            made += a + 1
+        return made, (None if self.s.greedy else torch.cat(out, 1))
+
+    def rollback_to(self, m: int) -> None:
+        self.runner.rollback_to(m)
+        self.lower.rollback_to(m)
+
+
+def check_pair(target, draft, tok_t=None, tok_d=None) -> None:
+    """Draft and target must share a vocabulary; a draft larger than the target is allowed but pointless."""
+    if target.cfg.vocab_size != draft.cfg.vocab_size:
+        raise ValueError(f"draft vocabulary ({draft.cfg.vocab_size}) differs from the target's "
+                         f"({target.cfg.vocab_size}); pick a draft from the same model family and tokenizer")
+    if tok_t is not None and tok_d is not None and tok_t.get_vocab() != tok_d.get_vocab():
+        raise ValueError("draft and target tokenizers differ (same size, different tokens); speculative decoding "
+                         "needs one tokenizer: pick a draft from the same model family")
+    nt = sum(p.numel() for p in target.parameters())
+    nd = sum(p.numel() for p in draft.parameters())
+    if nd >= nt:
+        warnings.warn(f"the draft ({nd / 1e6:.0f}M parameters) is not smaller than the target ({nt / 1e6:.0f}M): "
+                      f"speculation will be slower than plain decoding", stacklevel=2)
+
+
+@dataclass
+class SpecResult(GenerationResult):
+    levels: dict = field(default_factory=dict)
+
+    @property
+    def ms_per_token(self) -> float:
+        """Mean ms per generated token after the first (several tokens per verification)."""
+        return 1e3 * self.decode_s / max(self.n_generated - 1, 1)
+
+    def summary(self) -> dict:
+        return {**super().summary(), "levels": self.levels}
+
+
+@torch.inference_mode()
+def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, spec: SpecConfig,
+                         placement: Placement | None = None, eos_ids=None, progress=None) -> SpecResult:
+    """Generate with vanilla or MSpecKV speculation. prompt: (1, T). Greedy output equals AR greedy exactly."""
+    if prompt.shape[0] != 1:
+        raise ValueError("speculative decoding runs batch 1; use --mode ar for batched prompts")
+    device = target.device
+    prompt = prompt.to(device)
+    T = prompt.shape[1]
+    target.check_context(T + gen.max_new_tokens)
+    if draft is not None:
+        check_pair(target, draft)
+    s = gen.sampling
+    g = make_generator(device, s.seed)
+    eos = set(target.cfg.eos_token_ids if eos_ids is None else eos_ids) if gen.stop_on_eos else set()
+    eos_t = torch.tensor(sorted(eos), device=device) if eos else None
+    timers = Timers(device)
+    cap = T + gen.max_new_tokens + 2 * spec.gamma + 8
+    mspeckv = spec.mode == "mspeckv"
+    full_cache = make_cache(target, placement, 1, cap)
+    full = Runner(target, KVTee(QueryCapture(full_cache, n_last=1)))
+    seq = Seq(prompt, cap, host=spec.drafter == "ngram")
+
+    sync(device)
+    t0 = time.perf_counter()
+    with timers("prefill"):
+        logits = target.prefill(prompt, full.cache, chunk=gen.prefill_chunk, progress=progress)
+        full.n = T
+        first = logits.argmax(-1) if s.greedy else sample(logits_to_probs(logits, s), g)
+        seq.tokens[0, T] = first[0]
+        seq.len = T + 1
+        if seq.host is not None:
+            seq.host.append(int(first[0]))
+
+        # level 0
+        if spec.drafter == "ngram":
+            lower0 = DraftLevel(None, s, g, timers, ngram=NGramDrafter(max_ngram=spec.ngram_max, k=spec.gamma))
+            dcache = None
+        elif mspeckv:
+            room = 2 * spec.gamma + 4
+            dcache = StreamingCache.for_model(draft, 1, window=spec.window, sinks=spec.draft_sinks, room=room)
+            druns = Runner(draft, dcache)
+            _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, room)
+            lower0 = DraftLevel(druns, s, g, timers)
+        else:
+            dcache = DenseKV.for_model(draft, 1, cap)
+            druns = Runner(draft, dcache)
+            draft.prefill(prompt, dcache, chunk=gen.prefill_chunk)
+            druns.n = T
+            lower0 = DraftLevel(druns, s, g, timers)
+
+        # level 1 (mspeckv): the target over a retrieval cache
+        mid, mid_runner = lower0, None
+        if mspeckv:
+            extra = (spec.refresh_every or gen.max_new_tokens) + 4 * spec.gamma + 8
+            try:
+                rcache = RetrievalCache.build(full_cache, full.cache.inner.queries, spec.budget, spec.chunk, extra)
+            except BudgetCoversPrompt:
+                warnings.warn(f"--budget {spec.budget} covers the whole {T}-token prompt: the retrieval level would "
+                              f"equal the full cache, so it is skipped (draft -> full target)", stacklevel=2)
+                rcache = None
+            if rcache is not None:
+                mid_runner = Runner(target, rcache, n=T)
+                mid = VerifyLevel("verify_l1", mid_runner, lower0, spec.draft_gamma, s, g, timers)
+    sync(device)
+    t_first = time.perf_counter()
+    top = VerifyLevel("verify_l2", full, mid, spec.gamma, s, g, timers, eos=eos_t)
+    made = 1
+    saw_eos = bool(eos) and int(first[0]) in eos
+    last_build = T
+    while made < gen.max_new_tokens and not saw_eos:
+        L = seq.len
+        if dcache is not None and isinstance(dcache, StreamingCache):
+            dcache.reserve(2 * spec.gamma + 4)  # no eviction inside a round: every rollback stays exact
+        if mid_runner is not None and spec.refresh_every and L - last_build >= spec.refresh_every:
+            mid_runner.rollback_to(full.n)
+            mid_runner.cache.rebuild(full_cache, full.cache.inner.queries, spec.chunk)
+            mid_runner.n, last_build = full.n, full.n
+        k = min(spec.gamma, gen.max_new_tokens - made - 1)
+        n, q = mid.propose(seq, k) if k > 0 else (0, None)
+        fed_from = full.n
+        a, _ = top.verify(seq, L, n, q)
+        made += a + 1
+        saw_eos = top.saw_eos
+        if mid_runner is not None and spec.sync_retrieval and mid_runner.n >= fed_from:
+            mid_runner.rollback_to(fed_from)  # replace level-1 K/V of accepted tokens by the full target's
+            m = L + a - fed_from
+            mid_runner.cache.append_external([(k_[:, :, :m], v_[:, :, :m]) for k_, v_ in full.cache.new])
+            mid_runner.n = L + a
+    sync(device)
+    t_end = time.perf_counter()
+    rows = [seq.tokens[0, T:T + min(made, gen.max_new_tokens)].tolist()]
+    rows = trim_at_eos(rows, eos) if eos else rows
+    secs = timers.seconds()
+    levels = {"verify_l2": top.stats.as_dict()}
+    if isinstance(mid, VerifyLevel):
+        levels["verify_l1"] = mid.stats.as_dict()
+    stats = {"mode": spec.mode, "drafter": spec.drafter, "accepted": levels["verify_l2"]["accepted_per_round"],
+             "verifications": top.stats.rounds, "time_s": secs, "forwards": top.stats.rounds + 1}
+    if hasattr(full_cache, "memory_report"):
+        stats["memory"] = full_cache.memory_report()
+    return SpecResult(rows, T, secs.get("prefill", t_first - t0), t_first - t0, t_end - t_first, stats=stats,
+                      levels=levels)
+
+
+def _prefill_streaming(r: Runner, seq: Seq, T: int, sinks: int, window: int, room: int) -> None:
+    """StreamingLLM prefill of the draft: the sink tokens, then the last ``window`` prompt tokens at their real
+    positions (what a streaming cache keeps anyway), in forwards of at most ``room`` tokens."""
+    head = min(sinks, T)
+    while r.n < head:
+        r.feed(seq, min(head, r.n + room), 1)
+    r.n = max(head, T - window)
+    while r.n < T:
+        r.feed(seq, min(T, r.n + room), 1)
