@@ -1,0 +1,410 @@
+"""PlacedKV: on-chip layers in GPU tensors, the rest in pinned CPU memory streamed in on a copy stream.
+
+Per offloaded layer the history ``[0:len)`` is split in two:
+- ``[0:flushed)`` lives in the CPU **store** (bf16, or KIVI codes + scales + zeros), token-major so that the valid
+  prefix is one contiguous block: exactly that prefix is copied host-to-device, nothing past it;
+- ``[flushed:len)`` (fewer than ``group + 2 * rollback_slack`` tokens) lives in a full-precision GPU **residual**.
+  Whole groups older than the slack are quantized on the GPU and copied to the store (device-to-host on the copy
+  stream), so a rollback of up to ``rollback_slack`` tokens never touches quantized data and stays exact, and a
+  cache that is rolled back equals one that never saw the rejected tokens.
+
+Decoding one token runs, for offloaded layer i, with no host synchronisation:
+    copy stream:    [wait: buffer free] H2D prefix of layer i+1  -> record ready[i+1]
+    compute stream: [wait ready[i]] (dequant) + residual + new rows -> attention of layer i
+Buffers are double-buffered and guarded by CUDA events. Resident layers (an LRU of GPU slots) skip the copy; new
+tokens go to the slot and, through the residual and flushes, to the CPU store, so an eviction loses nothing.
+On the CPU (tests, CI) the same code runs with synchronous copies.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .base import check_begin, check_rollback
+from .dense import DenseKV
+from .placement import Placement
+from .quant import QTensor, QuantSpec, dequantize_keys_into, dequantize_values_into, quantize_keys, quantize_values
+
+
+def _pinned_empty(shape, dtype, pin: bool) -> Tensor:
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    except RuntimeError as e:
+        n = torch.Size(shape).numel() * dtype.itemsize
+        raise MemoryError(
+            f"could not allocate {n / 2**30:.2f} GiB of pinned CPU memory for offloaded KV ({e}); lower the "
+            f"context, keep more layers --on-chip, or use a quantized --kv-quant"
+        ) from e
+
+
+class _Fields:
+    """A K or V store in token-major layout: every tensor's dim 0 is tokens (keys: groups of tokens)."""
+
+    def __init__(self, tensors: dict[str, Tensor], per_row: int):
+        self.t = tensors
+        self.per_row = per_row  # tokens per dim-0 row (group size for quantized keys, else 1)
+
+    def nbytes(self, tokens: int | None = None) -> int:
+        rows = None if tokens is None else tokens // self.per_row
+        return sum(x[:rows].numel() * x.element_size() for x in self.t.values())
+
+    def prefix(self, tokens: int) -> dict[str, Tensor]:
+        return {k: x[: tokens // self.per_row] for k, x in self.t.items()}
+
+
+def _alloc_fields(kind: str, spec: QuantSpec | None, T: int, B: int, H: int, D: int, dtype, device, pin) -> _Fields:
+    mk = (lambda s, dt: _pinned_empty(s, dt, pin)) if device == "cpu-pinned" else \
+        (lambda s, dt: torch.empty(s, dtype=dt, device=device))
+    if spec is None:
+        return _Fields({"x": mk((T, B, H, D), dtype)}, 1)
+    g, b, sdt = spec.group_size, spec.bits, spec.scale_dtype
+    if kind == "k":
+        NG = T // g
+        return _Fields({"codes": mk((NG, B, H, D, g * b // 8), torch.uint8), "scale": mk((NG, B, H, D), sdt),
+                        "zero": mk((NG, B, H, D), sdt)}, g)
+    return _Fields({"codes": mk((T, B, H, D * b // 8), torch.uint8), "scale": mk((T, B, H, D // g), sdt),
+                    "zero": mk((T, B, H, D // g), sdt)}, 1)
+
+
+def _as_qtensor(f: dict[str, Tensor], kind: str, tokens: int, B: int, H: int, D: int) -> QTensor:
+    """Token-major fields -> a (B, H, T, ...) QTensor view (no copy)."""
+    perm = (lambda x: x.permute(1, 2, 0, 3, 4)) if kind == "k" else (lambda x: x.permute(1, 2, 0, 3))
+    sperm = lambda x: x.permute(1, 2, 0, 3)
+    return QTensor(perm(f["codes"]), sperm(f["scale"]), sperm(f["zero"]), (B, H, tokens, D))
+
+
+def _token_major(q: QTensor) -> dict[str, Tensor]:
+    perm = (2, 0, 1, 3, 4) if q.is_key else (2, 0, 1, 3)
+    return {"codes": q.codes.permute(*perm).contiguous(), "scale": q.scale.permute(2, 0, 1, 3).contiguous(),
+            "zero": q.zero.permute(2, 0, 1, 3).contiguous()}
+
+
+@dataclass
+class TransferStats:
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    forwards: int = 0
+    per_forward: list = field(default_factory=list)  # h2d bytes of each forward (host-side counts, no sync)
+
+
+class PlacedKV:
+    """KVCache over a ``Placement``. Layer order of access is assumed 0..L-1 within a forward (the model's)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, placement: Placement, batch: int,
+                 max_len: int, dtype: torch.dtype, device: torch.device | str):
+        p = self.p = placement
+        p.validate(n_layers, head_dim)
+        self.n_layers, self.B, self.H, self.D = n_layers, batch, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.n_on = p.n_on_chip(n_layers)
+        self.off = list(range(self.n_on, n_layers))
+        self.spec = p.quant
+        self.g = p.kv_group_size
+        self.max_len = max_len
+        T = -(-max_len // self.g) * self.g  # store capacity, whole groups
+        cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.dense = DenseKV(self.n_on, batch, n_kv_heads, head_dim, max_len, dtype, device) if self.n_on else None
+        gpu = lambda: _alloc_fields("x", None, T, batch, n_kv_heads, head_dim, dtype, self.device, False)
+        self.store = {l: (_alloc_fields("k", self.spec, T, batch, n_kv_heads, head_dim, dtype, "cpu-pinned", cuda),
+                          _alloc_fields("v", self.spec, T, batch, n_kv_heads, head_dim, dtype, "cpu-pinned", cuda))
+                      for l in self.off}
+        R = self.g + 2 * p.rollback_slack  # see begin(): the residual never holds more
+        self.residual = {l: (torch.zeros((R, batch, n_kv_heads, head_dim), dtype=dtype, device=self.device),
+                             torch.zeros((R, batch, n_kv_heads, head_dim), dtype=dtype, device=self.device))
+                         for l in self.off}
+        # staging: bf16 x2 (format none: H2D lands there), or codes x2 + one bf16 (dequantized on the compute stream)
+        if self.spec is None:
+            self.stage = [(gpu(), gpu()), (gpu(), gpu())]
+        else:
+            mkq = lambda kind: _alloc_fields(kind, self.spec, T, batch, n_kv_heads, head_dim, dtype, self.device, False)
+            self.qstage = [(mkq("k"), mkq("v")), (mkq("k"), mkq("v"))]
+            self.stage = [(gpu(), gpu())]
+        # resident slots: bf16 copies of the whole layer (dequant) or GPU codes (quant)
+        self.slot_quant = p.resident_format == "quant"
+        if self.slot_quant:
+            mkq = lambda kind: _alloc_fields(kind, self.spec, T, batch, n_kv_heads, head_dim, dtype, self.device, False)
+            self.slots = [(mkq("k"), mkq("v")) for _ in range(p.resident_layers)]
+        else:
+            self.slots = [(gpu(), gpu()) for _ in range(p.resident_layers)]
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # layer -> slot, LRU order (oldest first)
+        self.free_ev: dict[tuple, torch.cuda.Event] = {}  # buffer key -> event after its last reader
+        self.to_release: list[tuple] = []
+        self._len = self.flushed = 0
+        self._pending: int | None = None
+        self.stats = TransferStats()
+        self.stage_i = 0
+
+    # ------------------------------------------------------------------------------------------------ interface
+    def length(self) -> int:
+        return self._len
+
+    def capacity(self) -> int:
+        return self.max_len
+
+    def begin(self, n_new: int) -> None:
+        check_begin(self._len, n_new, self.max_len, self._pending)
+        self._pending = n_new
+        if self.dense is not None:
+            self.dense.begin(n_new)
+        # Flush whole groups older than the slack. Only committed tokens count, so a forward whose tokens are later
+        # rolled back never changes what was flushed; a forward longer than the slack (a prefill chunk, which
+        # cannot be rolled back past the slack anyway) may also flush its own tokens, which bounds the residual.
+        upto = self._len + (n_new if n_new > self.p.rollback_slack else 0)
+        self.flush_to = self.flushed + self.g * max(0, (upto - self.flushed - self.p.rollback_slack) // self.g)
+        self.plan = {l: self._route(l) for l in self.off}  # layer -> (hit, slot or None)
+        self.ready: dict[int, object] = {}
+        self.busy: set = set()
+        self._fwd_h2d = 0
+        self.next_fetch = 0  # index into self.off of the next layer whose transfer is not yet issued
+        self._prefetch_next()
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if layer < self.n_on:
+            return self.dense.update(layer, k, v)
+        self._release_now()
+        self._prefetch_next()  # a transfer held back for a busy buffer (possibly this layer's own)
+        hit, slot = self.plan[layer]
+        kbuf, vbuf, complete, key = self._acquire(layer, hit, slot)
+        self.busy = {("slot", slot)} if slot is not None else set()
+        if key is not None:
+            self.busy.add(key)
+        self._prefetch_next()
+        t0, n = self._len, self._pending
+        rows = self._len - self.flushed
+        for buf, res, new in ((kbuf, self.residual[layer][0], k), (vbuf, self.residual[layer][1], v)):
+            if not complete and rows:
+                buf[self.flushed:self._len] = res[:rows]
+            buf[t0:t0 + n] = new.permute(2, 0, 1, 3)  # (B, H, n, D) -> token-major rows
+        if self.flush_to > self.flushed:
+            self._flush(layer, kbuf, vbuf, slot)
+        keep = t0 + n - self.flush_to
+        self.residual[layer][0][:keep] = kbuf[self.flush_to:t0 + n]
+        self.residual[layer][1][:keep] = vbuf[self.flush_to:t0 + n]
+        self.to_release.append((slot, key))
+        view = lambda b: b[:t0 + n].permute(1, 2, 0, 3)  # (B, H, S, D)
+        return view(kbuf), view(vbuf)
+
+    def end(self) -> None:
+        self._release_now()
+        if self.dense is not None:
+            self.dense.end()
+        self._len += self._pending
+        self.flushed = self.flush_to
+        self._pending = None
+        self.stats.forwards += 1
+        self.stats.per_forward.append(self._fwd_h2d)
+
+    def abort(self) -> None:
+        if self.dense is not None:
+            self.dense.abort()
+        self._pending = None
+
+    def rollback(self, n: int) -> None:
+        check_rollback(n, self._len)
+        if n > self._len - self.flushed:
+            raise ValueError(
+                f"rollback({n}) reaches tokens already flushed to the CPU store (only the newest "
+                f"{self._len - self.flushed} are rollback-safe); raise Placement.rollback_slack above {n}"
+            )
+        if self.dense is not None:
+            self.dense.rollback(n)
+        self._len -= n
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The committed history of one layer on the GPU (a blocking fetch for offloaded layers)."""
+        if layer < self.n_on:
+            return self.dense.read(layer)
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # pending flushes must land in the store first
+        out = []
+        for i, st in enumerate(self.store[layer]):
+            buf = torch.empty((self._len, self.B, self.H, self.D), dtype=self.dtype, device=self.device)
+            self._load_prefix(st, buf, "kv"[i], self.flushed, sync=True)
+            buf[self.flushed:] = self.residual[layer][i][:self._len - self.flushed]
+            out.append(buf.permute(1, 2, 0, 3))
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _route(self, layer: int) -> tuple[bool, int | None]:
+        """Residency decision for this forward: (hit, slot). Misses may take a slot (insert, evicting LRU)."""
+        if not self.slots:
+            self.stats.misses += 1
+            return False, None
+        if layer in self.slot_of:
+            self.slot_of.move_to_end(layer)
+            self.stats.hits += 1
+            return True, self.slot_of[layer]
+        self.stats.misses += 1
+        if len(self.slot_of) < len(self.slots):
+            slot = len(self.slot_of)
+        elif self.p.resident_policy == "lru":
+            _, slot = self.slot_of.popitem(last=False)
+        else:  # static: the first R layers keep their slots
+            return False, None
+        self.slot_of[layer] = slot
+        return False, slot
+
+    def _needs_transfer(self, layer: int) -> bool:
+        hit, _ = self.plan[layer]
+        return not hit and self.flushed > 0
+
+    def _prefetch_next(self) -> None:
+        """Issue the H2D copy of the next offloaded layer that needs one, unless its destination is still being
+        read (then it is issued at the next layer, after the release). At most one transfer is ahead."""
+        while self.next_fetch < len(self.off):
+            layer = self.off[self.next_fetch]
+            if not self._needs_transfer(layer):
+                self.next_fetch += 1
+                continue
+            dst, key = self._dest(layer)
+            if self.ready or key in self.busy:  # one transfer in flight; never into a buffer being read
+                return
+            self.next_fetch += 1
+            self._issue_fetch(layer, dst, key)
+            return
+
+    def _dest(self, layer: int) -> tuple[tuple, tuple]:
+        _, slot = self.plan[layer]
+        i = self.stage_i % 2
+        if self.spec is None and slot is None:
+            return self.stage[i], ("s", i)
+        if slot is not None and (self.spec is None or self.slot_quant):
+            return self.slots[slot], ("slot", slot)
+        return self.qstage[i], ("q", i)  # codes, dequantized later on the compute stream
+
+    def _issue_fetch(self, layer: int, dst: tuple, key: tuple) -> None:
+        if key[0] != "slot":
+            self.stage_i += 1
+        cs = self.copy_stream
+        with torch.cuda.stream(cs) if cs is not None else nullcontext():
+            if cs is not None and key in self.free_ev:
+                cs.wait_event(self.free_ev[key])
+            for src, d in zip(self.store[layer], dst, strict=True):
+                for name, x in src.prefix(self.flushed).items():
+                    d.t[name][: x.shape[0]].copy_(x, non_blocking=True)
+            ev = None
+            if cs is not None:
+                ev = torch.cuda.Event()
+                ev.record(cs)
+        nbytes = sum(st.nbytes(self.flushed) for st in self.store[layer])
+        self.stats.h2d_bytes += nbytes
+        self._fwd_h2d += nbytes
+        self.ready[layer] = (ev, dst, key)
+
+    def _acquire(self, layer: int, hit: bool, slot: int | None) -> tuple[Tensor, Tensor, bool, tuple | None]:
+        """Token-major bf16 buffers holding layer's [0:flushed) prefix, ready on the compute stream.
+
+        Returns (k_buf, v_buf, complete, key): ``complete`` if the buffers already hold [0:len) (a bf16 slot hit);
+        ``key`` names a transfer buffer to mark free once this layer's attention is enqueued.
+        """
+        src, key = None, None
+        if layer in self.ready:
+            ev, src, key = self.ready.pop(layer)
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+        bf16_slot = slot is not None and not self.slot_quant
+        if bf16_slot:
+            kb, vb = self.slots[slot]
+        elif self.spec is None:
+            kb, vb = src if src is not None else self.stage[self.stage_i % 2]
+        else:
+            kb, vb = self.stage[0]  # dequantized on the compute stream: one buffer is enough
+        if self.spec is not None and self.flushed:
+            codes = src if src is not None else (self.slots[slot] if hit and self.slot_quant else None)
+            if codes is not None:
+                n = self.flushed
+                dequantize_keys_into(_as_qtensor(codes[0].prefix(n), "k", n, self.B, self.H, self.D), self.spec,
+                                     kb.t["x"][:n].permute(1, 2, 0, 3))
+                dequantize_values_into(_as_qtensor(codes[1].prefix(n), "v", n, self.B, self.H, self.D), self.spec,
+                                       vb.t["x"][:n].permute(1, 2, 0, 3))
+                if key is not None and key[0] == "q":  # codes staging is free once dequantized
+                    self._mark_free(key)
+                    key = None
+        return kb.t["x"], vb.t["x"], hit and bf16_slot, key
+
+    def _flush(self, layer: int, kbuf: Tensor, vbuf: Tensor, slot: int | None) -> None:
+        """Move rows [flushed:flush_to) to the CPU store (quantized on the GPU first), D2H on the copy stream."""
+        f0, f1 = self.flushed, self.flush_to
+        outs = []
+        for i, buf in enumerate((kbuf, vbuf)):
+            rows = buf[f0:f1]  # (n, B, H, D)
+            if self.spec is None:
+                outs.append({"x": rows.contiguous()})
+                continue
+            x = rows.permute(1, 2, 0, 3)
+            q = quantize_keys(x, self.spec) if i == 0 else quantize_values(x, self.spec)
+            outs.append(_token_major(q))
+            # The attention view (bf16 slot or staging) must read what every later forward will read from the
+            # store: the quantized form. This is the stored copy's dequantization, not a fake compression.
+            (dequantize_keys_into if i == 0 else dequantize_values_into)(q, self.spec, x)
+            if slot is not None and self.slot_quant:
+                for name, t in outs[-1].items():
+                    r0 = f0 // self.slots[slot][i].per_row
+                    self.slots[slot][i].t[name][r0:r0 + t.shape[0]] = t
+        cs = self.copy_stream
+        if cs is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(cs) if cs is not None else nullcontext():
+            if cs is not None:
+                cs.wait_event(ev)
+            for st, out in zip(self.store[layer], outs, strict=True):
+                for name, t in out.items():
+                    r0 = f0 // st.per_row
+                    st.t[name][r0:r0 + t.shape[0]].copy_(t, non_blocking=True)
+                    if cs is not None:
+                        t.record_stream(cs)
+                    self.stats.d2h_bytes += t.numel() * t.element_size()
+
+    def _mark_free(self, key) -> None:
+        if self.copy_stream is None:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self.free_ev[key] = ev
+
+    def _release_now(self) -> None:
+        """The previous offloaded layer's attention is enqueued: its buffers are free once that work is done."""
+        for slot, key in self.to_release:
+            if key is not None:
+                self._mark_free(key)
+            if slot is not None:
+                self._mark_free(("slot", slot))
+        self.to_release = []
+        self.busy = set()
+
+    def _load_prefix(self, st: _Fields, out: Tensor, kind: str, n: int, sync: bool) -> None:
+        if not n:
+            return
+        pre = {k: x.to(self.device, non_blocking=False) for k, x in st.prefix(n).items()}
+        if self.spec is None:
+            out[:n] = pre["x"]
+            return
+        q = _as_qtensor(pre, kind, n, self.B, self.H, self.D)
+        (dequantize_keys_into if kind == "k" else dequantize_values_into)(q, self.spec, out[:n].permute(1, 2, 0, 3))
+
+    # ------------------------------------------------------------------------------------------------ accounting
+    def memory_report(self) -> dict:
+        nb = lambda fs: sum(f.nbytes() for pair in fs for f in pair)
+        staging = nb(self.stage) + (nb(self.qstage) if self.spec is not None else 0)
+        res = sum(t.numel() * t.element_size() for pair in self.residual.values() for t in pair)
+        return {
+            "on_gpu_kv_bytes": self.dense.nbytes() if self.dense is not None else 0,
+            "resident_slot_bytes": nb(self.slots),
+            "staging_bytes": staging,
+            "residual_bytes": res,
+            "pinned_cpu_kv_bytes": nb(self.store.values()),
+            "h2d_bytes_total": self.stats.h2d_bytes,
+            "d2h_bytes_total": self.stats.d2h_bytes,
+            "resident_hits": self.stats.hits,
+            "resident_misses": self.stats.misses,
+            "resident_hit_rate": self.stats.hits / max(1, self.stats.hits + self.stats.misses),
+        }

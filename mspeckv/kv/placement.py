@@ -1,0 +1,135 @@
+"""Where each layer's KV lives: ``Placement`` (the knobs), ``make_cache`` (the backend it implies) and a planner.
+
+Knob names follow the original experiments: ``on_chip`` layers keep their KV on the GPU; the others live in pinned
+CPU memory (``kv_quant`` format) and are streamed in; ``resident_layers`` of them may stay on the GPU between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .quant import BITS, QuantSpec
+
+FORMATS = ("none", *BITS)
+
+
+@dataclass(frozen=True)
+class Placement:
+    on_chip: int | None = None  # None: every layer on the GPU (no offload)
+    kv_quant: str = "none"  # format of offloaded KV: none | int8 | int4 | int2
+    kv_group_size: int = 64  # quantization group; also the block in which new tokens are flushed to the CPU
+    resident_layers: int = 0
+    resident_format: str = "dequant"  # dequant: bf16 copies on the GPU; quant: codes on the GPU
+    resident_policy: str = "lru"  # lru | static (keep the first R offloaded layers seen; no thrashing)
+    rollback_slack: int = 64  # newest tokens kept full-precision on the GPU, so rollbacks never touch the store
+
+    def __post_init__(self):
+        if self.on_chip is not None and self.on_chip < 0:
+            raise ValueError(f"--on-chip must be >= 0, got {self.on_chip}")
+        if self.kv_quant not in FORMATS:
+            raise ValueError(f"--kv-quant must be one of {', '.join(FORMATS)}, got '{self.kv_quant}'")
+        if self.resident_layers < 0:
+            raise ValueError(f"--resident-layers must be >= 0, got {self.resident_layers}")
+        if self.resident_format not in ("dequant", "quant"):
+            raise ValueError(f"--resident-format must be dequant or quant, got '{self.resident_format}'")
+        if self.resident_format == "quant" and self.kv_quant == "none" and self.resident_layers:
+            raise ValueError("--resident-format quant needs a quantized --kv-quant (int8/int4/int2)")
+        if self.resident_policy not in ("lru", "static"):
+            raise ValueError(f"--resident-policy must be lru or static, got '{self.resident_policy}'")
+        if self.kv_group_size < 1:
+            raise ValueError(f"--kv-group-size must be >= 1, got {self.kv_group_size}")
+        if self.rollback_slack < 0:
+            raise ValueError(f"rollback_slack must be >= 0, got {self.rollback_slack}")
+        if self.quant is not None:  # format-specific checks (packing) with the quantizer's own message
+            _ = self.quant
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        return None if self.kv_quant == "none" else QuantSpec(self.kv_quant, self.kv_group_size)
+
+    def n_on_chip(self, n_layers: int) -> int:
+        return n_layers if self.on_chip is None else self.on_chip
+
+    def validate(self, n_layers: int, head_dim: int) -> None:
+        """Checks that need the model: raise one clear error each."""
+        if self.on_chip is not None and self.on_chip > n_layers:
+            raise ValueError(f"--on-chip {self.on_chip} is greater than the model's {n_layers} layers")
+        n_off = n_layers - self.n_on_chip(n_layers)
+        if self.resident_layers > n_off:
+            raise ValueError(
+                f"--resident-layers {self.resident_layers} is greater than the {n_off} offloaded layers "
+                f"({n_layers} layers, --on-chip {self.n_on_chip(n_layers)}); use at most {n_off}"
+            )
+        if self.quant is not None and n_off:
+            self.quant.check_head_dim(head_dim)
+
+    def describe(self, n_layers: int) -> str:
+        on = self.n_on_chip(n_layers)
+        if on == n_layers:
+            return f"all {n_layers} layers on the GPU"
+        return (f"{on} on-chip, {n_layers - on} offloaded ({self.kv_quant}, g{self.kv_group_size}), "
+                f"{self.resident_layers} resident ({self.resident_format}, {self.resident_policy})")
+
+
+def stored_bytes_per_element(placement: Placement, dtype_bytes: int) -> float:
+    q = placement.quant
+    return dtype_bytes if q is None else q.bytes_per_element()
+
+
+def make_cache(model, placement: Placement | None, batch: int, max_len: int):
+    """The KV backend a placement implies: DenseKV when nothing is offloaded, else PlacedKV."""
+    from .dense import DenseKV
+
+    c = model.cfg
+    placement = placement or Placement()
+    placement.validate(c.n_layers, c.head_dim)
+    if placement.n_on_chip(c.n_layers) == c.n_layers:
+        return DenseKV.for_model(model, batch, max_len)
+    from .offload import PlacedKV
+
+    return PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, placement, batch, max_len, model.dtype, model.device)
+
+
+# ------------------------------------------------------------------------------------------------------- planner
+@dataclass(frozen=True)
+class Plan:
+    placement: Placement
+    gpu_kv_bytes: int  # on-chip KV + resident slots + staging, predicted
+    pinned_bytes: int
+    h2d_bytes_per_token: int  # predicted bytes streamed per decode step at this context
+    note: str
+
+
+def plan_placement(model_cfg, context: int, gpu_kv_budget: int, batch: int = 1, dtype_bytes: int = 2,
+                   group_size: int = 64, prefer_quant: str = "int8") -> Plan:
+    """Pick on_chip, resident_layers and kv_quant so the GPU-side KV fits ``gpu_kv_budget`` bytes.
+
+    Greedy on the decode-time equation t ~ gpu_time + streamed_bytes / B_pcie: keep as many layers on chip as fit;
+    if anything is offloaded, quantize it (``prefer_quant``), then spend what is left on resident layers (stored
+    in the ``quant`` resident format, which fits more layers per byte than bf16 copies).
+    """
+    c = model_cfg
+    if gpu_kv_budget <= 0:
+        raise ValueError(f"--gpu-kv-budget must be positive, got {gpu_kv_budget} bytes")
+    elems = batch * c.n_kv_heads * c.head_dim * context * 2  # K and V elements of one layer
+    layer_bf16 = elems * dtype_bytes
+    if layer_bf16 * c.n_layers <= gpu_kv_budget:
+        return Plan(Placement(), layer_bf16 * c.n_layers, 0, 0, "the whole KV fits on the GPU")
+    staging = 2 * layer_bf16  # double-buffered staging (bf16; codes staging is smaller and counted inside)
+    on_chip = max(0, min(c.n_layers - 1, (gpu_kv_budget - staging) // layer_bf16))
+    if on_chip == 0 and gpu_kv_budget < staging:
+        raise ValueError(
+            f"--gpu-kv-budget {gpu_kv_budget / 2**30:.2f} GiB cannot hold even the staging buffers for one "
+            f"streamed layer ({staging / 2**30:.2f} GiB at context {context}); raise it or shorten the context"
+        )
+    n_off = c.n_layers - on_chip
+    spec = QuantSpec(prefer_quant, group_size)
+    layer_q = int(elems * spec.bytes_per_element())
+    left = gpu_kv_budget - staging - on_chip * layer_bf16
+    resident = int(min(n_off, max(0, left) // layer_q))
+    p = Placement(on_chip=on_chip, kv_quant=prefer_quant, kv_group_size=group_size, resident_layers=resident,
+                  resident_format="quant", resident_policy="static")
+    gpu = on_chip * layer_bf16 + resident * layer_q + staging
+    h2d = (n_off - resident) * layer_q
+    return Plan(p, gpu, n_off * layer_q, h2d,
+                f"{on_chip} layers fit on chip; {n_off} streamed as {prefer_quant}, {resident} of them resident")
