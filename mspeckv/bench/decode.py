@@ -1,0 +1,148 @@
+"""``mspeckv bench decode``: prefill tok/s, decode ms/token, peak memory and (on CUDA) achieved bandwidth.
+
+Achieved bandwidth = (weight bytes + KV bytes read per decode step) / step time, compared with a device-to-device copy
+bandwidth (bytes read + written) measured in the same run. Warm-up runs at the exact measured shape first.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import GenerationConfig
+from ..decoding.autoregressive import generate
+from ..kv.dense import DenseKV
+from ..model.api import load_any, parse_device
+
+
+@dataclass(frozen=True)
+class DecodeBenchConfig:
+    model: str = "qwen2.5-coder-1.5b"
+    prompt_len: int = 1024
+    gen_len: int = 128
+    device: str | None = None
+    repeats: int = 3
+    batch: int = 1
+    prefill_chunk: int = 4096
+    out: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("prompt_len", "gen_len", "batch", "prefill_chunk"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+        if self.repeats < 2:
+            raise ValueError("--repeats must be >= 2 (the median of at least two timed runs is reported)")
+
+
+def d2d_bandwidth(device, nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median of iters)."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    y.copy_(x)
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        y.copy_(x)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del x, y
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every matrix once; the embedding table only via a tied LM head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied weights
+    if not model.cfg.tie_embeddings:
+        e = model.model.embed_tokens.weight
+        total -= e.numel() * e.element_size()
+    return total
+
+
+def prompt_ids(tok, n: int, batch: int, vocab: int, seed: int) -> tuple[torch.Tensor, str]:
+    if tok is not None:
+        try:
+            from ..data.corpora import long_prompt
+
+            return torch.tensor([long_prompt(tok, n, seed + b) for b in range(batch)]), "bbc-news"
+        except Exception as e:  # no corpus installed: fall back to random ids, and say so in the results
+            src = f"random-ids ({type(e).__name__})"
+    else:
+        src = "random-ids"
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, n), generator=g), src
+
+
+def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
+    device = parse_device(cfg.device)
+    model, tok, _ = load_any(cfg.model, device)
+    model.check_context(cfg.prompt_len + cfg.gen_len)
+    ids, src = prompt_ids(tok, cfg.prompt_len, cfg.batch, model.cfg.vocab_size, cfg.seed)
+    gen = GenerationConfig(max_new_tokens=cfg.gen_len, stop_on_eos=False, prefill_chunk=cfg.prefill_chunk)
+    cache = DenseKV.for_model(model, cfg.batch, cfg.prompt_len + cfg.gen_len)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = []
+    for i in range(cfg.repeats + 1):  # run 0 is the warm-up at the same shape
+        cache.rollback(cache.length())
+        r = generate(model, ids, gen, cache=cache)
+        if i:
+            runs.append(r)
+    prefill_s = statistics.median(r.prefill_s for r in runs)
+    ms_tok = statistics.median(r.ms_per_token for r in runs)
+    row = {
+        "bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
+        "family": model.cfg.family, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "prompt_source": src, **asdict(cfg),
+        "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
+        "ttft_s": statistics.median(r.ttft_s for r in runs),
+        "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
+        "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
+        "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None,
+    }
+    if device.type == "cuda":
+        row["device_name"] = torch.cuda.get_device_name(device)
+        row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+        w = weight_bytes_per_step(model)
+        kv = model.cfg.kv_bytes_per_token(model.dtype.itemsize) * cfg.batch * (cfg.prompt_len + cfg.gen_len / 2)
+        achieved = (w + kv) / (ms_tok / 1e3)
+        peak = d2d_bandwidth(device)
+        row.update(weight_bytes_per_step=w, kv_bytes_per_step_mean=kv, achieved_bandwidth_GBps=achieved / 1e9,
+                   d2d_copy_bandwidth_GBps=peak / 1e9, bandwidth_utilisation=achieved / peak)
+    row["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if write:
+        from .results import atomic_write_json, run_metadata
+
+        out = Path(cfg.out or f"results/bench/decode-{cfg.model.replace(':', '-')}-{device.type}"
+                               f"-p{cfg.prompt_len}-g{cfg.gen_len}-b{cfg.batch}.json")
+        row["meta"] = run_metadata()
+        row["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(out, row)
+        row["out"] = str(out)
+    print_table(row)
+    return row
+
+
+def print_table(row: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    where = row.get("device_name", row["device"])
+    t = Table(title=f"decode bench: {row['model']} ({row['weights']} weights) on {where}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    keys = [("prompt_len", "{}"), ("gen_len", "{}"), ("batch", "{}"), ("prefill_tok_per_s", "{:.0f}"),
+            ("ttft_s", "{:.3f}"), ("decode_ms_per_token", "{:.2f}"), ("decode_tok_per_s", "{:.1f}"),
+            ("achieved_bandwidth_GBps", "{:.0f}"), ("d2d_copy_bandwidth_GBps", "{:.0f}"),
+            ("bandwidth_utilisation", "{:.1%}"), ("peak_gpu_bytes", "{:,}"), ("peak_host_rss_bytes", "{:,}")]
+    for k, f in keys:
+        if row.get(k) is not None:
+            t.add_row(k, f.format(row[k]))
+    Console(stderr=True).print(t)

@@ -1,0 +1,353 @@
+"""One CLI: ``mspeckv {models, generate, demo, bench, ...}``. Handlers stay thin; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEMO_PROMPT = "Write a Python function `is_prime(n)` that returns True if n is a prime number. Reply with code only."
+
+
+def _progress_prefill(total: int, label: str = "prefill"):
+    """A rich progress callback for long prefills (None for short ones)."""
+    if total < 4096:
+        return None, None
+    from rich.progress import Progress
+
+    p = Progress(transient=True)
+    task = p.add_task(label, total=total)
+    p.start()
+    return (lambda done, tot: p.update(task, completed=done)), p
+
+
+def _sampling(a):
+    from .config import SamplingConfig
+
+    temperature = 0.0 if getattr(a, "greedy", False) else a.temperature
+    return SamplingConfig(temperature=temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+
+def _encode(tok, text: str, chat: bool) -> list[int]:
+    if chat and getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+# ---------------------------------------------------------------------------------------------------- handlers
+def cmd_models(a) -> int:
+    from .model.loading import REGISTRY, is_prepared, prepare
+
+    if a.action == "list":
+        for e in REGISTRY.values():
+            state = "prepared" if is_prepared(e.name) else "not prepared"
+            print(f"{e.name:22s} {e.role:7s} {state:13s} {e.description}")
+        return 0
+    names = [a.name] if a.name else list(REGISTRY)
+    for n in names:
+        t = time.perf_counter()
+        d = prepare(n, gguf=a.gguf)
+        print(f"{n}: {d} ({time.perf_counter() - t:.1f} s)")
+    return 0 if names else 1
+
+
+def _spec(a):
+    from .decoding.speculative import SpecConfig
+
+    return SpecConfig(mode=a.mode, gamma=a.gamma, draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk,
+                      draft_sinks=a.draft_sinks, draft_window=a.draft_window, refresh_every=a.refresh_every,
+                      drafter=a.drafter)
+
+
+def run_generation(a, model, tok, draft, ids: list[int], mode: str):
+    """One generation in the given mode -> GenerationResult (or SpecResult)."""
+    import torch
+
+    from .config import GenerationConfig
+    from .decoding.autoregressive import generate
+    from .kv.placement import make_cache
+
+    gen = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=_sampling(a), prefill_chunk=a.prefill_chunk)
+    placement = _placement(a)
+    model.check_context(len(ids) + gen.max_new_tokens)
+    cb, bar = _progress_prefill(len(ids), f"prefill ({mode})")
+    try:
+        if mode == "ar":
+            cache = make_cache(model, placement, 1, len(ids) + gen.max_new_tokens)
+            return generate(model, torch.tensor([ids]), gen, cache=cache, progress=cb)
+        from .decoding.speculative import speculative_generate
+
+        a.mode = mode
+        return speculative_generate(model, draft, torch.tensor([ids]), gen, _spec(a), placement=placement,
+                                    progress=cb)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _load_pair(a):
+    from .decoding.speculative import check_pair
+    from .model.api import load
+
+    model, tok, _ = load(a.model, a.device)
+    draft = None
+    if a.mode != "ar" and a.drafter == "model":
+        draft, dtok, _ = load(a.draft, a.device)
+        check_pair(model, draft, tok, dtok)
+    return model, tok, draft
+
+
+def _read_prompt(a) -> str:
+    if a.prompt_file:
+        with open(a.prompt_file) as f:
+            return f.read()
+    return a.prompt
+
+
+def cmd_generate(a) -> int:
+    _sampling(a), _placement(a)  # validate flags before loading anything
+    if a.mode != "ar":
+        _spec(a)
+    model, tok, draft = _load_pair(a)
+    ids = _encode(tok, _read_prompt(a), a.chat)
+    res = run_generation(a, model, tok, draft, ids, a.mode)
+    print(tok.decode(res.tokens[0], skip_special_tokens=True))
+    s = res.summary()
+    extra = f" | accepted {s['accepted']:.2f}" if "accepted" in s and s["accepted"] is not None else ""
+    print(f"\n[{a.mode} | {model.cfg.family} on {model.device}] prompt {len(ids)} tok | TTFT {s['ttft_s']:.3f} s | "
+          f"{s['ms_per_token']:.1f} ms/token | {s['tok_per_s']:.2f} tok/s | {s['n_generated']} tokens{extra}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """AR and MSpecKV side by side on the embedded pair, greedy, on a real document."""
+    from .data.corpora import load_documents
+
+    a.chat, a.temperature, a.top_k, a.top_p, a.seed, a.greedy = True, 0.0, 0, 1.0, 0, True
+    t = time.perf_counter()
+    a.mode = "mspeckv"
+    model, tok, draft = _load_pair(a)
+    doc = load_documents("bbc")[a.doc].text
+    text = f"{doc}\n\nSummarize the article above in two sentences."
+    ids = _encode(tok, text, True)
+    print(f"MSpecKV demo on {model.device}: target {a.model}, draft {a.draft}, greedy, {a.max_new_tokens} new tokens, "
+          f"prompt {len(ids)} tokens (a BBC News article + an instruction)\n", file=sys.stderr)
+    rows = {}
+    for mode in ("ar", "mspeckv"):
+        res = run_generation(a, model, tok, draft, ids, mode)
+        rows[mode] = res
+        print(f"--- {mode} ---\n{tok.decode(res.tokens[0], skip_special_tokens=True)}\n", file=sys.stderr)
+    from rich.console import Console
+    from rich.table import Table
+
+    tbl = Table(title="AR vs MSpecKV (same target, greedy: outputs must match token for token)")
+    for c in ("mode", "tokens", "TTFT s", "ms/token", "tok/s", "accepted", "identical to AR"):
+        tbl.add_column(c, justify="right")
+    for mode, r in rows.items():
+        acc = r.stats.get("accepted")
+        tbl.add_row(mode, str(r.n_generated), f"{r.ttft_s:.2f}", f"{r.ms_per_token:.1f}", f"{r.tok_per_s:.2f}",
+                    "-" if acc is None else f"{acc:.2f}", str(r.tokens == rows["ar"].tokens))
+    Console(stderr=True).print(tbl)
+    out = {m: {"tok_per_s": r.tok_per_s, "ms_per_token": r.ms_per_token, "ttft_s": r.ttft_s,
+               "accepted": r.stats.get("accepted"), "n_generated": r.n_generated} for m, r in rows.items()}
+    out["identical"] = rows["mspeckv"].tokens == rows["ar"].tokens
+    out["total_s"] = time.perf_counter() - t
+    print(json.dumps(out))
+    return 0 if out["identical"] else 1
+
+
+def _placement(a):
+    from .kv.placement import Placement
+
+    return Placement(on_chip=a.on_chip, kv_quant=a.kv_quant, kv_group_size=a.kv_group_size,
+                     resident_layers=a.resident_layers, resident_format=a.resident_format,
+                     resident_policy=a.resident_policy)
+
+
+def cmd_plan(a) -> int:
+    from .kv.placement import plan_placement
+    from .model.api import RANDOM_SHAPES
+    from .model.llama import ModelConfig
+
+    if a.model.startswith("random:"):
+        from transformers import AutoConfig
+
+        kw = dict(RANDOM_SHAPES[a.model.split(":", 1)[1]])
+        hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    else:
+        from transformers import AutoConfig
+
+        from .model.loading import resolve
+
+        hf = AutoConfig.from_pretrained(resolve(a.model))
+    cfg = ModelConfig.from_hf(hf)
+    if a.gpu_kv_budget is not None:
+        budget = int(a.gpu_kv_budget * 2**30)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("no CUDA GPU to read free memory from: pass --gpu-kv-budget GB")
+        free, _ = torch.cuda.mem_get_info()
+        budget = int(free * 0.9)
+    plan = plan_placement(cfg, a.context, budget, batch=a.batch, group_size=a.kv_group_size)
+    p = plan.placement
+    row = {"model": a.model, "context": a.context, "gpu_kv_budget_bytes": budget, "on_chip": p.n_on_chip(cfg.n_layers),
+           "kv_quant": p.kv_quant, "resident_layers": p.resident_layers, "resident_format": p.resident_format,
+           "predicted_gpu_kv_bytes": plan.gpu_kv_bytes, "predicted_pinned_bytes": plan.pinned_bytes,
+           "predicted_h2d_bytes_per_token": plan.h2d_bytes_per_token, "note": plan.note}
+    print(f"{a.model} at {a.context} tokens, GPU KV budget {budget / 2**30:.2f} GiB:")
+    print(f"  {p.describe(cfg.n_layers)}")
+    print(f"  predicted: {plan.gpu_kv_bytes / 2**30:.2f} GiB KV on the GPU, {plan.pinned_bytes / 2**30:.2f} GiB "
+          f"pinned, {plan.h2d_bytes_per_token / 2**20:.1f} MiB streamed per decoded token ({plan.note})")
+    print(json.dumps(row))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    if a.what == "placement":
+        from .bench.placement import PlacementBenchConfig, render_placement, run_placement_bench, write_placement
+
+        ints = lambda s: tuple(int(x) for x in s.split(","))
+        cfg = PlacementBenchConfig(shape=a.shape, contexts=ints(a.contexts), on_chip=a.on_chip_bench,
+                                   formats=tuple(a.formats.split(",")), residents=ints(a.residents),
+                                   steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf, out_dir=a.out_dir)
+        res = run_placement_bench(cfg)
+        write_placement(res, cfg.out_dir, "mspeckv " + " ".join(sys.argv[1:]))
+        print(render_placement(res))
+        print(json.dumps({"bench": "placement", "cells": [
+            {k: c[k] for k in ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio")} for c in res["cells"]],
+            "hf_offloaded_ms": res["hf_offloaded_ms"], "verify_ms": res["verify_ms"]}))
+        return 0
+    if a.what == "decode":
+        from .bench.decode import DecodeBenchConfig, run_decode_bench
+
+        cfg = DecodeBenchConfig(model=a.model, prompt_len=a.prompt_len, gen_len=a.gen_len, device=a.device,
+                                repeats=a.repeats, batch=a.batch, prefill_chunk=a.prefill_chunk, out=a.out)
+        row = run_decode_bench(cfg)
+        print(json.dumps(row))
+        return 0
+    raise SystemExit(f"unknown bench '{a.what}'")
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _add_sampling(p):
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="force temperature 0")
+
+
+def _add_placement(p):
+    g = p.add_argument_group("KV placement")
+    g.add_argument("--on-chip", type=int, default=None, help="layers whose KV stays on the GPU (default: all)")
+    g.add_argument("--kv-quant", default="none", choices=["none", "int8", "int4", "int2"])
+    g.add_argument("--kv-group-size", type=int, default=64)
+    g.add_argument("--resident-layers", type=int, default=0)
+    g.add_argument("--resident-format", default="dequant", choices=["dequant", "quant"])
+    g.add_argument("--resident-policy", default="lru", choices=["lru", "static"])
+
+
+def _add_spec(p, budget: int = 4096, gamma: int = 8):
+    g = p.add_argument_group("speculation")
+    if "--mode" not in p._option_string_actions:
+        g.add_argument("--mode", default="ar", choices=["ar", "vanilla", "mspeckv"])
+    g.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    g.add_argument("--drafter", default="model", choices=["model", "ngram"], help="ngram: prompt lookup, no draft")
+    g.add_argument("--gamma", type=int, default=gamma, help="proposals per full-KV verification (level 2)")
+    g.add_argument("--draft-gamma", type=int, default=4, help="proposals per retrieval verification (level 1)")
+    g.add_argument("--budget", type=int, default=budget, help="retrieval cache: retrieved prompt tokens")
+    g.add_argument("--chunk", type=int, default=8, help="retrieval chunk size (budget must be a multiple)")
+    g.add_argument("--draft-sinks", type=int, default=16)
+    g.add_argument("--draft-window", type=int, default=None, help="default 256 - sinks - gamma")
+    g.add_argument("--refresh-every", type=int, default=None, help="rebuild retrieval every N tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mspeckv", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("models", help="list or prepare the embedded models")
+    p.add_argument("action", choices=["list", "prepare"])
+    p.add_argument("name", nargs="?", help="registry name (default: all)")
+    p.add_argument("--gguf", help="an already assembled GGUF file to use instead of the PyPI parts (sha256-checked)")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("generate", help="generate text")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="embedded name, HF directory, .gguf file or hub id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    _add_sampling(p)
+    _add_placement(p)
+    _add_spec(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", help="AR vs MSpecKV on the embedded pair (a few minutes on a 2-core CPU)")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--device", default=None)
+    p.add_argument("--doc", type=int, default=0, help="which BBC News article to use as the context")
+    _add_placement(p)
+    _add_spec(p, budget=256, gamma=6)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("plan", help="pick on_chip / resident_layers / kv_quant for a model, context and GPU budget")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="model reference or random:<shape>")
+    p.add_argument("--context", type=int, required=True)
+    p.add_argument("--gpu-kv-budget", type=float, default=None, help="GB for KV on the GPU (default: 90%% of free)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")
+    p.add_argument("what", choices=["decode", "placement"])
+    p.add_argument("--shape", default="llama-2-7b-128k", help="placement: random-weight shape")
+    p.add_argument("--contexts", default="8192,16384,32768", help="placement: contexts")
+    p.add_argument("--on-chip", dest="on_chip_bench", type=int, default=16, help="placement: on-chip layers")
+    p.add_argument("--formats", default="none,int8,int4", help="placement: offloaded KV formats")
+    p.add_argument("--residents", default="0,16", help="placement: resident-layer counts")
+    p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
+    p.add_argument("--no-hf", action="store_true", help="placement: skip the transformers offloaded reference")
+    p.add_argument("--out-dir", default="results/placement")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up at the same shape")
+    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="JSON path (default under results/bench/)")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError, KeyError, MemoryError) as e:  # bad input: one clear line
+        if os.environ.get("MSPECKV_DEBUG"):
+            raise
+        print(f"mspeckv: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":
+            print(f"mspeckv: error: out of GPU memory ({str(e).splitlines()[0]}); keep fewer layers --on-chip, "
+                  f"use --kv-quant int8, fewer --resident-layers or a shorter context", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
