@@ -44,9 +44,14 @@ class PlacementBenchConfig:
 
 
 def _ms(fn, warmup: int, iters: int) -> float:
-    """Mean ms per call over `iters`, after `warmup` calls, timed with CUDA events."""
+    """Mean ms per call over `iters`, after `warmup` calls, timed with CUDA events (host clock on the CPU)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) * 1e3 / iters
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(iters):
@@ -58,6 +63,11 @@ def _ms(fn, warmup: int, iters: int) -> float:
 
 def h2d_bandwidth(nbytes: int = 1 << 30, iters: int = 8) -> float:
     """Pinned host-to-device copy bandwidth in bytes/s (median)."""
+    if not torch.cuda.is_available():  # smoke runs on the CPU: a host memcpy stands in (never a published number)
+        src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        t = time.perf_counter()
+        dst.copy_(src)
+        return nbytes / (time.perf_counter() - t)
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     times = []
@@ -74,7 +84,8 @@ def h2d_bandwidth(nbytes: int = 1 << 30, iters: int = 8) -> float:
 def fill_cache(model, cache, ctx: int, chunk: int = 4096, seed: int = 0) -> None:
     """Write ctx tokens of random K/V (N(0,1), like post-norm activations) through the cache's own path."""
     c = model.cfg
-    g = torch.Generator(device=model.device).manual_seed(seed)
+    g = torch.Generator(device=model.device)
+    g.manual_seed(seed)
     for s in range(0, ctx, chunk):
         n = min(chunk, ctx - s)
         cache.begin(n)
@@ -87,7 +98,7 @@ def fill_cache(model, cache, ctx: int, chunk: int = 4096, seed: int = 0) -> None
 
 def decode_ms(model, cache, steps: int, repeats: int, n_tokens: int = 1) -> list[float]:
     """Per-repeat mean ms of a forward over n_tokens on top of the cache; rolls back after each (fixed context)."""
-    tok = torch.randint(10, 1000, (1, n_tokens), device=model.device)
+    tok = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), device=model.device)
 
     def step():
         model(tok, cache)
@@ -132,11 +143,13 @@ class Cell:
     memory: dict = field(default_factory=dict)
 
 
-def run_placement_bench(cfg: PlacementBenchConfig) -> dict:
-    if not torch.cuda.is_available():
+def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda") -> dict:
+    """``device='cpu'`` is for smoke tests only (tiny shapes); published numbers come from CUDA."""
+    if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench placement needs a CUDA GPU (it times pinned transfers and copy streams)")
     t_start = time.time()
-    model = random_model(cfg.shape, "cuda", torch.bfloat16)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = random_model(cfg.shape, device, dtype)
     nl = model.cfg.n_layers
     bw = h2d_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -149,7 +162,6 @@ def run_placement_bench(cfg: PlacementBenchConfig) -> dict:
         if ctx == max(cfg.contexts):
             verify["all_on_gpu"] = statistics.median(decode_ms(model, dense, 2, cfg.repeats, cfg.verify_tokens))
         del dense
-        torch.cuda.empty_cache()
         for fmt in cfg.formats:
             for r in cfg.residents:
                 p = Placement(on_chip=cfg.on_chip, kv_quant=fmt, resident_layers=min(r, nl - cfg.on_chip))
@@ -166,8 +178,9 @@ def run_placement_bench(cfg: PlacementBenchConfig) -> dict:
                     verify[f"{fmt}_resident{r}"] = statistics.median(
                         decode_ms(model, cache, 2, cfg.repeats, cfg.verify_tokens))
                 del cache
-                torch.cuda.empty_cache()
-        if cfg.hf_reference:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        if cfg.hf_reference and device == "cuda":
             try:
                 hf_ms[ctx] = hf_offloaded_ms(cfg.shape, ctx, cfg.steps, cfg.repeats)
             except Exception as e:  # reported, not fatal: the reference must not sink our own numbers
@@ -175,7 +188,8 @@ def run_placement_bench(cfg: PlacementBenchConfig) -> dict:
             torch.cuda.empty_cache()
     out = {
         "bench": "placement", "weights": "random", "shape": cfg.shape, "config": asdict(cfg),
-        "device_name": torch.cuda.get_device_name(), "pinned_h2d_GBps": bw / 1e9,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
+        "pinned_h2d_GBps": bw / 1e9,
         "weight_bytes": weight_bytes, "all_on_gpu_ms": dense_ms, "hf_offloaded_ms": hf_ms,
         "verify_ms": {"tokens": cfg.verify_tokens, "ctx": max(cfg.contexts), **verify},
         "cells": [asdict(c) for c in cells], "wall_s": time.time() - t_start,

@@ -54,6 +54,8 @@ def load(ref: str | Path, device=None, dtype=None, progress: bool = True):
 
 # Shapes for random-weight systems benchmarks (transfer and kernel timing only: outputs are meaningless).
 RANDOM_SHAPES = {
+    "tiny": dict(model_type="llama", vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096),
     # Llama-2-7B with YaRN to 128K (the TriForce / original MSpecKV target): 32 layers, 32 heads, MHA, head dim 128
     "llama-2-7b-128k": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -76,7 +78,8 @@ def random_model(shape: str, device=None, dtype=None, seed: int = 0) -> CausalLM
     kw = dict(RANDOM_SHAPES[shape])
     hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
     m = CausalLM.from_hf_config(hf, device=device, dtype=dtype or default_dtype(device))
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
