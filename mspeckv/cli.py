@@ -216,8 +216,9 @@ def cmd_bench(a) -> int:
         cfg = PlacementBenchConfig(shape=a.shape, contexts=ints(a.contexts), on_chip=a.on_chip_bench,
                                    formats=tuple(a.formats.split(",")), residents=ints(a.residents),
                                    steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf, out_dir=a.out_dir)
-        res = run_placement_bench(cfg)
-        write_placement(res, cfg.out_dir, "mspeckv " + " ".join(sys.argv[1:]))
+        cmd = "mspeckv " + " ".join(sys.argv[1:])
+        res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, cmd))
+        write_placement(res, cfg.out_dir, cmd)
         print(render_placement(res))
         print(json.dumps({"bench": "placement", "cells": [
             {k: c[k] for k in ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio")} for c in res["cells"]],

@@ -143,7 +143,7 @@ class Cell:
     memory: dict = field(default_factory=dict)
 
 
-def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda") -> dict:
+def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_context=None) -> dict:
     """``device='cpu'`` is for smoke tests only (tiny shapes); published numbers come from CUDA."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench placement needs a CUDA GPU (it times pinned transfers and copy streams)")
@@ -186,20 +186,27 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda") -> dict
             except Exception as e:  # reported, not fatal: the reference must not sink our own numbers
                 hf_ms[ctx] = f"failed: {type(e).__name__}: {e}"[:300]
             torch.cuda.empty_cache()
+        if on_context is not None:  # partial results survive a time limit (marked incomplete)
+            on_context(_result(cfg, device, bw, weight_bytes, dense_ms, hf_ms, verify, cells, t_start, done=False))
+    return _result(cfg, device, bw, weight_bytes, dense_ms, hf_ms, verify, cells, t_start, done=True)
+
+
+def _result(cfg, device, bw, weight_bytes, dense_ms, hf_ms, verify, cells, t_start, done: bool) -> dict:
     out = {
         "bench": "placement", "weights": "random", "shape": cfg.shape, "config": asdict(cfg),
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
         "pinned_h2d_GBps": bw / 1e9,
         "weight_bytes": weight_bytes, "all_on_gpu_ms": dense_ms, "hf_offloaded_ms": hf_ms,
         "verify_ms": {"tokens": cfg.verify_tokens, "ctx": max(cfg.contexts), **verify},
-        "cells": [asdict(c) for c in cells], "wall_s": time.time() - t_start,
+        "cells": [asdict(c) for c in cells], "wall_s": time.time() - t_start, "complete": done,
     }
     return out
 
 
 def render_placement(res: dict) -> str:
     lines = [
-        f"# Placement benchmark ({res['shape']}, **random weights**, {res['device_name']})",
+        f"# Placement benchmark ({res['shape']}, **random weights**, {res['device_name']})"
+        + ("" if res.get("complete", True) else " — INCOMPLETE (stopped early)"),
         "",
         f"Pinned H2D bandwidth measured in this run: {res['pinned_h2d_GBps']:.1f} GB/s. "
         f"floor = offloaded bytes per step / that bandwidth + the all-on-GPU step time at the same context.",
