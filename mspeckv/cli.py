@@ -213,7 +213,8 @@ def cmd_bench(a) -> int:
         from .bench.placement import PlacementBenchConfig, render_placement, run_placement_bench, write_placement
 
         ints = lambda s: tuple(int(x) for x in s.split(","))
-        cfg = PlacementBenchConfig(shape=a.shape, contexts=ints(a.contexts), on_chip=a.on_chip_bench,
+        on_chip = 16 if a.on_chip is None else a.on_chip
+        cfg = PlacementBenchConfig(shape=a.shape, contexts=ints(a.contexts), on_chip=on_chip,
                                    formats=tuple(a.formats.split(",")), residents=ints(a.residents),
                                    steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf, out_dir=a.out_dir)
         cmd = "mspeckv " + " ".join(sys.argv[1:])
@@ -223,6 +224,26 @@ def cmd_bench(a) -> int:
         print(json.dumps({"bench": "placement", "cells": [
             {k: c[k] for k in ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio")} for c in res["cells"]],
             "hf_offloaded_ms": res["hf_offloaded_ms"], "verify_ms": res["verify_ms"]}))
+        return 0
+    if a.what == "spec":
+        from .bench.results import atomic_write_json, atomic_write_text, run_metadata
+        from .bench.spec import SpecBenchConfig, render_spec, run_spec_bench
+
+        cfg = SpecBenchConfig(target=a.model, draft=a.draft, prefills=tuple(int(x) for x in a.contexts.split(",")),
+                              gen_len=a.gen_len, modes=tuple(a.modes.split(",")), gamma=a.gamma,
+                              draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk, placement=_placement(a),
+                              temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p, seed=a.seed,
+                              repeats=a.repeats, device=a.device)
+        res = run_spec_bench(cfg)
+        res["meta"], res["command"] = run_metadata(), "mspeckv " + " ".join(sys.argv[1:])
+        from pathlib import Path
+
+        d = Path(a.out_dir)
+        atomic_write_json(d / "spec.json", res)
+        atomic_write_text(d / "summary.md", render_spec(res) + f"\nCommand: `{res['command']}`\n")
+        print(render_spec(res))
+        print(json.dumps({"bench": "spec", "rows": [{k: r[k] for k in ("prefill", "mode", "tok_per_s", "accepted",
+                                                                         "agreement_with_ar")} for r in res["rows"]]}))
         return 0
     if a.what == "decode":
         from .bench.decode import DecodeBenchConfig, run_decode_bench
@@ -312,10 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")
-    p.add_argument("what", choices=["decode", "placement"])
+    p.add_argument("what", choices=["decode", "placement", "spec"])
+    p.add_argument("--modes", default="ar,vanilla,mspeckv", help="spec: modes to compare")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="spec: draft model")
+    p.add_argument("--gamma", type=int, default=8)
+    p.add_argument("--draft-gamma", type=int, default=4)
+    p.add_argument("--budget", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=8)
+    _add_sampling(p)
+    _add_placement(p)
     p.add_argument("--shape", default="llama-2-7b-128k", help="placement: random-weight shape")
-    p.add_argument("--contexts", default="8192,16384,32768", help="placement: contexts")
-    p.add_argument("--on-chip", dest="on_chip_bench", type=int, default=16, help="placement: on-chip layers")
+    p.add_argument("--contexts", default="8192,16384,32768", help="placement/spec: contexts (prompt lengths)")
     p.add_argument("--formats", default="none,int8,int4", help="placement: offloaded KV formats")
     p.add_argument("--residents", default="0,16", help="placement: resident-layer counts")
     p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
