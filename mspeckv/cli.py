@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="JSON path (default under results/bench/)")
     p.set_defaults(fn=cmd_bench)
+
+    from .bench.sweeps import add_sweep_commands
+
+    add_sweep_commands(sub)
     return ap
 
 

@@ -1,0 +1,260 @@
+"""The five sweep methods: ``fn(ctx, x, seed) -> metrics dict``, one timed run each.
+
+Measurement conventions (every method):
+
+* Prompt: ``long_prompt(tokenizer, prefill, seed, dataset)`` (real text) for real targets; for random-weight targets
+  uniform random ids drawn from ``(seed, prefill)`` (``prompt_source: random-ids``). Same (seed, prefill) -> same
+  prompt for every method. The sampling seed is the run's seed.
+* Every run generates exactly ``gen_len`` tokens: EOS does not stop generation (``stop_on_eos=False``; transformers:
+  ``eos_token_id=None``), since throughput comparisons need equal lengths.
+* Warm-up: before the first timed run of each (method, x) in a process, one untimed run at the same prefill length
+  with ``WARMUP_TOKENS`` new tokens, so one-time costs (allocator growth, kernel selection) stay out of the numbers.
+* ``ttft_s``: prefill + first token. ``latency_s``: decode time of the tokens after the first (prefill/TTFT
+  excluded). ``e2e_s`` = ttft + latency. ``tok_per_s`` = (n_generated - 1) / latency_s: the tokens produced inside the
+  latency window (the first token belongs to TTFT). ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1).
+* ``bytes_transferred``: host-to-device KV bytes of the target's cache for the whole run (prefill included; 0 when
+  every layer is on the chip); ``bytes_per_token`` = that / n_generated. ``peak_gpu_bytes``: max allocated (weights
+  included) after a reset before the run; None on the CPU. ``resident_hit_rate``: None without resident layers.
+* hf_assisted: transformers ``generate(assistant_model=...)`` with ``DynamicCache(offloading=True)`` (every layer
+  offloaded, transformers' own scheme; on the CPU, where offloading has no meaning and needs CUDA, a plain
+  ``DynamicCache``). TTFT is a separate 1-token ``generate`` on the same prompt (assistant included, so both
+  prefills count); ``latency_s`` = total time of the full ``generate`` - that TTFT. ``accepted`` and transfer bytes
+  are not exposed by transformers: None. Both HF models are loaded once per sweep, lazily; for random-weight models
+  they are built from the config and given our models' weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import GenerationConfig, SamplingConfig
+from ..decoding.autoregressive import generate, sync
+from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
+from ..kv.placement import make_cache
+from .sweeps import Point, SweepSettings, placement_for
+
+WARMUP_TOKENS = 8
+DRAFT_RANDOM_SEED = 1  # random:<shape> drafts get other weights than the (seed 0) target
+
+
+@dataclass
+class SweepContext:
+    """Everything a method needs, loaded once per sweep."""
+
+    settings: SweepSettings
+    target: Any  # CausalLM
+    draft: Any | None  # CausalLM (None when no method needs it)
+    tokenizer: Any | None  # None for random-weight targets
+    target_dir: Any | None = None  # HF directory (None: random weights)
+    draft_dir: Any | None = None
+    hf: dict[str, Any] = field(default_factory=dict)  # lazily loaded transformers models
+    warmed: set = field(default_factory=set)
+    prompts: dict[tuple[int, int], tuple[torch.Tensor, str]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    def point(self, x: int) -> Point:
+        return self.settings.point(x, self.target.cfg.n_layers)
+
+
+def load_context(s: SweepSettings) -> SweepContext:
+    from ..model.api import load, random_model
+    from .sweeps import SPEC_METHODS
+
+    def one(ref: str, seed: int):
+        if ref.startswith("random:"):
+            return random_model(ref.split(":", 1)[1], s.device, seed=seed), None, None
+        return load(ref, s.device)
+
+    target, tok, tdir = one(s.target, 0)
+    draft = dtok = ddir = None
+    if any(m in SPEC_METHODS for m in s.methods):
+        draft, dtok, ddir = one(s.draft, DRAFT_RANDOM_SEED)
+        with warnings.catch_warnings():
+            if s.weights == "random":  # a random draft has the target's shape by construction: not a mistake here
+                warnings.filterwarnings("ignore", message=r"the draft .* is not smaller")
+            check_pair(target, draft, tok, dtok)
+    return SweepContext(s, target, draft, tok, tdir, ddir)
+
+
+def prompt(ctx: SweepContext, prefill: int, seed: int) -> tuple[torch.Tensor, str]:
+    """(1, prefill) ids and where they came from; cached per (prefill, seed)."""
+    key = (prefill, seed)
+    if key not in ctx.prompts:
+        if ctx.tokenizer is None:
+            h = int.from_bytes(hashlib.sha256(f"prompt:{seed}:{prefill}".encode()).digest()[:8], "big")
+            g = torch.Generator().manual_seed(h)
+            ids, src = torch.randint(0, ctx.target.cfg.vocab_size, (1, prefill), generator=g), "random-ids"
+        else:
+            from ..data.corpora import long_prompt
+
+            ids = torch.tensor([long_prompt(ctx.tokenizer, prefill, seed, ctx.settings.dataset)])
+            src = ctx.settings.dataset or "bbc"
+        ctx.prompts[key] = (ids, src)
+    return ctx.prompts[key]
+
+
+def _gen(ctx: SweepContext, n: int, seed: int) -> GenerationConfig:
+    s = ctx.settings
+    return GenerationConfig(max_new_tokens=n, sampling=SamplingConfig(temperature=s.temperature, top_p=s.top_p,
+                                                                      seed=seed),
+                            stop_on_eos=False, prefill_chunk=s.prefill_chunk)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _timed(ctx: SweepContext, method: str, x: int, run: Callable[[int], Any], gen_len: int):
+    """Warm up once per (method, x), then the timed run -> (result, peak GPU bytes)."""
+    if (method, x) not in ctx.warmed:
+        run(min(WARMUP_TOKENS, gen_len))
+        ctx.warmed.add((method, x))
+    _reset_peak(ctx.device)
+    res = run(gen_len)
+    return res, _peak(ctx.device)
+
+
+def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str, prompt_len: int,
+             mem: dict | None, **extra) -> dict[str, Any]:
+    h2d = (mem or {}).get("h2d_bytes_total", 0)
+    return {
+        "ttft_s": ttft, "latency_s": latency, "e2e_s": ttft + latency,
+        "tok_per_s": (n - 1) / latency if latency > 0 else None,
+        "decode_ms_per_token": 1e3 * latency / max(n - 1, 1),
+        "n_generated": n, "prompt_len": prompt_len, "prompt_source": source,
+        "bytes_transferred": h2d, "bytes_per_token": h2d / n if (h2d is not None and n) else None,
+        "peak_gpu_bytes": peak, **extra,
+    }  # fmt: skip
+
+
+def _ours(ctx: SweepContext, method: str, x: int, seed: int, mode: str | None) -> dict[str, Any]:
+    """baseline (mode None), vanilla or mspeckv speculation with this method's placement."""
+    s, p = ctx.settings, ctx.point(x)
+    placement = placement_for(s, method, p)
+    ids, src = prompt(ctx, p.prefill, seed)
+    caches: list = []
+
+    def run(n: int):
+        gen = _gen(ctx, n, seed)
+        if mode is None:
+            cache = make_cache(ctx.target, placement, 1, p.prefill + n)
+            caches[:] = [cache]
+            return generate(ctx.target, ids, gen, cache=cache)
+        spec = SpecConfig(mode=mode, gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk)
+        return speculative_generate(ctx.target, ctx.draft, ids, gen, spec, placement=placement)
+
+    res, peak = _timed(ctx, method, x, run, p.gen_len)
+    if mode is None:
+        mem = caches[0].memory_report() if hasattr(caches[0], "memory_report") else None
+        per_level = {"prefill": res.prefill_s, "decode": res.decode_s}
+    else:
+        mem, per_level = res.stats.get("memory"), res.stats.get("time_s")
+    hit = mem.get("resident_hit_rate") if mem and placement.resident_layers else None
+    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, mem,
+                    prefill_s=res.prefill_s, accepted=res.stats.get("accepted"), levels=getattr(res, "levels", None),
+                    verifications=res.stats.get("verifications"), per_level_s=per_level, resident_hit_rate=hit,
+                    placement=placement.describe(ctx.target.cfg.n_layers), resident_layers=placement.resident_layers)
+
+
+def baseline(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """Autoregressive decoding with the sweep's placement (on_chip N, bf16, no resident layers)."""
+    return _ours(ctx, "baseline", x, seed, None)
+
+
+def vanilla_specdec(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """Draft (its own full KV) -> target with the baseline's placement."""
+    return _ours(ctx, "vanilla_specdec", x, seed, "vanilla")
+
+
+def mspeckv(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """The hierarchy (streaming draft -> retrieval target -> full target), offloaded KV in bf16."""
+    return _ours(ctx, "mspeckv", x, seed, "mspeckv")
+
+
+def mspeckv_kv_quant(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """The hierarchy with quantized offloaded KV (--kv-quant) and resident layers."""
+    return _ours(ctx, "mspeckv_kv_quant", x, seed, "mspeckv")
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+def _hf_model(ctx: SweepContext, role: str):
+    """The transformers twin of our target/draft, loaded once (from its directory, or built with our weights)."""
+    if role not in ctx.hf:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from ..model.api import RANDOM_SHAPES
+
+        ours, d = (ctx.target, ctx.target_dir) if role == "target" else (ctx.draft, ctx.draft_dir)
+        dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+        if d is not None:
+            m = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
+        else:
+            ref = ctx.settings.target if role == "target" else ctx.settings.draft
+            kw = dict(RANDOM_SHAPES[ref.split(":", 1)[1]])
+            m = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw), dtype=dtype)
+            missing, unexpected = m.load_state_dict(ours.state_dict(), strict=False)
+            if unexpected or [k for k in missing if "rotary" not in k]:
+                raise RuntimeError(f"random {role} weights do not map onto transformers' model: "
+                                   f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        ctx.hf[role] = m.to(ctx.device).eval()
+    return ctx.hf[role]
+
+
+def hf_assisted(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """transformers assisted generation (target + draft as assistant) over its offloaded DynamicCache."""
+    from transformers import DynamicCache
+
+    s, p = ctx.settings, ctx.point(x)
+    target, draft = _hf_model(ctx, "target"), _hf_model(ctx, "draft")
+    ids, src = prompt(ctx, p.prefill, seed)
+    ids = ids.to(ctx.device)
+    offload = ctx.device.type == "cuda"
+    sample = s.temperature > 0
+    kw = dict(attention_mask=torch.ones_like(ids), assistant_model=draft, do_sample=sample, eos_token_id=None,
+              temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
+              pad_token_id=target.generation_config.pad_token_id or 0)
+
+    def gen(n: int) -> tuple[float, int]:
+        torch.manual_seed(seed)
+        cache = DynamicCache(config=target.config, offloading=offload)
+        sync(ctx.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw)
+        sync(ctx.device)
+        return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
+
+    def run(n: int) -> tuple[float, float, int]:
+        ttft, _ = gen(1)
+        total, made = gen(n)
+        return ttft, total, made
+
+    (ttft, total, n), peak = _timed(ctx, "hf_assisted", x, run, p.gen_len)
+    return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, accepted=None, levels=None,
+                    per_level_s=None, resident_hit_rate=None, bytes_transferred=None, bytes_per_token=None,
+                    hf_cache=f"DynamicCache(offloading={offload})", total_s=total)
+
+
+METHOD_FNS: dict[str, Callable[[SweepContext, int, int], dict[str, Any]]] = {
+    "baseline": baseline,
+    "vanilla_specdec": vanilla_specdec,
+    "mspeckv": mspeckv,
+    "mspeckv_kv_quant": mspeckv_kv_quant,
+    "hf_assisted": hf_assisted,
+}

@@ -1,0 +1,433 @@
+"""``mspeckv sweep {context,resident,onchip,genlen}`` and ``mspeckv report DIR``: the four end-to-end sweeps.
+
+=========  ==================  ==========================  ==========================================
+sweep      experiment          x (``x_name``)              defaults
+=========  ==================  ==========================  ==========================================
+context    A1 context length   prefill                     8192,16384,24576,32768; gen 256
+resident   A2 resident layers  resident_layers             0,8,16; prefill 16384, gen 256
+onchip     B1 on-chip layers   on_chip                     4,8,12,16,18; prefill 16384, gen 256
+genlen     B2 generation len   gen_len                     256,512,768,1024,1536,2048; prefill 8192
+=========  ==================  ==========================  ==========================================
+
+Methods (``mspeckv.bench.methods``): baseline (AR), vanilla_specdec, mspeckv (hierarchy, bf16 KV), mspeckv_kv_quant
+(hierarchy, int8 offloaded KV + resident layers), hf_assisted (transformers assisted generation). The resident value
+(flag or swept x) applies to mspeckv_kv_quant only; every other method keeps resident 0.
+
+``--quick`` is a cheap sanity preset: budget 1024, prefill 2048 (context sweep: 2048,4096), gen 128 (genlen sweep:
+64,128), and ``--clamp-resident`` (so it runs on the 28-layer default target, where 16 on-chip layers leave only 12
+to offload). Flags given explicitly win over the preset. ``--clamp-resident`` caps the resident layers at the number
+of offloaded layers for each x (the count used is in each run's metrics, ``resident_layers``); without it a resident
+count above the offloaded layers is an error that names the x values.
+
+Every flag is validated (models' configs included, weights not loaded) before anything is loaded or written; each
+problem raises one ValueError that names the flag and, for per-x problems, the x values. Runs go through
+``results.run_sweep`` (one atomic JSON per run under ``DIR/runs``, resumable, failures recorded) and the summary through
+``report.render``. ``DIR/sweep.json`` pins the settings that shape results (a resume with different ones is refused);
+``DIR/command.txt`` collects the command lines. The exit status is 0 once the summary is written, failed runs
+included (``n_failed`` in the JSON line says how many).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .results import METHODS, RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
+
+DEFAULT_SEEDS = (1, 2, 3)
+QUICK_BUDGET, QUICK_PREFILL, QUICK_GEN = 1024, 2048, 128
+SPEC_METHODS = ("vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted")  # methods that need the draft
+RETRIEVAL_METHODS = ("mspeckv", "mspeckv_kv_quant")
+
+
+@dataclass(frozen=True)
+class SweepDef:
+    name: str
+    experiment: str
+    x_name: str
+    x_flag: str
+    xs: tuple[int, ...]
+    quick_xs: tuple[int, ...]
+    prefill: int | None = None  # fixed prefill (None: prefill is the x)
+    gen_len: int | None = 256  # fixed generation length (None: gen_len is the x)
+
+
+SWEEPS = {
+    d.name: d
+    for d in (
+        SweepDef("context", "A1", "prefill", "--prefill-lengths", (8192, 16384, 24576, 32768), (2048, 4096)),
+        SweepDef("resident", "A2", "resident_layers", "--resident-layers-values", (0, 8, 16), (0, 8, 16), 16384),
+        SweepDef("onchip", "B1", "on_chip", "--on-chip-layers", (4, 8, 12, 16, 18), (4, 8, 12, 16, 18), 16384),
+        SweepDef("genlen", "B2", "gen_len", "--gen-lens", (256, 512, 768, 1024, 1536, 2048), (64, 128), 8192, None),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    """What one x value means for a run."""
+
+    prefill: int
+    gen_len: int
+    on_chip: int
+    resident: int  # used by mspeckv_kv_quant only
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    sweep: str
+    experiment: str
+    x_name: str
+    xs: tuple[int, ...]
+    target: str
+    draft: str
+    dataset: str | None
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    temperature: float
+    top_p: float
+    budget: int
+    chunk: int
+    gamma: int
+    draft_gamma: int
+    on_chip: int | None  # None when it is the swept x
+    resident_layers: int | None  # None when it is the swept x
+    kv_quant: str
+    kv_group_size: int
+    resident_format: str
+    resident_policy: str
+    clamp_resident: bool
+    prefill: int | None
+    gen_len: int | None
+    prefill_chunk: int
+    device: str
+    quick: bool
+    output_dir: str
+
+    def point(self, x: int, n_layers: int | None = None) -> Point:
+        p = Point(self.prefill if self.x_name != "prefill" else x, self.gen_len if self.x_name != "gen_len" else x,
+                  self.on_chip if self.x_name != "on_chip" else x,
+                  self.resident_layers if self.x_name != "resident_layers" else x)
+        if self.clamp_resident and n_layers is not None:
+            p = dataclasses.replace(p, resident=min(p.resident, max(0, n_layers - p.on_chip)))
+        return p
+
+    @property
+    def weights(self) -> str:
+        return "random" if self.target.startswith("random:") or self.draft.startswith("random:") else "real"
+
+    def flags(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def fixed(self) -> dict[str, Any]:
+        """The settings that shape every run's numbers (a resume must not change them)."""
+        return {k: v for k, v in self.flags().items() if k not in ("xs", "seeds", "methods", "output_dir", "quick")}
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+def int_list(flag: str, text: str | None, minimum: int = 0) -> tuple[int, ...]:
+    items = [s.strip() for s in (text or "").split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"{flag} is empty: give comma-separated integers, e.g. {flag} 1,2,3")
+    try:
+        vals = tuple(int(s) for s in items)
+    except ValueError:
+        raise ValueError(f"{flag} '{text}' is not a comma-separated list of integers") from None
+    if bad := [v for v in vals if v < minimum]:
+        raise ValueError(f"{flag}: every value must be >= {minimum}, got {', '.join(map(str, bad))}")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"{flag} '{text}' repeats a value")
+    return vals
+
+
+def method_list(text: str | None) -> tuple[str, ...]:
+    items = [s.strip() for s in (text or "").split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"--methods is empty: choose from {','.join(METHODS)}")
+    if bad := [m for m in items if m not in METHODS]:
+        raise ValueError(f"unknown method(s) {', '.join(bad)} in --methods; choose from {','.join(METHODS)}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"--methods '{text}' repeats a method")
+    return tuple(items)
+
+
+def settings_from_args(a) -> SweepSettings:
+    """argparse namespace -> validated-shape SweepSettings (lists parsed, --quick applied; no model needed)."""
+    d = SWEEPS[a.sweep]
+    pick = lambda v, full, quick: v if v is not None else (quick if a.quick else full)
+    xs = int_list(d.x_flag, a.xs) if a.xs is not None else (d.quick_xs if a.quick else d.xs)
+    prefill = pick(getattr(a, "prefill", None), d.prefill, QUICK_PREFILL) if d.prefill is not None else None
+    gen_len = pick(getattr(a, "gen_len", None), d.gen_len, QUICK_GEN) if d.gen_len is not None else None
+    from ..model.api import parse_device
+
+    s = SweepSettings(
+        sweep=d.name, experiment=d.experiment, x_name=d.x_name, xs=xs, target=a.target, draft=a.draft,
+        dataset=a.dataset, seeds=int_list("--seeds", a.seeds), methods=method_list(a.methods),
+        temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p,
+        budget=pick(a.budget, 4096, QUICK_BUDGET), chunk=a.chunk, gamma=a.gamma, draft_gamma=a.draft_gamma,
+        on_chip=getattr(a, "on_chip", None), resident_layers=getattr(a, "resident_layers", None), kv_quant=a.kv_quant,
+        kv_group_size=a.kv_group_size, resident_format=a.resident_format, resident_policy=a.resident_policy,
+        clamp_resident=a.clamp_resident or a.quick, prefill=prefill, gen_len=gen_len, prefill_chunk=a.prefill_chunk,
+        device=parse_device(a.device).type, quick=a.quick, output_dir="",
+    )  # fmt: skip
+    return dataclasses.replace(s, output_dir=a.output_dir or str(Path("results") / d.name / default_name(s)))
+
+
+def default_name(s: SweepSettings) -> str:
+    """``<target>_b<budget>_oc<on_chip>_r<resident>_g<gamma>`` (the swept knob left out) [+ _quick] [+ _greedy]."""
+    tag = re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(s.target.replace(":", "-")).name).strip("-.") or "model"
+    parts = [tag, f"b{s.budget}"]
+    parts += [f"oc{s.on_chip}"] if s.x_name != "on_chip" else []
+    parts += [f"r{s.resident_layers}"] if s.x_name != "resident_layers" else []
+    parts += [f"g{s.gamma}"] + (["quick"] if s.quick else []) + (["greedy"] if s.temperature == 0 else [])
+    return "_".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def model_config(ref: str):
+    """A model's ``ModelConfig`` from its config alone (random shape or resolved directory; weights not loaded)."""
+    from transformers import AutoConfig
+
+    from ..model.api import RANDOM_SHAPES
+    from ..model.llama import ModelConfig
+
+    if ref.startswith("random:"):
+        shape = ref.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise ValueError(f"unknown random shape '{shape}' in {ref}; choose one of {sorted(RANDOM_SHAPES)}")
+        kw = dict(RANDOM_SHAPES[shape])
+        return ModelConfig.from_hf(AutoConfig.for_model(kw.pop("model_type"), **kw))
+    from ..model.loading import resolve
+
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(ref)))
+
+
+def placement_for(s: SweepSettings, method: str, p: Point):
+    """The target's KV placement for a method at one point (hf_assisted: None, it uses transformers' cache)."""
+    from ..kv.placement import Placement
+
+    if method == "hf_assisted":
+        return None
+    quant = method == "mspeckv_kv_quant"
+    return Placement(on_chip=p.on_chip, kv_quant=s.kv_quant if quant else "none", kv_group_size=s.kv_group_size,
+                     resident_layers=p.resident if quant else 0, resident_format=s.resident_format,
+                     resident_policy=s.resident_policy)
+
+
+def _per_x(s: SweepSettings, checks) -> None:
+    """Run every ``check(x)`` for every x; identical messages are merged and name every x they hold for."""
+    errs: dict[str, list[int]] = {}
+    for x in s.xs:
+        for check in checks:
+            try:
+                check(x)
+            except ValueError as e:
+                errs.setdefault(str(e), []).append(x)
+    if errs:
+        raise ValueError("; ".join(f"{m} (at {s.x_name}={','.join(map(str, xs))})" for m, xs in errs.items()))
+
+
+def validate(s: SweepSettings):
+    """Every check that can fail before a model is loaded. Returns (target ModelConfig, draft ModelConfig or None)."""
+    from ..config import GenerationConfig, SamplingConfig
+    from ..decoding.speculative import SpecConfig
+
+    SamplingConfig(temperature=s.temperature, top_p=s.top_p)
+    if s.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1, got {s.prefill_chunk}")
+    if any(m in RETRIEVAL_METHODS for m in s.methods):
+        SpecConfig(mode="mspeckv", gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk)
+    elif "vanilla_specdec" in s.methods:
+        SpecConfig(mode="vanilla", gamma=s.gamma, draft_gamma=s.draft_gamma)
+    if s.kv_quant not in ("int8", "int4", "int2"):
+        raise ValueError(f"--kv-quant must be int8, int4 or int2 (the mspeckv_kv_quant format), got '{s.kv_quant}'")
+    tcfg = model_config(s.target)
+    dcfg = model_config(s.draft) if any(m in SPEC_METHODS for m in s.methods) else None
+    if dcfg is not None and dcfg.vocab_size != tcfg.vocab_size:
+        raise ValueError(f"--draft {s.draft} has a vocabulary of {dcfg.vocab_size}, the target {s.target} one of "
+                         f"{tcfg.vocab_size}; pick a draft with the target's tokenizer (random targets: the same "
+                         f"random:<shape>, which gets its own weights)")
+    if not s.target.startswith("random:"):
+        from ..data.corpora import load_documents
+
+        load_documents(s.dataset)  # missing corpus / bad path: its own clear error
+
+    def lengths(x: int) -> None:
+        p = s.point(x, tcfg.n_layers)
+        if p.prefill < 1:
+            raise ValueError("the prefill length must be >= 1")
+        if p.gen_len < 2:
+            raise ValueError("the generation length must be >= 2 (latency is timed over the tokens after the first)")
+        GenerationConfig(max_new_tokens=p.gen_len, prefill_chunk=s.prefill_chunk)
+        for name, cfg in (("target", tcfg), ("draft", dcfg)):
+            if cfg is not None and p.prefill + p.gen_len > cfg.max_position:
+                raise ValueError(f"prefill {p.prefill} + gen {p.gen_len} = {p.prefill + p.gen_len} tokens exceed the "
+                                 f"{name}'s maximum context of {cfg.max_position}; use prefill <= "
+                                 f"{cfg.max_position - p.gen_len}")
+
+    def budget(x: int) -> None:
+        p = s.point(x, tcfg.n_layers)
+        if any(m in RETRIEVAL_METHODS for m in s.methods) and s.budget >= p.prefill:
+            raise ValueError(f"--budget {s.budget} is not smaller than prefill {p.prefill}: the retrieval level would "
+                             f"hold the whole prompt; lower --budget")
+
+    def placements(x: int) -> None:
+        p = s.point(x, tcfg.n_layers)
+        for m in s.methods:
+            pl = placement_for(s, m, p)
+            if pl is not None:
+                try:
+                    pl.validate(tcfg.n_layers, tcfg.head_dim)
+                except ValueError as e:
+                    hint = " for mspeckv_kv_quant (or pass --clamp-resident)" if "--resident-layers" in str(e) else ""
+                    raise ValueError(f"{e}{hint}") from None
+
+    _per_x(s, (lengths, budget, placements))
+    return tcfg, dcfg
+
+
+def check_output_dir(s: SweepSettings) -> None:
+    """Refuse to resume a directory whose runs were made with different settings."""
+    f = Path(s.output_dir) / "sweep.json"
+    if not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text(encoding="utf-8")).get("fixed", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    new = json.loads(json.dumps(s.fixed()))
+    if diff := sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise ValueError(f"{s.output_dir} holds a sweep made with other settings ({shown}); pass another "
+                         f"--output-dir or remove the directory")
+
+
+def plan(s: SweepSettings, weights: str) -> list[RunSpec]:
+    """x outer, then seed, then method (methods interleaved per seed, so drift hits them alike)."""
+    config = {"experiment": s.experiment, "x_name": s.x_name, "weights": weights, **s.flags()}
+    return [RunSpec(s.sweep, m, s.x_name, x, seed, config) for x in s.xs for seed in s.seeds for m in s.methods]
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+def _command_lines(a, s: SweepSettings) -> str:
+    typed = "mspeckv " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["sweep"] else None
+    flags = {"--target": s.target, "--draft": s.draft, "--dataset": s.dataset, "--seeds": ",".join(map(str, s.seeds)),
+             "--methods": ",".join(s.methods), "--temperature": s.temperature, "--top-p": s.top_p,
+             "--budget": s.budget, "--chunk": s.chunk, "--gamma": s.gamma, "--draft-gamma": s.draft_gamma,
+             "--kv-quant": s.kv_quant, "--kv-group-size": s.kv_group_size, "--resident-format": s.resident_format,
+             "--resident-policy": s.resident_policy, "--prefill-chunk": s.prefill_chunk, "--device": s.device,
+             "--output-dir": s.output_dir, SWEEPS[s.sweep].x_flag: ",".join(map(str, s.xs))}
+    if s.x_name != "on_chip":
+        flags["--on-chip"] = s.on_chip
+    if s.x_name != "resident_layers":
+        flags["--resident-layers"] = s.resident_layers
+    if s.prefill is not None:
+        flags["--prefill"] = s.prefill
+    if s.gen_len is not None:
+        flags["--gen-len"] = s.gen_len
+    args = ["mspeckv", "sweep", s.sweep] + [t for k, v in flags.items() if v is not None for t in (k, str(v))]
+    args += ["--clamp-resident"] if s.clamp_resident else []
+    lines = ([typed] if typed else []) + ["# the same with every setting explicit:", shlex.join(args)]
+    return "\n".join(lines) + "\n"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from .report import console_table, summary_line
+
+    print(console_table(summary))
+    print(summary_line(summary))
+
+
+def cmd_sweep(a) -> int:
+    s = settings_from_args(a)
+    validate(s)
+    check_output_dir(s)
+    out = Path(s.output_dir)
+    store = RunStore(out)
+    specs = plan(s, s.weights)
+    todo = [sp for sp in specs if not store.done(sp)]
+    fixed = {"sweep": s.sweep, "experiment": s.experiment, "weights": s.weights, "fixed": s.fixed()}
+    if todo:
+        from . import methods
+
+        ctx = methods.load_context(s)
+
+        def fn(spec: RunSpec) -> dict[str, Any]:
+            with warnings.catch_warnings():
+                if s.weights == "random":  # random draft = target shape by construction: not a mistake here
+                    warnings.filterwarnings("ignore", message=r"the draft .* is not smaller")
+                return methods.METHOD_FNS[spec.method](ctx, spec.x, spec.seed)
+
+        atomic_write_json(out / "sweep.json", fixed)
+        old = (out / "command.txt").read_text(encoding="utf-8") if (out / "command.txt").is_file() else ""
+        atomic_write_text(out / "command.txt", old + _command_lines(a, s))
+        run_sweep(store, specs, fn, progress=not a.no_progress)
+    from .report import render
+
+    _print_summary(render(out))
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import render
+
+    _print_summary(render(a.dir))
+    return 0
+
+
+def _add_common(p, d: SweepDef) -> None:
+    p.add_argument(d.x_flag, dest="xs", default=None,
+                   help=f"x values ({d.x_name}), default {','.join(map(str, d.xs))}")
+    p.add_argument("--target", default="qwen2.5-coder-1.5b", help="model reference or random:<shape>")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="model reference or random:<shape> (seed 1)")
+    p.add_argument("--dataset", default=None, help="None: packaged BBC News; or a .txt/.jsonl/directory path")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="prompt + sampling seeds")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--greedy", action="store_true", help="temperature 0")
+    if d.prefill is not None:
+        p.add_argument("--prefill", type=int, default=None, help=f"prompt tokens (default {d.prefill})")
+    if d.gen_len is not None:
+        p.add_argument("--gen-len", type=int, default=None, help=f"generated tokens (default {d.gen_len})")
+    p.add_argument("--budget", type=int, default=None, help="retrieval budget (default 4096; --quick 1024)")
+    p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--gamma", type=int, default=8)
+    p.add_argument("--draft-gamma", type=int, default=4)
+    if d.x_name != "on_chip":
+        p.add_argument("--on-chip", type=int, default=16)
+    if d.x_name != "resident_layers":
+        p.add_argument("--resident-layers", type=int, default=16, help="mspeckv_kv_quant only")
+    p.add_argument("--clamp-resident", action="store_true",
+                   help="cap resident layers at the offloaded count per x instead of refusing")
+    p.add_argument("--kv-quant", default="int8", choices=["int8", "int4", "int2"], help="mspeckv_kv_quant format")
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--resident-format", default="dequant", choices=["dequant", "quant"])
+    p.add_argument("--resident-policy", default="lru", choices=["lru", "static"])
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--output-dir", default=None, help="default results/<sweep>/<config-derived name>/")
+    p.add_argument("--quick", action="store_true",
+                   help="sanity preset: budget 1024, prefill 2048 (context: 2048,4096), gen 128 (genlen: 64,128), "
+                   "--clamp-resident")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_sweep_commands(sub) -> None:
+    """Register ``sweep <name>`` and ``report DIR`` on the CLI's subparsers object."""
+    p = sub.add_parser("sweep", help="end-to-end sweeps over methods and seeds (results/<sweep>/...)")
+    ss = p.add_subparsers(dest="sweep", required=True)
+    for d in SWEEPS.values():
+        q = ss.add_parser(d.name, help=f"{d.experiment}: sweep {d.x_name}")
+        _add_common(q, d)
+        q.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("report", help="re-render a sweep directory's summary from its raw run JSONs")
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_report)

@@ -1,0 +1,231 @@
+"""``mspeckv sweep`` / ``mspeckv report`` end to end on the CPU with tiny models (numbers are not results)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+from pathlib import Path
+
+import pytest
+
+from mspeckv import cli
+from mspeckv.bench import methods as methods_mod
+from mspeckv.bench.sweeps import add_sweep_commands, settings_from_args, validate
+from tests.tiny import tiny_pair
+
+BUILD_PARSER = cli.build_parser
+FIXTURE = Path(__file__).parent / "fixtures" / "sweep_a1"
+TEXT = ("The committee met on Tuesday to discuss the budget. Members said the plan would cost 12 million pounds, "
+        "and the vote was delayed until March. Critics argued that the schools needed the money first.\n\n") * 8
+
+
+def _parser():
+    ap = BUILD_PARSER()
+    sub = next(a for a in ap._actions if a.__class__.__name__ == "_SubParsersAction")
+    if "sweep" not in sub.choices:  # until cli.py registers the commands itself
+        add_sweep_commands(sub)
+    return ap
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    monkeypatch.setattr(cli, "build_parser", _parser)
+    return cli.main
+
+
+def _tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = (string.ascii_letters + string.digits + " \n.,;:'\"!?()-")[:94]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A 3-layer target and a 1-layer draft saved as HF directories with a 97-token character tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    tok = _tokenizer()
+    dirs = []
+    for name, seed, layers in (("target", 0, 3), ("draft", 1, 1)):
+        hf, _ = tiny_pair("llama", seed, num_hidden_layers=layers)
+        hf.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs.append(str(root / name))
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    return dirs[0], dirs[1], str(corpus)
+
+
+def _args(tiny_dirs, out, *extra, sweep="context", methods="baseline,vanilla_specdec,mspeckv,mspeckv_kv_quant"):
+    t, d, corpus = tiny_dirs
+    xs = {"context": ["--prefill-lengths", "96,128"], "onchip": ["--on-chip-layers", "1,2"]}[sweep]
+    common = ["--target", t, "--draft", d, "--dataset", corpus, "--gen-len", "12", "--seeds", "1,2",
+              "--budget", "32", "--chunk", "8", "--gamma", "4", "--draft-gamma", "2", "--resident-layers", "1",
+              "--kv-group-size", "16", "--device", "cpu", "--no-progress", "--output-dir", str(out),
+              "--methods", methods]
+    if sweep == "context":
+        common += ["--on-chip", "1"]
+    else:
+        common += ["--prefill", "96"]
+    return ["sweep", sweep, *xs, *common, *extra]
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sweep_end_to_end_and_resume(tiny_dirs, tmp_path, run_cli, capsys, monkeypatch):
+    out = tmp_path / "ctx"
+    argv = _args(tiny_dirs, out, methods="baseline,vanilla_specdec,mspeckv,mspeckv_kv_quant,hf_assisted")
+    assert run_cli(argv) == 0
+    line = _last_json(capsys)
+    assert line["n_runs"] == 20 and line["n_ok"] == 20, line
+    for f in ("summary.csv", "summary.json", "summary.md", "command.txt", "sweep.json"):
+        assert (out / f).is_file(), f
+    md = (out / "summary.md").read_text()
+    csv_text = (out / "summary.csv").read_text()
+    for m in methods_mod.METHOD_FNS:
+        assert m in md and m in csv_text
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert len(runs) == 20
+    for r in runs:
+        mt = r["metrics"]
+        assert r["config"]["weights"] == "real" and r["config"]["x_name"] == "prefill"
+        assert r["config"]["budget"] == 32 and r["config"]["gen_len"] == 12
+        assert mt["n_generated"] == 12 and mt["latency_s"] > 0 and mt["tok_per_s"] > 0
+        assert mt["prompt_len"] == r["x"] and mt["prompt_source"].endswith("corpus.txt")
+        assert mt["peak_gpu_bytes"] is None  # CPU
+        if r["method"] in ("baseline", "hf_assisted"):
+            assert mt["accepted"] is None
+        else:
+            assert 0 <= mt["accepted"] <= 4 and mt["per_level_s"]["verify_l2"] > 0
+        if r["method"] == "hf_assisted":
+            assert mt["bytes_transferred"] is None
+        else:
+            assert mt["bytes_transferred"] > 0  # 2 of 3 layers offloaded
+        if r["method"] == "mspeckv_kv_quant":
+            assert "int8" in mt["placement"] and mt["resident_hit_rate"] is not None
+            assert set(mt["levels"]) == {"verify_l1", "verify_l2"}
+    assert "mspeckv sweep context" in (out / "command.txt").read_text()
+
+    calls = []
+    for m in methods_mod.METHOD_FNS:
+        monkeypatch.setitem(methods_mod.METHOD_FNS, m, lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(methods_mod, "load_context", lambda s: calls.append("load") or None)
+    assert run_cli(argv) == 0
+    assert calls == [] and _last_json(capsys)["n_ok"] == 20
+
+
+def test_failed_method_is_recorded_and_retried(tiny_dirs, tmp_path, run_cli, capsys, monkeypatch):
+    out = tmp_path / "fail"
+    argv = _args(tiny_dirs, out, "--seeds", "1", "--prefill-lengths", "96", methods="baseline,mspeckv")
+    real = methods_mod.METHOD_FNS["mspeckv"]
+
+    def boom(ctx, x, seed):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(methods_mod.METHOD_FNS, "mspeckv", boom)
+    assert run_cli(argv) == 0
+    line = _last_json(capsys)
+    assert line["n_failed"] == 1 and line["n_ok"] == 1
+    md = (out / "summary.md").read_text()
+    assert "FAILED (1/1: RuntimeError)" in md
+    monkeypatch.setitem(methods_mod.METHOD_FNS, "mspeckv", real)
+    assert run_cli(argv) == 0  # resume retries the failed run only
+    assert _last_json(capsys)["n_failed"] == 0
+
+
+def test_random_weights_onchip_sweep(tmp_path, run_cli, capsys, recwarn):
+    out = tmp_path / "rnd"
+    argv = ["sweep", "onchip", "--target", "random:tiny", "--draft", "random:tiny", "--on-chip-layers", "2,4",
+            "--prefill", "64", "--gen-len", "6", "--seeds", "1", "--budget", "16", "--chunk", "8", "--gamma", "2",
+            "--draft-gamma", "2", "--resident-layers", "1", "--clamp-resident", "--device", "cpu", "--no-progress",
+            "--methods", "baseline,mspeckv_kv_quant,hf_assisted", "--output-dir", str(out)]
+    assert run_cli(argv) == 0
+    line = _last_json(capsys)
+    assert line["n_ok"] == 6 and line["weights"] == "random" and line["x_name"] == "on_chip"
+    runs = {(r["method"], r["x"]): r for r in map(json.loads, map(Path.read_text, (out / "runs").glob("*.json")))}
+    assert runs[("mspeckv_kv_quant", 2)]["metrics"]["resident_layers"] == 1
+    assert runs[("mspeckv_kv_quant", 4)]["metrics"]["resident_layers"] == 0  # clamped: nothing offloaded
+    assert runs[("baseline", 4)]["metrics"]["bytes_transferred"] == 0
+    assert runs[("baseline", 2)]["metrics"]["prompt_source"] == "random-ids"
+    assert not [w for w in recwarn if "not smaller" in str(w.message)]
+
+
+@pytest.mark.parametrize("extra, sweep, expect", [
+    (["--budget", "30"], "context", "not a multiple of chunk"),
+    (["--resident-layers", "3"], "context", "greater than the 2 offloaded layers"),
+    (["--prefill-lengths", "96,510"], "context", "(at prefill=510)"),
+    (["--prefill-lengths", ""], "context", "--prefill-lengths is empty"),
+    (["--prefill-lengths", "96,abc"], "context", "not a comma-separated list of integers"),
+    (["--methods", "baseline,foo"], "context", "unknown method(s) foo"),
+    (["--seeds", ""], "context", "--seeds is empty"),
+    (["--budget", "96"], "context", "lower --budget (at prefill=96)"),
+    (["--draft", "random:tiny"], "context", "vocabulary"),
+    (["--on-chip-layers", "1,5"], "onchip", "greater than the model's 3 layers (at on_chip=5)"),
+    (["--gen-len", "1"], "context", "must be >= 2"),
+    (["--dataset", "no/such/file.txt"], "context", "does not exist"),
+    (["--top-p", "0"], "context", "top_p"),
+])
+def test_validation_errors(tiny_dirs, tmp_path, run_cli, capsys, extra, sweep, expect):
+    out = tmp_path / "bad"
+    assert run_cli(_args(tiny_dirs, out, *extra, sweep=sweep)) == 2
+    err = capsys.readouterr().err
+    assert expect in err and err.count("mspeckv: error:") == 1, err
+    assert not out.exists()  # nothing written
+
+
+def test_resume_with_other_settings_is_refused(tiny_dirs, tmp_path, run_cli, capsys):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"fixed": {"temperature": 0.9}}))
+    assert run_cli(_args(tiny_dirs, out)) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
+def test_report_command(tmp_path, run_cli, capsys):
+    d = tmp_path / "a1"
+    shutil.copytree(FIXTURE, d)
+    assert run_cli(["report", str(d)]) == 0
+    line = _last_json(capsys)
+    assert line["x_name"] == "prefill" and (d / "summary.md").is_file()
+    assert run_cli(["report", str(tmp_path / "missing")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+
+
+def test_defaults_quick_and_output_name():
+    ap = _parser()
+    s = settings_from_args(ap.parse_args(["sweep", "context", "--device", "cpu"]))
+    assert s.xs == (8192, 16384, 24576, 32768) and s.gen_len == 256 and s.budget == 4096 and s.seeds == (1, 2, 3)
+    assert s.temperature == 0.6 and s.top_p == 0.9 and len(s.methods) == 5
+    assert Path(s.output_dir) == Path("results/context/qwen2.5-coder-1.5b_b4096_oc16_r16_g8")
+    q = settings_from_args(ap.parse_args(["sweep", "context", "--quick", "--device", "cpu"]))
+    assert q.xs == (2048, 4096) and q.budget == 1024 and q.gen_len == 128 and q.output_dir.endswith("_g8_quick")
+    assert q.clamp_resident and not s.clamp_resident
+    g = settings_from_args(ap.parse_args(["sweep", "genlen", "--quick", "--budget", "512", "--device", "cpu"]))
+    assert g.prefill == 2048 and g.xs == (64, 128) and g.budget == 512
+    o = settings_from_args(ap.parse_args(["sweep", "onchip", "--greedy", "--device", "cpu"]))
+    assert o.on_chip is None and o.point(18).on_chip == 18 and o.point(18).resident == 16
+    assert Path(o.output_dir).name == "qwen2.5-coder-1.5b_b4096_r16_g8_greedy"
+    r = settings_from_args(ap.parse_args(["sweep", "resident", "--device", "cpu"]))
+    assert r.point(8) == type(r.point(8))(16384, 256, 16, 8)
+
+
+def test_default_a1_on_the_embedded_pair_is_refused_clearly():
+    from mspeckv.model.loading import is_prepared
+
+    if not (is_prepared("qwen2.5-coder-1.5b") and is_prepared("qwen2.5-coder-0.5b")):
+        pytest.skip("embedded models not prepared")
+    s = settings_from_args(_parser().parse_args(["sweep", "context", "--device", "cpu"]))
+    with pytest.raises(ValueError) as e:
+        validate(s)
+    msg = str(e.value)  # 28 layers, 32K context: resident 16 > 12 offloaded; 32768 + 256 > 32768
+    assert "(at prefill=8192,16384,24576,32768)" in msg and "(at prefill=32768)" in msg
+    validate(settings_from_args(_parser().parse_args(["sweep", "context", "--quick", "--device", "cpu"])))
