@@ -62,23 +62,32 @@ def trim_at_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
 
 @torch.inference_mode()
 def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_ids=None,
-             eos_check_every: int | None = None, progress=None) -> GenerationResult:
+             eos_check_every: int | None = None, progress=None, graphs: bool | None = None) -> GenerationResult:
     """Generate up to ``gen.max_new_tokens`` per row. input_ids: (B, T), all rows the same length.
 
     EOS is checked on the host every ``eos_check_every`` steps (default: every step on CPU, every 16 on CUDA, so
-    the GPU queue never drains); tokens produced past a row's EOS are discarded.
+    the GPU queue never drains); tokens produced past a row's EOS are discarded. Without an explicit cache, CUDA
+    decodes through a static-shape cache replaying one CUDA graph per step (``graphs``, default on CUDA).
     """
     device = model.device
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     model.check_context(T + gen.max_new_tokens)
-    if cache is None:
+    graphs = (device.type == "cuda" and model.cfg.rope.rope_type != "dynamic") if graphs is None else graphs
+    step = None
+    if cache is None and graphs:
+        from ..kv.static import GraphedForward, StaticKV
+
+        cache = StaticKV.for_model(model, T + gen.max_new_tokens, batch=B)
+    elif cache is None:
         cache = DenseKV.for_model(model, B, T + gen.max_new_tokens)
     eos = set(model.cfg.eos_token_ids if eos_ids is None else eos_ids) if gen.stop_on_eos else set()
     every = eos_check_every or (16 if device.type == "cuda" else 1)
     g = make_generator(device, gen.sampling.seed)
     eos_t = torch.tensor(sorted(eos) or [-1], device=device)
 
+    if graphs and hasattr(cache, "attn_mask"):  # one-time capture, outside the timed region
+        step = GraphedForward(model, cache, 1, 1, batch=B)
     sync(device)
     t0 = time.perf_counter()
     logits = model.prefill(input_ids, cache, chunk=gen.prefill_chunk, progress=progress)
@@ -89,10 +98,10 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     done = torch.isin(tok, eos_t)
     sync(device)
     t_first = time.perf_counter()
-    for step in range(1, gen.max_new_tokens):
-        if eos and step % every == 0 and bool(done.all()):
+    for i in range(1, gen.max_new_tokens):
+        if eos and i % every == 0 and bool(done.all()):
             break
-        logits = model(tok[:, None], cache)[:, -1]
+        logits = (model(tok[:, None], cache) if step is None else step(tok[:, None], cache.length()))[:, -1]
         tok = next_token(logits, gen.sampling, g)
         out.append(tok)
         done |= torch.isin(tok, eos_t)

@@ -27,6 +27,7 @@ from ..config import GenerationConfig, SamplingConfig
 from ..kv.dense import DenseKV
 from ..kv.placement import Placement, make_cache
 from ..kv.retrieval import BudgetCoversPrompt, QueryCapture, RetrievalCache, check_budget
+from ..kv.static import GraphedForward, StaticRetrieval, StaticStreaming
 from ..kv.streaming import StreamingCache
 from .accept import greedy_accept, speculative_accept
 from .autoregressive import GenerationResult, sync, trim_at_eos
@@ -47,6 +48,7 @@ class SpecConfig:
     drafter: str = "model"  # model | ngram (prompt lookup in place of the draft model)
     ngram_max: int = 3
     sync_retrieval: bool = True  # put the full target's exact K/V of accepted tokens into the retrieval cache
+    graphs: bool | None = None  # static-shape caches + CUDA graphs for the draft and retrieval levels (None: on CUDA)
 
     def __post_init__(self):
         if self.mode not in ("vanilla", "mspeckv"):
@@ -144,6 +146,25 @@ class Runner:
         if self.n > m:
             self.cache.rollback(self.n - m)
             self.n = m
+
+
+class GraphRunner(Runner):
+    """A Runner over a static-shape cache whose forwards replay CUDA graphs, one per (tokens, logits) shape."""
+
+    def __init__(self, model, cache, n: int = 0):
+        super().__init__(model, cache, n)
+        self.graphs: dict[tuple[int, int], GraphedForward] = {}
+        self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
+
+    def feed(self, seq: Seq, upto: int, num_logits: int, eager: bool = False) -> Tensor:
+        if eager:
+            return super().feed(seq, upto, num_logits)
+        key = (upto - self.n, num_logits)
+        if key not in self.graphs:
+            self.graphs[key] = GraphedForward(self.model, self.cache, key[0], num_logits, self.pool)
+        logits = self.graphs[key](seq.tokens[:, self.n:upto], self.n)
+        self.n = upto
+        return logits
 
 
 @dataclass
@@ -297,6 +318,9 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     timers = Timers(device)
     cap = T + gen.max_new_tokens + 2 * spec.gamma + 8
     mspeckv = spec.mode == "mspeckv"
+    graphs = spec.graphs if spec.graphs is not None else device.type == "cuda"
+    if graphs and target.cfg.rope.rope_type == "dynamic":
+        graphs = False  # dynamic NTK recomputes frequencies from the host-side length: no static replay
     full_cache = make_cache(target, placement, 1, cap)
     full = Runner(target, KVTee(QueryCapture(full_cache, n_last=1)))
     seq = Seq(prompt, cap, host=spec.drafter == "ngram")
@@ -318,8 +342,12 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             dcache = None
         elif mspeckv:
             room = 2 * spec.gamma + 4
-            dcache = StreamingCache.for_model(draft, 1, window=spec.window, sinks=spec.draft_sinks, room=room)
-            druns = Runner(draft, dcache)
+            if graphs:
+                dcache = StaticStreaming.for_model(draft, sinks=spec.draft_sinks, window=spec.window, room=room)
+                druns = GraphRunner(draft, dcache)
+            else:
+                dcache = StreamingCache.for_model(draft, 1, window=spec.window, sinks=spec.draft_sinks, room=room)
+                druns = Runner(draft, dcache)
             _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, room)
             lower0 = DraftLevel(druns, s, g, timers)
         else:
@@ -334,23 +362,31 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         if mspeckv:
             extra = (spec.refresh_every or gen.max_new_tokens) + 4 * spec.gamma + 8
             try:
-                rcache = RetrievalCache.build(full_cache, full.cache.inner.queries, spec.budget, spec.chunk, extra)
+                queries = full.cache.inner.queries
+                rcache = (StaticRetrieval.build(target, full_cache, queries, spec.budget, spec.chunk, extra) if graphs
+                          else RetrievalCache.build(full_cache, queries, spec.budget, spec.chunk, extra))
             except BudgetCoversPrompt:
                 warnings.warn(f"--budget {spec.budget} covers the whole {T}-token prompt: the retrieval level would "
                               f"equal the full cache, so it is skipped (draft -> full target)", stacklevel=2)
                 rcache = None
             if rcache is not None:
-                mid_runner = Runner(target, rcache, n=T)
+                mid_runner = (GraphRunner if graphs else Runner)(target, rcache, n=T)
                 mid = VerifyLevel("verify_l1", mid_runner, lower0, spec.draft_gamma, s, g, timers)
     sync(device)
     t_first = time.perf_counter()
+    if graphs:  # capture the common shapes now (one-time setup, outside TTFT and decode time); rare ones lazily
+        _precapture(lower0.runner, [(1, 1), (2, 1)])
+        if mid_runner is not None:
+            _precapture(mid_runner, [(k + 1 + c, k + 1) for k in range(spec.draft_gamma + 1) for c in (0, 1)])
+    sync(device)
+    t_setup = time.perf_counter()
     top = VerifyLevel("verify_l2", full, mid, spec.gamma, s, g, timers, eos=eos_t)
     made = 1
     saw_eos = bool(eos) and int(first[0]) in eos
     last_build = T
     while made < gen.max_new_tokens and not saw_eos:
         L = seq.len
-        if dcache is not None and isinstance(dcache, StreamingCache):
+        if hasattr(dcache, "reserve"):
             dcache.reserve(2 * spec.gamma + 4)  # no eviction inside a round: every rollback stays exact
         if mid_runner is not None and spec.refresh_every and L - last_build >= spec.refresh_every:
             mid_runner.rollback_to(full.n)
@@ -379,16 +415,25 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
              "verifications": top.stats.rounds, "time_s": secs, "forwards": top.stats.rounds + 1}
     if hasattr(full_cache, "memory_report"):
         stats["memory"] = full_cache.memory_report()
-    return SpecResult(rows, T, secs.get("prefill", t_first - t0), t_first - t0, t_end - t_first, stats=stats,
+    stats["graph_setup_s"] = t_setup - t_first
+    return SpecResult(rows, T, secs.get("prefill", t_first - t0), t_first - t0, t_end - t_setup, stats=stats,
                       levels=levels)
+
+
+def _precapture(r: Runner | None, shapes: list[tuple[int, int]]) -> None:
+    if isinstance(r, GraphRunner) and r.pool is not None:
+        for key in shapes:
+            if key not in r.graphs and r.cache.length() + key[0] <= r.cache.capacity():
+                r.graphs[key] = GraphedForward(r.model, r.cache, key[0], key[1], r.pool)
 
 
 def _prefill_streaming(r: Runner, seq: Seq, T: int, sinks: int, window: int, room: int) -> None:
     """StreamingLLM prefill of the draft: the sink tokens, then the last ``window`` prompt tokens at their real
     positions (what a streaming cache keeps anyway), in forwards of at most ``room`` tokens."""
+    kw = {"eager": True} if isinstance(r, GraphRunner) else {}
     head = min(sinks, T)
     while r.n < head:
-        r.feed(seq, min(head, r.n + room), 1)
+        r.feed(seq, min(head, r.n + room), 1, **kw)
     r.n = max(head, T - window)
     while r.n < T:
-        r.feed(seq, min(T, r.n + room), 1)
+        r.feed(seq, min(T, r.n + room), 1, **kw)

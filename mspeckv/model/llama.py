@@ -117,8 +117,8 @@ class Attention(nn.Module):
         S = k.shape[2]
         # GQA without copying K/V: fold each KV head's G query heads into the query-length axis.
         q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)  # (B, Hkv, G*T, D)
-        mask = None
-        if T > 1:
+        mask = getattr(cache, "attn_mask", None)  # static-shape caches mask their unused rows
+        if mask is None and T > 1:
             mask = masks.get(S)
             if mask is None:
                 mask = masks[S] = causal_mask(T, S, G, x.device)
@@ -181,11 +181,12 @@ class CausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def forward(self, input_ids: Tensor, cache: KVCache, pos0: int | None = None,
-                num_logits: int | None = 1) -> Tensor:
+                num_logits: int | None = 1, positions: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, num_logits or T, V) in fp32.
 
         ``pos0`` is the absolute position of ``input_ids[:, 0]``; it defaults to ``cache.length()`` and differs only
-        for caches that hold a subset of the history (retrieval, streaming).
+        for caches that hold a subset of the history (retrieval, streaming). ``positions`` (T,) on the device
+        overrides it for CUDA-graph replays (then ``pos0`` only serves the host-side checks).
         """
         B, T = input_ids.shape
         pos0 = cache.length() if pos0 is None else pos0
@@ -195,7 +196,8 @@ class CausalLM(nn.Module):
                 f"this checkpoint uses sliding-window attention (window {w}) and the sequence reaches {pos0 + T} "
                 f"tokens; MSpecKV implements full attention only: use a checkpoint with sliding_window null"
             )
-        positions = torch.arange(pos0, pos0 + T, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(pos0, pos0 + T, device=input_ids.device)
         cos, sin = self.rope.cos_sin(positions, pos0 + T, self.dtype)
         x = self.model.embed_tokens(input_ids)
         masks: dict[int, Tensor] = {}
