@@ -16,7 +16,7 @@ ctxs = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "1024,16384,32256
 m = random_model(shape, "cuda", torch.bfloat16)
 c = m.cfg
 tok = torch.randint(0, c.vocab_size, (1, 1), device="cuda")
-for ctx in ctxs:
+def run(ctx: int) -> None:
     d = DenseKV.for_model(m, 1, ctx + 16)
     fill_cache(m, d, ctx)
 
@@ -57,4 +57,7 @@ for ctx in ctxs:
                 eager()
             torch.cuda.synchronize()
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=8))
-    del d, s, gf
+
+
+for ctx in ctxs:
+    run(ctx)
