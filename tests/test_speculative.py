@@ -33,7 +33,7 @@ def prompt(n=60, seed=0):
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS, ids=lambda p: p and f"on{p.on_chip}-r{p.resident_layers}" or "gpu")
-@pytest.mark.parametrize("spec", [SpecConfig(mode="vanilla", gamma=4),
+@pytest.mark.parametrize("spec", [SpecConfig(mode="vanilla", gamma=4), SpecConfig(mode="vanilla", gamma=3, graphs=True),
                                   SpecConfig(mode="mspeckv", gamma=6, draft_gamma=3, budget=16, chunk=4,
                                              draft_sinks=4, draft_window=12),
                                   SpecConfig(mode="mspeckv", gamma=5, draft_gamma=2, budget=24, chunk=8,
@@ -43,7 +43,7 @@ def prompt(n=60, seed=0):
                                              draft_sinks=4, draft_window=12, graphs=True),
                                   SpecConfig(mode="mspeckv", gamma=5, draft_gamma=2, budget=24, chunk=8,
                                              draft_sinks=2, draft_window=8, refresh_every=7, graphs=True)],
-                         ids=["vanilla", "mspeckv", "mspeckv-refresh-nosync", "mspeckv-ngram", "mspeckv-static",
+                         ids=["vanilla", "vanilla-static", "mspeckv", "mspeckv-refresh-nosync", "mspeckv-ngram", "mspeckv-static",
                               "mspeckv-static-refresh"])
 def test_greedy_equals_autoregressive(spec, placement):
     target, draft = pair(layers=4)

@@ -39,7 +39,7 @@ def run(ctx: int) -> None:
     q = torch.randn(1, c.n_kv_heads, G, c.head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = d.read(0)
     sd = _ms(lambda: F.scaled_dot_product_attention(q, k, v), 3, 50)
-    mask = s.attn_mask[:G]
+    mask = s.attn_mask.repeat(G, 1)
     sdm = _ms(lambda: F.scaled_dot_product_attention(q, s.k[0], s.v[0], attn_mask=mask), 3, 50)
 
     def manual():

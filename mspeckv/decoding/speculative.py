@@ -27,7 +27,7 @@ from ..config import GenerationConfig, SamplingConfig
 from ..kv.dense import DenseKV
 from ..kv.placement import Placement, make_cache
 from ..kv.retrieval import BudgetCoversPrompt, QueryCapture, RetrievalCache, check_budget
-from ..kv.static import GraphedForward, StaticRetrieval, StaticStreaming
+from ..kv.static import GraphedForward, StaticKV, StaticRetrieval, StaticStreaming
 from ..kv.streaming import StreamingCache
 from .accept import greedy_accept, speculative_accept
 from .autoregressive import GenerationResult, sync, trim_at_eos
@@ -321,8 +321,13 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     graphs = spec.graphs if spec.graphs is not None else device.type == "cuda"
     if graphs and target.cfg.rope.rope_type == "dynamic":
         graphs = False  # dynamic NTK recomputes frequencies from the host-side length: no static replay
-    full_cache = make_cache(target, placement, 1, cap)
-    full = Runner(target, KVTee(QueryCapture(full_cache, n_last=1)))
+    all_gpu = placement is None or placement.n_on_chip(target.cfg.n_layers) == target.cfg.n_layers
+    if graphs and all_gpu:  # nothing offloaded: the full-KV level replays graphs too
+        full_cache = StaticKV.for_model(target, cap)
+        full = GraphRunner(target, KVTee(QueryCapture(full_cache, n_last=1)))
+    else:
+        full_cache = make_cache(target, placement, 1, cap)
+        full = Runner(target, KVTee(QueryCapture(full_cache, n_last=1)))
     seq = Seq(prompt, cap, host=spec.drafter == "ngram")
 
     sync(device)
@@ -351,8 +356,8 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, room)
             lower0 = DraftLevel(druns, s, g, timers)
         else:
-            dcache = DenseKV.for_model(draft, 1, cap)
-            druns = Runner(draft, dcache)
+            dcache = StaticKV.for_model(draft, cap) if graphs else DenseKV.for_model(draft, 1, cap)
+            druns = (GraphRunner if graphs else Runner)(draft, dcache)
             draft.prefill(prompt, dcache, chunk=gen.prefill_chunk)
             druns.n = T
             lower0 = DraftLevel(druns, s, g, timers)
@@ -378,6 +383,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         _precapture(lower0.runner, [(1, 1), (2, 1)])
         if mid_runner is not None:
             _precapture(mid_runner, [(k + 1 + c, k + 1) for k in range(spec.draft_gamma + 1) for c in (0, 1)])
+        _precapture(full, [(spec.gamma + 1, spec.gamma + 1)])
     sync(device)
     t_setup = time.perf_counter()
     top = VerifyLevel("verify_l2", full, mid, spec.gamma, s, g, timers, eos=eos_t)

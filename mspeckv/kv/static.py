@@ -53,7 +53,7 @@ class StaticKV:
         self._n = n_new
         rows = self.pos + torch.arange(n_new, device=self.pos.device)  # (T,) device: graph-safe
         self.rows = rows
-        self.attn_mask = (self.cols[None, :] <= rows[:, None]).repeat(self.groups, 1)  # (G*T, C)
+        self.attn_mask = self.cols[None, :] <= rows[:, None]  # (T, C): row i sees keys up to its own position
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k[layer].index_copy_(2, self.rows, k)
@@ -186,7 +186,9 @@ class GraphedForward:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
                 self.out = self._eager()
-            cache._len -= T  # capture ran the host bookkeeping of one forward but executed no device work
+            cache.commit(-T)  # capture ran the host bookkeeping of one forward but executed no device work
+            # wrappers that keep per-forward tensors (new K/V, queries) must point at this graph's after a replay
+            self.kept = {a: list(getattr(cache, a)) for a in ("new", "queries") if hasattr(cache, a)}
 
     def _eager(self) -> Tensor:
         return self.model(self.ids, self.cache, pos0=0, num_logits=self.num_logits, positions=self.positions)
@@ -199,4 +201,6 @@ class GraphedForward:
         self.cache.prepare(self.T)
         self.graph.replay()
         self.cache.commit(self.T)
+        for a, tensors in self.kept.items():
+            getattr(self.cache, a)[:] = tensors
         return self.out

@@ -87,11 +87,41 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dt)
 
 
-def causal_mask(t: int, s: int, groups: int, device) -> Tensor:
-    """Bool mask (groups*t, s): query row i (the i-th of the t newest keys) sees keys j <= s - t + i."""
+def causal_mask(t: int, s: int, device) -> Tensor:
+    """Bool mask (t, s): query row i (the i-th of the t newest keys) sees keys j <= s - t + i."""
     i = torch.arange(t, device=device)[:, None]
     j = torch.arange(s, device=device)[None, :]
-    return (j <= s - t + i).repeat(groups, 1)
+    return j <= s - t + i
+
+
+FOLD_MAX = 64  # query rows (G * T) up to which decode/verify attention folds GQA groups into the query axis
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (T, S) bool or None (= no masking) -> (B, Hq, T, D).
+
+    Few query rows (decode, verification): fold each KV head's G query heads into the query axis, so K/V are read
+    once with no copy; on CUDA the scores come from one bmm with fp32 output (cuDNN/flash SDPA splits the long key
+    axis poorly at this shape: 357 us vs 127 us per layer at 32K on an H100, tools/profile_decode.py). Many query rows
+    (prefill): repeat K/V per query head and use SDPA's fused kernels.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    if G * T <= FOLD_MAX:
+        qf = q.reshape(B, Hkv, G * T, D)  # query head h = kv * G + g
+        fm = None if mask is None else mask.repeat(G, 1)  # (G*T, S)
+        if q.is_cuda and B == 1:
+            sc = torch.bmm(qf[0] * D ** -0.5, k[0].transpose(1, 2), out_dtype=torch.float32)  # (Hkv, G*T, S)
+            if fm is not None:
+                sc.masked_fill_(~fm, float("-inf"))
+            y = torch.bmm(sc.softmax(-1).to(v.dtype), v[0])[None]  # (1, Hkv, G*T, D)
+        else:
+            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=fm)
+        return y.reshape(B, Hq, T, D)
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -106,7 +136,6 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, masks: dict) -> Tensor:
         c = self.c
         B, T, _ = x.shape
-        G = c.n_heads // c.n_kv_heads
         q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
@@ -115,16 +144,13 @@ class Attention(nn.Module):
             observe(layer, q)
         k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), the last T rows are the new tokens
         S = k.shape[2]
-        # GQA without copying K/V: fold each KV head's G query heads into the query-length axis.
-        q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)  # (B, Hkv, G*T, D)
-        mask = getattr(cache, "attn_mask", None)  # static-shape caches mask their unused rows
+        mask = getattr(cache, "attn_mask", None)  # static-shape caches mask their unused rows: (T, capacity)
         if mask is None and T > 1:
             mask = masks.get(S)
             if mask is None:
-                mask = masks[S] = causal_mask(T, S, G, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, D)
-        y = y.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
-        return self.o_proj(y)
+                mask = masks[S] = causal_mask(T, S, x.device)
+        y = attention(q, k, v, mask)  # (B, Hq, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
 
 class MLP(nn.Module):
