@@ -43,8 +43,8 @@ def prompt(n=60, seed=0):
                                              draft_sinks=4, draft_window=12, graphs=True),
                                   SpecConfig(mode="mspeckv", gamma=5, draft_gamma=2, budget=24, chunk=8,
                                              draft_sinks=2, draft_window=8, refresh_every=7, graphs=True)],
-                         ids=["vanilla", "vanilla-static", "mspeckv", "mspeckv-refresh-nosync", "mspeckv-ngram", "mspeckv-static",
-                              "mspeckv-static-refresh"])
+                         ids=["vanilla", "vanilla-static", "mspeckv", "mspeckv-refresh-nosync", "mspeckv-ngram",
+                              "mspeckv-static", "mspeckv-static-refresh"])
 def test_greedy_equals_autoregressive(spec, placement):
     target, draft = pair(layers=4)
     ids = prompt()
