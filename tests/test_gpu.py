@@ -93,4 +93,4 @@ def test_graphed_speculation_equals_ar_fp32(mode):
     sp = speculative_generate(target, draft, ids, gen, spec)
     assert ar_graph == ar_eager
     assert sp.tokens == ar_eager
-    assert sp.stats["accepted"] > 0
+    assert sp.levels["verify_l2"]["rounds"] >= 1  # random weights: acceptance itself is meaningless here
