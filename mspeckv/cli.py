@@ -249,7 +249,8 @@ def cmd_bench(a) -> int:
         from .bench.decode import DecodeBenchConfig, run_decode_bench
 
         cfg = DecodeBenchConfig(model=a.model, prompt_len=a.prompt_len, gen_len=a.gen_len, device=a.device,
-                                repeats=a.repeats, batch=a.batch, prefill_chunk=a.prefill_chunk, out=a.out)
+                                repeats=a.repeats, batch=a.batch, prefill_chunk=a.prefill_chunk, out=a.out,
+                                graphs=not a.no_graphs)
         row = run_decode_bench(cfg)
         print(json.dumps(row))
         return 0
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residents", default="0,16", help="placement: resident-layer counts")
     p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
     p.add_argument("--no-hf", action="store_true", help="placement: skip the transformers offloaded reference")
+    p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs")
     p.add_argument("--out-dir", default="results/placement")
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--prompt-len", type=int, default=1024)

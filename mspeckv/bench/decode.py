@@ -31,6 +31,7 @@ class DecodeBenchConfig:
     prefill_chunk: int = 4096
     out: str | None = None
     seed: int = 0
+    graphs: bool = True  # CUDA graphs over a static cache (CUDA only); False: eager with a DenseKV
 
     def __post_init__(self):
         for k in ("prompt_len", "gen_len", "batch", "prefill_chunk"):
@@ -86,13 +87,15 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
     model.check_context(cfg.prompt_len + cfg.gen_len)
     ids, src = prompt_ids(tok, cfg.prompt_len, cfg.batch, model.cfg.vocab_size, cfg.seed)
     gen = GenerationConfig(max_new_tokens=cfg.gen_len, stop_on_eos=False, prefill_chunk=cfg.prefill_chunk)
-    cache = DenseKV.for_model(model, cfg.batch, cfg.prompt_len + cfg.gen_len)
+    graphs = cfg.graphs and device.type == "cuda"
+    cache = None if graphs else DenseKV.for_model(model, cfg.batch, cfg.prompt_len + cfg.gen_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
     for i in range(cfg.repeats + 1):  # run 0 is the warm-up at the same shape
-        cache.rollback(cache.length())
-        r = generate(model, ids, gen, cache=cache)
+        if cache is not None:
+            cache.rollback(cache.length())
+        r = generate(model, ids, gen, cache=cache, graphs=graphs)  # graph capture happens outside the timing
         if i:
             runs.append(r)
     prefill_s = statistics.median(r.prefill_s for r in runs)
@@ -100,6 +103,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
     row = {
         "bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
         "family": model.cfg.family, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "cuda_graphs": graphs,
         "prompt_source": src, **asdict(cfg),
         "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
         "ttft_s": statistics.median(r.ttft_s for r in runs),

@@ -42,8 +42,9 @@ class SpecBenchConfig:
 def _one(cfg: SpecBenchConfig, target, draft, ids, mode: str, gen_len: int):
     s = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     gen = GenerationConfig(max_new_tokens=gen_len, sampling=s, stop_on_eos=False, prefill_chunk=4096)
-    if mode == "ar":
-        cache = make_cache(target, cfg.placement, 1, ids.shape[1] + gen_len)
+    if mode == "ar":  # nothing offloaded: let generate() pick the graphed static cache, as the spec modes do
+        n, cap = target.cfg.n_layers, ids.shape[1] + gen_len
+        cache = None if cfg.placement.n_on_chip(n) == n else make_cache(target, cfg.placement, 1, cap)
         return generate(target, ids, gen, cache=cache)
     spec = SpecConfig(mode=mode, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.budget, chunk=cfg.chunk)
     return speculative_generate(target, draft, ids, gen, spec, placement=cfg.placement)
