@@ -24,12 +24,14 @@ eviction happens mid-round and any rollback of that round is legal.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from .base import CacheFullError, check_begin, check_rollback
+from .dense import DenseKV
 
 
-class StreamingCache:
+class StreamingCache(DenseKV):
+    """DenseKV's buffers and append/view; eviction, positions and the rollback limit are its own."""
+
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, *, window: int, sinks: int = 16,
                  room: int = 8, slack: int | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
@@ -42,16 +44,11 @@ class StreamingCache:
         slack = window // 4 if slack is None else slack
         if slack < 0:
             raise ValueError(f"slack must be >= 0, got {slack}")
-        self.n_layers, self.sinks, self.window, self.room, self.slack = n_layers, sinks, window, room, slack
-        self.max_len = sinks + window + room + slack
-        shape = (batch, n_kv_heads, self.max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self._len = 0  # rows held
+        super().__init__(n_layers, batch, n_kv_heads, head_dim, sinks + window + room + slack, dtype, device)
+        self.sinks, self.window, self.room, self.slack = sinks, window, room, slack
         self.n_seen = 0  # tokens fed minus rolled back = absolute position of the next token
         self.n_evicted = 0  # tokens dropped so far (n_seen - n_evicted == length)
         self._since_evict = 0  # committed tokens appended since the last eviction: the rollback limit
-        self._pending: int | None = None
 
     @classmethod
     def for_model(cls, model, batch: int, *, window: int, sinks: int = 16, room: int = 8, slack: int | None = None,
@@ -60,15 +57,6 @@ class StreamingCache:
         p = next(model.parameters())
         return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, window=window, sinks=sinks, room=room, slack=slack,
                    dtype=dtype or p.dtype, device=device or p.device)
-
-    def length(self) -> int:
-        return self._len
-
-    def capacity(self) -> int:
-        return self.max_len
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def positions(self) -> list[int]:
         """Absolute positions of the held rows, in row order (host ints, no device work)."""
@@ -108,24 +96,11 @@ class StreamingCache:
         check_begin(self._len, n_new, self.max_len, self._pending)
         self._pending = n_new
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        t0, t1 = self._len, self._len + self._pending
-        self.k[layer][:, :, t0:t1] = k
-        self.v[layer][:, :, t0:t1] = v
-        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
-
     def end(self) -> None:
         self._len += self._pending
         self.n_seen += self._pending
         self._since_evict += self._pending
         self._pending = None
-
-    def abort(self) -> None:
-        """Drop a forward that failed between begin() and end() (an eviction begin() did stays done)."""
-        self._pending = None
-
-    def read(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.k[layer][:, :, :self._len], self.v[layer][:, :, :self._len]
 
     def rollback(self, n: int) -> None:
         check_rollback(n, self._len)
