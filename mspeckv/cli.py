@@ -176,7 +176,10 @@ def cmd_plan(a) -> int:
     if a.model.startswith("random:"):
         from transformers import AutoConfig
 
-        kw = dict(RANDOM_SHAPES[a.model.split(":", 1)[1]])
+        shape = a.model.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise ValueError(f"unknown random shape '{shape}'; choose one of {sorted(RANDOM_SHAPES)}")
+        kw = dict(RANDOM_SHAPES[shape])
         hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
     else:
         from transformers import AutoConfig

@@ -35,3 +35,9 @@ def test_cli_errors(capsys):
     assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
     assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--on-chip", "9"]) == 2
+    assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--device", "tpu"]) == 2
+    assert "use cpu or cuda" in capsys.readouterr().err
+    assert main(["plan", "--model", "random:tiny", "--context", "0", "--gpu-kv-budget", "1"]) == 2
+    assert "--context must be >= 1" in capsys.readouterr().err
+    assert main(["plan", "--model", "random:nope", "--context", "10", "--gpu-kv-budget", "1"]) == 2
+    assert "unknown random shape 'nope'" in capsys.readouterr().err

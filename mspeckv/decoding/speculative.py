@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -321,6 +321,8 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     graphs = spec.graphs if spec.graphs is not None else device.type == "cuda"
     if graphs and target.cfg.rope.rope_type == "dynamic":
         graphs = False  # dynamic NTK recomputes frequencies from the host-side length: no static replay
+    if placement is not None and placement.rollback_slack < spec.gamma + 1:  # a verification rolls back <= gamma
+        placement = replace(placement, rollback_slack=spec.gamma + 1)
     all_gpu = placement is None or placement.n_on_chip(target.cfg.n_layers) == target.cfg.n_layers
     if graphs and all_gpu:  # nothing offloaded: the full-KV level replays graphs too
         full_cache = StaticKV.for_model(target, cap)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -91,7 +91,6 @@ class TransferStats:
     hits: int = 0
     misses: int = 0
     forwards: int = 0
-    per_forward: list = field(default_factory=list)  # h2d bytes of each forward (host-side counts, no sync)
 
 
 class PlacedKV:
@@ -162,7 +161,6 @@ class PlacedKV:
         self.plan = {l: self._route(l) for l in self.off}  # layer -> (hit, slot or None)
         self.ready: dict[int, object] = {}
         self.busy: set = set()
-        self._fwd_h2d = 0
         self.next_fetch = 0  # index into self.off of the next layer whose transfer is not yet issued
         self._prefetch_next()
 
@@ -200,7 +198,6 @@ class PlacedKV:
         self.flushed = self.flush_to
         self._pending = None
         self.stats.forwards += 1
-        self.stats.per_forward.append(self._fwd_h2d)
 
     def abort(self) -> None:
         if self.dense is not None:
@@ -227,7 +224,7 @@ class PlacedKV:
         out = []
         for i, st in enumerate(self.store[layer]):
             buf = torch.empty((self._len, self.B, self.H, self.D), dtype=self.dtype, device=self.device)
-            self._load_prefix(st, buf, "kv"[i], self.flushed, sync=True)
+            self._load_prefix(st, buf, "kv"[i], self.flushed)
             buf[self.flushed:] = self.residual[layer][i][:self._len - self.flushed]
             out.append(buf.permute(1, 2, 0, 3))
         return out[0], out[1]
@@ -296,7 +293,6 @@ class PlacedKV:
                 ev.record(cs)
         nbytes = sum(st.nbytes(self.flushed) for st in self.store[layer])
         self.stats.h2d_bytes += nbytes
-        self._fwd_h2d += nbytes
         self.ready[layer] = (ev, dst, key)
 
     def _acquire(self, layer: int, hit: bool, slot: int | None) -> tuple[Tensor, Tensor, bool, tuple | None]:
@@ -336,8 +332,8 @@ class PlacedKV:
         outs = []
         for i, buf in enumerate((kbuf, vbuf)):
             rows = buf[f0:f1]  # (n, B, H, D)
-            if self.spec is None:
-                outs.append({"x": rows.contiguous()})
+            if self.spec is None:  # a copy, not a view: the compute stream rewrites these rows before the D2H ends
+                outs.append({"x": rows.clone()})
                 continue
             x = rows.permute(1, 2, 0, 3)
             q = quantize_keys(x, self.spec) if i == 0 else quantize_values(x, self.spec)
@@ -381,7 +377,7 @@ class PlacedKV:
         self.to_release = []
         self.busy = set()
 
-    def _load_prefix(self, st: _Fields, out: Tensor, kind: str, n: int, sync: bool) -> None:
+    def _load_prefix(self, st: _Fields, out: Tensor, kind: str, n: int) -> None:
         if not n:
             return
         pre = {k: x.to(self.device, non_blocking=False) for k, x in st.prefix(n).items()}

@@ -71,11 +71,6 @@ class Placement:
                 f"{self.resident_layers} resident ({self.resident_format}, {self.resident_policy})")
 
 
-def stored_bytes_per_element(placement: Placement, dtype_bytes: int) -> float:
-    q = placement.quant
-    return dtype_bytes if q is None else q.bytes_per_element()
-
-
 def make_cache(model, placement: Placement | None, batch: int, max_len: int):
     """The KV backend a placement implies: DenseKV when nothing is offloaded, else PlacedKV."""
     from .dense import DenseKV
@@ -109,6 +104,9 @@ def plan_placement(model_cfg, context: int, gpu_kv_budget: int, batch: int = 1, 
     in the ``quant`` resident format, which fits more layers per byte than bf16 copies).
     """
     c = model_cfg
+    for name, v in (("--context", context), ("--batch", batch), ("--kv-group-size", group_size)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     if gpu_kv_budget <= 0:
         raise ValueError(f"--gpu-kv-budget must be positive, got {gpu_kv_budget} bytes")
     elems = batch * c.n_kv_heads * c.head_dim * context * 2  # K and V elements of one layer

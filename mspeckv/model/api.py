@@ -21,7 +21,12 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def parse_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return default_device()
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device '{name}' is not a device; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device '{name}' is not supported; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     return dev
