@@ -71,10 +71,11 @@ def test_mspeckv_accepts_something_with_a_good_draft():
 
 
 def _first_tokens(spec, n_runs, T=0.9):
-    """Distribution of the 2nd generated token over many seeds (the first comes from prefill)."""
+    """The first three generated tokens over many seeds (token 0 comes from prefill; 1 and 2 are proposals of the
+    first speculation round: with 5 new tokens that round proposes 3)."""
     target, draft = pair(layers=2)
     ids = prompt(20, seed=3)
-    cfg = lambda seed: GenerationConfig(max_new_tokens=3, stop_on_eos=False, prefill_chunk=16,
+    cfg = lambda seed: GenerationConfig(max_new_tokens=5, stop_on_eos=False, prefill_chunk=16,
                                         sampling=SamplingConfig(temperature=T, top_k=5, seed=seed))
     out = []
     for seed in range(n_runs):
@@ -82,35 +83,39 @@ def _first_tokens(spec, n_runs, T=0.9):
             out.append(generate(target, ids, cfg(seed)).tokens[0][:3])
         else:
             out.append(speculative_generate(target, draft, ids, cfg(seed), spec).tokens[0][:3])
-    return out
+    return target, ids, out
 
 
-@pytest.mark.parametrize("spec", [SpecConfig(mode="vanilla", gamma=3),
-                                  SpecConfig(mode="mspeckv", gamma=3, draft_gamma=2, budget=8, chunk=4, draft_sinks=2,
-                                             draft_window=6)], ids=["one-level", "two-level"])
-def test_sampled_output_follows_target_distribution(spec):
-    """Chi-square of (token1, token2) given token0 against the exact target conditional, from many seeds."""
-    target, draft = pair(layers=2)
-    ids = prompt(20, seed=3)
-    runs = _first_tokens(spec, 600)
-    # condition on the most frequent first token; exact target conditional for the 2nd token
-    firsts = [r[0] for r in runs]
-    t0 = max(set(firsts), key=firsts.count)
-    seconds = [r[1] for r in runs if r[0] == t0]
+def _chi2_pvalue(target, ids, prefix: list[int], observed: list[int]) -> float:
+    """Chi-square of observed next tokens against the exact target conditional after ids + prefix."""
     from mspeckv.config import SamplingConfig as S
     from mspeckv.decoding.sampling import logits_to_probs
     from mspeckv.kv.dense import DenseKV
 
     with torch.no_grad():
         c = DenseKV.for_model(target, 1, 32)
-        logits = target(torch.cat([ids, torch.tensor([[t0]])], 1), c)[:, -1]
+        logits = target(torch.cat([ids, torch.tensor([prefix])], 1), c)[:, -1]
     p = logits_to_probs(logits, S(temperature=0.9, top_k=5))[0]
     support = torch.nonzero(p > 0).flatten().tolist()
-    counts = [seconds.count(t) for t in support]
-    assert sum(counts) == len(seconds)  # nothing outside the target's top-k support
+    counts = [observed.count(t) for t in support]
+    assert sum(counts) == len(observed)  # nothing outside the target's top-k support
     mass = sum(float(p[t]) for t in support)
-    exp = [float(p[t]) / mass * len(seconds) for t in support]
-    assert chisquare(counts, exp).pvalue > 1e-3
+    return chisquare(counts, [float(p[t]) / mass * len(observed) for t in support]).pvalue
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(mode="vanilla", gamma=3),
+                                  SpecConfig(mode="mspeckv", gamma=3, draft_gamma=2, budget=8, chunk=4, draft_sinks=2,
+                                             draft_window=6)], ids=["one-level", "two-level"])
+def test_sampled_output_follows_target_distribution(spec):
+    """Tokens 1 and 2 (both inside the first speculation round) follow the exact target conditionals."""
+    target, ids, runs = _first_tokens(spec, 1200)
+    t0 = max({r[0] for r in runs}, key=[r[0] for r in runs].count)
+    assert _chi2_pvalue(target, ids, [t0], [r[1] for r in runs if r[0] == t0]) > 1e-3
+    pairs = [tuple(r[:2]) for r in runs]
+    t01 = max(set(pairs), key=pairs.count)
+    third = [r[2] for r in runs if tuple(r[:2]) == t01]
+    assert len(third) >= 50
+    assert _chi2_pvalue(target, ids, list(t01), third) > 1e-3
 
 
 def test_errors():
