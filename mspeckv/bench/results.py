@@ -100,7 +100,9 @@ def _git(*args: str) -> str | None:
 def _static_metadata() -> dict[str, Any]:
     commit = _git("rev-parse", "HEAD") or None
     dirty = None
-    if commit is not None:
+    if commit is None and os.environ.get("MSPECKV_GIT_COMMIT"):  # a copy without .git (e.g. a remote GPU machine)
+        commit, dirty = os.environ["MSPECKV_GIT_COMMIT"], os.environ.get("MSPECKV_GIT_DIRTY") == "1"
+    elif commit is not None:
         status = _git("status", "--porcelain", "--untracked-files=no")
         dirty = None if status is None else bool(status)
     gpu = cuda = None

@@ -67,6 +67,11 @@ RANDOM_SHAPES = {
                             max_position_embeddings=131072, rms_norm_eps=1e-5,
                             rope_scaling={"rope_type": "yarn", "factor": 32.0,
                                           "original_max_position_embeddings": 4096}),
+    # TriForce's draft for that target (JackFram/llama-68m: 2 layers, width 768, Llama-2 vocabulary); positions raised
+    # to the target's 128K, since the draft's StreamingLLM cache sees real positions of a long prompt
+    "llama-68m": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=3072,
+                      num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=12,
+                      max_position_embeddings=131072, rms_norm_eps=1e-6),
     "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True),
