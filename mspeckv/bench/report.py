@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mspeckv.bench import breakdown
 from mspeckv.bench.results import METHODS, STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
 from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
 
@@ -245,6 +246,10 @@ def _header(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"- runs: {summary['n_ok']} ok, {summary['n_failed']} failed ({summary['n_runs']} total)",
         "- config:",
     ]
+    if "random" in summary["weights"]:
+        lines.insert(1, "\n> **Random weights.** Acceptance means nothing here, so the speculative methods' tok/s, "
+                        "latency and speedups say nothing about speculation. Read the baseline's ms/token and the "
+                        "per-call costs of each level (last table) instead.\n")
     lines += [f"  - {k}: `{json.dumps(json_safe(v), sort_keys=True)}`" for k, v in sorted(common.items())]
     if varying:
         lines.append(f"  - varies between runs: {', '.join(varying)}")
@@ -262,6 +267,17 @@ def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
     cols = _speedup_columns(methods)
     rows = [[_fmt_x(r[x_name])] + [r[f"{c}_text"] for c, _, _ in cols] for r in summary["speedups"]]
     parts.append("## Latency speedups (paired by seed)\n\n" + _md_table([x_name] + [c for c, _, _ in cols], rows))
+    parts.append(
+        "## Where the decode time goes (mean over seeds)\n\n"
+        + breakdown.markdown(groups, xs, methods, x_name, _fmt_x)
+        + "\n\ndraft / L1 (target over the retrieval cache) / L2 (target over its full KV; vanilla's only verifier): "
+        "CUDA-event seconds over the decode, share of latency in brackets; ms/call = seconds / rounds of that level. "
+        "other = latency − the levels (host work, acceptance). Levels run back to back on one stream, so GPU work a "
+        "level leaves queued while the host launches the next counts to the earlier level: the split between "
+        "adjacent levels is approximate, their sum is not. H2D = host-to-device KV bytes of the target's cache "
+        "(prefill included) / generated tokens."
+        + (" hf_assisted exposes no per-level times." if "hf_assisted" in methods else "")
+    )
     parts.append(
         "Cells are mean ± sample std over seeds. Δ = method − reference and × = speedup of method over reference "
         "(throughput and accepted: method / reference; latency: reference / method), both computed per seed on "
@@ -317,6 +333,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     summary["n_failed"] = summary["n_runs"] - summary["n_ok"]
     summary["rows"] = _rows(groups, x_name)
     summary["speedups"] = _speedup_rows(groups, xs, methods, x_name)
+    summary["breakdown"] = breakdown.rows(groups, xs, methods, x_name)
     out = Path(dir)
     files = {
         "summary_csv": str(atomic_write_text(out / "summary.csv", _csv(summary["rows"]))),
