@@ -22,7 +22,7 @@ def _mean(vals: list[float | None]) -> float | None:
 
 
 def run_breakdown(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """One run's metrics -> ``{latency_s, <level>_s, <level>_share, <level>_ms_per_call, other_s, other_share, ...}``."""
+    """One run's metrics -> ``{latency_s, <level>_s, <level>_share, <level>_ms_per_call, other_s, ...}``."""
     lat = metrics.get("latency_s")
     per = metrics.get("per_level_s") or {}
     levels = metrics.get("levels") or {}
