@@ -6,6 +6,7 @@ CPU memory (``kv_quant`` format) and are streamed in; ``resident_layers`` of the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from .quant import BITS, QuantSpec
@@ -62,6 +63,13 @@ class Placement:
             )
         if self.quant is not None and n_off:
             self.quant.check_head_dim(head_dim)
+        if self.resident_policy == "lru" and 0 < self.resident_layers < n_off:
+            warnings.warn(
+                f"--resident-policy lru with {self.resident_layers} slots for {n_off} offloaded layers never hits: "
+                f"every forward visits the layers in the same order, so LRU evicts each layer just before it is "
+                f"needed again; use --resident-policy static (or --resident-layers {n_off})",
+                stacklevel=3,
+            )
 
     def describe(self, n_layers: int) -> str:
         on = self.n_on_chip(n_layers)
