@@ -84,7 +84,7 @@ SPEEDUP_HEADER = "| prefill | vanilla_vs_base | no_kv_quant_vs_base | kv_quant_v
 
 def test_report_renders_fixture(sweep_dir: Path):
     summary = render(sweep_dir)
-    for name in ("summary.csv", "summary.json", "summary.md", "throughput.png", "latency.png"):
+    for name in ("summary.csv", "summary.json", "summary.md", "throughput.png", "latency.png", "breakdown.png"):
         assert (sweep_dir / name).is_file(), name
     assert not [p for p in sweep_dir.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
     md = (sweep_dir / "summary.md").read_text()
@@ -147,7 +147,7 @@ def test_report_without_hf_and_without_matplotlib(sweep_dir: Path, monkeypatch: 
     md = (sweep_dir / "summary.md").read_text()
     assert SPEEDUP_HEADER + "\n" in md  # exactly these columns without hf_assisted
     assert "kv_quant_vs_hf" not in md and "hf_assisted" not in md
-    assert not (sweep_dir / "throughput.png").exists()
+    assert not (sweep_dir / "throughput.png").exists() and not (sweep_dir / "breakdown.png").exists()
     assert summary["warnings"] and "mspeckv[plot]" in summary["warnings"][0]
 
 

@@ -91,6 +91,60 @@ def plot_metric(
     return path
 
 
+SEGMENTS = (("draft_s", "draft"), ("verify_l1_s", "L1: target, retrieval KV"), ("verify_l2_s", "L2: target, full KV"),
+            ("other_s", "other (host)"))
+
+
+def plot_breakdown(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, x_name: str = "x",
+                   title: str | None = None) -> Path:
+    """Stacked bars of decode seconds per level, one group per x and one bar per method (``breakdown.rows`` rows;
+    a baseline bar is its whole decode time)."""
+    Figure = _figure_cls()
+    xs = list(dict.fromkeys(r[x_name] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / max(len(methods), 1)
+    fig = Figure(figsize=(max(7.0, 1.6 * len(xs) * max(len(methods), 1) / 2), 4.5), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = {key: f"C{i}" for i, (key, _) in enumerate(SEGMENTS)}
+    labelled: set[str] = set()
+    for j, m in enumerate(methods):
+        for i, x in enumerate(xs):
+            r = next((r for r in rows if r[x_name] == x and r["method"] == m), None)
+            if r is None or not _finite(r.get("latency_s")):
+                continue
+            pos, bottom = i + (j - (len(methods) - 1) / 2) * width, 0.0
+            parts = [(k, r.get(k)) for k, _ in SEGMENTS] if _finite(r.get("draft_s")) else [("ar", r["latency_s"])]
+            for key, v in parts:
+                if not _finite(v) or v <= 0:
+                    continue
+                label = dict(SEGMENTS).get(key, "AR decode")
+                ax.bar(pos, v, width * 0.9, bottom=bottom, color=colors.get(key, "0.6"),
+                       label=None if label in labelled else label)
+                labelled.add(label)
+                bottom += v
+            ax.text(pos, bottom, m.replace("mspeckv_", "").replace("_specdec", ""), rotation=90, ha="center",
+                    va="bottom", fontsize=7)
+    ax.set_xticks(list(range(len(xs))))
+    ax.set_xticklabels([f"{x:g}" if _finite(x) else str(x) for x in xs])
+    ax.set_xlabel(x_name)
+    ax.set_ylabel("decode seconds (mean over seeds)")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the bar labels
+    if title:
+        ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    if labelled:
+        order = ["AR decode"] + [name for _, name in SEGMENTS]
+        handles, labels = ax.get_legend_handles_labels()
+        pairs = sorted(zip(handles, labels, strict=True), key=lambda hl: order.index(hl[1]))
+        ax.legend([h for h, _ in pairs], [lab for _, lab in pairs], fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
 def plot_summary(
     rows: Sequence[dict[str, Any]],
     out_dir: str | os.PathLike,
@@ -117,7 +171,7 @@ def plot_summary(
             "latency_s",
             out / "latency.png",
             x_name=x_name,
-            ylabel="end-to-end latency (s)",
+            ylabel="decode latency after the first token (s)",
             title=f"Latency vs {x_name}{sfx}",
             methods=methods,
         ),

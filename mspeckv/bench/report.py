@@ -346,6 +346,11 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
 
             title = ", ".join(summary["sweeps"])
             pngs = plot_summary(summary["rows"], out, x_name=x_name, methods=methods, title=title)
+            if summary["breakdown"]:
+                from mspeckv.bench.plots import plot_breakdown
+
+                pngs.append(plot_breakdown(summary["breakdown"], out / "breakdown.png", x_name=x_name,
+                                           title=f"Where the decode time goes ({title})"))
             files.update({f"{p.stem}_png": str(p) for p in pngs})
         except PlotDependencyError as e:
             summary["warnings"].append(f"plots skipped: {e}")
