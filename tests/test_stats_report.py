@@ -276,10 +276,14 @@ def test_breakdown_of_one_run_and_of_a_group():
     from mspeckv.bench.breakdown import group_breakdown, run_breakdown
 
     m = {"latency_s": 2.0, "per_level_s": {"prefill": 9.0, "draft": 0.5, "verify_l1": 0.4, "verify_l2": 1.0},
-         "levels": {"verify_l1": {"rounds": 8}, "verify_l2": {"rounds": 4}}, "decode_ms_per_token": 7.8,
+         "levels": {"verify_l1": {"rounds": 8, "proposed": 20}, "verify_l2": {"rounds": 4}}, "decode_ms_per_token": 7.8,
          "bytes_per_token": 2e6, "resident_hit_rate": 0.5}  # fmt: skip
     b = run_breakdown(m)
-    assert b["draft_share"] == pytest.approx(0.25) and b["draft_ms_per_call"] is None  # drafts have no rounds
+    assert b["draft_share"] == pytest.approx(0.25) and "draft_ms_per_call" not in b  # drafts have no rounds ...
+    assert b["draft_ms_per_token"] == pytest.approx(25.0)  # ... but L1 counted the 20 tokens they proposed
+    vanilla = run_breakdown({"latency_s": 1.0, "per_level_s": {"draft": 0.3, "verify_l2": 0.6},
+                             "levels": {"verify_l2": {"rounds": 3, "proposed": 12}}})
+    assert vanilla["draft_ms_per_token"] == pytest.approx(25.0) and vanilla["verify_l1_s"] is None
     assert b["verify_l1_ms_per_call"] == pytest.approx(50.0) and b["verify_l2_ms_per_call"] == pytest.approx(250.0)
     assert b["other_s"] == pytest.approx(0.1) and b["other_share"] == pytest.approx(0.05)  # prefill is not decode
     assert b["h2d_MB_per_token"] == pytest.approx(2.0) and b["resident_hit_rate"] == 0.5
@@ -295,7 +299,7 @@ def test_report_has_the_breakdown_table(sweep_dir: Path):
     assert "## Where the decode time goes (mean over seeds)" in md
     assert "**Random weights.**" in md  # the fixture is labelled random
     # fixture: latencies 4.5, 5, 5 and levels 0.1/0.2/0.3 s -> shares 2%, 4%, 6%, other 4.23 s (88%)
-    assert "| 2048 | mspeckv | 4.83 | 0.10 (2%) | 0.20 (4%) | – | 0.30 (6%) | – | 4.23 (88%) |" in md
+    assert "| 2048 | mspeckv | 4.83 | 0.10 (2%) | – | 0.20 (4%) | – | 0.30 (6%) | – | 4.23 (88%) |" in md
     assert "| 2048 | hf_assisted |" not in md  # transformers exposes no per-level times
     rows = {(r["prefill"], r["method"]): r for r in summary["breakdown"]}
     assert rows[(2048, "mspeckv")]["other_s"] == pytest.approx(5 - 0.5 / 3 - 0.6)

@@ -3,6 +3,7 @@
 Each speculative run records ``per_level_s`` (CUDA-event time of each level over the decode, prefill apart) and
 ``levels`` (rounds per verifying level). The naming is the engine's: ``draft`` is the drafter, ``verify_l1`` the target
 over its retrieval cache (hierarchy only), ``verify_l2`` the target over its full KV (the top level, vanilla included).
+``draft_ms_per_token`` = draft seconds / tokens the draft proposed (the ``proposed`` count of the level above it).
 ``other`` = latency − the levels' sum: host work between levels, acceptance, bookkeeping. A baseline run has a single
 ``decode`` level. Every number is a mean over the ok runs (seeds) of a group; nothing here is estimated.
 """
@@ -33,9 +34,13 @@ def run_breakdown(metrics: dict[str, Any]) -> dict[str, float | None]:
         rounds = (levels.get(name) or {}).get("rounds")
         out[f"{name}_s"] = s
         out[f"{name}_share"] = s / lat if s is not None and lat else None
-        out[f"{name}_ms_per_call"] = 1e3 * s / rounds if s is not None and rounds else None
+        if name != "draft":  # a drafter has no rounds: its cost per proposed token is below
+            out[f"{name}_ms_per_call"] = 1e3 * s / rounds if s is not None and rounds else None
         spent += s or 0.0
     speculative = any(per.get(n) is not None for n in LEVELS)
+    above = levels.get("verify_l1") or levels.get("verify_l2") or {}  # the level that verifies the draft's tokens
+    drafted = above.get("proposed")
+    out["draft_ms_per_token"] = 1e3 * per["draft"] / drafted if per.get("draft") is not None and drafted else None
     out["other_s"] = lat - spent if speculative and lat is not None else None
     out["other_share"] = out["other_s"] / lat if out["other_s"] is not None and lat else None
     out["decode_ms_per_token"] = metrics.get("decode_ms_per_token")
@@ -60,8 +65,8 @@ def _s(v: float | None, share: float | None = None, digits: int = 2) -> str:
 
 def markdown(groups, xs, methods, x_name: str, fmt_x) -> str:
     """The per-level table for the summary (``groups``: ``{(x, method): Group}`` as in :mod:`report`)."""
-    header = [x_name, "method", "latency s", "draft s", "L1 s", "L1 ms/call", "L2 s", "L2 ms/call", "other s",
-              "decode ms/token", "H2D MB/token", "resident hit"]  # fmt: skip
+    header = [x_name, "method", "latency s", "draft s", "draft ms/token", "L1 s", "L1 ms/call", "L2 s", "L2 ms/call",
+              "other s", "decode ms/token", "H2D MB/token", "resident hit"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for x in xs:
         for m in methods:
@@ -70,6 +75,7 @@ def markdown(groups, xs, methods, x_name: str, fmt_x) -> str:
                 continue
             b = group_breakdown(g.ok)
             cells = [fmt_x(x), m, _s(b["latency_s"]), _s(b["draft_s"], b["draft_share"]),
+                     _s(b["draft_ms_per_token"], digits=1),
                      _s(b["verify_l1_s"], b["verify_l1_share"]), _s(b["verify_l1_ms_per_call"], digits=1),
                      _s(b["verify_l2_s"], b["verify_l2_share"]), _s(b["verify_l2_ms_per_call"], digits=1),
                      _s(b["other_s"], b["other_share"]), _s(b["decode_ms_per_token"], digits=1),

@@ -271,7 +271,8 @@ def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
         "## Where the decode time goes (mean over seeds)\n\n"
         + breakdown.markdown(groups, xs, methods, x_name, _fmt_x)
         + "\n\ndraft / L1 (target over the retrieval cache) / L2 (target over its full KV; vanilla's only verifier): "
-        "CUDA-event seconds over the decode, share of latency in brackets; ms/call = seconds / rounds of that level. "
+        "CUDA-event seconds over the decode, share of latency in brackets; ms/call = seconds / rounds of that level; "
+        "draft ms/token = draft seconds / tokens the draft proposed. "
         "other = latency − the levels (host work, acceptance). Levels run back to back on one stream, so GPU work a "
         "level leaves queued while the host launches the next counts to the earlier level: the split between "
         "adjacent levels is approximate, their sum is not. H2D = host-to-device KV bytes of the target's cache "
