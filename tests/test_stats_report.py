@@ -271,6 +271,23 @@ def test_run_record_roundtrip_and_metadata():
     assert RunRecord.from_dict(d).config == {"w": 1}
 
 
+def test_metadata_commit_from_env_when_there_is_no_git(monkeypatch: pytest.MonkeyPatch):
+    from mspeckv.bench import results as results_mod
+
+    monkeypatch.setattr(results_mod, "_git", lambda *a: None)  # e.g. a copy of the tree on a GPU machine
+    monkeypatch.setenv("MSPECKV_GIT_COMMIT", "a" * 40)
+    monkeypatch.setenv("MSPECKV_GIT_DIRTY", "1")
+    results_mod._static_metadata.cache_clear()
+    try:
+        meta = run_metadata()
+        assert meta["git_commit"] == "a" * 40 and meta["git_dirty"] is True
+        monkeypatch.delenv("MSPECKV_GIT_COMMIT")
+        results_mod._static_metadata.cache_clear()
+        assert run_metadata()["git_commit"] is None  # nothing claimed without git or the variable
+    finally:
+        results_mod._static_metadata.cache_clear()
+
+
 # -------------------------------------------------------------------------------------------------- breakdown
 def test_breakdown_of_one_run_and_of_a_group():
     from mspeckv.bench.breakdown import group_breakdown, run_breakdown

@@ -63,29 +63,25 @@ def _s(v: float | None, share: float | None = None, digits: int = 2) -> str:
     return f"{v:.{digits}f}" + (f" ({100 * share:.0f}%)" if share is not None else "")
 
 
-def markdown(groups, xs, methods, x_name: str, fmt_x) -> str:
-    """The per-level table for the summary (``groups``: ``{(x, method): Group}`` as in :mod:`report`)."""
+def markdown(rows: list[dict[str, Any]], x_name: str, fmt_x) -> str:
+    """The per-level table for the summary, from :func:`rows`."""
     header = [x_name, "method", "latency s", "draft s", "draft ms/token", "L1 s", "L1 ms/call", "L2 s", "L2 ms/call",
               "other s", "decode ms/token", "H2D MB/token", "resident hit"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for x in xs:
-        for m in methods:
-            g = groups.get((x, m))
-            if g is None or not g.ok or m == "hf_assisted":  # transformers exposes no per-level times
-                continue
-            b = group_breakdown(g.ok)
-            cells = [fmt_x(x), m, _s(b["latency_s"]), _s(b["draft_s"], b["draft_share"]),
-                     _s(b["draft_ms_per_token"], digits=1),
-                     _s(b["verify_l1_s"], b["verify_l1_share"]), _s(b["verify_l1_ms_per_call"], digits=1),
-                     _s(b["verify_l2_s"], b["verify_l2_share"]), _s(b["verify_l2_ms_per_call"], digits=1),
-                     _s(b["other_s"], b["other_share"]), _s(b["decode_ms_per_token"], digits=1),
-                     _s(b["h2d_MB_per_token"], digits=1), _s(b["resident_hit_rate"])]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
+    for b in rows:
+        cells = [fmt_x(b[x_name]), b["method"], _s(b["latency_s"]), _s(b["draft_s"], b["draft_share"]),
+                 _s(b["draft_ms_per_token"], digits=1),
+                 _s(b["verify_l1_s"], b["verify_l1_share"]), _s(b["verify_l1_ms_per_call"], digits=1),
+                 _s(b["verify_l2_s"], b["verify_l2_share"]), _s(b["verify_l2_ms_per_call"], digits=1),
+                 _s(b["other_s"], b["other_share"]), _s(b["decode_ms_per_token"], digits=1),
+                 _s(b["h2d_MB_per_token"], digits=1), _s(b["resident_hit_rate"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def rows(groups, xs, methods, x_name: str) -> list[dict[str, Any]]:
-    """The same numbers for summary.json."""
+    """One row per (x, method) with ok runs (``groups``: ``{(x, method): Group}`` as in :mod:`report`); transformers
+    exposes no per-level times, so hf_assisted has none."""
     return [
         {x_name: x, "method": m, **group_breakdown(g.ok)}
         for x in xs

@@ -82,6 +82,11 @@ def plot_metric(
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out and write a figure atomically (temp file + rename)."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,12 +142,7 @@ def plot_breakdown(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, x
         handles, labels = ax.get_legend_handles_labels()
         pairs = sorted(zip(handles, labels, strict=True), key=lambda hl: order.index(hl[1]))
         ax.legend([h for h, _ in pairs], [lab for _, lab in pairs], fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def plot_summary(

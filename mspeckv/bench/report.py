@@ -269,7 +269,7 @@ def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
     parts.append("## Latency speedups (paired by seed)\n\n" + _md_table([x_name] + [c for c, _, _ in cols], rows))
     parts.append(
         "## Where the decode time goes (mean over seeds)\n\n"
-        + breakdown.markdown(groups, xs, methods, x_name, _fmt_x)
+        + breakdown.markdown(summary["breakdown"], x_name, _fmt_x)
         + "\n\ndraft / L1 (target over the retrieval cache) / L2 (target over its full KV; vanilla's only verifier): "
         "CUDA-event seconds over the decode, share of latency in brackets; ms/call = seconds / rounds of that level; "
         "draft ms/token = draft seconds / tokens the draft proposed. "
