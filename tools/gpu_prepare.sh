@@ -9,6 +9,7 @@ for tag in q15 q05; do
   ls ~/m/$tag.[0-9][0-9] | sort | xargs cat > ~/m/$tag.gguf
 done
 python -m mspeckv models prepare qwen2.5-coder-1.5b --gguf ~/m/q15.gguf > ~/m/prep15.log 2>&1 &
-python -m mspeckv models prepare qwen2.5-coder-0.5b --gguf ~/m/q05.gguf > ~/m/prep05.log 2>&1
-wait
+pid=$!
+python -m mspeckv models prepare qwen2.5-coder-0.5b --gguf ~/m/q05.gguf > ~/m/prep05.log 2>&1 || { cat ~/m/prep05.log; exit 1; }
+wait "$pid" || { cat ~/m/prep15.log; exit 1; }
 tail -n 1 ~/m/prep15.log ~/m/prep05.log

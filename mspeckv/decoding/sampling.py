@@ -22,8 +22,8 @@ def logits_to_probs(logits: Tensor, s: SamplingConfig) -> Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_logits.softmax(-1)) >= s.top_p  # mass strictly before this token already reaches p
+        ps = sorted_logits.softmax(-1)
+        drop = (ps.cumsum(-1) - ps) >= s.top_p  # mass strictly before this token already reaches p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     return logits.softmax(-1)

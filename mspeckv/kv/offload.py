@@ -140,6 +140,7 @@ class PlacedKV:
         self._pending: int | None = None
         self.stats = TransferStats()
         self.stage_i = 0
+        self.failed = False
 
     # ------------------------------------------------------------------------------------------------ interface
     def length(self) -> int:
@@ -149,6 +150,9 @@ class PlacedKV:
         return self.max_len
 
     def begin(self, n_new: int) -> None:
+        if self.failed:
+            raise RuntimeError("this offloaded KV cache saw a failed forward and is no longer consistent; "
+                               "build a new one (make_cache)")
         check_begin(self._len, n_new, self.max_len, self._pending)
         self._pending = n_new
         if self.dense is not None:
@@ -200,9 +204,12 @@ class PlacedKV:
         self.stats.forwards += 1
 
     def abort(self) -> None:
+        """A forward failed half-way: layers already updated rewrote their residual and slots were reassigned, so
+        the cache no longer describes one history. It refuses further use instead of serving mixed state."""
         if self.dense is not None:
             self.dense.abort()
         self._pending = None
+        self.failed = True
 
     def rollback(self, n: int) -> None:
         check_rollback(n, self._len)
@@ -310,6 +317,8 @@ class PlacedKV:
         if bf16_slot:
             kb, vb = self.slots[slot]
         elif self.spec is None:
+            if src is None:  # nothing fetched (nothing flushed yet): the staging buffer holds only new rows, but
+                key = ("s", self.stage_i % 2)  # a later fetch into it must still wait until this attention is done
             kb, vb = src if src is not None else self.stage[self.stage_i % 2]
         else:
             kb, vb = self.stage[0]  # dequantized on the compute stream: one buffer is enough

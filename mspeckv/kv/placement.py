@@ -85,10 +85,10 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int):
 
     c = model.cfg
     placement = placement or Placement()
-    placement.validate(c.n_layers, c.head_dim)
     if placement.n_on_chip(c.n_layers) == c.n_layers:
+        placement.validate(c.n_layers, c.head_dim)  # e.g. resident layers with nothing offloaded: an error
         return DenseKV.for_model(model, batch, max_len)
-    from .offload import PlacedKV
+    from .offload import PlacedKV  # validates the placement itself
 
     return PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, placement, batch, max_len, model.dtype, model.device)
 

@@ -283,7 +283,7 @@ class CausalLM(nn.Module):
                 if name not in own:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
-                    raise KeyError(f"{f.name}: unexpected tensor '{name}' for a {self.cfg.family} model")
+                    raise ValueError(f"{f.name}: unexpected tensor '{name}' for a {self.cfg.family} model")
                 if own[name].shape != t.shape:
                     want = tuple(own[name].shape)
                     raise ValueError(f"{f.name}: '{name}' has shape {tuple(t.shape)}, expected {want}")
@@ -291,5 +291,5 @@ class CausalLM(nn.Module):
                 seen.add(name)
         missing = set(own) - seen - ({"lm_head.weight"} if self.cfg.tie_embeddings else set())
         if missing:
-            raise KeyError(f"checkpoint in {d} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+            raise ValueError(f"checkpoint in {d} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         return self
