@@ -311,3 +311,18 @@ def test_retrieval_rebuild_after_growth():
     rc.rebuild(FakeFull([k[:, :, :63]], [k[:, :, :63]]), [torch.randn(1, 2, 1, 4)], chunk=4)
     assert rc.n_appended == 0 and rc.source_len == 63 and rc.n_seen == 63 and rc.n_retrieved == 4 + 2 * 4 + 3
     assert rc.index[0][0, 0, -3:].tolist() == [60, 61, 62]
+
+
+def test_static_streaming_refuses_rollback_across_compaction():
+    from mspeckv.kv.static import StaticStreaming
+
+    m = tiny_model()
+    c = StaticStreaming.for_model(m, sinks=2, window=4, room=2)  # 8 rows
+    ids = torch.randint(3, m.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in range(9):  # the 9th token compacts to 2 sinks + 4 recent, then appends
+            m(ids[:, t:t + 1], c, pos0=t)
+    assert c.n_evicted == 2 and c.length() == 7
+    c.rollback(1)  # the token appended after the compaction: fine
+    with pytest.raises(ValueError, match="crosses a compaction"):
+        c.rollback(1)

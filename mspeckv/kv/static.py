@@ -97,6 +97,7 @@ class StaticStreaming(StaticKV):
             raise ValueError("capacity must equal sinks + window + room")
         self.sinks, self.window = sinks, window
         self.n_evicted = 0
+        self._floor = 0  # length right after the last compaction: a rollback below it would return wrong rows
 
     @classmethod
     def for_model(cls, model, *, sinks: int, window: int, room: int, batch: int = 1):
@@ -112,11 +113,18 @@ class StaticStreaming(StaticKV):
                 t[:, :, self.sinks:self.sinks + keep] = t[:, :, src:src + keep].clone()
             self.n_evicted += src - self.sinks
             self.set_length(self.sinks + keep)
+            self._floor = self._len
         if self._len + n > self.cap:
             raise CacheFullError(f"a forward of {n} tokens exceeds the streaming cache's room ({self.cap - self._len})")
 
     def prepare(self, n_new: int) -> None:
         self.reserve(n_new)
+
+    def rollback(self, n: int) -> None:
+        if self._len - n < self._floor:
+            raise ValueError(f"rollback({n}) crosses a compaction: only {self._len - self._floor} tokens were appended "
+                             f"since the last one; call reserve(total tokens of the round) before a speculation round")
+        super().rollback(n)
 
 
 class StaticRetrieval(StaticKV):
