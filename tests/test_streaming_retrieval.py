@@ -140,6 +140,7 @@ class FakeFull:
         return self.ks[0].shape[2]
 
     def read(self, layer):
+        self.reads = getattr(self, "reads", 0) + 1  # for an offloaded cache each read is a transfer
         return self.ks[layer], self.vs[layer]
 
 
@@ -171,7 +172,9 @@ def test_retrieval_picks_top_chunks_per_head(tail):
     q[..., 0] = 1.0
     budget = 16
     n_top = (budget - chunk - tail) // chunk  # 3 without a tail, 2 with one
-    rc = RetrievalCache.build(FakeFull([k, k], [v, v]), [q, q], budget=budget, chunk=chunk, extra=4)
+    full = FakeFull([k, k], [v, v])
+    rc = RetrievalCache.build(full, [q, q], budget=budget, chunk=chunk, extra=4)
+    assert full.reads == 1 + 2  # one read for the shape, then one per layer (select and gather share it)
     for h in range(2):
         ranked = [c for c in a[h].argsort(descending=True).tolist() if c != 0][:n_top]
         exp = expected_index([0, *ranked], chunk, L)

@@ -111,28 +111,32 @@ class RetrievalCache:
         B, Hkv, _, D = k0.shape
         idx = index if isinstance(index, list) else [index] * full_cache.n_layers
         self = cls(full_cache.n_layers, B, Hkv, D, idx[0].shape[-1], extra, k0.dtype, k0.device)
-        self._fill(full_cache, idx)
+        self._fill(full_cache, lambda i, k: idx[i])
         return self
 
     def rebuild(self, full_cache, queries: list[Tensor], chunk: int = 8) -> None:
-        """Re-select from the (grown) full cache, e.g. periodically; drops every appended row."""
+        """Re-select from the (grown) full cache, e.g. periodically; drops every appended row. Each layer's history
+        is read once (for an offloaded cache every read is a transfer): select, then gather from the same read."""
         if len(queries) != self.n_layers:
             raise ValueError(f"need one query tensor per layer ({self.n_layers}), got {len(queries)}")
-        idx = [select_chunks(full_cache.read(i)[0], queries[i], self.budget, chunk) for i in range(self.n_layers)]
-        self._fill(full_cache, idx)
+        self._fill(full_cache, lambda i, k: select_chunks(k, queries[i], self.budget, chunk))
 
-    def _fill(self, full_cache, idx: list[Tensor]) -> None:
+    def _fill(self, full_cache, index_of) -> None:
+        """``index_of(layer, k) -> (B, Hkv, n)`` token indices to keep; gathers them from one read per layer."""
         if self._pending is not None:
             raise RuntimeError("cannot refill a retrieval cache inside a forward")
-        n = idx[0].shape[-1]
-        if n > self.budget:
-            raise ValueError(f"{n} retrieved rows exceed the buffer's budget of {self.budget}")
+        idx = []
         for i in range(self.n_layers):
             k, v = full_cache.read(i)  # (B, Hkv, L, D)
-            g = idx[i][..., None].expand(-1, -1, -1, k.shape[-1])  # (B, Hkv, n, D)
+            ix = index_of(i, k)
+            n = ix.shape[-1]
+            if n > self.budget:
+                raise ValueError(f"{n} retrieved rows exceed the buffer's budget of {self.budget}")
+            g = ix[..., None].expand(-1, -1, -1, k.shape[-1])  # (B, Hkv, n, D)
             self.k[i][:, :, :n] = k.gather(2, g)
             self.v[i][:, :, :n] = v.gather(2, g)
-        self.index, self.n_retrieved, self.n_appended = idx, n, 0
+            idx.append(ix)
+        self.index, self.n_retrieved, self.n_appended = idx, idx[0].shape[-1], 0
         self.source_len = full_cache.length()
 
     def length(self) -> int:
