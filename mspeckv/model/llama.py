@@ -101,13 +101,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (T, S) bool or None (= no masking) -> (B, Hq, T, D).
 
     Few query rows (decode, verification): fold each KV head's G query heads into the query axis, so K/V are read
-    once with no copy; on CUDA the scores come from one bmm with fp32 output (cuDNN/flash SDPA splits the long key
-    axis poorly at this shape: 357 us vs 127 us per layer at 32K on an H100, tools/profile_decode.py). Many query rows
-    (prefill): repeat K/V per query head and use SDPA's fused kernels.
+    once with no copy. On CUDA this is the split-K Triton kernel of ``model/decode_attention.py`` (GQA folded, the
+    mask applied in the kernel and the key loop bounded by each row's last visible key, so a static cache's unused
+    rows are not read); with ``MSPECKV_NO_TRITON=1`` (or no Triton) the scores come from one bmm with fp32 output.
+    On the CPU: SDPA over the folded queries. Many query rows (prefill): repeat K/V per query head and use SDPA's
+    fused kernels.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
+    if G * T <= FOLD_MAX and q.is_cuda:
+        from .decode_attention import decode_attention_triton, triton_supported, use_triton
+
+        if use_triton(q) and triton_supported(q, k, v, mask):
+            return decode_attention_triton(q, k, v, mask)
     if G * T <= FOLD_MAX:
         qf = q.reshape(B, Hkv, G * T, D)  # query head h = kv * G + g
         fm = None if mask is None else mask.repeat(G, 1)  # (G*T, S)

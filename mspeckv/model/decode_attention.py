@@ -1,0 +1,468 @@
+"""Decode / verification attention for few query rows: one split-K (flash-decoding) Triton kernel + a torch reference.
+
+``decode_attention(q, k, v, mask, lens=..., k_tail=..., v_tail=...)`` computes, for q (B, Hq, T, D) and K/V with
+Hkv = Hq / G heads, ``softmax(q k^T / sqrt(D) + mask) v`` -> (B, Hq, T, D) in q's dtype.
+
+* **GQA folded**: one program handles one KV head's G query heads x T query rows (row r = g*T + t, query head
+  kv*G + g, as ``attention()`` in ``model/llama.py`` folds them), so each K/V row is read once for all of them.
+* **Split-K**: the key axis is cut into ``num_splits`` ranges, each program computes a partial (max, sum, P·V) in
+  fp32, and a second pass combines them. The ranges cover ``[0, max visible key)``, computed on the device from
+  ``lens``/``mask``, so a static-capacity cache (buffer longer than its valid prefix) is not read past the valid rows
+  and every launch has host-independent shapes (CUDA-graph safe).
+* **Masking**: ``mask`` (T, S) bool (True = visible) is applied exactly; ``lens`` (T,) int gives each row's visible
+  prefix (row t sees keys j < lens[t]); ``causal=True`` is the bottom-right causal mask among the new rows (row t
+  sees j <= S - T + t) without any mask tensor. They combine (logical and).
+* **KV formats**: dense bf16/fp16/fp32 tensors of any strides (e.g. a prefix view or a whole static buffer), or
+  KIVI ``QTensor`` codes (``mspeckv.kv.quant``: keys per channel grouped along tokens, values per token grouped
+  along channels, int8/int4/int2, scale+zero) dequantized inside the kernel: the codes are read, never expanded.
+  ``k_tail``/``v_tail`` (dense, B, Hkv, S_t, D) are keys appended after the quantized ones (a KIVI residual); key
+  index j >= S_q addresses them. The tail is handled by one extra split.
+
+The torch reference (``decode_attention_torch``) dequantizes, applies the same masks and does the math of
+``attention()``'s few-row path (folded SDPA on the CPU, fp32-score bmm on CUDA). The dispatcher uses Triton on CUDA
+when it is installed and ``MSPECKV_NO_TRITON`` is not ``1``, the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kv.quant import QTensor, unpack_codes
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+KV = Tensor | QTensor
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def _key_group(k: QTensor) -> int:
+    return k.shape[2] // k.codes.shape[2]
+
+
+def _val_group(v: QTensor) -> int:
+    return v.shape[3] // v.scale.shape[3]
+
+
+def _bits(x: QTensor) -> int:
+    """Bits per code, from the packed width."""
+    B, H, T, D = x.shape
+    if x.is_key:
+        g = _key_group(x)
+        return 8 * x.codes.shape[4] // g
+    return 8 * x.codes.shape[3] // D
+
+
+def dequant_torch(x: QTensor, dtype: torch.dtype) -> Tensor:
+    """QTensor -> dense (B, H, S, D) in dtype (same math as ``quant.dequantize_*_torch``, spec inferred)."""
+    B, H, S, D = x.shape
+    bits = _bits(x)
+    c = unpack_codes(x.codes, bits).float()
+    if x.is_key:  # (B, H, NG, D, g)
+        y = c * x.scale.float().unsqueeze(-1) + x.zero.float().unsqueeze(-1)
+        return y.to(dtype).transpose(-1, -2).reshape(B, H, S, D)
+    g = _val_group(x)
+    y = c.view(B, H, S, D // g, g) * x.scale.float().unsqueeze(-1) + x.zero.float().unsqueeze(-1)
+    return y.to(dtype).view(B, H, S, D)
+
+
+def visible(T: int, S: int, device, mask: Tensor | None = None, lens: Tensor | None = None,
+            causal: bool = False) -> Tensor | None:
+    """The combined (T, S) bool mask of ``mask``, ``lens`` and ``causal`` (None when nothing is masked)."""
+    m = None if mask is None else mask.to(device=device, dtype=torch.bool)
+    j = torch.arange(S, device=device)[None, :]
+    if lens is not None:
+        lm = j < lens.to(device).view(T, 1)
+        m = lm if m is None else m & lm
+    if causal:
+        cm = j <= S - T + torch.arange(T, device=device)[:, None]
+        m = cm if m is None else m & cm
+    return m
+
+
+# --------------------------------------------------------------------------------------------------------- reference
+def decode_attention_torch(q: Tensor, k: KV, v: KV, mask: Tensor | None = None, *, lens: Tensor | None = None,
+                           causal: bool = False, k_tail: Tensor | None = None,
+                           v_tail: Tensor | None = None) -> Tensor:
+    """Reference: dequantize, concatenate the tail, mask, and do ``attention()``'s few-row math."""
+    B, Hq, T, D = q.shape
+    if isinstance(k, QTensor):
+        k = dequant_torch(k, q.dtype)
+    if isinstance(v, QTensor):
+        v = dequant_torch(v, q.dtype)
+    if k_tail is not None:
+        k, v = torch.cat([k, k_tail], 2), torch.cat([v, v_tail], 2)
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    m = visible(T, S, q.device, mask, lens, causal)
+    qf = q.reshape(B, Hkv, G * T, D)  # query head h = kv * G + g
+    fm = None if m is None else m.repeat(G, 1)  # (G*T, S)
+    if q.is_cuda and B == 1:
+        sc = torch.bmm(qf[0] * D ** -0.5, k[0].transpose(1, 2), out_dtype=torch.float32)  # (Hkv, G*T, S)
+        if fm is not None:
+            sc.masked_fill_(~fm, float("-inf"))
+        y = torch.bmm(sc.softmax(-1).to(v.dtype), v[0])[None]
+    else:
+        y = F.scaled_dot_product_attention(qf, k, v, attn_mask=fm)
+    return y.reshape(B, Hq, T, D)
+
+
+# --------------------------------------------------------------------------------------------------------- Triton
+if HAS_TRITON:
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,  # K/V: dense tensors, or codes + scale + zero
+        kt_ptr, vt_ptr,  # dense tail (TAIL)
+        lens_ptr, mask_ptr,
+        op_ptr, ml_ptr,  # partials: (BH, NS, M, D) fp32, (BH, NS, M, 2) fp32
+        Hkv, S_main, S_tail, n_split, sm_scale,
+        s_qb, s_qh, s_qt, s_qd,
+        s_kb, s_kh, s_kt, s_kd, s_kj,  # dense: t, d (kj unused); key codes: group, d, byte
+        s_ksb, s_ksh, s_ksg, s_ksd,
+        s_vb, s_vh, s_vt, s_vd,  # dense: t, d; value codes: t, byte
+        s_vsb, s_vsh, s_vst, s_vsj,
+        s_ktb, s_kth, s_ktt, s_ktd,
+        s_vtb, s_vth, s_vtt, s_vtd,
+        s_mt, s_mn,
+        T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        KBITS: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,  # bits 0 = dense; VG: value group (channels)
+        HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, TAIL: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        M: tl.constexpr = G * T
+        pid_s = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hkv).to(tl.int64)
+        h = (pid_bh % Hkv).to(tl.int64)
+        S_tot = S_main + S_tail
+
+        r = tl.arange(0, BLOCK_M)
+        rt = r % T  # query row within the new tokens
+        rg = r // T  # query head within the group
+        rv = r < M
+        d = tl.arange(0, D)
+
+        # visible-key bound of each row, and of the whole program (device-side: graph safe)
+        row_end = tl.full((BLOCK_M,), 0, tl.int32) + S_tot
+        if HAS_LENS:
+            row_end = tl.minimum(row_end, tl.load(lens_ptr + rt, mask=rv, other=0).to(tl.int32))
+        if CAUSAL:
+            row_end = tl.minimum(row_end, S_tot - T + rt + 1)
+        row_end = tl.where(rv, row_end, 0)
+        hi = tl.max(row_end, 0)
+
+        q_ptrs = q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh + rt[:, None] * s_qt + d[None, :] * s_qd
+        qv = tl.load(q_ptrs, mask=rv[:, None], other=0.0)
+        dt = qv.dtype
+        qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+
+        L = tl.minimum(hi, S_main)
+        nblk = tl.cdiv(tl.cdiv(L, BLOCK_N), n_split)
+        lo = pid_s * nblk * BLOCK_N
+        hi_s = tl.minimum(lo + nblk * BLOCK_N, L)
+        k_base = k_ptr + b * s_kb + h * s_kh
+        v_base = v_ptr + b * s_vb + h * s_vh
+        for n0 in range(lo, hi_s, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nv = n < hi_s
+            # ---- K^T tile (D, BLOCK_N)
+            if KBITS == 0:
+                kk = tl.load(k_base + n[None, :] * s_kt + d[:, None] * s_kd, mask=nv[None, :], other=0.0)
+                kk = kk.to(dt)
+            else:  # one group of BLOCK_N tokens: codes (D, BLOCK_N * KBITS / 8), scale/zero (D,)
+                KPER: tl.constexpr = 8 // KBITS
+                grp = n0 // BLOCK_N
+                jb = tl.arange(0, BLOCK_N // KPER)
+                byte = tl.load(k_base + grp * s_kt + d[:, None] * s_kd + jb[None, :] * s_kj).to(tl.int32)
+                if KBITS == 8:
+                    code = byte
+                else:
+                    sh = tl.arange(0, KPER) * KBITS
+                    code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1),
+                                      (D, BLOCK_N))
+                ks = tl.load(ks_ptr + b * s_ksb + h * s_ksh + grp * s_ksg + d * s_ksd).to(tl.float32)
+                kz = tl.load(kz_ptr + b * s_ksb + h * s_ksh + grp * s_ksg + d * s_ksd).to(tl.float32)
+                kk = (code.to(tl.float32) * ks[:, None] + kz[:, None]).to(dt)
+            if IEEE:
+                s = tl.dot(qv, kk, input_precision="ieee")
+            else:
+                s = tl.dot(qv, kk)
+            vis = (n[None, :] < row_end[:, None]) & nv[None, :]
+            if HAS_MASK:
+                mk = tl.load(mask_ptr + rt[:, None] * s_mt + n[None, :] * s_mn, mask=rv[:, None] & nv[None, :],
+                             other=0)
+                vis = vis & (mk != 0)
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sf = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_sf[:, None])
+            alpha = tl.exp2(m_i - m_sf)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # ---- V tile (BLOCK_N, D)
+            if VBITS == 0:
+                vv = tl.load(v_base + n[:, None] * s_vt + d[None, :] * s_vd, mask=nv[:, None], other=0.0)
+                vv = vv.to(dt)
+            else:  # per token: codes (BLOCK_N, D * VBITS / 8), scale/zero (BLOCK_N, D / VG)
+                VPER: tl.constexpr = 8 // VBITS
+                jv = tl.arange(0, D // VPER)
+                n64 = n.to(tl.int64)
+                byte = tl.load(v_base + n64[:, None] * s_vt + jv[None, :] * s_vd, mask=nv[:, None],
+                               other=0).to(tl.int32)
+                if VBITS == 8:
+                    code = byte
+                else:
+                    sh = tl.arange(0, VPER) * VBITS
+                    code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << VBITS) - 1),
+                                      (BLOCK_N, D))
+                jg = tl.arange(0, D // VG)
+                sp = b * s_vsb + h * s_vsh + n64[:, None] * s_vst + jg[None, :] * s_vsj
+                vs = tl.load(vs_ptr + sp, mask=nv[:, None], other=0.0).to(tl.float32)
+                vz = tl.load(vz_ptr + sp, mask=nv[:, None], other=0.0).to(tl.float32)
+                x = tl.reshape(code.to(tl.float32), (BLOCK_N, D // VG, VG))
+                x = x * vs[:, :, None] + vz[:, :, None]
+                vv = tl.reshape(x, (BLOCK_N, D)).to(dt)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv)
+            m_i = m_new
+
+        if TAIL:  # the last program reads the dense tail: keys [S_main, S_main + S_tail)
+            lo_t = S_main
+            hi_t = tl.where(pid_s == n_split, tl.minimum(hi, S_tot), S_main)  # the last program only
+            kt_base = kt_ptr + b * s_ktb + h * s_kth
+            vt_base = vt_ptr + b * s_vtb + h * s_vth
+            for n0 in range(lo_t, hi_t, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                nv = n < hi_t
+                kk = tl.load(kt_base + (n - S_main)[None, :] * s_ktt + d[:, None] * s_ktd, mask=nv[None, :], other=0.0)
+                if IEEE:
+                    s = tl.dot(qv, kk.to(dt), input_precision="ieee")
+                else:
+                    s = tl.dot(qv, kk.to(dt))
+                vis = (n[None, :] < row_end[:, None]) & nv[None, :]
+                if HAS_MASK:
+                    mk = tl.load(mask_ptr + rt[:, None] * s_mt + n[None, :] * s_mn, mask=rv[:, None] & nv[None, :],
+                                 other=0)
+                    vis = vis & (mk != 0)
+                s = tl.where(vis, s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_sf = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_sf[:, None])
+                alpha = tl.exp2(m_i - m_sf)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vv = tl.load(vt_base + (n - S_main)[:, None] * s_vtt + d[None, :] * s_vtd, mask=nv[:, None],
+                             other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv.to(dt), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv.to(dt))
+                m_i = m_new
+        NS = tl.num_programs(0)
+        base = pid_bh.to(tl.int64) * NS + pid_s
+        tl.store(op_ptr + (base * M + r)[:, None] * D + d[None, :], acc, mask=rv[:, None])
+        tl.store(ml_ptr + (base * M + r) * 2, m_i, mask=rv)
+        tl.store(ml_ptr + (base * M + r) * 2 + 1, l_i, mask=rv)
+
+    @triton.jit
+    def _reduce_kernel(
+        op_ptr, ml_ptr, o_ptr, NS, Hkv,
+        s_ob, s_oh, s_ot, s_od,
+        T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        M: tl.constexpr = G * T
+        pid_bh = tl.program_id(0)
+        r = tl.program_id(1)
+        b = (pid_bh // Hkv).to(tl.int64)
+        h = (pid_bh % Hkv).to(tl.int64)
+        sidx = tl.arange(0, BLOCK_S)
+        row = pid_bh.to(tl.int64) * NS * M + r  # partial (s) of this row sits at row + s * M
+        mm = tl.load(ml_ptr + (row + sidx * M) * 2, mask=sidx < NS, other=float("-inf"))
+        m_all = tl.max(mm, 0)
+        m_sf = tl.where(m_all == float("-inf"), 0.0, m_all)
+        d = tl.arange(0, D)
+        acc = tl.zeros((D,), tl.float32)
+        den = tl.zeros((CHUNK,), tl.float32)
+        for s0 in range(0, NS, CHUNK):
+            s = s0 + tl.arange(0, CHUNK)
+            sv = s < NS
+            ms = tl.load(ml_ptr + (row + s * M) * 2, mask=sv, other=float("-inf"))
+            ls = tl.load(ml_ptr + (row + s * M) * 2 + 1, mask=sv, other=0.0)
+            w = tl.exp2(ms - m_sf)
+            den += w * ls
+            o = tl.load(op_ptr + (row + s * M)[:, None] * D + d[None, :], mask=sv[:, None], other=0.0)
+            acc += tl.sum(o * w[:, None], 0)
+        out = acc / tl.sum(den, 0)
+        t = r % T
+        hq = h * G + r // T
+        tl.store(o_ptr + b * s_ob + hq * s_oh + t * s_ot + d * s_od, out.to(o_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def default_splits(n_keys: int, block_n: int, programs_per_split: int, rows: int, sms: int) -> int:
+    """Splits of the key axis: about 4 programs per multiprocessor in all, at least 4 key blocks per split, and at
+    least 8 keys per query row per split (the fp32 partials, rows x D each, stay small next to the K/V read)."""
+    n_blk = -(-n_keys // block_n)
+    min_blk = max(4, -(-8 * rows // block_n))
+    want = max(1, (4 * sms) // max(1, programs_per_split))
+    return max(1, min(want, -(-n_blk // min_blk)))
+
+
+_BOUND: list = [None, -1, None]  # weakref(mask), mask version, per-row key bound: one entry, shared by the layers
+
+
+def mask_bound(mask: Tensor) -> Tensor:
+    """(T, S) bool -> (T,) int32: one past each row's last visible key (a loop bound; the mask itself is still
+    applied). Cached for the last mask object seen, so the layers of one forward compute it once."""
+    ref, ver, val = _BOUND
+    if ref is not None and ref() is mask and ver == mask._version:
+        return val
+    S = mask.shape[-1]
+    idx = torch.arange(1, S + 1, device=mask.device, dtype=torch.int32)
+    val = torch.where(mask, idx, 0).amax(-1).to(torch.int32)
+    _BOUND[:] = [weakref.ref(mask), mask._version, val]
+    return val
+
+
+def triton_supported(q: Tensor, k: KV, v: KV, mask: Tensor | None = None) -> bool:
+    """Shapes/dtypes the kernel handles (else the dispatcher falls back to the reference)."""
+    if not (HAS_TRITON and q.is_cuda):
+        return False
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != q.shape[2]):
+        return False
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1) or D > 256 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    B, Hq, T, _ = q.shape
+    if isinstance(k, QTensor):
+        g = _key_group(k)
+        if g < 16 or g > 256 or g & (g - 1):
+            return False
+    if isinstance(v, QTensor):
+        gv = _val_group(v)
+        if gv & (gv - 1) or gv > D:
+            return False
+    Hkv = k.shape[1]
+    return Hq % Hkv == 0 and (Hq // Hkv) * T <= 128
+
+
+def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None, *, lens: Tensor | None = None,
+                            causal: bool = False, k_tail: Tensor | None = None, v_tail: Tensor | None = None,
+                            num_splits: int | None = None, block_n: int | None = None,
+                            num_warps: int | None = None, num_stages: int = 3) -> Tensor:
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    M = G * T
+    S_main = k.shape[2]
+    S_tail = 0 if k_tail is None else k_tail.shape[2]
+    S_tot = S_main + S_tail
+    kq, vq = isinstance(k, QTensor), isinstance(v, QTensor)
+    if kq:
+        BLOCK_N = _key_group(k)
+        kbits = _bits(k)
+        kt, ks, kz = k.codes, k.scale, k.zero
+        s_k = (kt.stride(0), kt.stride(1), kt.stride(2), kt.stride(3), kt.stride(4))
+        s_ks = ks.stride()
+    else:
+        BLOCK_N = block_n or 64
+        kbits = 0
+        kt, ks, kz = k, k, k
+        s_k = (k.stride(0), k.stride(1), k.stride(2), k.stride(3), 0)
+        s_ks = (0, 0, 0, 0)
+    if vq:
+        vbits, vg = _bits(v), _val_group(v)
+        vt, vs, vz = v.codes, v.scale, v.zero
+        s_v = v.codes.stride()
+        s_vs = vs.stride()
+        if vz.stride() != vs.stride():
+            raise ValueError("value scale and zero must share strides")
+    else:
+        vbits, vg = 0, 1
+        vt, vs, vz = v, v, v
+        s_v = v.stride()
+        s_vs = (0, 0, 0, 0)
+    if kq and kz.stride() != ks.stride():
+        raise ValueError("key scale and zero must share strides")
+    BLOCK_M = max(16, triton.next_power_of_2(M))
+    ns = num_splits or default_splits(S_main, BLOCK_N, B * Hkv, M, _sm_count(q.device))
+    tail = S_tail > 0
+    NS = ns + int(tail)
+    dev = q.device
+    op = torch.empty((B * Hkv, NS, M, D), dtype=torch.float32, device=dev)
+    ml = torch.empty((B * Hkv, NS, M, 2), dtype=torch.float32, device=dev)
+    kt_t = k_tail if tail else q
+    vt_t = v_tail if tail else q
+    s_kt = kt_t.stride() if tail else (0, 0, 0, 0)
+    s_vt = vt_t.stride() if tail else (0, 0, 0, 0)
+    if lens is not None:
+        lens = lens.to(device=dev, dtype=torch.int32).reshape(T)
+    m_arg, s_m = q, (0, 0)
+    if mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != (T, S_tot):
+            raise ValueError(f"mask must be bool ({T}, {S_tot}), got {mask.dtype} {tuple(mask.shape)}")
+        m_arg = mask.view(torch.uint8)
+        s_m = m_arg.stride()
+        if lens is None:
+            lens = mask_bound(mask)
+    nw = num_warps or (4 if BLOCK_M <= 32 else 8)
+    _split_kernel[(NS, B * Hkv)](
+        q, kt, vt, ks, kz, vs, vz, kt_t, vt_t, q if lens is None else lens, m_arg, op, ml,
+        Hkv, S_main, S_tail, ns, D ** -0.5,
+        *q.stride(), *s_k, *s_ks, *s_v, *s_vs, *s_kt, *s_vt, *s_m,
+        T=T, G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KBITS=kbits, VBITS=vbits, VG=vg,
+        HAS_LENS=lens is not None, HAS_MASK=mask is not None, CAUSAL=causal, TAIL=tail,
+        IEEE=q.dtype == torch.float32, num_warps=nw, num_stages=num_stages,
+    )  # fmt: skip
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    BLOCK_S = triton.next_power_of_2(NS)
+    _reduce_kernel[(B * Hkv, M)](
+        op, ml, out, NS, Hkv, *out.stride(), T=T, G=G, D=D, BLOCK_S=BLOCK_S, CHUNK=min(16, BLOCK_S), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- dispatch
+def use_triton(q: Tensor) -> bool:
+    return q.is_cuda and HAS_TRITON and os.environ.get("MSPECKV_NO_TRITON", "0") != "1"
+
+
+def decode_attention(q: Tensor, k: KV, v: KV, mask: Tensor | None = None, *, lens: Tensor | None = None,
+                     causal: bool = False, k_tail: Tensor | None = None, v_tail: Tensor | None = None,
+                     **triton_kw) -> Tensor:
+    """Few-row attention: Triton split-K kernel on CUDA (see module doc), the torch reference elsewhere."""
+    B, Hq, T, D = q.shape
+    if k.shape[1] == 0 or Hq % k.shape[1] or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)} / v {tuple(v.shape)}")
+    if (k_tail is None) != (v_tail is None):
+        raise ValueError("k_tail and v_tail go together")
+    if use_triton(q) and triton_supported(q, k, v, mask):
+        return decode_attention_triton(q, k, v, mask, lens=lens, causal=causal, k_tail=k_tail, v_tail=v_tail,
+                                       **triton_kw)
+    return decode_attention_torch(q, k, v, mask, lens=lens, causal=causal, k_tail=k_tail, v_tail=v_tail)
