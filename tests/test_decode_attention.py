@@ -60,9 +60,11 @@ def test_reference_lens_and_static_mask():
     ref = naive(q, k[:, :, :S], v[:, :, :S], causal_mask(T, S, "cpu"))
     assert rel(da.decode_attention_torch(q, k, v, lens=lens), ref) < 1e-5
     assert rel(da.decode_attention_torch(q, k, v, static), ref) < 1e-5
-    assert torch.equal(da.mask_bound(static), lens.int())
+    assert torch.equal(da.mask_bound(static), torch.cat([lens, torch.zeros(1, dtype=torch.long)]).int())  # prefix
     arb = torch.rand(T, C) < 0.5
     arb[:, 0] = True
+    arb[:, 1] = False
+    assert int(da.mask_bound(arb)[T]) == 1  # not a prefix: the kernel must apply it
     assert rel(da.decode_attention_torch(q, k, v, arb, lens=lens), naive(q, k, v, arb & (cols < lens[:, None]))) < 1e-5
 
 

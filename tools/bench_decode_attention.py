@@ -212,10 +212,11 @@ def main() -> None:
                 if T > 1:
                     specs.append(("triton", dict(fmt="bf16", variant="causal")))
                 if a.sweep_splits:
-                    base = da.default_splits(S, 64, Hkv, Hq // Hkv * T, sms)
-                    for f in (0.25, 0.5, 2.0):
-                        ns = max(1, int(base * f))
-                        specs.append(("triton", dict(fmt="bf16", variant=f"splits{ns}", num_splits=ns)))
+                    for fmt, per_sm in (("bf16", 2.0), ("int4", 4.0)):
+                        base = da.default_splits(S, 64, Hkv, Hq // Hkv * T, sms, per_sm)
+                        for f in (0.5, 2.0, 4.0):
+                            ns = min(da.MAX_SPLITS - 1, max(1, int(base * f)))
+                            specs.append(("triton", dict(fmt=fmt, variant=f"splits{ns}", num_splits=ns)))
                 if not a.no_baselines:
                     specs += [("bmm", {}), ("sdpa", {})]
                 for method, kw in specs:

@@ -123,10 +123,75 @@ def decode_attention_torch(q: Tensor, k: KV, v: KV, mask: Tensor | None = None, 
 if HAS_TRITON:
 
     @triton.jit
+    def _load_kq(k_base, ks_base, kz_base, n0, hi_s, s_kt, s_kd, s_kj, s_ksg, s_ksd,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr):
+        """Key codes of the group holding tokens [n0, n0 + BLOCK_N): bytes (D, BLOCK_N*KBITS/8), scale, zero (D,)."""
+        KPER: tl.constexpr = 8 // KBITS
+        d = tl.arange(0, D)
+        jb = tl.arange(0, BLOCK_N // KPER)
+        grp = n0 // BLOCK_N
+        ok = n0 < hi_s
+        byte = tl.load(k_base + grp * s_kt + d[:, None] * s_kd + jb[None, :] * s_kj, mask=(d[:, None] < D) & ok,
+                       other=0)
+        sc = tl.load(ks_base + grp * s_ksg + d * s_ksd, mask=(d < D) & ok, other=0.0)
+        zr = tl.load(kz_base + grp * s_ksg + d * s_ksd, mask=(d < D) & ok, other=0.0)
+        return byte, sc, zr
+
+    @triton.jit
+    def _deq_k(byte, sc, zr, D: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr):
+        """-> K^T tile (D, BLOCK_N) fp32; codes are packed along tokens (token j*PER + p in bits p*KBITS)."""
+        KPER: tl.constexpr = 8 // KBITS
+        byte = byte.to(tl.int32)
+        if KBITS == 8:
+            code = byte
+        else:
+            sh = tl.arange(0, KPER) * KBITS
+            code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1), (D, BLOCK_N))
+        return code.to(tl.float32) * sc.to(tl.float32)[:, None] + zr.to(tl.float32)[:, None]
+
+    @triton.jit
+    def _load_vq(v_base, vs_base, vz_base, n0, hi_s, s_vt, s_vd, s_vst, s_vsj,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr):
+        """Value codes of tokens [n0, n0 + BLOCK_N): bytes (BLOCK_N, D*VBITS/8), scale, zero (BLOCK_N, D/VG)."""
+        VPER: tl.constexpr = 8 // VBITS
+        n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        nv = n < hi_s
+        jv = tl.arange(0, D // VPER)
+        byte = tl.load(v_base + n[:, None] * s_vt + jv[None, :] * s_vd, mask=nv[:, None], other=0)
+        jg = tl.arange(0, D // VG)
+        sp = n[:, None] * s_vst + jg[None, :] * s_vsj
+        sc = tl.load(vs_base + sp, mask=nv[:, None], other=0.0)
+        zr = tl.load(vz_base + sp, mask=nv[:, None], other=0.0)
+        return byte, sc, zr
+
+    @triton.jit
+    def _deq_v(byte, sc, zr, D: tl.constexpr, BLOCK_N: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr):
+        """-> V tile (BLOCK_N, D) fp32; codes are packed along channels, one scale/zero per VG channels."""
+        VPER: tl.constexpr = 8 // VBITS
+        byte = byte.to(tl.int32)
+        if VBITS == 8:
+            code = byte
+        else:
+            sh = tl.arange(0, VPER) * VBITS
+            code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << VBITS) - 1), (BLOCK_N, D))
+        x = tl.reshape(code.to(tl.float32), (BLOCK_N, D // VG, VG))
+        x = x * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]
+        return tl.reshape(x, (BLOCK_N, D))
+
+    @triton.jit
+    def _online(s, vis, m_i, l_i, qk_scale):
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sf = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_sf[:, None])
+        alpha = tl.exp2(m_i - m_sf)
+        return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+    @triton.jit
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,  # K/V: dense tensors, or codes + scale + zero
         kt_ptr, vt_ptr,  # dense tail (TAIL)
-        lens_ptr, mask_ptr,
+        lens_ptr, mask_ptr,  # lens (T,) [+ a flag at [T]: mask is not a prefix mask, apply it]; mask (T, S) uint8
         op_ptr, ml_ptr,  # partials: (BH, NS, M, D) fp32, (BH, NS, M, 2) fp32
         Hkv, S_main, S_tail, n_split, sm_scale,
         s_qb, s_qh, s_qt, s_qd,
@@ -163,6 +228,8 @@ if HAS_TRITON:
             row_end = tl.minimum(row_end, S_tot - T + rt + 1)
         row_end = tl.where(rv, row_end, 0)
         hi = tl.max(row_end, 0)
+        if HAS_MASK:
+            mflag = tl.load(lens_ptr + T)  # 0: the mask is each row's prefix [0, lens): row_end says it all
 
         q_ptrs = q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh + rt[:, None] * s_qt + d[None, :] * s_qd
         qv = tl.load(q_ptrs, mask=rv[:, None], other=0.0)
@@ -179,70 +246,54 @@ if HAS_TRITON:
         hi_s = tl.minimum(lo + nblk * BLOCK_N, L)
         k_base = k_ptr + b * s_kb + h * s_kh
         v_base = v_ptr + b * s_vb + h * s_vh
+        ks_base = ks_ptr + b * s_ksb + h * s_ksh
+        kz_base = kz_ptr + b * s_ksb + h * s_ksh
+        vs_base = vs_ptr + b * s_vsb + h * s_vsh
+        vz_base = vz_ptr + b * s_vsb + h * s_vsh
+        # quantized operands go through registers (dequantized before the dot), which the compiler's pipelining does
+        # not prefetch: load block i+1's codes while block i is computed
+        if KBITS > 0:
+            kq_b, kq_s, kq_z = _load_kq(k_base, ks_base, kz_base, lo, hi_s, s_kt, s_kd, s_kj, s_ksg, s_ksd,
+                                        D, BLOCK_N, KBITS)
+        if VBITS > 0:
+            vq_b, vq_s, vq_z = _load_vq(v_base, vs_base, vz_base, lo, hi_s, s_vt, s_vd, s_vst, s_vsj,
+                                        D, BLOCK_N, VBITS, VG)
         for n0 in range(lo, hi_s, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nv = n < hi_s
+            if KBITS > 0:
+                kb, ksc, kzr = kq_b, kq_s, kq_z
+                kq_b, kq_s, kq_z = _load_kq(k_base, ks_base, kz_base, n0 + BLOCK_N, hi_s, s_kt, s_kd, s_kj,
+                                            s_ksg, s_ksd, D, BLOCK_N, KBITS)
+            if VBITS > 0:
+                vb, vsc, vzr = vq_b, vq_s, vq_z
+                vq_b, vq_s, vq_z = _load_vq(v_base, vs_base, vz_base, n0 + BLOCK_N, hi_s, s_vt, s_vd, s_vst,
+                                            s_vsj, D, BLOCK_N, VBITS, VG)
             # ---- K^T tile (D, BLOCK_N)
             if KBITS == 0:
-                kk = tl.load(k_base + n[None, :] * s_kt + d[:, None] * s_kd, mask=nv[None, :], other=0.0)
-                kk = kk.to(dt)
-            else:  # one group of BLOCK_N tokens: codes (D, BLOCK_N * KBITS / 8), scale/zero (D,)
-                KPER: tl.constexpr = 8 // KBITS
-                grp = n0 // BLOCK_N
-                jb = tl.arange(0, BLOCK_N // KPER)
-                byte = tl.load(k_base + grp * s_kt + d[:, None] * s_kd + jb[None, :] * s_kj).to(tl.int32)
-                if KBITS == 8:
-                    code = byte
-                else:
-                    sh = tl.arange(0, KPER) * KBITS
-                    code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1),
-                                      (D, BLOCK_N))
-                ks = tl.load(ks_ptr + b * s_ksb + h * s_ksh + grp * s_ksg + d * s_ksd).to(tl.float32)
-                kz = tl.load(kz_ptr + b * s_ksb + h * s_ksh + grp * s_ksg + d * s_ksd).to(tl.float32)
-                kk = (code.to(tl.float32) * ks[:, None] + kz[:, None]).to(dt)
+                kk = tl.load(k_base + n[None, :] * s_kt + d[:, None] * s_kd, mask=nv[None, :], other=0.0).to(dt)
+            else:
+                kk = _deq_k(kb, ksc, kzr, D, BLOCK_N, KBITS).to(dt)
             if IEEE:
                 s = tl.dot(qv, kk, input_precision="ieee")
             else:
                 s = tl.dot(qv, kk)
             vis = (n[None, :] < row_end[:, None]) & nv[None, :]
             if HAS_MASK:
-                mk = tl.load(mask_ptr + rt[:, None] * s_mt + n[None, :] * s_mn, mask=rv[:, None] & nv[None, :],
-                             other=0)
-                vis = vis & (mk != 0)
-            s = tl.where(vis, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sf = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_sf[:, None])
-            alpha = tl.exp2(m_i - m_sf)
-            l_i = l_i * alpha + tl.sum(p, 1)
+                if mflag != 0:
+                    mk = tl.load(mask_ptr + rt[:, None] * s_mt + n[None, :] * s_mn, mask=rv[:, None] & nv[None, :],
+                                 other=0)
+                    vis = vis & (mk != 0)
+            p, alpha, l_i, m_i = _online(s, vis, m_i, l_i, qk_scale)
             # ---- V tile (BLOCK_N, D)
             if VBITS == 0:
-                vv = tl.load(v_base + n[:, None] * s_vt + d[None, :] * s_vd, mask=nv[:, None], other=0.0)
-                vv = vv.to(dt)
-            else:  # per token: codes (BLOCK_N, D * VBITS / 8), scale/zero (BLOCK_N, D / VG)
-                VPER: tl.constexpr = 8 // VBITS
-                jv = tl.arange(0, D // VPER)
-                n64 = n.to(tl.int64)
-                byte = tl.load(v_base + n64[:, None] * s_vt + jv[None, :] * s_vd, mask=nv[:, None],
-                               other=0).to(tl.int32)
-                if VBITS == 8:
-                    code = byte
-                else:
-                    sh = tl.arange(0, VPER) * VBITS
-                    code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << VBITS) - 1),
-                                      (BLOCK_N, D))
-                jg = tl.arange(0, D // VG)
-                sp = b * s_vsb + h * s_vsh + n64[:, None] * s_vst + jg[None, :] * s_vsj
-                vs = tl.load(vs_ptr + sp, mask=nv[:, None], other=0.0).to(tl.float32)
-                vz = tl.load(vz_ptr + sp, mask=nv[:, None], other=0.0).to(tl.float32)
-                x = tl.reshape(code.to(tl.float32), (BLOCK_N, D // VG, VG))
-                x = x * vs[:, :, None] + vz[:, :, None]
-                vv = tl.reshape(x, (BLOCK_N, D)).to(dt)
+                vv = tl.load(v_base + n[:, None] * s_vt + d[None, :] * s_vd, mask=nv[:, None], other=0.0).to(dt)
+            else:
+                vv = _deq_v(vb, vsc, vzr, D, BLOCK_N, VBITS, VG).to(dt)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv)
-            m_i = m_new
 
         if TAIL:  # the last program reads the dense tail: keys [S_main, S_main + S_tail)
             lo_t = S_main
@@ -252,29 +303,25 @@ if HAS_TRITON:
             for n0 in range(lo_t, hi_t, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
                 nv = n < hi_t
-                kk = tl.load(kt_base + (n - S_main)[None, :] * s_ktt + d[:, None] * s_ktd, mask=nv[None, :], other=0.0)
+                kk = tl.load(kt_base + (n - S_main)[None, :] * s_ktt + d[:, None] * s_ktd, mask=nv[None, :],
+                             other=0.0).to(dt)
                 if IEEE:
-                    s = tl.dot(qv, kk.to(dt), input_precision="ieee")
+                    s = tl.dot(qv, kk, input_precision="ieee")
                 else:
-                    s = tl.dot(qv, kk.to(dt))
+                    s = tl.dot(qv, kk)
                 vis = (n[None, :] < row_end[:, None]) & nv[None, :]
                 if HAS_MASK:
-                    mk = tl.load(mask_ptr + rt[:, None] * s_mt + n[None, :] * s_mn, mask=rv[:, None] & nv[None, :],
-                                 other=0)
-                    vis = vis & (mk != 0)
-                s = tl.where(vis, s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_sf = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_sf[:, None])
-                alpha = tl.exp2(m_i - m_sf)
-                l_i = l_i * alpha + tl.sum(p, 1)
+                    if mflag != 0:
+                        mk = tl.load(mask_ptr + rt[:, None] * s_mt + n[None, :] * s_mn,
+                                     mask=rv[:, None] & nv[None, :], other=0)
+                        vis = vis & (mk != 0)
+                p, alpha, l_i, m_i = _online(s, vis, m_i, l_i, qk_scale)
                 vv = tl.load(vt_base + (n - S_main)[:, None] * s_vtt + d[None, :] * s_vtd, mask=nv[:, None],
-                             other=0.0)
+                             other=0.0).to(dt)
                 if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv.to(dt), input_precision="ieee")
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv, input_precision="ieee")
                 else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv.to(dt))
-                m_i = m_new
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv)
         NS = tl.num_programs(0)
         base = pid_bh.to(tl.int64) * NS + pid_s
         tl.store(op_ptr + (base * M + r)[:, None] * D + d[None, :], acc, mask=rv[:, None])
@@ -285,31 +332,27 @@ if HAS_TRITON:
     def _reduce_kernel(
         op_ptr, ml_ptr, o_ptr, NS, Hkv,
         s_ob, s_oh, s_ot, s_od,
-        T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+        T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, DC: tl.constexpr,
     ):
+        """One program per (KV head, query row, DC channels): all splits' partials in one tile."""
         M: tl.constexpr = G * T
         pid_bh = tl.program_id(0)
         r = tl.program_id(1)
+        pid_d = tl.program_id(2)
         b = (pid_bh // Hkv).to(tl.int64)
         h = (pid_bh % Hkv).to(tl.int64)
         sidx = tl.arange(0, BLOCK_S)
+        sv = sidx < NS
         row = pid_bh.to(tl.int64) * NS * M + r  # partial (s) of this row sits at row + s * M
-        mm = tl.load(ml_ptr + (row + sidx * M) * 2, mask=sidx < NS, other=float("-inf"))
-        m_all = tl.max(mm, 0)
+        ms = tl.load(ml_ptr + (row + sidx * M) * 2, mask=sv, other=float("-inf"))
+        ls = tl.load(ml_ptr + (row + sidx * M) * 2 + 1, mask=sv, other=0.0)
+        m_all = tl.max(ms, 0)
         m_sf = tl.where(m_all == float("-inf"), 0.0, m_all)
-        d = tl.arange(0, D)
-        acc = tl.zeros((D,), tl.float32)
-        den = tl.zeros((CHUNK,), tl.float32)
-        for s0 in range(0, NS, CHUNK):
-            s = s0 + tl.arange(0, CHUNK)
-            sv = s < NS
-            ms = tl.load(ml_ptr + (row + s * M) * 2, mask=sv, other=float("-inf"))
-            ls = tl.load(ml_ptr + (row + s * M) * 2 + 1, mask=sv, other=0.0)
-            w = tl.exp2(ms - m_sf)
-            den += w * ls
-            o = tl.load(op_ptr + (row + s * M)[:, None] * D + d[None, :], mask=sv[:, None], other=0.0)
-            acc += tl.sum(o * w[:, None], 0)
-        out = acc / tl.sum(den, 0)
+        w = tl.exp2(ms - m_sf)
+        den = tl.sum(w * ls, 0)
+        d = pid_d * DC + tl.arange(0, DC)
+        o = tl.load(op_ptr + (row + sidx * M)[:, None] * D + d[None, :], mask=sv[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / den
         t = r % T
         hq = h * G + r // T
         tl.store(o_ptr + b * s_ob + hq * s_oh + t * s_ot + d * s_od, out.to(o_ptr.dtype.element_ty))
@@ -325,27 +368,34 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
-def default_splits(n_keys: int, block_n: int, programs_per_split: int, rows: int, sms: int) -> int:
-    """Splits of the key axis: about 4 programs per multiprocessor in all, at least 4 key blocks per split, and at
-    least 8 keys per query row per split (the fp32 partials, rows x D each, stay small next to the K/V read)."""
+MAX_SPLITS = 512  # the reduction loads all of a row's partials in one tile
+
+
+def default_splits(n_keys: int, block_n: int, programs_per_split: int, rows: int, sms: int,
+                   per_sm: float = 2.0) -> int:
+    """Splits of the key axis: about ``per_sm`` programs per multiprocessor in all, at least 4 key blocks per split,
+    and at least 8 keys per query row per split (the fp32 partials, rows x D each, stay small next to the K/V)."""
     n_blk = -(-n_keys // block_n)
     min_blk = max(4, -(-8 * rows // block_n))
-    want = max(1, (4 * sms) // max(1, programs_per_split))
-    return max(1, min(want, -(-n_blk // min_blk)))
+    want = max(1, int(per_sm * sms) // max(1, programs_per_split))
+    return max(1, min(want, -(-n_blk // min_blk), MAX_SPLITS - 1))
 
 
-_BOUND: list = [None, -1, None]  # weakref(mask), mask version, per-row key bound: one entry, shared by the layers
+_BOUND: list = [None, -1, None]  # weakref(mask), mask version, bounds: one entry, shared by the layers of a forward
 
 
 def mask_bound(mask: Tensor) -> Tensor:
-    """(T, S) bool -> (T,) int32: one past each row's last visible key (a loop bound; the mask itself is still
-    applied). Cached for the last mask object seen, so the layers of one forward compute it once."""
+    """(T, S) bool -> (T + 1,) int32: [0:T] one past each row's last visible key (the key loop's bound), [T] 1 when
+    some row is not a prefix (visible keys not exactly [0, bound)), so the kernel must also apply the mask itself.
+    Computed on the device (graph safe); cached for the last mask object seen, so the layers of a forward share it."""
     ref, ver, val = _BOUND
     if ref is not None and ref() is mask and ver == mask._version:
         return val
     S = mask.shape[-1]
     idx = torch.arange(1, S + 1, device=mask.device, dtype=torch.int32)
-    val = torch.where(mask, idx, 0).amax(-1).to(torch.int32)
+    bound = torch.where(mask, idx, 0).amax(-1).to(torch.int32)
+    count = mask.sum(-1, dtype=torch.int32)
+    val = torch.cat([bound, (count != bound).any().to(torch.int32).view(1)])
     _BOUND[:] = [weakref.ref(mask), mask._version, val]
     return val
 
@@ -411,7 +461,9 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     if kq and kz.stride() != ks.stride():
         raise ValueError("key scale and zero must share strides")
     BLOCK_M = max(16, triton.next_power_of_2(M))
-    ns = num_splits or default_splits(S_main, BLOCK_N, B * Hkv, M, _sm_count(q.device))
+    if num_splits is not None and not 1 <= num_splits < MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS})")
+    ns = num_splits or default_splits(S_main, BLOCK_N, B * Hkv, M, _sm_count(q.device), 4.0 if kq or vq else 2.0)
     tail = S_tail > 0
     NS = ns + int(tail)
     dev = q.device
@@ -429,8 +481,10 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
             raise ValueError(f"mask must be bool ({T}, {S_tot}), got {mask.dtype} {tuple(mask.shape)}")
         m_arg = mask.view(torch.uint8)
         s_m = m_arg.stride()
-        if lens is None:
-            lens = mask_bound(mask)
+        mb = mask_bound(mask)
+        if lens is not None:  # both: the tighter bound, and the mask applied
+            mb = torch.cat([torch.minimum(lens, mb[:T]), torch.ones(1, dtype=torch.int32, device=dev)])
+        lens = mb
     nw = num_warps or (4 if BLOCK_M <= 32 else 8)
     _split_kernel[(NS, B * Hkv)](
         q, kt, vt, ks, kz, vs, vz, kt_t, vt_t, q if lens is None else lens, m_arg, op, ml,
@@ -442,8 +496,9 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     )  # fmt: skip
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     BLOCK_S = triton.next_power_of_2(NS)
-    _reduce_kernel[(B * Hkv, M)](
-        op, ml, out, NS, Hkv, *out.stride(), T=T, G=G, D=D, BLOCK_S=BLOCK_S, CHUNK=min(16, BLOCK_S), num_warps=4,
+    DC = max(16, min(D, 8192 // BLOCK_S))
+    _reduce_kernel[(B * Hkv, M, D // DC)](
+        op, ml, out, NS, Hkv, *out.stride(), T=T, G=G, D=D, BLOCK_S=BLOCK_S, DC=DC, num_warps=4,
     )  # fmt: skip
     return out
 
