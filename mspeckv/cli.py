@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.sweeps import add_sweep_commands
 
     add_sweep_commands(sub)
+    from .evals.runner import add_eval_parser
+
+    add_eval_parser(sub)  # mspeckv eval ... and mspeckv data ...
     return ap
 
 

@@ -1,0 +1,48 @@
+"""Acceptance of each variant's press as the MSpecKV middle level (a lossless, speed-relevant quality metric).
+
+At each context, ``--accept-prompts`` prompts of real text (``long_prompt``, seeds ``seed*1000 + i``) are generated
+from greedily with ``speculative_generate(target, draft, ...)`` in MSpecKV mode, ``--accept-gen`` new tokens each.
+The variant's press is the middle level (``SpecConfig.l1_press``) and its placement the full-KV level's; the baseline
+row uses today's retrieval middle level (``--accept-budget`` tokens) with nothing offloaded. Reported: the middle
+level's acceptance rate (``verify_l1``: accepted / proposed draft tokens, pooled over prompts) and the full-KV
+level's accepted tokens per verification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GenerationConfig, SamplingConfig
+from ..data.corpora import long_prompt
+from .variants import Variant, spec_config
+
+
+def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
+    from ..decoding.speculative import speculative_generate
+
+    cfg = ev.cfg
+    gen = GenerationConfig(max_new_tokens=cfg.accept_gen, sampling=SamplingConfig(temperature=0.0),
+                           stop_on_eos=False, prefill_chunk=cfg.prefill_chunk)
+    prompts = [long_prompt(ev.tok, context, seed=cfg.seed * 1000 + i, dataset=cfg.dataset)
+               for i in range(cfg.accept_prompts)]
+    out = {}
+    for v in variants:
+        spec = spec_config(v, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.accept_budget, chunk=8)
+        l1 = {"accepted": 0, "proposed": 0}
+        l2 = {"accepted": 0, "rounds": 0}
+        tps = []
+        for ids in prompts:
+            res = speculative_generate(ev.model, ev.draft, torch.tensor([ids]), gen, spec, placement=v.placement)
+            lv1 = res.levels.get("verify_l1")
+            if lv1 is not None:
+                l1["accepted"] += lv1["accepted"]
+                l1["proposed"] += lv1["proposed"]
+            l2["accepted"] += res.levels["verify_l2"]["accepted"]
+            l2["rounds"] += res.levels["verify_l2"]["rounds"]
+            tps.append(res.tok_per_s)
+        out[v.name] = {"l1_acceptance_rate": l1["accepted"] / l1["proposed"] if l1["proposed"] else None,
+                       "l1_proposed": l1["proposed"], "l1_accepted": l1["accepted"],
+                       "l2_accepted_per_round": l2["accepted"] / l2["rounds"] if l2["rounds"] else None,
+                       "tok_per_s_mean": sum(tps) / len(tps), "prompts": len(prompts), "gen": cfg.accept_gen}
+        ev.progress(f"accept ctx={context} {v.name}: {out[v.name]['l1_acceptance_rate']}")
+    return {"accept": out}

@@ -1,0 +1,72 @@
+"""Greedy generation through a variant's cache, with the press applied before the first generated token.
+
+The prompt minus its last token is prefilled, ``cache.compress()`` is called, and the last prompt token is fed
+through the compressed/placed cache: so the first generated token, like every later one, is computed from the
+compressed history (a prefill's own last logits would come from uncompressed attention). Times are wall-clock with
+device synchronisation: TTFT = prefill + compress + first token; TPOT = decode seconds / tokens after the first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .variants import Variant, build_cache, compress, kv_bytes
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    ttft_s: float
+    decode_s: float
+    kv_bytes: int  # held right after the prompt (compressed), before any generated token is appended
+    prompt_len: int
+
+    @property
+    def tpot_s(self) -> float | None:
+        return self.decode_s / (len(self.tokens) - 1) if len(self.tokens) > 1 else None
+
+    @property
+    def tok_per_s(self) -> float | None:
+        return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else None
+
+
+@torch.inference_mode()
+def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk: int = 1024,
+           stop: Callable[[list[int]], bool] | None = None, stop_every: int = 8, eos: bool = True) -> Generated:
+    """Greedy tokens (EOS kept, if any) for one prompt; ``stop(tokens)`` is checked every ``stop_every`` tokens."""
+    device = model.device
+    T = len(ids)
+    if T < 1 or max_new < 1:
+        raise ValueError(f"need a prompt and max_new >= 1 (got {T} tokens, max_new {max_new})")
+    model.check_context(T + max_new)
+    eos_ids = set(model.cfg.eos_token_ids) if eos else set()
+    cache = build_cache(model, variant, 1, T + max_new)
+    x = torch.tensor([ids], device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    if T > 1:
+        model.prefill(x[:, :-1], cache, chunk=prefill_chunk)
+    compress(cache)
+    tok = model(x[:, -1:], cache)[:, -1].argmax(-1)
+    out = [int(tok)]
+    sync(device)
+    t_first = time.perf_counter()
+    held = kv_bytes(cache)
+    sync(device)
+    t1 = time.perf_counter()
+    while len(out) < max_new and out[-1] not in eos_ids:
+        tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+        out.append(int(tok))  # a host sync per token: the eval needs the token for EOS/stop checks anyway
+        if stop is not None and len(out) % stop_every == 0 and stop(out):
+            break
+    sync(device)
+    return Generated(out, t_first - t0, time.perf_counter() - t1, held, T)

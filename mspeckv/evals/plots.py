@@ -1,0 +1,126 @@
+"""PNG plots of an evaluation (matplotlib, the optional ``plot`` extra; pyplot is never used).
+
+- ``ppl_vs_compression.png``: PPL change (%) against compression, one line per quantization setting (the variant's
+  ``kv_quant``), one panel per context;
+- ``accuracy_vs_compression.png``: needle, RULER and GSM8K accuracy against compression;
+- ``kv_memory_vs_context.png``: held KV MB against context, one line per config;
+- ``throughput_vs_compression.png``: decode tok/s against compression, one line per context;
+- ``needle_<config>.png``: one heatmap (depth x context) per config.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..bench.plots import _figure_cls, _save
+from .report import _bytes
+from .variants import BASELINE
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", s).strip("-") or "_"
+
+
+def _compression(by: dict, variant: str, ctx: int) -> float | None:
+    base, _ = _bytes(by, BASELINE, ctx)
+    nb, _ = _bytes(by, variant, ctx)
+    return base / nb if base and nb else None
+
+
+def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
+    Figure = _figure_cls()
+    by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
+    quant = {c["variant"]: c.get("variant_info", {}).get("kv_quant", "none") for c in cells}
+    paths = []
+
+    ppl_ctx = sorted({c["context"] for c in cells if c["metric"] == "ppl"})
+    if ppl_ctx:
+        fig = Figure(figsize=(5.0 * len(ppl_ctx), 4.2), dpi=110)
+        for i, ctx in enumerate(ppl_ctx):
+            ax = fig.add_subplot(1, len(ppl_ctx), i + 1)
+            base = by.get(("ppl", BASELINE, ctx), {}).get("results", {}).get("ppl")
+            for q in sorted(set(quant.values())):
+                pts = []
+                for (m, v, c), cell in by.items():
+                    if m == "ppl" and c == ctx and quant.get(v) == q and base:
+                        x = _compression(by, v, ctx)
+                        if x is not None:
+                            pts.append((x, 100 * (cell["results"]["ppl"] / base - 1), v))
+                pts.sort()
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"kv {q}")
+                    for x, y, v in pts:
+                        ax.annotate(v, (x, y), fontsize=6, alpha=0.7)
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set_xlabel("KV compression (×, held bytes)")
+            ax.set_ylabel("PPL change vs full cache (%)")
+            ax.set_title(f"context {ctx}")
+            ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "ppl_vs_compression.png"))
+
+    acc = [(m, c) for m in ("needle", "ruler", "gsm8k") for c in sorted({k[2] for k in by if k[0] == m})]
+    if acc:
+        fig = Figure(figsize=(7.0, 4.5), dpi=110)
+        ax = fig.add_subplot(1, 1, 1)
+        for m, ctx in acc:
+            ref_ctx = ctx if ctx else max((k[2] for k in by if k[0] in ("speed", "ppl")), default=0)
+            pts = sorted((_compression(by, v, ref_ctx), cell["results"]["accuracy"] * 100)
+                         for (mm, v, c), cell in by.items() if mm == m and c == ctx
+                         and _compression(by, v, ref_ctx) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} @ {ctx or 'prompt'}")
+        ax.set_xlabel("KV compression (×)")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "accuracy_vs_compression.png"))
+
+    mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
+    if mem_ctx:
+        fig = Figure(figsize=(7.0, 4.5), dpi=110)
+        ax = fig.add_subplot(1, 1, 1)
+        for v in dict.fromkeys(c["variant"] for c in cells):
+            pts = [(ctx, _bytes(by, v, ctx)[0]) for ctx in mem_ctx]
+            pts = [(x, y / 2**20) for x, y in pts if y]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("held KV (MB)")
+        ax.legend(fontsize=6)
+        paths.append(_save(fig, out / "kv_memory_vs_context.png"))
+
+    sp_ctx = sorted({k[2] for k in by if k[0] == "speed"})
+    if sp_ctx:
+        fig = Figure(figsize=(7.0, 4.5), dpi=110)
+        ax = fig.add_subplot(1, 1, 1)
+        for ctx in sp_ctx:
+            pts = sorted((_compression(by, v, ctx), cell["results"]["tok_per_s"])
+                         for (m, v, c), cell in by.items() if m == "speed" and c == ctx
+                         and cell["results"].get("tok_per_s") and _compression(by, v, ctx) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {ctx}")
+        ax.set_xlabel("KV compression (×)")
+        ax.set_ylabel("decode tok/s (eager)")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "throughput_vs_compression.png"))
+
+    needle = [c for c in cells if c["metric"] == "needle"]
+    for v in dict.fromkeys(c["variant"] for c in needle):
+        cs = sorted((c for c in needle if c["variant"] == v), key=lambda c: c["context"])
+        depths = sorted({float(d) for c in cs for d in c["results"]["accuracy_by_depth"]})
+        grid = [[next((a for d, a in c["results"]["accuracy_by_depth"].items() if float(d) == dep), float("nan"))
+                 for c in cs] for dep in depths]
+        fig = Figure(figsize=(1.2 * len(cs) + 2.5, 0.5 * len(depths) + 2.0), dpi=110)
+        ax = fig.add_subplot(1, 1, 1)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(cs)), [str(c["context"]) for c in cs])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        for i, row in enumerate(grid):
+            for j, a in enumerate(row):
+                ax.text(j, i, "–" if a != a else f"{100 * a:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"needle retrieval: {v}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        paths.append(_save(fig, out / f"needle_{_slug(v)}.png"))
+    return paths

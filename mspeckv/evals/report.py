@@ -1,0 +1,211 @@
+"""Render an evaluation directory from its cells: ``summary.json``, ``summary.csv``, ``summary.md`` and PNG plots.
+
+Rows: one per (metric, variant, context) with the metric's headline value, the full-cache baseline's value at the same
+context and the delta (``delta_pct`` for ppl and speed). The compression overview has one table per context:
+config | compression | KV MB @ctx | bytes/token | decode tok/s | TTFT | TPOT | PPL (Δ%) | KL | needle % | RULER % |
+GSM8K %. Compression is the baseline's held KV bytes over the variant's at that context, from the ``speed`` cell
+(bytes held after the whole prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from ..bench.results import atomic_write_json, atomic_write_text
+from .template import CellStore
+from .variants import BASELINE
+
+# metric -> (headline field, delta kind: pct | abs, extra fields shown in the per-metric table)
+HEADLINE = {
+    "ppl": ("ppl", "pct", ("nll_mean",)),
+    "kl": ("kl_mean", "abs", ("top1_agreement",)),
+    "ece": ("ece", "abs", ()),
+    "attention": ("attn_cosine_mean", "abs", ("attn_cosine_min",)),
+    "recon": ("k_rel_mse_mean", "abs", ("v_rel_mse_mean", "kept_fraction")),
+    "speed": ("tok_per_s", "pct", ("kv_bytes", "ttft_s", "tpot_s")),
+    "needle": ("accuracy", "abs", ()),
+    "ruler": ("accuracy", "abs", ("multikey_accuracy", "vartrack_score")),
+    "gsm8k": ("accuracy", "abs", ("accuracy_flexible",)),
+    "accept": ("l1_acceptance_rate", "abs", ("l2_accepted_per_round",)),
+}
+ORDER = tuple(HEADLINE)
+OVERVIEW_COLS = ("config", "compression", "KV MB @ctx", "bytes/token", "decode tok/s", "TTFT s", "TPOT ms",
+                 "PPL (Δ%)", "KL", "needle %", "RULER %", "GSM8K %")
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def rows_from_cells(cells: list[dict]) -> list[dict]:
+    by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
+    rows = []
+    for (metric, variant, ctx), c in sorted(by.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER
+                                                                         else 99, kv[0][2], kv[0][1] != BASELINE,
+                                                                         kv[0][1])):
+        field, kind, extra = HEADLINE.get(metric, (None, "abs", ()))
+        res = c.get("results", {})
+        value = res.get(field) if field else None
+        base = by.get((metric, BASELINE, ctx), {}).get("results", {}).get(field) if field else None
+        row = {"metric": metric, "variant": variant, "context": ctx, "field": field, "value": value,
+               "baseline": base, "delta": None, "delta_pct": None,
+               **{k: res.get(k) for k in extra}, "git_commit": c.get("meta", {}).get("git_commit")}
+        if _num(value) and _num(base):
+            row["delta"] = value - base
+            if kind == "pct" and base:
+                row["delta_pct"] = 100.0 * (value / base - 1.0)
+        rows.append(row)
+    return rows
+
+
+def _bytes(by: dict, variant: str, ctx: int) -> tuple[float | None, bool]:
+    """(held KV bytes at ctx, from the ppl prefix?)."""
+    s = by.get(("speed", variant, ctx))
+    if s is not None:
+        return s["results"].get("kv_bytes"), False
+    p = by.get(("ppl", variant, ctx))
+    if p is not None:
+        return p["results"].get("kv_bytes_prefix"), True
+    return None, False
+
+
+def overview(cells: list[dict]) -> dict[str, list[dict]]:
+    by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
+    variants = list(dict.fromkeys([BASELINE] + [c["variant"] for c in cells]))
+    contexts = sorted({c["context"] for c in cells if c["metric"] in ("ppl", "speed", "kl")})
+    g = lambda m, v, ctx, f: by.get((m, v, ctx), {}).get("results", {}).get(f)
+    out = {}
+    for ctx in contexts:
+        base_bytes, _ = _bytes(by, BASELINE, ctx)
+        rows = []
+        for v in variants:
+            if not any((m, v, ctx) in by for m in ("ppl", "speed", "kl", "needle", "ruler")) and \
+                    (("gsm8k", v, 0) not in by):
+                continue
+            nb, from_prefix = _bytes(by, v, ctx)
+            prefix_tokens = g("ppl", v, ctx, "prefix_tokens")
+            ppl, ppl_base = g("ppl", v, ctx, "ppl"), g("ppl", BASELINE, ctx, "ppl")
+            rows.append({
+                "config": v, "context": ctx,
+                "compression": base_bytes / nb if _num(base_bytes) and _num(nb) and nb else None,
+                "kv_mb": nb / 2**20 if _num(nb) else None,
+                "bytes_per_token": (nb / (prefix_tokens if from_prefix else ctx)) if _num(nb) and
+                (not from_prefix or prefix_tokens) else None,
+                "bytes_from_ppl_prefix": from_prefix,
+                "tok_per_s": g("speed", v, ctx, "tok_per_s"), "ttft_s": g("speed", v, ctx, "ttft_s"),
+                "tpot_s": g("speed", v, ctx, "tpot_s"), "ppl": ppl,
+                "ppl_delta_pct": 100 * (ppl / ppl_base - 1) if _num(ppl) and _num(ppl_base) else None,
+                "kl": g("kl", v, ctx, "kl_mean"), "top1_agreement": g("kl", v, ctx, "top1_agreement"),
+                "needle_acc": g("needle", v, ctx, "accuracy"), "ruler_acc": g("ruler", v, ctx, "accuracy"),
+                "gsm8k_acc": g("gsm8k", v, 0, "accuracy"),
+            })
+        out[str(ctx)] = rows
+    return out
+
+
+def _f(x: Any, fmt: str, scale: float = 1.0) -> str:
+    return "–" if not _num(x) else format(x * scale, fmt)
+
+
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header)))
+             + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def overview_markdown(summary: dict) -> str:
+    parts = []
+    for ctx, rows in summary["overview"].items():
+        body = []
+        for r in rows:
+            comp = _f(r["compression"], ".2f") + ("×" if _num(r["compression"]) else "")
+            ppl = "–" if not _num(r["ppl"]) else f"{r['ppl']:.3f} ({_f(r['ppl_delta_pct'], '+.2f')}%)"
+            dag = " †" if r["bytes_from_ppl_prefix"] else ""
+            body.append([r["config"], comp + dag, _f(r["kv_mb"], ".1f"), _f(r["bytes_per_token"], ".0f"),
+                         _f(r["tok_per_s"], ".1f"), _f(r["ttft_s"], ".3f"), _f(r["tpot_s"], ".1f", 1e3), ppl,
+                         _f(r["kl"], ".4f"), _f(r["needle_acc"], ".1f", 100), _f(r["ruler_acc"], ".1f", 100),
+                         _f(r["gsm8k_acc"], ".1f", 100)])
+        parts.append(f"### Compression overview at {ctx} tokens\n\n" + _md(list(OVERVIEW_COLS), body))
+    if any(r["bytes_from_ppl_prefix"] for rows in summary["overview"].values() for r in rows):
+        parts.append("† no speed cell at this context: bytes held after the ppl prefix (context − scored span).")
+    return "\n\n".join(parts) if parts else "(no cells)"
+
+
+def _metric_tables(rows: list[dict]) -> str:
+    parts = []
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        mr = [r for r in rows if r["metric"] == metric]
+        field, kind, extra = HEADLINE.get(metric, ("value", "abs", ()))
+        body = []
+        for r in mr:
+            d = (_f(r["delta_pct"], "+.3f") + "%") if kind == "pct" else _f(r["delta"], "+.4g")
+            body.append([r["variant"], str(r["context"] or "prompt"), _f(r["value"], ".6g"), _f(r["baseline"], ".6g"),
+                         d, *[_f(r.get(k), ".6g") for k in extra]])
+        parts.append(f"### {metric} ({field})\n\n" + _md(["variant", "context", field, "full cache", "Δ", *extra],
+                                                         body))
+    return "\n\n".join(parts)
+
+
+def _needle_tables(cells: list[dict]) -> str:
+    parts = []
+    needle = [c for c in cells if c["metric"] == "needle"]
+    for v in dict.fromkeys(c["variant"] for c in needle):
+        cs = sorted((c for c in needle if c["variant"] == v), key=lambda c: c["context"])
+        depths = list(dict.fromkeys(d for c in cs for d in c["results"]["accuracy_by_depth"]))
+        body = [[d, *[_f(c["results"]["accuracy_by_depth"].get(d), ".0f", 100) for c in cs]] for d in depths]
+        parts.append(f"#### needle accuracy %, {v} (depth x context)\n\n" +
+                     _md(["depth", *[str(c["context"]) for c in cs]], body))
+    return "\n\n".join(parts)
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in keys})
+    return buf.getvalue()
+
+
+def render(dir: str | Path, plots: bool = True) -> dict[str, Any]:
+    d = Path(dir)
+    cells = CellStore(d).all()
+    rows = rows_from_cells(cells)
+    commits = sorted({str(c.get("meta", {}).get("git_commit")) for c in cells})
+    commands = (d / "command.txt").read_text(encoding="utf-8").splitlines() if (d / "command.txt").exists() else []
+    summary: dict[str, Any] = {"dir": str(d), "n_cells": len(cells), "git_commits": commits, "commands": commands,
+                               "rows": rows, "overview": overview(cells), "plots": [], "plot_error": None}
+    if plots and cells:
+        from . import plots as P
+
+        try:
+            summary["plots"] = [str(p.relative_to(d)) for p in P.plot_all(cells, summary, d)]
+        except ImportError as e:  # matplotlib is optional (the 'plot' extra)
+            summary["plot_error"] = str(e)
+    md = ["# Quality evaluation", "",
+          "Every value is measured from the model's outputs through the placed/compressed cache; the full-cache "
+          "baseline (`full`) ran in the same invocation on the same inputs. Protocols: `mspeckv/evals/*.py` "
+          "docstrings.", "", f"Cells: {len(cells)}; git commits: {', '.join(commits) or '–'}", "",
+          overview_markdown(summary), "", "## Per metric", "", _metric_tables(rows), ""]
+    nt = _needle_tables(cells)
+    if nt:
+        md += ["## Needle grid", "", nt, ""]
+    if summary["plots"]:
+        md += ["## Plots", ""] + [f"![{p}]({p})" for p in summary["plots"]] + [""]
+    if commands:
+        md += ["## Commands", "", "```", *commands, "```", ""]
+    atomic_write_json(d / "summary.json", summary)
+    atomic_write_text(d / "summary.csv", _csv(rows))
+    atomic_write_text(d / "summary.md", "\n".join(md))
+    return summary
+
+
+def summary_line(summary: dict) -> dict:
+    """The final JSON line: headline value and delta per (metric, variant, context)."""
+    return {"eval": summary["dir"], "n_cells": summary["n_cells"], "git_commits": summary["git_commits"],
+            "rows": [{k: r[k] for k in ("metric", "variant", "context", "value", "delta", "delta_pct")}
+                     for r in summary["rows"]]}

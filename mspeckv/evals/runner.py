@@ -1,0 +1,370 @@
+"""``mspeckv eval {ppl,kl,attention,ece,needle,ruler,recon,gsm8k,accept,speed,all,report}``.
+
+One template (``evals.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
+-> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one final JSON line.
+
+Every invocation evaluates the full-cache baseline (variant ``full``: every layer's KV dense on the device, no press)
+next to the asked variants, on the same inputs; the report gives deltas against it. Variants are the product of
+``--press`` (none, or each spec) and ``--kv-quant`` (each format), minus the baseline.
+
+Metric families (one module each; a family's metrics come from one pass):
+
+=========  ===============================  =====================  ==========================
+family     metrics                          contexts               module
+=========  ===============================  =====================  ==========================
+lm         ppl, kl, ece, attention          ``--context``          ``evals.lm``
+recon      recon                            ``--context``          ``evals.recon``
+speed      speed (KV bytes, TTFT, TPOT)     ``--context``          ``evals.speed``
+needle     needle                           ``--needle-context``   ``evals.retrieval``
+ruler      ruler                            ``--needle-context``   ``evals.retrieval``
+gsm8k      gsm8k                            the 5-shot prompt      ``evals.gsm8k``
+accept     accept (needs ``--draft``)       ``--context``          ``evals.accept``
+=========  ===============================  =====================  ==========================
+
+Cells: ``<output-dir>/cells/<metric>__<variant>__ctx=<n>.json``, one per (metric, variant, context), written
+atomically with the run's metadata (git commit) and the settings that shaped it; an existing cell is skipped, so an
+interrupted evaluation resumes where it stopped. Every input is checked (model config, contexts, data, presses,
+placements, the settings of cells already in the directory) before any weights load and before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .template import CellStore, add_flags, check, from_args, opt
+from .variants import Variant
+
+FORMATS = ("none", "int8", "int4", "int2")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    metrics: tuple[str, ...]
+    module: str  # mspeckv.evals.<module>
+    fn: str
+    settings: tuple[str, ...]  # EvalConfig fields that shape the results (recorded in each cell)
+    contexts: str | None  # EvalConfig field with this family's contexts (None: one cell at context 0)
+    needs_draft: bool = False
+
+
+FAMILIES = (
+    Family("lm", ("ppl", "kl", "ece", "attention"), "lm", "run",
+           ("dataset", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk"),
+           "context"),
+    Family("recon", ("recon",), "recon", "run", ("dataset", "seed", "prefill_chunk"), "context"),
+    Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen"), "context"),
+    Family("needle", ("needle",), "retrieval", "run_needle",
+           ("dataset", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
+    Family("ruler", ("ruler",), "retrieval", "run_ruler",
+           ("dataset", "seed", "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
+    Family("gsm8k", ("gsm8k",), "gsm8k", "run", ("gsm8k_items", "gsm8k_max_new", "prefill_chunk"), None),
+    Family("accept", ("accept",), "accept", "run",
+           ("dataset", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma"),
+           "context", needs_draft=True),
+)
+METRICS = tuple(m for f in FAMILIES for m in f.metrics)
+FAMILY_OF = {m: f for f in FAMILIES for m in f.metrics}
+ACTIONS = (*METRICS, "all", "report")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    metrics: tuple[str, ...] = opt(("ppl",), "metrics to run", cli=False)
+    model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or hub id")
+    device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
+    press: tuple[str, ...] = opt((), "press spec, preset name or .yaml file, e.g. snapkv:budget=1024", nargs=True)
+    kv_quant: tuple[str, ...] = opt(("none",), "formats of the offloaded KV, one variant each", choices=FORMATS)
+    on_chip: int | None = opt(None, "layers whose KV stays dense on the device (default: all; 0 when a --kv-quant "
+                                    "format is given, i.e. every layer quantized)")
+    kv_group_size: int = opt(64, "quantization group (tokens for keys, channels for values)")
+    kv_residual: int = opt(64, "newest tokens kept in full precision before being quantized (KIVI's residual)")
+    resident_layers: int = opt(0, "offloaded layers also kept resident on the device (static policy)")
+    context: tuple[int, ...] = opt((2048, 8192, 32768), "contexts for ppl/kl/ece/attention/recon/speed/accept")
+    needle_context: tuple[int, ...] = opt((4096, 8192, 16384, 32768), "contexts for needle and ruler")
+    dataset: str | None = opt(None, "bbc (default), shakespeare, or a .txt/.jsonl/directory path")
+    seed: int = opt(0, "seed of the text windows and synthetic prompts")
+    windows: int = opt(4, "ppl: windows per context")
+    stride: int | None = opt(None, "ppl: tokens between window starts (default: the context: no overlap)")
+    scored: int = opt(256, "ppl: scored span at the end of each window")
+    score_chunk: int = opt(32, "ppl: tokens per forward when feeding the scored span through the cache")
+    attn_queries: int = opt(64, "attention: sampled scored positions per window")
+    prefill_chunk: int = opt(1024, "tokens per prefill forward")
+    needle_depths: tuple[float, ...] = opt((0.0, 0.25, 0.5, 0.75, 1.0), "needle: depths (0 = start, 1 = end)")
+    needle_trials: int = opt(2, "needle: prompts per (context, depth)")
+    needle_count: int = opt(4, "needle: distinct needles per haystack (one is asked for)")
+    ruler_samples: int = opt(8, "ruler: prompts per task and context")
+    ruler_keys: int = opt(8, "ruler: needles in the multi-key task")
+    vt_hops: int = opt(4, "ruler: assignments after the first in the variable-tracking chain")
+    gsm8k_items: int = opt(200, "gsm8k: items evaluated (the first N of the test file)")
+    gsm8k_max_new: int = opt(256, "gsm8k: most generated tokens per item")
+    speed_gen: int = opt(64, "speed: generated tokens per variant and context")
+    draft: str = opt("qwen2.5-coder-0.5b", "accept: draft model of the MSpecKV hierarchy")
+    accept_prompts: int = opt(2, "accept: prompts per context")
+    accept_gen: int = opt(128, "accept: generated tokens per prompt")
+    accept_budget: int = opt(4096, "accept: retrieval budget of the baseline's middle level")
+    gamma: int = opt(8, "accept: proposals per full-KV verification")
+    draft_gamma: int = opt(4, "accept: draft proposals per middle-level verification")
+    output_dir: str | None = opt(None, "where cells and summaries go (default results/quality/<model>)")
+    no_plots: bool = opt(False, "skip the PNG plots")
+
+    def __post_init__(self):
+        for m in self.metrics:
+            check(m in METRICS, "metric", f"'{m}' is unknown; choose from {', '.join(ACTIONS)}")
+        check(bool(self.metrics), "metric", "names no metric")
+        for name in ("context", "needle_context"):
+            flag = "--" + name.replace("_", "-")
+            vals = getattr(self, name)
+            check(bool(vals), flag, "is empty")
+            check(all(c >= 2 for c in vals), flag, f"values must be >= 2, got {','.join(map(str, vals))}")
+        check(all(0.0 <= d <= 1.0 for d in self.needle_depths), "--needle-depths", "must lie in [0, 1]")
+        for name in ("windows", "scored", "score_chunk", "attn_queries", "prefill_chunk", "needle_trials",
+                     "needle_count", "ruler_samples", "ruler_keys", "vt_hops", "gsm8k_items", "gsm8k_max_new",
+                     "speed_gen", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma",
+                     "kv_group_size"):
+            check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {getattr(self, name)}")
+        check(self.kv_residual >= 0, "--kv-residual", f"must be >= 0, got {self.kv_residual}")
+        check(self.stride is None or self.stride >= 1, "--stride", f"must be >= 1, got {self.stride}")
+        if any(FAMILY_OF[m].name == "lm" for m in self.metrics):
+            short = [c for c in self.context if c <= self.scored]
+            check(not short, "--scored", f"{self.scored} must be shorter than every --context (not: "
+                                         f"{','.join(map(str, short))})")
+        check(self.needle_count <= 32, "--needle-count", "must be <= 32 (distinct keys)")
+        check(self.ruler_keys <= 32, "--ruler-keys", "must be <= 32 (distinct keys)")
+        check(len(set(self.press)) == len(self.press), "--press", "names a spec twice")
+        check(len(set(self.kv_quant)) == len(self.kv_quant), "--kv-quant", "names a format twice")
+        self.variants()  # placement errors (with the Placement's own flag names)
+
+    # ---------------------------------------------------------------------------------------------- variants
+    def placement(self, fmt: str):
+        from ..kv.placement import Placement
+
+        if fmt == "none" and self.on_chip is None:
+            return None
+        on_chip = self.on_chip if self.on_chip is not None else 0
+        return Placement(on_chip=on_chip, kv_quant=fmt, kv_group_size=self.kv_group_size,
+                         rollback_slack=self.kv_residual, resident_layers=self.resident_layers,
+                         resident_policy="static")
+
+    def variants(self) -> list[Variant]:
+        """The baseline first, then every (press, format) pair that is not the baseline."""
+        out = [Variant()]
+        for press in (None, *self.press):
+            for fmt in self.kv_quant:
+                v = Variant(press, self.placement(fmt))
+                if not v.is_baseline and v not in out:
+                    out.append(v)
+        return out
+
+    def out_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        tag = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(self.model.replace(":", "-")).name)
+        return Path("results/quality") / (tag or "model")
+
+    def contexts(self, fam: Family) -> tuple[int, ...]:
+        return (0,) if fam.contexts is None else getattr(self, fam.contexts)
+
+    def settings(self, fam: Family) -> dict[str, Any]:
+        return {"model": self.model, **{k: getattr(self, k) for k in fam.settings}}
+
+
+# ------------------------------------------------------------------------------------------------------ running
+class EvalContext:
+    """What a family's ``run(ev, variants, context)`` gets: the config, the loaded model/tokenizer (and draft)."""
+
+    def __init__(self, cfg: EvalConfig, model, tok, draft=None, quiet: bool = False):
+        self.cfg, self.model, self.tok, self.draft, self.quiet = cfg, model, tok, draft, quiet
+        self.t0 = time.perf_counter()
+
+    def progress(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def families(metrics: tuple[str, ...]) -> list[Family]:
+    return [f for f in FAMILIES if any(m in metrics for m in f.metrics)]
+
+
+def plan(cfg: EvalConfig, store: CellStore) -> list[tuple[Family, int, list[Variant]]]:
+    """(family, context, variants to run) for every cell not yet stored. The lm family always reruns the baseline
+    first (KL and agreement need its logits in memory)."""
+    todo = []
+    variants = cfg.variants()
+    for fam in families(cfg.metrics):
+        asked = [m for m in fam.metrics if m in cfg.metrics]
+        for c in cfg.contexts(fam):
+            missing = [v for v in variants if any(not store.done(m, v.name, c) for m in asked)]
+            if fam.name == "lm" and missing and not missing[0].is_baseline:
+                missing = [variants[0], *missing]
+            if missing:
+                todo.append((fam, c, missing))
+    return todo
+
+
+def validate(cfg: EvalConfig, store: CellStore) -> None:
+    """Every check that can fail before weights load (one ValueError/FileNotFoundError each)."""
+    from ..bench.sweeps import model_config
+
+    if cfg.model.startswith("random:"):
+        raise ValueError(f"--model {cfg.model}: random-weight models have no tokenizer and their outputs mean nothing;"
+                         " evaluate a real model")
+    mc = model_config(cfg.model)
+    for fam in families(cfg.metrics):
+        if fam.contexts is not None:
+            flag = "--" + fam.contexts.replace("_", "-")
+            over = [c for c in cfg.contexts(fam) if c + (cfg.speed_gen if fam.name == "speed" else 0)
+                    + (cfg.accept_gen + 2 * cfg.gamma + 8 if fam.name == "accept" else 0) > mc.max_position]
+            check(not over, flag, f"{','.join(map(str, over))} exceeds the model's {mc.max_position} positions "
+                                  f"(with the tokens the {fam.name} eval generates)")
+        for m in fam.metrics:
+            store.check_settings(m, cfg.settings(fam))
+    for v in cfg.variants():
+        v.validate(mc.n_layers, mc.head_dim)
+    if any(f.name != "gsm8k" for f in families(cfg.metrics)):
+        from ..data.corpora import load_documents
+
+        load_documents(cfg.dataset)
+    if "gsm8k" in cfg.metrics:
+        from ..data.datasets import load_gsm8k
+        from .gsm8k import split
+
+        split(load_gsm8k(), cfg.gsm8k_items)
+    if "accept" in cfg.metrics:
+        from .variants import spec_config
+
+        dc = model_config(cfg.draft)
+        check(dc.vocab_size == mc.vocab_size, "--draft", f"has vocabulary {dc.vocab_size}, the model {mc.vocab_size}")
+        for v in cfg.variants():
+            spec_config(v, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.accept_budget, chunk=8)
+    if any(m in cfg.metrics for m in ("needle", "ruler", "gsm8k")):
+        _check_prompts(cfg, mc)
+
+
+def _check_prompts(cfg: EvalConfig, mc) -> None:
+    """Build the shortest synthetic prompts and measure the longest GSM8K prompt with the model's tokenizer (no
+    weights): a context too short for the task, or a prompt past the model's positions, fails here."""
+    from ..model.api import load_tokenizer
+    from ..model.loading import resolve
+    from . import synth
+
+    tok = load_tokenizer(resolve(cfg.model))
+    c = min(cfg.needle_context)
+    try:
+        if "needle" in cfg.metrics:
+            synth.needle_prompt(tok, c, 0.5, seed=cfg.seed, n_needles=cfg.needle_count, dataset=cfg.dataset)
+        if "ruler" in cfg.metrics:
+            synth.multikey_prompt(tok, c, seed=cfg.seed, n_keys=cfg.ruler_keys, dataset=cfg.dataset)
+            synth.vartrack_prompt(tok, c, seed=cfg.seed, hops=cfg.vt_hops, dataset=cfg.dataset)
+    except ValueError as e:
+        raise ValueError(f"--needle-context {c}: {e}") from None
+    over = [n for n in cfg.needle_context if n + synth.GEN_MAX > mc.max_position]
+    check(not over, "--needle-context", f"{','.join(map(str, over))} plus {synth.GEN_MAX} generated tokens exceeds "
+                                        f"the model's {mc.max_position} positions")
+    if "gsm8k" in cfg.metrics:
+        from ..data.datasets import load_gsm8k
+        from .gsm8k import prompt, split
+
+        items, shots = split(load_gsm8k(), cfg.gsm8k_items)
+        longest = max(len(tok(prompt(it, shots), add_special_tokens=False).input_ids) for it in items)
+        check(longest + cfg.gsm8k_max_new <= mc.max_position, "--gsm8k-max-new",
+              f"{cfg.gsm8k_max_new} plus the longest 5-shot prompt ({longest} tokens) exceeds the model's "
+              f"{mc.max_position} positions")
+
+
+def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[str, Any]:
+    """Run every missing cell, then render the directory. Returns the summary (``report.render``)."""
+    from . import report
+
+    store = CellStore(cfg.out_dir())
+    validate(cfg, store)
+    todo = plan(cfg, store)
+    failed: list[str] = []
+    if todo:
+        from ..model.api import load
+
+        model, tok, _ = load(cfg.model, cfg.device)
+        draft = load(cfg.draft, cfg.device)[0] if any(f.needs_draft for f, _, _ in todo) else None
+        ev = EvalContext(cfg, model, tok, draft, quiet)
+        _append_command(store.dir, command)
+        for fam, c, vs in todo:
+            ev.progress(f"{fam.name} at context {c}: {', '.join(v.name for v in vs)}")
+            try:
+                res = getattr(importlib.import_module(f"mspeckv.evals.{fam.module}"), fam.fn)(ev, vs, c)
+            except Exception as e:  # a failed cell is reported and not written; the others go on
+                if type(e).__name__ != "OutOfMemoryError" and not isinstance(e, RuntimeError | ValueError):
+                    raise
+                failed.append(f"{fam.name}@{c}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                ev.progress(f"FAILED {failed[-1]}")
+                _free()
+                continue
+            for metric, per_variant in res.items():
+                for v in vs:
+                    if v.name in per_variant and not (v.is_baseline and store.done(metric, v.name, c)):
+                        store.save(metric, v.name, c, per_variant[v.name], cfg.settings(fam), v.describe())
+            _free()
+    summary = report.render(store.dir, plots=not cfg.no_plots)
+    summary["failed"] = failed
+    return summary
+
+
+def _free() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _append_command(d: Path, command: str) -> None:
+    if not command:
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    with (d / "command.txt").open("a", encoding="utf-8") as f:
+        f.write(command + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def cmd_eval(a) -> int:
+    from . import report
+
+    if a.metric == "report":
+        d = Path(a.output_dir or "")
+        if not a.output_dir or not (d / "cells").is_dir():
+            raise ValueError("eval report needs --output-dir DIR of an evaluation (with DIR/cells)")
+        summary = report.render(d, plots=not a.no_plots)
+        print(report.overview_markdown(summary))
+        print(json.dumps(report.summary_line(summary)))
+        return 0
+    metrics = METRICS if a.metric == "all" else (a.metric,)
+    cfg = from_args(EvalConfig, a, metrics=metrics)
+    command = "mspeckv " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    summary = run_eval(cfg, command)
+    print(report.overview_markdown(summary))
+    line = report.summary_line(summary)
+    line["failed"] = summary["failed"]
+    print(json.dumps(line))
+    return 1 if summary["failed"] else 0
+
+
+def add_eval_parser(sub) -> None:
+    """``mspeckv eval`` (flags generated from :class:`EvalConfig`) and ``mspeckv data``."""
+    from ..data.datasets import add_data_parser
+
+    p = sub.add_parser("eval", help="quality evaluation against the full cache (ppl, kl, needle, gsm8k, ...)",
+                       description="Quality of placements and presses against the full cache, in the same "
+                                   "invocation; protocols in the docstrings of mspeckv/evals/*.py.")
+    p.add_argument("metric", choices=ACTIONS, help="a metric, all, or report (re-render --output-dir)")
+    add_flags(p, EvalConfig)
+    p.set_defaults(fn=cmd_eval)
+    add_data_parser(sub)
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(EvalConfig)]

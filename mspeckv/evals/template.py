@@ -1,0 +1,181 @@
+"""One results template: a config dataclass -> ``run()`` -> rows -> render -> one JSON line.
+
+- **Flags from fields.** :func:`add_flags` turns a dataclass's fields into argparse flags (``--snake-case`` of the
+  field name, help from ``field(metadata=...)``); :func:`from_args` builds the dataclass back from the parsed
+  namespace. The dataclass validates itself in ``__post_init__``; every error names the flag.
+- **Cells.** A long evaluation is a set of cells; :class:`CellStore` writes each cell as its own JSON, atomically
+  (temp file + rename, via ``bench.results``), with run metadata (git commit incl. ``MSPECKV_GIT_COMMIT``), and a
+  cell whose JSON says ``ok`` is skipped on the next run. A cell records the settings that shaped it; resuming into a
+  directory made with other settings is refused before anything is loaded.
+
+Nothing here knows about models: the eval (``evals.runner``) and, later, the benches plug in their config class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from ..bench.results import atomic_write_json, json_safe, run_metadata
+
+STATUS_OK = "ok"
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field that becomes one CLI flag. ``meta``: ``choices`` (per item for lists), ``nargs=True`` (a list
+    given as separate words instead of comma-separated), ``flag`` (override the flag name), ``cli=False``."""
+    if isinstance(default, list | dict):
+        raise TypeError("use tuples for list defaults")
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _kind(cls, f: dataclasses.Field) -> tuple[str, type, bool]:
+    """(kind, item type, optional) with kind in scalar | list | bool."""
+    hint = typing.get_type_hints(cls)[f.name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if hint is bool:
+        return "bool", bool, optional
+    if typing.get_origin(hint) is tuple:
+        return "list", typing.get_args(hint)[0], optional
+    return "scalar", hint, optional
+
+
+def _parse_item(typ: type, text: str, flag: str, choices) -> Any:
+    text = text.strip()
+    try:
+        v = typ(text)
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a{'n' if typ is int else ''} {typ.__name__}") from None
+    if choices is not None and v not in choices:
+        raise ValueError(f"{flag}: {text!r} is not one of {', '.join(map(str, choices))}")
+    return v
+
+
+def add_flags(parser, cls) -> None:
+    """One flag per field of ``cls`` (fields with ``cli=False`` are skipped). Values stay raw strings here and are
+    converted by :func:`from_args`, so a bad value gets the dataclass's own message, not argparse's."""
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kind, typ, optional = _kind(cls, f)
+        default = f.default
+        shown = ("none" if default is None else ",".join(map(str, default)) if isinstance(default, tuple)
+                 else default)
+        help_ = f.metadata.get("help", "")
+        if kind == "bool":
+            parser.add_argument(flag_name(f), dest=f.name, action="store_true", default=None, help=help_)
+        elif kind == "list" and f.metadata.get("nargs"):
+            parser.add_argument(flag_name(f), dest=f.name, nargs="+", action="extend", default=None, metavar="X",
+                                help=f"{help_} (repeatable; default: {shown})")
+        else:
+            meta = "A,B,..." if kind == "list" else typ.__name__.upper()
+            parser.add_argument(flag_name(f), dest=f.name, default=None, metavar=meta,
+                                help=f"{help_} (default: {shown})")
+
+
+def from_args(cls, ns, **fixed: Any):
+    """Build ``cls`` from a namespace made by a parser with :func:`add_flags` (flags not given keep the defaults)."""
+    kw: dict[str, Any] = dict(fixed)
+    for f in dataclasses.fields(cls):
+        if f.name in kw or not f.metadata.get("cli", True):
+            continue
+        raw = getattr(ns, f.name, None)
+        if raw is None:
+            continue
+        kind, typ, optional = _kind(cls, f)
+        flag, choices = flag_name(f), f.metadata.get("choices")
+        if kind == "bool":
+            kw[f.name] = bool(raw)
+        elif kind == "list":
+            items = raw if isinstance(raw, list) else [x for x in str(raw).split(",") if x.strip()]
+            if isinstance(raw, list) and not f.metadata.get("nargs"):
+                items = [x for r in raw for x in r.split(",") if x.strip()]
+            kw[f.name] = tuple(_parse_item(typ, x, flag, choices) for x in items)
+        elif optional and str(raw).strip().lower() in ("none", ""):
+            kw[f.name] = None
+        else:
+            kw[f.name] = _parse_item(typ, str(raw), flag, choices)
+    return cls(**kw)
+
+
+def check(cond: bool, flag: str, message: str) -> None:
+    """One validation rule of a config's ``__post_init__``: raise ``ValueError('<flag> <message>')``."""
+    if not cond:
+        raise ValueError(f"{flag} {message}")
+
+
+# ------------------------------------------------------------------------------------------------------------ cells
+_SAFE = re.compile(r"[^A-Za-z0-9._+=~-]+")
+
+
+def cell_name(metric: str, variant: str, context: int) -> str:
+    safe = lambda s: _SAFE.sub("-", str(s)).strip("-") or "_"
+    return f"{safe(metric)}__{safe(variant)}__ctx={int(context)}.json"
+
+
+class CellStore:
+    """``<dir>/cells/<metric>__<variant>__ctx=<n>.json``: one resumable unit of an evaluation each."""
+
+    def __init__(self, dir: str | Path):
+        self.dir = Path(dir)
+        self.cells_dir = self.dir / "cells"
+
+    def path(self, metric: str, variant: str, context: int) -> Path:
+        return self.cells_dir / cell_name(metric, variant, context)
+
+    def load(self, metric: str, variant: str, context: int) -> dict | None:
+        try:
+            d = json.loads(self.path(metric, variant, context).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return d if isinstance(d, dict) else None
+
+    def done(self, metric: str, variant: str, context: int) -> bool:
+        d = self.load(metric, variant, context)
+        return d is not None and d.get("status") == STATUS_OK
+
+    def save(self, metric: str, variant: str, context: int, results: dict, settings: dict,
+             info: dict | None = None) -> Path:
+        rec = {"metric": metric, "variant": variant, "context": int(context), "status": STATUS_OK,
+               "results": results, "settings": settings, "variant_info": info or {}, "meta": run_metadata()}
+        return atomic_write_json(self.path(metric, variant, context), rec)
+
+    def all(self) -> list[dict]:
+        if not self.cells_dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.cells_dir.glob("*.json")):
+            if p.name.startswith("."):
+                continue
+            try:
+                d = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict) and d.get("status") == STATUS_OK:
+                out.append(d)
+        return out
+
+    def check_settings(self, metric: str, settings: dict) -> None:
+        """Refuse to mix cells made with other settings into this directory (one clear error naming them)."""
+        want = json_safe(settings)
+        for d in self.all():
+            if d.get("metric") != metric:
+                continue
+            have = d.get("settings", {})
+            diff = sorted(k for k in want if k in have and have[k] != want[k])
+            if diff:
+                shown = ", ".join(f"{k}: stored {have[k]!r} vs asked {want[k]!r}" for k in diff)
+                raise ValueError(f"{self.dir} already holds '{metric}' cells made with other settings ({shown}); "
+                                 f"use another --output-dir or the same settings")

@@ -1,0 +1,166 @@
+"""What one evaluated configuration is (a press and/or a KV placement), and every call the evals make into the
+press/cache API. This is the only module of ``mspeckv.evals`` that touches presses: the press plumbing lives here.
+
+The contract coded against (``mspeckv.presses``, being built in parallel)::
+
+    parse_press(spec) -> Press            # "snapkv:budget=1024", a preset name, or a .yaml file; str(press) is a spec
+    make_cache(model, placement, batch, max_len, press=press)
+    cache.compress()                      # apply the press to the committed history (no-op without a press)
+    cache.memory_report()["kv_bytes"]     # bytes of the KV tensors actually held, all layers
+    cache.read(layer), cache.positions(layer)
+
+Caches without ``compress``/``positions``/``kv_bytes`` (today's DenseKV and PlacedKV) get the obvious fallbacks
+below: nothing to compress, every committed row at its own position, bytes counted from the held rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..kv.placement import Placement
+
+BASELINE = "full"
+
+
+class PressUnavailableError(ValueError):
+    """A press was asked for but this build has no ``mspeckv.presses.parse_press``."""
+
+
+def parse_press(spec: str):
+    """The Press object for a spec string, preset name or YAML file (one clear ValueError when it is bad)."""
+    try:
+        from ..presses import parse_press as _parse
+    except ImportError:
+        raise PressUnavailableError(
+            f"--press {spec!r}: this build of mspeckv has no presses yet (mspeckv.presses.parse_press is missing); "
+            "evaluate placements (--kv-quant/--on-chip) only"
+        ) from None
+    try:
+        return _parse(spec)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"--press {spec!r}: {e}") from e
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of every table: ``press`` (a spec string or None) on top of ``placement`` (None: all on the GPU)."""
+
+    press: str | None = None
+    placement: Placement | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.press is None and (self.placement is None or self.placement == Placement())
+
+    @property
+    def name(self) -> str:
+        if self.is_baseline:
+            return BASELINE
+        parts = [] if self.press is None else [self.press]
+        p = self.placement
+        if p is not None and p != Placement():
+            q = f"kv={p.kv_quant}/g{p.kv_group_size}/res{p.rollback_slack}"
+            if p.on_chip is not None:
+                q += f"/onchip{p.on_chip}"
+            if p.resident_layers:
+                q += f"/resident{p.resident_layers}"
+            parts.append(q)
+        return "+".join(parts)
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form of ``name``."""
+        return _SAFE.sub("-", self.name.replace(":", "~").replace("/", "_")).strip("-") or "_"
+
+    @property
+    def quant(self) -> str:
+        """The quantization setting of the placement (for 'one line per quantization setting' plots)."""
+        return "none" if self.placement is None else self.placement.kv_quant
+
+    def describe(self) -> dict:
+        p = self.placement or Placement()
+        return {"name": self.name, "press": self.press, "kv_quant": p.kv_quant, "on_chip": p.on_chip,
+                "kv_group_size": p.kv_group_size, "kv_residual": p.rollback_slack,
+                "resident_layers": p.resident_layers}
+
+    def validate(self, n_layers: int, head_dim: int) -> None:
+        """Checks that need only the model's config (no weights): the placement, and that the press parses."""
+        if self.placement is not None:
+            self.placement.validate(n_layers, head_dim)
+        if self.press is not None:
+            parse_press(self.press)
+
+
+# -------------------------------------------------------------------------------------------------- cache plumbing
+def build_cache(model, variant: Variant, batch: int, max_len: int):
+    """The cache a variant implies (the full-cache baseline: a DenseKV)."""
+    from ..kv.placement import make_cache
+
+    if variant.press is None:
+        return make_cache(model, variant.placement, batch, max_len)
+    press = parse_press(variant.press)
+    return make_cache(model, variant.placement, batch, max_len, press=press)
+
+
+def compress(cache) -> None:
+    """Apply the press to the committed history (nothing to do for caches without one)."""
+    fn = getattr(cache, "compress", None)
+    if fn is not None:
+        fn()
+
+
+def held(cache, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(k, v, positions) of the rows a cache holds for one layer: (B, H, n, D) x2 and (B, H, n) absolute positions."""
+    k, v = cache.read(layer)
+    pos_fn = getattr(cache, "positions", None)
+    if pos_fn is not None:
+        pos = pos_fn(layer)
+    else:
+        B, H, n, _ = k.shape
+        pos = torch.arange(n, device=k.device).expand(B, H, n)
+    return k, v, pos
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of the KV tensors the cache actually holds now (all layers; preallocated but unused room excluded)."""
+    rep = getattr(cache, "memory_report", None)
+    if rep is not None:
+        r = rep()
+        if "kv_bytes" in r:
+            return int(r["kv_bytes"])
+    from ..kv.dense import DenseKV
+    from ..kv.offload import PlacedKV
+
+    n = cache.length()
+    if isinstance(cache, DenseKV):
+        return sum(t[:, :, :n].numel() * t.element_size() for t in cache.k + cache.v)
+    if isinstance(cache, PlacedKV):
+        total = kv_bytes(cache.dense) if cache.dense is not None else 0
+        row = cache.B * cache.H * cache.D * torch.empty((), dtype=cache.dtype).element_size()
+        for layer in cache.off:
+            ks, vs = cache.store[layer]
+            total += ks.nbytes(cache.flushed) + vs.nbytes(cache.flushed) + 2 * (n - cache.flushed) * row
+        return total
+    raise TypeError(f"cannot count the KV bytes of a {type(cache).__name__}: it has no memory_report()['kv_bytes']")
+
+
+def spec_config(variant: Variant, **kw):
+    """The SpecConfig for the ``accept`` metric: the variant's press becomes the MSpecKV middle level (``l1_press``);
+    without a press the middle level is today's retrieval cache."""
+    from ..decoding.speculative import SpecConfig
+
+    if variant.press is None:
+        return SpecConfig(mode="mspeckv", **kw)
+    try:
+        return SpecConfig(mode="mspeckv", l1_press=variant.press, **kw)
+    except TypeError:
+        raise PressUnavailableError(
+            "eval accept with --press needs SpecConfig(l1_press=...), which this build does not have yet"
+        ) from None
