@@ -41,8 +41,9 @@ def parse_press(spec: str):
         ) from None
     try:
         return _parse(spec)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"--press {spec!r}: {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith("--press") else f"--press {spec!r}: {msg}") from e
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")

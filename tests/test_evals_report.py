@@ -1,0 +1,101 @@
+"""Eval report rendering from fixture cells, and the config template (flags from fields, validation messages)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mspeckv.evals import report
+from mspeckv.evals.runner import EvalConfig, plan
+from mspeckv.evals.template import CellStore, add_flags, from_args
+
+FIXTURE = Path(__file__).parent / "fixtures" / "evals"
+INT8 = "kv=int8/g16/res16/onchip0"
+
+
+@pytest.fixture
+def rendered(tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(FIXTURE, d)
+    return d, report.render(d, plots=True)
+
+
+def test_render_from_fixture_cells(rendered):
+    d, s = rendered
+    assert s["n_cells"] == 14 and s["git_commits"] == ["9a3f1b992452ff0a0890815d208b87a1a4d39e46"]
+    rows = {(r["metric"], r["variant"], r["context"]): r for r in s["rows"]}
+    base = rows[("ppl", "full", 128)]
+    assert base["delta"] == 0 and base["delta_pct"] == 0
+    q = rows[("ppl", INT8, 128)]
+    assert q["value"] == pytest.approx(96.12266665701793) and q["baseline"] == pytest.approx(96.12697523034366)
+    assert q["delta_pct"] == pytest.approx(100 * (q["value"] / q["baseline"] - 1))
+    assert rows[("kl", INT8, 128)]["top1_agreement"] == 1.0
+    assert rows[("gsm8k", INT8, 0)]["value"] == 0.5
+    over = {r["config"]: r for r in s["overview"]["128"]}
+    assert set(over) == {"full", INT8}
+    assert over["full"]["compression"] == 1.0 and over[INT8]["compression"] > 1.5
+    assert over[INT8]["kv_mb"] == pytest.approx(over["full"]["kv_mb"] / over[INT8]["compression"])
+    assert over[INT8]["bytes_per_token"] == pytest.approx(over[INT8]["kv_mb"] * 2**20 / 128)
+    assert over[INT8]["gsm8k_acc"] == 0.5 and over[INT8]["needle_acc"] is None  # needle ran at 560/700 only
+    md = (d / "summary.md").read_text()
+    assert "| config | compression | KV MB @ctx | bytes/token | decode tok/s | TTFT s | TPOT ms | PPL (Δ%) |" in md
+    assert "#### needle accuracy %, full (depth x context)" in md
+    with (d / "summary.csv").open() as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 14 and {"metric", "variant", "context", "value", "baseline", "delta"} <= set(got[0])
+    assert json.loads((d / "summary.json").read_text())["overview"]["128"][0]["config"] == "full"
+    if s["plot_error"] is None:
+        for name in ("ppl_vs_compression.png", "accuracy_vs_compression.png", "kv_memory_vs_context.png",
+                     "throughput_vs_compression.png", "needle_full.png"):
+            assert (d / name).stat().st_size > 1000, name
+    line = report.summary_line(s)
+    assert {"metric", "variant", "context", "value", "delta", "delta_pct"} == set(line["rows"][0])
+
+
+def test_cells_resume_and_settings_guard(tmp_path):
+    store = CellStore(tmp_path)
+    cfg = EvalConfig(metrics=("ppl",), context=(128,), scored=32, kv_quant=("int8",), kv_group_size=16)
+    todo = plan(cfg, store)
+    want = [("lm", 128, ["full", "kv=int8/g16/res64/onchip0"])]
+    assert [(f.name, c, [v.name for v in vs]) for f, c, vs in todo] == want
+    for v in cfg.variants():
+        store.save("ppl", v.name, 128, {"ppl": 1.0}, {"model": cfg.model, "scored": 32})
+    assert plan(cfg, store) == []
+    assert not list(tmp_path.glob("cells/.*"))  # atomic writes leave no temp files
+    with pytest.raises(ValueError, match="other settings.*scored"):
+        store.check_settings("ppl", {"model": cfg.model, "scored": 64})
+
+
+def _parse(*argv):
+    p = argparse.ArgumentParser()
+    add_flags(p, EvalConfig)
+    return from_args(EvalConfig, p.parse_args(list(argv)), metrics=("ppl",))
+
+
+def test_flags_come_from_the_config_fields():
+    c = _parse("--context", "2048,8192", "--kv-quant", "none,int4", "--press", "snapkv:budget=64,window=8", "h2o",
+               "--on-chip", "4", "--needle-depths", "0,0.5", "--no-plots")
+    assert c.context == (2048, 8192) and c.kv_quant == ("none", "int4") and c.on_chip == 4
+    assert c.press == ("snapkv:budget=64,window=8", "h2o") and c.needle_depths == (0.0, 0.5) and c.no_plots
+    names = [v.name for v in c.variants()]
+    assert names[0] == "full" and "kv=int4/g64/res64/onchip4" in names and len(names) == 7  # bf16 offload too
+    assert _parse().context == (2048, 8192, 32768)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--context", "2048,x"], "--context: 'x' is not an int"),
+    (["--kv-quant", "int3"], "--kv-quant: 'int3' is not one of"),
+    (["--context", "256", "--scored", "256"], "--scored 256 must be shorter than every --context"),
+    (["--windows", "0"], "--windows must be >= 1"),
+    (["--needle-depths", "1.5"], "--needle-depths must lie in"),
+    (["--kv-quant", "int8", "--kv-group-size", "0"], "--kv-group-size must be >= 1"),
+    (["--kv-quant", "int8,int8"], "--kv-quant names a format twice"),
+])
+def test_config_errors_name_the_flag(argv, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("'", "'")):
+        _parse(*argv)

@@ -1,0 +1,92 @@
+"""Needle/RULER prompt generators and the needle/GSM8K scorers (canned outputs, a character tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mspeckv.data.datasets import GSMItem
+from mspeckv.evals import gsm8k, synth
+from tests.test_sweeps import TEXT, _tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok_corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "hay.txt"
+    p.write_text(TEXT * 4)
+    return _tokenizer(), str(p)
+
+
+def _find(ids, piece):
+    for i in range(len(ids) - len(piece) + 1):
+        if ids[i:i + len(piece)] == piece:
+            return i
+    return -1
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.75, 1.0])
+def test_needle_prompt_exact_length_and_depth(tok_corpus, depth):
+    tok, corpus = tok_corpus
+    p = synth.needle_prompt(tok, 1200, depth, seed=3, n_needles=3, dataset=corpus)
+    assert len(p.ids) == 1200 and p.answers[0].isdigit() and len(p.answers[0]) == 7
+    text = tok.decode(p.ids)
+    assert synth.NEEDLE.format(key=p.info["key"], value=p.answers[0]) in text
+    assert text.count("special magic numbers for") == 3 and len(set(p.info["keys"])) == 3
+    # the asked needle's span starts at `depth` of the haystack (header excluded, other needles before it removed)
+    head = len(tok(synth.HEADER, add_special_tokens=False).input_ids)
+    tail = len(tok(synth.NEEDLE_QUESTION.format(key=p.info["key"]), add_special_tokens=False).input_ids)
+    start, _ = p.needle_spans[0]
+    before = sum(e - s for s, e in p.needle_spans[1:] if s < start)
+    hay = 1200 - head - tail - sum(e - s for s, e in p.needle_spans)
+    assert (start - head - before) == round(depth * hay)
+
+
+def test_generators_are_deterministic_from_the_seed(tok_corpus):
+    tok, corpus = tok_corpus
+    a = synth.needle_prompt(tok, 900, 0.5, seed=1, dataset=corpus)
+    assert a.ids == synth.needle_prompt(tok, 900, 0.5, seed=1, dataset=corpus).ids
+    assert a.ids != synth.needle_prompt(tok, 900, 0.5, seed=2, dataset=corpus).ids
+    v1 = synth.vartrack_prompt(tok, 900, seed=5, hops=3, dataset=corpus)
+    assert v1.ids == synth.vartrack_prompt(tok, 900, seed=5, hops=3, dataset=corpus).ids
+    assert len(v1.ids) == 900 and len(v1.answers) == 4
+    text = tok.decode(v1.ids)
+    rt = lambda s: tok.decode(tok(s, add_special_tokens=False).input_ids)  # the test tokenizer has no '='
+    value = v1.info["value"]
+    assert rt(f"VAR {v1.answers[0]} = {value}") in text
+    for prev, cur in zip(v1.answers, v1.answers[1:], strict=False):
+        assert rt(f"VAR {cur} = VAR {prev}") in text
+        assert text.index(rt(f"VAR {cur} =")) > text.index(rt(f"VAR {prev} ="))  # the chain reads in order
+    mk = synth.multikey_prompt(tok, 900, seed=5, n_keys=5, dataset=corpus)
+    assert mk.ids == synth.multikey_prompt(tok, 900, seed=5, n_keys=5, dataset=corpus).ids
+    assert tok.decode(mk.ids).count("special magic numbers for") == 5
+    with pytest.raises(ValueError, match="too short"):
+        synth.needle_prompt(tok, 200, 0.5, dataset=corpus)
+
+
+def test_needle_scorer_on_canned_outputs():
+    assert synth.score_needle(" 4821937.", "4821937")
+    assert synth.score_needle(" is: 4821937\nQuestion", "4821937")
+    assert not synth.score_needle(" 48219370", "4821937")  # 8 digits is not the number
+    assert not synth.score_needle(" 1234567 or 4821937", "4821937")  # the first number counts
+    assert not synth.score_needle(" I don't know", "4821937")
+    assert synth.score_all("ABCDE, FGHIJ and KLMNO", ["ABCDE", "KLMNO"]) == 1.0
+    assert synth.score_all("ABCDE", ["ABCDE", "KLMNO"]) == 0.5
+
+
+def test_gsm8k_format_and_scorer_on_canned_outputs():
+    items = [GSMItem(i, f"q{i}?", f"work {i}\n#### {i * 1000}") for i in range(10)]
+    evald, shots = gsm8k.split(items, 5)
+    assert [s.index for s in shots] == [5, 6, 7, 8, 9] and [e.index for e in evald] == [0, 1, 2, 3, 4]
+    p = gsm8k.prompt(evald[2], shots)
+    assert p.startswith("Question: q5?\nAnswer: work 5\n#### 5000\n\nQuestion: q6?")
+    assert p.endswith("\n\nQuestion: q2?\nAnswer:")
+    item = GSMItem(0, "q", "a\n#### 1,234")
+    assert gsm8k.gold(item) == "1234"
+    ok = gsm8k.score(" 1000 + 234 = 1234\n#### 1,234.\n\nQuestion: next one #### 5", item)
+    assert ok["strict"] == "1234" and ok["strict_ok"] and ok["flexible_ok"]
+    assert "next one" not in ok["output"]  # cut at the next 'Question:'
+    no_hash = gsm8k.score(" the answer is $1,234", item)
+    assert no_hash["strict"] is None and not no_hash["strict_ok"] and no_hash["flexible_ok"]
+    wrong = gsm8k.score(" #### -12.5", item)
+    assert wrong["strict"] == "-12.5" and not wrong["strict_ok"]
+    with pytest.raises(ValueError, match="gsm8k-items"):
+        gsm8k.split(items, 6)
