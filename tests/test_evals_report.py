@@ -42,7 +42,9 @@ def test_render_from_fixture_cells(rendered):
     assert over[INT8]["kv_mb"] == pytest.approx(over["full"]["kv_mb"] / over[INT8]["compression"])
     assert over[INT8]["bytes_per_token"] == pytest.approx(over[INT8]["kv_mb"] * 2**20 / 128)
     assert over[INT8]["gsm8k_acc"] == 0.5 and over[INT8]["needle_acc"] is None  # needle ran at 560/700 only
+    assert "128: int8 KV <= +0.1% PPL: met (kv=int8/g16/res16/onchip0: -0.004%)" in s["goals"]
     md = (d / "summary.md").read_text()
+    assert "## Goals (issue 10)" in md
     assert "| config | compression | KV MB @ctx | bytes/token | decode tok/s | TTFT s | TPOT ms | PPL (Δ%) |" in md
     assert "#### needle accuracy %, full (depth x context)" in md
     with (d / "summary.csv").open() as f:

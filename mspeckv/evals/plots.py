@@ -22,6 +22,11 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", s).strip("-") or "_"
 
 
+def _legend(ax, size: int) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
+
+
 def _compression(by: dict, variant: str, ctx: int) -> float | None:
     base, _ = _bytes(by, BASELINE, ctx)
     nb, _ = _bytes(by, variant, ctx)
@@ -56,7 +61,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             ax.set_xlabel("KV compression (×, held bytes)")
             ax.set_ylabel("PPL change vs full cache (%)")
             ax.set_title(f"context {ctx}")
-            ax.legend(fontsize=7)
+            _legend(ax, 7)
         paths.append(_save(fig, out / "ppl_vs_compression.png"))
 
     acc = [(m, c) for m in ("needle", "ruler", "gsm8k") for c in sorted({k[2] for k in by if k[0] == m})]
@@ -72,7 +77,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} @ {ctx or 'prompt'}")
         ax.set_xlabel("KV compression (×)")
         ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
         paths.append(_save(fig, out / "accuracy_vs_compression.png"))
 
     mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
@@ -86,7 +91,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("held KV (MB)")
-        ax.legend(fontsize=6)
+        _legend(ax, 6)
         paths.append(_save(fig, out / "kv_memory_vs_context.png"))
 
     sp_ctx = sorted({k[2] for k in by if k[0] == "speed"})
@@ -101,7 +106,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {ctx}")
         ax.set_xlabel("KV compression (×)")
         ax.set_ylabel("decode tok/s (eager)")
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
         paths.append(_save(fig, out / "throughput_vs_compression.png"))
 
     needle = [c for c in cells if c["metric"] == "needle"]

@@ -106,6 +106,50 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
+    """The issue's quality goals, checked against the measured cells (one line per goal and context)."""
+    info = {c["variant"]: c.get("variant_info", {}) for c in cells}
+    needle = {(c["variant"], c["context"]): c["results"]["accuracy"] for c in cells if c["metric"] == "needle"}
+    far = sorted({ctx for _, ctx in needle if 8192 <= ctx <= 32768})
+    out = []
+
+    def needle_ok(v: str) -> tuple[bool | None, str]:
+        pairs = [(needle.get((v, c)), needle.get((BASELINE, c))) for c in far]
+        if not far or any(a is None or b is None for a, b in pairs):
+            return None, "needle at 8K-32K not measured"
+        ok = all(a >= 0.95 * b for a, b in pairs)
+        return ok, "needle " + ", ".join(f"{a:.0%} vs full {b:.0%}" for a, b in pairs)
+
+    for ctx, rows in ov.items():
+        measured = [r for r in rows if _num(r["ppl_delta_pct"]) and r["config"] != BASELINE]
+        for r in measured:
+            i = info.get(r["config"], {})
+            q = i.get("kv_quant")
+            if q == "int8" and not i.get("press"):
+                verdict = "met" if r["ppl_delta_pct"] <= 0.1 else "MISSED"
+                out.append(f"{ctx}: int8 KV <= +0.1% PPL: {verdict} ({r['config']}: {r['ppl_delta_pct']:+.3f}%)")
+            if (q == "int2" and not i.get("press")) or str(i.get("press") or "").startswith("kivi"):
+                verdict = "met" if r["ppl_delta_pct"] <= 3.0 else "MISSED"
+                out.append(f"{ctx}: 2-bit within +3% PPL: {verdict} ({r['config']}: {r['ppl_delta_pct']:+.3f}%)")
+        for need, limit in ((4.0, 1.0), (8.0, 3.0)):
+            cand = [r for r in measured if _num(r["compression"]) and r["compression"] >= need]
+            good = [r for r in cand if r["ppl_delta_pct"] <= limit]
+            if need == 8.0:
+                good = [r for r in good if needle_ok(r["config"])[0]]
+            best = min(cand, key=lambda r: r["ppl_delta_pct"], default=None)
+            what = f">= {need:g}x at <= +{limit:g}% PPL" + (" and needle >= 95% of full at 8K-32K" if need == 8 else "")
+            if good:
+                names = "; ".join(f"{r['config']} ({r['compression']:.1f}x, {r['ppl_delta_pct']:+.2f}%)" for r in good)
+                out.append(f"{ctx}: {what}: met by {names}")
+            elif best is not None:
+                extra = f", {needle_ok(best['config'])[1]}" if need == 8 else ""
+                out.append(f"{ctx}: {what}: MISSED; closest {best['config']} ({best['compression']:.1f}x, "
+                           f"{best['ppl_delta_pct']:+.2f}%{extra})")
+            else:
+                out.append(f"{ctx}: {what}: no variant reaches {need:g}x here")
+    return out
+
+
 def _f(x: Any, fmt: str, scale: float = 1.0) -> str:
     return "–" if not _num(x) else format(x * scale, fmt)
 
@@ -179,6 +223,7 @@ def render(dir: str | Path, plots: bool = True) -> dict[str, Any]:
     commands = (d / "command.txt").read_text(encoding="utf-8").splitlines() if (d / "command.txt").exists() else []
     summary: dict[str, Any] = {"dir": str(d), "n_cells": len(cells), "git_commits": commits, "commands": commands,
                                "rows": rows, "overview": overview(cells), "plots": [], "plot_error": None}
+    summary["goals"] = goals(cells, summary["overview"])
     if plots and cells:
         from . import plots as P
 
@@ -190,7 +235,9 @@ def render(dir: str | Path, plots: bool = True) -> dict[str, Any]:
           "Every value is measured from the model's outputs through the placed/compressed cache; the full-cache "
           "baseline (`full`) ran in the same invocation on the same inputs. Protocols: `mspeckv/evals/*.py` "
           "docstrings.", "", f"Cells: {len(cells)}; git commits: {', '.join(commits) or '–'}", "",
-          overview_markdown(summary), "", "## Per metric", "", _metric_tables(rows), ""]
+          overview_markdown(summary), "", "## Goals (issue 10)", "",
+          *([f"- {g}" for g in summary["goals"]] or ["- (no ppl cells)"]), "",
+          "## Per metric", "", _metric_tables(rows), ""]
     nt = _needle_tables(cells)
     if nt:
         md += ["## Needle grid", "", nt, ""]
