@@ -175,7 +175,7 @@ def cell(shape: str, S: int, T: int, method: str, runs: int, budget_bytes: float
     return dict(shape=shape, S=S, T=T, method=method, fmt=fmt, variant=variant, n_buf=n_buf,
                 per_layer_us=per_layer_us, step_attn_ms=per_layer_us * L / 1e3,
                 runs_ms=[x * 1e3 / n_buf for x in all_ms], bytes_per_layer=moved,
-                GBps=moved / (per_layer_us * 1e-6) / 1e9, **({"num_splits": kw["num_splits"]} if kw else {}))
+                GBps=moved / (per_layer_us * 1e-6) / 1e9, **kw)
 
 
 def _x(b: dict | None, tri: dict | None) -> str:
@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=1.0, help="K/V bytes per timed pass (rotated buffers)")
     ap.add_argument("--no-baselines", action="store_true", help="Triton only")
     ap.add_argument("--sweep-splits", action="store_true", help="also time bf16 at 1/4x, 1/2x and 2x the splits")
+    ap.add_argument("--quant-matrix", action="store_true",
+                    help="only time quantized-kernel variants (block_n, prefetch, kfold, warps) at 32K")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.runs < 3:
@@ -204,6 +206,28 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}  d2d copy {copy_gbps:.0f} GB/s (read+write)", flush=True)
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if a.quant_matrix:
+        combos = [dict(block_n=bn, prefetch=pf, kfold=kf, num_warps=4) for bn in (16, 32, 64) for pf in (False, True)
+                  for kf in (False, True)]
+        combos += [dict(block_n=32, prefetch=pf, kfold=True, num_warps=8) for pf in (False, True)]
+        for shape, T, fmts in (("llama-2-7b", 1, ("int8", "int4")), ("qwen2.5-1.5b", 1, ("int4",)),
+                               ("qwen2.5-1.5b", 9, ("int4",))):
+            for fmt in fmts:
+                for c in combos:
+                    name = f"bn{c['block_n']}-pf{int(c['prefetch'])}-kf{int(c['kfold'])}-w{c['num_warps']}"
+                    try:
+                        r = cell(shape, 32768, T, "triton", a.runs, a.budget_gb * 1e9, gen, fmt=fmt, variant=name,
+                                 **c)
+                        r["pct_copy_bw"] = 100 * r["GBps"] / copy_gbps
+                    except Exception as e:
+                        r = dict(shape=shape, T=T, fmt=fmt, variant=name, error=f"{type(e).__name__}: {e}"[:200])
+                    torch.cuda.empty_cache()
+                    rows.append(r)
+                    print(f"{shape:14s} T={T} {fmt} {name:22s} " + (f"{r['per_layer_us']:8.1f} us "
+                          f"{r['pct_copy_bw']:5.1f}%" if "error" not in r else r["error"]), flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(dict(git_commit=git_commit(), copy_GBps=copy_gbps, rows=rows)) + "\n")
+        return
     for shape in a.shapes.split(","):
         L, Hq, Hkv, D = SHAPES[shape]
         for S in map(int, a.contexts.split(",")):

@@ -124,12 +124,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_kq(k_base, ks_base, kz_base, n0, hi_s, s_kt, s_kd, s_kj, s_ksg, s_ksd,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr):
-        """Key codes of the group holding tokens [n0, n0 + BLOCK_N): bytes (D, BLOCK_N*KBITS/8), scale, zero (D,)."""
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr):
+        """Key codes of tokens [n0, n0 + BLOCK_N) (inside one group of KG tokens): bytes (D, BLOCK_N*KBITS/8),
+        the group's scale and zero (D,)."""
         KPER: tl.constexpr = 8 // KBITS
         d = tl.arange(0, D)
-        jb = tl.arange(0, BLOCK_N // KPER)
-        grp = n0 // BLOCK_N
+        jb = (n0 % KG) // KPER + tl.arange(0, BLOCK_N // KPER)
+        grp = n0 // KG
         ok = n0 < hi_s
         byte = tl.load(k_base + grp * s_kt + d[:, None] * s_kd + jb[None, :] * s_kj, mask=(d[:, None] < D) & ok,
                        other=0)
@@ -138,16 +139,20 @@ if HAS_TRITON:
         return byte, sc, zr
 
     @triton.jit
-    def _deq_k(byte, sc, zr, D: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr):
-        """-> K^T tile (D, BLOCK_N) fp32; codes are packed along tokens (token j*PER + p in bits p*KBITS)."""
+    def _deq_k(byte, sc, zr, D: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr, F16: tl.constexpr):
+        """-> K^T tile (D, BLOCK_N); codes are packed along tokens (token j*PER + p in bits p*KBITS). F16: fp16
+        arithmetic (fp16 scales; codes and the result are exact or rounded once in fp16), else fp32."""
         KPER: tl.constexpr = 8 // KBITS
-        byte = byte.to(tl.int32)
         if KBITS == 8:
             code = byte
         else:
-            sh = tl.arange(0, KPER) * KBITS
+            sh = (tl.arange(0, KPER) * KBITS).to(tl.uint8)
             code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1), (D, BLOCK_N))
-        return code.to(tl.float32) * sc.to(tl.float32)[:, None] + zr.to(tl.float32)[:, None]
+        if F16:
+            x = code.to(tl.float16) * sc[:, None] + zr[:, None]
+        else:
+            x = code.to(tl.float32) * sc.to(tl.float32)[:, None] + zr.to(tl.float32)[:, None]
+        return x
 
     @triton.jit
     def _load_vq(v_base, vs_base, vz_base, n0, hi_s, s_vt, s_vd, s_vst, s_vsj,
@@ -165,17 +170,21 @@ if HAS_TRITON:
         return byte, sc, zr
 
     @triton.jit
-    def _deq_v(byte, sc, zr, D: tl.constexpr, BLOCK_N: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr):
-        """-> V tile (BLOCK_N, D) fp32; codes are packed along channels, one scale/zero per VG channels."""
+    def _deq_v(byte, sc, zr, D: tl.constexpr, BLOCK_N: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
+               F16: tl.constexpr):
+        """-> V tile (BLOCK_N, D); codes are packed along channels, one scale/zero per VG channels."""
         VPER: tl.constexpr = 8 // VBITS
-        byte = byte.to(tl.int32)
         if VBITS == 8:
             code = byte
         else:
-            sh = tl.arange(0, VPER) * VBITS
+            sh = (tl.arange(0, VPER) * VBITS).to(tl.uint8)
             code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << VBITS) - 1), (BLOCK_N, D))
-        x = tl.reshape(code.to(tl.float32), (BLOCK_N, D // VG, VG))
-        x = x * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]
+        if F16:
+            x = tl.reshape(code.to(tl.float16), (BLOCK_N, D // VG, VG))
+            x = x * sc[:, :, None] + zr[:, :, None]
+        else:
+            x = tl.reshape(code.to(tl.float32), (BLOCK_N, D // VG, VG))
+            x = x * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]
         return tl.reshape(x, (BLOCK_N, D))
 
     @triton.jit
@@ -204,8 +213,11 @@ if HAS_TRITON:
         s_mt, s_mn,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,  # bits 0 = dense; VG: value group (channels)
+        KG: tl.constexpr,  # key group (tokens), a multiple of BLOCK_N
         HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, TAIL: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, F16: tl.constexpr,  # F16: quantized K/V with fp16 scales, dots in fp16
+        PREFETCH: tl.constexpr,  # quantized: load block i+1's codes by hand while block i is computed
+        KFOLD: tl.constexpr,  # quantized keys (F16): fold the group's scale/zero into q instead of dequantizing
     ):
         M: tl.constexpr = G * T
         pid_s = tl.program_id(0)
@@ -233,6 +245,8 @@ if HAS_TRITON:
 
         q_ptrs = q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh + rt[:, None] * s_qt + d[None, :] * s_qd
         qv = tl.load(q_ptrs, mask=rv[:, None], other=0.0)
+        if F16:
+            qv = qv.to(tl.float16)
         dt = qv.dtype
         qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
 
@@ -252,32 +266,55 @@ if HAS_TRITON:
         vz_base = vz_ptr + b * s_vsb + h * s_vsh
         # quantized operands go through registers (dequantized before the dot), which the compiler's pipelining does
         # not prefetch: load block i+1's codes while block i is computed
-        if KBITS > 0:
-            kq_b, kq_s, kq_z = _load_kq(k_base, ks_base, kz_base, lo, hi_s, s_kt, s_kd, s_kj, s_ksg, s_ksd,
-                                        D, BLOCK_N, KBITS)
-        if VBITS > 0:
-            vq_b, vq_s, vq_z = _load_vq(v_base, vs_base, vz_base, lo, hi_s, s_vt, s_vd, s_vst, s_vsj,
-                                        D, BLOCK_N, VBITS, VG)
+        if PREFETCH:
+            if KBITS > 0:
+                kq_b, kq_s, kq_z = _load_kq(k_base, ks_base, kz_base, lo, hi_s, s_kt, s_kd, s_kj, s_ksg, s_ksd,
+                                            D, BLOCK_N, KBITS, KG)
+            if VBITS > 0:
+                vq_b, vq_s, vq_z = _load_vq(v_base, vs_base, vz_base, lo, hi_s, s_vt, s_vd, s_vst, s_vsj,
+                                            D, BLOCK_N, VBITS, VG)
         for n0 in range(lo, hi_s, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nv = n < hi_s
             if KBITS > 0:
-                kb, ksc, kzr = kq_b, kq_s, kq_z
-                kq_b, kq_s, kq_z = _load_kq(k_base, ks_base, kz_base, n0 + BLOCK_N, hi_s, s_kt, s_kd, s_kj,
-                                            s_ksg, s_ksd, D, BLOCK_N, KBITS)
+                if PREFETCH:
+                    kb, ksc, kzr = kq_b, kq_s, kq_z
+                    kq_b, kq_s, kq_z = _load_kq(k_base, ks_base, kz_base, n0 + BLOCK_N, hi_s, s_kt, s_kd, s_kj,
+                                                s_ksg, s_ksd, D, BLOCK_N, KBITS, KG)
+                else:
+                    kb, ksc, kzr = _load_kq(k_base, ks_base, kz_base, n0, hi_s, s_kt, s_kd, s_kj, s_ksg, s_ksd,
+                                            D, BLOCK_N, KBITS, KG)
             if VBITS > 0:
-                vb, vsc, vzr = vq_b, vq_s, vq_z
-                vq_b, vq_s, vq_z = _load_vq(v_base, vs_base, vz_base, n0 + BLOCK_N, hi_s, s_vt, s_vd, s_vst,
-                                            s_vsj, D, BLOCK_N, VBITS, VG)
+                if PREFETCH:
+                    vb, vsc, vzr = vq_b, vq_s, vq_z
+                    vq_b, vq_s, vq_z = _load_vq(v_base, vs_base, vz_base, n0 + BLOCK_N, hi_s, s_vt, s_vd, s_vst,
+                                                s_vsj, D, BLOCK_N, VBITS, VG)
+                else:
+                    vb, vsc, vzr = _load_vq(v_base, vs_base, vz_base, n0, hi_s, s_vt, s_vd, s_vst, s_vsj,
+                                            D, BLOCK_N, VBITS, VG)
             # ---- K^T tile (D, BLOCK_N)
             if KBITS == 0:
                 kk = tl.load(k_base + n[None, :] * s_kt + d[:, None] * s_kd, mask=nv[None, :], other=0.0).to(dt)
+                if IEEE:
+                    s = tl.dot(qv, kk, input_precision="ieee")
+                else:
+                    s = tl.dot(qv, kk)
+            elif KFOLD:  # q k = (q * scale) codes + q zero: the group's scale folds into q, the tile is codes only
+                KPER: tl.constexpr = 8 // KBITS
+                if KBITS == 8:
+                    code = kb
+                else:
+                    sh = (tl.arange(0, KPER) * KBITS).to(tl.uint8)
+                    code = tl.reshape((kb[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1), (D, BLOCK_N))
+                qs = (qv * ksc.to(dt)[None, :]).to(dt)
+                bias = tl.sum(qv.to(tl.float32) * kzr.to(tl.float32)[None, :], 1)
+                s = tl.dot(qs, code.to(dt)) + bias[:, None]
             else:
-                kk = _deq_k(kb, ksc, kzr, D, BLOCK_N, KBITS).to(dt)
-            if IEEE:
-                s = tl.dot(qv, kk, input_precision="ieee")
-            else:
-                s = tl.dot(qv, kk)
+                kk = _deq_k(kb, ksc, kzr, D, BLOCK_N, KBITS, F16).to(dt)
+                if IEEE:
+                    s = tl.dot(qv, kk, input_precision="ieee")
+                else:
+                    s = tl.dot(qv, kk)
             vis = (n[None, :] < row_end[:, None]) & nv[None, :]
             if HAS_MASK:
                 if mflag != 0:
@@ -289,7 +326,7 @@ if HAS_TRITON:
             if VBITS == 0:
                 vv = tl.load(v_base + n[:, None] * s_vt + d[None, :] * s_vd, mask=nv[:, None], other=0.0).to(dt)
             else:
-                vv = _deq_v(vb, vsc, vzr, D, BLOCK_N, VBITS, VG).to(dt)
+                vv = _deq_v(vb, vsc, vzr, D, BLOCK_N, VBITS, VG, F16).to(dt)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), vv, input_precision="ieee")
             else:
@@ -368,6 +405,9 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
+QBLOCK_N = 32  # tokens per iteration with quantized K/V (dequantized in registers: smaller tiles, no spills)
+QPREFETCH = True
+QKFOLD = False
 MAX_SPLITS = 512  # the reduction loads all of a row's partials in one tile
 
 
@@ -425,7 +465,8 @@ def triton_supported(q: Tensor, k: KV, v: KV, mask: Tensor | None = None) -> boo
 def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None, *, lens: Tensor | None = None,
                             causal: bool = False, k_tail: Tensor | None = None, v_tail: Tensor | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
-                            num_warps: int | None = None, num_stages: int = 3) -> Tensor:
+                            num_warps: int | None = None, num_stages: int | None = None,
+                            prefetch: bool | None = None, kfold: bool | None = None) -> Tensor:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -435,13 +476,17 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     S_tot = S_main + S_tail
     kq, vq = isinstance(k, QTensor), isinstance(v, QTensor)
     if kq:
-        BLOCK_N = _key_group(k)
+        kg = _key_group(k)
+        BLOCK_N = min(kg, block_n or QBLOCK_N)
+        if kg % BLOCK_N:
+            raise ValueError(f"block_n {BLOCK_N} must divide the key group {kg}")
         kbits = _bits(k)
         kt, ks, kz = k.codes, k.scale, k.zero
         s_k = (kt.stride(0), kt.stride(1), kt.stride(2), kt.stride(3), kt.stride(4))
         s_ks = ks.stride()
     else:
-        BLOCK_N = block_n or 64
+        BLOCK_N = block_n or (QBLOCK_N if vq else 64)
+        kg = BLOCK_N
         kbits = 0
         kt, ks, kz = k, k, k
         s_k = (k.stride(0), k.stride(1), k.stride(2), k.stride(3), 0)
@@ -485,14 +530,23 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
         if lens is not None:  # both: the tighter bound, and the mask applied
             mb = torch.cat([torch.minimum(lens, mb[:T]), torch.ones(1, dtype=torch.int32, device=dev)])
         lens = mb
-    nw = num_warps or (4 if BLOCK_M <= 32 else 8)
+    scale_dts = [x.scale.dtype for x in (k, v) if isinstance(x, QTensor)]
+    f16 = bool(scale_dts) and q.dtype != torch.float32 and all(d == torch.float16 for d in scale_dts)
+    nw = num_warps or (8 if kq or vq or BLOCK_M > 32 else 4)
+    if prefetch is None:
+        prefetch = QPREFETCH
+    if kfold is None:
+        kfold = QKFOLD
+    prefetch = bool(prefetch and (kq or vq))
+    if num_stages is None:
+        num_stages = 1 if prefetch else 3
     _split_kernel[(NS, B * Hkv)](
         q, kt, vt, ks, kz, vs, vz, kt_t, vt_t, q if lens is None else lens, m_arg, op, ml,
         Hkv, S_main, S_tail, ns, D ** -0.5,
         *q.stride(), *s_k, *s_ks, *s_v, *s_vs, *s_kt, *s_vt, *s_m,
-        T=T, G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KBITS=kbits, VBITS=vbits, VG=vg,
+        T=T, G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KBITS=kbits, VBITS=vbits, VG=vg, KG=kg,
         HAS_LENS=lens is not None, HAS_MASK=mask is not None, CAUSAL=causal, TAIL=tail,
-        IEEE=q.dtype == torch.float32, num_warps=nw, num_stages=num_stages,
+        IEEE=q.dtype == torch.float32, F16=f16, PREFETCH=prefetch, KFOLD=bool(kfold and f16 and kq), num_warps=nw, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     BLOCK_S = triton.next_power_of_2(NS)
