@@ -537,6 +537,7 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
         prefetch = QPREFETCH
     if kfold is None:
         kfold = QKFOLD
+    kfold = bool(kfold and f16 and kq)
     prefetch = bool(prefetch and (kq or vq))
     if num_stages is None:
         num_stages = 1 if prefetch else 3
@@ -546,7 +547,8 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
         *q.stride(), *s_k, *s_ks, *s_v, *s_vs, *s_kt, *s_vt, *s_m,
         T=T, G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KBITS=kbits, VBITS=vbits, VG=vg, KG=kg,
         HAS_LENS=lens is not None, HAS_MASK=mask is not None, CAUSAL=causal, TAIL=tail,
-        IEEE=q.dtype == torch.float32, F16=f16, PREFETCH=prefetch, KFOLD=bool(kfold and f16 and kq), num_warps=nw, num_stages=num_stages,
+        IEEE=q.dtype == torch.float32, F16=f16, PREFETCH=prefetch, KFOLD=kfold,
+        num_warps=nw, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     BLOCK_S = triton.next_power_of_2(NS)
