@@ -143,10 +143,11 @@ if HAS_TRITON:
         """-> K^T tile (D, BLOCK_N); codes are packed along tokens (token j*PER + p in bits p*KBITS). F16: fp16
         arithmetic (fp16 scales; codes and the result are exact or rounded once in fp16), else fp32."""
         KPER: tl.constexpr = 8 // KBITS
+        byte = byte.to(tl.int32)
         if KBITS == 8:
             code = byte
         else:
-            sh = (tl.arange(0, KPER) * KBITS).to(tl.uint8)
+            sh = tl.arange(0, KPER) * KBITS
             code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1), (D, BLOCK_N))
         if F16:
             x = code.to(tl.float16) * sc[:, None] + zr[:, None]
@@ -174,10 +175,11 @@ if HAS_TRITON:
                F16: tl.constexpr):
         """-> V tile (BLOCK_N, D); codes are packed along channels, one scale/zero per VG channels."""
         VPER: tl.constexpr = 8 // VBITS
+        byte = byte.to(tl.int32)
         if VBITS == 8:
             code = byte
         else:
-            sh = (tl.arange(0, VPER) * VBITS).to(tl.uint8)
+            sh = tl.arange(0, VPER) * VBITS
             code = tl.reshape((byte[:, :, None] >> sh[None, None, :]) & ((1 << VBITS) - 1), (BLOCK_N, D))
         if F16:
             x = tl.reshape(code.to(tl.float16), (BLOCK_N, D // VG, VG))
@@ -302,10 +304,11 @@ if HAS_TRITON:
             elif KFOLD:  # q k = (q * scale) codes + q zero: the group's scale folds into q, the tile is codes only
                 KPER: tl.constexpr = 8 // KBITS
                 if KBITS == 8:
-                    code = kb
+                    code = kb.to(tl.int32)
                 else:
-                    sh = (tl.arange(0, KPER) * KBITS).to(tl.uint8)
-                    code = tl.reshape((kb[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1), (D, BLOCK_N))
+                    sh = tl.arange(0, KPER) * KBITS
+                    code = tl.reshape((kb.to(tl.int32)[:, :, None] >> sh[None, None, :]) & ((1 << KBITS) - 1),
+                                      (D, BLOCK_N))
                 qs = (qv * ksc.to(dt)[None, :]).to(dt)
                 bias = tl.sum(qv.to(tl.float32) * kzr.to(tl.float32)[None, :], 1)
                 s = tl.dot(qs, code.to(dt)) + bias[:, None]
@@ -405,9 +408,10 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
-QBLOCK_N = 32  # tokens per iteration with quantized K/V (dequantized in registers: smaller tiles, no spills)
+QBLOCK_N = 64  # tokens per iteration with quantized K/V (at most one key group)
 QPREFETCH = True
 QKFOLD = False
+QF16 = False  # fp16 dequant arithmetic and dots: opt-in (wrong results seen with BLOCK_M=64, int4/int2, H200)
 MAX_SPLITS = 512  # the reduction loads all of a row's partials in one tile
 
 
@@ -466,7 +470,8 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
                             causal: bool = False, k_tail: Tensor | None = None, v_tail: Tensor | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
-                            prefetch: bool | None = None, kfold: bool | None = None) -> Tensor:
+                            prefetch: bool | None = None, kfold: bool | None = None,
+                            f16: bool | None = None) -> Tensor:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -531,8 +536,9 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
             mb = torch.cat([torch.minimum(lens, mb[:T]), torch.ones(1, dtype=torch.int32, device=dev)])
         lens = mb
     scale_dts = [x.scale.dtype for x in (k, v) if isinstance(x, QTensor)]
-    f16 = bool(scale_dts) and q.dtype != torch.float32 and all(d == torch.float16 for d in scale_dts)
-    nw = num_warps or (8 if kq or vq or BLOCK_M > 32 else 4)
+    f16 = QF16 if f16 is None else f16
+    f16 = bool(f16 and scale_dts and q.dtype != torch.float32 and all(d == torch.float16 for d in scale_dts))
+    nw = num_warps or (4 if BLOCK_M <= 32 else 8)
     if prefetch is None:
         prefetch = QPREFETCH
     if kfold is None:
@@ -540,7 +546,7 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     kfold = bool(kfold and f16 and kq)
     prefetch = bool(prefetch and (kq or vq))
     if num_stages is None:
-        num_stages = 1 if prefetch else 3
+        num_stages = 3
     _split_kernel[(NS, B * Hkv)](
         q, kt, vt, ks, kz, vs, vz, kt_t, vt_t, q if lens is None else lens, m_arg, op, ml,
         Hkv, S_main, S_tail, ns, D ** -0.5,
