@@ -76,9 +76,9 @@ def test_eval_needle_on_tiny_model(tiny, tmp_path, capsys):
     model, corpus = tiny
     out = tmp_path / "n"
     assert cli.main(["eval", "needle", "--model", model, "--dataset", corpus, "--device", "cpu",
-                     "--needle-context", "440", "--needle-depths", "0,1", "--needle-trials", "1",
+                     "--needle-context", "500", "--needle-depths", "0,1", "--needle-trials", "1",
                      "--needle-count", "2", "--output-dir", str(out), "--no-plots"]) == 0
-    cell = json.loads((out / "cells" / "needle__full__ctx=440.json").read_text())
+    cell = json.loads((out / "cells" / "needle__full__ctx=500.json").read_text())
     assert cell["results"]["n"] == 2 and set(cell["results"]["accuracy_by_depth"]) == {"0", "1"}
     assert all(isinstance(s["output"], str) for s in cell["results"]["samples"])
 

@@ -1,7 +1,8 @@
 """Acceptance of each variant's press as the MSpecKV middle level (a lossless, speed-relevant quality metric).
 
-At each context, ``--accept-prompts`` prompts of real text (``long_prompt``, seeds ``seed*1000 + i``) are generated
-from greedily with ``speculative_generate(target, draft, ...)`` in MSpecKV mode, ``--accept-gen`` new tokens each.
+At each context, ``--accept-prompts`` prompts of ``context - accept_gen`` tokens of real text (``long_prompt``, seeds
+``seed*1000 + i``; the sequence ends at ``context`` tokens) are generated from greedily with
+``speculative_generate(target, draft, ...)`` in MSpecKV mode, ``--accept-gen`` new tokens each.
 The variant's press is the middle level (``SpecConfig.l1_press``) and its placement the full-KV level's; the baseline
 row uses today's retrieval middle level (``--accept-budget`` tokens) with nothing offloaded. Reported: the middle
 level's acceptance rate (``verify_l1``: accepted / proposed draft tokens, pooled over prompts) and the full-KV
@@ -23,7 +24,7 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
     cfg = ev.cfg
     gen = GenerationConfig(max_new_tokens=cfg.accept_gen, sampling=SamplingConfig(temperature=0.0),
                            stop_on_eos=False, prefill_chunk=cfg.prefill_chunk)
-    prompts = [long_prompt(ev.tok, context, seed=cfg.seed * 1000 + i, dataset=cfg.dataset)
+    prompts = [long_prompt(ev.tok, context - cfg.accept_gen, seed=cfg.seed * 1000 + i, dataset=cfg.dataset)
                for i in range(cfg.accept_prompts)]
     out = {}
     for v in variants:

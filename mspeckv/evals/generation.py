@@ -29,6 +29,7 @@ class Generated:
     decode_s: float
     kv_bytes: int  # held right after the prompt (compressed), before any generated token is appended
     prompt_len: int
+    kv_bytes_end: int | None = None  # held once the last generated token is fed too (feed_last=True)
 
     @property
     def tpot_s(self) -> float | None:
@@ -41,8 +42,11 @@ class Generated:
 
 @torch.inference_mode()
 def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk: int = 1024,
-           stop: Callable[[list[int]], bool] | None = None, stop_every: int = 8, eos: bool = True) -> Generated:
-    """Greedy tokens (EOS kept, if any) for one prompt; ``stop(tokens)`` is checked every ``stop_every`` tokens."""
+           stop: Callable[[list[int]], bool] | None = None, stop_every: int = 8, eos: bool = True,
+           feed_last: bool = False) -> Generated:
+    """Greedy tokens (EOS kept, if any) for one prompt; ``stop(tokens)`` is checked every ``stop_every`` tokens.
+    ``feed_last``: after the timed loop, feed the last generated token too and count the bytes held then (the
+    sequence is then ``len(ids) + max_new`` tokens long)."""
     device = model.device
     T = len(ids)
     if T < 1 or max_new < 1:
@@ -69,4 +73,9 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
         if stop is not None and len(out) % stop_every == 0 and stop(out):
             break
     sync(device)
-    return Generated(out, t_first - t0, time.perf_counter() - t1, held, T)
+    t_end = time.perf_counter()
+    end = None
+    if feed_last:
+        model(tok[:, None], cache)
+        end = kv_bytes(cache)
+    return Generated(out, t_first - t0, t_end - t1, held, T, end)

@@ -2,9 +2,10 @@
 from greedy outputs generated through each variant's cache (``evals.generation.greedy``: the press is applied to the
 prompt minus its last token, so every generated token reads the compressed history).
 
-- needle: for each depth in ``--needle-depths``, ``--needle-trials`` prompts (seeds ``seed*1000 + trial``) of exactly
-  ``context`` tokens with ``--needle-count`` distinct needles; correct = the first 7-digit number in the output is the
-  asked needle's value (``synth.score_needle``). Output: accuracy per depth and overall.
+- The prompts have ``context - 48`` tokens (``synth.GEN_MAX``), so prompt + generated tokens fit in ``context``.
+- needle: for each depth in ``--needle-depths``, ``--needle-trials`` prompts (seeds ``seed*1000 + trial``) with
+  ``--needle-count`` distinct needles; correct = the first 7-digit number in the output is the asked needle's value
+  (``synth.score_needle``). Output: accuracy per depth and overall.
 - ruler: ``--ruler-samples`` prompts per task; multikey is scored like the needle; vartrack by the fraction of the
   chain's variable names present in the output (``synth.score_all``), and exact when all are.
 """
@@ -24,7 +25,7 @@ def _text(tok, ids: list[int]) -> str:
 
 def run_needle(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     cfg = ev.cfg
-    prompts = [needle_prompt(ev.tok, context, d, seed=cfg.seed * 1000 + t, n_needles=cfg.needle_count,
+    prompts = [needle_prompt(ev.tok, context - GEN_MAX, d, seed=cfg.seed * 1000 + t, n_needles=cfg.needle_count,
                              dataset=cfg.dataset) for d in cfg.needle_depths for t in range(cfg.needle_trials)]
     out = {}
     for v in variants:
@@ -45,9 +46,10 @@ def run_needle(ev, variants: list[Variant], context: int) -> dict[str, dict[str,
 
 def run_ruler(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     cfg = ev.cfg
-    mk = [multikey_prompt(ev.tok, context, seed=cfg.seed * 1000 + i, n_keys=cfg.ruler_keys, dataset=cfg.dataset)
+    n = context - GEN_MAX
+    mk = [multikey_prompt(ev.tok, n, seed=cfg.seed * 1000 + i, n_keys=cfg.ruler_keys, dataset=cfg.dataset)
           for i in range(cfg.ruler_samples)]
-    vt = [vartrack_prompt(ev.tok, context, seed=cfg.seed * 1000 + i, hops=cfg.vt_hops, dataset=cfg.dataset)
+    vt = [vartrack_prompt(ev.tok, n, seed=cfg.seed * 1000 + i, hops=cfg.vt_hops, dataset=cfg.dataset)
           for i in range(cfg.ruler_samples)]
     out = {}
     for v in variants:

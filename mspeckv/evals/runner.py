@@ -221,10 +221,12 @@ def validate(cfg: EvalConfig, store: CellStore) -> None:
     for fam in families(cfg.metrics):
         if fam.contexts is not None:
             flag = "--" + fam.contexts.replace("_", "-")
-            over = [c for c in cfg.contexts(fam) if c + (cfg.speed_gen if fam.name == "speed" else 0)
-                    + (cfg.accept_gen + 2 * cfg.gamma + 8 if fam.name == "accept" else 0) > mc.max_position]
-            check(not over, flag, f"{','.join(map(str, over))} exceeds the model's {mc.max_position} positions "
-                                  f"(with the tokens the {fam.name} eval generates)")
+            over = [c for c in cfg.contexts(fam) if c > mc.max_position]
+            check(not over, flag, f"{','.join(map(str, over))} exceeds the model's {mc.max_position} positions")
+            gen = {"speed": ("--speed-gen", cfg.speed_gen), "accept": ("--accept-gen", cfg.accept_gen)}.get(fam.name)
+            if gen is not None:  # these evals prompt with context - generated tokens
+                short = [c for c in cfg.contexts(fam) if c - gen[1] < 2]
+                check(not short, gen[0], f"{gen[1]} leaves no prompt at context {','.join(map(str, short))}")
         for m in fam.metrics:
             store.check_settings(m, cfg.settings(fam))
     for v in cfg.variants():
@@ -257,7 +259,7 @@ def _check_prompts(cfg: EvalConfig, mc) -> None:
     from . import synth
 
     tok = load_tokenizer(resolve(cfg.model))
-    c = min(cfg.needle_context)
+    c = min(cfg.needle_context) - synth.GEN_MAX
     try:
         if "needle" in cfg.metrics:
             synth.needle_prompt(tok, c, 0.5, seed=cfg.seed, n_needles=cfg.needle_count, dataset=cfg.dataset)
@@ -265,10 +267,8 @@ def _check_prompts(cfg: EvalConfig, mc) -> None:
             synth.multikey_prompt(tok, c, seed=cfg.seed, n_keys=cfg.ruler_keys, dataset=cfg.dataset)
             synth.vartrack_prompt(tok, c, seed=cfg.seed, hops=cfg.vt_hops, dataset=cfg.dataset)
     except ValueError as e:
-        raise ValueError(f"--needle-context {c}: {e}") from None
-    over = [n for n in cfg.needle_context if n + synth.GEN_MAX > mc.max_position]
-    check(not over, "--needle-context", f"{','.join(map(str, over))} plus {synth.GEN_MAX} generated tokens exceeds "
-                                        f"the model's {mc.max_position} positions")
+        raise ValueError(f"--needle-context {c + synth.GEN_MAX}: prompts have context - {synth.GEN_MAX} tokens, "
+                         f"and {e}") from None
     if "gsm8k" in cfg.metrics:
         from ..data.datasets import load_gsm8k
         from .gsm8k import prompt, split

@@ -1,12 +1,14 @@
 """KV memory and decode speed of each variant at one context (the overview table's KV MB, bytes/token, TTFT, TPOT
 and tok/s columns).
 
-A ``context``-token prompt of real text is generated from greedily for ``--speed-gen`` tokens through the variant's
-cache (``evals.generation.greedy``: prefill, ``compress()``, then every token through the compressed cache; EOS
-ignored). ``kv_bytes`` is what the cache holds right after the prompt (``memory_report()['kv_bytes']`` or the held
-rows, see ``variants.kv_bytes``); ``compression`` (rendered) is the full cache's bytes over the variant's at the same
-context. The steps are eager forwards with a host sync per token (no CUDA graphs): compare variants with each other,
-not with ``mspeckv bench decode``. One untimed warm-up generation per process runs first.
+A prompt of ``context - speed_gen`` tokens of real text is generated from greedily for ``--speed-gen`` tokens through
+the variant's cache (``evals.generation.greedy``: prefill, ``compress()``, then every token through the compressed
+cache; EOS ignored), so the sequence ends at exactly ``context`` tokens. ``kv_bytes`` is what the cache holds then,
+with every one of the ``context`` tokens fed (``memory_report()['kv_bytes']`` or the held rows, see
+``variants.kv_bytes``): a press's compressed prompt plus the generated rows appended after it; ``kv_bytes_prompt``
+is what it held right after the prompt. ``compression`` (rendered) is the full cache's ``kv_bytes`` over the
+variant's at the same context. The steps are eager forwards with a host sync per token (no CUDA graphs): compare
+variants with each other, not with ``mspeckv bench decode``. One untimed warm-up generation per process runs first.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ _WARM: set[int] = set()
 
 def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     cfg, model = ev.cfg, ev.model
-    ids = long_prompt(ev.tok, context, seed=cfg.seed + 1000, dataset=cfg.dataset)
+    ids = long_prompt(ev.tok, context - cfg.speed_gen, seed=cfg.seed + 1000, dataset=cfg.dataset)
     if id(model) not in _WARM:
         greedy(model, Variant(), ids[:min(len(ids), 256)], 4, cfg.prefill_chunk, eos=False)
         _WARM.add(id(model))
     out = {}
     for v in variants:
-        g = greedy(model, v, ids, cfg.speed_gen, cfg.prefill_chunk, eos=False)
-        out[v.name] = {"kv_bytes": g.kv_bytes, "bytes_per_token": g.kv_bytes / context, "ttft_s": g.ttft_s,
-                       "tpot_s": g.tpot_s, "tok_per_s": g.tok_per_s, "decode_tokens": len(g.tokens) - 1,
-                       "prompt_tokens": context}
+        g = greedy(model, v, ids, cfg.speed_gen, cfg.prefill_chunk, eos=False, feed_last=True)
+        out[v.name] = {"kv_bytes": g.kv_bytes_end, "bytes_per_token": g.kv_bytes_end / context,
+                       "kv_bytes_prompt": g.kv_bytes, "ttft_s": g.ttft_s, "tpot_s": g.tpot_s,
+                       "tok_per_s": g.tok_per_s, "decode_tokens": len(g.tokens) - 1, "prompt_tokens": len(ids),
+                       "sequence_tokens": context}
         ev.progress(f"speed ctx={context} {v.name}")
     return {"speed": out}

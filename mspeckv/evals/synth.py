@@ -64,7 +64,7 @@ def _assemble(tok, context: int, header: str, question: str, pieces: list[tuple[
     enc = [_encode(tok, "\n" + text + "\n") for _, text in pieces]
     n_hay = context - len(head) - len(tail) - sum(map(len, enc))
     if n_hay < 1:
-        raise ValueError(f"context {context} is too short for the task's header, question and needles "
+        raise ValueError(f"a {context}-token prompt is too short for the task's header, question and needles "
                          f"({context - n_hay + 1} tokens needed)")
     hay = long_prompt(tok, n_hay, seed=seed, dataset=dataset)
     at = [round(d * n_hay) for d, _ in pieces]
