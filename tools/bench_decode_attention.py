@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--budget-gb", type=float, default=1.0, help="K/V bytes per timed pass (rotated buffers)")
     ap.add_argument("--no-baselines", action="store_true", help="Triton only")
+    ap.add_argument("--formats", default="bf16,int8,int4", help="Triton KV formats to time")
     ap.add_argument("--sweep-splits", action="store_true", help="also time bf16 at 1/4x, 1/2x and 2x the splits")
     ap.add_argument("--quant-matrix", action="store_true",
                     help="only time quantized-kernel variants (block_n, prefetch, kfold, warps) at 32K")
@@ -232,8 +233,8 @@ def main() -> None:
         L, Hq, Hkv, D = SHAPES[shape]
         for S in map(int, a.contexts.split(",")):
             for T in map(int, a.tokens.split(",")):
-                specs = [("triton", dict(fmt="bf16")), ("triton", dict(fmt="int8")), ("triton", dict(fmt="int4"))]
-                if T > 1:
+                specs = [("triton", dict(fmt=f)) for f in a.formats.split(",")]
+                if T > 1 and "bf16" in a.formats.split(","):
                     specs.append(("triton", dict(fmt="bf16", variant="causal")))
                 if a.sweep_splits:
                     for fmt, per_sm in (("bf16", 2.0), ("int4", 4.0)):

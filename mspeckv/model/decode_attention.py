@@ -129,7 +129,10 @@ if HAS_TRITON:
         the group's scale and zero (D,)."""
         KPER: tl.constexpr = 8 // KBITS
         d = tl.arange(0, D)
-        jb = (n0 % KG) // KPER + tl.arange(0, BLOCK_N // KPER)
+        if BLOCK_N == KG:  # whole groups: a plain range, so the byte loads vectorize
+            jb = tl.arange(0, BLOCK_N // KPER)
+        else:
+            jb = (n0 % KG) // KPER + tl.arange(0, BLOCK_N // KPER)
         grp = n0 // KG
         ok = n0 < hi_s
         byte = tl.load(k_base + grp * s_kt + d[:, None] * s_kd + jb[None, :] * s_kj, mask=(d[:, None] < D) & ok,
