@@ -173,8 +173,7 @@ def test_press_plumbing_with_an_evicting_stand_in(tiny, tmp_path, capsys, monkey
     monkeypatch.setattr(presses, "parse_press", parse_press, raising=False)
     out = tmp_path / "p"
     args = _ppl_args(tiny, out, "--press", "keepends", "--kv-quant", "none")
-    assert cli.main(args) == 0
-    assert cli.main([*args[:1], "recon", *args[2:]]) == 0
+    assert cli.main([args[0], "ppl,recon", *args[2:]]) == 0  # a comma list of metrics
     capsys.readouterr()
     ppl = json.loads((out / "cells" / "ppl__keepends__ctx=128.json").read_text())["results"]
     full = json.loads((out / "cells" / "ppl__full__ctx=128.json").read_text())["results"]
@@ -186,3 +185,5 @@ def test_press_plumbing_with_an_evicting_stand_in(tiny, tmp_path, capsys, monkey
     assert recon["k_rel_mse_mean"] == 0 and recon["v_rel_mse_mean"] == 0  # held rows are exact, at their positions
     assert cli.main(_ppl_args(tiny, tmp_path / "x", "--press", "other")) == 2
     assert "--press 'other': unknown press" in capsys.readouterr().err
+    assert cli.main(["eval", "ppl,bogus", *_ppl_args(tiny, tmp_path / "x")[2:]]) == 2
+    assert "metric 'bogus' is unknown" in capsys.readouterr().err

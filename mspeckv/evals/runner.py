@@ -1,4 +1,5 @@
-"""``mspeckv eval {ppl,kl,attention,ece,needle,ruler,recon,gsm8k,accept,speed,all,report}``.
+"""``mspeckv eval {ppl,kl,attention,ece,needle,ruler,recon,gsm8k,accept,speed,all,report}`` (or a comma list such
+as ``ppl,recon,speed``).
 
 One template (``evals.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
 -> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one final JSON line.
@@ -118,7 +119,7 @@ class EvalConfig:
 
     def __post_init__(self):
         for m in self.metrics:
-            check(m in METRICS, "metric", f"'{m}' is unknown; choose from {', '.join(ACTIONS)}")
+            check(m in METRICS, "metric", f"'{m}' is unknown; choose from {', '.join(ACTIONS)} (or a comma list)")
         check(bool(self.metrics), "metric", "names no metric")
         for name in ("context", "needle_context"):
             flag = "--" + name.replace("_", "-")
@@ -342,7 +343,8 @@ def cmd_eval(a) -> int:
         print(report.overview_markdown(summary))
         print(json.dumps(report.summary_line(summary)))
         return 0
-    metrics = METRICS if a.metric == "all" else (a.metric,)
+    names = [m.strip() for m in a.metric.split(",") if m.strip()]
+    metrics = METRICS if names == ["all"] else tuple(dict.fromkeys(names))
     cfg = from_args(EvalConfig, a, metrics=metrics)
     command = "mspeckv " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     summary = run_eval(cfg, command)
@@ -360,7 +362,9 @@ def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="quality evaluation against the full cache (ppl, kl, needle, gsm8k, ...)",
                        description="Quality of placements and presses against the full cache, in the same "
                                    "invocation; protocols in the docstrings of mspeckv/evals/*.py.")
-    p.add_argument("metric", choices=ACTIONS, help="a metric, all, or report (re-render --output-dir)")
+    p.add_argument("metric", metavar="METRIC[,METRIC...]",
+                   help=f"one or more of {','.join(METRICS)} (comma-separated), all, or report (re-render "
+                        f"--output-dir)")
     add_flags(p, EvalConfig)
     p.set_defaults(fn=cmd_eval)
     add_data_parser(sub)
