@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch and the cache modules load lazily: `mspeckv --help` and `mspeckv data` stay fast
+    from torch import Tensor
 
-from ..kv.placement import Placement
+    from ..kv.placement import Placement
 
 BASELINE = "full"
 
@@ -58,7 +59,7 @@ class Variant:
 
     @property
     def is_baseline(self) -> bool:
-        return self.press is None and (self.placement is None or self.placement == Placement())
+        return self.press is None and _default(self.placement)
 
     @property
     def name(self) -> str:
@@ -66,7 +67,7 @@ class Variant:
             return BASELINE
         parts = [] if self.press is None else [self.press]
         p = self.placement
-        if p is not None and p != Placement():
+        if not _default(p):
             q = f"kv={p.kv_quant}/g{p.kv_group_size}/res{p.rollback_slack}"
             if p.on_chip is not None:
                 q += f"/onchip{p.on_chip}"
@@ -86,6 +87,8 @@ class Variant:
         return "none" if self.placement is None else self.placement.kv_quant
 
     def describe(self) -> dict:
+        from ..kv.placement import Placement
+
         p = self.placement or Placement()
         return {"name": self.name, "press": self.press, "kv_quant": p.kv_quant, "on_chip": p.on_chip,
                 "kv_group_size": p.kv_group_size, "kv_residual": p.rollback_slack,
@@ -97,6 +100,15 @@ class Variant:
             self.placement.validate(n_layers, head_dim)
         if self.press is not None:
             parse_press(self.press)
+
+
+def _default(p) -> bool:
+    """No placement, or one that keeps every layer's KV dense on the device."""
+    if p is None:
+        return True
+    from ..kv.placement import Placement
+
+    return p == Placement()
 
 
 # -------------------------------------------------------------------------------------------------- cache plumbing
@@ -119,6 +131,8 @@ def compress(cache) -> None:
 
 def held(cache, layer: int) -> tuple[Tensor, Tensor, Tensor]:
     """(k, v, positions) of the rows a cache holds for one layer: (B, H, n, D) x2 and (B, H, n) absolute positions."""
+    import torch
+
     k, v = cache.read(layer)
     pos_fn = getattr(cache, "positions", None)
     if pos_fn is not None:
@@ -136,6 +150,8 @@ def kv_bytes(cache) -> int:
         r = rep()
         if "kv_bytes" in r:
             return int(r["kv_bytes"])
+    import torch
+
     from ..kv.dense import DenseKV
     from ..kv.offload import PlacedKV
 
