@@ -5,7 +5,8 @@ import torch
 
 from mspeckv.kv.base import CacheFullError, KVCache
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.retrieval import BudgetCoversPrompt, QueryCapture, RetrievalCache, retrieval_or_none, select_chunks
+from mspeckv.kv.base import LastQueries
+from mspeckv.kv.retrieval import BudgetCoversPrompt, RetrievalCache, retrieval_or_none, select_chunks
 from mspeckv.kv.streaming import StreamingCache
 from tests.tiny import tiny_model
 
@@ -277,10 +278,11 @@ def test_retrieval_subset_forward_equals_dense_over_the_same_rows():
     torch.manual_seed(4)
     ids = torch.randint(3, 97, (1, 45))
     full = DenseKV.for_model(m, 1, 64)
-    cap = QueryCapture(full, n_last=4)
+    cap = LastQueries(m.cfg.n_layers, n_last=4)
+    full.observers.append(cap)
     with torch.no_grad():
-        m.prefill(ids, cap, chunk=11)  # last chunk has 1 token: the captured rows roll over forwards
-    assert all(q.shape == (1, 4, 4, 16) for q in cap.queries) and cap.length() == 45
+        m.prefill(ids, full, chunk=11)  # last chunk has 1 token: the captured rows roll over forwards
+    assert all(q.shape == (1, 4, 4, 16) for q in cap.queries) and full.length() == 45
     rc = RetrievalCache.build(full, cap.queries, budget=24, chunk=4, extra=8)
     assert rc.n_retrieved == 4 + 4 * 4 + 1  # sink chunk + 4 chunks + 1 tail token (45 = 11 * 4 + 1)
     assert any(not torch.equal(rc.index[i][0, 0], rc.index[i][0, 1]) for i in range(m.cfg.n_layers))
@@ -298,9 +300,10 @@ def test_retrieval_subset_forward_equals_dense_over_the_same_rows():
             torch.testing.assert_close(b, a, atol=0, rtol=0)
             tok = a[:, -1].argmax(-1, keepdim=True)
     # the captured queries are the last 4 prompt positions' queries (same as a one-shot prefill's)
-    one = QueryCapture(DenseKV.for_model(m, 1, 64), n_last=4)
+    one, c1 = LastQueries(m.cfg.n_layers, n_last=4), DenseKV.for_model(m, 1, 64)
+    c1.observers.append(one)
     with torch.no_grad():
-        m(ids, one)
+        m(ids, c1)
     for a, b in zip(cap.queries, one.queries, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

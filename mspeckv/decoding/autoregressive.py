@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..config import GenerationConfig
 from ..kv.dense import DenseKV
+from ..kv.static import GraphedForward, StaticKV
 from .sampling import make_generator, next_token
 
 
@@ -76,8 +77,6 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     graphs = (device.type == "cuda" and model.cfg.rope.rope_type != "dynamic") if graphs is None else graphs
     step = None
     if cache is None and graphs:
-        from ..kv.static import GraphedForward, StaticKV
-
         cache = StaticKV.for_model(model, T + gen.max_new_tokens, batch=B)
     elif cache is None:
         cache = DenseKV.for_model(model, B, T + gen.max_new_tokens)
@@ -86,7 +85,7 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     g = make_generator(device, gen.sampling.seed)
     eos_t = torch.tensor(sorted(eos) or [-1], device=device)
 
-    if graphs and hasattr(cache, "attn_mask"):  # one-time capture, outside the timed region
+    if graphs and isinstance(cache, StaticKV):  # one-time capture, outside the timed region
         step = GraphedForward(model, cache, 1, 1, batch=B)
     sync(device)
     t0 = time.perf_counter()

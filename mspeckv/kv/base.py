@@ -1,50 +1,115 @@
-"""The one interface between the model and KV storage.
+"""The one interface between the model and KV storage: the ``KVCache`` base class.
 
 A forward over ``n_new`` tokens does::
 
     cache.begin(n_new)                       # backends may start prefetching layer 0 here
     for layer in range(n_layers):
+        cache.on_query(layer, q)             # observers see each layer's post-RoPE queries (B, H_q, n_new, D)
         k_all, v_all = cache.update(layer, k_new, v_new)   # append, then view for attention
+        mask = cache.attn_mask               # None, or a bool mask for static-shape views
     cache.end()                              # commit: length += n_new
 
 ``update`` receives the new tokens' keys/values after RoPE, ``(B, H_kv, n_new, D)``, and returns what attention reads,
 ``(B, H_kv, S, D)``, whose **last** ``n_new`` rows are the new tokens (so the causal mask is "everything before, plus
-causal among the new rows"). A view may be a subset of the history (retrieval, streaming windows): ``S`` need not
-equal ``length + n_new``. ``rollback(n)`` forgets the newest ``n`` committed tokens; callers never touch lengths.
+causal among the new rows"), unless ``attn_mask`` says otherwise. A view may be a subset of the history (a press kept
+some rows, a streaming window): ``S`` need not equal ``length + n_new``, and ``next_position()`` (the absolute
+position of the next token, which the model uses for RoPE) need not equal ``length()`` (rows held).
+``rollback(n)`` forgets the newest ``n`` committed tokens; callers never touch lengths.
 
-``read(layer)`` returns the committed history ``(B, H_kv, length, D)`` on the compute device, outside any forward
-(used to build retrieval caches and by presses). Caches may also define ``observe_query(layer, q)``: the model then
-hands it each layer's post-RoPE queries ``(B, H_q, n_new, D)`` before ``update`` (retrieval scoring, SnapKV, H2O).
+``read(layer)`` returns the rows held ``(B, H_kv, length, D)`` on the compute device, reconstructed if they are
+stored compressed, outside any forward; ``positions(layer)`` gives their absolute positions ``(B, H_kv, length)``.
+
+Everything else has a no-op default here, so the model and the decoders call it without probing attributes:
+``reserve`` (make room before a speculation round), ``abort`` (drop a failed forward), ``compress`` (apply a press),
+``memory_report``. Observers (``Observer``: last queries, the new rows of a forward, accumulated attention) are
+attached with ``cache.observers.append(obs)`` and see every forward through ``on_query`` / ``on_update``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
+import torch
 from torch import Tensor
 
 
-@runtime_checkable
-class KVCache(Protocol):
-    n_layers: int
+class Observer:
+    """Sees a cache's forwards. Subclasses override what they need; tensors they keep must be their own copies,
+    or be listed in ``kept()`` so that a CUDA-graph replay can re-point them (see ``GraphedForward``)."""
 
+    def on_query(self, layer: int, q: Tensor) -> None:
+        """q (B, H_q, n_new, D): post-RoPE queries of a forward, before the cache's update."""
+
+    def on_update(self, layer: int, k: Tensor, v: Tensor, k_all: Tensor, mask: Tensor | None) -> None:
+        """k/v (B, H_kv, n_new, D) the new rows; k_all (B, H_kv, S, D) what attention reads, with ``mask``."""
+
+    def kept(self) -> dict[str, list]:
+        """Per-forward tensor lists this observer holds (re-pointed after a graph replay)."""
+        return {}
+
+
+class KVCache:
+    """Base class of every KV backend. Subclasses implement length/capacity/begin/update/end/rollback/read."""
+
+    n_layers: int
+    attn_mask: Tensor | None = None  # static-shape caches: (T, S) bool, True where a query row may attend
+
+    def __init__(self) -> None:
+        self.observers: list[Observer] = []
+
+    # ------------------------------------------------------------------------------------------------ required
     def length(self) -> int:
-        """Committed tokens (host int, never a device sync)."""
-        ...
+        """Rows held (committed; host int, never a device sync)."""
+        raise NotImplementedError
 
     def capacity(self) -> int:
-        """Most tokens this cache can hold."""
-        ...
+        """Most rows this cache can hold."""
+        raise NotImplementedError
 
-    def begin(self, n_new: int) -> None: ...
+    def begin(self, n_new: int) -> None:
+        raise NotImplementedError
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
 
-    def end(self) -> None: ...
+    def end(self) -> None:
+        raise NotImplementedError
 
-    def rollback(self, n: int) -> None: ...
+    def rollback(self, n: int) -> None:
+        raise NotImplementedError
 
-    def read(self, layer: int) -> tuple[Tensor, Tensor]: ...
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ defaults
+    def next_position(self) -> int:
+        """Absolute position of the next token; equals ``length()`` unless rows were evicted."""
+        return self.length()
+
+    def positions(self, layer: int) -> Tensor:
+        """(B, H_kv, length) absolute positions of the rows ``read(layer)`` returns."""
+        k, _ = self.read(layer)
+        B, H, n, _ = k.shape
+        return torch.arange(n, device=k.device).expand(B, H, n)
+
+    def reserve(self, n: int) -> None:
+        """Make room now so that forwards totalling ``n`` tokens need no eviction (rollback-safe rounds)."""
+
+    def abort(self) -> None:
+        """Drop a forward that failed between begin() and end()."""
+
+    def compress(self) -> None:
+        """Apply this cache's press to the rows held (no press: nothing to do)."""
+
+    def memory_report(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------------------------------------ observers
+    def on_query(self, layer: int, q: Tensor) -> None:
+        for o in self.observers:
+            o.on_query(layer, q)
+
+    def on_update(self, layer: int, k: Tensor, v: Tensor, k_all: Tensor, mask: Tensor | None) -> None:
+        for o in self.observers:
+            o.on_update(layer, k, v, k_all, mask)
 
 
 class CacheFullError(ValueError):
@@ -66,3 +131,37 @@ def check_begin(length: int, n_new: int, capacity: int, pending: int | None) -> 
 def check_rollback(n: int, length: int) -> None:
     if not 0 <= n <= length:
         raise ValueError(f"rollback({n}) outside [0, {length}]")
+
+
+# ---------------------------------------------------------------------------------------------- common observers
+class LastQueries(Observer):
+    """The last ``n_last`` post-RoPE query rows of each layer, (B, H_q, <=n_last, D), rolling over forwards (a
+    1-token last prefill chunk still yields ``n_last`` rows when earlier forwards had more)."""
+
+    def __init__(self, n_layers: int, n_last: int = 1):
+        if n_last < 1:
+            raise ValueError(f"n_last must be >= 1, got {n_last}")
+        self.n_last = n_last
+        self.queries: list[Tensor | None] = [None] * n_layers
+
+    def on_query(self, layer: int, q: Tensor) -> None:
+        prev, last = self.queries[layer], q[:, :, -self.n_last:]
+        if prev is not None and last.shape[2] < self.n_last:
+            last = torch.cat([prev, last], 2)[:, :, -self.n_last:]
+        self.queries[layer] = last.clone()  # a view would pin the whole chunk's queries
+
+    def kept(self) -> dict[str, list]:
+        return {"queries": self.queries}
+
+
+class NewRows(Observer):
+    """The new K/V rows of the latest forward per layer (views; valid until the next forward)."""
+
+    def __init__(self, n_layers: int):
+        self.new: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+
+    def on_update(self, layer, k, v, k_all, mask) -> None:
+        self.new[layer] = (k, v)
+
+    def kept(self) -> dict[str, list]:
+        return {"new": self.new}

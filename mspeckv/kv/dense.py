@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import check_begin, check_rollback
+from .base import KVCache, check_begin, check_rollback
 
 
-class DenseKV:
+class DenseKV(KVCache):
     """All layers' KV in preallocated ``(B, H_kv, T_max, D)`` tensors on one device."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
         self.n_layers, self.max_len = n_layers, max_len
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -50,7 +51,6 @@ class DenseKV:
         self._pending = None
 
     def abort(self) -> None:
-        """Drop a forward that failed between begin() and end()."""
         self._pending = None
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import check_begin, check_rollback
+from .base import KVCache, check_begin, check_rollback
 from .dense import DenseKV
 from .placement import Placement
 from .quant import QTensor, QuantSpec, dequantize_keys_into, dequantize_values_into, quantize_keys, quantize_values
@@ -93,11 +93,12 @@ class TransferStats:
     forwards: int = 0
 
 
-class PlacedKV:
+class PlacedKV(KVCache):
     """KVCache over a ``Placement``. Layer order of access is assumed 0..L-1 within a forward (the model's)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, placement: Placement, batch: int,
                  max_len: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
         p = self.p = placement
         p.validate(n_layers, head_dim)
         self.n_layers, self.B, self.H, self.D = n_layers, batch, n_kv_heads, head_dim

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .base import check_begin
+from .base import KVCache, check_begin
 
 
 class BudgetCoversPrompt(ValueError):
@@ -72,9 +72,10 @@ def select_chunks(k: Tensor, q: Tensor, budget: int, chunk: int) -> Tensor:
     return torch.cat([idx, tail_idx], -1)
 
 
-class RetrievalCache:
+class RetrievalCache(KVCache):
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, budget: int, extra: int,
                  dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
         if extra < 1:
             raise ValueError(f"extra must be >= 1 (rows for generated/drafted tokens), got {extra}")
         self.n_layers, self.budget, self.extra = n_layers, budget, extra
@@ -148,6 +149,9 @@ class RetrievalCache:
         continue the history the selection was made from."""
         return self.source_len + self.n_appended
 
+    def next_position(self) -> int:
+        return self.n_seen
+
     def capacity(self) -> int:
         return self.n_retrieved + self.extra
 
@@ -211,56 +215,3 @@ def retrieval_or_none(full_cache, queries: list[Tensor], budget: int, chunk: int
     except BudgetCoversPrompt as e:
         warnings.warn(f"{e}: the middle level verifies against the full cache", stacklevel=2)
         return None
-
-
-class QueryCapture:
-    """Wraps a KVCache and records the last ``n_last`` post-RoPE query rows of each layer, (B, Hq, <=n_last, D).
-
-    Rows roll over forwards (a 1-token last prefill chunk still yields ``n_last`` rows when there were earlier
-    forwards). Everything else is delegated to ``inner``. Use: ``model.prefill(ids, QueryCapture(full, 16))`` then
-    ``.queries`` for ``RetrievalCache.build``.
-    """
-
-    def __init__(self, inner, n_last: int = 1):
-        if n_last < 1:
-            raise ValueError(f"n_last must be >= 1, got {n_last}")
-        self.inner, self.n_last = inner, n_last
-        self.n_layers = inner.n_layers
-        self.queries: list[Tensor | None] = [None] * inner.n_layers
-
-    def observe_query(self, layer: int, q: Tensor) -> None:
-        prev, last = self.queries[layer], q[:, :, -self.n_last:]
-        if prev is not None and last.shape[2] < self.n_last:
-            last = torch.cat([prev, last], 2)[:, :, -self.n_last:]
-        self.queries[layer] = last.clone()  # a view would pin the whole chunk's queries
-        if (inner := getattr(self.inner, "observe_query", None)) is not None:
-            inner(layer, q)
-
-    def length(self) -> int:
-        return self.inner.length()
-
-    def capacity(self) -> int:
-        return self.inner.capacity()
-
-    def begin(self, n_new: int) -> None:
-        self.inner.begin(n_new)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.inner.update(layer, k, v)
-
-    def end(self) -> None:
-        self.inner.end()
-
-    def abort(self) -> None:
-        getattr(self.inner, "abort", lambda: None)()
-
-    def rollback(self, n: int) -> None:
-        self.inner.rollback(n)
-
-    def read(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.inner.read(layer)
-
-    def __getattr__(self, name: str):  # anything else (n_seen, nbytes, ...) from the wrapped cache
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)

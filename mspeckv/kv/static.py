@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CacheFullError, check_rollback
+from .base import CacheFullError, KVCache, check_rollback
 from .retrieval import BudgetCoversPrompt, select_chunks
 
 
-class StaticKV:
+class StaticKV(KVCache):
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, groups: int,
                  dtype: torch.dtype, device):
+        super().__init__()
         self.n_layers, self.cap, self.groups = n_layers, capacity, groups
         shape = (batch, n_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -196,7 +197,7 @@ class GraphedForward:
                 self.out = self._eager()
             cache.commit(-T)  # capture ran the host bookkeeping of one forward but executed no device work
             # wrappers that keep per-forward tensors (new K/V, queries) must point at this graph's after a replay
-            self.kept = {a: list(getattr(cache, a)) for a in ("new", "queries") if hasattr(cache, a)}
+            self.kept = [(lst, list(lst)) for o in cache.observers for lst in o.kept().values()]
 
     def _eager(self) -> Tensor:
         return self.model(self.ids, self.cache, pos0=0, num_logits=self.num_logits, positions=self.positions)
@@ -209,6 +210,6 @@ class GraphedForward:
         self.cache.prepare(self.T)
         self.graph.replay()
         self.cache.commit(self.T)
-        for a, tensors in self.kept.items():
-            getattr(self.cache, a)[:] = tensors
+        for lst, tensors in self.kept:
+            lst[:] = tensors
         return self.out

@@ -58,6 +58,9 @@ class StreamingCache(DenseKV):
         return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, window=window, sinks=sinks, room=room, slack=slack,
                    dtype=dtype or p.dtype, device=device or p.device)
 
+    def next_position(self) -> int:
+        return self.n_seen
+
     def positions(self) -> list[int]:
         """Absolute positions of the held rows, in row order (host ints, no device work)."""
         s = min(self.sinks, self._len)

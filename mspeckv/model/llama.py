@@ -147,16 +147,21 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if (observe := getattr(cache, "observe_query", None)) is not None:
-            observe(layer, q)
-        k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), the last T rows are the new tokens
-        S = k.shape[2]
-        mask = getattr(cache, "attn_mask", None)  # static-shape caches mask their unused rows: (T, capacity)
+        cache.on_query(layer, q)
+        k_all, v_all = cache.update(layer, k, v)  # (B, Hkv, S, D), the last T rows are the new tokens
+        S = k_all.shape[2]
+        mask = cache.attn_mask  # static-shape caches mask their unused rows: (T, capacity)
         if mask is None and T > 1:
             mask = masks.get(S)
             if mask is None:
                 mask = masks[S] = causal_mask(T, S, x.device)
-        y = attention(q, k, v, mask)  # (B, Hq, T, D)
+        cache.on_update(layer, k, v, k_all, mask)
+        if mask is not None and mask.dim() == 4:  # per-KV-head mask (B, Hkv, T, S): heads keep different rows
+            G = c.n_heads // c.n_kv_heads
+            y = F.scaled_dot_product_attention(q, k_all.repeat_interleave(G, 1), v_all.repeat_interleave(G, 1),
+                                               attn_mask=mask.repeat_interleave(G, 1))
+        else:
+            y = attention(q, k_all, v_all, mask)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
 
@@ -217,12 +222,13 @@ class CausalLM(nn.Module):
                 num_logits: int | None = 1, positions: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, num_logits or T, V) in fp32.
 
-        ``pos0`` is the absolute position of ``input_ids[:, 0]``; it defaults to ``cache.length()`` and differs only
-        for caches that hold a subset of the history (retrieval, streaming). ``positions`` (T,) on the device
-        overrides it for CUDA-graph replays (then ``pos0`` only serves the host-side checks).
+        ``pos0`` is the absolute position of ``input_ids[:, 0]``; it defaults to ``cache.next_position()``, which
+        differs from ``cache.length()`` for caches that hold a subset of the history (presses, streaming).
+        ``positions`` (T,) on the device overrides it for CUDA-graph replays (then ``pos0`` only serves the host-side
+        checks).
         """
         B, T = input_ids.shape
-        pos0 = cache.length() if pos0 is None else pos0
+        pos0 = cache.next_position() if pos0 is None else pos0
         w = self.cfg.sliding_window
         if w is not None and pos0 + T > w:
             raise ValueError(
@@ -239,7 +245,7 @@ class CausalLM(nn.Module):
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, cache, i, masks)
         except BaseException:
-            getattr(cache, "abort", lambda: None)()
+            cache.abort()
             raise
         cache.end()
         if num_logits is not None:
