@@ -24,10 +24,12 @@ import torch
 from torch import Tensor
 
 from ..config import GenerationConfig, SamplingConfig
+from ..kv.base import NewRows
 from ..kv.dense import DenseKV
 from ..kv.placement import Placement, make_cache
-from ..kv.retrieval import BudgetCoversPrompt, QueryCapture, RetrievalCache, check_budget
-from ..kv.static import GraphedForward, StaticKV, StaticRetrieval, StaticStreaming
+from ..kv.pressed import PressedKV
+from ..kv.retrieval import check_budget
+from ..kv.static import GraphedForward, StaticKV, StaticStreaming
 from ..kv.streaming import StreamingCache
 from .accept import greedy_accept, speculative_accept
 from .autoregressive import GenerationResult, sync, trim_at_eos
@@ -42,6 +44,7 @@ class SpecConfig:
     draft_gamma: int = 4  # mspeckv: proposals per retrieval-level verification (level 1)
     budget: int = 4096  # retrieval cache: retrieved prompt tokens (multiple of chunk)
     chunk: int = 8
+    l1_press: str | None = None  # the middle level's press (any press spec); None: retrieval:budget=..,chunk=..
     draft_sinks: int = 16
     draft_window: int | None = None  # default 256 - sinks - gamma
     refresh_every: int | None = None  # rebuild the retrieval selection every N generated tokens (None: once)
@@ -57,12 +60,20 @@ class SpecConfig:
             raise ValueError(f"--gamma and --draft-gamma must be >= 1, got {self.gamma} and {self.draft_gamma}")
         if self.mode == "mspeckv":
             check_budget(self.budget, self.chunk)
+            _ = self.middle_press  # a bad --l1-press fails here, before any model loads
         if self.draft_sinks < 0 or self.window < 1:
             raise ValueError(f"draft window must be >= 1 (sinks {self.draft_sinks}, window {self.window})")
         if self.refresh_every is not None and self.refresh_every < 1:
             raise ValueError(f"--refresh-every must be >= 1, got {self.refresh_every}")
         if self.drafter not in ("model", "ngram"):
             raise ValueError(f"--drafter must be model or ngram, got '{self.drafter}'")
+
+    @property
+    def middle_press(self):
+        from ..presses import parse_press
+        from ..presses.retrieval import RetrievalPress
+
+        return parse_press(self.l1_press) or RetrievalPress(budget=self.budget, chunk=self.chunk)
 
     @property
     def window(self) -> int:
@@ -113,21 +124,6 @@ class Timers:
             torch.cuda.synchronize()
             return {k: sum(s.elapsed_time(e) for s, e in v) / 1e3 for k, v in self.ev.items()}
         return dict(self.cpu)
-
-
-class KVTee:
-    """Wraps a cache and keeps the new K/V of the latest forward per layer (for retrieval sync)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.new: list = [None] * inner.n_layers
-
-    def update(self, layer, k, v):
-        self.new[layer] = (k, v)
-        return self.inner.update(layer, k, v)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 class Runner:
@@ -326,10 +322,13 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     all_gpu = placement is None or placement.n_on_chip(target.cfg.n_layers) == target.cfg.n_layers
     if graphs and all_gpu:  # nothing offloaded: the full-KV level replays graphs too
         full_cache = StaticKV.for_model(target, cap)
-        full = GraphRunner(target, KVTee(QueryCapture(full_cache, n_last=1)))
     else:
         full_cache = make_cache(target, placement, 1, cap)
-        full = Runner(target, KVTee(QueryCapture(full_cache, n_last=1)))
+    full = (GraphRunner if graphs and all_gpu else Runner)(target, full_cache)
+    new_rows = NewRows(target.cfg.n_layers)
+    l1_press = spec.middle_press if mspeckv else None
+    l1_obs = l1_press.observers(target.cfg.n_layers) if l1_press is not None else []
+    full_cache.observers += [new_rows, *l1_obs]  # the middle level's press watches the full target's forwards
     seq = Seq(prompt, cap, host=spec.drafter == "ngram")
 
     sync(device)
@@ -368,16 +367,17 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         mid, mid_runner = lower0, None
         if mspeckv:
             extra = (spec.refresh_every or gen.max_new_tokens) + 4 * spec.gamma + 8
-            try:
-                queries = full.cache.inner.queries
-                rcache = (StaticRetrieval.build(target, full_cache, queries, spec.budget, spec.chunk, extra) if graphs
-                          else RetrievalCache.build(full_cache, queries, spec.budget, spec.chunk, extra))
-            except BudgetCoversPrompt:
-                warnings.warn(f"--budget {spec.budget} covers the whole {T}-token prompt: the retrieval level would "
-                              f"equal the full cache, so it is skipped (draft -> full target)", stacklevel=2)
+            nl = target.cfg.n_layers
+            rows = l1_press.max_rows(T + gen.max_new_tokens, nl)
+            static = graphs and l1_press.dense  # codes/latents are decoded per forward: that level runs eagerly
+            if l1_press.dense and l1_press.max_rows(T, nl) >= T:
+                warnings.warn(f"--l1-press {l1_press} keeps the whole {T}-token prompt: the middle level would equal "
+                              f"the full cache, so it is skipped (draft -> full target)", stacklevel=2)
                 rcache = None
+            else:
+                rcache = PressedKV.build(l1_press, full_cache, l1_obs, tail=extra, static=static, fixed_cap=rows)
             if rcache is not None:
-                mid_runner = (GraphRunner if graphs else Runner)(target, rcache, n=T)
+                mid_runner = (GraphRunner if static else Runner)(target, rcache, n=T)
                 mid = VerifyLevel("verify_l1", mid_runner, lower0, spec.draft_gamma, s, g, timers)
     sync(device)
     t_first = time.perf_counter()
@@ -394,11 +394,11 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     last_build = T
     while made < gen.max_new_tokens and not saw_eos:
         L = seq.len
-        if hasattr(dcache, "reserve"):
+        if dcache is not None:
             dcache.reserve(2 * spec.gamma + 4)  # no eviction inside a round: every rollback stays exact
         if mid_runner is not None and spec.refresh_every and L - last_build >= spec.refresh_every:
             mid_runner.rollback_to(full.n)
-            mid_runner.cache.rebuild(full_cache, full.cache.inner.queries, spec.chunk)
+            mid_runner.cache.compress(full_cache)  # re-press the grown full cache (same buffers: graphs stay valid)
             mid_runner.n, last_build = full.n, full.n
         k = min(spec.gamma, gen.max_new_tokens - made - 1)
         n, q = mid.propose(seq, k) if k > 0 else (0, None)
@@ -409,7 +409,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         if mid_runner is not None and spec.sync_retrieval and mid_runner.n >= fed_from:
             mid_runner.rollback_to(fed_from)  # replace level-1 K/V of accepted tokens by the full target's
             m = L + a - fed_from
-            mid_runner.cache.append_external([(k_[:, :, :m], v_[:, :, :m]) for k_, v_ in full.cache.new])
+            mid_runner.cache.append_external([(k_[:, :, :m], v_[:, :, :m]) for k_, v_ in new_rows.new])
             mid_runner.n = L + a
     sync(device)
     t_end = time.perf_counter()
@@ -421,8 +421,8 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         levels["verify_l1"] = mid.stats.as_dict()
     stats = {"mode": spec.mode, "drafter": spec.drafter, "accepted": levels["verify_l2"]["accepted_per_round"],
              "verifications": top.stats.rounds, "time_s": secs, "forwards": top.stats.rounds + 1}
-    if hasattr(full_cache, "memory_report"):
-        stats["memory"] = full_cache.memory_report()
+    if report := full_cache.memory_report():
+        stats["memory"] = report
     stats["graph_setup_s"] = t_setup - t_first
     return SpecResult(rows, T, secs.get("prefill", t_first - t0), t_first - t0, t_end - t_setup, stats=stats,
                       levels=levels)

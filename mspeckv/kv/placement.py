@@ -79,18 +79,32 @@ class Placement:
                 f"{self.resident_layers} resident ({self.resident_format}, {self.resident_policy})")
 
 
-def make_cache(model, placement: Placement | None, batch: int, max_len: int):
-    """The KV backend a placement implies: DenseKV when nothing is offloaded, else PlacedKV."""
+def make_cache(model, placement: Placement | None, batch: int, max_len: int, press=None,
+               tail: int | None = None, compress_every: int | None = None):
+    """The one cache factory. The KV backend a placement implies (DenseKV when nothing is offloaded, else PlacedKV),
+    and with a ``press`` (a Press or a spec string) a ``PressedKV`` over it: the prefill fills the backend, then
+    ``cache.compress()`` presses it. ``tail`` rows (default ``max_len``) hold what is appended after a compress; the
+    offloaded layers of the placement keep their pressed stores in pinned CPU memory."""
     from .dense import DenseKV
 
     c = model.cfg
     placement = placement or Placement()
     if placement.n_on_chip(c.n_layers) == c.n_layers:
         placement.validate(c.n_layers, c.head_dim)  # e.g. resident layers with nothing offloaded: an error
-        return DenseKV.for_model(model, batch, max_len)
-    from .offload import PlacedKV  # validates the placement itself
+        inner = DenseKV.for_model(model, batch, max_len)
+    else:
+        from .offload import PlacedKV  # validates the placement itself
 
-    return PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, placement, batch, max_len, model.dtype, model.device)
+        inner = PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, placement, batch, max_len, model.dtype, model.device)
+    if press is None:
+        return inner
+    from ..presses import parse_press
+    from .pressed import PressedKV
+
+    press = parse_press(press)
+    off = frozenset(range(placement.n_on_chip(c.n_layers), c.n_layers))
+    return PressedKV(press, c.n_layers, batch, c.n_kv_heads, c.head_dim, tail or max_len, model.dtype, model.device,
+                     inner=inner, offload=off, compress_every=compress_every)
 
 
 # ------------------------------------------------------------------------------------------------------- planner
