@@ -87,7 +87,8 @@ class Press:
 
     def spec(self) -> str:
         """The ``name:k=v,...`` string that ``parse_press`` turns back into this press."""
-        kv = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self))
+        kv = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)
+                      if getattr(self, f.name) != f.default)  # defaults left out (None has no spelling)
         return f"{self.name}:{kv}" if kv else self.name
 
     def __str__(self) -> str:
