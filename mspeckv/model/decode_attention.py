@@ -21,6 +21,13 @@ Hkv = Hq / G heads, ``softmax(q k^T / sqrt(D) + mask) v`` -> (B, Hq, T, D) in q'
 The torch reference (``decode_attention_torch``) dequantizes, applies the same masks and does the math of
 ``attention()``'s few-row path (folded SDPA on the CPU, fp32-score bmm on CUDA). The dispatcher uses Triton on CUDA
 when it is installed and ``MSPECKV_NO_TRITON`` is not ``1``, the reference elsewhere.
+
+Measured on an H200 (``results/kernels/README.md``, random data): bf16 K/V reads at 72-104% of the device copy
+bandwidth for 32 KV heads from 4K keys up, 54-68% for 2 KV heads at 32K-64K; a 9-row verification costs 1.0-1.1x a
+decode at G = 1 but 2-3x at G = 6 (54 rows). Quantized K/V are dequantized in registers and run at ~2x the bf16 time
+(int8 28%, int4 15% of copy bandwidth): compute-bound there, not yet at the memory floor. Options kept for tuning
+(``num_splits``, ``block_n``, ``num_warps``, ``num_stages``, ``prefetch``, ``kfold``, ``f16``); ``f16=True`` (fp16
+dequant arithmetic) gave wrong int4/int2 results at 64 padded query rows on the H200 and is off by default.
 """
 
 from __future__ import annotations
