@@ -187,3 +187,14 @@ def test_press_plumbing_with_an_evicting_stand_in(tiny, tmp_path, capsys, monkey
     assert "--press 'other': unknown press" in capsys.readouterr().err
     assert cli.main(["eval", "ppl,bogus", *_ppl_args(tiny, tmp_path / "x")[2:]]) == 2
     assert "metric 'bogus' is unknown" in capsys.readouterr().err
+
+
+def test_dry_run_plans_without_loading_or_writing(tiny, tmp_path, capsys, monkeypatch):
+    import mspeckv.model.api as api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("a dry run loaded a model"))
+    out = tmp_path / "dry"
+    assert cli.main(["eval", "ppl,speed", *_ppl_args(tiny, out, "--dry-run")[2:]]) == 0
+    todo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["todo"]
+    assert [(t["family"], t["variants"]) for t in todo] == [("lm", ["full", INT8]), ("speed", ["full", INT8])]
+    assert not out.exists()

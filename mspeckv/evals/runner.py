@@ -116,6 +116,7 @@ class EvalConfig:
     draft_gamma: int = opt(4, "accept: draft proposals per middle-level verification")
     output_dir: str | None = opt(None, "where cells and summaries go (default results/quality/<model>)")
     no_plots: bool = opt(False, "skip the PNG plots")
+    dry_run: bool = opt(False, "check every input and print the cells still to run; load and write nothing")
 
     def __post_init__(self):
         for m in self.metrics:
@@ -288,6 +289,9 @@ def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[st
     store = CellStore(cfg.out_dir())
     validate(cfg, store)
     todo = plan(cfg, store)
+    if cfg.dry_run:
+        return {"dry_run": True, "dir": str(store.dir),
+                "todo": [{"family": f.name, "context": c, "variants": [v.name for v in vs]} for f, c, vs in todo]}
     failed: list[str] = []
     if todo:
         from ..model.api import load
@@ -348,6 +352,11 @@ def cmd_eval(a) -> int:
     cfg = from_args(EvalConfig, a, metrics=metrics)
     command = "mspeckv " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     summary = run_eval(cfg, command)
+    if summary.get("dry_run"):
+        for t in summary["todo"]:
+            print(f"{t['family']:7s} context {t['context']:6d}: {', '.join(t['variants'])}")
+        print(json.dumps(summary))
+        return 0
     print(report.overview_markdown(summary))
     line = report.summary_line(summary)
     line["failed"] = summary["failed"]
