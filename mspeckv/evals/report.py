@@ -75,7 +75,9 @@ def _bytes(by: dict, variant: str, ctx: int) -> tuple[float | None, bool]:
 def overview(cells: list[dict]) -> dict[str, list[dict]]:
     by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
     variants = list(dict.fromkeys([BASELINE] + [c["variant"] for c in cells]))
-    contexts = sorted({c["context"] for c in cells if c["metric"] in ("ppl", "speed", "kl")})
+    contexts = (sorted({c["context"] for c in cells if c["metric"] in ("ppl", "speed", "kl")})
+                or sorted({c["context"] for c in cells if c["metric"] in ("needle", "ruler")})
+                or sorted({c["context"] for c in cells if c["metric"] == "gsm8k"}))
     g = lambda m, v, ctx, f: by.get((m, v, ctx), {}).get("results", {}).get(f)
     out = {}
     for ctx in contexts:
@@ -172,7 +174,8 @@ def overview_markdown(summary: dict) -> str:
                          _f(r["tok_per_s"], ".1f"), _f(r["ttft_s"], ".3f"), _f(r["tpot_s"], ".1f", 1e3), ppl,
                          _f(r["kl"], ".4f"), _f(r["needle_acc"], ".1f", 100), _f(r["ruler_acc"], ".1f", 100),
                          _f(r["gsm8k_acc"], ".1f", 100)])
-        parts.append(f"### Compression overview at {ctx} tokens\n\n" + _md(list(OVERVIEW_COLS), body))
+        where = "the GSM8K prompts" if ctx == "0" else f"{ctx} tokens"
+        parts.append(f"### Compression overview at {where}\n\n" + _md(list(OVERVIEW_COLS), body))
     if any(r["bytes_from_ppl_prefix"] for rows in summary["overview"].values() for r in rows):
         parts.append("† no speed cell at this context: bytes held after the ppl prefix (context − scored span).")
     return "\n\n".join(parts) if parts else "(no cells)"
