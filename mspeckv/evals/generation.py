@@ -53,7 +53,7 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
         raise ValueError(f"need a prompt and max_new >= 1 (got {T} tokens, max_new {max_new})")
     model.check_context(T + max_new)
     eos_ids = set(model.cfg.eos_token_ids) if eos else set()
-    cache = build_cache(model, variant, 1, T + max_new)
+    cache = build_cache(model, variant, 1, T + max_new, tail=max_new + 1)
     x = torch.tensor([ids], device=device)
     sync(device)
     t0 = time.perf_counter()

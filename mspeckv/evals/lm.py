@@ -67,7 +67,7 @@ def _score_window(model, variant: Variant, window: torch.Tensor, S: int, chunk: 
                   sample: torch.Tensor, tap: _AttnTap):
     """-> (logits (S, V) fp32, targets (S,), attention rows per layer at ``sample``, kv bytes after compress)."""
     C = window.shape[1] - 1
-    cache = build_cache(model, variant, 1, C)
+    cache = build_cache(model, variant, 1, C, tail=S)
     model.prefill(window[:, :C - S], cache, chunk=prefill_chunk)
     compress(cache)
     held = kv_bytes(cache)

@@ -26,7 +26,7 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
     for v in variants:
         cache = full
         if not v.is_baseline:
-            cache = build_cache(model, v, 1, context)
+            cache = build_cache(model, v, 1, context, tail=1)
             model.prefill(ids, cache, chunk=ev.cfg.prefill_chunk)
             compress(cache)
         k_mse, v_mse, kept = [], [], []

@@ -302,20 +302,31 @@ def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[st
         _append_command(store.dir, command)
         for fam, c, vs in todo:
             ev.progress(f"{fam.name} at context {c}: {', '.join(v.name for v in vs)}")
-            try:
-                res = getattr(importlib.import_module(f"mspeckv.evals.{fam.module}"), fam.fn)(ev, vs, c)
-            except Exception as e:  # a failed cell is reported and not written; the others go on
-                if type(e).__name__ != "OutOfMemoryError" and not isinstance(e, RuntimeError | ValueError):
-                    raise
-                failed.append(f"{fam.name}@{c}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                ev.progress(f"FAILED {failed[-1]}")
+            fn = getattr(importlib.import_module(f"mspeckv.evals.{fam.module}"), fam.fn)
+            groups = [vs]
+            while groups:
+                group = groups.pop(0)
+                try:
+                    res = fn(ev, group, c)
+                except Exception as e:  # a failed cell is reported and not written; the others go on
+                    if type(e).__name__ != "OutOfMemoryError" and not isinstance(e, RuntimeError | ValueError):
+                        raise
+                    _free()
+                    alone = [v for v in group if not (fam.name == "lm" and v.is_baseline)]
+                    if len(alone) > 1:  # retry one variant at a time, so one bad variant costs only its own cells
+                        ev.progress(f"{fam.name}@{c} failed ({type(e).__name__}); retrying each variant alone")
+                        groups += [[vs[0], v] if fam.name == "lm" else [v] for v in alone]
+                        continue
+                    who = ",".join(v.name for v in alone) or "full"
+                    failed.append(f"{fam.name}@{c} {who}: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}")
+                    ev.progress(f"FAILED {failed[-1]}")
+                    continue
+                for metric, per_variant in res.items():
+                    for v in group:
+                        if v.name in per_variant and not store.done(metric, v.name, c):
+                            store.save(metric, v.name, c, per_variant[v.name], cfg.settings(fam), v.describe())
                 _free()
-                continue
-            for metric, per_variant in res.items():
-                for v in vs:
-                    if v.name in per_variant and not (v.is_baseline and store.done(metric, v.name, c)):
-                        store.save(metric, v.name, c, per_variant[v.name], cfg.settings(fam), v.describe())
-            _free()
     summary = report.render(store.dir, plots=not cfg.no_plots)
     summary["failed"] = failed
     return summary

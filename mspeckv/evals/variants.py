@@ -112,14 +112,17 @@ def _default(p) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------- cache plumbing
-def build_cache(model, variant: Variant, batch: int, max_len: int):
-    """The cache a variant implies (the full-cache baseline: a DenseKV)."""
+def build_cache(model, variant: Variant, batch: int, max_len: int, tail: int | None = None):
+    """The cache a variant implies (the full-cache baseline: a DenseKV). ``tail``: the most rows appended after
+    ``compress()`` (a pressed cache preallocates that many; default ``max_len``)."""
     from ..kv.placement import make_cache
 
     if variant.press is None:
         return make_cache(model, variant.placement, batch, max_len)
     press = parse_press(variant.press)
-    return make_cache(model, variant.placement, batch, max_len, press=press)
+    if tail is None:
+        return make_cache(model, variant.placement, batch, max_len, press=press)
+    return make_cache(model, variant.placement, batch, max_len, press=press, tail=tail)
 
 
 def compress(cache) -> None:
@@ -144,10 +147,19 @@ def held(cache, layer: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def kv_bytes(cache) -> int:
-    """Bytes of the KV tensors the cache actually holds now (all layers; preallocated but unused room excluded)."""
+    """Bytes of the KV tensors the cache actually holds now (all layers; preallocated but unused room excluded).
+
+    A pressed cache (``memory_report()['compressed']``): its stores + shared tensors + the tail rows appended since
+    the compress (its report's ``kv_bytes`` also counts the whole preallocated tail and a decode scratch buffer,
+    which are working memory, not held KV). A press before its compress: its inner cache."""
     rep = getattr(cache, "memory_report", None)
     if rep is not None:
         r = rep()
+        if r.get("compressed") and "store_bytes" in r:
+            row = 2 * cache.n_layers * cache.B * cache.H * cache.D * cache.dtype.itemsize
+            return int(r["store_bytes"]) + int(r.get("shared_bytes", 0)) + int(getattr(cache, "n_tail", 0)) * row
+        if r.get("compressed") is False and getattr(cache, "inner", None) is not None:
+            return kv_bytes(cache.inner)
         if "kv_bytes" in r:
             return int(r["kv_bytes"])
     import torch
