@@ -119,7 +119,7 @@ def test_presses_through_the_eval(tiny, tmp_path, capsys):
     """Real presses (mspeckv.presses) through parse_press, make_cache(press=), compress(), positions(), kv bytes."""
     out = tmp_path / "p"
     args = _ppl_args(tiny, out, "--press", "streaming:budget=0.25", "kivi:k_bits=2,v_bits=2,group_size=16,residual=16",
-                     "--kv-quant", "none")
+                     "--kv-quant", "none", "--windows", "1")
     assert cli.main([args[0], "ppl,recon", *args[2:]]) == 0  # a comma list of metrics
     capsys.readouterr()
     cell = lambda m, v: json.loads((out / "cells" / f"{m}__{v}__ctx=128.json").read_text())["results"]
