@@ -99,7 +99,14 @@ class Variant:
         if self.placement is not None:
             self.placement.validate(n_layers, head_dim)
         if self.press is not None:
-            parse_press(self.press)
+            press = parse_press(self.press)
+            calib = getattr(press, "calib", None)  # low-rank: its projections are read at the first compress
+            if calib:
+                from pathlib import Path
+
+                if not Path(calib).exists():
+                    raise ValueError(f"--press {self.press}: calibration {calib} does not exist; make it with "
+                                     f"`mspeckv presses calibrate --model MODEL --out {calib}`")
 
 
 def _default(p) -> bool:
