@@ -61,7 +61,7 @@ def _spec(a):
 
     return SpecConfig(mode=a.mode, gamma=a.gamma, draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk,
                       draft_sinks=a.draft_sinks, draft_window=a.draft_window, refresh_every=a.refresh_every,
-                      drafter=a.drafter)
+                      drafter=a.drafter, l1_press=a.l1_press)
 
 
 def run_generation(a, model, tok, draft, ids: list[int], mode: str):
@@ -78,13 +78,13 @@ def run_generation(a, model, tok, draft, ids: list[int], mode: str):
     cb, bar = _progress_prefill(len(ids), f"prefill ({mode})")
     try:
         if mode == "ar":
-            cache = make_cache(model, placement, 1, len(ids) + gen.max_new_tokens)
+            cache = make_cache(model, placement, 1, len(ids) + gen.max_new_tokens, press=a.press)
             return generate(model, torch.tensor([ids]), gen, cache=cache, progress=cb)
         from .decoding.speculative import speculative_generate
 
         a.mode = mode
         return speculative_generate(model, draft, torch.tensor([ids]), gen, _spec(a), placement=placement,
-                                    progress=cb)
+                                    press=a.press, progress=cb)
     finally:
         if bar is not None:
             bar.stop()
@@ -168,7 +168,9 @@ def cmd_demo(a) -> int:
 
 def _placement(a):
     from .kv.placement import Placement
+    from .presses import parse_press
 
+    parse_press(getattr(a, "press", None))  # a bad --press fails before any model loads
     return Placement(on_chip=a.on_chip, kv_quant=a.kv_quant, kv_group_size=a.kv_group_size,
                      resident_layers=a.resident_layers, resident_format=a.resident_format,
                      resident_policy=a.resident_policy)
@@ -255,6 +257,26 @@ def cmd_bench(a) -> int:
         print(json.dumps({"bench": "spec", "rows": [{k: r[k] for k in ("prefill", "mode", "tok_per_s", "accepted",
                                                                          "agreement_with_ar")} for r in res["rows"]]}))
         return 0
+    if a.what == "presses":
+        from pathlib import Path
+
+        from .bench.presses import PressBenchConfig, render_press_bench, run_press_bench
+        from .bench.results import atomic_write_json, atomic_write_text, run_metadata
+
+        cfg = PressBenchConfig(model=a.model, contexts=tuple(int(x) for x in a.contexts.split(",")),
+                               presses=tuple(x for x in a.presses.split(";")) if a.presses else
+                               PressBenchConfig.presses, gen_len=a.gen_len, repeats=a.repeats, device=a.device,
+                               prefill_chunk=a.prefill_chunk, out_dir=a.out_dir or "results/presses")
+        res = run_press_bench(cfg)
+        res["meta"], res["command"] = run_metadata(), "mspeckv " + " ".join(sys.argv[1:])
+        d = Path(cfg.out_dir)
+        atomic_write_json(d / "presses.json", res)
+        atomic_write_text(d / "summary.md", render_press_bench(res) + f"\nCommand: `{res['command']}`\n")
+        print(render_press_bench(res))
+        print(json.dumps({"bench": "presses", "rows": [{k: r[k] for k in ("context", "press", "compression",
+                                                                           "decode_ms", "compress_s")}
+                                                          for r in res["rows"]]}))
+        return 0
     if a.what == "decode":
         from .bench.decode import DecodeBenchConfig, run_decode_bench
 
@@ -284,6 +306,8 @@ def _add_placement(p):
     g.add_argument("--resident-layers", type=int, default=0)
     g.add_argument("--resident-format", default="dequant", choices=["dequant", "quant"])
     g.add_argument("--resident-policy", default="lru", choices=["lru", "static"])
+    g.add_argument("--press", default=None, help="compress the KV after prefill: name:k=v,... | preset | FILE.yaml "
+                   "(lossy: see `mspeckv presses list`)")
 
 
 def _add_spec(p, budget: int = 4096, gamma: int = 8):
@@ -298,6 +322,8 @@ def _add_spec(p, budget: int = 4096, gamma: int = 8):
     g.add_argument("--draft-sinks", type=int, default=16)
     g.add_argument("--draft-window", type=int, default=None, help="default 256 - sinks - gamma")
     g.add_argument("--refresh-every", type=int, default=None, help="rebuild retrieval every N tokens")
+    g.add_argument("--l1-press", default=None, help="the middle level's press (lossless: the full KV verifies); "
+                   "default retrieval:budget=BUDGET,chunk=CHUNK")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")
-    p.add_argument("what", choices=["decode", "placement", "spec"])
+    p.add_argument("what", choices=["decode", "placement", "spec", "presses"])
+    p.add_argument("--presses", default=None, help="presses: ';'-separated press specs (default: every family and "
+                   "preset; 'none' is the uncompressed baseline)")
     p.add_argument("--modes", default="ar,vanilla,mspeckv", help="spec: modes to compare")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="spec: draft model")
     p.add_argument("--gamma", type=int, default=8)
@@ -372,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON path (default under results/bench/)")
     p.set_defaults(fn=cmd_bench)
 
+    from .presses.cli import add_presses_parser
+
+    add_presses_parser(sub)
     from .bench.sweeps import add_sweep_commands
 
     add_sweep_commands(sub)

@@ -249,7 +249,8 @@ def test_greedy_mspeckv_with_any_middle_press_equals_ar(model, calib, name):
 
 
 def test_presets_load_and_mirror_table_4():
-    want = {"conservative": (0.32, 4, 2, 0.6, 32), "aggressive": (0.18, 2, 2, 0.5, 32), "extreme": (0.12, 2, 2, 0.4, 64)}
+    want = {"conservative": (0.32, 4, 2, 0.6, 32), "aggressive": (0.18, 2, 2, 0.5, 32),
+            "extreme": (0.12, 2, 2, 0.4, 64)}
     assert set(presets()) == set(want)
     for name, (retain, kb, vb, guard, g) in want.items():
         p = parse_press(name)

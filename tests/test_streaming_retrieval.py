@@ -1,13 +1,15 @@
-"""StreamingCache (sinks + recent window, eviction only in begin) and RetrievalCache (top chunks per KV head)."""
+"""StreamingCache (sinks + recent window, eviction only in begin) and the retrieval press (top chunks per KV head)
+over PressedKV, the MSpecKV middle level."""
 
 import pytest
 import torch
 
-from mspeckv.kv.base import CacheFullError, KVCache
+from mspeckv.kv.base import CacheFullError, KVCache, LastQueries
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.base import LastQueries
-from mspeckv.kv.retrieval import BudgetCoversPrompt, RetrievalCache, retrieval_or_none, select_chunks
+from mspeckv.kv.pressed import PressedKV
+from mspeckv.kv.retrieval import select_chunks
 from mspeckv.kv.streaming import StreamingCache
+from mspeckv.presses.retrieval import RetrievalPress
 from tests.tiny import tiny_model
 
 
@@ -129,7 +131,15 @@ def test_streaming_large_window_equals_dense_and_model_runs_with_gaps():
         assert small.n_seen == 45 and small.length() <= small.capacity()
 
 
-# ------------------------------------------------------------------------------------------------ RetrievalCache
+# ------------------------------------------------------------------------------------------------ retrieval press
+
+def retrieval(full, queries, budget, chunk, extra):
+    """The middle level as the engine builds it: the retrieval press over ``full``'s rows, given the last queries."""
+    obs = LastQueries(len(queries), n_last=queries[0].shape[2])
+    obs.queries = list(queries)
+    return PressedKV.build(RetrievalPress(budget=budget, chunk=chunk, n_queries=queries[0].shape[2]), full, [obs],
+                           tail=extra)
+
 
 class FakeFull:
     """A committed full cache with given K/V per layer, (B, Hkv, L, D)."""
@@ -174,15 +184,15 @@ def test_retrieval_picks_top_chunks_per_head(tail):
     budget = 16
     n_top = (budget - chunk - tail) // chunk  # 3 without a tail, 2 with one
     full = FakeFull([k, k], [v, v])
-    rc = RetrievalCache.build(full, [q, q], budget=budget, chunk=chunk, extra=4)
+    rc = retrieval(full, [q, q], budget=budget, chunk=chunk, extra=4)
     assert full.reads == 1 + 2  # one read for the shape, then one per layer (select and gather share it)
     for h in range(2):
         ranked = [c for c in a[h].argsort(descending=True).tolist() if c != 0][:n_top]
         exp = expected_index([0, *ranked], chunk, L)
-        assert rc.index[0][0, h].tolist() == exp
+        assert rc.positions(0)[0, h].tolist() == exp
         torch.testing.assert_close(rc.read(1)[0][0, h], k[0, h, exp])
         torch.testing.assert_close(rc.read(1)[1][0, h], v[0, h, exp])
-    assert rc.n_retrieved == chunk * (1 + n_top) + tail <= budget and rc.length() == rc.n_retrieved
+    assert rc.n_fixed == [chunk * (1 + n_top) + tail] * 2 and rc.length() == rc.n_fixed[0] <= budget
 
 
 def test_retrieval_gqa_groups_query_heads_by_kv_head_with_max():
@@ -204,37 +214,35 @@ def test_retrieval_gqa_groups_query_heads_by_kv_head_with_max():
     assert torch.equal(idx2, idx)
 
 
-def test_retrieval_budget_checks_and_fallback():
+def test_retrieval_budget_checks_and_full_budget():
     k = torch.randn(1, 2, 40, 4)
     full = FakeFull([k], [k])
     q = [torch.randn(1, 2, 1, 4)]
     with pytest.raises(ValueError, match="budget 100 is not a multiple of chunk 8"):
-        RetrievalCache.build(full, q, budget=100, chunk=8)
+        RetrievalPress(budget=100, chunk=8)
     with pytest.raises(ValueError, match="at least 2 chunks"):
-        RetrievalCache.build(full, q, budget=8, chunk=8)
-    with pytest.raises(BudgetCoversPrompt):
-        RetrievalCache.build(full, q, budget=40, chunk=8)
-    with pytest.warns(UserWarning, match="covers the whole history"):
-        assert retrieval_or_none(full, q, budget=48, chunk=8) is None
-    assert retrieval_or_none(full, q, budget=16, chunk=8) is not None
+        RetrievalPress(budget=8, chunk=8)
+    rc = retrieval(full, q, budget=40, chunk=8, extra=2)  # a budget covering the history keeps every row as it is
+    assert rc.n_fixed == [40] and torch.equal(rc.read(0)[0], k)
+    assert retrieval(full, q, budget=16, chunk=8, extra=2).n_fixed == [16]
 
 
 def test_retrieval_rollback_and_append_external():
     torch.manual_seed(2)
     k = torch.randn(1, 2, 32, 4)
     full = FakeFull([k, k + 1], [-k, -k - 1])
-    rc = RetrievalCache.build(full, [torch.randn(1, 2, 1, 4)] * 2, budget=16, chunk=4, extra=5)
+    rc = retrieval(full, [torch.randn(1, 2, 1, 4)] * 2, budget=16, chunk=4, extra=5)
     assert rc.capacity() == 16 + 5
     retrieved = [t.clone() for t in rc.read(0)]
     fwd(rc, [(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))] * 2)
-    assert rc.length() == 19 and rc.n_appended == 3
+    assert rc.length() == 19 and rc.n_tail == 3
     rc.rollback(2)
     assert rc.length() == 17
-    with pytest.raises(ValueError, match="only appended rows"):
+    with pytest.raises(ValueError, match="only rows appended since the last"):
         rc.rollback(2)
     ext = [(torch.full((1, 2, 2, 4), 7.0), torch.full((1, 2, 2, 4), -7.0)) for _ in range(2)]
     rc.append_external(ext)
-    assert rc.n_appended == 3
+    assert rc.n_tail == 3
     kk, vv = rc.read(1)
     assert (kk[:, :, -2:] == 7).all() and (vv[:, :, -2:] == -7).all() and (kk[:, :, 16] == 1).all()
     rc.rollback(3)
@@ -263,8 +271,7 @@ def test_retrieval_with_all_rows_equals_dense_and_external_rows_keep_it_exact():
     full = DenseKV.for_model(m, 2, 64)
     with torch.no_grad():
         m.prefill(ids[:, :-1], full, chunk=16)
-    every = torch.arange(36).expand(2, m.cfg.n_kv_heads, 36)
-    rc = RetrievalCache.from_indices(full, every, extra=8)
+    rc = PressedKV.build(RetrievalPress(budget=48, chunk=8), full, [], tail=8)  # the budget covers every row
     ids = decode_compare(m, ids, full, rc, steps=3)
     # the retrieval cache drops its own 3 rows, takes the full target's exact rows instead: still identical
     rc.rollback(3)
@@ -283,20 +290,21 @@ def test_retrieval_subset_forward_equals_dense_over_the_same_rows():
     with torch.no_grad():
         m.prefill(ids, full, chunk=11)  # last chunk has 1 token: the captured rows roll over forwards
     assert all(q.shape == (1, 4, 4, 16) for q in cap.queries) and full.length() == 45
-    rc = RetrievalCache.build(full, cap.queries, budget=24, chunk=4, extra=8)
-    assert rc.n_retrieved == 4 + 4 * 4 + 1  # sink chunk + 4 chunks + 1 tail token (45 = 11 * 4 + 1)
-    assert any(not torch.equal(rc.index[i][0, 0], rc.index[i][0, 1]) for i in range(m.cfg.n_layers))
+    rc = retrieval(full, cap.queries, budget=24, chunk=4, extra=8)
+    n = rc.n_fixed[0]
+    assert n == 4 + 4 * 4 + 1  # sink chunk + 4 chunks + 1 tail token (45 = 11 * 4 + 1)
+    assert any(not torch.equal(rc.positions(i)[0, 0], rc.positions(i)[0, 1]) for i in range(m.cfg.n_layers))
     sub = DenseKV.for_model(m, 1, 64)
     for i in range(m.cfg.n_layers):
         k, v = rc.read(i)
-        sub.k[i][:, :, :rc.n_retrieved], sub.v[i][:, :, :rc.n_retrieved] = k, v
-    sub._len = rc.n_retrieved
+        sub.k[i][:, :, :n], sub.v[i][:, :, :n] = k, v
+    sub._len = n
     tok = torch.tensor([[5]])
     with torch.no_grad():
         for p in range(45, 49):
             a = m(tok, sub, pos0=p)
-            assert rc.n_seen == p
-            b = m(tok, rc, pos0=rc.n_seen)
+            assert rc.next_position() == p
+            b = m(tok, rc)  # the pressed cache knows the next position
             torch.testing.assert_close(b, a, atol=0, rtol=0)
             tok = a[:, -1].argmax(-1, keepdim=True)
     # the captured queries are the last 4 prompt positions' queries (same as a one-shot prefill's)
@@ -312,11 +320,12 @@ def test_retrieval_rebuild_after_growth():
     torch.manual_seed(5)
     k = torch.randn(1, 2, 64, 4)
     grow = FakeFull([k[:, :, :40]], [k[:, :, :40]])
-    rc = RetrievalCache.build(grow, [torch.randn(1, 2, 1, 4)], budget=16, chunk=4, extra=4)
+    rc = retrieval(grow, [torch.randn(1, 2, 1, 4)], budget=16, chunk=4, extra=4)
     fwd(rc, [(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))])
-    rc.rebuild(FakeFull([k[:, :, :63]], [k[:, :, :63]]), [torch.randn(1, 2, 1, 4)], chunk=4)
-    assert rc.n_appended == 0 and rc.source_len == 63 and rc.n_seen == 63 and rc.n_retrieved == 4 + 2 * 4 + 3
-    assert rc.index[0][0, 0, -3:].tolist() == [60, 61, 62]
+    rc.press_obs[0].queries = [torch.randn(1, 2, 1, 4)]
+    rc.compress(FakeFull([k[:, :, :63]], [k[:, :, :63]]))  # re-press from the grown full cache
+    assert rc.n_tail == 0 and rc.source_len == 63 and rc.next_position() == 63 and rc.n_fixed == [4 + 2 * 4 + 3]
+    assert rc.positions(0)[0, 0, -3:].tolist() == [60, 61, 62]
 
 
 def test_static_streaming_refuses_rollback_across_compaction():

@@ -90,6 +90,7 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     sync(device)
     t0 = time.perf_counter()
     logits = model.prefill(input_ids, cache, chunk=gen.prefill_chunk, progress=progress)
+    cache.compress()  # a press (if the cache has one) runs after prefill, inside TTFT
     sync(device)
     t_prefill = time.perf_counter()
     tok = next_token(logits, gen.sampling, g)  # (B,)

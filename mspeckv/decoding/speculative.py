@@ -297,8 +297,11 @@ class SpecResult(GenerationResult):
 
 @torch.inference_mode()
 def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, spec: SpecConfig,
-                         placement: Placement | None = None, eos_ids=None, progress=None) -> SpecResult:
-    """Generate with vanilla or MSpecKV speculation. prompt: (1, T). Greedy output equals AR greedy exactly."""
+                         placement: Placement | None = None, eos_ids=None, progress=None, press=None) -> SpecResult:
+    """Generate with vanilla or MSpecKV speculation. prompt: (1, T). Greedy output equals AR greedy exactly.
+
+    ``press`` compresses the target's own (full-level) KV after prefill: the output then equals AR over the same
+    pressed cache, not AR over the full KV. ``spec.l1_press`` is the middle level's press, which stays lossless."""
     if prompt.shape[0] != 1:
         raise ValueError("speculative decoding runs batch 1; use --mode ar for batched prompts")
     device = target.device
@@ -320,11 +323,11 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     if placement is not None and placement.rollback_slack < spec.gamma + 1:  # a verification rolls back <= gamma
         placement = replace(placement, rollback_slack=spec.gamma + 1)
     all_gpu = placement is None or placement.n_on_chip(target.cfg.n_layers) == target.cfg.n_layers
-    if graphs and all_gpu:  # nothing offloaded: the full-KV level replays graphs too
+    if graphs and all_gpu and press is None:  # nothing offloaded: the full-KV level replays graphs too
         full_cache = StaticKV.for_model(target, cap)
     else:
-        full_cache = make_cache(target, placement, 1, cap)
-    full = (GraphRunner if graphs and all_gpu else Runner)(target, full_cache)
+        full_cache = make_cache(target, placement, 1, cap, press=press)
+    full = (GraphRunner if isinstance(full_cache, StaticKV) else Runner)(target, full_cache)
     new_rows = NewRows(target.cfg.n_layers)
     l1_press = spec.middle_press if mspeckv else None
     l1_obs = l1_press.observers(target.cfg.n_layers) if l1_press is not None else []
@@ -335,6 +338,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     t0 = time.perf_counter()
     with timers("prefill"):
         logits = target.prefill(prompt, full.cache, chunk=gen.prefill_chunk, progress=progress)
+        full_cache.compress()
         full.n = T
         first = logits.argmax(-1) if s.greedy else sample(logits_to_probs(logits, s), g)
         seq.tokens[0, T] = first[0]

@@ -112,6 +112,8 @@ class PressedKV(KVCache):
                 [Rows(k.clone(), v.clone(), pos.to(torch.int32))]
             new.append(stores)
         self.inner = None  # frees the uncompressed rows (unless someone else holds them)
+        if not self.compress_every:  # nothing will be re-pressed: stop paying for the press's observers
+            self.observers = [o for o in self.observers if o not in self.press_obs]
         self.source_len, self.n_tail = total, 0
         for i, stores in enumerate(new):
             self._lay_out(i, stores)

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from .base import CacheFullError, KVCache, check_rollback
-from .retrieval import BudgetCoversPrompt, select_chunks
 
 
 class StaticKV(KVCache):
@@ -126,48 +125,6 @@ class StaticStreaming(StaticKV):
             raise ValueError(f"rollback({n}) crosses a compaction: only {self._len - self._floor} tokens were appended "
                              f"since the last one; call reserve(total tokens of the round) before a speculation round")
         super().rollback(n)
-
-
-class StaticRetrieval(StaticKV):
-    """Retrieved chunks of the full cache (fixed rows at the front) + appended rows, in ``budget + extra`` rows."""
-
-    @classmethod
-    def build(cls, model, full_cache, queries: list[Tensor], budget: int, chunk: int, extra: int) -> StaticRetrieval:
-        self = cls.for_model(model, budget + extra)
-        self.fill(full_cache, queries, chunk, budget)
-        return self
-
-    def fill(self, full_cache, queries: list[Tensor], chunk: int, budget: int | None = None) -> None:
-        budget = budget or self.budget
-        self.budget = budget
-        if budget >= full_cache.length():
-            raise BudgetCoversPrompt(f"budget {budget} >= history {full_cache.length()}")
-        n = None
-        for layer in range(self.n_layers):
-            k, v = full_cache.read(layer)  # (B, Hkv, L, D)
-            idx = select_chunks(k, queries[layer], budget, chunk)  # (B, Hkv, n)
-            n = idx.shape[-1]
-            g = idx[..., None].expand(-1, -1, -1, k.shape[-1])
-            self.k[layer][:, :, :n] = torch.gather(k, 2, g)
-            self.v[layer][:, :, :n] = torch.gather(v, 2, g)
-        self.n_retrieved = n
-        self.set_length(n)
-
-    def rebuild(self, full_cache, queries: list[Tensor], chunk: int = 8) -> None:
-        self.fill(full_cache, queries, chunk)
-
-    def rollback(self, n: int) -> None:
-        if self._len - n < self.n_retrieved:
-            raise ValueError(f"rollback({n}) would cut into the {self.n_retrieved} retrieved rows")
-        super().rollback(n)
-
-    def append_external(self, kv_per_layer: list[tuple[Tensor, Tensor]]) -> None:
-        m = kv_per_layer[0][0].shape[2]
-        self.prepare(m)
-        for layer, (k, v) in enumerate(kv_per_layer):
-            self.k[layer][:, :, self._len:self._len + m] = k
-            self.v[layer][:, :, self._len:self._len + m] = v
-        self.set_length(self._len + m)
 
 
 class GraphedForward:

@@ -1,0 +1,140 @@
+"""``mspeckv bench presses``: what each press costs and saves, measured on a real prompt.
+
+Per (context, press), after one warm-up of the same shape, median of ``repeats`` runs:
+- ``prefill_s``: chunked prefill into the uncompressed cache (the same for every press);
+- ``compress_s``: ``cache.compress()`` alone (scoring, selection, quantization or projection);
+- ``ttft_overhead``: compress_s / the uncompressed prefill_s (goal: <= 0.10 at 32K);
+- ``decode_ms``: ms per decoded token, greedy, eager, through the compressed cache (the ``none`` row decodes through
+  the uncompressed cache the same way, so the two are comparable);
+- bytes: ``bytes_per_token`` of the stores, ``compression`` against the uncompressed bytes per token, ``kv_mb``
+  everything the cache holds after compress (stores, tail buffer, scratch), and the peak GPU memory of the cell.
+Times are wall clock around CUDA-synchronised regions (each region is milliseconds or more).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25", "pyramidkv:budget=0.25",
+                  "adakv:budget=0.25", "kivi:k_bits=8,v_bits=8", "kivi:k_bits=4,v_bits=4", "kivi:k_bits=2,v_bits=2",
+                  "conservative", "aggressive", "extreme")
+
+
+@dataclass(frozen=True)
+class PressBenchConfig:
+    model: str = "qwen2.5-coder-1.5b"
+    contexts: tuple[int, ...] = (8192, 32768)
+    presses: tuple[str, ...] = PRESS_DEFAULTS
+    gen_len: int = 64
+    repeats: int = 2
+    device: str | None = None
+    prefill_chunk: int = 4096
+    out_dir: str = "results/presses"
+
+    def __post_init__(self):
+        from ..presses import parse_press
+
+        for name in ("gen_len", "repeats", "prefill_chunk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
+        if not self.contexts or any(c < 64 for c in self.contexts):
+            raise ValueError(f"--contexts must be prompt lengths >= 64, got {self.contexts}")
+        for p in self.presses:
+            parse_press(p)  # a bad spec fails before the model loads
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@torch.inference_mode()
+def _cell(model, ids, press, cfg, dev) -> dict:
+    from ..kv.placement import make_cache
+
+    runs = []
+    for _ in range(cfg.repeats + 1):  # the first is the warm-up
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        cache = make_cache(model, None, 1, ids.shape[1] + cfg.gen_len, press=press, tail=cfg.gen_len + 8)
+        _sync(dev)
+        t0 = time.perf_counter()
+        logits = model.prefill(ids, cache, chunk=cfg.prefill_chunk)
+        _sync(dev)
+        t1 = time.perf_counter()
+        cache.compress()
+        _sync(dev)
+        t2 = time.perf_counter()
+        tok = logits.argmax(-1, keepdim=True)
+        for _ in range(cfg.gen_len):
+            tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
+        _sync(dev)
+        t3 = time.perf_counter()
+        rep = cache.memory_report()
+        runs.append({"prefill_s": t1 - t0, "compress_s": t2 - t1, "decode_ms": 1e3 * (t3 - t2) / cfg.gen_len,
+                     "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+                     "report": rep})
+        del cache
+    timed = runs[1:]
+    med = lambda k: statistics.median(r[k] for r in timed)
+    rep = timed[-1]["report"]
+    full_bpt = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * model.dtype.itemsize
+    bpt = rep.get("bytes_per_token", full_bpt)
+    kv_bytes = rep.get("kv_bytes", full_bpt * (ids.shape[1] + cfg.gen_len))
+    return {"prefill_s": med("prefill_s"), "compress_s": med("compress_s"), "decode_ms": med("decode_ms"),
+            "decode_tok_s": 1e3 / med("decode_ms"), "decode_ms_runs": [r["decode_ms"] for r in timed],
+            "compress_s_runs": [r["compress_s"] for r in timed], "peak_gpu_mb": timed[-1]["peak_gpu_mb"],
+            "bytes_per_token": bpt, "full_bytes_per_token": full_bpt, "compression": full_bpt / bpt,
+            "kv_mb": kv_bytes / 2**20, "report": rep}
+
+
+def run_press_bench(cfg: PressBenchConfig) -> dict:
+    from ..data.corpora import long_prompt
+    from ..model.api import load, parse_device
+    from ..presses import parse_press
+
+    dev = parse_device(cfg.device)
+    model, tok, _ = load(cfg.model, dev)
+    rows = []
+    for ctx in cfg.contexts:
+        model.check_context(ctx + cfg.gen_len)
+        ids = torch.tensor([long_prompt(tok, ctx, seed=0)], device=dev)
+        base = None
+        for spec in cfg.presses:
+            press = parse_press(spec)
+            r = _cell(model, ids, press, cfg, dev)
+            if press is None:
+                base = r
+            r = {"context": ctx, "press": spec, "press_spec": str(press) if press else "none", **r}
+            if base is not None:
+                r["ttft_overhead"] = r["compress_s"] / base["prefill_s"]
+                r["decode_vs_full"] = r["decode_ms"] / base["decode_ms"]
+            rows.append(r)
+            print(_line(r), flush=True)
+    return {"config": asdict(cfg), "rows": rows, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else "cpu", "dtype": str(model.dtype)}
+
+
+def _line(r: dict) -> str:
+    ov = r.get("ttft_overhead")
+    vs = r.get("decode_vs_full")
+    return (f"| {r['context']} | {r['press']} | {r['compression']:.2f}x | {r['bytes_per_token']:.0f} | "
+            f"{r['kv_mb']:.1f} | {r['prefill_s'] * 1e3:.0f} | {r['compress_s'] * 1e3:.1f} | "
+            f"{'' if ov is None else f'{100 * ov:.1f}%'} | {r['decode_ms']:.2f} | "
+            f"{'' if vs is None else f'{vs:.2f}'} | {r['peak_gpu_mb'] or 0:.0f} |")
+
+
+HEADER = ("| context | press | compression | bytes/token | KV MB after compress | prefill ms | compress ms | "
+          "compress / prefill | decode ms/token | decode vs none | peak GPU MB |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def render_press_bench(res: dict) -> str:
+    return "\n".join([f"# Presses on {res['config']['model']} ({res['device']}, {res['dtype']})", "", HEADER,
+                      *(_line(r) for r in res["rows"])]) + "\n"
