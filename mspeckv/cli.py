@@ -78,11 +78,14 @@ def run_generation(a, model, tok, draft, ids: list[int], mode: str):
     cb, bar = _progress_prefill(len(ids), f"prefill ({mode})")
     try:
         if mode == "ar":
-            cache = make_cache(model, placement, 1, len(ids) + gen.max_new_tokens, press=a.press)
+            cache = make_cache(model, placement, 1, len(ids) + gen.max_new_tokens, press=a.press,
+                               compress_every=a.press_every)
             return generate(model, torch.tensor([ids]), gen, cache=cache, progress=cb)
         from .decoding.speculative import speculative_generate
 
         a.mode = mode
+        if a.press_every:
+            raise ValueError("--press-every re-presses during AR decoding only; drop it with --mode vanilla|mspeckv")
         return speculative_generate(model, draft, torch.tensor([ids]), gen, _spec(a), placement=placement,
                                     press=a.press, progress=cb)
     finally:
@@ -171,6 +174,8 @@ def _placement(a):
     from .presses import parse_press
 
     parse_press(getattr(a, "press", None))  # a bad --press fails before any model loads
+    if getattr(a, "press_every", None) is not None and (a.press is None or a.press_every < 1):
+        raise ValueError("--press-every N needs --press and N >= 1")
     return Placement(on_chip=a.on_chip, kv_quant=a.kv_quant, kv_group_size=a.kv_group_size,
                      resident_layers=a.resident_layers, resident_format=a.resident_format,
                      resident_policy=a.resident_policy)
@@ -220,6 +225,9 @@ def cmd_plan(a) -> int:
 
 
 def cmd_bench(a) -> int:
+    if a.what != "presses" and (a.press or a.press_every):
+        raise ValueError(f"bench {a.what} does not apply --press; use `mspeckv bench presses --presses SPEC` or "
+                         f"`mspeckv generate --press SPEC`")
     if a.what == "placement":
         from .bench.placement import PlacementBenchConfig, render_placement, run_placement_bench, write_placement
 
@@ -308,6 +316,7 @@ def _add_placement(p):
     g.add_argument("--resident-policy", default="lru", choices=["lru", "static"])
     g.add_argument("--press", default=None, help="compress the KV after prefill: name:k=v,... | preset | FILE.yaml "
                    "(lossy: see `mspeckv presses list`)")
+    g.add_argument("--press-every", type=int, default=None, help="re-press every N decoded tokens (AR only)")
 
 
 def _add_spec(p, budget: int = 4096, gamma: int = 8):

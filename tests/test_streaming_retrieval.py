@@ -1,5 +1,7 @@
-"""StreamingCache (sinks + recent window, eviction only in begin) and the retrieval press (top chunks per KV head)
-over PressedKV, the MSpecKV middle level."""
+"""The streaming press (the draft's sinks + recent window, re-pressed only between rounds) and the retrieval press
+(top chunks per KV head, the MSpecKV middle level), both over PressedKV."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +10,6 @@ from mspeckv.kv.base import CacheFullError, KVCache, LastQueries
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.pressed import PressedKV
 from mspeckv.kv.retrieval import select_chunks
-from mspeckv.kv.streaming import StreamingCache
 from mspeckv.presses.retrieval import RetrievalPress
 from tests.tiny import tiny_model
 
@@ -31,80 +32,79 @@ def held(cache) -> list[int]:
     return cache.read(0)[0][0, 0, :, 0].long().tolist()
 
 
+TINY = SimpleNamespace(cfg=SimpleNamespace(n_layers=2, n_kv_heads=2, head_dim=1), dtype=torch.float32,
+                       device=torch.device("cpu"))
+
+
 def stream(**kw):
-    return StreamingCache(2, 1, 2, 1, **{"window": 8, "sinks": 4, "room": 3, "slack": 2, **kw})
+    """The draft's StreamingLLM cache: 4 sinks + 8 recent rows, forwards of <= 3 rows, re-pressed when more than
+    room + slack = 5 rows were appended since the last press."""
+    return PressedKV.streaming(TINY, **{"window": 8, "sinks": 4, "room": 3, "slack": 2, **kw})
 
 
-# ------------------------------------------------------------------------------------------------ StreamingCache
+# ------------------------------------------------------------------------------------------------ streaming press
 
 def test_streaming_keeps_sinks_and_recent_window():
     c = stream()
     assert isinstance(c, KVCache) and c.capacity() == 4 + 8 + 3 + 2
     sizes = [3, 1, 2, 3, 1, 1, 3, 2, 2, 1] * 8
     for n in sizes:
-        t0 = c.n_seen
+        t0 = c.next_position()
         views = fwd(c, pos_kv(t0, n))
         # the view handed to attention: everything held, the new rows last
         assert views[1][0][0, 0, -n:, 0].tolist() == list(range(t0, t0 + n))
         assert c.length() <= c.capacity()
-        assert held(c) == c.positions()
-        recent = c.positions()[4:]
-        assert c.positions()[:4] == list(range(min(4, c.n_seen)))
-        assert recent == list(range(c.n_seen - len(recent), c.n_seen))  # contiguous, ends at the newest token
-        assert len(recent) >= min(c.n_seen - 4, 8)  # never fewer than `window` recent tokens
+        pos = c.positions(0)[0, 0].tolist()
+        assert held(c) == pos
+        assert pos[:4] == list(range(min(4, t0 + n)))
+        recent = pos[4:]
+        assert recent == list(range(t0 + n - len(recent), t0 + n))  # contiguous, ends at the newest token
+        assert len(recent) >= min(t0 + n - 4, 8)  # never fewer than `window` recent tokens
         assert held(c) == [-x for x in c.read(1)[1][0, 1, :, 0].long().tolist()]  # V moved with K, every layer
-    assert c.n_seen == sum(sizes) and c.n_evicted > 0 and c.n_seen - c.n_evicted == c.length()
+    assert c.next_position() == sum(sizes) and c.next_position() - c.length() > 0 and c.compressions > 10
 
 
-def test_streaming_rollback_exact_and_not_across_eviction():
-    c = stream()
-    for n in [3, 3, 3, 3]:  # 12 tokens, no eviction yet (capacity 17)
-        fwd(c, pos_kv(c.n_seen, n))
-    fwd(c, pos_kv(12, 2))
+def test_streaming_rollback_exact_and_not_across_a_press():
+    c, ref = stream(), stream()
+    fwd(c, pos_kv(0, 3))
+    fwd(c, pos_kv(3, 2))
     c.rollback(2)
-    ref = stream()
-    for n in [3, 3, 3, 3]:
-        fwd(ref, pos_kv(ref.n_seen, n))
-    assert c.n_seen == ref.n_seen == 12 and held(c) == held(ref)
+    fwd(ref, pos_kv(0, 3))
+    assert c.next_position() == ref.next_position() == 3 and held(c) == held(ref)
     assert torch.equal(c.read(1)[1], ref.read(1)[1])
-    fwd(c, pos_kv(12, 3))
-    fwd(c, pos_kv(15, 3))  # 15 + 3 > 17: begin evicted down to 4 sinks + 8 recent, then appended
-    assert c.n_evicted == 3 and held(c) == [0, 1, 2, 3] + list(range(7, 18))
-    before = held(c)
-    fwd(c, pos_kv(18, 2))
-    c.rollback(2)  # appended since the eviction: exact
-    assert held(c) == before and c.n_seen == 18
-    c.rollback(3)  # the 3 tokens of the evicting forward itself are still rollback-able
-    assert held(c) == [0, 1, 2, 3] + list(range(7, 15)) and c.n_seen == 15
-    with pytest.raises(ValueError, match="crosses an eviction"):
+    for _ in range(5):
+        fwd(c, pos_kv(c.next_position(), 3))  # 18 tokens: pressed down to 4 sinks + the newest rows
+    assert c.length() <= 17 and held(c)[:4] == [0, 1, 2, 3] and held(c)[-1] == 17
+    before, n_tail = held(c), c.n_tail
+    fwd(c, pos_kv(18, 1))
+    c.rollback(1)  # appended since the last press: exact
+    assert held(c) == before and c.next_position() == 18
+    c.rollback(n_tail)  # the rows of the forward that triggered the press are still rollback-able
+    with pytest.raises(ValueError, match="only rows appended since the last"):
         c.rollback(1)
 
 
 def test_streaming_reserve_makes_a_round_rollback_safe():
     c = stream()
     for _ in range(5):
-        fwd(c, pos_kv(c.n_seen, 3))  # 15 held
-    c.reserve(4)  # 15 + 4 > 17: evict now
-    assert c.length() == 12
+        fwd(c, pos_kv(c.next_position(), 3))
+    c.reserve(4)  # a round of up to 4 rows: press now if they would not fit
+    assert c.n_tail + 4 <= 5
     before = held(c)
     for _ in range(4):
-        fwd(c, pos_kv(c.n_seen, 1))
+        fwd(c, pos_kv(c.next_position(), 1))
     c.rollback(4)
     assert held(c) == before
-    with pytest.raises(ValueError, match="room"):
-        c.reserve(6)
+    with pytest.raises(CacheFullError, match="tail of 5"):
+        fwd(c, pos_kv(c.next_position(), 6))
 
 
 def test_streaming_bad_input():
-    with pytest.raises(ValueError, match="sinks"):
+    with pytest.raises(ValueError, match="sinks must be in"):
         stream(sinks=-1)
-    with pytest.raises(ValueError, match="window"):
-        stream(window=0)
     with pytest.raises(ValueError, match="room"):
         stream(room=0)
     c = stream()
-    with pytest.raises(CacheFullError, match="room of 3"):
-        c.begin(4)
     with pytest.raises(ValueError, match="rollback"):
         c.rollback(1)
 
@@ -112,23 +112,30 @@ def test_streaming_bad_input():
 def test_streaming_large_window_equals_dense_and_model_runs_with_gaps():
     m = tiny_model("llama")
     torch.manual_seed(0)
-    ids = torch.randint(3, 97, (2, 40))
-    dense = DenseKV.for_model(m, 2, 64)
-    big = StreamingCache.for_model(m, 2, window=64, sinks=4, room=8)
-    small = StreamingCache.for_model(m, 2, window=8, sinks=4, room=8, slack=0)
+    ids = torch.randint(3, 97, (1, 40))
+    dense = DenseKV.for_model(m, 1, 64)
+    big = PressedKV.streaming(m, window=64, sinks=4, room=8)
+    small = PressedKV.streaming(m, window=8, sinks=4, room=8, slack=0)
     with torch.no_grad():
         for s in range(0, 40, 8):
             chunk = ids[:, s:s + 8]
             ref = m(chunk, dense, num_logits=None)
-            got = m(chunk, big, pos0=big.n_seen, num_logits=None)
+            got = m(chunk, big, num_logits=None)
             torch.testing.assert_close(got, ref, atol=0, rtol=0)
-            out = m(chunk, small, pos0=small.n_seen, num_logits=None)
+            out = m(chunk, small, num_logits=None)
             assert out.shape == ref.shape and torch.isfinite(out).all()
-        assert small.n_evicted > 0 and small.positions()[:4] == [0, 1, 2, 3]
+        assert small.next_position() - small.length() > 0 and small.positions(0)[0, 0, :4].tolist() == [0, 1, 2, 3]
         for _ in range(5):  # decode one token at a time
-            tok = m(ids[:, -1:], small, pos0=small.n_seen)[:, -1].argmax(-1, keepdim=True)
+            tok = m(ids[:, -1:], small)[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, tok], 1)
-        assert small.n_seen == 45 and small.length() <= small.capacity()
+        assert small.next_position() == 45 and small.length() <= small.capacity()
+    # a streaming prefill skips the middle of the prompt; the kept rows keep their true positions
+    c = PressedKV.streaming(m, window=8, sinks=4, room=8)
+    with torch.no_grad():
+        m(ids[:, :4], c, pos0=0)
+        c.skip(40 - 8 - 4)
+        m(ids[:, 32:40], c, pos0=32)
+    assert c.positions(0)[0, 0].tolist() == [0, 1, 2, 3, *range(32, 40)] and c.next_position() == 40
 
 
 # ------------------------------------------------------------------------------------------------ retrieval press
@@ -328,16 +335,18 @@ def test_retrieval_rebuild_after_growth():
     assert rc.positions(0)[0, 0, -3:].tolist() == [60, 61, 62]
 
 
-def test_static_streaming_refuses_rollback_across_compaction():
-    from mspeckv.kv.static import StaticStreaming
-
+def test_static_streaming_equals_eager_and_refuses_rollback_across_a_press():
+    """The CUDA-graph layout of the draft's cache (fixed buffer, device-side positions, masked rows) gives the eager
+    layout's logits, and a rollback stops at the last press as there."""
     m = tiny_model()
-    c = StaticStreaming.for_model(m, sinks=2, window=4, room=2)  # 8 rows
+    a = PressedKV.streaming(m, sinks=2, window=4, room=2, slack=0)
+    c = PressedKV.streaming(m, sinks=2, window=4, room=2, slack=0, static=True)  # 2 + 4 + 2 rows
     ids = torch.randint(3, m.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for t in range(9):  # the 9th token compacts to 2 sinks + 4 recent, then appends
-            m(ids[:, t:t + 1], c, pos0=t)
-    assert c.n_evicted == 2 and c.length() == 7
-    c.rollback(1)  # the token appended after the compaction: fine
-    with pytest.raises(ValueError, match="crosses a compaction"):
+        for t in range(9):  # presses at 3, 5, 7, 9 tokens: down to 2 sinks + 4 recent from the 7th on
+            torch.testing.assert_close(m(ids[:, t:t + 1], c, pos0=t), m(ids[:, t:t + 1], a, pos0=t),
+                                       atol=1e-6, rtol=1e-6)
+    assert c.attn_mask.shape == (1, 8) and c.length() == 7 and c.next_position() == 9
+    c.rollback(1)  # the token appended after the last press: fine
+    with pytest.raises(ValueError, match="only rows appended since the last"):
         c.rollback(1)

@@ -29,8 +29,7 @@ from ..kv.dense import DenseKV
 from ..kv.placement import Placement, make_cache
 from ..kv.pressed import PressedKV
 from ..kv.retrieval import check_budget
-from ..kv.static import GraphedForward, StaticKV, StaticStreaming
-from ..kv.streaming import StreamingCache
+from ..kv.static import GraphedForward, StaticKV
 from .accept import greedy_accept, speculative_accept
 from .autoregressive import GenerationResult, sync, trim_at_eos
 from .drafters import NGramDrafter
@@ -352,12 +351,8 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             dcache = None
         elif mspeckv:
             room = 2 * spec.gamma + 4
-            if graphs:
-                dcache = StaticStreaming.for_model(draft, sinks=spec.draft_sinks, window=spec.window, room=room)
-                druns = GraphRunner(draft, dcache)
-            else:
-                dcache = StreamingCache.for_model(draft, 1, window=spec.window, sinks=spec.draft_sinks, room=room)
-                druns = Runner(draft, dcache)
+            dcache = PressedKV.streaming(draft, sinks=spec.draft_sinks, window=spec.window, room=room, static=graphs)
+            druns = (GraphRunner if graphs else Runner)(draft, dcache)
             _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, room)
             lower0 = DraftLevel(druns, s, g, timers)
         else:
@@ -446,6 +441,7 @@ def _prefill_streaming(r: Runner, seq: Seq, T: int, sinks: int, window: int, roo
     head = min(sinks, T)
     while r.n < head:
         r.feed(seq, min(head, r.n + room), 1, **kw)
+    r.cache.skip(max(head, T - window) - head)
     r.n = max(head, T - window)
     while r.n < T:
         r.feed(seq, min(T, r.n + room), 1, **kw)

@@ -68,6 +68,10 @@ class PressedKV(KVCache):
         self.h2d_bytes = 0
         self._pending: int | None = None
         self.pos = torch.zeros(n_layers, dtype=torch.long, device=self.device)  # static: next row per layer
+        if inner is None:  # built empty: rows arrive in the tail and are pressed every ``compress_every`` tokens
+            empty = torch.zeros(batch, n_kv_heads, 0, head_dim, dtype=dtype, device=self.device)
+            for i in range(n_layers):
+                self._lay_out(i, [Rows(empty, empty, torch.zeros(batch, n_kv_heads, 0, dtype=torch.int32))])
 
     # ------------------------------------------------------------------------------------------------ building
     @classmethod
@@ -82,6 +86,31 @@ class PressedKV(KVCache):
         self.press_obs = obs
         self.compress(source)
         return self
+
+    @classmethod
+    def streaming(cls, model, *, sinks: int, window: int, room: int, slack: int | None = None,
+                  static: bool = False) -> PressedKV:
+        """The draft's StreamingLLM cache: ``sinks`` first rows + the newest ``window``, re-pressed only when a
+        forward (or ``reserve``) would overflow ``room + slack`` appended rows, so rollbacks within a round are
+        exact. ``slack`` (default window // 4) amortises the re-press."""
+        from ..presses.streaming import StreamingLLMPress
+
+        if room < 1:
+            raise ValueError(f"room must be >= 1 (the largest forward fed to this cache), got {room}")
+        slack = max(window // 4, 0) if slack is None else slack
+        c = model.cfg
+        press = StreamingLLMPress(budget=sinks + window, sinks=sinks)
+        return cls(press, c.n_layers, 1, c.n_kv_heads, c.head_dim, room + slack, model.dtype, model.device,
+                   static=static, fixed_cap=sinks + window, compress_every=room + slack)
+
+    def skip(self, n: int) -> None:
+        """The next ``n`` tokens are not fed (a streaming prefill feeds the sinks, then only the last window):
+        press what is held first, so the tail's positions stay contiguous."""
+        if n < 0 or self._pending is not None or self.inner is not None:
+            raise ValueError(f"skip({n}) needs n >= 0, a compressed cache and no forward in progress")
+        if self.n_tail:
+            self.compress()
+        self.source_len += n
 
     @property
     def compressed(self) -> bool:
@@ -172,12 +201,14 @@ class PressedKV(KVCache):
     def capacity(self) -> int:
         if self.inner is not None:
             return self.inner.capacity()
-        return max(self.n_fixed) + self.tail_cap
+        return max(*self.n_fixed, self.fixed_cap) + self.tail_cap
 
     def next_position(self) -> int:
         return self.inner.next_position() if self.inner is not None else self.source_len + self.n_tail
 
     def prepare(self, n_new: int) -> None:
+        """Host-side checks before a forward (eager or replayed): re-press if the tail would overflow."""
+        self.reserve(n_new)
         if self.n_tail + n_new > self.tail_cap:
             raise CacheFullError(f"pressed cache: {self.n_tail} + {n_new} appended rows exceed its tail of "
                                  f"{self.tail_cap}; build it with a larger tail (or compress_every)")
@@ -186,8 +217,8 @@ class PressedKV(KVCache):
         if self.inner is not None:
             self.inner.begin(n_new)
             return
-        if self.compress_every and self._pending is None and self.n_tail + n_new > self.compress_every:
-            self.compress()
+        if self._pending is None:
+            self.prepare(n_new)  # re-press first if the tail would overflow, else one clear error
         check_begin(self.n_tail, n_new, self.tail_cap, self._pending)
         self._pending = n_new
 

@@ -4,8 +4,7 @@ A forward over T tokens writes its K/V at rows ``[pos, pos+T)`` (``pos`` a devic
 buffer with a mask that hides rows past each query's position, so every replay has the same shapes and no host
 values inside. Host bookkeeping (length checks, streaming compaction, rollback) happens outside the graph.
 
-``StaticStreaming`` (draft: sinks + recent window) and ``StaticRetrieval`` (middle level: retrieved chunks +
-appended rows) hold the same rows as ``StreamingCache`` / ``RetrievalCache``; they differ only in shapes.
+Pressed caches (``kv/pressed.py``) have the same static layout for the draft's streaming window and the middle level.
 """
 
 from __future__ import annotations
@@ -83,48 +82,6 @@ class StaticKV(KVCache):
     def set_length(self, n: int) -> None:
         self._len = n
         self.pos.fill_(n)
-
-
-class StaticStreaming(StaticKV):
-    """Sinks + recent window in a fixed buffer of sinks + window + room rows. Eviction (compaction of the window to
-    the front) happens only in ``reserve``/``prepare``, outside any forward, so rollbacks within a round are exact."""
-
-    def __init__(self, *a, sinks: int, window: int, room: int, **kw):
-        super().__init__(*a, **kw)
-        if sinks < 0 or window < 1 or room < 1:
-            raise ValueError(f"streaming cache needs sinks >= 0, window >= 1, room >= 1, got {sinks}, {window}, {room}")
-        if sinks + window + room != self.cap:
-            raise ValueError("capacity must equal sinks + window + room")
-        self.sinks, self.window = sinks, window
-        self.n_evicted = 0
-        self._floor = 0  # length right after the last compaction: a rollback below it would return wrong rows
-
-    @classmethod
-    def for_model(cls, model, *, sinks: int, window: int, room: int, batch: int = 1):
-        return super().for_model(model, sinks + window + room, batch, sinks=sinks, window=window, room=room)
-
-    def reserve(self, n: int) -> None:
-        if self._len + n <= self.cap:
-            return
-        keep = self.window
-        src = self._len - keep
-        if src > self.sinks:
-            for t in self.k + self.v:
-                t[:, :, self.sinks:self.sinks + keep] = t[:, :, src:src + keep].clone()
-            self.n_evicted += src - self.sinks
-            self.set_length(self.sinks + keep)
-            self._floor = self._len
-        if self._len + n > self.cap:
-            raise CacheFullError(f"a forward of {n} tokens exceeds the streaming cache's room ({self.cap - self._len})")
-
-    def prepare(self, n_new: int) -> None:
-        self.reserve(n_new)
-
-    def rollback(self, n: int) -> None:
-        if self._len - n < self._floor:
-            raise ValueError(f"rollback({n}) crosses a compaction: only {self._len - self._floor} tokens were appended "
-                             f"since the last one; call reserve(total tokens of the round) before a speculation round")
-        super().rollback(n)
 
 
 class GraphedForward:
