@@ -63,6 +63,14 @@ def check_begin(length: int, n_new: int, capacity: int, pending: int | None) -> 
         )
 
 
+def check_shape(batch, max_len) -> None:
+    """A cache's batch and length must be positive ints (a batch of 0 would broadcast into wrong output)."""
+    from .. import validate as v
+
+    v.integer("batch", batch, lo=1)
+    v.integer("max_len", max_len, lo=1)
+
+
 def check_rollback(n: int, length: int) -> None:
     if not 0 <= n <= length:
         raise ValueError(f"rollback({n}) outside [0, {length}]")

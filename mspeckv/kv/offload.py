@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import check_begin, check_rollback
+from .base import check_begin, check_rollback, check_shape
 from .dense import DenseKV
 from .placement import Placement
 from .quant import QTensor, QuantSpec, dequantize_keys_into, dequantize_values_into, quantize_keys, quantize_values
@@ -100,7 +100,9 @@ class PlacedKV:
                  max_len: int, dtype: torch.dtype, device: torch.device | str):
         p = self.p = placement
         p.validate(n_layers, head_dim)
+        check_shape(batch, max_len)
         self.n_layers, self.B, self.H, self.D = n_layers, batch, n_kv_heads, head_dim
+        self.batch = batch
         self.dtype, self.device = dtype, torch.device(device)
         self.n_on = p.n_on_chip(n_layers)
         self.off = list(range(self.n_on, n_layers))

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .base import check_begin
+from .base import check_begin, check_shape
 
 
 class BudgetCoversPrompt(ValueError):
@@ -35,12 +35,15 @@ class BudgetCoversPrompt(ValueError):
 
 
 def check_budget(budget: int, chunk: int) -> None:
+    from .. import validate as v
+
+    b, c = v.name("budget"), v.name("chunk")
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise ValueError(f"{c} must be >= 1, got {chunk}")
     if budget % chunk:
-        raise ValueError(f"budget {budget} is not a multiple of chunk {chunk}")
+        raise ValueError(f"{b} {budget} is not a multiple of {c} {chunk}")
     if budget < 2 * chunk:
-        raise ValueError(f"budget {budget} must hold at least 2 chunks of {chunk} (the sink chunk + one retrieved)")
+        raise ValueError(f"{b} {budget} must hold at least 2 chunks of {chunk} (the sink chunk + one retrieved)")
 
 
 def chunk_scores(k: Tensor, q: Tensor, chunk: int) -> Tensor:
@@ -77,7 +80,8 @@ class RetrievalCache:
                  dtype: torch.dtype, device: torch.device | str):
         if extra < 1:
             raise ValueError(f"extra must be >= 1 (rows for generated/drafted tokens), got {extra}")
-        self.n_layers, self.budget, self.extra = n_layers, budget, extra
+        check_shape(batch, budget + extra)
+        self.n_layers, self.budget, self.extra, self.batch = n_layers, budget, extra, batch
         shape = (batch, n_kv_heads, budget + extra, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -225,7 +229,7 @@ class QueryCapture:
         if n_last < 1:
             raise ValueError(f"n_last must be >= 1, got {n_last}")
         self.inner, self.n_last = inner, n_last
-        self.n_layers = inner.n_layers
+        self.n_layers, self.batch = inner.n_layers, getattr(inner, "batch", None)
         self.queries: list[Tensor | None] = [None] * inner.n_layers
 
     def observe_query(self, layer: int, q: Tensor) -> None:
