@@ -159,7 +159,7 @@ def test_random_weights_onchip_sweep(tmp_path, run_cli, capsys, recwarn):
 
 
 @pytest.mark.parametrize("extra, sweep, expect", [
-    (["--budget", "30"], "context", "not a multiple of chunk"),
+    (["--budget", "30"], "context", "not a multiple of --chunk 8"),
     (["--resident-layers", "3"], "context", "greater than the 2 offloaded layers"),
     (["--prefill-lengths", "96,510"], "context", "(at prefill=510)"),
     (["--prefill-lengths", ""], "context", "--prefill-lengths is empty"),
@@ -171,7 +171,7 @@ def test_random_weights_onchip_sweep(tmp_path, run_cli, capsys, recwarn):
     (["--on-chip-layers", "1,5"], "onchip", "greater than the model's 3 layers (at on_chip=5)"),
     (["--gen-len", "1"], "context", "must be >= 2"),
     (["--dataset", "no/such/file.txt"], "context", "does not exist"),
-    (["--top-p", "0"], "context", "top_p"),
+    (["--top-p", "0"], "context", "--top-p must be"),
 ])
 def test_validation_errors(tiny_dirs, tmp_path, run_cli, capsys, extra, sweep, expect):
     out = tmp_path / "bad"
