@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mspeckv: error: out of host memory ({e or 'no detail'}); use a shorter context, fewer offloaded "
                   f"layers (--on-chip) or --kv-quant int8", file=sys.stderr)
         else:
-            print(f"mspeckv: error: {e}", file=sys.stderr)
+            print("mspeckv: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for long messages
         return 2
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError" and not debug:

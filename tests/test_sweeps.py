@@ -66,9 +66,11 @@ def _args(tiny_dirs, out, *extra, sweep="context", methods="baseline,vanilla_spe
     t, d, corpus = tiny_dirs
     xs = {"context": ["--prefill-lengths", "96,128"], "onchip": ["--on-chip-layers", "1,2"]}[sweep]
     common = ["--target", t, "--draft", d, "--dataset", corpus, "--gen-len", "12", "--seeds", "1,2",
-              "--budget", "32", "--chunk", "8", "--gamma", "4", "--draft-gamma", "2", "--resident-layers", "1",
+              "--budget", "32", "--chunk", "8", "--gamma", "4", "--draft-gamma", "2",
               "--kv-group-size", "16", "--device", "cpu", "--no-progress", "--output-dir", str(out),
               "--methods", methods]
+    if "mspeckv_kv_quant" in methods:  # the only method that reads it (elsewhere the flag is refused)
+        common += ["--resident-layers", "1"]
     if sweep == "context":
         common += ["--on-chip", "1"]
     else:

@@ -378,10 +378,28 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(summary_line(summary))
 
 
+def refuse_ignored(a, s: SweepSettings) -> None:
+    """Flags that no chosen method reads are errors (they would be recorded in every run's config, yet change
+    nothing)."""
+    from ..cli_checks import changed, refuse
+
+    if a.greedy:
+        refuse(changed(a, "temperature", "top_p"), "--greedy decodes greedily, so sampling settings do nothing")
+    if "mspeckv_kv_quant" not in s.methods:
+        refuse(changed(a, "kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
+               "only the mspeckv_kv_quant method reads them, and --methods leaves it out")
+    if not any(m in RETRIEVAL_METHODS for m in s.methods):
+        refuse(changed(a, "budget", "chunk", "draft_gamma"), "only the mspeckv methods read them, and --methods "
+               "leaves them out")
+    if not any(m in SPEC_METHODS for m in s.methods):
+        refuse(changed(a, "draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
+
+
 def cmd_sweep(a) -> int:
     from ..cli_checks import out_dir
 
     s = settings_from_args(a)
+    refuse_ignored(a, s)
     validate(s)
     out_dir("--output-dir", s.output_dir)
     check_output_dir(s)
