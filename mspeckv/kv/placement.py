@@ -119,7 +119,7 @@ def plan_placement(model_cfg, context: int, gpu_kv_budget: int, batch: int = 1, 
     if layer_bf16 * c.n_layers <= gpu_kv_budget:
         return Plan(Placement(), layer_bf16 * c.n_layers, 0, 0, "the whole KV fits on the GPU")
     staging = 2 * layer_bf16  # double-buffered staging (bf16; codes staging is smaller and counted inside)
-    on_chip = max(0, min(c.n_layers - 1, (gpu_kv_budget - staging) // layer_bf16))
+    on_chip = int(max(0, min(c.n_layers - 1, (gpu_kv_budget - staging) // layer_bf16)))
     if on_chip == 0 and gpu_kv_budget < staging:
         raise ValueError(
             f"--gpu-kv-budget {gpu_kv_budget / 2**30:.2f} GiB cannot hold even the staging buffers for one "
