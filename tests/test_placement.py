@@ -142,13 +142,13 @@ def test_placement_errors():
     m = model()
     with pytest.raises(ValueError, match="greater than the model's 4 layers"):
         make_cache(m, Placement(on_chip=5), 1, 8)
-    with pytest.raises(ValueError, match="resident-layers must be >= 0"):
+    with pytest.raises(ValueError, match="resident_layers must be an integer >= 0"):
         Placement(on_chip=1, resident_layers=-1)
     with pytest.raises(ValueError, match="greater than the 3 offloaded layers"):
         make_cache(m, Placement(on_chip=1, resident_layers=4), 1, 8)
     with pytest.raises(ValueError, match="does not divide head_dim 16"):
         make_cache(m, Placement(on_chip=1, kv_quant="int8", kv_group_size=12), 1, 8)
-    with pytest.raises(ValueError, match="kv-quant must be one of"):
+    with pytest.raises(ValueError, match="kv_quant must be one of"):
         Placement(kv_quant="fp8")
 
 

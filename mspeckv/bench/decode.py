@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate as v
 from ..config import GenerationConfig
 from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
@@ -34,11 +35,14 @@ class DecodeBenchConfig:
     graphs: bool = True  # CUDA graphs over a static cache (CUDA only); False: eager with a DenseKV
 
     def __post_init__(self):
+        v.text("model", self.model)
         for k in ("prompt_len", "gen_len", "batch", "prefill_chunk"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
-        if self.repeats < 2:
-            raise ValueError("--repeats must be >= 2 (the median of at least two timed runs is reported)")
+            v.integer(k, getattr(self, k), lo=1)
+        v.text("device", self.device, optional=True)
+        v.integer("repeats", self.repeats, lo=2)  # the median of at least two timed runs is reported
+        v.text("out", self.out, optional=True)
+        v.integer("seed", self.seed, lo=0)
+        v.boolean("graphs", self.graphs)
 
 
 def d2d_bandwidth(device, nbytes: int = 1 << 30, iters: int = 10) -> float:

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from .. import validate as v
 from ..kv.dense import DenseKV
-from ..kv.placement import Placement, make_cache
+from ..kv.placement import FORMATS, Placement, make_cache
 from ..kv.static import GraphedForward, StaticKV
 from ..model.api import RANDOM_SHAPES, random_model
 
@@ -50,10 +51,16 @@ class PlacementBenchConfig:
     host_reserve_bytes: int = 4 << 30  # left free for everything else when checking that a pinned store fits
 
     def __post_init__(self):
-        if self.shape not in RANDOM_SHAPES:
-            raise ValueError(f"unknown shape '{self.shape}'; choose one of {sorted(RANDOM_SHAPES)}")
-        if self.repeats < 2:
-            raise ValueError("--repeats must be >= 2")
+        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))
+        v.integers("contexts", self.contexts, lo=1)
+        v.integer("on_chip", self.on_chip, lo=0)
+        v.choices("formats", self.formats, FORMATS)
+        v.integers("residents", self.residents, lo=0)
+        v.integer("steps", self.steps, lo=1)
+        v.integer("repeats", self.repeats, lo=2)  # the median over repeats is reported
+        v.integer("verify_tokens", self.verify_tokens, lo=1)
+        v.boolean("hf_reference", self.hf_reference)
+        v.text("out_dir", self.out_dir)
 
 
 def _ms(fn, warmup: int, iters: int) -> float:

@@ -235,17 +235,20 @@ def _common_config(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[
 
 def _header(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     common, varying = _common_config(records)
+    partial = f" (PARTIAL: {summary['n_runs']} of {summary['n_expected']} runs)" if summary["partial"] else ""
     lines = [
-        f"# Sweep {', '.join(summary['sweeps']) or '?'}: {summary['x_name']}",
+        f"# Sweep {', '.join(summary['sweeps']) or '?'}: {summary['x_name']}{partial}",
         "",
         f"- weights: {summary['weights']}",
         f"- GPU: {', '.join(summary['gpu']) or 'none recorded'}",
         f"- commit: {', '.join(summary['commit']) or 'unknown'}",
         f"- seeds: {', '.join(str(s) for s in summary['seeds']) or 'none'}",
         f"- methods: {', '.join(summary['methods'])}",
-        f"- runs: {summary['n_ok']} ok, {summary['n_failed']} failed ({summary['n_runs']} total)",
+        f"- runs: {runs_text(summary)}",
         "- config:",
     ]
+    for w in summary["warnings"]:
+        lines.insert(1, f"\n> **Warning:** {w}\n")
     if "random" in summary["weights"]:
         lines.insert(1, "\n> **Random weights.** Acceptance means nothing here, so the speculative methods' tok/s, "
                         "latency and speedups say nothing about speculation. Read the baseline's ms/token and the "
@@ -254,6 +257,38 @@ def _header(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     if varying:
         lines.append(f"  - varies between runs: {', '.join(varying)}")
     return "\n".join(lines)
+
+
+def runs_text(summary: dict[str, Any]) -> str:
+    """'k of n runs (a ok, b failed); missing: ...' (the missing runs named, up to 10)."""
+    text = f"{summary['n_runs']} of {summary['n_expected']} runs ({summary['n_ok']} ok, {summary['n_failed']} failed)"
+    missing = summary["missing"]
+    if missing:
+        shown = ", ".join(f"{m['method']} {summary['x_name']}={_fmt_x(m['x'])} seed {m['seed']}" for m in missing[:10])
+        text += f"; missing: {shown}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+    return text
+
+
+def expected_runs(dir: str | os.PathLike, records: list[dict[str, Any]]) -> set[tuple]:
+    """(method, x, seed) of every run the sweep's invocations planned: ``sweep.json``'s ``planned`` list, each
+    record's config (its invocation's xs, seeds and methods), and the records themselves."""
+    keys: set[tuple] = set()
+    try:
+        planned = json.loads((Path(dir) / "sweep.json").read_text(encoding="utf-8")).get("planned") or []
+    except (OSError, ValueError, AttributeError):
+        planned = []
+    keys |= {tuple(k) for k in planned if isinstance(k, list) and len(k) == 3}
+    for r in records:
+        c = r.get("config") or {}
+        xs, seeds, methods = c.get("xs"), c.get("seeds"), c.get("methods")
+        if all(isinstance(v, list) for v in (xs, seeds, methods)):
+            keys |= {(m, x, s) for x in xs for s in seeds for m in methods}
+        keys.add((r["method"], r["x"], r["seed"]))
+    return {k for k in keys if all(_plain(p) for p in k)}
+
+
+def _plain(v: Any) -> bool:
+    return isinstance(v, str | int | float)
 
 
 def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
@@ -311,7 +346,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     store = RunStore(dir)
     if not store.runs_dir.is_dir():
         raise FileNotFoundError(f"no run directory {store.runs_dir} (expected raw run JSONs there)")
-    records = store.load_all()
+    records, skipped = store.scan()
     groups = _group(records)
     xs = sorted({x for x, _ in groups}, key=_x_key)
     methods = sorted({m for _, m in groups}, key=_method_key)
@@ -332,6 +367,14 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
         "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
     }  # fmt: skip
     summary["n_failed"] = summary["n_runs"] - summary["n_ok"]
+    present = {(r["method"], r["x"], r["seed"]) for r in records if _plain(r["x"]) and _plain(r["seed"])}
+    order = lambda k: (_x_key(k[1]), _x_key(k[2]), _method_key(str(k[0])))
+    missing = sorted(expected_runs(dir, records) - present, key=order)
+    summary["missing"] = [{"method": m, "x": x, "seed": s} for m, x, s in missing]
+    summary["n_expected"] = summary["n_runs"] + len(missing)
+    summary["partial"] = bool(missing)
+    summary["warnings"] = ([f"skipped {len(skipped)} file(s) in runs/ that are not run records: {'; '.join(skipped)}"]
+                           if skipped else [])
     summary["rows"] = _rows(groups, x_name)
     summary["speedups"] = _speedup_rows(groups, xs, methods, x_name)
     summary["breakdown"] = breakdown.rows(groups, xs, methods, x_name)
@@ -340,7 +383,6 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
         "summary_csv": str(atomic_write_text(out / "summary.csv", _csv(summary["rows"]))),
         "summary_md": str(atomic_write_text(out / "summary.md", _markdown(summary, records, groups, xs, methods))),
     }
-    summary["warnings"] = []
     if plots and summary["rows"]:
         try:
             from mspeckv.bench.plots import PlotDependencyError, plot_summary
@@ -393,7 +435,10 @@ def console_table(summary: dict[str, Any]) -> str:
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
         fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
         return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-    table = Table(title=f"{', '.join(summary.get('sweeps', []))} (weights: {summary.get('weights', '?')})")
+    title = f"{', '.join(summary.get('sweeps', []))} (weights: {summary.get('weights', '?')})"
+    if summary.get("partial"):
+        title += f" PARTIAL: {runs_text(summary)}"
+    table = Table(title=title)
     for h in header:
         table.add_column(h, justify="left" if h in (x_name, "method") else "right")
     for r in rows:
@@ -414,6 +459,9 @@ def summary_line(summary: dict[str, Any]) -> str:
         "n_runs",
         "n_ok",
         "n_failed",
+        "n_expected",
+        "partial",
+        "missing",
         "weights",
         "files",
         "warnings",

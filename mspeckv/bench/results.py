@@ -31,6 +31,7 @@ METHODS = ("baseline", "vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_ass
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 _TMP_SUFFIX = ".tmp"
+RECORD_KEYS = ("sweep", "x_name", "x", "method", "seed", "status")  # what makes a JSON a run record
 
 
 # --------------------------------------------------------------------------------------------------- atomic writes
@@ -235,21 +236,38 @@ class RunStore:
         d = record.to_dict() if isinstance(record, RunRecord) else json_safe(record)
         return atomic_write_json(self.path_for(d), d)
 
-    def load_all(self) -> list[dict[str, Any]]:
-        """All raw run JSONs (sorted by file name); temp and unreadable files are skipped with a warning."""
+    def scan(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """(run records sorted by file name, one 'NAME (why)' per file skipped): temp files are ignored; unreadable
+        files and JSON of another schema (not an object with the run keys and an ok/failed status) are skipped."""
         out: list[dict[str, Any]] = []
+        skipped: list[str] = []
         if not self.runs_dir.is_dir():
-            return out
+            return out, skipped
         for p in sorted(self.runs_dir.glob("*.json")):
             if p.name.startswith("."):
                 continue
             try:
                 d = json.loads(p.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                print(f"warning: skipping unreadable run file {p}: {e}", file=sys.stderr)
+                skipped.append(f"{p.name} (unreadable: {e})")
                 continue
-            if isinstance(d, dict):
+            if not isinstance(d, dict):
+                kind = {"list": "a JSON array", "str": "a JSON string", "NoneType": "JSON null"}.get(
+                    type(d).__name__, "a JSON value")
+                skipped.append(f"{p.name} ({kind}, not a run record)")
+            elif missing := [k for k in RECORD_KEYS if k not in d]:
+                skipped.append(f"{p.name} (not a run record: no {', '.join(missing)})")
+            elif d["status"] not in (STATUS_OK, STATUS_FAILED):
+                skipped.append(f"{p.name} (unknown status {d['status']!r})")
+            else:
                 out.append(d)
+        return out, skipped
+
+    def load_all(self) -> list[dict[str, Any]]:
+        """All run records (sorted by file name); other files are skipped with a warning on stderr."""
+        out, skipped = self.scan()
+        for s in skipped:
+            print(f"warning: skipping {self.runs_dir / s}", file=sys.stderr)
         return out
 
 

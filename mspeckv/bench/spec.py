@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import validate as v
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
@@ -37,6 +38,21 @@ class SpecBenchConfig:
     seed: int = 1
     repeats: int = 2
     device: str | None = None
+
+    def __post_init__(self):
+        v.text("target", self.target)
+        v.text("draft", self.draft)
+        v.integers("prefills", self.prefills, lo=1)
+        v.integer("gen_len", self.gen_len, lo=2)  # latency is timed over the tokens after the first
+        v.choices("modes", self.modes, ("ar", "vanilla", "mspeckv"))
+        if not isinstance(self.placement, Placement):
+            raise v.ConfigError(f"placement must be a Placement, got {self.placement!r}")
+        v.integer("repeats", self.repeats, lo=1)
+        v.text("device", self.device, optional=True)
+        SamplingConfig(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        if any(m != "ar" for m in self.modes):  # gamma, budget, chunk: only the speculative modes use them
+            mode = "mspeckv" if "mspeckv" in self.modes else "vanilla"
+            SpecConfig(mode=mode, gamma=self.gamma, draft_gamma=self.draft_gamma, budget=self.budget, chunk=self.chunk)
 
 
 def _one(cfg: SpecBenchConfig, target, draft, ids, mode: str, gen_len: int):

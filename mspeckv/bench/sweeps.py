@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import validate as v
 from .results import METHODS, RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
 
 DEFAULT_SEEDS = (1, 2, 3)
@@ -111,6 +112,33 @@ class SweepSettings:
     quick: bool
     output_dir: str
 
+    def __post_init__(self):
+        v.choice("sweep", self.sweep, tuple(SWEEPS))
+        try:
+            v.integers("xs", self.xs, lo=0)
+        except v.ConfigError:
+            raise v.ConfigError(f"{SWEEPS[self.sweep].x_flag if v.in_cli() else 'xs'} must be distinct "
+                                f"integers >= 0, got {self.xs!r}") from None
+        v.text("target", self.target)
+        v.text("draft", self.draft)
+        v.text("dataset", self.dataset, optional=True)
+        v.integers("seeds", self.seeds, lo=0)
+        v.choices("methods", self.methods, METHODS)
+        for k in ("budget", "chunk", "gamma", "draft_gamma", "kv_group_size", "prefill_chunk"):
+            v.integer(k, getattr(self, k), lo=1)
+        for k in ("on_chip", "resident_layers"):
+            v.integer(k, getattr(self, k), lo=0, optional=True)
+        for k in ("prefill", "gen_len"):
+            v.integer(k, getattr(self, k), lo=1, optional=True)
+        v.choice("kv_quant", self.kv_quant, ("int8", "int4", "int2"))
+        v.choice("resident_format", self.resident_format, ("dequant", "quant"))
+        v.choice("resident_policy", self.resident_policy, ("lru", "static"))
+        v.boolean("clamp_resident", self.clamp_resident)
+        v.boolean("quick", self.quick)
+        v.choice("device", self.device, ("cpu", "cuda"))
+        if not isinstance(self.output_dir, str):
+            raise v.ConfigError(f"{v.name('output_dir')} must be a path, got {self.output_dir!r}")
+
     def point(self, x: int, n_layers: int | None = None) -> Point:
         p = Point(self.prefill if self.x_name != "prefill" else x, self.gen_len if self.x_name != "gen_len" else x,
                   self.on_chip if self.x_name != "on_chip" else x,
@@ -133,9 +161,11 @@ class SweepSettings:
 
 # ------------------------------------------------------------------------------------------------------ parsing
 def int_list(flag: str, text: str | None, minimum: int = 0) -> tuple[int, ...]:
-    items = [s.strip() for s in (text or "").split(",") if s.strip()]
-    if not items:
+    items = [s.strip() for s in (text or "").split(",")]
+    if items == [""]:
         raise ValueError(f"{flag} is empty: give comma-separated integers, e.g. {flag} 1,2,3")
+    if "" in items:
+        raise ValueError(f"{flag} '{text}' has an empty item; give comma-separated integers, e.g. {flag} 1,2,3")
     try:
         vals = tuple(int(s) for s in items)
     except ValueError:
@@ -148,9 +178,11 @@ def int_list(flag: str, text: str | None, minimum: int = 0) -> tuple[int, ...]:
 
 
 def method_list(text: str | None) -> tuple[str, ...]:
-    items = [s.strip() for s in (text or "").split(",") if s.strip()]
-    if not items:
+    items = [s.strip() for s in (text or "").split(",")]
+    if items == [""]:
         raise ValueError(f"--methods is empty: choose from {','.join(METHODS)}")
+    if "" in items:
+        raise ValueError(f"--methods '{text}' has an empty item; choose from {','.join(METHODS)}")
     if bad := [m for m in items if m not in METHODS]:
         raise ValueError(f"unknown method(s) {', '.join(bad)} in --methods; choose from {','.join(METHODS)}")
     if len(set(items)) != len(items):
@@ -286,7 +318,8 @@ def validate(s: SweepSettings):
                 try:
                     pl.validate(tcfg.n_layers, tcfg.head_dim)
                 except ValueError as e:
-                    hint = " for mspeckv_kv_quant (or pass --clamp-resident)" if "--resident-layers" in str(e) else ""
+                    resident = v.name("resident_layers") in str(e)
+                    hint = " for mspeckv_kv_quant (or pass --clamp-resident)" if resident else ""
                     raise ValueError(f"{e}{hint}") from None
 
     _per_x(s, (lengths, budget, placements))
@@ -345,15 +378,43 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(summary_line(summary))
 
 
+def refuse_ignored(a, s: SweepSettings) -> None:
+    """Flags that no chosen method reads are errors (they would be recorded in every run's config, yet change
+    nothing)."""
+    from ..cli_checks import changed, refuse
+
+    if a.greedy:
+        refuse(changed(a, "temperature", "top_p"), "--greedy decodes greedily, so sampling settings do nothing")
+    if "mspeckv_kv_quant" not in s.methods:
+        refuse(changed(a, "kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
+               "only the mspeckv_kv_quant method reads them, and --methods leaves it out")
+    if not any(m in RETRIEVAL_METHODS for m in s.methods):
+        refuse(changed(a, "budget", "chunk", "draft_gamma"), "only the mspeckv methods read them, and --methods "
+               "leaves them out")
+    if not any(m in SPEC_METHODS for m in s.methods):
+        refuse(changed(a, "draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
+
+
 def cmd_sweep(a) -> int:
+    from ..cli_checks import out_dir
+
     s = settings_from_args(a)
+    refuse_ignored(a, s)
     validate(s)
+    out_dir("--output-dir", s.output_dir)
     check_output_dir(s)
     out = Path(s.output_dir)
     store = RunStore(out)
     specs = plan(s, s.weights)
     todo = [sp for sp in specs if not store.done(sp)]
-    fixed = {"sweep": s.sweep, "experiment": s.experiment, "weights": s.weights, "fixed": s.fixed()}
+    planned = [[sp.method, sp.x, sp.seed] for sp in specs]  # report counts these (and earlier invocations')
+    try:
+        old_planned = json.loads((out / "sweep.json").read_text(encoding="utf-8")).get("planned") or []
+    except (OSError, ValueError, AttributeError):
+        old_planned = []
+    planned += [k for k in old_planned if k not in planned]
+    fixed = {"sweep": s.sweep, "experiment": s.experiment, "weights": s.weights, "fixed": s.fixed(),
+             "planned": planned}
     if todo:
         from . import methods
 
@@ -376,8 +437,13 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_report(a) -> int:
+    from ..cli_checks import out_dir
     from .report import render
 
+    if not Path(a.dir).is_dir():
+        raise ValueError(f"{a.dir} is not a folder, so there is no run directory to report (give the --output-dir "
+                         f"of a sweep)")
+    out_dir("DIR", a.dir)  # the summary files are written there
     _print_summary(render(a.dir))
     return 0
 

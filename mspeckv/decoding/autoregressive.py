@@ -71,6 +71,7 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     decodes through a static-shape cache replaying one CUDA graph per step (``graphs``, default on CUDA).
     """
     device = model.device
+    model.check_prompt(input_ids)
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     model.check_context(T + gen.max_new_tokens)

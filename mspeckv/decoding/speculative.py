@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from .. import validate as v
 from ..config import GenerationConfig, SamplingConfig
 from ..kv.base import NewRows
 from ..kv.dense import DenseKV
@@ -53,19 +54,25 @@ class SpecConfig:
     graphs: bool | None = None  # static-shape caches + CUDA graphs for the draft and retrieval levels (None: on CUDA)
 
     def __post_init__(self):
-        if self.mode not in ("vanilla", "mspeckv"):
-            raise ValueError(f"speculative mode must be vanilla or mspeckv, got '{self.mode}'")
-        if self.gamma < 1 or self.draft_gamma < 1:
-            raise ValueError(f"--gamma and --draft-gamma must be >= 1, got {self.gamma} and {self.draft_gamma}")
-        if self.mode == "mspeckv":
+        v.choice("mode", self.mode, ("vanilla", "mspeckv"))
+        v.integer("gamma", self.gamma, lo=1)
+        v.integer("draft_gamma", self.draft_gamma, lo=1)
+        v.integer("budget", self.budget, lo=1)
+        v.integer("chunk", self.chunk, lo=1)
+        v.integer("draft_sinks", self.draft_sinks, lo=0)
+        v.integer("draft_window", self.draft_window, lo=1, optional=True)
+        v.integer("refresh_every", self.refresh_every, lo=1, optional=True)
+        v.choice("drafter", self.drafter, ("model", "ngram"))
+        v.integer("ngram_max", self.ngram_max, lo=1)
+        v.boolean("sync_retrieval", self.sync_retrieval)
+        v.boolean("graphs", self.graphs, optional=True)
+        if self.mode == "mspeckv":  # only the hierarchy has a retrieval level and a streaming draft cache
             check_budget(self.budget, self.chunk)
             _ = self.middle_press  # a bad --l1-press fails here, before any model loads
-        if self.draft_sinks < 0 or self.window < 1:
-            raise ValueError(f"draft window must be >= 1 (sinks {self.draft_sinks}, window {self.window})")
-        if self.refresh_every is not None and self.refresh_every < 1:
-            raise ValueError(f"--refresh-every must be >= 1, got {self.refresh_every}")
-        if self.drafter not in ("model", "ngram"):
-            raise ValueError(f"--drafter must be model or ngram, got '{self.drafter}'")
+            if self.drafter == "model" and self.window < 1:
+                raise v.ConfigError(f"the draft's streaming window is {self.window} tokens: 256 - "
+                                    f"{v.name('draft_sinks')} {self.draft_sinks} - {v.name('gamma')} {self.gamma}; "
+                                    f"lower them or set {v.name('draft_window')} >= 1")
 
     @property
     def middle_press(self):
@@ -301,6 +308,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
 
     ``press`` compresses the target's own (full-level) KV after prefill: the output then equals AR over the same
     pressed cache, not AR over the full KV. ``spec.l1_press`` is the middle level's press, which stays lossless."""
+    target.check_prompt(prompt)
     if prompt.shape[0] != 1:
         raise ValueError("speculative decoding runs batch 1; use --mode ar for batched prompts")
     device = target.device

@@ -50,6 +50,7 @@ class KVCache:
     """Base class of every KV backend. Subclasses implement length/capacity/begin/update/end/rollback/read."""
 
     n_layers: int
+    batch: int | None = None  # rows the cache was built for (None: any)
     attn_mask: Tensor | None = None  # static-shape caches: (T, S) bool, True where a query row may attend
 
     def __init__(self) -> None:
@@ -126,6 +127,14 @@ def check_begin(length: int, n_new: int, capacity: int, pending: int | None) -> 
             f"KV cache holds {capacity} tokens but {length} + {n_new} were asked for; "
             f"allocate a larger cache (max_len) or shorten the prompt/generation"
         )
+
+
+def check_shape(batch, max_len) -> None:
+    """A cache's batch and length must be positive ints (a batch of 0 would broadcast into wrong output)."""
+    from .. import validate as v
+
+    v.integer("batch", batch, lo=1)
+    v.integer("max_len", max_len, lo=1)
 
 
 def check_rollback(n: int, length: int) -> None:

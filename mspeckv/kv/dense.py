@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import KVCache, check_begin, check_rollback
+from .base import KVCache, check_begin, check_rollback, check_shape
 
 
 class DenseKV(KVCache):
@@ -14,7 +14,8 @@ class DenseKV(KVCache):
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        self.n_layers, self.max_len = n_layers, max_len
+        check_shape(batch, max_len)
+        self.n_layers, self.max_len, self.batch = n_layers, max_len, batch
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import KVCache, check_begin, check_rollback
+from .base import KVCache, check_begin, check_rollback, check_shape
 from .dense import DenseKV
 from .placement import Placement
 from .quant import QTensor, QuantSpec, dequantize_keys_into, dequantize_values_into, quantize_keys, quantize_values
@@ -101,7 +101,9 @@ class PlacedKV(KVCache):
         super().__init__()
         p = self.p = placement
         p.validate(n_layers, head_dim)
+        check_shape(batch, max_len)
         self.n_layers, self.B, self.H, self.D = n_layers, batch, n_kv_heads, head_dim
+        self.batch = batch
         self.dtype, self.device = dtype, torch.device(device)
         self.n_on = p.n_on_chip(n_layers)
         self.off = list(range(self.n_on, n_layers))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from .. import validate as v
 from .quant import BITS, QuantSpec
 
 FORMATS = ("none", *BITS)
@@ -25,22 +26,16 @@ class Placement:
     rollback_slack: int = 64  # newest tokens kept full-precision on the GPU, so rollbacks never touch the store
 
     def __post_init__(self):
-        if self.on_chip is not None and self.on_chip < 0:
-            raise ValueError(f"--on-chip must be >= 0, got {self.on_chip}")
-        if self.kv_quant not in FORMATS:
-            raise ValueError(f"--kv-quant must be one of {', '.join(FORMATS)}, got '{self.kv_quant}'")
-        if self.resident_layers < 0:
-            raise ValueError(f"--resident-layers must be >= 0, got {self.resident_layers}")
-        if self.resident_format not in ("dequant", "quant"):
-            raise ValueError(f"--resident-format must be dequant or quant, got '{self.resident_format}'")
+        v.integer("on_chip", self.on_chip, lo=0, optional=True)  # None: every layer on the GPU
+        v.choice("kv_quant", self.kv_quant, FORMATS)
+        v.integer("kv_group_size", self.kv_group_size, lo=1)
+        v.integer("resident_layers", self.resident_layers, lo=0)
+        v.choice("resident_format", self.resident_format, ("dequant", "quant"))
+        v.choice("resident_policy", self.resident_policy, ("lru", "static"))
+        v.integer("rollback_slack", self.rollback_slack, lo=0)
         if self.resident_format == "quant" and self.kv_quant == "none" and self.resident_layers:
-            raise ValueError("--resident-format quant needs a quantized --kv-quant (int8/int4/int2)")
-        if self.resident_policy not in ("lru", "static"):
-            raise ValueError(f"--resident-policy must be lru or static, got '{self.resident_policy}'")
-        if self.kv_group_size < 1:
-            raise ValueError(f"--kv-group-size must be >= 1, got {self.kv_group_size}")
-        if self.rollback_slack < 0:
-            raise ValueError(f"rollback_slack must be >= 0, got {self.rollback_slack}")
+            raise ValueError(f"{v.name('resident_format')} quant needs a quantized {v.name('kv_quant')} "
+                             f"(int8/int4/int2)")
         if self.quant is not None:  # format-specific checks (packing) with the quantizer's own message
             _ = self.quant
 
@@ -53,13 +48,14 @@ class Placement:
 
     def validate(self, n_layers: int, head_dim: int) -> None:
         """Checks that need the model: raise one clear error each."""
+        on, res = v.name("on_chip"), v.name("resident_layers")
         if self.on_chip is not None and self.on_chip > n_layers:
-            raise ValueError(f"--on-chip {self.on_chip} is greater than the model's {n_layers} layers")
+            raise ValueError(f"{on} {self.on_chip} is greater than the model's {n_layers} layers")
         n_off = n_layers - self.n_on_chip(n_layers)
         if self.resident_layers > n_off:
             raise ValueError(
-                f"--resident-layers {self.resident_layers} is greater than the {n_off} offloaded layers "
-                f"({n_layers} layers, --on-chip {self.n_on_chip(n_layers)}); use at most {n_off}"
+                f"{res} {self.resident_layers} is greater than the {n_off} offloaded layers "
+                f"({n_layers} layers, {on} {self.n_on_chip(n_layers)}); use at most {n_off}"
             )
         if self.quant is not None and n_off:
             self.quant.check_head_dim(head_dim)
@@ -89,6 +85,8 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int, pre
 
     c = model.cfg
     placement = placement or Placement()
+    if not isinstance(placement, Placement):
+        raise v.ConfigError(f"placement must be a Placement or None, got {placement!r}")
     if placement.n_on_chip(c.n_layers) == c.n_layers:
         placement.validate(c.n_layers, c.head_dim)  # e.g. resident layers with nothing offloaded: an error
         inner = DenseKV.for_model(model, batch, max_len)
@@ -126,17 +124,16 @@ def plan_placement(model_cfg, context: int, gpu_kv_budget: int, batch: int = 1, 
     in the ``quant`` resident format, which fits more layers per byte than bf16 copies).
     """
     c = model_cfg
-    for name, v in (("--context", context), ("--batch", batch), ("--kv-group-size", group_size)):
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-    if gpu_kv_budget <= 0:
-        raise ValueError(f"--gpu-kv-budget must be positive, got {gpu_kv_budget} bytes")
+    v.integer("context", context, lo=1)
+    v.integer("batch", batch, lo=1)
+    v.integer("kv_group_size", group_size, lo=1)
+    v.number("gpu_kv_budget", gpu_kv_budget, lo=0, lo_open=True)
     elems = batch * c.n_kv_heads * c.head_dim * context * 2  # K and V elements of one layer
     layer_bf16 = elems * dtype_bytes
     if layer_bf16 * c.n_layers <= gpu_kv_budget:
         return Plan(Placement(), layer_bf16 * c.n_layers, 0, 0, "the whole KV fits on the GPU")
     staging = 2 * layer_bf16  # double-buffered staging (bf16; codes staging is smaller and counted inside)
-    on_chip = max(0, min(c.n_layers - 1, (gpu_kv_budget - staging) // layer_bf16))
+    on_chip = int(max(0, min(c.n_layers - 1, (gpu_kv_budget - staging) // layer_bf16)))
     if on_chip == 0 and gpu_kv_budget < staging:
         raise ValueError(
             f"--gpu-kv-budget {gpu_kv_budget / 2**30:.2f} GiB cannot hold even the staging buffers for one "

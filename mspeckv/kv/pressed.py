@@ -48,7 +48,7 @@ class PressedKV(KVCache):
         if compress_every is not None and (compress_every < 1 or compress_every > tail):
             raise ValueError(f"compress_every must be in [1, tail={tail}], got {compress_every}")
         self.press, self.inner = press, inner
-        self.n_layers, self.B, self.H, self.D = n_layers, batch, n_kv_heads, head_dim
+        self.n_layers, self.B, self.H, self.D, self.batch = n_layers, batch, n_kv_heads, head_dim, batch
         self.dtype, self.device = dtype, torch.device(device)
         if static and (offload or fixed_cap < 1):
             raise ValueError("a static (CUDA-graph) pressed cache needs fixed_cap >= 1 and no offloaded layers")

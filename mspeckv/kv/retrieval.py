@@ -29,12 +29,15 @@ class BudgetCoversPrompt(ValueError):
 
 
 def check_budget(budget: int, chunk: int) -> None:
+    from .. import validate as v
+
+    b, c = v.name("budget"), v.name("chunk")
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise ValueError(f"{c} must be >= 1, got {chunk}")
     if budget % chunk:
-        raise ValueError(f"budget {budget} is not a multiple of chunk {chunk}")
+        raise ValueError(f"{b} {budget} is not a multiple of {c} {chunk}")
     if budget < 2 * chunk:
-        raise ValueError(f"budget {budget} must hold at least 2 chunks of {chunk} (the sink chunk + one retrieved)")
+        raise ValueError(f"{b} {budget} must hold at least 2 chunks of {chunk} (the sink chunk + one retrieved)")
 
 
 def chunk_scores(k: Tensor, q: Tensor, chunk: int) -> Tensor:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CacheFullError, KVCache, check_rollback
+from .base import CacheFullError, KVCache, check_rollback, check_shape
 
 
 class StaticKV(KVCache):
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, groups: int,
                  dtype: torch.dtype, device):
         super().__init__()
-        self.n_layers, self.cap, self.groups = n_layers, capacity, groups
+        check_shape(batch, capacity)
+        self.n_layers, self.cap, self.groups, self.batch = n_layers, capacity, groups, batch
         shape = (batch, n_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]

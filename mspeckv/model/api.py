@@ -21,6 +21,8 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def parse_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return default_device()
+    if not isinstance(name, str):
+        raise ValueError(f"device must be cpu, cuda or a torch.device, got {name!r}")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -32,17 +34,38 @@ def parse_device(name: str | None) -> torch.device:
     return dev
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """None | a torch floating dtype | one of DTYPES' names -> torch.dtype (None stays None: the device default)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
+
+
 def load_model(ref: str | Path, device=None, dtype=None, progress: bool = True) -> tuple[CausalLM, Path]:
     from transformers import AutoConfig
 
     from .loading import resolve
 
     device = parse_device(device) if not isinstance(device, torch.device) else device
-    dtype = dtype or default_dtype(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
     d = resolve(str(ref), progress=progress)
     hf = AutoConfig.from_pretrained(d)
-    model = CausalLM.from_hf_config(hf, device=device, dtype=dtype).load_safetensors(d).eval()
-    return model, d
+    model = CausalLM.from_hf_config(hf, device=device, dtype=dtype)
+    try:
+        model.load_safetensors(d)
+    except Exception as e:  # a cut or corrupt file: name it and say how to rebuild it
+        if type(e).__name__ != "SafetensorError":
+            raise
+        from .loading import DamagedCacheError, rebuild_hint
+
+        raise DamagedCacheError(f"cannot read the weights in {d} ({e}); {rebuild_hint(d)}") from None
+    return model.eval(), d
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -87,7 +110,7 @@ def random_model(shape: str, device=None, dtype=None, seed: int = 0) -> CausalLM
     device = parse_device(device) if not isinstance(device, torch.device) else device
     kw = dict(RANDOM_SHAPES[shape])
     hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
-    m = CausalLM.from_hf_config(hf, device=device, dtype=dtype or default_dtype(device))
+    m = CausalLM.from_hf_config(hf, device=device, dtype=parse_dtype(dtype) or default_dtype(device))
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     with torch.no_grad():

@@ -228,6 +228,9 @@ class CausalLM(nn.Module):
         checks).
         """
         B, T = input_ids.shape
+        if cache.batch is not None and cache.batch != B:
+            raise ValueError(f"the KV cache was built for batch {cache.batch} but input_ids has {B} row(s); build "
+                             f"the cache with batch={B}")
         pos0 = cache.next_position() if pos0 is None else pos0
         w = self.cfg.sliding_window
         if w is not None and pos0 + T > w:
@@ -255,6 +258,7 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor, cache: KVCache, chunk: int = 1024, progress=None) -> Tensor:
         """Feed a prompt in chunks of ``chunk`` tokens (bounded attention memory). Returns (B, V) last logits."""
+        self.check_prompt(input_ids)
         T = input_ids.shape[1]
         logits = None
         for s in range(0, T, chunk):
@@ -262,6 +266,24 @@ class CausalLM(nn.Module):
             if progress is not None:
                 progress(min(s + chunk, T), T)
         return logits[:, -1]
+
+    def check_prompt(self, input_ids: Tensor) -> None:
+        """A prompt is a (batch >= 1, tokens >= 1) integer tensor of ids inside the vocabulary (one host sync)."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a 2-D (batch, tokens) tensor of token ids, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        B, T = input_ids.shape
+        if B < 1:
+            raise ValueError("input_ids has no rows (batch 0); give at least one prompt")
+        if T < 1:
+            raise ValueError("the prompt is empty (0 tokens); give at least one token")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi, V = int(lo), int(hi), self.cfg.vocab_size
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside this model's vocabulary of {V} "
+                             f"(valid ids 0..{V - 1}); the prompt was encoded with another tokenizer?")
 
     def check_context(self, n_tokens: int) -> None:
         if n_tokens > self.cfg.max_position:

@@ -33,6 +33,10 @@ class ModelError(ValueError):
     """A model could not be found, verified or converted; the message says what to change."""
 
 
+class DamagedCacheError(ModelError):
+    """A converted model in the cache differs from what was written at conversion (a file missing, cut or changed)."""
+
+
 @dataclass(frozen=True)
 class RegistryEntry:
     """An embedded model: the pinned pip packages holding its GGUF and the sha256 of the assembled file."""
@@ -113,9 +117,54 @@ def _is_converted(out: Path, sha256: str) -> bool:
 
 
 def _write_marker(out: Path, sha256: str, source: str) -> None:
+    """Record the source and each converted file's size and sha256 (what ``check_cache`` compares against)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MARKER, MARKER + ".tmp")}
     tmp = out / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"sha256": sha256, "format": FORMAT_VERSION, "source": source}, indent=1) + "\n")
+    marker = {"sha256": sha256, "format": FORMAT_VERSION, "source": source, "files": files}
+    tmp.write_text(json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, out / MARKER)
+
+
+def check_cache(out: Path, full: bool = False, progress: bool = False) -> str | None:
+    """What is wrong with converted directory ``out`` against the sizes (``full``: and sha256) recorded at
+    conversion, naming the file; None when it matches, or when nothing was recorded (converted before records)."""
+    for fname, rec in ((_read_marker(out) or {}).get("files") or {}).items():
+        p = out / fname
+        if not p.is_file():
+            return f"{fname} is missing"
+        if (size := p.stat().st_size) != rec.get("size"):
+            return f"{fname} is {size} bytes, but {rec.get('size')} were written at conversion"
+        if full and sha256_file(p, progress) != rec.get("sha256"):
+            return f"{fname} does not match the sha256 recorded at conversion"
+    return None
+
+
+def rebuild_hint(d: Path) -> str:
+    """The command that rebuilds converted directory ``d`` (or what to do when it is not in the cache)."""
+    d = Path(d)
+    if d.parent == cache_root() / "models" and d.name in REGISTRY:
+        return f"rebuild it with: mspeckv models prepare {d.name} --force"
+    if d.parent == cache_root() / "models" and d.name.startswith("gguf-"):
+        return f"remove {d}; the next load converts the GGUF file again"
+    return "replace its files with a good copy"
+
+
+def _damaged(out: Path, problem: str) -> DamagedCacheError:
+    return DamagedCacheError(f"the converted model in {out} is damaged: {problem}; {rebuild_hint(out)}")
+
+
+def cache_state(name: str, full: bool = False, progress: bool = False) -> str:
+    """'not prepared', 'prepared', 'prepared (no checksums recorded)' or 'damaged: <what>' for an embedded model
+    (``full``: also compare sha256, else sizes only)."""
+    entry = _entry(name)
+    out = model_dir(name)
+    if not _is_converted(out, entry.sha256):
+        return "not prepared"
+    if not (_read_marker(out) or {}).get("files"):
+        return "prepared (no checksums recorded)"
+    problem = check_cache(out, full, progress)
+    return f"damaged: {problem}" if problem else "prepared"
 
 
 def is_prepared(name: str) -> bool:
@@ -401,17 +450,27 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
 # ---------------------------------------------------------------- public entry points
 
 
-def prepare(name: str, gguf: str | Path | None = None, progress: bool = True) -> Path:
+def prepare(name: str, gguf: str | Path | None = None, progress: bool = True, force: bool = False) -> Path:
     """Make embedded model ``name`` ready and return its HF-style directory (fast when already prepared).
 
     With ``gguf``, an already assembled GGUF file is verified against the registry and used instead of packages.
+    A prepared model whose files differ in size from the conversion's record raises ``DamagedCacheError``;
+    ``force`` converts again whatever is there.
     """
     entry = _entry(name)
     out = model_dir(name)
-    if _is_converted(out, entry.sha256):
+
+    def ready() -> bool:
+        if force or not _is_converted(out, entry.sha256):
+            return False
+        if problem := check_cache(out):
+            raise _damaged(out, problem)
+        return True
+
+    if ready():
         return out
     with _lock(cache_root() / "locks" / f"{name}.lock"):
-        if _is_converted(out, entry.sha256):  # another process finished while we waited
+        if ready():  # another process finished while we waited
             return out
         if gguf is not None:
             src = Path(gguf).expanduser()
@@ -478,7 +537,7 @@ def resolve(name_or_path: str, progress: bool = True) -> Path:
         sha = sha256_file(p, progress)
         out = cache_root() / "models" / f"gguf-{sha[:16]}"
         with _lock(cache_root() / "locks" / f"gguf-{sha[:16]}.lock"):
-            if not _is_converted(out, sha):
+            if not _is_converted(out, sha) or check_cache(out):  # a damaged copy is converted again
                 convert_gguf(p, out, progress)
                 _write_marker(out, sha, str(p.resolve()))
         return out
