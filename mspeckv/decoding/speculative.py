@@ -442,6 +442,9 @@ def _prefill_streaming(r: Runner, seq: Seq, T: int, sinks: int, window: int, roo
     head = min(sinks, T)
     while r.n < head:
         r.feed(seq, min(head, r.n + room), 1, **kw)
-    r.n = max(head, T - window)
+    skip = max(head, T - window) - r.n
+    if skip and hasattr(r.cache, "skip"):
+        r.cache.skip(skip)  # StreamingCache: keep n_seen / positions() true across the dropped middle
+    r.n += skip
     while r.n < T:
         r.feed(seq, min(T, r.n + room), 1, **kw)

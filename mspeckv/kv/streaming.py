@@ -102,6 +102,17 @@ class StreamingCache(DenseKV):
         self._since_evict += self._pending
         self._pending = None
 
+    def skip(self, n: int) -> None:
+        """Advance the absolute position by ``n`` tokens that are never fed (a StreamingLLM prefill feeds the sinks
+        and the last ``window`` prompt tokens only): they count as seen and evicted, so ``n_seen`` and
+        ``positions()`` stay true. Only between forwards, and only right after the sinks (no window rows yet)."""
+        if self._pending is not None:
+            raise RuntimeError("skip() inside a forward (between begin and end)")
+        if n < 0 or self._len > self.sinks:
+            raise ValueError(f"skip({n}) needs n >= 0 and nothing past the sinks yet (length {self._len})")
+        self.n_seen += n
+        self.n_evicted += n
+
     def rollback(self, n: int) -> None:
         check_rollback(n, self._len)
         if n > self._since_evict:
