@@ -144,3 +144,17 @@ def test_sampled_frequencies_match_the_reference():
     obs = np.bincount(draws.numpy(), minlength=len(L))
     assert obs[~support].sum() == 0
     assert chisquare(obs[support], ref[support] * N).pvalue > 1e-3
+
+
+def test_batched_3d_logits_match_the_reference_row_by_row():
+    """The verifier calls logits_to_probs on (1, n+1, V) logits: every reduction must run over the last axis."""
+    g = torch.Generator().manual_seed(3)
+    L = torch.randn(2, 3, 9, generator=g) * 2
+    for kw in (dict(temperature=0.7, top_k=4, top_p=0.8), dict(temperature=1.3, top_p=0.7), dict()):
+        got = logits_to_probs(L, SamplingConfig(**kw))
+        for b in range(2):
+            for t in range(3):
+                row = L[b, t].tolist()
+                exp = ref_probs(row, kw.get("temperature", 1.0), kw.get("top_k", 0), kw.get("top_p", 1.0)) if kw \
+                    else [float(i == int(np.argmax(row))) for i in range(9)]
+                assert close(got[b, t].tolist(), exp, 2e-6)
