@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -227,7 +228,7 @@ def cmd_bench(a) -> int:
                                    formats=tuple(a.formats.split(",")), residents=ints(a.residents),
                                    steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf,
                                    out_dir=a.out_dir or "results/placement")
-        cmd = "mspeckv " + " ".join(sys.argv[1:])
+        cmd = "mspeckv " + shlex.join(a.argv)
         res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, cmd))
         write_placement(res, cfg.out_dir, cmd)
         print(render_placement(res))
@@ -245,7 +246,7 @@ def cmd_bench(a) -> int:
                               temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p, seed=a.seed,
                               repeats=a.repeats, device=a.device)
         res = run_spec_bench(cfg)
-        res["meta"], res["command"] = run_metadata(), "mspeckv " + " ".join(sys.argv[1:])
+        res["meta"], res["command"] = run_metadata(), "mspeckv " + shlex.join(a.argv)
         from pathlib import Path
 
         d = Path(a.out_dir or "results/spec")
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # what was run, recorded by the bench commands
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError, MemoryError) as e:  # bad input: one clear line
