@@ -9,8 +9,7 @@ from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.offload import PlacedKV
 from mspeckv.kv.placement import Placement
 from mspeckv.kv.quant import QuantSpec, qt_slice, quantize_keys, quantize_values
-from mspeckv.kv.retrieval import RetrievalCache
-from mspeckv.kv.static import StaticKV, StaticRetrieval, StaticStreaming
+from mspeckv.kv.static import StaticKV, StaticStreaming
 from mspeckv.kv.streaming import StreamingCache
 
 H, D = 2, 4
@@ -135,60 +134,6 @@ def test_static_streaming_compaction_and_floor_edges():
         c.reserve(3)  # more than the room after compaction
 
 
-# -------------------------------------------------------------------------------------------------- retrieval
-
-class Full:
-    def __init__(self, L, layers=2):
-        self.kv = kv(L, layers)
-        self.n_layers = layers
-
-    def length(self):
-        return self.kv[0][0].shape[2]
-
-    def read(self, i):
-        return self.kv[i]
-
-
-def test_retrieval_capacity_and_rollback_edges():
-    full = Full(24)
-    q = [torch.randn(1, H, 1, D)] * 2
-    rc = RetrievalCache.build(full, q, budget=8, chunk=4, extra=3)  # 8 retrieved rows (sink chunk + 1 chunk)
-    assert rc.n_retrieved == 8 and rc.capacity() == 11
-    with pytest.raises(CacheFullError):
-        rc.begin(4)  # one over
-    fwd(rc, 3, 24)  # exactly full
-    assert rc.length() == 11 and held(rc)[-3:] == [24, 25, 26] and rc.n_seen == 27
-    with pytest.raises(ValueError, match="only appended rows"):
-        rc.rollback(4)  # one more than appended
-    rc.rollback(3)  # exactly the appended rows
-    assert rc.length() == 8 and rc.n_seen == 24
-    rc.append_external(kv(3, 2, 24))  # exactly full again
-    with pytest.raises(CacheFullError):
-        rc.append_external(kv(1, 2, 27))
-    rc.append_external(kv(0, 2, 27))  # nothing: fine even when full
-    assert rc.length() == 11
-    with pytest.raises(ValueError, match="budget"):
-        RetrievalCache.build(Full(8), q, budget=8, chunk=4)  # budget == history: covers it
-    assert RetrievalCache.build(Full(9), q, budget=8, chunk=4).n_retrieved == 4 + 1  # one over: sink + tail
-
-
-def test_static_retrieval_rollback_floor_and_capacity():
-    class M:
-        class cfg:
-            n_layers, n_kv_heads, head_dim, n_heads = 2, H, D, H
-        dtype, device = torch.float32, torch.device("cpu")
-
-    full = Full(24)
-    sr = StaticRetrieval.build(M, full, [torch.randn(1, H, 1, D)] * 2, budget=8, chunk=4, extra=2)
-    assert sr.n_retrieved == 8 and sr.capacity() == 10
-    sr.append_external(kv(2, 2, 24))  # exactly full
-    with pytest.raises(CacheFullError):
-        sr.append_external(kv(1, 2, 26))
-    sr.rollback(2)  # exactly the appended rows
-    with pytest.raises(ValueError, match="retrieved rows"):
-        sr.rollback(1)
-
-
 # ------------------------------------------------------------------------------------------- offloaded (PlacedKV)
 
 def placed(fmt="none", g=4, slack=2, max_len=40):
@@ -257,3 +202,75 @@ def test_quant_group_boundaries():
     assert qt_slice(v, 1, 2).shape == (1, H, 1, 8)  # values slice at any token
     with pytest.raises(ValueError):
         quantize_values(torch.randn(1, H, 3, 6), spec)  # head dim not a multiple of the group
+
+
+# ------------------------------------------------------------------ constructor edges, dtypes, misuse (mutation gaps)
+
+def test_streaming_constructor_edges_and_misuse():
+    c = StreamingCache(1, 1, H, D, window=1, sinks=0, room=1)  # the smallest legal cache
+    assert c.capacity() == 0 + 1 + 1 + 0  # default slack = window // 4
+    assert StreamingCache(1, 1, H, D, window=8, sinks=2, room=3).capacity() == 2 + 8 + 3 + 2
+    for kw, msg in ((dict(sinks=-1), "sinks must be >= 0, got -1"), (dict(window=0), "window must be >= 1, got 0"),
+                    (dict(room=0), "room must be >= 1"), (dict(slack=-1), "slack must be >= 0, got -1")):
+        with pytest.raises(ValueError, match=msg):
+            StreamingCache(1, 1, H, D, **{"window": 4, "sinks": 2, "room": 2, **kw})
+    c = StreamingCache(1, 1, H, D, window=4, sinks=2, room=3, slack=1)
+    c.begin(1)
+    with pytest.raises(RuntimeError, match="called twice"):
+        c.begin(1)
+    with pytest.raises(RuntimeError, match="reserve\\(\\) inside a forward"):
+        c.reserve(1)
+    with pytest.raises(RuntimeError, match="skip\\(\\) inside a forward"):
+        c.skip(1)
+    c.abort()
+    c.skip(0)
+    c.skip(3)
+    c.skip(2)  # accumulates
+    assert c.n_seen == 5 and c.n_evicted == 5 and c.length() == 0
+    with pytest.raises(ValueError, match="skip\\(-1\\)"):
+        c.skip(-1)
+
+
+def test_streaming_reserve_exact_fit_with_droppable_rows():
+    c = StreamingCache(1, 1, H, D, window=4, sinks=2, room=3, slack=1)  # capacity 10
+    for t in range(7):
+        fwd(c, 1, t)
+    c.reserve(3)  # 7 + 3 = 10: fits, although one row could be dropped
+    assert c.n_evicted == 0 and c.length() == 7
+
+
+def test_static_streaming_constructor_and_repeated_compaction():
+    StaticStreaming(1, 1, H, D, 0 + 1 + 1, 1, torch.float32, "cpu", sinks=0, window=1, room=1)  # smallest legal
+    for s, w, r in ((-1, 2, 2), (1, 0, 3), (1, 3, 0)):
+        with pytest.raises(ValueError, match="streaming cache needs sinks >= 0, window >= 1, room >= 1"):
+            StaticStreaming(1, 1, H, D, 4, 1, torch.float32, "cpu", sinks=s, window=w, room=r)
+    with pytest.raises(ValueError, match="capacity must equal sinks \\+ window \\+ room"):
+        StaticStreaming(1, 1, H, D, 7, 1, torch.float32, "cpu", sinks=1, window=3, room=2)
+    c = StaticStreaming(1, 1, H, D, 1 + 3 + 2, 1, torch.float32, "cpu", sinks=1, window=3, room=2)
+    for t in range(6):
+        fwd(c, 1, t)
+    c.reserve(2)  # compact: sink 0 + the newest 3 (3, 4, 5), then exactly full again with 2 more
+    assert held(c) == [0, 3, 4, 5] and c.n_evicted == 2
+    fwd(c, 2, 6)
+    assert c.length() == 6 == c.capacity()
+    c.reserve(1)  # second compaction: evictions accumulate
+    assert held(c) == [0, 5, 6, 7] and c.n_evicted == 4
+
+
+def test_for_model_takes_dtype_device_batch_and_groups_from_the_model():
+    from tests.tiny import tiny_model
+
+    m = tiny_model("llama", dtype=torch.float64, num_hidden_layers=1)  # 4 query heads over 2 KV heads
+    d = DenseKV.for_model(m, 3, 8)
+    s = StaticKV.for_model(m, 8)
+    st = StreamingCache.for_model(m, 2, window=4)
+    ss = StaticStreaming.for_model(m, sinks=1, window=2, room=2, batch=2)
+    assert d.k[0].dtype == d.v[0].dtype == s.k[0].dtype == s.v[0].dtype == st.k[0].dtype == ss.v[0].dtype
+    assert d.k[0].dtype == torch.float64
+    assert d.k[0].shape == (3, 2, 8, 16) and s.k[0].shape == (1, 2, 8, 16) and s.groups == 2
+    assert st.k[0].shape[0] == 2 and st.sinks == 16 and st.room == 8 and ss.k[0].shape[0] == 2
+    assert DenseKV.for_model(m, 1, 4, dtype=torch.float32).k[0].dtype == torch.float32
+    assert StreamingCache.for_model(m, 1, window=4, dtype=torch.float16).v[0].dtype == torch.float16
+    assert DenseKV(1, 1, H, D, 4, torch.float16, "cpu").v[0].dtype == torch.float16
+    assert StaticKV(1, 1, H, D, 4, 1, torch.float16, "cpu").v[0].dtype == torch.float16
+    assert DenseKV(1, 1, H, D, 4, torch.float16, "cpu").nbytes() == 2 * 1 * H * 4 * D * 2

@@ -21,9 +21,19 @@ import torch
 from mspeckv.config import GenerationConfig, SamplingConfig
 from mspeckv.decoding import speculative as spec_mod
 from mspeckv.decoding.speculative import DraftLevel, Runner, Seq, SpecConfig, Timers, speculative_generate
+from mspeckv.kv.base import CacheFullError
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.retrieval import RetrievalCache, chunk_scores, select_chunks
+from mspeckv.kv.retrieval import (
+    QueryCapture,
+    RetrievalCache,
+    check_budget,
+    chunk_scores,
+    retrieval_or_none,
+    select_chunks,
+)
+from mspeckv.kv.static import StaticRetrieval
 from mspeckv.kv.streaming import StreamingCache
+from tests.test_cache_boundaries import D, H, fwd, held, kv
 from tests.test_distribution import Count, Recording, TableModel, tables
 from tests.test_sampling_reference import ref_probs
 from tests.tiny import tiny_model
@@ -275,3 +285,144 @@ def test_levels_module_exports_runner_pieces():
     """The pieces this file drives exist where it expects them (fails loudly on a rename, not silently)."""
     for name in ("Runner", "DraftLevel", "VerifyLevel", "Seq", "Timers"):
         assert hasattr(spec_mod, name)
+
+
+# ------------------------------------------------------------------------- retrieval cache edges (boundaries)
+
+class Full:
+    def __init__(self, L, layers=2):
+        self.kv = kv(L, layers)
+        self.n_layers = layers
+
+    def length(self):
+        return self.kv[0][0].shape[2]
+
+    def read(self, i):
+        return self.kv[i]
+
+
+def test_retrieval_capacity_and_rollback_edges():
+    full = Full(24)
+    q = [torch.randn(1, H, 1, D)] * 2
+    rc = RetrievalCache.build(full, q, budget=8, chunk=4, extra=3)  # 8 retrieved rows (sink chunk + 1 chunk)
+    assert rc.n_retrieved == 8 and rc.capacity() == 11
+    with pytest.raises(CacheFullError):
+        rc.begin(4)  # one over
+    fwd(rc, 3, 24)  # exactly full
+    assert rc.length() == 11 and held(rc)[-3:] == [24, 25, 26] and rc.n_seen == 27
+    with pytest.raises(ValueError, match="only appended rows"):
+        rc.rollback(4)  # one more than appended
+    rc.rollback(3)  # exactly the appended rows
+    assert rc.length() == 8 and rc.n_seen == 24
+    rc.append_external(kv(3, 2, 24))  # exactly full again
+    with pytest.raises(CacheFullError):
+        rc.append_external(kv(1, 2, 27))
+    rc.append_external(kv(0, 2, 27))  # nothing: fine even when full
+    assert rc.length() == 11
+    with pytest.raises(ValueError, match="budget"):
+        RetrievalCache.build(Full(8), q, budget=8, chunk=4)  # budget == history: covers it
+    assert RetrievalCache.build(Full(9), q, budget=8, chunk=4).n_retrieved == 4 + 1  # one over: sink + tail
+
+
+def test_static_retrieval_rollback_floor_and_capacity():
+    class M:
+        class cfg:
+            n_layers, n_kv_heads, head_dim, n_heads = 2, H, D, H
+        dtype, device = torch.float32, torch.device("cpu")
+
+    full = Full(24)
+    sr = StaticRetrieval.build(M, full, [torch.randn(1, H, 1, D)] * 2, budget=8, chunk=4, extra=2)
+    assert sr.n_retrieved == 8 and sr.capacity() == 10
+    sr.append_external(kv(2, 2, 24))  # exactly full
+    with pytest.raises(CacheFullError):
+        sr.append_external(kv(1, 2, 26))
+    sr.rollback(2)  # exactly the appended rows
+    with pytest.raises(ValueError, match="retrieved rows"):
+        sr.rollback(1)
+
+
+def test_retrieval_defaults_fresh_state_and_misuse():
+    full = Full(40)
+    q = [torch.randn(1, H, 1, D)] * 2
+    fresh = RetrievalCache(2, 1, H, D, budget=8, extra=1, dtype=torch.float32, device="cpu")  # extra 1: legal
+    assert (fresh.index, fresh.n_retrieved, fresh.n_appended, fresh.source_len) == ([], 0, 0, 0)
+    assert fresh.length() == 0 and fresh.n_seen == 0
+    with pytest.raises(ValueError, match="extra must be >= 1 \\(rows for generated/drafted tokens\\), got 0"):
+        RetrievalCache(2, 1, H, D, budget=8, extra=0, dtype=torch.float32, device="cpu")
+    rc = RetrievalCache.build(full, q, budget=16)  # defaults: chunk 8, extra 64
+    assert rc.n_retrieved == 16 and rc.capacity() == 16 + 64 and rc.index[0][0, 0, :8].tolist() == list(range(8))
+    assert RetrievalCache.from_indices(full, torch.arange(5).expand(1, H, 5)).capacity() == 5 + 64
+    rc.rebuild(Full(44), q)  # default chunk 8
+    assert rc.n_retrieved == 12  # 44 = 5 x 8 + 4: sink chunk + no other chunk fits + the 4-token tail
+    with pytest.raises(ValueError, match="need one query tensor per layer \\(2\\), got 1"):
+        rc.rebuild(full, q[:1])
+    rc.begin(1)
+    with pytest.raises(RuntimeError, match="called twice"):
+        rc.begin(1)
+    with pytest.raises(RuntimeError, match="cannot refill a retrieval cache inside a forward"):
+        rc.rebuild(full, q)
+    with pytest.raises(RuntimeError, match="append_external\\(\\) inside a forward"):
+        rc.append_external(kv(1, 2, 40))
+    rc.abort()
+    rc.rollback(0)  # nothing appended: a no-op, not an error
+    with pytest.raises(ValueError, match="need one \\(k, v\\) per layer \\(2\\), got 1"):
+        rc.append_external(kv(1, 1, 40))
+    r2 = retrieval_or_none(full, q, budget=16)
+    assert r2.capacity() == r2.n_retrieved + 64
+
+
+def test_from_indices_per_layer_lists():
+    full = Full(20)
+    i0 = torch.tensor([0, 1, 2, 3, 10, 11]).expand(1, H, 6)
+    i1 = torch.tensor([0, 1, 2, 3, 16, 17]).expand(1, H, 6)
+    rc = RetrievalCache.from_indices(full, [i0, i1], extra=2)
+    assert held(rc, 0) == [0, 1, 2, 3, 10, 11] and held(rc, 1) == [0, 1, 2, 3, 16, 17]
+    with pytest.raises(ValueError, match="7 retrieved rows exceed the buffer's budget of 6"):
+        rc._fill(full, lambda i, k: torch.arange(7).expand(1, H, 7))
+
+
+def test_static_retrieval_rebuild_keeps_its_budget():
+    class M:
+        class cfg:
+            n_layers, n_kv_heads, head_dim, n_heads = 2, H, D, H
+        dtype, device = torch.float32, torch.device("cpu")
+
+    q = [torch.randn(1, H, 1, D)] * 2
+    sr = StaticRetrieval.build(M, Full(24), q, budget=8, chunk=4, extra=4)
+    sr.append_external(kv(2, 2, 24))
+    sr.rebuild(Full(30), q, chunk=4)
+    assert sr.n_retrieved == 6  # sink chunk + the 2-token tail (no other chunk fits in budget 8)
+    assert sr.length() == sr.n_retrieved and held(sr)[-2:] == [28, 29]
+
+
+def test_check_budget_edges():
+    check_budget(2, 1)  # chunk 1, two chunks: the smallest legal budget
+    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+        check_budget(2, 0)
+
+
+def test_query_capture_rollover_forwarding_and_delegation():
+    dense = DenseKV(2, 1, H, D, 16, torch.float32, "cpu")
+    inner = QueryCapture(dense, n_last=3)
+    cap = QueryCapture(inner)  # n_last defaults to 1
+    assert cap.n_last == 1 and cap.n_layers == 2
+    with pytest.raises(ValueError, match="n_last must be >= 1, got 0"):
+        QueryCapture(dense, n_last=0)
+    QueryCapture(dense, n_last=1)
+    q = torch.arange(4 * 2 * D, dtype=torch.float32).view(1, 4, 2, D)  # first forward: 2 rows < n_last 3
+    cap.observe_query(0, q)
+    assert inner.queries[0].shape == (1, 4, 2, D) and torch.equal(cap.queries[0], q[:, :, -1:])  # passed on
+    cap.observe_query(0, q[:, :, :1] + 100)
+    assert torch.equal(inner.queries[0], torch.cat([q, q[:, :, :1] + 100], 2))  # rolled over to 3 rows
+    assert cap.nbytes() == dense.nbytes() and cap.capacity() == 16  # anything else: from the wrapped cache
+    with pytest.raises(AttributeError):
+        _ = cap.no_such_attribute
+
+
+def test_select_chunks_batch_rows_are_independent():
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 2, 37, 8, generator=g) * 2
+    q = torch.randn(2, 4, 1, 8, generator=g) * 2
+    got = select_chunks(k, q, 20, 4)
+    for b in range(2):
+        assert got[b].tolist() == ref_select(k[b].numpy(), q[b].numpy(), 20, 4).tolist()
