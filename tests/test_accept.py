@@ -205,9 +205,10 @@ def test_residual_fallback_is_per_row():
     """Row 0 has p == q at the rejected position (residual all zero: falls back to p); row 1 does not, and must
     still draw from its own residual."""
     p0 = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
-    p1 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    p1 = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])  # row 1's residual sits on row 0's token: no cross-talk
     q = torch.stack([p0, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])])[:, None]  # (2, 1, V)
+    tgt_tokens = torch.tensor([[0], [1]])  # both drafts have p(x) = 0: rejected
     tgt = torch.stack([torch.stack([p0, p0]), torch.stack([p1, p1])])  # (2, 2, V)
     for _ in range(20):
-        n, nxt = speculative_accept(q, tgt, torch.tensor([[0], [1]]))  # both drafts have p(x) = 0: rejected
-        assert n.tolist() == [0, 0] and nxt.tolist() == [2, 4]
+        n, nxt = speculative_accept(q, tgt, tgt_tokens)
+        assert n.tolist() == [0, 0] and nxt.tolist() == [2, 2]

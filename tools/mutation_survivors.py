@@ -31,7 +31,29 @@ RULES: list[tuple[str, str, str]] = [  # (regex on the '+' line, category, reaso
 ]
 
 # Individual mutants, read one by one. Key: the mutant name without the module prefix.
-REASONS: dict[str, tuple[str, str]] = {}
+E, G = "equivalent", "gap"
+REASONS: dict[str, tuple[str, str]] = {
+    # sampling.py / accept.py
+    "x_logits_to_probs__mutmut_22": (E, "top_k == V keeps every token either way"),
+    "x_logits_to_probs__mutmut_31": (E, "topk's default dim is the last one"),
+    "x_logits_to_probs__mutmut_52": (E, "sort's default dim is the last one"),
+    "x_sample__mutmut_4": (E, "exponential_'s default rate is 1.0"),
+    "x_sample__mutmut_7": (E, "argmax(p / E) is unchanged when every E is scaled by the same 1/rate"),
+    "x_next_token__mutmut_2": (E, "next_token takes (B, V) logits: dim +1 is the last dim"),
+    "x_speculative_accept__mutmut_57": (E, "(B, gamma) tensor: dim +1 is the last dim"),
+    "x_speculative_accept__mutmut_59": (E, "(B, gamma) tensor: dim +1 is the last dim"),
+    "x_speculative_accept__mutmut_93": (E, "the padding row past gamma is never gathered (n <= gamma)"),
+    "x_speculative_accept__mutmut_112": (E, "(B, V) tensor: dim +1 is the last dim"),
+    "x_speculative_accept__mutmut_113": ("gap", "closed after the run: test_accept::test_residual_fallback_is_per_row "
+                                         "now puts both rows' mass on one token (re-run: killed)"),
+    "x_speculative_accept__mutmut_115": (E, "differs only when the residual mass is exactly 1e-6"),
+    "x_greedy_accept__mutmut_16": (E, "(B, gamma) tensor: dim +1 is the last dim"),
+    "x_greedy_accept__mutmut_18": (E, "(B, gamma) tensor: dim +1 is the last dim"),
+    # bench/stats.py
+    "x__seed_key__mutmut_5": (E, "the third key field only breaks ties between equal numeric seeds (one dict key)"),
+    "x__seed_key__mutmut_6": (E, "named seeds still sort after numeric ones (2 > 0 as 1 > 0)"),
+    "x__seed_key__mutmut_7": (E, "the second field is constant among named seeds either way"),
+}
 
 
 def _plus_line(diff: str) -> str:
