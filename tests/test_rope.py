@@ -62,12 +62,12 @@ CASES: dict[str, tuple[dict[str, Any], int]] = {
     ),
     "yarn_flat_ramp": (
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": MAX_POS, "beta_fast": 4,
-         "beta_slow": 4},
+         "beta_slow": 4, "truncate": False},
         4 * MAX_POS,
     ),
     "yarn_wide_ramp": (
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": MAX_POS, "beta_fast": 64,
-         "beta_slow": 0.01},
+         "beta_slow": 1e-8},
         4 * MAX_POS,
     ),
     "yarn_mscale_only": (
@@ -376,3 +376,18 @@ def test_yarn_factor_one_has_no_attention_scaling() -> None:
     assert rope.attention_scaling == 1.0
     rope = Rope(RopeConfig(head_dim=32, theta=1e4, rope_type="yarn", factor=2.0, max_position_embeddings=64))
     assert rope.attention_scaling == pytest.approx(0.1 * math.log(2.0) + 1.0)
+    rope = Rope(RopeConfig(head_dim=32, theta=1e4, rope_type="yarn", factor=0.5, max_position_embeddings=64))
+    assert rope.attention_scaling == 1.0  # no scaling below factor 1
+    rope = Rope(RopeConfig(head_dim=32, theta=1e4, rope_type="yarn", factor=2.0, attention_factor=2.0))
+    cos, sin = rope.cos_sin(torch.arange(3), 3, torch.float32)
+    assert torch.equal(cos[0], torch.full((32,), 2.0))  # position 0: cos = 1, times the attention factor
+
+
+@pytest.mark.parametrize("prf", [1.0, 0.5])
+def test_apply_rope_keeps_the_input_dtype(prf: float) -> None:
+    rope = Rope(RopeConfig(head_dim=16, theta=1e4, partial_rotary_factor=prf))
+    cos, sin = rope.cos_sin(torch.arange(4), 4, torch.float32)
+    x = torch.randn(1, 2, 4, 16).to(torch.bfloat16)
+    y = apply_rope(x, cos, sin)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), apply_rope(x.float(), cos, sin), atol=2e-2, rtol=0)
