@@ -274,3 +274,21 @@ def test_for_model_takes_dtype_device_batch_and_groups_from_the_model():
     assert DenseKV(1, 1, H, D, 4, torch.float16, "cpu").v[0].dtype == torch.float16
     assert StaticKV(1, 1, H, D, 4, 1, torch.float16, "cpu").v[0].dtype == torch.float16
     assert DenseKV(1, 1, H, D, 4, torch.float16, "cpu").nbytes() == 2 * 1 * H * 4 * D * 2
+
+
+def test_streaming_defaults_and_for_model_arguments():
+    from tests.tiny import tiny_model
+
+    c = StreamingCache(1, 1, H, D, window=8)
+    assert (c.sinks, c.room, c.slack) == (16, 8, 2)
+    m = tiny_model("llama", num_hidden_layers=1)
+    f = StreamingCache.for_model(m, 1, window=8, sinks=2, room=3, slack=0)
+    assert (f.sinks, f.room, f.slack, f.capacity()) == (2, 3, 0, 13)
+
+
+def test_static_streaming_compaction_when_capacity_is_not_twice_the_window():
+    c = StaticStreaming(1, 1, H, D, 1 + 2 + 2, 1, torch.float32, "cpu", sinks=1, window=2, room=2)
+    for t in range(5):
+        fwd(c, 1, t)
+    c.reserve(1)
+    assert held(c) == [0, 3, 4] and c.n_evicted == 2

@@ -24,6 +24,7 @@ from mspeckv.decoding.speculative import DraftLevel, Runner, Seq, SpecConfig, Ti
 from mspeckv.kv.base import CacheFullError
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.retrieval import (
+    BudgetCoversPrompt,
     QueryCapture,
     RetrievalCache,
     check_budget,
@@ -397,6 +398,8 @@ def test_static_retrieval_rebuild_keeps_its_budget():
 
 def test_check_budget_edges():
     check_budget(2, 1)  # chunk 1, two chunks: the smallest legal budget
+    with pytest.raises(BudgetCoversPrompt):
+        select_chunks(torch.randn(1, H, 16, D), torch.randn(1, H, 1, D), 16, 4)  # budget == history
     with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
         check_budget(2, 0)
 

@@ -39,8 +39,13 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "kv_small": (["mspeckv/kv/base.py", "mspeckv/kv/dense.py", "mspeckv/kv/streaming.py",
                   "mspeckv/kv/retrieval.py", "mspeckv/kv/static.py"],
                  ["tests/test_cache_boundaries.py", "tests/test_streaming_retrieval.py", "tests/test_cache_sampling.py",
-                  "tests/test_levels.py::test_gqa_max_and_mean_pick_different_chunks",
-                  "tests/test_levels.py::test_select_chunks_matches_reference"]),
+                  *[f"tests/test_levels.py::{t}" for t in (
+                      "test_gqa_max_and_mean_pick_different_chunks", "test_select_chunks_matches_reference",
+                      "test_retrieval_capacity_and_rollback_edges", "test_static_retrieval_rollback_floor_and_capacity",
+                      "test_retrieval_defaults_fresh_state_and_misuse", "test_from_indices_per_layer_lists",
+                      "test_static_retrieval_rebuild_keeps_its_budget", "test_check_budget_edges",
+                      "test_query_capture_rollover_forwarding_and_delegation",
+                      "test_select_chunks_batch_rows_are_independent")]]),
     "kv_quant_offload": (["mspeckv/kv/quant.py", "mspeckv/kv/offload.py", "mspeckv/kv/placement.py"],
                          ["tests/test_quant.py", "tests/test_placement.py", "tests/test_cache_boundaries.py"]),
     "rope": (["mspeckv/model/rope.py"], ["tests/test_rope.py"]),
@@ -75,6 +80,8 @@ def run_group(name: str, scratch: Path, children: int, timeout: int, patterns: l
             shutil.rmtree(dst)
             shutil.copytree(ROOT / "tests", dst, ignore=IGNORE)
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        for cfg in (work / "setup.cfg", work / "mutants" / "setup.cfg"):  # the group's tests may have grown
+            cfg.write_text(_setup_cfg(files, tests))
     else:
         if work.exists():
             shutil.rmtree(work)
