@@ -194,6 +194,7 @@ def _runner_levels():
         L = seq.len
         k = min(3, M - made - 1)
         n, q = mid.propose(seq, k) if k > 0 else (0, None)
+        assert n == k and (q is None or q.shape[1] == k)  # the mid level hands up exactly k proposals
         a, _ = top.verify(seq, L, n, q)
         made += a + 1
     pos = np.arange(T0 + 1, T0 + M)

@@ -227,6 +227,7 @@ def run_tables(Pt, Pm, Pd, s, M=3000, gamma=3, draft_gamma=2, seed=0):
         L = seq.len
         k = min(gamma, M - made - 1)
         n, q = mid.propose(seq, k) if k > 0 else (0, None)
+        assert n == k and (q is None or q.shape[1] == k)  # the mid level hands up exactly k proposals
         a, _ = top.verify(seq, L, n, q)
         made += a + 1
     return top, mid
