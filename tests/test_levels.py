@@ -430,3 +430,11 @@ def test_select_chunks_batch_rows_are_independent():
     got = select_chunks(k, q, 20, 4)
     for b in range(2):
         assert got[b].tolist() == ref_select(k[b].numpy(), q[b].numpy(), 20, 4).tolist()
+
+
+def test_query_capture_can_be_copied():
+    import copy
+
+    cap = QueryCapture(DenseKV(1, 1, H, D, 4, torch.float32, "cpu"), n_last=2)
+    dup = copy.copy(cap)  # copy builds the object without __init__: attribute lookups must not recurse
+    assert dup.n_last == 2 and dup.capacity() == 4
