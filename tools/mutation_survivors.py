@@ -196,7 +196,10 @@ def main() -> int:
         score_nm = f"{100 * killed / (non_eq - msg):.1f}%" if non_eq - msg else "-"
         summary.append(f"| {r['group']} | {killed} | {survived} | {equiv} | {msg} | {cats.get('gap', 0)} | "
                        f"{r.get('no_tests', 0)} | {r.get('not_checked', 0)} | {score} | {score_ne} | {score_nm} |")
-        rows.append(f"\n## {r['group']} ({', '.join(r['files'])})\n\nCommand: `{r['command']}` in a scratch copy, "
+        cmd = r["command"]
+        if len(cmd) > 300:  # a re-run names every previous survivor
+            cmd = cmd[:cmd.index("--max-children") + 16] + " <the previous survivors>" + cmd[cmd.index(" (re-run"):]
+        rows.append(f"\n## {r['group']} ({', '.join(r['files'])})\n\nCommand: `{cmd}` in a scratch copy, "
                     f"tests: {', '.join(r['tests'])}\n")
         rows.append("| mutant | category | reason | change |\n|---|---|---|---|")
         rows.extend(body)
