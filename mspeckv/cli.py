@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -281,7 +282,7 @@ def cmd_bench(a) -> int:
                                    steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf,
                                    out_dir=a.out_dir or "results/placement")
         checks.out_dir("--out-dir", cfg.out_dir)
-        cmd = "mspeckv " + " ".join(sys.argv[1:])
+        cmd = "mspeckv " + shlex.join(a.argv)
         res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, cmd))
         write_placement(res, cfg.out_dir, cmd)
         print(render_placement(res))
@@ -312,7 +313,7 @@ def cmd_bench(a) -> int:
                              f"{a.model}'s maximum context of {tcfg.max_position}; use contexts up to "
                              f"{tcfg.max_position - cfg.gen_len}")
         res = run_spec_bench(cfg)
-        res["meta"], res["command"] = run_metadata(), "mspeckv " + " ".join(sys.argv[1:])
+        res["meta"], res["command"] = run_metadata(), "mspeckv " + shlex.join(a.argv)
         from pathlib import Path
 
         d = Path(a.out_dir or "results/spec")
@@ -333,7 +334,7 @@ def cmd_bench(a) -> int:
                                PressBenchConfig.presses, gen_len=a.gen_len, repeats=a.repeats, device=a.device,
                                prefill_chunk=a.prefill_chunk, out_dir=a.out_dir or "results/presses")
         res = run_press_bench(cfg)
-        res["meta"], res["command"] = run_metadata(), "mspeckv " + " ".join(sys.argv[1:])
+        res["meta"], res["command"] = run_metadata(), "mspeckv " + shlex.join(a.argv)
         d = Path(cfg.out_dir)
         atomic_write_json(d / "presses.json", res)
         atomic_write_text(d / "summary.md", render_press_bench(res) + f"\nCommand: `{res['command']}`\n")
@@ -490,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("MSPECKV_DEBUG", "") not in ("", "0")
     try:
         a = build_parser().parse_args(argv)
+        a.argv = list(sys.argv[1:] if argv is None else argv)  # what was run, recorded by the bench commands
         with flag_names():
             return a.fn(a)
     except KeyboardInterrupt:

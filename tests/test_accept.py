@@ -173,3 +173,42 @@ def test_greedy_probs_through_speculative_accept_match_greedy_accept():
     b = greedy_accept(draft, oh(tgt))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert np.all(a[0][:32].numpy() == 4)
+
+
+def test_input_checks_name_the_shapes():
+    q, p = torch.full((2, 3, V), 1 / V), torch.full((2, 4, V), 1 / V)
+    with pytest.raises(ValueError, match=r"draft_tokens must be \(B, γ\), got shape \(6,\)"):
+        speculative_accept(q, p, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"cover γ\+1 = 4 positions \(γ drafts \+ bonus\), got 3"):
+        speculative_accept(q, p[:, :3], torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"draft_probs \(2, 3, 5\) must be \(B, γ, V\) = \(2, 3, 6\)"):
+        speculative_accept(q[..., :5], p, torch.zeros(2, 3, dtype=torch.long))  # right (B, γ), wrong V
+    with pytest.raises(ValueError, match=r"draft_probs \(2, 2, 6\)"):
+        speculative_accept(q[:, :2], p, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"cover γ\+1 = 3 positions"):
+        greedy_accept(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, V))
+
+
+def test_seeded_generator_reproduces_acceptance_and_draws():
+    """All randomness (the accept coins and the final draw) comes from the given generator."""
+    g = torch.Generator().manual_seed(9)
+    q, p = dists(g, 500, 3), dists(g, 500, 4)
+    x = draw(q, g)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(torch.randint(0, 10**6, ()).item())  # the global RNG moves on between the runs
+        runs.append(speculative_accept(q, p, x, torch.Generator().manual_seed(1)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_residual_fallback_is_per_row():
+    """Row 0 has p == q at the rejected position (residual all zero: falls back to p); row 1 does not, and must
+    still draw from its own residual."""
+    p0 = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    p1 = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])  # row 1's residual sits on row 0's token: no cross-talk
+    q = torch.stack([p0, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])])[:, None]  # (2, 1, V)
+    tgt_tokens = torch.tensor([[0], [1]])  # both drafts have p(x) = 0: rejected
+    tgt = torch.stack([torch.stack([p0, p0]), torch.stack([p1, p1])])  # (2, 2, V)
+    for _ in range(20):
+        n, nxt = speculative_accept(q, tgt, tgt_tokens)
+        assert n.tolist() == [0, 0] and nxt.tolist() == [2, 2]

@@ -87,7 +87,7 @@ def test_keys_per_channel_handles_outlier_channels(fmt: str) -> None:
     e_ch = rel_err(per_channel[..., normal], x[..., normal])
     e_tok = rel_err(per_token[..., normal], x[..., normal])
     assert e_ch <= error_bound(fmt)
-    assert e_ch < 0.25 * e_tok
+    assert e_ch < 0.14 * e_tok  # measured ratio 0.056 (int4), 0.069 (int2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_property_per_group_bound(case: tuple) -> None:
     # real compression: bytes == elements * bytes_per_element, vs bf16's 2 bytes
     n = x.numel()
     assert q.nbytes() == pytest.approx(n * spec.bytes_per_element())
-    assert q.nbytes() < n * 2 * (spec.bits / 16 + 2 * 4 / g)  # < bf16 scaled by bits/16 plus 4-byte scale+zero
+    assert q.nbytes() == n * (spec.bits / 8 + 2 * 2 / g)  # bits per element + a 2-byte scale and zero per group
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,6 +51,32 @@ CASES: dict[str, tuple[dict[str, Any], int]] = {
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": MAX_POS,
         },
+        8 * MAX_POS,
+    ),
+    # edges found by mutation testing: low_freq_factor != 1 (lo wavelength = ctx / low), beta_fast == beta_slow
+    # (a zero-width ramp), a small beta_slow (ramp end clamped to dim - 1), mscale alone, mscale != 1
+    "llama3_low2": (
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+         "original_max_position_embeddings": MAX_POS},
+        8 * MAX_POS,
+    ),
+    "yarn_flat_ramp": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": MAX_POS, "beta_fast": 4,
+         "beta_slow": 4, "truncate": False},
+        4 * MAX_POS,
+    ),
+    "yarn_wide_ramp": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": MAX_POS, "beta_fast": 64,
+         "beta_slow": 1e-8},
+        4 * MAX_POS,
+    ),
+    "yarn_mscale_only": (
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": MAX_POS, "mscale": 2.0},
+        8 * MAX_POS,
+    ),
+    "yarn_mscale2": (
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": MAX_POS, "mscale": 2.0,
+         "mscale_all_dim": 1.0},
         8 * MAX_POS,
     ),
 }
@@ -294,3 +321,73 @@ def test_unsupported_types_raise() -> None:
         )
     with pytest.raises(ValueError, match="Unsupported rope_type"):
         RopeConfig(head_dim=32, theta=1e4, rope_type="su")
+
+
+def test_from_hf_fields_and_defaults() -> None:
+    """Parsed fields, each read from where transformers puts it (v5 rope_parameters, v4 top level), with the
+    documented defaults when absent."""
+    ns = SimpleNamespace(hidden_size=96, num_attention_heads=4)  # nothing else: every default
+    rc = RopeConfig.from_hf(ns)
+    assert (rc.head_dim, rc.theta, rc.max_position_embeddings, rc.rope_type, rc.partial_rotary_factor) == \
+        (24, 10000.0, 2048, "default", 1.0)
+    assert isinstance(rc.head_dim, int)
+    v5 = SimpleNamespace(hidden_size=96, num_attention_heads=4, max_position_embeddings=512, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0, "partial_rotary_factor": 0.5})
+    rc = RopeConfig.from_hf(v5)
+    assert (rc.rope_type, rc.theta, rc.factor, rc.partial_rotary_factor, rc.beta_fast, rc.beta_slow) == \
+        ("yarn", 5e5, 4.0, 0.5, 32.0, 1.0)
+    # yarn without a factor: max_pos / original (the original context given at the top level, v4 style)
+    v4 = SimpleNamespace(hidden_size=96, num_attention_heads=4, max_position_embeddings=512,
+                         original_max_position_embeddings=128, rope_scaling={"type": "yarn"})
+    rc = RopeConfig.from_hf(v4)
+    assert (rc.factor, rc.original_max_position_embeddings) == (4.0, 128)
+    l3 = SimpleNamespace(hidden_size=96, num_attention_heads=4, max_position_embeddings=512, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 6.0})
+    rc = RopeConfig.from_hf(l3)
+    assert (rc.low_freq_factor, rc.high_freq_factor) == (2.0, 6.0)
+    with pytest.raises(ValueError, match="llama3 RoPE needs 'high_freq_factor'"):
+        RopeConfig.from_hf(SimpleNamespace(**{**vars(l3), "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                                          "low_freq_factor": 2.0}}))
+    with pytest.raises(ValueError, match="rope_type 'linear' needs a 'factor'"):
+        RopeConfig.from_hf(SimpleNamespace(**{**vars(l3), "rope_scaling": {"rope_type": "linear"}}))
+    with pytest.raises(ValueError, match="Per-layer-type RoPE parameters \\(keys \\['full_attention'"):
+        RopeConfig.from_hf(SimpleNamespace(**{**vars(l3), "rope_parameters": {"full_attention": {}}}))
+
+
+def test_rope_config_validation_edges() -> None:
+    RopeConfig(head_dim=2, theta=1e4)  # the smallest rotary dim
+    for kw, msg in ((dict(head_dim=0), "head_dim must be positive, got 0"),
+                    (dict(head_dim=1), "rotary dim must be even and >= 2, got 1 \\(head_dim=1\\)"),
+                    (dict(head_dim=8, partial_rotary_factor=0.0),
+                     "partial_rotary_factor must be in \\(0, 1\\], got 0.0"),
+                    (dict(head_dim=8, partial_rotary_factor=1.5), "partial_rotary_factor must be in"),
+                    (dict(head_dim=6, partial_rotary_factor=0.5), "rotary dim must be even"),
+                    (dict(head_dim=8, factor=0.0), "RoPE factor must be positive, got 0.0"),
+                    (dict(head_dim=8, rope_type="llama3", low_freq_factor=4.0, high_freq_factor=4.0),
+                     "llama3 RoPE needs high_freq_factor > low_freq_factor, got 4.0 <= 4.0"),
+                    (dict(head_dim=8, rope_type="su"), "MSpecKV supports default, linear")):
+        with pytest.raises(ValueError, match=msg):
+            RopeConfig(theta=1e4, **kw)
+    RopeConfig(head_dim=8, theta=1e4, low_freq_factor=4.0, high_freq_factor=4.0)  # only llama3 checks the pair
+
+
+def test_yarn_factor_one_has_no_attention_scaling() -> None:
+    rope = Rope(RopeConfig(head_dim=32, theta=1e4, rope_type="yarn", factor=1.0, max_position_embeddings=64))
+    assert rope.attention_scaling == 1.0
+    rope = Rope(RopeConfig(head_dim=32, theta=1e4, rope_type="yarn", factor=2.0, max_position_embeddings=64))
+    assert rope.attention_scaling == pytest.approx(0.1 * math.log(2.0) + 1.0)
+    rope = Rope(RopeConfig(head_dim=32, theta=1e4, rope_type="yarn", factor=0.5, max_position_embeddings=64))
+    assert rope.attention_scaling == 1.0  # no scaling below factor 1
+    rope = Rope(RopeConfig(head_dim=32, theta=1e4, rope_type="yarn", factor=2.0, attention_factor=2.0))
+    cos, sin = rope.cos_sin(torch.arange(3), 3, torch.float32)
+    assert torch.equal(cos[0], torch.full((32,), 2.0))  # position 0: cos = 1, times the attention factor
+
+
+@pytest.mark.parametrize("prf", [1.0, 0.5])
+def test_apply_rope_keeps_the_input_dtype(prf: float) -> None:
+    rope = Rope(RopeConfig(head_dim=16, theta=1e4, partial_rotary_factor=prf))
+    cos, sin = rope.cos_sin(torch.arange(4), 4, torch.float32)
+    x = torch.randn(1, 2, 4, 16).to(torch.bfloat16)
+    y = apply_rope(x, cos, sin)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), apply_rope(x.float(), cos, sin), atol=2e-2, rtol=0)

@@ -141,3 +141,33 @@ def test_gamma_above_the_offload_rollback_slack():
     ar = generate(target, ids, greedy(30), cache=make_cache(target, p, 1, 90))
     sp = speculative_generate(target, draft, ids, greedy(30), SpecConfig(mode="vanilla", gamma=10), placement=p)
     assert sp.tokens == ar.tokens
+
+
+def test_spec_config_edges():
+    """The smallest legal values are accepted; one below is refused with the flag's name."""
+    SpecConfig(gamma=1, draft_gamma=1, draft_sinks=0, draft_window=1, refresh_every=1, drafter="ngram",
+               budget=16, chunk=8)
+    for kw, msg in ((dict(mode="tree"), "speculative mode must be vanilla or mspeckv, got 'tree'"),
+                    (dict(draft_gamma=0), "--gamma and --draft-gamma must be >= 1, got 8 and 0"),
+                    (dict(draft_sinks=-1), "draft window must be >= 1 \\(sinks -1"),
+                    (dict(draft_window=0), "draft window must be >= 1 \\(sinks 16, window 0\\)"),
+                    (dict(refresh_every=0), "--refresh-every must be >= 1, got 0"),
+                    (dict(drafter="tree"), "--drafter must be model or ngram, got 'tree'")):
+        with pytest.raises(ValueError, match=msg):
+            SpecConfig(**kw)
+    assert SpecConfig(gamma=4, draft_sinks=8).window == 256 - 8 - 4
+
+
+def test_check_pair_tokenizers_and_sizes():
+    from types import SimpleNamespace
+
+    from mspeckv.decoding.speculative import check_pair
+
+    target, draft = pair(layers=2)
+    tok = lambda v: SimpleNamespace(get_vocab=lambda: v)
+    check_pair(target, draft, tok({"a": 0}), tok({"a": 0}))
+    check_pair(target, draft, tok({"a": 0}), None)  # one tokenizer unknown: nothing to compare
+    with pytest.raises(ValueError, match="draft and target tokenizers differ \\(same size, different tokens\\)"):
+        check_pair(target, draft, tok({"a": 0}), tok({"b": 0}))
+    with pytest.warns(UserWarning, match=r"the draft \(0M parameters\) is not smaller than the target \(0M\)"):
+        check_pair(target, target)  # equal size warns too

@@ -321,3 +321,14 @@ def test_report_has_the_breakdown_table(sweep_dir: Path):
     rows = {(r["prefill"], r["method"]): r for r in summary["breakdown"]}
     assert rows[(2048, "mspeckv")]["other_s"] == pytest.approx(5 - 0.5 / 3 - 0.6)
     assert (4096, "hf_assisted") not in rows
+
+
+def test_unusable_values_and_seed_order():
+    """bools and non-numbers are not measurements; paired() orders numeric seeds numerically, then named ones."""
+    from mspeckv.bench.stats import clean, mean_std, paired
+
+    assert clean([True, False, "abc", object(), 2, None, float("nan")]) == [2.0]
+    assert mean_std([True, 3.0, "x"]) == (3.0, 0.0)
+    a = {"b": 1.0, 10: 2.0, "a": 3.0, 2: 4.0}
+    b = {"a": 5.0, 2: 6.0, "b": 7.0, 10: 8.0}
+    assert paired(a, b) == [(4.0, 6.0), (2.0, 8.0), (3.0, 5.0), (1.0, 7.0)]  # seeds 2, 10, "a", "b"

@@ -4,62 +4,37 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
 from pathlib import Path
 
 import pytest
 
 from mspeckv import cli
 from mspeckv.bench import methods as methods_mod
-from mspeckv.bench.sweeps import add_sweep_commands, settings_from_args, validate
-from tests.tiny import tiny_pair
+from mspeckv.bench.sweeps import settings_from_args, validate
+from tests.tiny import save_tiny_pair
 
-BUILD_PARSER = cli.build_parser
 FIXTURE = Path(__file__).parent / "fixtures" / "sweep_a1"
 TEXT = ("The committee met on Tuesday to discuss the budget. Members said the plan would cost 12 million pounds, "
         "and the vote was delayed until March. Critics argued that the schools needed the money first.\n\n") * 8
 
 
 def _parser():
-    ap = BUILD_PARSER()
-    sub = next(a for a in ap._actions if a.__class__.__name__ == "_SubParsersAction")
-    if "sweep" not in sub.choices:  # until cli.py registers the commands itself
-        add_sweep_commands(sub)
-    return ap
+    return cli.build_parser()  # cli.py registers sweep/report itself: a regression must fail here
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setattr(cli, "build_parser", _parser)
+def run_cli():
     return cli.main
-
-
-def _tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = (string.ascii_letters + string.digits + " \n.,;:'\"!?()-")[:94]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """A 3-layer target and a 1-layer draft saved as HF directories with a 97-token character tokenizer."""
     root = tmp_path_factory.mktemp("models")
-    tok = _tokenizer()
-    dirs = []
-    for name, seed, layers in (("target", 0, 3), ("draft", 1, 1)):
-        hf, _ = tiny_pair("llama", seed, num_hidden_layers=layers)
-        hf.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        dirs.append(str(root / name))
+    t, d = save_tiny_pair(root)
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT)
-    return dirs[0], dirs[1], str(corpus)
+    return t, d, str(corpus)
 
 
 def _args(tiny_dirs, out, *extra, sweep="context", methods="baseline,vanilla_specdec,mspeckv,mspeckv_kv_quant"):

@@ -38,3 +38,30 @@ def tiny_pair(family: str = "llama", seed: int = 0, dtype=torch.float32, **kw):
 
 def tiny_model(family: str = "llama", seed: int = 0, **kw) -> CausalLM:
     return tiny_pair(family, seed, **kw)[1]
+
+
+def char_tokenizer():
+    """A 97-token character-level tokenizer (ids 0-2 special), matching the tiny configs' vocabulary."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = (string.ascii_letters + string.digits + " \n.,;:'\"!?()-")[:94]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_pair(root) -> tuple[str, str]:
+    """A 3-layer target and a 1-layer draft saved as HF directories with the character tokenizer."""
+    tok = char_tokenizer()
+    dirs = []
+    for name, seed, layers in (("target", 0, 3), ("draft", 1, 1)):
+        hf, _ = tiny_pair("llama", seed, num_hidden_layers=layers)
+        hf.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs.append(str(root / name))
+    return dirs[0], dirs[1]

@@ -1,0 +1,172 @@
+"""Mutation testing of the core modules with mutmut (not run in CI): ``python tools/mutation.py [group ...]``.
+
+Each group (a few source files + the fast test files that exercise them) runs in its own scratch copy of the
+working tree, so mutmut's ``mutants/`` folder and config never touch the repository. Results go to
+``results/tests/mutation/<group>.json`` and a combined ``results/tests/mutation/summary.md`` (score = killed /
+(killed + survived); timeouts count as killed, mutants no test reaches are listed separately).
+
+The machine is shared: everything runs under ``nice -n 15`` with one mutmut child by default (``--children``).
+Surviving mutants are listed in the report with their diff; reasons (equivalent / gap closed by test X) are kept in
+``results/tests/mutation/survivors.md``, written by hand after reading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "tests" / "mutation"
+
+# group -> (files to mutate, test files that exercise them). Tests are the fast CPU ones only.
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "sampling_accept": (["mspeckv/decoding/sampling.py", "mspeckv/decoding/accept.py"],
+                        ["tests/test_sampling_reference.py", "tests/test_accept.py",
+                         "tests/test_cache_sampling.py"]),
+    "speculative": (["mspeckv/decoding/speculative.py"],
+                    ["tests/test_levels.py", "tests/test_distribution.py::test_runner_levels_every_drawn_token",
+                     "tests/test_speculative.py::test_errors"]),
+    "autoregressive_drafters": (["mspeckv/decoding/autoregressive.py", "mspeckv/decoding/drafters.py"],
+                                ["tests/test_drafters.py", "tests/test_cache_sampling.py"]),
+    "kv_small": (["mspeckv/kv/base.py", "mspeckv/kv/dense.py", "mspeckv/kv/streaming.py",
+                  "mspeckv/kv/retrieval.py", "mspeckv/kv/static.py"],
+                 ["tests/test_cache_boundaries.py", "tests/test_streaming_retrieval.py", "tests/test_cache_sampling.py",
+                  *[f"tests/test_levels.py::{t}" for t in (
+                      "test_gqa_max_and_mean_pick_different_chunks", "test_select_chunks_matches_reference",
+                      "test_retrieval_capacity_and_rollback_edges", "test_static_retrieval_rollback_floor_and_capacity",
+                      "test_retrieval_defaults_fresh_state_and_misuse", "test_from_indices_per_layer_lists",
+                      "test_static_retrieval_rebuild_keeps_its_budget", "test_check_budget_edges",
+                      "test_query_capture_rollover_forwarding_and_delegation",
+                      "test_select_chunks_batch_rows_are_independent")]]),
+    "kv_quant_offload": (["mspeckv/kv/quant.py", "mspeckv/kv/offload.py", "mspeckv/kv/placement.py"],
+                         ["tests/test_quant.py", "tests/test_placement.py", "tests/test_cache_boundaries.py"]),
+    "rope": (["mspeckv/model/rope.py"], ["tests/test_rope.py"]),
+    "stats": (["mspeckv/bench/stats.py"], ["tests/test_stats_report.py"]),
+}
+# Not mutated: mspeckv/kv/quant_triton.py (Triton kernels, GPU only: no CPU test can reach them).
+# Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
+PATTERNS: dict[str, list[str]] = {}
+
+IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "mutants", "results", ".pytest_cache",
+                                ".ruff_cache", "*.egg-info")
+
+
+def _setup_cfg(files: list[str], tests: list[str]) -> str:
+    lines = ["[mutmut]", "source_paths=mspeckv", "only_mutate="]
+    lines += [f"    {f}" for f in files]
+    lines += ["pytest_add_cli_args_test_selection="] + [f"    {t}" for t in tests]
+    lines += ["use_git_change_detection=false", ""]
+    return "\n".join(lines)
+
+
+def run_group(name: str, scratch: Path, children: int, timeout: int, patterns: list[str] | None = None,
+              rerun: bool = False) -> dict:
+    """One mutmut run over a group. ``rerun``: keep the previous scratch copy and its results, bring in the
+    current tests, re-collect which tests cover what, and re-run only the previous survivors."""
+    files, tests = GROUPS[name]
+    work = scratch / name
+    if rerun:
+        prev = json.loads((OUT / f"{name}.json").read_text())
+        patterns = list(prev["survivors"])
+        for dst in (work / "tests", work / "mutants" / "tests"):
+            shutil.rmtree(dst)
+            shutil.copytree(ROOT / "tests", dst, ignore=IGNORE)
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        for cfg in (work / "setup.cfg", work / "mutants" / "setup.cfg"):  # the group's tests may have grown
+            cfg.write_text(_setup_cfg(files, tests))
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(ROOT, work, ignore=IGNORE)
+        (work / "setup.cfg").write_text(_setup_cfg(files, tests))
+        (work / "mutants").mkdir()  # must exist before Python starts, or the import system caches it as missing
+    env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}  # tiny tensors: OpenMP spin-waits on a busy machine cost ~10 ms per op
+    patterns = patterns or PATTERNS.get(name, [])
+    cmd = ["nice", "-n", "15", "mutmut", "run", "--max-children", str(children), *patterns]
+    t0 = time.time()
+    p = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    timed_out = False
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # time box: stop this run's process group; results so far are kept
+        os.killpg(p.pid, signal.SIGTERM)
+        out, _ = p.communicate()
+        timed_out = True
+    secs = time.time() - t0
+    log = out[-4000:]
+    res = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True)
+    status: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            status[m.group(1)] = m.group(2).strip()
+    survivors = {}
+    for mutant, st in status.items():
+        if st in ("survived", "no tests"):
+            diff = subprocess.run(["mutmut", "show", mutant], cwd=work, env=env, capture_output=True, text=True)
+            survivors[mutant] = {"status": st, "diff": diff.stdout[-1500:]}
+    counts: dict[str, int] = {}
+    for st in status.values():
+        counts[st] = counts.get(st, 0) + 1
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    survived = counts.get("survived", 0)
+    score = killed / (killed + survived) if killed + survived else None
+    return {"group": name, "files": files, "tests": tests, "command": " ".join(cmd), "seconds": round(secs, 1),
+            "returncode": p.returncode, "timed_out": timed_out, "counts": counts, "killed": killed,
+            "survived": survived,
+            "no_tests": counts.get("no tests", 0), "score": score, "survivors": survivors,
+            "log_tail": log if p.returncode else "", "not_checked": counts.get("not checked", 0)}
+
+
+def write_summary() -> None:
+    rows = []
+    for f in sorted(OUT.glob("*.json")):
+        r = json.loads(f.read_text())
+        sc = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        rows.append(f"| {r['group']} | {', '.join(r['files'])} | {r['killed']} | {r['survived']} | {r['no_tests']} | "
+                    f"{sc} | {r['seconds']:.0f} |")
+    md = ["# Mutation testing (mutmut)", "",
+          "Score = killed / (killed + survived), timeouts counted as killed; 'no tests' = mutants in code no fast "
+          "CPU test reaches (listed in the group's JSON). Reasons for each survivor: survivors.md.", "",
+          "| group | files | killed | survived | no tests | score | wall s |", "|---|---|---:|---:|---:|---:|---:|",
+          *rows, "", f"Command: `python tools/mutation.py {' '.join(sys.argv[1:])}`".rstrip(), ""]
+    (OUT / "summary.md").write_text("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("groups", nargs="*", help=f"default: all of {', '.join(GROUPS)}")
+    ap.add_argument("--children", type=int, default=1, help="parallel mutmut workers (default 1: shared machine)")
+    ap.add_argument("--scratch", default="/tmp/mspeckv-mutation", help="where the working copies go")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per group before giving up")
+    ap.add_argument("--rerun-survivors", action="store_true", help="re-run only the survivors of the previous run "
+                    "of each group, against the current tests")
+    ap.add_argument("--only", action="append", default=[], help="mutant-name pattern (fnmatch) to restrict a run "
+                    "to, e.g. '*ǁVerifyLevelǁ*'; repeatable")
+    a = ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in a.groups or list(GROUPS):
+        if name not in GROUPS:
+            ap.error(f"unknown group {name}; choose from {', '.join(GROUPS)}")
+        print(f"[mutation] {name} ...", flush=True)
+        r = run_group(name, Path(a.scratch), a.children, a.timeout, a.only, a.rerun_survivors)
+        if a.rerun_survivors:
+            r["command"] += " (re-run of the previous survivors: python tools/mutation.py --rerun-survivors)"
+        (OUT / f"{name}.json").write_text(json.dumps(r, indent=1))
+        print(f"[mutation] {name}: {r['counts']} score {r['score']} in {r['seconds']} s", flush=True)
+        write_summary()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
