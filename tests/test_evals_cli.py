@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mspeckv import cli
-from tests.test_sweeps import TEXT, _tokenizer
+from tests.test_sweeps import TEXT
+from tests.tiny import char_tokenizer as _tokenizer
 from tests.tiny import tiny_pair
 
 INT8 = "kv=int8/g16/res16/onchip0"

@@ -6,7 +6,8 @@ import pytest
 
 from mspeckv.data.datasets import GSMItem
 from mspeckv.evals import gsm8k, synth
-from tests.test_sweeps import TEXT, _tokenizer
+from tests.test_sweeps import TEXT
+from tests.tiny import char_tokenizer as _tokenizer
 
 
 @pytest.fixture(scope="module")
