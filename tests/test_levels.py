@@ -21,7 +21,7 @@ import torch
 from mspeckv.config import GenerationConfig, SamplingConfig
 from mspeckv.decoding import speculative as spec_mod
 from mspeckv.decoding.speculative import DraftLevel, Runner, Seq, SpecConfig, Timers, speculative_generate
-from mspeckv.kv.base import CacheFullError, LastQueries
+from mspeckv.kv.base import CacheFullError, KVCache, LastQueries
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.pressed import PressedKV
 from mspeckv.kv.retrieval import BudgetCoversPrompt, check_budget, chunk_scores, select_chunks
@@ -283,7 +283,7 @@ def test_levels_module_exports_runner_pieces():
 
 # ------------------------------------------------------------------------- retrieval cache edges (boundaries)
 
-class Full:
+class Full(KVCache):
     def __init__(self, L, layers=2):
         self.kv = kv(L, layers)
         self.n_layers = layers

@@ -148,11 +148,14 @@ def retrieval(full, queries, budget, chunk, extra):
                            tail=extra)
 
 
-class FakeFull:
+class FakeFull(KVCache):
     """A committed full cache with given K/V per layer, (B, Hkv, L, D)."""
 
     def __init__(self, ks, vs):
         self.ks, self.vs, self.n_layers = ks, vs, len(ks)
+
+    def positions(self, layer):  # every row at its own position (without counting a read)
+        return torch.arange(self.length()).expand(*self.ks[layer].shape[:2], -1)
 
     def length(self):
         return self.ks[0].shape[2]

@@ -121,8 +121,7 @@ class PressedKV(KVCache):
         src = source or self.inner
         if src is not None:
             k, v = src.read(layer)
-            pos = torch.arange(k.shape[2], device=k.device).expand(k.shape[0], k.shape[1], -1)
-            return k, v, pos
+            return k, v, src.positions(layer).to(k.device).long()  # a pressed source has gaps
         k, v = self.read(layer)
         return k, v, self.positions(layer).long()
 
@@ -133,7 +132,7 @@ class PressedKV(KVCache):
             raise RuntimeError("compress() inside a forward (between begin and end)")
         if self.press is None and source is None and self.inner is not None:
             return  # no press: the inner cache serves as it is
-        total = (source or self.inner).length() if (source or self.inner) is not None else self.next_position()
+        total = (source or self.inner or self).next_position()  # tokens seen, not rows held
         new = []
         for i in range(self.n_layers):
             k, v, pos = self._rows(i, source)
