@@ -302,3 +302,18 @@ def test_static_layout_replays_like_the_eager_one(model):
             pb = model(x, b, num_logits=None)
             torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
         assert math.isclose(b.n_tail, 10)
+
+
+@pytest.mark.parametrize("press", ["snapkv:budget=20,sinks=4,window=60,obs_window=8",
+                                   "pyramidkv:budget=20,sinks=4,window=60,obs_window=8,spread=0.0",
+                                   "h2o:budget=20,sinks=4,window=60", "adakv:budget=20,sinks=4,window=60,obs_window=8"])
+def test_budget_smaller_than_sinks_plus_window_keeps_sinks_then_newest(model, press):
+    """When the forced rows do not fit the budget, the sinks and the newest rows are kept (not an arbitrary pick
+    among equally forced rows; found by the eval: SnapKV kept rows 201-299 of 400 with window 200)."""
+    _, c = run(model, press)
+    for i in range(3):
+        pos = c.positions(i)[0, :, :c.n_fixed[i]]
+        valid = c.stores[i][0].valid
+        for h in range(2):
+            kept = pos[h][valid[0, h]] if valid is not None else pos[h]
+            assert kept.tolist() == [0, 1, 2, 3, *range(L_PROMPT - 16, L_PROMPT)]

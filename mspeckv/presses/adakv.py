@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import check_range, n_keep
+from .base import check_range, forced_ranking, n_keep
 from .snapkv import SnapKVPress
 
 
@@ -35,13 +35,9 @@ class AdaKVPress(SnapKVPress):
         n = n_keep(self.layer_budget(layer, n_layers), L)
         if n >= L:
             return None, None
-        s = self.score(layer, k, pos, obs).float().clone()  # (B, H, L)
-        forced = torch.zeros_like(s, dtype=torch.bool)
-        forced[..., :self.sinks] = True
-        if self.window:
-            forced[..., L - self.window:] = True
-        s = s.masked_fill(forced, float("inf"))
-        n_own = max(int(self.floor * n), min(n, int(forced[0, 0].sum())))
+        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, self.window)  # (B, H, L), forced rows >= 2
+        n_forced = min(L, self.sinks + self.window)
+        n_own = max(int(self.floor * n), min(n, n_forced))  # every head keeps its forced rows (or as many as fit)
         own = s.topk(n_own, dim=-1).indices  # (B, H, n_own): each head's guaranteed rows
         keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, own, True)
         rest = s.masked_fill(keep, float("-inf")).flatten(1)  # (B, H*L): the remaining rows of every head

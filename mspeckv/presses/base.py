@@ -140,14 +140,27 @@ class ScorePress(Press):
         n = n_keep(self.layer_budget(layer, n_layers), L)
         if n >= L:
             return None
-        s = self.score(layer, k, pos, obs).float().clone()  # (B, H, L)
-        s[..., :self.sinks] = float("inf")
-        if self.window:
-            s[..., L - self.window:] = float("inf")
+        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, self.window)
         return s.topk(n, dim=-1).indices.sort(-1).values
 
 
 # ---------------------------------------------------------------------------------------------- shared scoring
+def forced_ranking(scores: Tensor, sinks: int, window: int) -> Tensor:
+    """Scores (B, H, L) -> a ranking in which the first ``sinks`` rows come first, then the newest ``window`` rows
+    (newest first), then every other row by its score. Top-k of it keeps the forced rows when the budget allows, and
+    when it does not (sinks + window > budget) the sinks and the newest rows, never an arbitrary pick among ties.
+    Scores are scaled into [0, 1] per head; window rows rank in [2, 3) by position, sinks at 4."""
+    s = scores.float()
+    L = s.shape[-1]
+    s = s / s.amax(-1, keepdim=True).clamp_min(1e-30)  # [0, 1] (scores are non-negative attention mass)
+    ar = torch.arange(L, device=s.device, dtype=torch.float32)
+    if window:
+        s = torch.where(ar >= L - window, 2.0 + ar / L, s)
+    if sinks:
+        s = torch.where(ar < sinks, torch.full_like(s, 4.0), s)
+    return s
+
+
 def window_attention(q: Tensor, k: Tensor, pos: Tensor) -> Tensor:
     """Attention of observation queries q (B, Hq, w, D), the newest w tokens, over the held keys k (B, Hkv, L, D)
     -> (B, Hkv, G, w, L) probabilities. Query i sits at position ``pos.max() - w + 1 + i`` and sees keys at
