@@ -147,12 +147,12 @@ def test_spec_config_edges():
     """The smallest legal values are accepted; one below is refused with the flag's name."""
     SpecConfig(gamma=1, draft_gamma=1, draft_sinks=0, draft_window=1, refresh_every=1, drafter="ngram",
                budget=16, chunk=8)
-    for kw, msg in ((dict(mode="tree"), "speculative mode must be vanilla or mspeckv, got 'tree'"),
-                    (dict(draft_gamma=0), "--gamma and --draft-gamma must be >= 1, got 8 and 0"),
-                    (dict(draft_sinks=-1), "draft window must be >= 1 \\(sinks -1"),
-                    (dict(draft_window=0), "draft window must be >= 1 \\(sinks 16, window 0\\)"),
-                    (dict(refresh_every=0), "--refresh-every must be >= 1, got 0"),
-                    (dict(drafter="tree"), "--drafter must be model or ngram, got 'tree'")):
+    for kw, msg in ((dict(mode="tree"), "mode must be one of vanilla, mspeckv, got 'tree'"),
+                    (dict(draft_gamma=0), "draft_gamma must be an integer >= 1, got 0"),
+                    (dict(draft_sinks=-1), "draft_sinks must be an integer >= 0, got -1"),
+                    (dict(draft_window=0), "draft_window must be an integer >= 1 \\(or None\\), got 0"),
+                    (dict(refresh_every=0), "refresh_every must be an integer >= 1 \\(or None\\), got 0"),
+                    (dict(drafter="tree"), "drafter must be one of model, ngram, got 'tree'")):
         with pytest.raises(ValueError, match=msg):
             SpecConfig(**kw)
     assert SpecConfig(gamma=4, draft_sinks=8).window == 256 - 8 - 4

@@ -378,7 +378,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             rows = l1_press.max_rows(T + gen.max_new_tokens, nl)
             static = graphs and l1_press.dense  # codes/latents are decoded per forward: that level runs eagerly
             if l1_press.dense and l1_press.max_rows(T, nl) >= T:
-                warnings.warn(f"--l1-press {l1_press} keeps the whole {T}-token prompt: the middle level would equal "
+                warnings.warn(f"--l1-press {l1_press} covers the whole {T}-token prompt: the middle level would equal "
                               f"the full cache, so it is skipped (draft -> full target)", stacklevel=2)
                 rcache = None
             else:
