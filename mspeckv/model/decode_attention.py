@@ -443,14 +443,17 @@ def mask_bound(mask: Tensor) -> Tensor:
     some row is not a prefix (visible keys not exactly [0, bound)), so the kernel must also apply the mask itself.
     Computed on the device (graph safe); cached for the last mask object seen, so the layers of a forward share it."""
     ref, ver, val = _BOUND
-    if ref is not None and ref() is mask and ver == mask._version:
+    # inference tensors have no version counter: key those on identity alone (masks are built per forward, never
+    # written in place outside a graph replay, which recomputes the bound itself)
+    version = -1 if mask.is_inference() else mask._version
+    if ref is not None and ref() is mask and ver == version:
         return val
     S = mask.shape[-1]
     idx = torch.arange(1, S + 1, device=mask.device, dtype=torch.int32)
     bound = torch.where(mask, idx, 0).amax(-1).to(torch.int32)
     count = mask.sum(-1, dtype=torch.int32)
     val = torch.cat([bound, (count != bound).any().to(torch.int32).view(1)])
-    _BOUND[:] = [weakref.ref(mask), mask._version, val]
+    _BOUND[:] = [weakref.ref(mask), version, val]
     return val
 
 
