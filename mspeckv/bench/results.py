@@ -99,12 +99,13 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _static_metadata() -> dict[str, Any]:
-    commit = _git("rev-parse", "HEAD") or None
-    dirty = None
-    if commit is None and os.environ.get("MSPECKV_GIT_COMMIT"):  # a copy without .git (e.g. a remote GPU machine)
-        commit, dirty = os.environ["MSPECKV_GIT_COMMIT"], os.environ.get("MSPECKV_GIT_DIRTY") == "1"
-    elif commit is not None:
-        status = _git("status", "--porcelain", "--untracked-files=no")
+    pin = os.environ.get("MSPECKV_GIT_COMMIT")
+    if pin:  # an explicit pin wins: a remote GPU machine's copy of the tree may carry no .git, or a stale one (the
+        # device tool's copy carried the session's starting .git and recorded c5ddea9 "dirty" for runs of 2eb604e)
+        commit, dirty = pin, os.environ.get("MSPECKV_GIT_DIRTY") == "1"
+    else:
+        commit = _git("rev-parse", "HEAD") or None
+        status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
         dirty = None if status is None else bool(status)
     gpu = cuda = None
     torch_version = _version("torch")
