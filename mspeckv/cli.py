@@ -156,6 +156,11 @@ def cmd_generate(a) -> int:
     ids = _encode(tok, text, a.chat)
     if not ids:
         raise ValueError("the prompt encodes to 0 tokens; give some text")
+    from .evals.lossy import quality_note
+
+    for what in ({"kv_quant": a.kv_quant}, {"press": a.press}):
+        if note := quality_note(**what):
+            print(note, file=sys.stderr)
     res = run_generation(a, model, tok, draft, ids, a.mode)
     print(tok.decode(res.tokens[0], skip_special_tokens=True))
     s = res.summary()
