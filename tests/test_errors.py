@@ -212,6 +212,11 @@ def test_demo_honours_vanilla(monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_generation", fake_run)
     monkeypatch.setattr(cli, "_preflight", lambda a: None)
     monkeypatch.setattr(cli, "_load_pair", lambda a: (type("M", (), {"device": "cpu"})(), _Tok(), None))
+    from types import SimpleNamespace
+
+    import mspeckv.data.corpora as corpora  # CI has no packaged corpus: the demo's document is not what is tested
+
+    monkeypatch.setattr(corpora, "load_documents", lambda name: [SimpleNamespace(text="A short article.")])
     assert cli.main(["demo", "--mode", "vanilla", "--max-new-tokens", "4"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "mspeckv: interrupted; rerun the same command to resume"
     monkeypatch.setattr(cli, "run_generation", lambda *a: seen.append(a[-1]) or _Res())
