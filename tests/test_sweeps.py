@@ -210,3 +210,21 @@ def test_default_a1_on_the_embedded_pair_is_refused_clearly():
     msg = str(e.value)  # 28 layers, 32K context: resident 16 > 12 offloaded; 32768 + 256 > 32768
     assert "(at prefill=8192,16384,24576,32768)" in msg and "(at prefill=32768)" in msg
     validate(settings_from_args(_parser().parse_args(["sweep", "context", "--quick", "--device", "cpu"])))
+
+
+def test_sweep_with_presses(tiny_dirs, tmp_path, run_cli, capsys):
+    """--press reaches every method of ours (the target's cache) and --l1-press the mspeckv middle level; both are
+    recorded in each run's config and in the folder's name; --l1-press without an mspeckv method is refused."""
+    out = tmp_path / "press"
+    press, l1 = "snapkv:budget=0.5,window=8,obs_window=8", "streaming:budget=24"
+    argv = _args(tiny_dirs, out, "--seeds", "1", "--prefill-lengths", "96", "--press", press, "--l1-press", l1,
+                 methods="baseline,mspeckv")
+    assert run_cli(argv) == 0
+    assert _last_json(capsys)["n_ok"] == 2
+    runs = {r["method"]: r for r in (json.loads(p.read_text()) for p in (out / "runs").glob("*.json"))}
+    assert {r["config"]["press"] for r in runs.values()} == {press}
+    assert runs["mspeckv"]["config"]["l1_press"] == l1
+    assert runs["mspeckv"]["metrics"]["levels"]["verify_l1"]["rounds"] > 0
+    assert run_cli(_args(tiny_dirs, tmp_path / "x", "--l1-press", l1, methods="baseline")) == 2
+    err = capsys.readouterr().err
+    assert "--l1-press would be ignored" in err or ", --l1-press would be ignored" in err, err

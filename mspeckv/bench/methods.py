@@ -154,15 +154,17 @@ def _ours(ctx: SweepContext, method: str, x: int, seed: int, mode: str | None) -
         gen = _gen(ctx, n, seed)
         if mode is None:  # nothing offloaded: generate() picks the graphed static cache on CUDA, as speculation does
             L = ctx.target.cfg.n_layers
-            cache = None if placement.n_on_chip(L) == L else make_cache(ctx.target, placement, 1, p.prefill + n)
+            cache = None if placement.n_on_chip(L) == L and s.press is None else \
+                make_cache(ctx.target, placement, 1, p.prefill + n, press=s.press)
             caches[:] = [cache] if cache is not None else []
             return generate(ctx.target, ids, gen, cache=cache)
-        spec = SpecConfig(mode=mode, gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk)
-        return speculative_generate(ctx.target, ctx.draft, ids, gen, spec, placement=placement)
+        spec = SpecConfig(mode=mode, gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk,
+                          l1_press=s.l1_press if mode == "mspeckv" else None)
+        return speculative_generate(ctx.target, ctx.draft, ids, gen, spec, placement=placement, press=s.press)
 
     res, peak = _timed(ctx, method, x, run, p.gen_len)
     if mode is None:
-        mem = caches[0].memory_report() if caches and hasattr(caches[0], "memory_report") else None
+        mem = (caches[0].memory_report() or None) if caches else None
         per_level = {"prefill": res.prefill_s, "decode": res.decode_s}
     else:
         mem, per_level = res.stats.get("memory"), res.stats.get("time_s")

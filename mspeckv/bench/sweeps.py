@@ -111,6 +111,8 @@ class SweepSettings:
     device: str
     quick: bool
     output_dir: str
+    press: str | None = None  # the target's KV press (every method of ours; lossy, measured in results/quality)
+    l1_press: str | None = None  # the mspeckv methods' middle-level press (lossless); None: retrieval
 
     def __post_init__(self):
         v.choice("sweep", self.sweep, tuple(SWEEPS))
@@ -138,6 +140,11 @@ class SweepSettings:
         v.choice("device", self.device, ("cpu", "cuda"))
         if not isinstance(self.output_dir, str):
             raise v.ConfigError(f"{v.name('output_dir')} must be a path, got {self.output_dir!r}")
+        from ..presses import parse_press
+
+        for k in ("press", "l1_press"):  # a bad spec fails before any model loads
+            v.text(k, getattr(self, k), optional=True)
+            parse_press(getattr(self, k))
 
     def point(self, x: int, n_layers: int | None = None) -> Point:
         p = Point(self.prefill if self.x_name != "prefill" else x, self.gen_len if self.x_name != "gen_len" else x,
@@ -207,7 +214,7 @@ def settings_from_args(a) -> SweepSettings:
         on_chip=getattr(a, "on_chip", None), resident_layers=getattr(a, "resident_layers", None), kv_quant=a.kv_quant,
         kv_group_size=a.kv_group_size, resident_format=a.resident_format, resident_policy=a.resident_policy,
         clamp_resident=a.clamp_resident or a.quick, prefill=prefill, gen_len=gen_len, prefill_chunk=a.prefill_chunk,
-        device=parse_device(a.device).type, quick=a.quick, output_dir="",
+        device=parse_device(a.device).type, quick=a.quick, output_dir="", press=a.press, l1_press=a.l1_press,
     )  # fmt: skip
     return dataclasses.replace(s, output_dir=a.output_dir or str(Path("results") / d.name / default_name(s)))
 
@@ -219,6 +226,9 @@ def default_name(s: SweepSettings) -> str:
     parts += [f"oc{s.on_chip}"] if s.x_name != "on_chip" else []
     parts += [f"r{s.resident_layers}"] if s.x_name != "resident_layers" else []
     parts += [f"g{s.gamma}"] + (["quick"] if s.quick else []) + (["greedy"] if s.temperature == 0 else [])
+    for flag, spec in (("press", s.press), ("l1", s.l1_press)):
+        if spec:
+            parts.append(f"{flag}-" + re.sub(r"[^A-Za-z0-9.+=-]+", "-", Path(spec).stem).strip("-."))
     return "_".join(parts)
 
 
@@ -389,10 +399,12 @@ def refuse_ignored(a, s: SweepSettings) -> None:
         refuse(changed(a, "kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
                "only the mspeckv_kv_quant method reads them, and --methods leaves it out")
     if not any(m in RETRIEVAL_METHODS for m in s.methods):
-        refuse(changed(a, "budget", "chunk", "draft_gamma"), "only the mspeckv methods read them, and --methods "
-               "leaves them out")
+        refuse(changed(a, "budget", "chunk", "draft_gamma", "l1_press"), "only the mspeckv methods read them, and "
+               "--methods leaves them out")
     if not any(m in SPEC_METHODS for m in s.methods):
         refuse(changed(a, "draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
+    if all(m == "hf_assisted" for m in s.methods):
+        refuse(changed(a, "press"), "hf_assisted runs transformers' own cache, which takes no press")
 
 
 def cmd_sweep(a) -> int:
@@ -474,6 +486,9 @@ def _add_common(p, d: SweepDef) -> None:
     p.add_argument("--clamp-resident", action="store_true",
                    help="cap resident layers at the offloaded count per x instead of refusing")
     p.add_argument("--kv-quant", default="int8", choices=["int8", "int4", "int2"], help="mspeckv_kv_quant format")
+    p.add_argument("--press", default=None, help="press the target's KV after prefill in every method of ours "
+                   "(lossy; name:k=v,... | preset | FILE.yaml)")
+    p.add_argument("--l1-press", default=None, help="the mspeckv methods' middle-level press (default: retrieval)")
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--resident-format", default="dequant", choices=["dequant", "quant"])
     p.add_argument("--resident-policy", default="lru", choices=["lru", "static"])
