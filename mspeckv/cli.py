@@ -269,7 +269,7 @@ BENCH_FLAGS = {  # the flags each bench reads; any other changed flag would be i
     "placement": {"shape", "contexts", "on_chip", "formats", "residents", "steps", "repeats", "no_hf", "out_dir"},
     "spec": {"model", "draft", "contexts", "gen_len", "modes", "gamma", "draft_gamma", "budget", "chunk", "on_chip",
              "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy", "temperature",
-             "greedy", "top_p", "seed", "repeats", "device", "out_dir"},
+             "greedy", "top_p", "seed", "repeats", "device", "out_dir", "press", "l1_press"},
     "presses": {"model", "contexts", "presses", "gen_len", "repeats", "device", "prefill_chunk", "out_dir"},
 }
 
@@ -303,7 +303,7 @@ def cmd_bench(a) -> int:
                               gen_len=a.gen_len, modes=checks.str_list("--modes", a.modes, SPEC_BENCH_MODES),
                               gamma=a.gamma, draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk,
                               placement=_placement(a), temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p,
-                              seed=a.seed, repeats=a.repeats, device=a.device)
+                              seed=a.seed, repeats=a.repeats, device=a.device, press=a.press, l1_press=a.l1_press)
         checks.sampling_flags(a)
         checks.placement_flags(a)
         if cfg.modes == ("ar",):
@@ -455,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-gamma", type=int, default=4)
     p.add_argument("--budget", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--l1-press", default=None, help="spec: the mspeckv middle level's press (default: retrieval)")
     _add_sampling(p)
     _add_placement(p)
     p.add_argument("--shape", default="llama-2-7b-128k", help="placement: random-weight shape (--on-chip "

