@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, GPTNeoXConfig, Phi3Config
 
-from mspeckv.hf import HFSupportError, MSpecKVCache
+from mspeckv.hf import HFSupportError, MSpecKVCache, cache_argument
 from mspeckv.kv.placement import Placement
 from mspeckv.kv.quant import error_bound
 from tests.tiny import COMMON, tiny_config, tiny_pair
@@ -34,13 +32,7 @@ def hf_model(family: str, seed: int = 0, **kw):
 
 def generate(model, ids, cache, n=8, **kw):
     kw = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, **kw}
-    return model.generate(ids, **{cache_arg(model): cache}, **kw)
-
-
-def cache_arg(model) -> str:
-    """Recent transformers 5.x name the argument ``cache`` (``past_key_values`` is deprecated); 4.x only has the
-    latter."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return model.generate(ids, **{cache_argument(model): cache}, **kw)
 
 
 def prompt(n=16, seed=0):
@@ -99,7 +91,7 @@ def test_quantized_placement_within_bounds(fmt):
 
 def _feed(m, cache, ids):
     with torch.no_grad():
-        return m(ids, **{cache_arg(m): cache}, use_cache=True).logits
+        return m(ids, **{cache_argument(m): cache}, use_cache=True).logits
 
 
 @pytest.mark.parametrize("placement", [Placement(), offloaded(1), offloaded(1, kv_quant="int8"),
@@ -182,3 +174,22 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="allocate a larger cache"):
         _feed(m, MSpecKVCache(m, max_len=8), prompt(9))
     assert tiny_config("llama").num_hidden_layers == 3
+
+
+def test_cli_backend_hf(tmp_path, capsys):
+    from mspeckv.cli import main
+    from tests.tiny import char_tokenizer
+
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "hello there", "--max-new-tokens", "5",
+            "--device", "cpu", "--backend", "hf"]
+    assert main(args + ["--on-chip", "1", "--kv-group-size", "8"]) == 0
+    out = capsys.readouterr()
+    assert "[hf | LlamaForCausalLM on cpu]" in out.err and "1 on-chip, 2 offloaded" in out.err
+    ids = torch.tensor([char_tokenizer()("hello there", add_special_tokens=False).input_ids])
+    want = char_tokenizer().decode(generate(hf, ids, DynamicCache(), n=5)[0, ids.shape[1]:], skip_special_tokens=True)
+    assert out.out.split("\n")[0] == want
+    assert main(args + ["--mode", "mspeckv"]) == 2
+    assert "--backend hf runs transformers' own generate" in capsys.readouterr().err

@@ -24,6 +24,14 @@ from ..kv.placement import Placement, make_cache
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 
 
+def cache_argument(model) -> str:
+    """The name ``generate``/``forward`` take the cache under: ``cache`` in recent transformers 5.x (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 class HFSupportError(ValueError):
     """A model or placement that MSpecKVCache cannot serve (one clear message each)."""
 
