@@ -117,16 +117,19 @@ def test_crop_restores_a_cache_that_never_saw_the_tokens(placement):
     assert torch.equal(_feed(m, a, ids[:, 19:20]), _feed(m, b, ids[:, 19:20]))
 
 
-def test_prompt_lookup_and_assisted_generation():
+def test_prompt_lookup_and_assisted_generation(monkeypatch):
+    crops, crop = [], MSpecKVCache.crop
+    monkeypatch.setattr(MSpecKVCache, "crop", lambda self, n: (crops.append(n), crop(self, n))[1])
     m = hf_model("llama")
     ids = torch.cat([prompt(8), prompt(8)], 1)  # a repeated prompt gives prompt lookup something to propose
     ref = generate(m, ids, DynamicCache(), n=10)
     got = generate(m, ids, MSpecKVCache(m, placement=offloaded(1), max_len=64), n=10, prompt_lookup_num_tokens=3)
-    assert torch.equal(got, ref)
+    assert torch.equal(got, ref) and min(crops) < 0  # rejected proposals were cropped
+    crops.clear()
     draft = hf_model("llama", seed=1, num_hidden_layers=1)
     got = generate(m, ids, MSpecKVCache(m, placement=offloaded(1, kv_quant="none"), max_len=64), n=10,
                    assistant_model=draft)
-    assert torch.equal(got, ref)
+    assert torch.equal(got, ref) and min(crops) < 0
 
 
 def test_press_after_prefill_matches_our_runtime():

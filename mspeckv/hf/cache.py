@@ -80,8 +80,8 @@ class MSpecKVLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         return self.owner._update(self.idx, key_states, value_states)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner._mask_sizes(query_length)
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        return self.owner.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self.owner.get_seq_length()
@@ -166,7 +166,14 @@ class MSpecKVCache(Cache):
     """
 
     def __init__(self, model, placement: Placement | None = None, press=None, max_len: int | None = None):
+        import transformers
+
         from .. import validate as v
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise HFSupportError(f"mspeckv.hf needs transformers >= 5.0 (its cache-layer API; tested with 5.24), "
+                                 f"found {transformers.__version__}: pip install -U 'transformers>=5' (the rest of "
+                                 f"mspeckv works with >= 4.56)")
 
         sliding = _layer_kinds(model)
         cfg = _text_config(model)
