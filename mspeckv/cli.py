@@ -151,6 +151,10 @@ def _preflight(a) -> None:
 
 def cmd_generate(a) -> int:
     text = checks.prompt_text(a)
+    if a.backend == "hf":
+        from .hf.cli import generate_hf
+
+        return generate_hf(a, text)
     _preflight(a)
     model, tok, draft = _load_pair(a)
     ids = _encode(tok, text, a.chat)
@@ -422,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--backend", default="ours", choices=["ours", "hf"],
+                   help="ours: our runtime (default); hf: transformers' generate with our cache (mspeckv.hf)")
     _add_sampling(p)
     _add_placement(p)
     _add_spec(p)
