@@ -40,16 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kv.quant import QTensor, unpack_codes
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ..kv.quant_triton import HAS_TRITON, tl, triton  # one optional Triton import for every kernel module
 
 KV = Tensor | QTensor
 
