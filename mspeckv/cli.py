@@ -296,7 +296,34 @@ BENCH_FLAGS = {  # the flags each bench reads; any other changed flag would be i
              "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy", "temperature",
              "greedy", "top_p", "seed", "repeats", "device", "out_dir", "press", "l1_press"},
     "presses": {"model", "contexts", "presses", "gen_len", "repeats", "device", "prefill_chunk", "out_dir"},
+    "hf": {"model", "contexts", "caches", "gen_len", "repeats", "resident_layers", "kv_group_size", "device",
+           "out_dir"},
 }
+
+
+def _bench_hf(a) -> int:
+    from pathlib import Path
+
+    from .bench.hf import CACHES, HFBenchConfig, render_hf_bench, run_hf_bench
+    from .bench.results import atomic_write_json, atomic_write_text
+
+    ctx = checks.int_list("--contexts", a.contexts) if checks.changed(a, "contexts") else HFBenchConfig.contexts
+    cfg = HFBenchConfig(model=a.model, contexts=ctx,
+                        caches=checks.str_list("--caches", a.caches, CACHES) if a.caches else CACHES,
+                        gen_len=a.gen_len if checks.changed(a, "gen_len") else HFBenchConfig.gen_len,
+                        repeats=a.repeats if checks.changed(a, "repeats") else HFBenchConfig.repeats,
+                        resident_layers=a.resident_layers if checks.changed(a, "resident_layers") else
+                        HFBenchConfig.resident_layers, kv_group_size=a.kv_group_size, device=a.device,
+                        out_dir=a.out_dir or "results/hf")
+    checks.out_dir("--out-dir", cfg.out_dir)
+    res = run_hf_bench(cfg)
+    res["command"] = cmd = "mspeckv " + shlex.join(a.argv)
+    d = Path(cfg.out_dir)
+    atomic_write_json(d / "hf.json", res)
+    atomic_write_text(d / "summary.md", render_hf_bench(res, cmd))
+    keys = ("context", "cache", "tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
+    print(json.dumps({"bench": "hf", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}))
+    return 0
 
 
 def cmd_bench(a) -> int:
@@ -353,6 +380,8 @@ def cmd_bench(a) -> int:
         print(json.dumps({"bench": "spec", "rows": [{k: r[k] for k in ("prefill", "mode", "tok_per_s", "accepted",
                                                                          "agreement_with_ar")} for r in res["rows"]]}))
         return 0
+    if a.what == "hf":
+        return _bench_hf(a)
     if a.what == "presses":
         from pathlib import Path
 
@@ -473,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")
-    p.add_argument("what", choices=["decode", "placement", "spec", "presses"])
+    p.add_argument("what", choices=["decode", "placement", "spec", "presses", "hf"])
+    p.add_argument("--caches", default=None, help="hf: caches to compare (default: dynamic,dynamic_offload,"
+                   "int8_offload,int8_offload_resident)")
     p.add_argument("--presses", default=None, help="presses: ';'-separated press specs (default: every family and "
                    "preset; 'none' is the uncompressed baseline)")
     p.add_argument("--modes", default="ar,vanilla,mspeckv", help="spec: modes to compare")

@@ -196,3 +196,24 @@ def test_cli_backend_hf(tmp_path, capsys):
     assert out.out.split("\n")[0] == want
     assert main(args + ["--mode", "mspeckv"]) == 2
     assert "--backend hf runs transformers' own generate" in capsys.readouterr().err
+
+
+def test_bench_hf_cell_counts_bytes_and_refuses_bad_input():
+    """``bench hf`` on a tiny model (CPU): every cache makes its tokens, our int8 offload streams bytes, resident
+    layers stream fewer, and bad settings fail before anything loads."""
+    from mspeckv.bench.hf import HFBenchConfig, _cell, run_hf_bench
+
+    m = hf_model("llama")
+    cfg = HFBenchConfig(contexts=(96,), gen_len=4, repeats=2, resident_layers=1, kv_group_size=8)
+    ids = prompt(96)
+    rows = {k: _cell(m, ids, k, cfg, torch.device("cpu"), 1e9)
+            for k in ("dynamic", "int8_offload", "int8_offload_resident")}
+    assert all(r["tok_per_s"] > 0 and len(r["runs"]) == 2 for r in rows.values())
+    assert rows["dynamic"]["h2d_bytes_per_step"] == 0
+    assert 0 < rows["int8_offload_resident"]["h2d_bytes_per_step"] < rows["int8_offload"]["h2d_bytes_per_step"]
+    with pytest.raises(ValueError, match="gen_len"):
+        HFBenchConfig(gen_len=1)
+    with pytest.raises(ValueError, match="caches"):
+        HFBenchConfig(caches=("static",))
+    with pytest.raises(ValueError, match="needs a GPU"):
+        run_hf_bench(HFBenchConfig(device="cpu"))

@@ -59,10 +59,10 @@ def _last_json(capsys) -> dict:
 
 def test_sweep_end_to_end_and_resume(tiny_dirs, tmp_path, run_cli, capsys, monkeypatch):
     out = tmp_path / "ctx"
-    argv = _args(tiny_dirs, out, methods="baseline,vanilla_specdec,mspeckv,mspeckv_kv_quant,hf_assisted")
+    argv = _args(tiny_dirs, out, methods="baseline,vanilla_specdec,mspeckv,mspeckv_kv_quant,hf_assisted,ar_gpu,hf_ar")
     assert run_cli(argv) == 0
     line = _last_json(capsys)
-    assert line["n_runs"] == 20 and line["n_ok"] == 20, line
+    assert line["n_runs"] == 28 and line["n_ok"] == 28, line
     for f in ("summary.csv", "summary.json", "summary.md", "command.txt", "sweep.json"):
         assert (out / f).is_file(), f
     md = (out / "summary.md").read_text()
@@ -70,7 +70,7 @@ def test_sweep_end_to_end_and_resume(tiny_dirs, tmp_path, run_cli, capsys, monke
     for m in methods_mod.METHOD_FNS:
         assert m in md and m in csv_text
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    assert len(runs) == 20
+    assert len(runs) == 28
     for r in runs:
         mt = r["metrics"]
         assert r["config"]["weights"] == "real" and r["config"]["x_name"] == "prefill"
@@ -78,12 +78,14 @@ def test_sweep_end_to_end_and_resume(tiny_dirs, tmp_path, run_cli, capsys, monke
         assert mt["n_generated"] == 12 and mt["latency_s"] > 0 and mt["tok_per_s"] > 0
         assert mt["prompt_len"] == r["x"] and mt["prompt_source"].endswith("corpus.txt")
         assert mt["peak_gpu_bytes"] is None  # CPU
-        if r["method"] in ("baseline", "hf_assisted"):
+        if r["method"] in ("baseline", "hf_assisted", "ar_gpu", "hf_ar"):
             assert mt["accepted"] is None
         else:
             assert 0 <= mt["accepted"] <= 4 and mt["per_level_s"]["verify_l2"] > 0
-        if r["method"] == "hf_assisted":
+        if r["method"] in ("hf_assisted", "hf_ar"):
             assert mt["bytes_transferred"] is None
+        elif r["method"] == "ar_gpu":
+            assert mt["bytes_transferred"] == 0 and "every layer on the GPU" in mt["placement"]
         else:
             assert mt["bytes_transferred"] > 0  # 2 of 3 layers offloaded
         if r["method"] == "mspeckv_kv_quant":
@@ -96,7 +98,7 @@ def test_sweep_end_to_end_and_resume(tiny_dirs, tmp_path, run_cli, capsys, monke
         monkeypatch.setitem(methods_mod.METHOD_FNS, m, lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(methods_mod, "load_context", lambda s: calls.append("load") or None)
     assert run_cli(argv) == 0
-    assert calls == [] and _last_json(capsys)["n_ok"] == 20
+    assert calls == [] and _last_json(capsys)["n_ok"] == 28
 
 
 def test_failed_method_is_recorded_and_retried(tiny_dirs, tmp_path, run_cli, capsys, monkeypatch):

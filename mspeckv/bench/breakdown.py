@@ -86,5 +86,5 @@ def rows(groups, xs, methods, x_name: str) -> list[dict[str, Any]]:
         {x_name: x, "method": m, **group_breakdown(g.ok)}
         for x in xs
         for m in methods
-        if (g := groups.get((x, m))) is not None and g.ok and m != "hf_assisted"
+        if (g := groups.get((x, m))) is not None and g.ok and m not in ("hf_assisted", "hf_ar")
     ]

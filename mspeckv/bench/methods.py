@@ -180,6 +180,18 @@ def baseline(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
     return _ours(ctx, "baseline", x, seed, None)
 
 
+def ar_gpu(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """Autoregressive decoding with every layer's KV on the GPU: on CUDA, ``generate`` replays a CUDA graph over a
+    static cache. What a user whose KV fits on the GPU would run; the sweep's placement does not apply."""
+    p = ctx.point(x)
+    ids, src = prompt(ctx, p.prefill, seed)
+    res, peak = _timed(ctx, "ar_gpu", x, lambda n: generate(ctx.target, ids, _gen(ctx, n, seed)), p.gen_len)
+    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, None,
+                    prefill_s=res.prefill_s, accepted=None, levels=None, verifications=None,
+                    per_level_s={"prefill": res.prefill_s, "decode": res.decode_s}, resident_hit_rate=None,
+                    placement="every layer on the GPU (graphed on CUDA)", resident_layers=0)
+
+
 def vanilla_specdec(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
     """Draft (its own full KV) -> target with the baseline's placement."""
     return _ours(ctx, "vanilla_specdec", x, seed, "vanilla")
@@ -254,10 +266,47 @@ def hf_assisted(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
                     hf_cache=f"DynamicCache(offloading={offload})", total_s=total)
 
 
+def hf_ar(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """transformers' plain autoregressive ``generate`` with ``DynamicCache`` on the device (every layer on the GPU):
+    the best configuration transformers offers when the KV fits. TTFT and latency as for hf_assisted."""
+    from transformers import DynamicCache
+
+    s, p = ctx.settings, ctx.point(x)
+    target = _hf_model(ctx, "target")
+    ids, src = prompt(ctx, p.prefill, seed)
+    ids = ids.to(ctx.device)
+    sample = s.temperature > 0
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=sample, eos_token_id=None,
+              temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
+              pad_token_id=target.generation_config.pad_token_id or 0)
+
+    def gen(n: int) -> tuple[float, int]:
+        torch.manual_seed(seed)
+        cache = DynamicCache(config=target.config)
+        sync(ctx.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw)
+        sync(ctx.device)
+        return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
+
+    def run(n: int) -> tuple[float, float, int]:
+        ttft, _ = gen(1)
+        total, made = gen(n)
+        return ttft, total, made
+
+    (ttft, total, n), peak = _timed(ctx, "hf_ar", x, run, p.gen_len)
+    return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, accepted=None, levels=None,
+                    per_level_s=None, resident_hit_rate=None, bytes_transferred=None, bytes_per_token=None,
+                    hf_cache="DynamicCache (on the device)", total_s=total)
+
+
 METHOD_FNS: dict[str, Callable[[SweepContext, int, int], dict[str, Any]]] = {
     "baseline": baseline,
     "vanilla_specdec": vanilla_specdec,
     "mspeckv": mspeckv,
     "mspeckv_kv_quant": mspeckv_kv_quant,
     "hf_assisted": hf_assisted,
+    "ar_gpu": ar_gpu,
+    "hf_ar": hf_ar,
 }

@@ -33,6 +33,11 @@ SPEEDUP_COLUMNS = (
     ("quant_vs_no_quant", "mspeckv_kv_quant", "mspeckv"),
 )
 HF_SPEEDUP_COLUMN = ("kv_quant_vs_hf", "mspeckv_kv_quant", "hf_assisted")
+OPTIONAL_SPEEDUP_COLUMNS = (  # shown when the reference method ran
+    HF_SPEEDUP_COLUMN,
+    ("kv_quant_vs_ar_gpu", "mspeckv_kv_quant", "ar_gpu"),
+    ("kv_quant_vs_hf_ar", "mspeckv_kv_quant", "hf_ar"),
+)
 MD_TABLES = (
     ("Throughput (tok/s, higher is better)", "tok_per_s"),
     ("Latency (s, lower is better)", "latency_s"),
@@ -126,7 +131,7 @@ def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, A
 
 
 def _speedup_columns(methods: list[str]) -> list[tuple[str, str, str]]:
-    return list(SPEEDUP_COLUMNS) + ([HF_SPEEDUP_COLUMN] if "hf_assisted" in methods else [])
+    return list(SPEEDUP_COLUMNS) + [c for c in OPTIONAL_SPEEDUP_COLUMNS if c[2] in methods]
 
 
 def _speedup_rows(groups, xs, methods, x_name) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("baseline", "vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted")
+METHODS = ("baseline", "vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted", "ar_gpu", "hf_ar")
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 _TMP_SUFFIX = ".tmp"

@@ -10,7 +10,9 @@ genlen     B2 generation len   gen_len                     256,512,768,1024,1536
 =========  ==================  ==========================  ==========================================
 
 Methods (``mspeckv.bench.methods``): baseline (AR), vanilla_specdec, mspeckv (hierarchy, bf16 KV), mspeckv_kv_quant
-(hierarchy, int8 offloaded KV + resident layers), hf_assisted (transformers assisted generation). The resident value
+(hierarchy, int8 offloaded KV + resident layers), hf_assisted (transformers assisted generation), and two references
+run only when asked for: ar_gpu (AR with every layer on the GPU, CUDA-graphed) and hf_ar (transformers' plain AR with
+DynamicCache on the GPU); neither reads the sweep's placement or press. The resident value
 (flag or swept x) applies to mspeckv_kv_quant only; every other method keeps resident 0.
 
 ``--quick`` is a cheap sanity preset: budget 1024, prefill 2048 (context sweep: 2048,4096), gen 128 (genlen sweep:
@@ -44,6 +46,7 @@ from .results import METHODS, RunSpec, RunStore, atomic_write_json, atomic_write
 
 DEFAULT_SEEDS = (1, 2, 3)
 QUICK_BUDGET, QUICK_PREFILL, QUICK_GEN = 1024, 2048, 128
+DEFAULT_METHODS = METHODS[:5]  # ar_gpu and hf_ar are references, run when asked for
 SPEC_METHODS = ("vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted")  # methods that need the draft
 RETRIEVAL_METHODS = ("mspeckv", "mspeckv_kv_quant")
 
@@ -255,7 +258,7 @@ def placement_for(s: SweepSettings, method: str, p: Point):
     """The target's KV placement for a method at one point (hf_assisted: None, it uses transformers' cache)."""
     from ..kv.placement import Placement
 
-    if method == "hf_assisted":
+    if method in ("hf_assisted", "hf_ar", "ar_gpu"):
         return None
     quant = method == "mspeckv_kv_quant"
     return Placement(on_chip=p.on_chip, kv_quant=s.kv_quant if quant else "none", kv_group_size=s.kv_group_size,
@@ -403,8 +406,11 @@ def refuse_ignored(a, s: SweepSettings) -> None:
                "--methods leaves them out")
     if not any(m in SPEC_METHODS for m in s.methods):
         refuse(changed(a, "draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
-    if all(m == "hf_assisted" for m in s.methods):
-        refuse(changed(a, "press"), "hf_assisted runs transformers' own cache, which takes no press")
+    if all(m in ("hf_assisted", "hf_ar") for m in s.methods):
+        refuse(changed(a, "press"), "hf_assisted and hf_ar run transformers' own cache, which takes no press")
+    if s.press is not None and (ref := [m for m in s.methods if m in ("ar_gpu", "hf_ar")]):
+        refuse(changed(a, "press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
+               f"run them in a sweep without --press")
 
 
 def cmd_sweep(a) -> int:
@@ -467,7 +473,8 @@ def _add_common(p, d: SweepDef) -> None:
     p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="model reference or random:<shape> (seed 1)")
     p.add_argument("--dataset", default=None, help="None: packaged BBC News; or a .txt/.jsonl/directory path")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="prompt + sampling seeds")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(METHODS)} (default: "
+                   f"{','.join(DEFAULT_METHODS)})")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--greedy", action="store_true", help="temperature 0")

@@ -1,0 +1,229 @@
+"""``mspeckv bench hf``: transformers' own ``generate`` over our cache (``mspeckv.hf.MSpecKVCache``) against
+transformers' caches, on a real prompt.
+
+Caches compared (each at every context):
+
+- ``dynamic``: ``DynamicCache`` with every layer on the GPU (what a user whose KV fits runs);
+- ``dynamic_offload``: ``DynamicCache(offloading=True)``, transformers' offloaded cache (bf16, every layer but the
+  one in use on the CPU, prefetched one layer ahead);
+- ``int8_offload``: ``MSpecKVCache(Placement(on_chip=0, kv_quant="int8"))``: every layer's KV int8 in pinned memory;
+- ``int8_offload_resident``: the same with ``--resident-layers`` offloaded layers also kept on the GPU (static
+  policy, bf16 copies).
+
+Per (context, cache), after one untimed warm-up ``generate`` of the same prompt, ``repeats`` timed runs, each:
+
+- ``ttft_s``: ``generate(max_new_tokens=1)`` (prefill + first token);
+- ``total_s``: ``generate(max_new_tokens=gen_len, min_new_tokens=gen_len)``, greedy, so every run makes the same
+  number of tokens; ``decode_ms`` = 1e3 * (total - ttft) / (gen_len - 1) and ``tok_per_s`` its inverse;
+- ``peak_gpu_mb``: ``max_memory_allocated`` over the full ``generate`` (weights included), after a reset.
+
+The per-step breakdown (``forward_ms``) times the model's forward alone, one token at a time through the same cache
+after a prefill, with CUDA events (median over ``gen_len`` steps); ``generate_overhead_ms`` = decode_ms -
+forward_ms is what ``generate`` adds per token (logits processing, stopping criteria, bookkeeping). For our cache the
+host-to-device bytes per step come from the cache's own transfer counter; ``h2d_floor_ms`` = those bytes / the pinned
+H2D bandwidth measured in the same run. For ``dynamic_offload`` the bytes are the bf16 KV of every layer (what it
+prefetches each step), a lower bound on its traffic. Times are medians of the repeats; every repeat is kept.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import validate as v
+
+CACHES = ("dynamic", "dynamic_offload", "int8_offload", "int8_offload_resident")
+
+
+@dataclass(frozen=True)
+class HFBenchConfig:
+    model: str = "qwen2.5-coder-1.5b"
+    contexts: tuple[int, ...] = (8192, 32704)
+    caches: tuple[str, ...] = CACHES
+    gen_len: int = 64
+    repeats: int = 2
+    resident_layers: int = 14
+    kv_group_size: int = 64
+    device: str | None = None
+    out_dir: str = "results/hf"
+
+    def __post_init__(self):
+        v.integer("gen_len", self.gen_len, lo=2)  # decode time needs tokens after the first
+        v.integer("repeats", self.repeats, lo=2)  # the median over repeats is reported
+        v.integer("resident_layers", self.resident_layers, lo=1)
+        v.integer("kv_group_size", self.kv_group_size, lo=1)
+        if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 16 for c in self.contexts):
+            raise ValueError(f"--contexts must be prompt lengths >= 16, got {self.contexts}")
+        if not self.caches:
+            raise ValueError(f"--caches is empty: choose from {','.join(CACHES)}")
+        for c in self.caches:
+            v.choice("caches", c, CACHES)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
+    """A fresh cache of ``kind`` for one ``generate``."""
+    from transformers import DynamicCache
+
+    from ..hf.cache import MSpecKVCache
+    from ..kv.placement import Placement
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    if kind == "dynamic_offload":
+        return DynamicCache(config=model.config, offloading=True)
+    resident = cfg.resident_layers if kind == "int8_offload_resident" else 0
+    placement = Placement(on_chip=0, kv_quant="int8", kv_group_size=cfg.kv_group_size, resident_layers=resident,
+                          resident_policy="static")
+    return MSpecKVCache(model, placement=placement, max_len=max_len)
+
+
+def _h2d(cache) -> int | None:
+    rep = cache.memory_report() if hasattr(cache, "memory_report") else None
+    return None if rep is None else rep.get("h2d_bytes_total")
+
+
+@torch.inference_mode()
+def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.device, bw: float) -> dict:
+    from ..hf.cache import cache_argument
+
+    arg = cache_argument(model)
+    max_len = ids.shape[1] + cfg.gen_len
+    common = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
+                  pad_token_id=model.generation_config.pad_token_id or 0)
+
+    def gen(n: int) -> float:
+        cache = make_hf_cache(kind, model, cfg, max_len)
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **{arg: cache}, **common)
+        _sync(dev)
+        if out.shape[1] - ids.shape[1] != n:
+            raise RuntimeError(f"{kind}: generate made {out.shape[1] - ids.shape[1]} tokens, asked for {n}")
+        return time.perf_counter() - t0
+
+    gen(min(8, cfg.gen_len))  # warm-up at the same prompt shape
+    runs = []
+    for _ in range(cfg.repeats):
+        ttft = gen(1)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        total = gen(cfg.gen_len)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+        runs.append({"ttft_s": ttft, "total_s": total, "decode_ms": 1e3 * (total - ttft) / (cfg.gen_len - 1),
+                     "peak_gpu_mb": peak})
+
+    # per-step breakdown: the forward alone, one token at a time, through a cache holding the prompt
+    cache = make_hf_cache(kind, model, cfg, max_len)
+    out = model(ids, **{arg: cache}, logits_to_keep=1)
+    tok = out.logits[:, -1:].argmax(-1)
+    before = _h2d(cache)
+    step_ms = []
+    for _ in range(cfg.gen_len - 1):
+        if dev.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            e.record()
+            e.synchronize()
+            step_ms.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            step_ms.append(1e3 * (time.perf_counter() - t0))
+    after = _h2d(cache)
+    if kind == "dynamic_offload":  # every layer's bf16 K and V come back each step (a lower bound on its traffic)
+        c = model.config
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        h2d_step = 2 * c.num_hidden_layers * c.num_key_value_heads * hd * model.dtype.itemsize * max_len
+    elif before is not None and after is not None:
+        h2d_step = (after - before) / (cfg.gen_len - 1)
+    else:
+        h2d_step = 0
+    mem = cache.memory_report() if hasattr(cache, "memory_report") else {}
+    del cache
+    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    decode_ms, forward_ms = med("decode_ms"), statistics.median(step_ms)
+    return {"ttft_s": med("ttft_s"), "decode_ms": decode_ms, "tok_per_s": 1e3 / decode_ms,
+            "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in runs) if dev.type == "cuda" else None,
+            "forward_ms": forward_ms, "generate_overhead_ms": decode_ms - forward_ms,
+            "h2d_bytes_per_step": h2d_step, "h2d_floor_ms": 1e3 * h2d_step / bw if h2d_step else 0.0,
+            "cache_report": mem, "runs": runs, "forward_ms_steps": step_ms}
+
+
+def run_hf_bench(cfg: HFBenchConfig) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data.corpora import long_prompt
+    from ..model.api import default_dtype, parse_device
+    from ..model.loading import resolve
+    from .placement import h2d_bandwidth
+    from .results import run_metadata
+
+    dev = parse_device(cfg.device)
+    if dev.type != "cuda" and "dynamic_offload" in cfg.caches:
+        raise ValueError("dynamic_offload is transformers' CUDA offloading and needs a GPU; on the CPU pass "
+                         "--caches dynamic,int8_offload,int8_offload_resident")
+    d = resolve(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=default_dtype(dev)).to(dev).eval()
+    limit = model.config.max_position_embeddings
+    if bad := [c for c in cfg.contexts if c + cfg.gen_len > limit]:
+        raise ValueError(f"--contexts {bad}: prompt + --gen-len {cfg.gen_len} exceeds the model's {limit} positions; "
+                         f"use prompts <= {limit - cfg.gen_len}")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    bw = h2d_bandwidth()
+    rows = []
+    print(HEADER, flush=True)
+    for ctx in cfg.contexts:
+        ids = torch.tensor([long_prompt(tok, ctx, seed=0)], device=dev)
+        base = None
+        for kind in cfg.caches:
+            r = {"context": ctx, "cache": kind, **_cell(model, ids, kind, cfg, dev, bw)}
+            if kind == "dynamic_offload":
+                base = r
+            rows.append(r)
+        for r in rows:
+            if r["context"] == ctx:
+                r["speedup_vs_dynamic_offload"] = base["decode_ms"] / r["decode_ms"] if base else None
+                print(_line(r), flush=True)
+    return {"bench": "hf", "config": asdict(cfg), "rows": rows, "pinned_h2d_GBps": bw / 1e9,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(model.dtype),
+            "model_class": type(model).__name__, "meta": run_metadata()}
+
+
+def _f(x, fmt: str) -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def _line(r: dict) -> str:
+    return (f"| {r['context']} | {r['cache']} | {r['tok_per_s']:.1f} | {r['decode_ms']:.2f} | "
+            f"{r['forward_ms']:.2f} | {r['generate_overhead_ms']:.2f} | {r['h2d_bytes_per_step'] / 1e6:.1f} | "
+            f"{r['h2d_floor_ms']:.2f} | {r['ttft_s'] * 1e3:.0f} | {_f(r['peak_gpu_mb'], '{:.0f}')} | "
+            f"{_f(r.get('speedup_vs_dynamic_offload'), '{:.2f}x')} |")
+
+
+HEADER = ("| context | cache | tok/s | decode ms/token | forward ms | generate overhead ms | H2D MB/step | "
+          "H2D floor ms | TTFT ms | peak GPU MB | vs dynamic_offload |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def render_hf_bench(res: dict, command: str) -> str:
+    c = res["config"]
+    meta = res["meta"]
+    return "\n".join([
+        f"# transformers generate with each cache: {c['model']} ({res['model_class']}, {res['device']}, "
+        f"{res['dtype']})", "",
+        f"- command: `{command}`",
+        f"- commit: {meta.get('git_commit')}; torch {meta.get('torch')}, transformers {meta.get('transformers')}",
+        f"- greedy, {c['gen_len']} new tokens, median of {c['repeats']} runs after a warm-up; pinned H2D measured "
+        f"in this run: {res['pinned_h2d_GBps']:.1f} GB/s",
+        f"- int8_offload_resident keeps {c['resident_layers']} of the offloaded layers on the GPU (static policy)",
+        "", HEADER, *(_line(r) for r in res["rows"]), ""])
