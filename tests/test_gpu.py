@@ -51,6 +51,18 @@ def test_streamed_bf16_equals_all_on_gpu(p):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16: same math, different kernels/strides
 
 
+def test_transfer_accounting_times_every_fetch():
+    """The copy stream's busy time covers every fetched byte, and the rate it implies is a PCIe rate (not 0, not a
+    device-copy rate)."""
+    m = cuda_model()
+    ids = torch.randint(0, 512, (1, 800), device="cuda")
+    cache = make_cache(m, Placement(on_chip=2), 1, 1024)
+    drive(m, cache, ids)
+    rep = cache.memory_report()
+    assert rep["h2d_bytes_total"] > 0 and cache.stats.h2d_timed_bytes == rep["h2d_bytes_total"]
+    assert rep["h2d_busy_s"] > 0 and 0.5 < rep["h2d_achieved_GBps"] < 500
+
+
 @pytest.mark.parametrize("fmt,bound", [("int8", 0.03), ("int4", 0.3)])
 @pytest.mark.parametrize("res", [(0, "dequant"), (2, "dequant"), (2, "quant")])
 def test_quantized_stream_close(fmt, bound, res):

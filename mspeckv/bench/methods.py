@@ -139,6 +139,9 @@ def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str,
         "decode_ms_per_token": 1e3 * latency / max(n - 1, 1),
         "n_generated": n, "prompt_len": prompt_len, "prompt_source": source,
         "bytes_transferred": h2d, "bytes_per_token": h2d / n if (h2d is not None and n) else None,
+        # every generated token is an accepted one, so bytes_per_token is the bytes per accepted token; the PCIe rate
+        # is the H2D bytes over the copy stream's busy time (CUDA events around each fetch): GB/s while streaming
+        "h2d_GBps_streaming": (mem or {}).get("h2d_achieved_GBps"), "h2d_busy_s": (mem or {}).get("h2d_busy_s"),
         "peak_gpu_bytes": peak, **extra,
     }  # fmt: skip
 

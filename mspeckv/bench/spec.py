@@ -69,10 +69,21 @@ def _one(cfg: SpecBenchConfig, target, draft, ids, mode: str, gen_len: int):
         n, cap = target.cfg.n_layers, ids.shape[1] + gen_len
         cache = None if cfg.placement.n_on_chip(n) == n and cfg.press is None else \
             make_cache(target, cfg.placement, 1, cap, press=cfg.press)
-        return generate(target, ids, gen, cache=cache)
+        res = generate(target, ids, gen, cache=cache)
+        res.stats["memory"] = cache.memory_report() if cache is not None else {}
+        return res
     spec = SpecConfig(mode=mode, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.budget, chunk=cfg.chunk,
                       l1_press=cfg.l1_press if mode == "mspeckv" else None)
     return speculative_generate(target, draft, ids, gen, spec, placement=cfg.placement, press=cfg.press)
+
+
+def transfer_accounting(r) -> dict:
+    """Per run: host-to-device bytes of the target's KV per accepted token (every generated token is accepted), and
+    the PCIe rate while streaming (those bytes over the copy stream's busy time, from CUDA events per fetch)."""
+    mem = r.stats.get("memory") or {}
+    h2d = mem.get("h2d_bytes_total")
+    return {"h2d_bytes": h2d, "h2d_bytes_per_accepted_token": h2d / r.n_generated if h2d is not None else None,
+            "h2d_GBps_streaming": mem.get("h2d_achieved_GBps"), "h2d_busy_s": mem.get("h2d_busy_s")}
 
 
 def run_spec_bench(cfg: SpecBenchConfig) -> dict:
@@ -108,7 +119,7 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
                 "agreement_with_ar": agree, "n_generated": r.n_generated,
                 "runs_tok_per_s": [x.tok_per_s for x in runs],
                 "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-                "text": tok.decode(r.tokens[0][:64]),
+                "text": tok.decode(r.tokens[0][:64]), **transfer_accounting(r),
             })
             print(f"[{prefill} {mode}] {rows[-1]['tok_per_s']:.1f} tok/s, accepted {rows[-1]['accepted']}, "
                   f"agreement {agree}", flush=True)
@@ -123,11 +134,16 @@ def render_spec(res: dict) -> str:
              f"gen {c['gen_len']} tokens, gamma {c['gamma']}, draft_gamma {c['draft_gamma']}, budget {c['budget']}, "
              f"chunk {c['chunk']}, temperature {c['temperature']}, placement {c['placement']}; prompts are BBC News "
              f"text (seed {c['seed']}); median of {c['repeats']} runs after a warm-up.", "",
-             "| prefill | mode | tok/s | ms/token | TTFT s | accepted | L1 acceptance | agreement with AR |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| prefill | mode | tok/s | ms/token | TTFT s | accepted | L1 acceptance | agreement with AR | "
+             "H2D MB / accepted token | PCIe GB/s while streaming |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         l1 = (r["levels"] or {}).get("verify_l1", {}).get("acceptance_rate")
+        mb = r.get("h2d_bytes_per_accepted_token")
+        mb = None if mb is None else mb / 1e6
         f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
         lines.append(f"| {r['prefill']} | {r['mode']} | {r['tok_per_s']:.1f} | {r['ms_per_token']:.1f} | "
-                     f"{r['ttft_s']:.2f} | {f(r['accepted'])} | {f(l1)} | {f(r['agreement_with_ar'])} |")
+                     f"{r['ttft_s']:.2f} | {f(r['accepted'])} | {f(l1)} | {f(r['agreement_with_ar'])} | "
+                     f"{f(mb)} | "
+                     f"{f(r.get('h2d_GBps_streaming'), 1)} |")
     return "\n".join(lines) + "\n"

@@ -91,6 +91,8 @@ class TransferStats:
     hits: int = 0
     misses: int = 0
     forwards: int = 0
+    h2d_busy_ms: float = 0.0  # copy-stream time spent in H2D copies (CUDA events around each fetch)
+    h2d_timed_bytes: int = 0  # the bytes those timed fetches moved
 
 
 class PlacedKV(KVCache):
@@ -142,6 +144,7 @@ class PlacedKV(KVCache):
         self._len = self.flushed = 0
         self._pending: int | None = None
         self.stats = TransferStats()
+        self._timed: list[tuple] = []  # (start event, end event, bytes) of fetches not yet folded into stats
         self.stage_i = 0
         self.failed = False
 
@@ -205,6 +208,21 @@ class PlacedKV(KVCache):
         self.flushed = self.flush_to
         self._pending = None
         self.stats.forwards += 1
+        self._fold_timings(wait=False)
+
+    def _fold_timings(self, wait: bool) -> None:
+        """Add finished fetches' copy times to the stats: without waiting (end of a forward: only those whose end
+        event has completed, so no host sync), or all of them (``memory_report``)."""
+        keep = []
+        for t0, t1, nbytes in self._timed:
+            if wait:
+                t1.synchronize()
+            elif not t1.query():
+                keep.append((t0, t1, nbytes))
+                continue
+            self.stats.h2d_busy_ms += t0.elapsed_time(t1)
+            self.stats.h2d_timed_bytes += nbytes
+        self._timed = keep
 
     def abort(self) -> None:
         """A forward failed half-way: layers already updated rewrote their residual and slots were reassigned, so
@@ -291,17 +309,22 @@ class PlacedKV(KVCache):
         if key[0] != "slot":
             self.stage_i += 1
         cs = self.copy_stream
+        nbytes = sum(st.nbytes(self.flushed) for st in self.store[layer])
         with torch.cuda.stream(cs) if cs is not None else nullcontext():
             if cs is not None and key in self.free_ev:
                 cs.wait_event(self.free_ev[key])
+            t0 = None
+            if cs is not None:  # timed after the wait: the interval is the copies' own time on the link
+                t0 = torch.cuda.Event(enable_timing=True)
+                t0.record(cs)
             for src, d in zip(self.store[layer], dst, strict=True):
                 for name, x in src.prefix(self.flushed).items():
                     d.t[name][: x.shape[0]].copy_(x, non_blocking=True)
             ev = None
             if cs is not None:
-                ev = torch.cuda.Event()
+                ev = torch.cuda.Event(enable_timing=True)
                 ev.record(cs)
-        nbytes = sum(st.nbytes(self.flushed) for st in self.store[layer])
+                self._timed.append((t0, ev, nbytes))
         self.stats.h2d_bytes += nbytes
         self.ready[layer] = (ev, dst, key)
 
@@ -401,6 +424,7 @@ class PlacedKV(KVCache):
 
     # ------------------------------------------------------------------------------------------------ accounting
     def memory_report(self) -> dict:
+        self._fold_timings(wait=True)
         nb = lambda fs: sum(f.nbytes() for pair in fs for f in pair)
         staging = nb(self.stage) + (nb(self.qstage) if self.spec is not None else 0)
         res = sum(t.numel() * t.element_size() for pair in self.residual.values() for t in pair)
@@ -411,6 +435,9 @@ class PlacedKV(KVCache):
             "residual_bytes": res,
             "pinned_cpu_kv_bytes": nb(self.store.values()),
             "h2d_bytes_total": self.stats.h2d_bytes,
+            "h2d_busy_s": self.stats.h2d_busy_ms / 1e3 if self.copy_stream is not None else None,
+            "h2d_achieved_GBps": (self.stats.h2d_timed_bytes / self.stats.h2d_busy_ms / 1e6
+                                  if self.stats.h2d_busy_ms > 0 else None),
             "d2h_bytes_total": self.stats.d2h_bytes,
             "resident_hits": self.stats.hits,
             "resident_misses": self.stats.misses,
