@@ -148,3 +148,16 @@ def test_dry_run_plans_without_loading_or_writing(tiny, tmp_path, capsys, monkey
     todo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["todo"]
     assert [(t["family"], t["variants"]) for t in todo] == [("lm", ["full", INT8]), ("speed", ["full", INT8])]
     assert not out.exists()
+
+
+def test_no_baseline_leaves_the_full_cells_to_another_run(tiny, tmp_path, capsys, monkeypatch):
+    import mspeckv.model.api as api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("a dry run loaded a model"))
+    out = tmp_path / "nb"
+    assert cli.main(["eval", "speed,recon", *_ppl_args(tiny, out, "--dry-run", "--no-baseline")[2:]]) == 0
+    todo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["todo"]
+    assert [(t["family"], t["variants"]) for t in todo] == [("recon", [INT8]), ("speed", [INT8])]
+    assert cli.main(_ppl_args(tiny, out, "--no-baseline")) == 2  # ppl compares with the baseline's logits
+    assert "--no-baseline cannot be used with ppl" in capsys.readouterr().err
+    assert not out.exists()

@@ -115,6 +115,9 @@ class EvalConfig:
     gamma: int = opt(8, "accept: proposals per full-KV verification")
     draft_gamma: int = opt(4, "accept: draft proposals per middle-level verification")
     output_dir: str | None = opt(None, "where cells and summaries go (default results/quality/<model>)")
+    no_baseline: bool = opt(False, "leave the full-cache baseline's cells to another invocation into the same "
+                                   "--output-dir (parallel runs on one GPU); not with ppl/kl/ece/attention, which "
+                                   "need its logits in memory")
     no_plots: bool = opt(False, "skip the PNG plots")
     dry_run: bool = opt(False, "check every input and print the cells still to run; load and write nothing")
 
@@ -141,6 +144,9 @@ class EvalConfig:
                                          f"{','.join(map(str, short))})")
         check(self.needle_count <= 32, "--needle-count", "must be <= 32 (distinct keys)")
         check(self.ruler_keys <= 32, "--ruler-keys", "must be <= 32 (distinct keys)")
+        lm = [m for m in self.metrics if FAMILY_OF[m].name == "lm"]
+        check(not (self.no_baseline and lm), "--no-baseline", f"cannot be used with {','.join(lm)}: those compare "
+              f"with the baseline's logits in the same pass; run them without it")
         check(len(set(self.press)) == len(self.press), "--press", "names a spec twice")
         check(len(set(self.kv_quant)) == len(self.kv_quant), "--kv-quant", "names a format twice")
         self.variants()  # placement errors (with the Placement's own flag names)
@@ -204,7 +210,8 @@ def plan(cfg: EvalConfig, store: CellStore) -> list[tuple[Family, int, list[Vari
     for fam in families(cfg.metrics):
         asked = [m for m in fam.metrics if m in cfg.metrics]
         for c in cfg.contexts(fam):
-            missing = [v for v in variants if any(not store.done(m, v.name, c) for m in asked)]
+            missing = [v for v in variants if any(not store.done(m, v.name, c) for m in asked)
+                       and not (cfg.no_baseline and v.is_baseline)]
             if fam.name == "lm" and missing and not missing[0].is_baseline:
                 missing = [variants[0], *missing]
             if missing:
