@@ -15,9 +15,11 @@ E="python -m mspeckv eval"
 C="--model $M --device cuda --no-plots"
 job() { local name=$1; shift; OMP_NUM_THREADS=2 setsid nohup "$@" > /root/qlog/$name.log 2>&1 < /dev/null & }
 # GSM8K, 200 items, one variant per job (one job computes the baseline)
-job g_full $E gsm8k $C --output-dir /root/q_gsm8k
-job g_aggr $E gsm8k $C --output-dir /root/q_gsm8k --no-baseline --press aggressive
-job g_int4 $E gsm8k $C --output-dir /root/q_gsm8k --no-baseline --kv-quant int4
+if [[ ${GSM8K:-1} == 1 ]]; then  # ~10 min per variant: GSM8K=0 leaves it for a longer session
+  job g_full $E gsm8k $C --output-dir /root/q_gsm8k
+  job g_aggr $E gsm8k $C --output-dir /root/q_gsm8k --no-baseline --press aggressive
+  job g_int4 $E gsm8k $C --output-dir /root/q_gsm8k --no-baseline --kv-quant int4
+fi
 # needle + RULER at 4K-32K
 job n_a $E needle,ruler $C --output-dir /root/q_retr --press conservative aggressive extreme
 job n_b $E needle,ruler $C --output-dir /root/q_retr --no-baseline --kv-quant int8,int4,int2
