@@ -126,8 +126,8 @@ class LowRank:
         if isinstance(lat, QTensor):
             lat = dequantize_values(lat, self.lat_spec, v.dtype)
         P = self.v_proj.to(v.dtype)
-        torch.einsum("bhnr,hdr->bhnd", lat, P, out=v) if v.is_contiguous() else v.copy_(
-            torch.einsum("bhnr,hdr->bhnd", lat, P))
+        # (B, H, n, r) @ (H, r, D) -> (B, H, n, D); einsum's ``out=`` is not in every supported torch (2.11 lacks it)
+        torch.matmul(lat, P.transpose(1, 2), out=v) if v.is_contiguous() else v.copy_(lat @ P.transpose(1, 2))
         if self.k_lat is None:
             k.copy_(self.k_rows, non_blocking=True)
         else:
