@@ -101,3 +101,16 @@ def test_flags_come_from_the_config_fields():
 def test_config_errors_name_the_flag(argv, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("'", "'")):
         _parse(*argv)
+
+
+def test_two_bit_goal_concerns_two_bit_configs_only():
+    """KIVI at 4 or 8 bits is not judged against the 2-bit goal; KIVI 2/2 and the int2 placement are."""
+    def cell(variant, press, q="none"):
+        return {"variant": variant, "metric": "ppl", "context": 8192,
+                "variant_info": {"press": press, "kv_quant": q}}
+
+    names = {"k4": "kivi:k_bits=4,v_bits=4", "k2": "kivi:k_bits=2,v_bits=2", "q2": "kv=int2/g64/res64/onchip0"}
+    cells = [cell(names["k4"], names["k4"]), cell(names["k2"], names["k2"]), cell(names["q2"], None, "int2")]
+    ov = {"8192": [{"config": n, "ppl_delta_pct": 1.0, "compression": 2.0} for n in names.values()]}
+    lines = [g for g in report.goals(cells, ov) if "2-bit" in g]
+    assert len(lines) == 2 and all(names["k4"] not in g for g in lines)
