@@ -106,3 +106,28 @@ def test_graphed_speculation_equals_ar_fp32(mode):
     assert ar_graph == ar_eager
     assert sp.tokens == ar_eager
     assert sp.levels["verify_l2"]["rounds"] >= 1  # random weights: acceptance itself is meaningless here
+
+
+@pytest.mark.parametrize("l1", ["snapkv:budget=512", "streaming:budget=512", "snapkv:budget=0.25",
+                                "kivi:k_bits=2,v_bits=2,group_size=32,residual=128"])
+def test_graphed_mspeckv_with_a_middle_press_equals_ar_fp32(l1):
+    """Any press as the middle level, graphed where it is dense, on a prompt longer than its budget (the
+    configuration of `mspeckv eval accept`, which hit an illegal memory access on the H200 at 8K/4096)."""
+    from mspeckv.config import GenerationConfig
+    from mspeckv.decoding.autoregressive import generate
+    from mspeckv.decoding.speculative import SpecConfig, speculative_generate
+
+    target, draft = cuda_model(layers=4, dtype=torch.float32), cuda_model(layers=2, dtype=torch.float32)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.mul_(1.01)
+    base = torch.randint(0, 512, (1, 200), device="cuda")
+    ids = torch.cat([base] * 5, 1)  # 1000 tokens, repetitive so that drafts get accepted
+    gen = GenerationConfig(max_new_tokens=64, stop_on_eos=False, prefill_chunk=256)
+    ar = generate(target, ids, gen, graphs=False).tokens
+    spec = SpecConfig(mode="mspeckv", gamma=8, draft_gamma=4, l1_press=l1, draft_sinks=4, draft_window=64,
+                      graphs=True)
+    sp = speculative_generate(target, draft, ids, gen, spec)
+    torch.cuda.synchronize()
+    assert sp.tokens == ar
+    assert sp.levels["verify_l1"]["rounds"] >= 1
