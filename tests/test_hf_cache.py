@@ -208,7 +208,7 @@ def test_bench_hf_cell_counts_bytes_and_refuses_bad_input():
     ids = prompt(96)
     rows = {k: _cell(m, ids, k, cfg, torch.device("cpu"), 1e9)
             for k in ("dynamic", "int8_offload", "int8_offload_resident")}
-    assert all(r["tok_per_s"] > 0 and len(r["runs"]) == 2 for r in rows.values())
+    assert all(len(r["runs"]) == 2 and len(r["forward_ms_steps"]) == 3 for r in rows.values())  # no timed asserts
     assert rows["dynamic"]["h2d_bytes_per_step"] == 0
     assert 0 < rows["int8_offload_resident"]["h2d_bytes_per_step"] < rows["int8_offload"]["h2d_bytes_per_step"]
     with pytest.raises(ValueError, match="gen_len"):
