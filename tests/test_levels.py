@@ -364,3 +364,32 @@ def test_select_chunks_batch_rows_are_independent():
     got = select_chunks(k, q, 20, 4)
     for b in range(2):
         assert got[b].tolist() == ref_select(k[b].numpy(), q[b].numpy(), 20, 4).tolist()
+
+
+def test_one_factory_decides_the_layout_and_one_runner_follows_it():
+    """make_cache(graphs=...) is the only place a static layout is chosen; make_runner replays graphs exactly for
+    graphable caches; use_graphs never graphs dynamic-NTK RoPE."""
+    from dataclasses import replace
+
+    from mspeckv.decoding.runner import GraphRunner, make_runner, use_graphs
+    from mspeckv.kv.offload import PlacedKV
+    from mspeckv.kv.placement import Placement, make_cache
+    from mspeckv.kv.static import StaticKV
+
+    m = tiny_model("llama", seed=0, num_hidden_layers=2)
+    cases = [
+        (dict(graphs=True), StaticKV, True),
+        (dict(graphs=False), DenseKV, False),
+        (dict(graphs=True, press="streaming:budget=0.5"), PressedKV, False),  # a pressed target runs eagerly
+        (dict(graphs=True, placement=Placement(on_chip=1, kv_group_size=8)), PlacedKV, False),  # offloaded: eager
+    ]
+    for kw, cls, graphed in cases:
+        placement = kw.pop("placement", None)
+        c = make_cache(m, placement, 1, 64, **kw)
+        assert type(c) is cls and c.graphable is graphed
+        assert isinstance(make_runner(m, c), GraphRunner) is graphed
+    static_press = PressedKV.streaming(m, sinks=4, window=16, room=8, static=True)
+    assert static_press.graphable and isinstance(make_runner(m, static_press), GraphRunner)
+    assert use_graphs(m) is False and use_graphs(m, True) is True  # CPU default off; asked for: on
+    m.cfg = replace(m.cfg, rope=replace(m.cfg.rope, rope_type="dynamic"))
+    assert use_graphs(m, True) is False

@@ -36,6 +36,7 @@ import torch
 
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate, sync
+from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..kv.placement import make_cache
 from .sweeps import Point, SweepSettings, placement_for
@@ -155,11 +156,9 @@ def _ours(ctx: SweepContext, method: str, x: int, seed: int, mode: str | None) -
 
     def run(n: int):
         gen = _gen(ctx, n, seed)
-        if mode is None:  # nothing offloaded: generate() picks the graphed static cache on CUDA, as speculation does
-            L = ctx.target.cfg.n_layers
-            cache = None if placement.n_on_chip(L) == L and s.press is None else \
-                make_cache(ctx.target, placement, 1, p.prefill + n, press=s.press)
-            caches[:] = [cache] if cache is not None else []
+        if mode is None:  # the factory decides the layout: graphed when nothing is offloaded or pressed, as in spec
+            cache = make_cache(ctx.target, placement, 1, p.prefill + n, press=s.press, graphs=use_graphs(ctx.target))
+            caches[:] = [cache]
             return generate(ctx.target, ids, gen, cache=cache)
         spec = SpecConfig(mode=mode, gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk,
                           l1_press=s.l1_press if mode == "mspeckv" else None)

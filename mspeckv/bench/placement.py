@@ -31,7 +31,7 @@ import torch
 from .. import validate as v
 from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement, make_cache
-from ..kv.static import GraphedForward, StaticKV
+from ..kv.static import GraphedForward
 from ..model.api import RANDOM_SHAPES, random_model
 
 
@@ -206,7 +206,7 @@ def decode_ms(model, cache, steps: int, repeats: int, n_tokens: int = 1) -> list
 def graphed_ms(model, ctx: int, steps: int, repeats: int, n_tokens: int = 1) -> list[float]:
     """Per-repeat mean ms of a GRAPHED forward over n_tokens with every layer's KV on the GPU (StaticKV +
     GraphedForward, as autoregressive decoding runs it; eager on the CPU); fixed context (rolled back)."""
-    cache = StaticKV.for_model(model, ctx + n_tokens + 8)
+    cache = make_cache(model, None, 1, ctx + n_tokens + 8, graphs=True)  # the StaticKV layout
     with torch.inference_mode():
         fill_cache(model, cache, ctx)
         fwd = GraphedForward(model, cache, n_tokens, 1)

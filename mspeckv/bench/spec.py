@@ -16,6 +16,7 @@ import torch
 from .. import validate as v
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
+from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..kv.placement import Placement, make_cache
 from ..model.api import load, parse_device
@@ -65,12 +66,11 @@ class SpecBenchConfig:
 def _one(cfg: SpecBenchConfig, target, draft, ids, mode: str, gen_len: int):
     s = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     gen = GenerationConfig(max_new_tokens=gen_len, sampling=s, stop_on_eos=False, prefill_chunk=4096)
-    if mode == "ar":  # nothing offloaded: let generate() pick the graphed static cache, as the spec modes do
-        n, cap = target.cfg.n_layers, ids.shape[1] + gen_len
-        cache = None if cfg.placement.n_on_chip(n) == n and cfg.press is None else \
-            make_cache(target, cfg.placement, 1, cap, press=cfg.press)
+    if mode == "ar":  # the factory decides the layout: graphed when nothing is offloaded or pressed, as in spec
+        cache = make_cache(target, cfg.placement, 1, ids.shape[1] + gen_len, press=cfg.press,
+                           graphs=use_graphs(target))
         res = generate(target, ids, gen, cache=cache)
-        res.stats["memory"] = cache.memory_report() if cache is not None else {}
+        res.stats["memory"] = cache.memory_report()
         return res
     spec = SpecConfig(mode=mode, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.budget, chunk=cfg.chunk,
                       l1_press=cfg.l1_press if mode == "mspeckv" else None)

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from ..config import GenerationConfig
-from ..kv.dense import DenseKV
-from ..kv.static import GraphedForward, StaticKV
+from ..kv.placement import make_cache
+from ..kv.static import GraphedForward
+from .runner import use_graphs
 from .sampling import make_generator, next_token
 
 
@@ -75,18 +76,16 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     model.check_context(T + gen.max_new_tokens)
-    graphs = (device.type == "cuda" and model.cfg.rope.rope_type != "dynamic") if graphs is None else graphs
+    graphs = use_graphs(model, graphs)
     step = None
-    if cache is None and graphs:
-        cache = StaticKV.for_model(model, T + gen.max_new_tokens, batch=B)
-    elif cache is None:
-        cache = DenseKV.for_model(model, B, T + gen.max_new_tokens)
+    if cache is None:
+        cache = make_cache(model, None, B, T + gen.max_new_tokens, graphs=graphs)
     eos = set(model.cfg.eos_token_ids if eos_ids is None else eos_ids) if gen.stop_on_eos else set()
     every = eos_check_every or (16 if device.type == "cuda" else 1)
     g = make_generator(device, gen.sampling.seed)
     eos_t = torch.tensor(sorted(eos) or [-1], device=device)
 
-    if graphs and isinstance(cache, StaticKV):  # one-time capture, outside the timed region
+    if graphs and cache.graphable:  # one-time capture, outside the timed region
         step = GraphedForward(model, cache, 1, 1, batch=B)
     sync(device)
     t0 = time.perf_counter()

@@ -26,14 +26,16 @@ from torch import Tensor
 from .. import validate as v
 from ..config import GenerationConfig, SamplingConfig
 from ..kv.base import NewRows
-from ..kv.dense import DenseKV
 from ..kv.placement import Placement, make_cache
 from ..kv.pressed import PressedKV
 from ..kv.retrieval import check_budget
-from ..kv.static import GraphedForward, StaticKV
 from .accept import greedy_accept, speculative_accept
 from .autoregressive import GenerationResult, sync, trim_at_eos
 from .drafters import NGramDrafter
+from .runner import Runner, Seq, make_runner, use_graphs
+
+__all__ = ["DraftLevel", "Runner", "Seq", "SpecConfig", "SpecResult", "Timers", "VerifyLevel", "check_pair",
+           "speculative_generate"]  # Runner and Seq live in .runner; they are re-exported for the levels' tests
 from .sampling import logits_to_probs, make_generator, sample
 
 
@@ -85,15 +87,20 @@ class SpecConfig:
     def window(self) -> int:
         return self.draft_window if self.draft_window is not None else 256 - self.draft_sinks - self.gamma
 
+    # buffer sizes, in one place
+    @property
+    def room(self) -> int:
+        """Rows a draft's streaming cache keeps free during a round (a round appends at most gamma + 1 rows per
+        level, and nothing is evicted inside a round, so every rollback stays exact)."""
+        return 2 * self.gamma + 4
 
-class Seq:
-    """Token ids on the device, with the host-side length (and a host mirror when a host drafter needs it)."""
+    def capacity(self, prompt: int, max_new: int) -> int:
+        """Rows of the full-KV level: prompt, output, and one verification's overshoot past the last kept token."""
+        return prompt + max_new + 2 * self.gamma + 8
 
-    def __init__(self, prompt: Tensor, capacity: int, host: bool):
-        self.tokens = torch.zeros(1, capacity, dtype=torch.long, device=prompt.device)
-        self.tokens[:, : prompt.shape[1]] = prompt
-        self.len = prompt.shape[1]
-        self.host = prompt[0].tolist() if host else None
+    def middle_tail(self, max_new: int) -> int:
+        """Rows the middle level appends after its press (between re-presses), with a verification's overshoot."""
+        return (self.refresh_every or max_new) + 4 * self.gamma + 8
 
 
 class Timers:
@@ -130,43 +137,6 @@ class Timers:
             torch.cuda.synchronize()
             return {k: sum(s.elapsed_time(e) for s, e in v) / 1e3 for k, v in self.ev.items()}
         return dict(self.cpu)
-
-
-class Runner:
-    """A model, its cache, and ``n``: how many tokens of the sequence the cache holds (absolute position)."""
-
-    def __init__(self, model, cache, n: int = 0):
-        self.model, self.cache, self.n = model, cache, n
-
-    def feed(self, seq: Seq, upto: int, num_logits: int) -> Tensor:
-        """Feed tokens [n, upto) -> logits (1, num_logits, V) for the last num_logits positions."""
-        logits = self.model(seq.tokens[:, self.n:upto], self.cache, pos0=self.n, num_logits=num_logits)
-        self.n = upto
-        return logits
-
-    def rollback_to(self, m: int) -> None:
-        if self.n > m:
-            self.cache.rollback(self.n - m)
-            self.n = m
-
-
-class GraphRunner(Runner):
-    """A Runner over a static-shape cache whose forwards replay CUDA graphs, one per (tokens, logits) shape."""
-
-    def __init__(self, model, cache, n: int = 0):
-        super().__init__(model, cache, n)
-        self.graphs: dict[tuple[int, int], GraphedForward] = {}
-        self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
-
-    def feed(self, seq: Seq, upto: int, num_logits: int, eager: bool = False) -> Tensor:
-        if eager:
-            return super().feed(seq, upto, num_logits)
-        key = (upto - self.n, num_logits)
-        if key not in self.graphs:
-            self.graphs[key] = GraphedForward(self.model, self.cache, key[0], num_logits, self.pool)
-        logits = self.graphs[key](seq.tokens[:, self.n:upto], self.n)
-        self.n = upto
-        return logits
 
 
 @dataclass
@@ -322,19 +292,14 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     eos = set(target.cfg.eos_token_ids if eos_ids is None else eos_ids) if gen.stop_on_eos else set()
     eos_t = torch.tensor(sorted(eos), device=device) if eos else None
     timers = Timers(device)
-    cap = T + gen.max_new_tokens + 2 * spec.gamma + 8
+    cap = spec.capacity(T, gen.max_new_tokens)
     mspeckv = spec.mode == "mspeckv"
-    graphs = spec.graphs if spec.graphs is not None else device.type == "cuda"
-    if graphs and target.cfg.rope.rope_type == "dynamic":
-        graphs = False  # dynamic NTK recomputes frequencies from the host-side length: no static replay
+    graphs = use_graphs(target, spec.graphs)
     if placement is not None and placement.rollback_slack < spec.gamma + 1:  # a verification rolls back <= gamma
         placement = replace(placement, rollback_slack=spec.gamma + 1)
-    all_gpu = placement is None or placement.n_on_chip(target.cfg.n_layers) == target.cfg.n_layers
-    if graphs and all_gpu and press is None:  # nothing offloaded: the full-KV level replays graphs too
-        full_cache = StaticKV.for_model(target, cap)
-    else:
-        full_cache = make_cache(target, placement, 1, cap, press=press)
-    full = (GraphRunner if isinstance(full_cache, StaticKV) else Runner)(target, full_cache)
+    # level 2: the target over its full KV (graphed when nothing is offloaded or pressed)
+    full_cache = make_cache(target, placement, 1, cap, press=press, graphs=graphs)
+    full = make_runner(target, full_cache)
     new_rows = NewRows(target.cfg.n_layers)
     l1_press = spec.middle_press if mspeckv else None
     l1_obs = l1_press.observers(target.cfg.n_layers) if l1_press is not None else []
@@ -358,14 +323,14 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             lower0 = DraftLevel(None, s, g, timers, ngram=NGramDrafter(max_ngram=spec.ngram_max, k=spec.gamma))
             dcache = None
         elif mspeckv:
-            room = 2 * spec.gamma + 4
-            dcache = PressedKV.streaming(draft, sinks=spec.draft_sinks, window=spec.window, room=room, static=graphs)
-            druns = (GraphRunner if graphs else Runner)(draft, dcache)
-            _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, room)
+            dcache = PressedKV.streaming(draft, sinks=spec.draft_sinks, window=spec.window, room=spec.room,
+                                         static=graphs)
+            druns = make_runner(draft, dcache)
+            _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, spec.room)
             lower0 = DraftLevel(druns, s, g, timers)
         else:
-            dcache = StaticKV.for_model(draft, cap) if graphs else DenseKV.for_model(draft, 1, cap)
-            druns = (GraphRunner if graphs else Runner)(draft, dcache)
+            dcache = make_cache(draft, None, 1, cap, graphs=graphs)
+            druns = make_runner(draft, dcache)
             draft.prefill(prompt, dcache, chunk=gen.prefill_chunk)
             druns.n = T
             lower0 = DraftLevel(druns, s, g, timers)
@@ -373,7 +338,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         # level 1 (mspeckv): the target over a retrieval cache
         mid, mid_runner = lower0, None
         if mspeckv:
-            extra = (spec.refresh_every or gen.max_new_tokens) + 4 * spec.gamma + 8
+            extra = spec.middle_tail(gen.max_new_tokens)
             nl = target.cfg.n_layers
             rows = l1_press.max_rows(T + gen.max_new_tokens, nl)
             static = graphs and l1_press.dense  # codes/latents are decoded per forward: that level runs eagerly
@@ -384,15 +349,16 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             else:
                 rcache = PressedKV.build(l1_press, full_cache, l1_obs, tail=extra, static=static, fixed_cap=rows)
             if rcache is not None:
-                mid_runner = (GraphRunner if static else Runner)(target, rcache, n=T)
+                mid_runner = make_runner(target, rcache, n=T)
                 mid = VerifyLevel("verify_l1", mid_runner, lower0, spec.draft_gamma, s, g, timers)
     sync(device)
     t_first = time.perf_counter()
-    if graphs:  # capture the common shapes now (one-time setup, outside TTFT and decode time); rare ones lazily
-        _precapture(lower0.runner, [(1, 1), (2, 1)])
-        if mid_runner is not None:
-            _precapture(mid_runner, [(k + 1 + c, k + 1) for k in range(spec.draft_gamma + 1) for c in (0, 1)])
-        _precapture(full, [(spec.gamma + 1, spec.gamma + 1)])
+    # capture the common shapes now (one-time setup, outside TTFT and decode time); rare ones lazily
+    if lower0.runner is not None:
+        lower0.runner.precapture([(1, 1), (2, 1)])
+    if mid_runner is not None:
+        mid_runner.precapture([(k + 1 + c, k + 1) for k in range(spec.draft_gamma + 1) for c in (0, 1)])
+    full.precapture([(spec.gamma + 1, spec.gamma + 1)])
     sync(device)
     t_setup = time.perf_counter()
     top = VerifyLevel("verify_l2", full, mid, spec.gamma, s, g, timers, eos=eos_t)
@@ -402,7 +368,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     while made < gen.max_new_tokens and not saw_eos:
         L = seq.len
         if dcache is not None:
-            dcache.reserve(2 * spec.gamma + 4)  # no eviction inside a round: every rollback stays exact
+            dcache.reserve(spec.room)  # no eviction inside a round: every rollback stays exact
         if mid_runner is not None and spec.refresh_every and L - last_build >= spec.refresh_every:
             mid_runner.rollback_to(full.n)
             mid_runner.cache.compress(full_cache)  # re-press the grown full cache (same buffers: graphs stay valid)
@@ -435,21 +401,13 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
                       levels=levels)
 
 
-def _precapture(r: Runner | None, shapes: list[tuple[int, int]]) -> None:
-    if isinstance(r, GraphRunner) and r.pool is not None:
-        for key in shapes:
-            if key not in r.graphs and r.cache.length() + key[0] <= r.cache.capacity():
-                r.graphs[key] = GraphedForward(r.model, r.cache, key[0], key[1], r.pool)
-
-
 def _prefill_streaming(r: Runner, seq: Seq, T: int, sinks: int, window: int, room: int) -> None:
     """StreamingLLM prefill of the draft: the sink tokens, then the last ``window`` prompt tokens at their real
     positions (what a streaming cache keeps anyway), in forwards of at most ``room`` tokens."""
-    kw = {"eager": True} if isinstance(r, GraphRunner) else {}
     head = min(sinks, T)
     while r.n < head:
-        r.feed(seq, min(head, r.n + room), 1, **kw)
+        r.feed(seq, min(head, r.n + room), 1, eager=True)
     r.cache.skip(max(head, T - window) - head)
     r.n = max(head, T - window)
     while r.n < T:
-        r.feed(seq, min(T, r.n + room), 1, **kw)
+        r.feed(seq, min(T, r.n + room), 1, eager=True)

@@ -52,6 +52,7 @@ class KVCache:
     n_layers: int
     batch: int | None = None  # rows the cache was built for (None: any)
     attn_mask: Tensor | None = None  # static-shape caches: (T, S) bool, True where a query row may attend
+    graphable: bool = False  # a static layout (fixed buffers, device-side length): forwards can replay CUDA graphs
 
     def __init__(self) -> None:
         self.observers: list[Observer] = []

@@ -76,11 +76,16 @@ class Placement:
 
 
 def make_cache(model, placement: Placement | None, batch: int, max_len: int, press=None,
-               tail: int | None = None, compress_every: int | None = None):
+               tail: int | None = None, compress_every: int | None = None, graphs: bool = False):
     """The one cache factory. The KV backend a placement implies (DenseKV when nothing is offloaded, else PlacedKV),
     and with a ``press`` (a Press or a spec string) a ``PressedKV`` over it: the prefill fills the backend, then
     ``cache.compress()`` presses it. ``tail`` rows (default ``max_len``) hold what is appended after a compress; the
-    offloaded layers of the placement keep their pressed stores in pinned CPU memory."""
+    offloaded layers of the placement keep their pressed stores in pinned CPU memory.
+
+    ``graphs``: ask for a static (CUDA-graph) layout. Only the full, unpressed, all-on-GPU cache has one here (a
+    ``StaticKV``); an offloaded or pressed target cache is driven from the host and runs eagerly (the static pressed
+    layouts of the draft and middle levels are built by ``PressedKV.streaming/build``). ``cache.graphable`` says what
+    was built, and ``decoding.runner.make_runner`` follows it."""
     from .dense import DenseKV
 
     c = model.cfg
@@ -89,6 +94,10 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int, pre
         raise v.ConfigError(f"placement must be a Placement or None, got {placement!r}")
     if placement.n_on_chip(c.n_layers) == c.n_layers:
         placement.validate(c.n_layers, c.head_dim)  # e.g. resident layers with nothing offloaded: an error
+        if graphs and press is None:
+            from .static import StaticKV
+
+            return StaticKV.for_model(model, max_len, batch=batch)
         inner = DenseKV.for_model(model, batch, max_len)
     else:
         from .offload import PlacedKV  # validates the placement itself

@@ -53,6 +53,7 @@ class PressedKV(KVCache):
         if static and (offload or fixed_cap < 1):
             raise ValueError("a static (CUDA-graph) pressed cache needs fixed_cap >= 1 and no offloaded layers")
         self.tail_cap, self.static, self.offload, self.compress_every = tail, static, offload, compress_every
+        self.graphable = static
         self.fixed_cap = fixed_cap
         self.press_obs = press.observers(n_layers) if press is not None else []
         self.observers += self.press_obs

@@ -16,6 +16,7 @@ from .base import CacheFullError, KVCache, check_rollback, check_shape
 
 
 class StaticKV(KVCache):
+    graphable = True
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, groups: int,
                  dtype: torch.dtype, device):
         super().__init__()
