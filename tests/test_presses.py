@@ -317,3 +317,29 @@ def test_budget_smaller_than_sinks_plus_window_keeps_sinks_then_newest(model, pr
         for h in range(2):
             kept = pos[h][valid[0, h]] if valid is not None else pos[h]
             assert kept.tolist() == [0, 1, 2, 3, *range(L_PROMPT - 16, L_PROMPT)]
+
+
+def test_forced_window_never_takes_more_than_its_share_of_the_budget():
+    """A window wider than the budget used to turn a score press into StreamingLLM (the presets lost every needle
+    below ~11K tokens): with window_share the top-scored old rows are still kept."""
+    import dataclasses
+
+    from mspeckv.presses.snapkv import SnapKVPress
+
+    L, n = 64, 16
+    scores = torch.zeros(1, 2, L)
+    scores[:, :, 10] = 1.0  # one old row that matters (a needle)
+
+    @dataclasses.dataclass(frozen=True)
+    class Fixed(SnapKVPress):
+        def score(self, layer, k, pos, obs):
+            return scores
+
+    k = torch.zeros(1, 2, L, 8)
+    old = Fixed(budget=n, sinks=0, window=32).select(0, 1, k, None, [])
+    capped = Fixed(budget=n, sinks=0, window=32, window_share=0.5).select(0, 1, k, None, [])
+    assert 10 not in old[0, 0].tolist() and old[0, 0].tolist() == list(range(L - n, L))  # pure recency
+    assert 10 in capped[0, 0].tolist() and set(range(L - 8, L)) <= set(capped[0, 0].tolist())
+    assert parse_press("aggressive").selector.window_share == 0.5
+    with pytest.raises(ValueError, match="window_share"):
+        SnapKVPress(window_share=1.5)

@@ -35,8 +35,9 @@ class AdaKVPress(SnapKVPress):
         n = n_keep(self.layer_budget(layer, n_layers), L)
         if n >= L:
             return None, None
-        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, self.window)  # (B, H, L), forced rows >= 2
-        n_forced = min(L, self.sinks + self.window)
+        w = self.forced_window(n)
+        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, w)  # (B, H, L), forced rows >= 2
+        n_forced = min(L, self.sinks + w)
         n_own = max(int(self.floor * n), min(n, n_forced))  # every head keeps its forced rows (or as many as fit)
         own = s.topk(n_own, dim=-1).indices  # (B, H, n_own): each head's guaranteed rows
         keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, own, True)

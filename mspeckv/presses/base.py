@@ -112,11 +112,13 @@ class ScorePress(Press):
     sinks: int = 4
     window: int = 32
     layer_budgets: tuple | None = None  # per-layer budgets (ratios or counts), overriding ``budget``
+    window_share: float = 1.0  # most of a layer's budget the forced window may take; the rest is chosen by score
 
     def __post_init__(self):
         check_budget_value(f"{self.name}.budget", self.budget)
         check_range(self, "sinks", 0)
         check_range(self, "window", 0)
+        check_range(self, "window_share", 0.0, 1.0, kind=float)
         if self.layer_budgets is not None:
             for i, b in enumerate(self.layer_budgets):
                 check_budget_value(f"{self.name}.layer_budgets[{i}]", b)
@@ -140,8 +142,13 @@ class ScorePress(Press):
         n = n_keep(self.layer_budget(layer, n_layers), L)
         if n >= L:
             return None
-        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, self.window)
+        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, self.forced_window(n))
         return s.topk(n, dim=-1).indices.sort(-1).values
+
+    def forced_window(self, n: int) -> int:
+        """Newest rows forced in when a layer keeps ``n``: ``window``, capped at ``window_share`` of ``n`` (a window
+        wider than the budget would otherwise turn the press into StreamingLLM: nothing older could be kept)."""
+        return min(self.window, int(self.window_share * n))
 
 
 # ---------------------------------------------------------------------------------------------- shared scoring

@@ -2,6 +2,9 @@
 
 Selection is PyramidKV (SnapKV scores, budgets shrinking with depth, mean ``retain``); the kept rows are then stored
 by KIVI with ``k_bits``/``v_bits``, a ``guard`` share of them at int8, and the newest ``window`` rows untouched.
+The selection forces the newest ``window`` rows in, but never more than ``window_share`` of a layer's kept rows: at
+short contexts (``retain`` x context < 2 x ``window``) the rest of the budget is still chosen by score. (Before this
+cap the presets kept only the newest rows below ~11K tokens and lost needles there: results/quality/...-grid.)
 The presets ``conservative``, ``aggressive`` and ``extreme`` (``mspeckv/configs/presses/*.yaml``) set these fields."""
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class HybridPress(Press):
     spread: float = 0.5
     obs_window: int = 32
     sinks: int = 4
+    window_share: float = 0.5  # of each layer's kept rows, at most this share is the forced newest window
 
     def __post_init__(self):
         check_budget_value("hybrid.retain", self.retain)
@@ -36,7 +40,7 @@ class HybridPress(Press):
     @cached_property
     def selector(self) -> PyramidKVPress:
         return PyramidKVPress(budget=self.retain, sinks=self.sinks, window=self.window, obs_window=self.obs_window,
-                              spread=self.spread)
+                              spread=self.spread, window_share=self.window_share)
 
     @cached_property
     def encoder(self) -> KIVIPress:
