@@ -230,3 +230,16 @@ def test_sweep_with_presses(tiny_dirs, tmp_path, run_cli, capsys):
     assert run_cli(_args(tiny_dirs, tmp_path / "x", "--l1-press", l1, methods="baseline")) == 2
     err = capsys.readouterr().err
     assert "--l1-press would be ignored" in err or ", --l1-press would be ignored" in err, err
+
+
+def test_one_registry_of_methods():
+    """Every method is declared once (bench/registry.py): its run function, the CLI choices and the report's speedup
+    columns all come from there."""
+    from mspeckv.bench import registry, report, results
+
+    assert tuple(methods_mod.METHOD_FNS) == registry.METHODS == results.METHODS
+    assert all(m in registry.METHODS and r in registry.METHODS for _, m, r in registry.SPEEDUP_COLUMNS)
+    assert set(registry.DEFAULT_METHODS) | set(registry.REFERENCE_METHODS) == set(registry.METHODS)
+    assert [c[0] for c in report._speedup_columns(["baseline", "mspeckv", "mspeckv_kv_quant"])] == [
+        "vanilla_vs_base", "no_kv_quant_vs_base", "kv_quant_vs_base", "quant_vs_no_quant"]
+    assert "kv_quant_vs_ar_gpu" in [c[0] for c in report._speedup_columns(["mspeckv_kv_quant", "ar_gpu"])]

@@ -14,6 +14,8 @@ import math
 from statistics import fmean
 from typing import Any
 
+from .registry import HF_METHODS
+
 LEVELS = ("draft", "verify_l1", "verify_l2")
 
 
@@ -86,5 +88,5 @@ def rows(groups, xs, methods, x_name: str) -> list[dict[str, Any]]:
         {x_name: x, "method": m, **group_breakdown(g.ok)}
         for x in xs
         for m in methods
-        if (g := groups.get((x, m))) is not None and g.ok and m not in ("hf_assisted", "hf_ar")
+        if (g := groups.get((x, m))) is not None and g.ok and m not in HF_METHODS
     ]

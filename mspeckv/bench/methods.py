@@ -39,6 +39,7 @@ from ..decoding.autoregressive import generate, sync
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..kv.placement import make_cache
+from .registry import REGISTRY
 from .sweeps import Point, SweepSettings, placement_for
 
 WARMUP_TOKENS = 8
@@ -69,7 +70,7 @@ class SweepContext:
 
 def load_context(s: SweepSettings) -> SweepContext:
     from ..model.api import load, random_model
-    from .sweeps import SPEC_METHODS
+    from .registry import SPEC_METHODS
 
     def one(ref: str, seed: int):
         if ref.startswith("random:"):
@@ -303,12 +304,6 @@ def hf_ar(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
                     hf_cache="DynamicCache (on the device)", total_s=total)
 
 
-METHOD_FNS: dict[str, Callable[[SweepContext, int, int], dict[str, Any]]] = {
-    "baseline": baseline,
-    "vanilla_specdec": vanilla_specdec,
-    "mspeckv": mspeckv,
-    "mspeckv_kv_quant": mspeckv_kv_quant,
-    "hf_assisted": hf_assisted,
-    "ar_gpu": ar_gpu,
-    "hf_ar": hf_ar,
-}
+# the run function of each registry entry is the function of the same name above (a missing one fails at import)
+METHOD_FNS: dict[str, Callable[[SweepContext, int, int], dict[str, Any]]] = {m.name: globals()[m.name]
+                                                                             for m in REGISTRY}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mspeckv.bench import breakdown
+from mspeckv.bench import breakdown, registry
 from mspeckv.bench.results import METHODS, STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
 from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
 
@@ -26,18 +26,9 @@ METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s")
 HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False}
 REFERENCES = ("baseline", "mspeckv")
 # (column, method, reference): latency speedup of ``method`` over ``reference`` = latency[reference] / latency[method]
-SPEEDUP_COLUMNS = (
-    ("vanilla_vs_base", "vanilla_specdec", "baseline"),
-    ("no_kv_quant_vs_base", "mspeckv", "baseline"),
-    ("kv_quant_vs_base", "mspeckv_kv_quant", "baseline"),
-    ("quant_vs_no_quant", "mspeckv_kv_quant", "mspeckv"),
-)
-HF_SPEEDUP_COLUMN = ("kv_quant_vs_hf", "mspeckv_kv_quant", "hf_assisted")
-OPTIONAL_SPEEDUP_COLUMNS = (  # shown when the reference method ran
-    HF_SPEEDUP_COLUMN,
-    ("kv_quant_vs_ar_gpu", "mspeckv_kv_quant", "ar_gpu"),
-    ("kv_quant_vs_hf_ar", "mspeckv_kv_quant", "hf_ar"),
-)
+# (column, method, reference) from the registry; the columns against REFERENCES always show (NA when not run), the
+# others when their reference ran
+SPEEDUP_COLUMNS = tuple(c for c in registry.SPEEDUP_COLUMNS if c[2] in REFERENCES)
 MD_TABLES = (
     ("Throughput (tok/s, higher is better)", "tok_per_s"),
     ("Latency (s, lower is better)", "latency_s"),
@@ -131,7 +122,7 @@ def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, A
 
 
 def _speedup_columns(methods: list[str]) -> list[tuple[str, str, str]]:
-    return list(SPEEDUP_COLUMNS) + [c for c in OPTIONAL_SPEEDUP_COLUMNS if c[2] in methods]
+    return [c for c in registry.SPEEDUP_COLUMNS if c[2] in REFERENCES or c[2] in methods]
 
 
 def _speedup_rows(groups, xs, methods, x_name) -> list[dict[str, Any]]:
@@ -317,7 +308,7 @@ def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
         "level leaves queued while the host launches the next counts to the earlier level: the split between "
         "adjacent levels is approximate, their sum is not. H2D = host-to-device KV bytes of the target's cache "
         "(prefill included) / generated tokens."
-        + (" hf_assisted exposes no per-level times." if "hf_assisted" in methods else "")
+        + "".join(f" {m} exposes no per-level times." for m in methods if m in registry.HF_METHODS)
     )
     parts.append(
         "Cells are mean ± sample std over seeds. Δ = method − reference and × = speedup of method over reference "

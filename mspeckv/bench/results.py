@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("baseline", "vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted", "ar_gpu", "hf_ar")
+from .registry import METHODS  # noqa: F401 (the one registry; re-exported for the report and sweeps)
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 _TMP_SUFFIX = ".tmp"

@@ -42,13 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as v
-from .results import METHODS, RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
+from .registry import BY_NAME, DEFAULT_METHODS, HF_METHODS, METHODS, REFERENCE_METHODS, RETRIEVAL_METHODS, SPEC_METHODS
+from .results import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
 
 DEFAULT_SEEDS = (1, 2, 3)
 QUICK_BUDGET, QUICK_PREFILL, QUICK_GEN = 1024, 2048, 128
-DEFAULT_METHODS = METHODS[:5]  # ar_gpu and hf_ar are references, run when asked for
-SPEC_METHODS = ("vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted")  # methods that need the draft
-RETRIEVAL_METHODS = ("mspeckv", "mspeckv_kv_quant")
 
 
 @dataclass(frozen=True)
@@ -258,9 +256,9 @@ def placement_for(s: SweepSettings, method: str, p: Point):
     """The target's KV placement for a method at one point (hf_assisted: None, it uses transformers' cache)."""
     from ..kv.placement import Placement
 
-    if method in ("hf_assisted", "hf_ar", "ar_gpu"):
+    if not BY_NAME[method].placement:
         return None
-    quant = method == "mspeckv_kv_quant"
+    quant = BY_NAME[method].quant
     return Placement(on_chip=p.on_chip, kv_quant=s.kv_quant if quant else "none", kv_group_size=s.kv_group_size,
                      resident_layers=p.resident if quant else 0, resident_format=s.resident_format,
                      resident_policy=s.resident_policy)
@@ -398,7 +396,7 @@ def refuse_ignored(a, s: SweepSettings) -> None:
 
     if a.greedy:
         refuse(changed(a, "temperature", "top_p"), "--greedy decodes greedily, so sampling settings do nothing")
-    if "mspeckv_kv_quant" not in s.methods:
+    if not any(BY_NAME[m].quant for m in s.methods):
         refuse(changed(a, "kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
                "only the mspeckv_kv_quant method reads them, and --methods leaves it out")
     if not any(m in RETRIEVAL_METHODS for m in s.methods):
@@ -406,9 +404,9 @@ def refuse_ignored(a, s: SweepSettings) -> None:
                "--methods leaves them out")
     if not any(m in SPEC_METHODS for m in s.methods):
         refuse(changed(a, "draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
-    if all(m in ("hf_assisted", "hf_ar") for m in s.methods):
-        refuse(changed(a, "press"), "hf_assisted and hf_ar run transformers' own cache, which takes no press")
-    if s.press is not None and (ref := [m for m in s.methods if m in ("ar_gpu", "hf_ar")]):
+    if all(m in HF_METHODS for m in s.methods):
+        refuse(changed(a, "press"), f"{','.join(HF_METHODS)} run transformers' own cache, which takes no press")
+    if s.press is not None and (ref := [m for m in s.methods if m in REFERENCE_METHODS]):
         refuse(changed(a, "press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
                f"run them in a sweep without --press")
 
