@@ -161,6 +161,9 @@ def test_shard_model_slices_and_replicates():
 
 def test_random_tp_model_is_a_shard_of_the_tp1_random_model():
     full = random_model("tiny", "cpu", torch.float32, seed=3)
+    one = random_tp_model("tiny", 0, 1, "cpu", torch.float32, seed=3)
+    assert one.state_dict().keys() == full.state_dict().keys()
+    assert all(torch.equal(one.state_dict()[k], v) for k, v in full.state_dict().items())
     for r in range(WORLD):
         want = shard_model(full, r, WORLD).state_dict()
         got = random_tp_model("tiny", r, WORLD, "cpu", torch.float32, seed=3).state_dict()

@@ -75,30 +75,36 @@ def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
 class _Comm:
     enabled = True  # False: all-reduces are skipped (timing the step without communication; results are wrong)
     count = 0  # all-reduces issued by this process (the failure hook counts them)
-    fail: tuple[int, int, str] | None = None  # test hook (MSPECKV_TP_FAIL=RANK:N:exit|raise)
+    fail: tuple | None = None  # test hook (MSPECKV_TP_FAIL=RANK:N:exit|raise|hang[:ONCE_FILE])
     fail_read = False
 
 
 def _fail_hook() -> None:
-    """Test-only: ``MSPECKV_TP_FAIL=RANK:N:MODE`` makes rank RANK exit (``exit``: os._exit(3)), raise (``raise``) or
-    stop responding (``hang``) at its N-th all-reduce, in the middle of a forward while its peers wait in the same
-    collective."""
+    """Test-only: ``MSPECKV_TP_FAIL=RANK:N:MODE[:ONCE_FILE]`` makes rank RANK exit (``exit``: os._exit(3)), raise
+    (``raise``) or stop responding (``hang``) at its N-th all-reduce, in the middle of a forward while its peers wait
+    in the same collective. With ONCE_FILE it fires only if that file does not exist yet (and creates it), so a
+    relaunch runs clean."""
     if not _Comm.fail_read:
         _Comm.fail_read = True
         spec = os.environ.get("MSPECKV_TP_FAIL")
         if spec:
-            r, n, mode = spec.split(":")
-            _Comm.fail = (int(r), int(n), mode)
+            r, n, mode, *once = spec.split(":", 3)
+            _Comm.fail = (int(r), int(n), mode, once[0] if once else None)
     _Comm.count += 1
     f = _Comm.fail
-    if f is not None and dist.get_rank() == f[0] and _Comm.count == f[1]:
-        if f[2] == "exit":
-            os._exit(3)
-        if f[2] == "hang":
-            import time
+    if f is None or dist.get_rank() != f[0] or _Comm.count != f[1]:
+        return
+    if f[3] is not None:
+        if os.path.exists(f[3]):
+            return
+        Path(f[3]).touch()
+    if f[2] == "exit":
+        os._exit(3)
+    if f[2] == "hang":
+        import time
 
-            time.sleep(3600)
-        raise RuntimeError(f"injected failure at all-reduce {f[1]} (MSPECKV_TP_FAIL)")
+        time.sleep(3600)
+    raise RuntimeError(f"injected failure at all-reduce {f[1]} (MSPECKV_TP_FAIL)")
 
 
 def all_reduce(x: Tensor) -> Tensor:
@@ -184,24 +190,40 @@ def shard_model(model: CausalLM, rank: int, world: int) -> CausalLM:
     return m
 
 
-@torch.no_grad()
-def random_tp_model(shape: str, rank: int, world: int, device=None, dtype=None, seed: int = 0) -> CausalLM:
-    """Rank ``rank``'s share of ``random_model(shape, seed=seed)``: the same full weights as TP=1 (each full
-    parameter is drawn in the same order from the same generator, then sliced), built on the rank's device one
-    parameter at a time (peak: the rank's share plus the largest full parameter)."""
+def shape_config(shape: str) -> ModelConfig:
+    """The ``ModelConfig`` of a named random shape (``model.api.RANDOM_SHAPES``)."""
     from transformers import AutoConfig
 
-    from ..model.api import RANDOM_SHAPES, default_dtype, parse_device, parse_dtype, random_model
+    from ..model.api import RANDOM_SHAPES
 
-    if world == 1:
-        return random_model(shape, device, dtype, seed)
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown random shape '{shape}'; choose one of {sorted(RANDOM_SHAPES)}")
+    kw = dict(RANDOM_SHAPES[shape])
+    return ModelConfig.from_hf(AutoConfig.for_model(kw.pop("model_type"), **kw))
+
+
+@torch.no_grad()
+def random_tp_model(shape: str | ModelConfig, rank: int, world: int, device=None, dtype=None,
+                    seed: int = 0) -> CausalLM:
+    """Rank ``rank``'s share of ``random_model(shape, seed=seed)``: the same full weights as TP=1 (each full
+    parameter is drawn in the same order from the same generator, then sliced), built on the rank's device one
+    parameter at a time (peak: the rank's share plus the largest full parameter). ``shape`` may be the shape's
+    ``ModelConfig`` (``shape_config``), which spares a rank importing transformers."""
+    from ..model.api import default_dtype, parse_device, parse_dtype
+
+    cfg = shape_config(shape) if isinstance(shape, str) else shape
     device = parse_device(device) if not isinstance(device, torch.device) else device
     dtype = parse_dtype(dtype) or default_dtype(device)
-    kw = dict(RANDOM_SHAPES[shape])
-    cfg = ModelConfig.from_hf(AutoConfig.for_model(kw.pop("model_type"), **kw))
-    m = build_rank_model(cfg, rank, world, device, dtype)
+    if world == 1:  # the plain model, no row-parallel layers
+        with torch.device("meta"):
+            m = CausalLM(cfg)
+        m = m.to_empty(device=device).to(dtype)
+        m.rope = Rope(cfg.rope, device=device)
+        if cfg.tie_embeddings:
+            m.lm_head.weight = m.model.embed_tokens.weight
+        m.eval()
+    else:
+        m = build_rank_model(cfg, rank, world, device, dtype)
     with torch.device("meta"):
         order = CausalLM(cfg)  # names and shapes in random_model's order (tied weights listed once)
     own = dict(m.named_parameters())
