@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import cli_checks as checks
+from .parallel import RankFailed, under_torchrun
 from .validate import flag_names
 
 DEMO_PROMPT = "Write a Python function `is_prime(n)` that returns True if n is a prime number. Reply with code only."
@@ -151,6 +152,10 @@ def _preflight(a) -> None:
 
 def cmd_generate(a) -> int:
     text = checks.prompt_text(a)
+    if a.tp != 1 or under_torchrun():  # tensor parallel: spawned ranks, or one torchrun rank
+        from .parallel.cli import generate_tp
+
+        return generate_tp(a, text)
     if a.backend == "hf":
         from .hf.cli import generate_hf
 
@@ -296,11 +301,47 @@ BENCH_FLAGS = {  # the flags each bench reads; any other changed flag would be i
              "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy", "temperature",
              "greedy", "top_p", "seed", "repeats", "device", "out_dir", "press", "l1_press"},
     "presses": {"model", "contexts", "presses", "gen_len", "repeats", "device", "prefill_chunk", "out_dir"},
+    "tp": {"shape", "contexts", "on_chip", "formats", "tps", "steps", "repeats", "no_graphs", "out_dir", "device",
+           "quick"},
 }
+
+
+def bench_tp(a) -> int:
+    """``bench tp``: every input is checked before a rank starts or the output folder is made."""
+    from dataclasses import replace
+
+    from .kv.placement import FORMATS
+    from .model.api import parse_device
+    from .parallel.bench import QUICK, TPBenchConfig, json_line, machine_name, render, run_tp_bench
+
+    dev = parse_device(a.device)
+    if a.device is None and dev.type != "cuda":
+        raise ValueError("bench tp times GPUs and torch sees none; pass --device cpu for a functional run on gloo "
+                         "ranks (numbers from it mean nothing)")
+    cfg = TPBenchConfig(device=dev.type, graphs=not a.no_graphs)
+    if a.quick:
+        cfg = replace(cfg, **QUICK)
+    given = set(checks.changed(a, "shape", "contexts", "on_chip", "steps", "repeats"))
+    cfg = replace(cfg, formats=checks.str_list("--formats", a.formats, FORMATS),
+                  tps=checks.int_list("--tps", a.tps, minimum=1),
+                  **({"shape": a.shape} if "--shape" in given else {}),
+                  **({"contexts": checks.int_list("--contexts", a.contexts)} if "--contexts" in given else {}),
+                  **({"on_chip": a.on_chip} if "--on-chip" in given else {}),
+                  **({"steps": a.steps} if "--steps" in given else {}),
+                  **({"repeats": a.repeats} if "--repeats" in given else {}))
+    cfg.check()
+    cfg = replace(cfg, out_dir=a.out_dir or f"results/tp/{machine_name(cfg.device)}")
+    checks.out_dir("--out-dir", cfg.out_dir)
+    res = run_tp_bench(cfg, "mspeckv " + shlex.join(a.argv))
+    print(render(res))
+    print(json_line(res))
+    return 0 if res["complete"] else 1
 
 
 def cmd_bench(a) -> int:
     checks.unused(a, BENCH_FLAGS[a.what], f"bench {a.what}")
+    if a.what == "tp":
+        return bench_tp(a)
     if a.what == "placement":
         from .bench.placement import PlacementBenchConfig, render_placement, run_placement_bench, write_placement
         from .kv.placement import FORMATS
@@ -449,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--backend", default="ours", choices=["ours", "hf"],
                    help="ours: our runtime (default); hf: transformers' generate with our cache (mspeckv.hf)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each; gloo ranks with --device "
+                   "cpu): spawned here, or run under torchrun --nproc-per-node N")
     _add_sampling(p)
     _add_placement(p)
     _add_spec(p)
@@ -473,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")
-    p.add_argument("what", choices=["decode", "placement", "spec", "presses"])
+    p.add_argument("what", choices=["decode", "placement", "spec", "presses", "tp"])
     p.add_argument("--presses", default=None, help="presses: ';'-separated press specs (default: every family and "
                    "preset; 'none' is the uncompressed baseline)")
     p.add_argument("--modes", default="ar,vanilla,mspeckv", help="spec: modes to compare")
@@ -485,16 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l1-press", default=None, help="spec: the mspeckv middle level's press (default: retrieval)")
     _add_sampling(p)
     _add_placement(p)
-    p.add_argument("--shape", default="llama-2-7b-128k", help="placement: random-weight shape (--on-chip "
+    p.add_argument("--shape", default="llama-2-7b-128k", help="placement/tp: random-weight shape (--on-chip "
                    "defaults to 16 there)")
-    p.add_argument("--contexts", default="8192,16384,32768", help="placement/spec: contexts (prompt lengths)")
+    p.add_argument("--contexts", default="8192,16384,32768", help="placement/spec: contexts (prompt lengths); tp: "
+                   "default 32768,65536")
     p.add_argument("--formats", default="none,int8,int4", help="placement: offloaded KV formats")
     p.add_argument("--residents", default="0,16", help="placement: resident-layer counts")
     p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
     p.add_argument("--no-hf", action="store_true", help="placement: skip the transformers offloaded reference")
-    p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs")
-    p.add_argument("--out-dir", default=None, help="placement/spec: output folder (default results/placement, "
-                   "results/spec)")
+    p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs; tp: skip "
+                   "the graphed all-on-GPU cells")
+    p.add_argument("--tps", default="1,2", help="tp: tensor-parallel sizes to compare (the first is the baseline)")
+    p.add_argument("--quick", action="store_true", help="tp: the tiny random shape at 256 tokens, 2 steps x 2 repeats "
+                   "(a functional run, e.g. with --device cpu)")
+    p.add_argument("--out-dir", "--output-dir", default=None, help="placement/spec/tp: output folder (default "
+                   "results/placement, results/spec, results/tp/<machine>)")
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--gen-len", type=int, default=128)
@@ -532,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("mspeckv: interrupted; rerun the same command to resume", file=sys.stderr)
         return 2
-    except (ValueError, OSError, MemoryError) as e:  # bad input: one clear line
+    except (ValueError, OSError, MemoryError, RankFailed) as e:  # bad input, or a failed rank: one clear line
         if debug:
             raise
         if isinstance(e, OSError) and e.strerror and e.filename:
