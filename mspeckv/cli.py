@@ -266,6 +266,10 @@ def cmd_plan(a) -> int:
     if a.gpu_kv_budget is not None:
         v.number("gpu_kv_budget", a.gpu_kv_budget, lo=0, lo_open=True)
     cfg = checks.model_config(a.model)
+    if a.tp != 1:  # plan one rank: it holds 1/tp of the KV heads on its own GPU and streams them on its own link
+        from .parallel.tp import shard_config
+
+        cfg = shard_config(cfg, a.tp)
     if a.context > cfg.max_position:
         raise ValueError(f"--context {a.context} is beyond {a.model}'s maximum context of {cfg.max_position} tokens "
                          f"(max_position_embeddings); plan for at most {cfg.max_position}")
@@ -280,11 +284,13 @@ def cmd_plan(a) -> int:
         budget = int(free * 0.9)
     plan = plan_placement(cfg, a.context, budget, batch=a.batch, group_size=a.kv_group_size)
     p = plan.placement
-    row = {"model": a.model, "context": a.context, "gpu_kv_budget_bytes": budget, "on_chip": p.n_on_chip(cfg.n_layers),
-           "kv_quant": p.kv_quant, "resident_layers": p.resident_layers, "resident_format": p.resident_format,
+    row = {"model": a.model, "tp": a.tp, "context": a.context, "gpu_kv_budget_bytes": budget,
+           "on_chip": p.n_on_chip(cfg.n_layers), "kv_quant": p.kv_quant, "resident_layers": p.resident_layers,
+           "resident_format": p.resident_format,
            "predicted_gpu_kv_bytes": plan.gpu_kv_bytes, "predicted_pinned_bytes": plan.pinned_bytes,
            "predicted_h2d_bytes_per_token": plan.h2d_bytes_per_token, "note": plan.note}
-    print(f"{a.model} at {a.context} tokens, GPU KV budget {budget / 2**30:.2f} GiB:")
+    per = f", per rank of --tp {a.tp} ({cfg.n_kv_heads} KV heads each)" if a.tp != 1 else ""
+    print(f"{a.model} at {a.context} tokens, GPU KV budget {budget / 2**30:.2f} GiB{per}:")
     print(f"  {p.describe(cfg.n_layers)}")
     print(f"  predicted: {plan.gpu_kv_bytes / 2**30:.2f} GiB KV on the GPU, {plan.pinned_bytes / 2**30:.2f} GiB "
           f"pinned, {plan.h2d_bytes_per_token / 2**20:.1f} MiB streamed per decoded token ({plan.note})")
@@ -513,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-kv-budget", type=float, default=None, help="GB for KV on the GPU (default: 90%% of free)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--tp", type=int, default=1, help="plan one rank of N tensor-parallel ranks (budget per GPU)")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")

@@ -66,6 +66,18 @@ def test_multicast_stays_off_in_the_ranks_environment(monkeypatch):
     assert {k: os.environ[k] for k in MULTICAST_OFF} == MULTICAST_OFF
 
 
+def test_plan_accounts_per_rank(capsys):
+    """One rank of --tp 2 holds half the KV heads: at the same per-GPU budget, twice the layers fit on chip."""
+    argv = ["plan", "--model", "random:tiny", "--context", "1000", "--gpu-kv-budget", "0.003"]
+    rows = []
+    for tp in ("1", "2"):
+        assert main([*argv, "--tp", tp]) == 0
+        rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert rows[0]["on_chip"] < rows[1]["on_chip"] and rows[1]["tp"] == 2
+    assert rows[1]["predicted_pinned_bytes"] < rows[0]["predicted_pinned_bytes"]
+    assert main([*argv, "--tp", "3"]) == 2 and "use --tp 1, 2, 4" in capsys.readouterr().err
+
+
 QUICK = ["bench", "tp", "--device", "cpu", "--quick", "--formats", "int8", "--no-graphs"]
 
 
