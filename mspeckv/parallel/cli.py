@@ -7,6 +7,7 @@ them in lockstep (see the README's "Tensor parallelism" section for why). Rank 0
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import cli_checks as checks
@@ -54,7 +55,7 @@ def generate_tp(a, text: str) -> int:
 
     kind = check_generate_tp(a)
     _preflight(a)
-    if note := quality_note(kv_quant=a.kv_quant):
+    if (note := quality_note(kv_quant=a.kv_quant)) and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
         print(note, file=sys.stderr)
     launch(_generate_rank, a.tp, (a, text), device_type=kind)
     return 0

@@ -99,16 +99,25 @@ def _setup(rank: int, world: int, device_type: str, local_rank: int, quiet: bool
     return Rank(rank, world, device, backend)
 
 
-def _init(r: Rank, timeout_s: float, init_method: str | None) -> None:
+RENDEZVOUS_S = 300  # ranks may take long to start (imports, CUDA contexts): joining is not a collective timeout
+
+
+def _init(r: Rank, timeout_s: float, port: int | None) -> None:
+    """The process group: from torchrun's environment (``port`` None), or over a TCP store on rank 0 at ``port``
+    that waits up to RENDEZVOUS_S for the others to join, while collectives time out after ``timeout_s``."""
     kw = {"device_id": r.device} if r.backend == "nccl" else {}
-    dist.init_process_group(r.backend, init_method=init_method, rank=r.rank, world_size=r.world,
-                            timeout=timedelta(seconds=timeout_s), **kw)
+    if port is None:
+        kw["init_method"] = "env://"
+    else:
+        kw["store"] = dist.TCPStore("127.0.0.1", port, r.world, is_master=r.main,
+                                    timeout=timedelta(seconds=max(RENDEZVOUS_S, timeout_s)))
+    dist.init_process_group(r.backend, rank=r.rank, world_size=r.world, timeout=timedelta(seconds=timeout_s), **kw)
 
 
-def _entry(i, world, device_type, init_method, timeout_s, fn, args, result_path, quiet):
+def _entry(i, world, device_type, port, timeout_s, fn, args, result_path, quiet):
     """One spawned rank (torch.multiprocessing passes the index first)."""
     r = _setup(i, world, device_type, i, quiet)
-    _init(r, timeout_s, init_method)
+    _init(r, timeout_s, port)
     out = fn(r, *args)
     if i == 0 and result_path:
         tmp = result_path + ".tmp"
@@ -142,7 +151,7 @@ def launch(fn, world: int, args: tuple = (), device_type: str = "cpu", timeout_s
                              f"--nproc-per-node {world})")
         check_world(world, device_type)
         r = _setup(int(os.environ["RANK"]), n, device_type, int(os.environ.get("LOCAL_RANK", 0)), quiet)
-        _init(r, timeout_s, "env://")
+        _init(r, timeout_s, None)
         out = fn(r, *args)
         _teardown()
         return out
@@ -150,11 +159,11 @@ def launch(fn, world: int, args: tuple = (), device_type: str = "cpu", timeout_s
     multicast_off()  # inherited by the spawned ranks
     tmp = tempfile.mkdtemp(prefix="mspeckv-tp-")
     result = os.path.join(tmp, "rank0.pkl")
-    init = f"tcp://127.0.0.1:{free_port()}"
+    port = free_port()
     import torch.multiprocessing as mp
 
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # its "Terminating process" notes
-    ctx = mp.start_processes(_entry, args=(world, device_type, init, timeout_s, fn, args, result, quiet),
+    ctx = mp.start_processes(_entry, args=(world, device_type, port, timeout_s, fn, args, result, quiet),
                              nprocs=world, join=False, start_method="spawn")
     try:
         try:
@@ -182,9 +191,16 @@ def _stop(ctx) -> None:
             p.join()
 
 
+EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Diverged|Failed)\b")
+
+
 def _last_line(trace: str) -> str:
-    lines = [x.strip() for x in trace.strip().splitlines() if x.strip()]
-    return lines[-1] if lines else "an exception without a message"
+    """The exception line of a traceback ("Type: message"), even when the message runs over several lines."""
+    lines = [x.rstrip() for x in trace.strip().splitlines() if x.strip()]
+    for x in reversed(lines):
+        if EXC_LINE.match(x):
+            return x
+    return lines[-1].strip() if lines else "an exception without a message"
 
 
 def _blame(ctx, world: int, first: int) -> RankFailed:
