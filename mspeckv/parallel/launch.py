@@ -132,11 +132,13 @@ def _entry(i, world, device_type, port, timeout_s, fn, args, result_path, quiet)
 
 def _teardown() -> None:
     """Free what still references the process group (cycles holding work handles and tensors: without this, about
-    one run in ten aborted at exit with "terminate called without an active exception"), wait for every rank, then
-    destroy the group."""
+    one gloo run in ten aborted at exit with "terminate called without an active exception"), wait for every rank,
+    then destroy a gloo group. An NCCL group is left to the process exit: ncclCommDestroy waits for every CUDA graph
+    that captured one of its collectives to be destroyed first, and can hang (pytorch/pytorch#115388)."""
     gc.collect()
     dist.barrier()
-    dist.destroy_process_group()
+    if dist.get_backend() != "nccl":
+        dist.destroy_process_group()
 
 
 def launch(fn, world: int, args: tuple = (), device_type: str = "cpu", timeout_s: float | None = None,
