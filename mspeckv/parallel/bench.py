@@ -177,6 +177,7 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
                 _write_cell(cells, tp, int(ctx), k, error=str(e), meta=run_metadata())
             finally:
                 marker.unlink(missing_ok=True)
+        write_summary(collect(cfg, command, time.time() - t0), cfg.out_dir)  # a cut run still leaves a summary
     res = collect(cfg, command, time.time() - t0)
     write_summary(res, cfg.out_dir)
     return res
