@@ -2,4 +2,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned tensor-parallel ranks import this module again: they must not rerun the CLI
+    sys.exit(main())

@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import cli_checks as checks
+from .parallel import RankFailed, under_torchrun
 from .validate import flag_names
 
 DEMO_PROMPT = "Write a Python function `is_prime(n)` that returns True if n is a prime number. Reply with code only."
@@ -151,6 +152,10 @@ def _preflight(a) -> None:
 
 def cmd_generate(a) -> int:
     text = checks.prompt_text(a)
+    if a.tp != 1 or under_torchrun():  # tensor parallel: spawned ranks, or one torchrun rank
+        from .parallel.cli import generate_tp
+
+        return generate_tp(a, text)
     if a.backend == "hf":
         from .hf.cli import generate_hf
 
@@ -261,6 +266,10 @@ def cmd_plan(a) -> int:
     if a.gpu_kv_budget is not None:
         v.number("gpu_kv_budget", a.gpu_kv_budget, lo=0, lo_open=True)
     cfg = checks.model_config(a.model)
+    if a.tp != 1:  # plan one rank: it holds 1/tp of the KV heads on its own GPU and streams them on its own link
+        from .parallel.tp import shard_config
+
+        cfg = shard_config(cfg, a.tp)
     if a.context > cfg.max_position:
         raise ValueError(f"--context {a.context} is beyond {a.model}'s maximum context of {cfg.max_position} tokens "
                          f"(max_position_embeddings); plan for at most {cfg.max_position}")
@@ -275,11 +284,13 @@ def cmd_plan(a) -> int:
         budget = int(free * 0.9)
     plan = plan_placement(cfg, a.context, budget, batch=a.batch, group_size=a.kv_group_size)
     p = plan.placement
-    row = {"model": a.model, "context": a.context, "gpu_kv_budget_bytes": budget, "on_chip": p.n_on_chip(cfg.n_layers),
-           "kv_quant": p.kv_quant, "resident_layers": p.resident_layers, "resident_format": p.resident_format,
+    row = {"model": a.model, "tp": a.tp, "context": a.context, "gpu_kv_budget_bytes": budget,
+           "on_chip": p.n_on_chip(cfg.n_layers), "kv_quant": p.kv_quant, "resident_layers": p.resident_layers,
+           "resident_format": p.resident_format,
            "predicted_gpu_kv_bytes": plan.gpu_kv_bytes, "predicted_pinned_bytes": plan.pinned_bytes,
            "predicted_h2d_bytes_per_token": plan.h2d_bytes_per_token, "note": plan.note}
-    print(f"{a.model} at {a.context} tokens, GPU KV budget {budget / 2**30:.2f} GiB:")
+    per = f", per rank of --tp {a.tp} ({cfg.n_kv_heads} KV heads each)" if a.tp != 1 else ""
+    print(f"{a.model} at {a.context} tokens, GPU KV budget {budget / 2**30:.2f} GiB{per}:")
     print(f"  {p.describe(cfg.n_layers)}")
     print(f"  predicted: {plan.gpu_kv_bytes / 2**30:.2f} GiB KV on the GPU, {plan.pinned_bytes / 2**30:.2f} GiB "
           f"pinned, {plan.h2d_bytes_per_token / 2**20:.1f} MiB streamed per decoded token ({plan.note})")
@@ -298,6 +309,8 @@ BENCH_FLAGS = {  # the flags each bench reads; any other changed flag would be i
     "presses": {"model", "contexts", "presses", "gen_len", "repeats", "device", "prefill_chunk", "out_dir"},
     "hf": {"model", "contexts", "caches", "gen_len", "repeats", "resident_layers", "kv_group_size", "device",
            "out_dir"},
+    "tp": {"shape", "contexts", "on_chip", "formats", "tps", "steps", "repeats", "no_graphs", "out_dir", "device",
+           "quick"},
 }
 
 
@@ -326,8 +339,42 @@ def _bench_hf(a) -> int:
     return 0
 
 
+def bench_tp(a) -> int:
+    """``bench tp``: every input is checked before a rank starts or the output folder is made."""
+    from dataclasses import replace
+
+    from .kv.placement import FORMATS
+    from .model.api import parse_device
+    from .parallel.bench import QUICK, TPBenchConfig, json_line, machine_name, render, run_tp_bench
+
+    dev = parse_device(a.device)
+    if a.device is None and dev.type != "cuda":
+        raise ValueError("bench tp times GPUs and torch sees none; pass --device cpu for a functional run on gloo "
+                         "ranks (numbers from it mean nothing)")
+    cfg = TPBenchConfig(device=dev.type, graphs=not a.no_graphs)
+    if a.quick:
+        cfg = replace(cfg, **QUICK)
+    given = set(checks.changed(a, "shape", "contexts", "on_chip", "steps", "repeats"))
+    cfg = replace(cfg, formats=checks.str_list("--formats", a.formats, FORMATS),
+                  tps=checks.int_list("--tps", a.tps, minimum=1),
+                  **({"shape": a.shape} if "--shape" in given else {}),
+                  **({"contexts": checks.int_list("--contexts", a.contexts)} if "--contexts" in given else {}),
+                  **({"on_chip": a.on_chip} if "--on-chip" in given else {}),
+                  **({"steps": a.steps} if "--steps" in given else {}),
+                  **({"repeats": a.repeats} if "--repeats" in given else {}))
+    cfg.check()
+    cfg = replace(cfg, out_dir=a.out_dir or f"results/tp/{machine_name(cfg.device)}")
+    checks.out_dir("--out-dir", cfg.out_dir)
+    res = run_tp_bench(cfg, "mspeckv " + shlex.join(a.argv))
+    print(render(res))
+    print(json_line(res))
+    return 0 if res["complete"] else 1
+
+
 def cmd_bench(a) -> int:
     checks.unused(a, BENCH_FLAGS[a.what], f"bench {a.what}")
+    if a.what == "tp":
+        return bench_tp(a)
     if a.what == "placement":
         from .bench.placement import PlacementBenchConfig, render_placement, run_placement_bench, write_placement
         from .kv.placement import FORMATS
@@ -478,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--backend", default="ours", choices=["ours", "hf"],
                    help="ours: our runtime (default); hf: transformers' generate with our cache (mspeckv.hf)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each; gloo ranks with --device "
+                   "cpu): spawned here, or run under torchrun --nproc-per-node N")
     _add_sampling(p)
     _add_placement(p)
     _add_spec(p)
@@ -499,10 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-kv-budget", type=float, default=None, help="GB for KV on the GPU (default: 90%% of free)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--tp", type=int, default=1, help="plan one rank of N tensor-parallel ranks (budget per GPU)")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")
-    p.add_argument("what", choices=["decode", "placement", "spec", "presses", "hf"])
+    p.add_argument("what", choices=["decode", "placement", "spec", "presses", "hf", "tp"])
     p.add_argument("--caches", default=None, help="hf: caches to compare (default: dynamic,dynamic_offload,"
                    "int8_offload,int8_offload_resident)")
     p.add_argument("--presses", default=None, help="presses: ';'-separated press specs (default: every family and "
@@ -516,16 +566,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l1-press", default=None, help="spec: the mspeckv middle level's press (default: retrieval)")
     _add_sampling(p)
     _add_placement(p)
-    p.add_argument("--shape", default="llama-2-7b-128k", help="placement: random-weight shape (--on-chip "
+    p.add_argument("--shape", default="llama-2-7b-128k", help="placement/tp: random-weight shape (--on-chip "
                    "defaults to 16 there)")
-    p.add_argument("--contexts", default="8192,16384,32768", help="placement/spec: contexts (prompt lengths)")
+    p.add_argument("--contexts", default="8192,16384,32768", help="placement/spec: contexts (prompt lengths); tp: "
+                   "default 32768,65536")
     p.add_argument("--formats", default="none,int8,int4", help="placement: offloaded KV formats")
     p.add_argument("--residents", default="0,16", help="placement: resident-layer counts")
     p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
     p.add_argument("--no-hf", action="store_true", help="placement: skip the transformers offloaded reference")
-    p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs")
-    p.add_argument("--out-dir", default=None, help="placement/spec: output folder (default results/placement, "
-                   "results/spec)")
+    p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs; tp: skip "
+                   "the graphed all-on-GPU cells")
+    p.add_argument("--tps", default="1,2", help="tp: tensor-parallel sizes to compare (the first is the baseline)")
+    p.add_argument("--quick", action="store_true", help="tp: the tiny random shape at 256 tokens, 2 steps x 2 repeats "
+                   "(a functional run, e.g. with --device cpu)")
+    p.add_argument("--out-dir", "--output-dir", default=None, help="placement/spec/tp: output folder (default "
+                   "results/placement, results/spec, results/tp/<machine>)")
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--gen-len", type=int, default=128)
@@ -563,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("mspeckv: interrupted; rerun the same command to resume", file=sys.stderr)
         return 2
-    except (ValueError, OSError, MemoryError) as e:  # bad input: one clear line
+    except (ValueError, OSError, MemoryError, RankFailed) as e:  # bad input, or a failed rank: one clear line
         if debug:
             raise
         if isinstance(e, OSError) and e.strerror and e.filename:

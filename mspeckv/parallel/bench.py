@@ -1,0 +1,525 @@
+"""``mspeckv bench tp``: does tensor parallelism split the offload bill? TP=1 against TP=N on random weights.
+
+Per TP size (one launch of that many ranks), on random weights at a real shape (default Llama-2-7B-128K, bf16,
+built on each rank's GPU one parameter at a time):
+- **links**: pinned host-to-device bandwidth of each rank's GPU measured alone (the other ranks wait), then all
+  ranks together (started by one barrier), and the sum of the together figures against the sum of the alone ones
+  (do the PCIe links add up?); the cost of one step's all-reduces alone: 2 x n_layers all-reduces of (1, T, dim),
+  eager and replayed from a CUDA graph, T = 1 (decode) and T = 9 (a verification).
+- **cells**, per context and KV setup, each one JSON file (written by rank 0 when the cell is done):
+  ``gpu`` every layer's KV on the GPU, eager; ``none|int8|int4`` the KV of ``n_layers - on_chip`` layers offloaded
+  in that format (each rank streams its own KV heads on its own copy stream and link); ``gpu_graphed`` the all-on-GPU
+  step replayed from a CUDA graph with the NCCL all-reduces inside it (the offloaded cache drives its copies from
+  the host, so it runs eagerly, as on one GPU).
+  Each cell times a decode step (median over ``repeats`` of the mean of ``steps`` forwards after two warm-up ones,
+  fixed context: every forward is rolled back), one verification of ``verify_tokens`` tokens, and at TP > 1 the same
+  step with the all-reduces replaced by no-ops (``comm share`` = 1 - that / the step). The bytes floor of an
+  offloaded cell is the rank's streamed bytes per step / its H2D bandwidth measured together with the other ranks.
+Resumable: cells whose JSON exists are skipped. A rank that fails or dies in a cell ends that launch with one error;
+the cell is recorded as failed (its JSON holds the error) and the remaining cells run in a new launch. A cell whose
+pinned stores cannot fit in the host's MemAvailable is refused up front, also as a failed cell.
+``--device cpu`` runs the same code on gloo ranks (a functional smoke run; never a published number).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import validate as v
+from ..kv.placement import FORMATS, Placement
+
+REFERENCE_KINDS = ("gpu", "gpu_graphed")
+QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_bytes=1 << 24)
+
+
+@dataclass(frozen=True)
+class TPBenchConfig:
+    shape: str = "llama-2-7b-128k"
+    contexts: tuple[int, ...] = (32768, 65536)
+    formats: tuple[str, ...] = ("none", "int8", "int4")
+    tps: tuple[int, ...] = (1, 2)
+    on_chip: int = 16
+    steps: int = 8
+    repeats: int = 3
+    verify_tokens: int = 9
+    graphs: bool = True  # the gpu_graphed cells (NCCL all-reduces captured in the graph)
+    device: str = "cuda"
+    out_dir: str = "results/tp"
+    h2d_bytes: int = 1 << 30  # per copy of the bandwidth test (20 copies per measurement)
+    fill_chunk: int = 8192
+    host_reserve_bytes: int = 8 << 30
+
+    def __post_init__(self):
+        from ..model.api import RANDOM_SHAPES
+
+        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))
+        v.integers("contexts", self.contexts, lo=1)
+        v.choices("formats", self.formats, FORMATS)
+        v.integers("tps", self.tps, lo=1)
+        v.integer("on_chip", self.on_chip, lo=0)
+        v.integer("steps", self.steps, lo=1)
+        v.integer("repeats", self.repeats, lo=2)
+        v.integer("verify_tokens", self.verify_tokens, lo=1)
+        v.boolean("graphs", self.graphs)
+        v.choice("device", self.device, ("cuda", "cpu"))
+        v.text("out_dir", self.out_dir)
+        v.integer("h2d_bytes", self.h2d_bytes, lo=1)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("gpu", *self.formats, *(("gpu_graphed",) if self.graphs else ()))
+
+    def model_config(self):
+        from ..bench.sweeps import model_config
+
+        return model_config(f"random:{self.shape}")
+
+    def check(self) -> None:
+        """Everything that can be refused before a rank starts (and before the output folder is made)."""
+        from .launch import check_world
+        from .tp import check_tp
+
+        c = self.model_config()
+        for tp in self.tps:
+            check_world(tp, self.device, "--tps")
+            check_tp(c, tp, "--tps")
+        if self.formats and not self.on_chip < c.n_layers:
+            raise ValueError(f"--on-chip {self.on_chip} leaves nothing offloaded in the {c.n_layers}-layer "
+                             f"{self.shape}; use at most {c.n_layers - 1}")
+        Placement(on_chip=self.on_chip).validate(c.n_layers, c.head_dim)
+        if too := [x for x in self.contexts if x + self.capacity_extra > c.max_position]:
+            raise ValueError(f"--contexts {','.join(map(str, too))} exceed {self.shape}'s maximum context of "
+                             f"{c.max_position} (with {self.capacity_extra} tokens of room for the steps)")
+
+    @property
+    def capacity_extra(self) -> int:
+        return self.verify_tokens + 16
+
+
+def cell_name(tp: int, ctx: int, kind: str) -> str:
+    return f"tp{tp}-ctx{ctx}-{kind}"
+
+
+def machine_name(device: str) -> str:
+    """A folder name for this machine's results, e.g. ``nvidia-h200-x2`` (``cpu`` for smoke runs)."""
+    if device != "cuda":
+        return "cpu"
+    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return f"{name}-x{torch.cuda.device_count()}"
+
+
+def _say(text: str) -> None:
+    print(f"[bench tp] {text}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- parent
+def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
+    """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
+    from ..bench.placement import mem_available, pinned_store_bytes
+    from ..bench.results import atomic_write_json, run_metadata
+    from . import RankFailed
+    from .launch import launch
+    from .tp import shard_config
+
+    t0 = time.time()
+    cells = Path(cfg.out_dir) / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    c = cfg.model_config()
+    for tp in cfg.tps:
+        local = shard_config(c, tp)
+        for _ in range(len(cfg.contexts) * len(cfg.kinds) + 2):  # at most one relaunch per failed cell
+            todo = [(ctx, k) for ctx in cfg.contexts for k in cfg.kinds
+                    if not (cells / f"{cell_name(tp, ctx, k)}.json").exists()]
+            todo.sort(key=lambda x: (x[1] == "gpu_graphed", x[0]))  # graphs last: the riskiest capture
+            avail = mem_available() if cfg.device == "cuda" else None
+            for ctx, k in list(todo):
+                if k in REFERENCE_KINDS or avail is None:
+                    continue
+                # pinned blocks are rounded up to powers of two by the host allocator: count twice the store
+                need = 2 * tp * pinned_store_bytes(local, Placement(on_chip=cfg.on_chip, kv_quant=k),
+                                                   ctx + cfg.capacity_extra)
+                if need + cfg.host_reserve_bytes > avail:
+                    _write_cell(cells, tp, ctx, k, error=f"refused: the {tp} rank(s)' pinned {k} stores need up to "
+                                f"{need / 2**30:.1f} GiB of host memory; {avail / 2**30:.1f} GiB available minus a "
+                                f"{cfg.host_reserve_bytes / 2**30:.0f} GiB reserve", meta=run_metadata())
+                    todo.remove((ctx, k))
+            links = cells / f"tp{tp}-links.json"
+            if not todo and links.exists():
+                break
+            _say(f"tp {tp}: launching {tp} rank(s) for {len(todo)} cell(s)" +
+                 ("" if links.exists() else " and the link measurements"))
+            marker = cells / f".running-tp{tp}"
+            marker.unlink(missing_ok=True)
+            try:
+                launch(_rank_main, tp, (cfg, c, todo, not links.exists(), command), device_type=cfg.device)
+                break
+            except RankFailed as e:
+                what = marker.read_text().strip() if marker.exists() else None
+                _say(f"tp {tp}: {e}")
+                if what is None:  # the ranks could not even build the model: nothing else will run
+                    atomic_write_json(cells / f"tp{tp}-setup.json", {"tp": tp, "error": str(e), "meta": run_metadata(),
+                                                                     "command": command})
+                    break
+                if what == "links":  # keep what was measured before the failure (saved as it went)
+                    kept = json.loads(links.read_text()) if links.exists() else {"tp": tp, "meta": run_metadata(),
+                                                                                 "command": command}
+                    atomic_write_json(links, {**kept, "error": str(e)})
+                    continue
+                ctx, k = what.split(" ")
+                _write_cell(cells, tp, int(ctx), k, error=str(e), meta=run_metadata())
+            finally:
+                marker.unlink(missing_ok=True)
+        write_summary(collect(cfg, command, time.time() - t0), cfg.out_dir)  # a cut run still leaves a summary
+    res = collect(cfg, command, time.time() - t0)
+    write_summary(res, cfg.out_dir)
+    return res
+
+
+def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = None, **extra) -> None:
+    from ..bench.results import atomic_write_json
+
+    atomic_write_json(cells / f"{cell_name(tp, ctx, kind)}.json",
+                      {"tp": tp, "ctx": ctx, "kind": kind, "error": error, **extra})
+
+
+# -------------------------------------------------------------------------------------------------------- ranks
+def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, command: str) -> None:
+    import torch.distributed as dist
+
+    from ..bench.placement import free_memory
+    from ..bench.results import atomic_write_json, run_metadata
+    from .tp import random_tp_model, replicated_bytes
+
+    cells = Path(cfg.out_dir) / "cells"
+    marker = cells / f".running-tp{r.world}"
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if cfg.device == "cuda" else torch.float32
+    t = time.time()
+    model = random_tp_model(model_cfg, r.rank, r.world, r.device, dtype)
+    if r.main:
+        _say(f"tp {r.world}: rank model built in {time.time() - t:.1f} s")
+    meta = run_metadata() if r.main else None
+    links_path = cells / f"tp{r.world}-links.json"
+    if need_links:
+        if r.main:
+            marker.write_text("links")
+        links = _links(r, cfg, model, lambda d: atomic_write_json(links_path, {**d, "meta": meta, "command": command})
+                       if r.main else None)
+        links["replicated_bytes_per_rank"] = replicated_bytes(model)
+        if r.main:
+            atomic_write_json(links_path, {**links, "meta": meta, "command": command})
+            _say(f"tp {r.world}: H2D GB/s alone {_fmt_list(links['h2d_alone_GBps'])}, together "
+                 f"{_fmt_list(links['h2d_together_GBps'])}")
+    else:
+        links = json.loads(links_path.read_text())
+    bws = links.get("h2d_together_GBps") or links.get("h2d_alone_GBps")
+    bw = bws[r.rank] * 1e9 if bws else None
+    for i, (ctx, kind) in enumerate(todo):
+        if r.main:
+            marker.write_text(f"{ctx} {kind}")
+        dist.barrier()
+        t = time.time()
+        if r.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row = _cell(r, cfg, model, ctx, kind, bw)
+        rows = [None] * r.world
+        dist.all_gather_object(rows, row)
+        if r.main:
+            _write_cell(cells, r.world, ctx, kind, ranks=rows, wall_s=time.time() - t, shape=cfg.shape,
+                        on_chip=cfg.on_chip if kind in FORMATS else None, weights="random",
+                        config=asdict(cfg), meta=meta, command=command)
+            vms = row.get("verify_ms")
+            _say(f"tp {r.world}: {i + 1}/{len(todo)} ctx {ctx} {kind}: {row['ms']:.2f} ms/step, verify "
+                 f"{vms:.2f} ms ({time.time() - t:.0f} s)")
+        free_memory()
+        dist.barrier()
+    if r.main:
+        marker.unlink(missing_ok=True)
+
+
+def _fmt_list(xs) -> str:
+    return ", ".join(f"{x:.1f}" for x in xs)
+
+
+def _sync(r) -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+    if r.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _h2d(r, nbytes: int, iters: int, start) -> float:
+    """Pinned host -> this rank's GPU, bytes/s over ``iters`` back-to-back copies (CPU ranks: a host copy), timed
+    after ``start()`` (a barrier, so that ranks measuring together start together)."""
+    cuda = r.device.type == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=r.device)
+    dst.copy_(src, non_blocking=cuda)
+    if cuda:
+        torch.cuda.synchronize()
+    start()
+    if not cuda:
+        t = time.perf_counter()
+        for _ in range(iters):
+            dst.copy_(src)
+        return nbytes * iters / (time.perf_counter() - t)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(iters):
+        dst.copy_(src, non_blocking=True)
+    e.record()
+    e.synchronize()
+    return nbytes * iters / (s.elapsed_time(e) / 1e3)
+
+
+def _gather(value) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _links(r, cfg: TPBenchConfig, model, save) -> dict:
+    import torch.distributed as dist
+
+    iters = 20
+    alone = None
+    for j in range(r.world):  # one rank at a time
+        _sync(r)
+        if r.rank == j:
+            alone = _h2d(r, cfg.h2d_bytes, iters, lambda: None)
+        _sync(r)
+    together = _h2d(r, cfg.h2d_bytes, iters, lambda: _sync(r))
+    out = {"tp": r.world, "h2d_bytes_per_copy": cfg.h2d_bytes, "copies": iters,
+           "h2d_alone_GBps": [x / 1e9 for x in _gather(alone)],
+           "h2d_together_GBps": [x / 1e9 for x in _gather(together)], "allreduce_ms_per_step": {}}
+    out["h2d_sum_alone_GBps"] = sum(out["h2d_alone_GBps"])
+    out["h2d_sum_together_GBps"] = sum(out["h2d_together_GBps"])
+    save(out)
+    if r.world == 1:
+        return out
+    n = 2 * model.cfg.n_layers  # one all-reduce per block half
+    for T in (1, cfg.verify_tokens):
+        x = torch.zeros(1, T, model.cfg.dim, dtype=model.dtype, device=r.device)
+
+        def step(x=x):
+            for _ in range(n):
+                dist.all_reduce(x)
+
+        out["allreduce_ms_per_step"][f"eager_T{T}"] = _time(r, step, iters=10)
+        save(out)
+    if r.device.type == "cuda" and cfg.graphs:  # last: a failed capture loses nothing measured above
+        for T in (1, cfg.verify_tokens):
+            x = torch.zeros(1, T, model.cfg.dim, dtype=model.dtype, device=r.device)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                dist.all_reduce(x)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(n):
+                    dist.all_reduce(x)
+            out["allreduce_ms_per_step"][f"graphed_T{T}"] = _time(r, g.replay, iters=10)
+            save(out)
+    return out
+
+
+def _time(r, fn, iters: int) -> float:
+    """Mean ms of ``fn`` over ``iters`` calls after two warm-up calls, started together on every rank."""
+    for _ in range(2):
+        fn()
+    _sync(r)
+    if r.device.type != "cuda":
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) * 1e3 / iters
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(iters):
+        fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) / iters
+
+
+def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
+    from ..bench.placement import decode_ms, fill_cache, graphed_ms
+    from ..kv.dense import DenseKV
+    from ..kv.placement import make_cache
+    from .tp import no_collectives
+
+    steps, reps, vt = cfg.steps, cfg.repeats, cfg.verify_tokens
+    out: dict = {"rank": r.rank}
+    if kind == "gpu_graphed":
+        runs = graphed_ms(model, ctx, steps, reps)
+        out["verify_runs_ms"] = graphed_ms(model, ctx, 2, reps, vt)
+        if r.world > 1:
+            _sync(r)
+            with no_collectives():  # captured without the all-reduces
+                out["nocomm_runs_ms"] = graphed_ms(model, ctx, steps, reps)
+            _sync(r)
+    else:
+        cap = ctx + cfg.capacity_extra
+        if kind == "gpu":
+            cache = DenseKV.for_model(model, 1, cap)
+        else:
+            cache = make_cache(model, Placement(on_chip=cfg.on_chip, kv_quant=kind), 1, cap)
+        with torch.inference_mode():
+            fill_cache(model, cache, ctx, chunk=cfg.fill_chunk)
+        _sync(r)
+        before = getattr(getattr(cache, "stats", None), "h2d_bytes", 0)
+        runs = decode_ms(model, cache, steps, reps)
+        if kind != "gpu":
+            per_step = (cache.stats.h2d_bytes - before) // (2 + steps * reps)
+            out["h2d_bytes_per_step"] = per_step
+            out["floor_ms"] = per_step / bw * 1e3 if bw else None
+            out["memory"] = cache.memory_report()
+        out["verify_runs_ms"] = decode_ms(model, cache, 2, reps, vt)
+        if r.world > 1:
+            _sync(r)
+            with no_collectives():
+                out["nocomm_runs_ms"] = decode_ms(model, cache, steps, reps)
+            _sync(r)
+        del cache
+    out["runs_ms"] = runs
+    out["ms"] = statistics.median(runs)
+    out["verify_ms"] = statistics.median(out["verify_runs_ms"])
+    if "nocomm_runs_ms" in out:
+        out["nocomm_ms"] = statistics.median(out["nocomm_runs_ms"])
+    if r.device.type == "cuda":
+        out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+def collect(cfg: TPBenchConfig, command: str, wall_s: float) -> dict:
+    """Rows per (context, kind) with every TP size's numbers, from the cell files that exist."""
+    cells = Path(cfg.out_dir) / "cells"
+    read = lambda p: json.loads(p.read_text()) if p.exists() else None
+    links = {tp: read(cells / f"tp{tp}-links.json") or read(cells / f"tp{tp}-setup.json") for tp in cfg.tps}
+    rows, missing, failed = [], [], []
+    for ctx in cfg.contexts:
+        for kind in cfg.kinds:
+            row = {"ctx": ctx, "kind": kind}
+            for tp in cfg.tps:
+                cell = read(cells / f"{cell_name(tp, ctx, kind)}.json")
+                if cell is None:
+                    missing.append(cell_name(tp, ctx, kind))
+                    continue
+                if cell.get("error"):
+                    failed.append({"cell": cell_name(tp, ctx, kind), "error": cell["error"]})
+                    continue
+                ranks = cell["ranks"]
+                r0 = ranks[0]
+                d = {"ms": r0["ms"], "verify_ms": r0["verify_ms"]}
+                if "nocomm_ms" in r0:
+                    d["nocomm_ms"] = r0["nocomm_ms"]
+                    d["comm_share"] = max(0.0, 1 - max(x["nocomm_ms"] for x in ranks) / r0["ms"])
+                if "h2d_bytes_per_step" in r0:
+                    d["h2d_MB_per_step_per_rank"] = [x["h2d_bytes_per_step"] / 1e6 for x in ranks]
+                    floors = [x.get("floor_ms") for x in ranks]
+                    d["floor_ms"] = max(floors) if all(f is not None for f in floors) else None
+                    d["ratio_to_floor"] = r0["ms"] / d["floor_ms"] if d["floor_ms"] else None
+                row[f"tp{tp}"] = d
+            base = row.get(f"tp{cfg.tps[0]}")
+            for tp in cfg.tps[1:]:
+                if base and row.get(f"tp{tp}"):
+                    row[f"tp{tp}"][f"vs_tp{cfg.tps[0]}"] = row[f"tp{tp}"]["ms"] / base["ms"]
+                    row[f"tp{tp}"][f"verify_vs_tp{cfg.tps[0]}"] = row[f"tp{tp}"]["verify_ms"] / base["verify_ms"]
+            rows.append(row)
+    meta = next((x.get("meta") for x in links.values() if x and x.get("meta")), None)
+    gpu = (meta or {}).get("gpu") or ("cpu (gloo smoke run)" if cfg.device == "cpu" else "unknown GPU")
+    return {"bench": "tp", "weights": "random", "shape": cfg.shape, "machine": f"{max(cfg.tps)}x {gpu}",
+            "config": asdict(cfg), "links": links, "rows": rows, "missing": missing, "failed": failed,
+            "complete": not missing and not failed, "command": command, "wall_s": wall_s, "meta": meta}
+
+
+def _f(x, spec: str = "{:.2f}") -> str:
+    return spec.format(x) if isinstance(x, int | float) and not isinstance(x, bool) else "–"
+
+
+def render(res: dict) -> str:
+    c = res["config"]
+    tps = c["tps"]
+    base = tps[0]
+    lines = [f"# Tensor parallelism: {res['shape']} (**random weights**) on {res['machine']}"
+             + ("" if res["complete"] else " — PARTIAL"), "",
+             f"{c['on_chip']} of the layers keep their KV on the GPU in the offloaded rows (none/int8/int4: the "
+             f"format of the rest); `gpu` keeps every layer on the GPU (eager), `gpu_graphed` replays it from a CUDA "
+             f"graph. ms = median over {c['repeats']} repeats of {c['steps']} decode steps at a fixed context; "
+             f"verify = one forward of {c['verify_tokens']} tokens. comm = share of the step that the all-reduces "
+             f"cost (1 - the step with no-op all-reduces / the step). floor = a rank's streamed bytes per step / its "
+             f"H2D bandwidth measured with every rank copying at once.", "", "## Links", "",
+             "| TP | H2D alone GB/s (per rank) | H2D together GB/s | sum alone | sum together | all-reduces per step, "
+             "ms (T=1 eager / graphed; T=9 eager / graphed) | replicated MiB per rank |",
+             "|---|---|---|---:|---:|---|---:|"]
+    vt = c["verify_tokens"]
+    for tp, lk in res["links"].items():
+        if not lk:
+            lines.append(f"| {tp} | missing | | | | | |")
+            continue
+        if lk.get("error") and "h2d_alone_GBps" not in lk:
+            lines.append(f"| {tp} | FAILED: {lk['error'][:120]} | | | | | |")
+            continue
+        ar = lk.get("allreduce_ms_per_step", {})
+        arr = " / ".join(_f(ar.get(k), "{:.3f}") for k in ("eager_T1", "graphed_T1", f"eager_T{vt}",
+                                                              f"graphed_T{vt}")) if ar else "–"
+        rep = lk.get("replicated_bytes_per_rank")
+        lines.append(f"| {tp} | {_fmt_list(lk['h2d_alone_GBps'])} | {_fmt_list(lk['h2d_together_GBps'])} | "
+                     f"{lk['h2d_sum_alone_GBps']:.1f} | {lk['h2d_sum_together_GBps']:.1f} | {arr} | "
+                     f"{_f(rep / 2**20 if rep else None, '{:.0f}')} |")
+    head = ["context", "KV", *(f"TP{t} ms" for t in tps), *(f"TP{t}/TP{base}" for t in tps[1:]),
+            *(f"TP{t} verify ms" for t in tps), *(f"TP{t} comm" for t in tps[1:]), *(f"TP{t} floor ms" for t in tps),
+            *(f"TP{t} MB/step/rank" for t in tps)]
+    lines += ["", "## Decode step and verification", "", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    lines += ["| " + " | ".join(_row_cols(row, tps)) + " |" for row in res["rows"]]
+    if res["failed"]:
+        lines += ["", f"## Failed or refused cells ({len(res['failed'])})", ""]
+        lines += [f"- {f['cell']}: {f['error']}" for f in res["failed"]]
+    if res["missing"]:
+        lines += ["", f"Missing cells ({len(res['missing'])}): {', '.join(res['missing'])}"]
+    lines += ["", f"Command: `{res['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _row_cols(row: dict, tps) -> list[str]:
+    base = tps[0]
+    at = lambda t: row.get(f"tp{t}") or {}
+    share = lambda t: _f(100 * at(t)["comm_share"], "{:.0f}%") if at(t).get("comm_share") is not None else "–"
+    return [str(row["ctx"]), row["kind"], *(_f(at(t).get("ms")) for t in tps),
+            *(_f(at(t).get(f"vs_tp{base}"), "{:.2f}x") for t in tps[1:]), *(_f(at(t).get("verify_ms")) for t in tps),
+            *(share(t) for t in tps[1:]), *(_f(at(t).get("floor_ms")) for t in tps),
+            *(_fmt_list(at(t).get("h2d_MB_per_step_per_rank") or []) or "–" for t in tps)]
+
+
+def write_summary(res: dict, out_dir: str) -> None:
+    from ..bench.results import atomic_write_json, atomic_write_text
+
+    atomic_write_json(Path(out_dir) / "tp.json", res)
+    atomic_write_text(Path(out_dir) / "summary.md", render(res))
+
+
+def json_line(res: dict) -> str:
+    keep = ("ms", "verify_ms", "comm_share", "floor_ms")
+    rows = [{"ctx": r["ctx"], "kind": r["kind"], **{f"tp{t}": {k: (r.get(f"tp{t}") or {}).get(k) for k in keep}
+                                                     for t in res["config"]["tps"]}} for r in res["rows"]]
+    base = res["config"]["tps"][0]
+    for r, full in zip(rows, res["rows"], strict=True):
+        for t in res["config"]["tps"][1:]:
+            r[f"tp{t}"][f"vs_tp{base}"] = (full.get(f"tp{t}") or {}).get(f"vs_tp{base}")
+    return json.dumps({"bench": "tp", "machine": res["machine"], "complete": res["complete"], "rows": rows,
+                       "links": {t: {k: (lk or {}).get(k) for k in ("h2d_alone_GBps", "h2d_together_GBps",
+                                                                     "allreduce_ms_per_step")}
+                                 for t, lk in res["links"].items()}})

@@ -1,0 +1,109 @@
+"""``mspeckv generate --tp N``: the same generation on N tensor-parallel ranks (spawned here, or under torchrun).
+
+The target is sharded (``parallel/tp.py``); the draft model, when there is one, is replicated: every rank runs the whole
+draft on its own GPU with no communication, so all ranks propose the same tokens and the sharded target verifies
+them in lockstep (see the README's "Tensor parallelism" section for why). Rank 0 prints; the others are silent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .. import cli_checks as checks
+
+UNSUPPORTED = {  # flag -> why it is refused with --tp > 1
+    "press": "a press scores and keeps rows over all KV heads of a layer in some presses (adakv, hybrids), which a "
+             "rank holding half the heads cannot reproduce",
+    "press_every": "it re-presses the target's KV (see --press)",
+    "l1_press": "the middle level's press would select over one rank's KV heads; the default retrieval level "
+                "(chosen per KV head, identical to --tp 1) is supported",
+}
+
+
+def device_type(a) -> str:
+    from ..model.api import parse_device
+
+    dev = parse_device(a.device)
+    if dev.index is not None:
+        raise ValueError(f"--device {a.device} names one GPU, but with --tp each rank i uses cuda:i; pass --device "
+                         f"cuda (or set CUDA_VISIBLE_DEVICES to pick the GPUs)")
+    return dev.type
+
+
+def check_generate_tp(a) -> str:
+    """The --tp checks of ``generate`` that need no weights; returns the device type the ranks use."""
+    from .launch import check_world
+    from .tp import check_tp
+
+    if isinstance(a.tp, bool) or not isinstance(a.tp, int) or a.tp < 1:
+        raise ValueError(f"--tp must be an integer >= 1, got {a.tp}")
+    if a.backend != "ours":
+        raise ValueError("--tp runs our own runtime only; drop --backend hf (transformers' generate is not sharded)")
+    for dest, why in UNSUPPORTED.items():
+        checks.refuse(checks.changed(a, dest), f"--tp {a.tp} does not support it: {why}")
+    kind = device_type(a)
+    check_world(a.tp, kind)
+    check_tp(checks.model_config(a.model), a.tp)
+    return kind
+
+
+def generate_tp(a, text: str) -> int:
+    from ..cli import _preflight
+    from ..evals.lossy import quality_note
+    from .launch import launch
+
+    kind = check_generate_tp(a)
+    _preflight(a)
+    if (note := quality_note(kv_quant=a.kv_quant)) and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
+        print(note, file=sys.stderr)
+    launch(_generate_rank, a.tp, (a, text), device_type=kind)
+    return 0
+
+
+def _resolve(ref: str, r) -> str:
+    """Resolve (and on first use convert) a model once: rank 0 first, the others after it (no conversion race)."""
+    import torch.distributed as dist
+
+    from ..model.loading import resolve
+
+    if ref.startswith("random:"):
+        return ref
+    if not r.main:
+        dist.barrier()
+    d = str(resolve(ref, progress=r.main))
+    if r.main:
+        dist.barrier()
+    return d
+
+
+def _generate_rank(r, a, text: str) -> dict:
+    from ..cli import _encode, run_generation
+    from ..decoding.speculative import check_pair
+    from ..model.api import load, load_tokenizer
+    from .tp import check_ranks_agree, load_tp
+
+    target_dir = _resolve(a.model, r)
+    draft_dir = _resolve(a.draft, r) if a.mode != "ar" and a.drafter == "model" else None
+    if target_dir.startswith("random:"):
+        raise ValueError("generate needs a tokenizer; random:<shape> models have none (use bench tp to time them)")
+    model = load_tp(target_dir, r.rank, r.world, r.device)
+    tok = load_tokenizer(target_dir)
+    draft = None
+    if draft_dir is not None:
+        draft, dtok, _ = load(draft_dir, r.device, progress=False)  # replicated: the whole draft on every rank
+        check_pair(model, draft, tok, dtok)
+    ids = _encode(tok, text, a.chat)
+    if not ids:
+        raise ValueError("the prompt encodes to 0 tokens; give some text")
+    res = run_generation(a, model, tok, draft, ids, a.mode)
+    acc = {k: v["accepted"] for k, v in getattr(res, "levels", {}).items()}
+    check_ranks_agree({"tokens": res.tokens, "accepted": acc}, "generated tokens and accept counts")
+    s = res.summary()
+    if r.main:
+        print(tok.decode(res.tokens[0], skip_special_tokens=True))
+        extra = f" | accepted {s['accepted']:.2f}" if s.get("accepted") is not None else ""
+        print(f"\n[{a.mode} | {model.cfg.family} | tp {r.world} on {r.device.type}] prompt {len(ids)} tok | TTFT "
+              f"{s['ttft_s']:.3f} s | {s['ms_per_token']:.1f} ms/token | {s['tok_per_s']:.2f} tok/s | "
+              f"{s['n_generated']} tokens{extra}", file=sys.stderr)
+    return {"tokens": res.tokens}
