@@ -31,7 +31,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "sampling_accept": (["mspeckv/decoding/sampling.py", "mspeckv/decoding/accept.py"],
                         ["tests/test_sampling_reference.py", "tests/test_accept.py",
                          "tests/test_cache_sampling.py"]),
-    "speculative": (["mspeckv/decoding/speculative.py"],
+    "speculative": (["mspeckv/decoding/speculative.py", "mspeckv/decoding/runner.py"],
                     ["tests/test_levels.py", "tests/test_distribution.py::test_runner_levels_every_drawn_token",
                      "tests/test_speculative.py::test_errors"]),
     "autoregressive_drafters": (["mspeckv/decoding/autoregressive.py", "mspeckv/decoding/drafters.py"],
