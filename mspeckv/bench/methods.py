@@ -234,19 +234,23 @@ def _hf_model(ctx: SweepContext, role: str):
     return ctx.hf[role]
 
 
-def hf_assisted(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """transformers assisted generation (target + draft as assistant) over its offloaded DynamicCache."""
+def _hf_generate(ctx: SweepContext, method: str, x: int, seed: int, assisted: bool) -> dict[str, Any]:
+    """One timed transformers ``generate`` (TTFT: a separate 1-token generate; latency: the full one minus it).
+    Assisted: the draft as ``assistant_model`` over ``DynamicCache(offloading=True)`` (offloading needs CUDA; on the
+    CPU a plain ``DynamicCache``). Plain: ``DynamicCache`` on the device."""
     from transformers import DynamicCache
 
     s, p = ctx.settings, ctx.point(x)
-    target, draft = _hf_model(ctx, "target"), _hf_model(ctx, "draft")
+    target = _hf_model(ctx, "target")
     ids, src = prompt(ctx, p.prefill, seed)
     ids = ids.to(ctx.device)
-    offload = ctx.device.type == "cuda"
+    offload = assisted and ctx.device.type == "cuda"
     sample = s.temperature > 0
-    kw = dict(attention_mask=torch.ones_like(ids), assistant_model=draft, do_sample=sample, eos_token_id=None,
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=sample, eos_token_id=None,
               temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
               pad_token_id=target.generation_config.pad_token_id or 0)
+    if assisted:
+        kw["assistant_model"] = _hf_model(ctx, "draft")
 
     def gen(n: int) -> tuple[float, int]:
         torch.manual_seed(seed)
@@ -263,45 +267,21 @@ def hf_assisted(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
         total, made = gen(n)
         return ttft, total, made
 
-    (ttft, total, n), peak = _timed(ctx, "hf_assisted", x, run, p.gen_len)
+    (ttft, total, n), peak = _timed(ctx, method, x, run, p.gen_len)
     return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, accepted=None, levels=None,
                     per_level_s=None, resident_hit_rate=None, bytes_transferred=None, bytes_per_token=None,
                     hf_cache=f"DynamicCache(offloading={offload})", total_s=total)
 
 
+def hf_assisted(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
+    """transformers assisted generation (target + draft as assistant) over its offloaded DynamicCache."""
+    return _hf_generate(ctx, "hf_assisted", x, seed, assisted=True)
+
+
 def hf_ar(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
     """transformers' plain autoregressive ``generate`` with ``DynamicCache`` on the device (every layer on the GPU):
-    the best configuration transformers offers when the KV fits. TTFT and latency as for hf_assisted."""
-    from transformers import DynamicCache
-
-    s, p = ctx.settings, ctx.point(x)
-    target = _hf_model(ctx, "target")
-    ids, src = prompt(ctx, p.prefill, seed)
-    ids = ids.to(ctx.device)
-    sample = s.temperature > 0
-    kw = dict(attention_mask=torch.ones_like(ids), do_sample=sample, eos_token_id=None,
-              temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
-              pad_token_id=target.generation_config.pad_token_id or 0)
-
-    def gen(n: int) -> tuple[float, int]:
-        torch.manual_seed(seed)
-        cache = DynamicCache(config=target.config)
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw)
-        sync(ctx.device)
-        return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
-
-    def run(n: int) -> tuple[float, float, int]:
-        ttft, _ = gen(1)
-        total, made = gen(n)
-        return ttft, total, made
-
-    (ttft, total, n), peak = _timed(ctx, "hf_ar", x, run, p.gen_len)
-    return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, accepted=None, levels=None,
-                    per_level_s=None, resident_hit_rate=None, bytes_transferred=None, bytes_per_token=None,
-                    hf_cache="DynamicCache (on the device)", total_s=total)
+    the best configuration transformers offers when the KV fits."""
+    return _hf_generate(ctx, "hf_ar", x, seed, assisted=False)
 
 
 # the run function of each registry entry is the function of the same name above (a missing one fails at import)
