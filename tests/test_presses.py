@@ -343,3 +343,39 @@ def test_forced_window_never_takes_more_than_its_share_of_the_budget():
     assert parse_press("aggressive").selector.window_share == 0.5
     with pytest.raises(ValueError, match="window_share"):
         SnapKVPress(window_share=1.5)
+
+
+@pytest.mark.parametrize("kernel,reduce", [(1, "mean"), (3, "mean"), (5, "max"), (2, "max")])
+def test_snap_scores_match_a_loop_reference(kernel, reduce):
+    """SnapKV's score, written out: per query head, softmax(q.k / sqrt(D)) over the keys at or before the query's own
+    position, averaged over the observation window, averaged over ``kernel`` rows starting ``kernel // 2`` before
+    (centred for odd kernels; edges average only the rows that exist), then mean or max over each KV head's query
+    group. Batch 2, GQA 2, unsorted positions."""
+    from mspeckv.presses.base import snap_scores
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, w, L, D = 2, 2, 2, 3, 9, 4
+    q = torch.randn(B, Hkv * G, w, D, generator=g)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    pos = torch.stack([torch.randperm(20, generator=g)[:L] for _ in range(B * Hkv)]).reshape(B, Hkv, L)
+    want = torch.zeros(B, Hkv, L)
+    for b in range(B):
+        for h in range(Hkv):
+            last = int(pos[b, h].max())
+            per_g = []
+            for gi in range(G):
+                att = torch.zeros(L)
+                for i in range(w):
+                    qpos = last - (w - 1) + i
+                    vis = pos[b, h] <= qpos
+                    s = (k[b, h] @ q[b, h * G + gi, i]) / math.sqrt(D)
+                    p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+                    att += p / w
+                lo = lambda j: j - kernel // 2  # noqa: E731 (window [lo, lo + kernel): centred for odd kernels)
+                pooled = torch.stack([att[max(0, lo(j)): lo(j) + kernel].mean() for j in range(L)]) \
+                    if kernel > 1 else att
+                per_g.append(pooled)
+            stacked = torch.stack(per_g)
+            want[b, h] = stacked.amax(0) if reduce == "max" else stacked.mean(0)
+    got = snap_scores(q, k, pos, kernel, reduce)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
