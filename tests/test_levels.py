@@ -393,3 +393,31 @@ def test_one_factory_decides_the_layout_and_one_runner_follows_it():
     assert use_graphs(m) is False and use_graphs(m, True) is True  # CPU default off; asked for: on
     m.cfg = replace(m.cfg, rope=replace(m.cfg.rope, rope_type="dynamic"))
     assert use_graphs(m, True) is False
+
+
+def test_observers_update_in_place_once_full():
+    """Graph safety: once an observer's tensor has its final shape, later forwards update that same tensor (a CUDA
+    graph captured over a forward keeps reading and writing one address; a new tensor would leave it reading a freed
+    one). Values stay those of the eager definition."""
+    from mspeckv.presses.h2o import AttentionMass
+
+    obs = LastQueries(1, n_last=3)
+    q = torch.randn(1, 4, 5, D)
+    obs.on_query(0, q)
+    buf = obs.queries[0]
+    nxt = torch.randn(1, 4, 2, D)
+    obs.on_query(0, nxt)
+    assert obs.queries[0] is buf and torch.equal(buf, torch.cat([q[:, :, -1:], nxt], 2))
+    obs.on_query(0, q)
+    assert obs.queries[0] is buf and torch.equal(buf, q[:, :, -3:])
+
+    mass = AttentionMass(1)
+    k_all = torch.randn(1, 2, 6, D)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    for _ in range(2):
+        mass.on_query(0, torch.randn(1, 4, 1, D))
+        mass.on_update(0, None, None, k_all, mask)
+    first = mass.mass[0]
+    mass.on_query(0, torch.randn(1, 4, 1, D))
+    mass.on_update(0, None, None, k_all, mask)
+    assert mass.mass[0] is first and torch.allclose(first.sum(), torch.tensor(3.0 * 4))  # 3 forwards x 4 q-heads

@@ -156,6 +156,14 @@ class LastQueries(Observer):
 
     def on_query(self, layer: int, q: Tensor) -> None:
         prev, last = self.queries[layer], q[:, :, -self.n_last:]
+        if prev is not None and prev.shape[2] == self.n_last and prev.shape[:2] == q.shape[:2] \
+                and prev.dtype == q.dtype and prev.device == q.device:
+            # full: roll in place. A CUDA graph that captured this forward then reads and writes this same buffer on
+            # every replay; a new tensor here would leave the graph reading the pre-capture one, freed once the list
+            # is re-pointed (a dangling read: the H2O/SnapKV middle level's illegal memory access on the GPU)
+            T = last.shape[2]
+            prev.copy_(last if T == self.n_last else torch.cat([prev[:, :, T:], last], 2))
+            return
         if prev is not None and last.shape[2] < self.n_last:
             last = torch.cat([prev, last], 2)[:, :, -self.n_last:]
         self.queries[layer] = last.clone()  # a view would pin the whole chunk's queries

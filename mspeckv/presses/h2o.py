@@ -49,10 +49,13 @@ class AttentionMass(Observer):
                 s = s.masked_fill(~vis.repeat(G, 1), float("-inf"))
             acc += s.softmax(-1).sum(2)
         prev = self.mass[layer]
-        if prev is not None:
-            n = min(prev.shape[-1], S)
-            acc[..., :n] += prev[..., :n]
-        self.mass[layer] = acc
+        if prev is not None and prev.shape == acc.shape:  # a static cache (same S every forward): accumulate in
+            prev.add_(acc)  # place, so a captured graph keeps adding into the one tensor it reads (see LastQueries)
+        else:
+            if prev is not None:
+                n = min(prev.shape[-1], S)
+                acc[..., :n] += prev[..., :n]
+            self.mass[layer] = acc
         self.q[layer] = None
 
     def reindex(self, layer: int, idx: Tensor) -> None:
