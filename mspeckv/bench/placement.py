@@ -63,11 +63,15 @@ class PlacementBenchConfig:
         v.text("out_dir", self.out_dir)
 
 
-def _ms(fn, warmup: int, iters: int) -> float:
-    """Mean ms per call over `iters`, after `warmup` calls, timed with CUDA events (host clock on the CPU)."""
+def _ms(fn, warmup: int, iters: int, cuda: bool | None = None, before=None) -> float:
+    """Mean ms per call over `iters`, after `warmup` calls, timed with CUDA events (host clock on the CPU).
+    ``cuda``: time with events (default: whenever CUDA is available); ``before()`` runs between warm-up and timing
+    (e.g. a barrier across ranks)."""
     for _ in range(warmup):
         fn()
-    if not torch.cuda.is_available():
+    if before is not None:
+        before()
+    if not (torch.cuda.is_available() if cuda is None else cuda):
         t = time.perf_counter()
         for _ in range(iters):
             fn()

@@ -337,21 +337,9 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
 
 def _time(r, fn, iters: int) -> float:
     """Mean ms of ``fn`` over ``iters`` calls after two warm-up calls, started together on every rank."""
-    for _ in range(2):
-        fn()
-    _sync(r)
-    if r.device.type != "cuda":
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t) * 1e3 / iters
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / iters
+    from ..bench.placement import _ms
+
+    return _ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
 
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
