@@ -46,20 +46,11 @@ class DecodeBenchConfig:
 
 
 def d2d_bandwidth(device, nbytes: int = 1 << 30, iters: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median of iters)."""
-    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    y = torch.empty_like(x)
-    y.copy_(x)
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y.copy_(x)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del x, y
-    return 2 * nbytes / statistics.median(times)
+    """Device-to-device copy bandwidth of ``device`` in bytes/s, bytes read plus written (``bench.placement``'s)."""
+    from .placement import d2d_bandwidth as measure
+
+    with torch.cuda.device(device):
+        return measure(nbytes, iters)
 
 
 def weight_bytes_per_step(model) -> int:
