@@ -302,8 +302,11 @@ class CausalLM(nn.Module):
             m.lm_head.weight = m.model.embed_tokens.weight
         return m
 
-    def load_safetensors(self, directory: str | Path) -> CausalLM:
-        from safetensors.torch import load_file
+    def load_safetensors(self, directory: str | Path, take=None) -> CausalLM:
+        """Copy every tensor of the safetensors checkpoint in ``directory`` into this model. ``take(name, handle)``
+        (a ``safe_open`` handle) returns the tensor to copy for ``name``; the default reads it whole, tensor
+        parallelism reads a rank's slice (``parallel.tp.load_tp``)."""
+        from safetensors import safe_open
 
         d = Path(directory)
         index = d / "model.safetensors.index.json"
@@ -314,16 +317,18 @@ class CausalLM(nn.Module):
         own = self.state_dict()
         seen = set()
         for f in files:
-            for name, t in load_file(str(f), device=str(self.device)).items():
-                if name not in own:
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    raise ValueError(f"{f.name}: unexpected tensor '{name}' for a {self.cfg.family} model")
-                if own[name].shape != t.shape:
-                    want = tuple(own[name].shape)
-                    raise ValueError(f"{f.name}: '{name}' has shape {tuple(t.shape)}, expected {want}")
-                own[name].copy_(t)
-                seen.add(name)
+            with safe_open(str(f), framework="pt", device="cpu" if take else str(self.device)) as fh:
+                for name in fh.keys():
+                    if name not in own:
+                        if name.endswith("rotary_emb.inv_freq"):
+                            continue
+                        raise ValueError(f"{f.name}: unexpected tensor '{name}' for a {self.cfg.family} model")
+                    t = fh.get_tensor(name) if take is None else take(name, fh)
+                    if own[name].shape != t.shape:
+                        want = tuple(own[name].shape)
+                        raise ValueError(f"{f.name}: '{name}' has shape {tuple(t.shape)}, expected {want}")
+                    own[name].copy_(t)
+                    seen.add(name)
         missing = set(own) - seen - ({"lm_head.weight"} if self.cfg.tie_embeddings else set())
         if missing:
             raise ValueError(f"checkpoint in {d} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")

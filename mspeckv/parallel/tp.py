@@ -242,7 +242,6 @@ def random_tp_model(shape: str | ModelConfig, rank: int, world: int, device=None
 def load_tp(directory: str | Path, rank: int, world: int, device, dtype=None) -> CausalLM:
     """Rank ``rank``'s share of the safetensors checkpoint in ``directory`` (a resolved model directory): each rank
     reads only its slices (``safe_open(...).get_slice``)."""
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     from ..model.api import default_dtype, load_model, parse_dtype
@@ -252,31 +251,12 @@ def load_tp(directory: str | Path, rank: int, world: int, device, dtype=None) ->
     d = Path(directory)
     dtype = parse_dtype(dtype) or default_dtype(device)
     m = build_rank_model(ModelConfig.from_hf(AutoConfig.from_pretrained(d)), rank, world, device, dtype)
-    own = m.state_dict()
-    index = d / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
-    files = [d / f for f in files] if files else sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {d}")
-    seen = set()
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            for name in fh.keys():
-                if name not in own:
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    raise ValueError(f"{f.name}: unexpected tensor '{name}' for a {m.cfg.family} model")
-                split = shard_dim(name) is not None
-                t = shard_tensor(name, fh.get_slice(name), rank, world) if split else fh.get_tensor(name)
-                if own[name].shape != t.shape:
-                    raise ValueError(f"{f.name}: '{name}' gives a rank slice of shape {tuple(t.shape)}, expected "
-                                     f"{tuple(own[name].shape)}")
-                own[name].copy_(t)
-                seen.add(name)
-    missing = set(own) - seen - ({"lm_head.weight"} if m.cfg.tie_embeddings else set())
-    if missing:
-        raise ValueError(f"checkpoint in {d} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-    return m
+
+    def take(name, fh):  # this rank's slice of a split tensor, a replicated one whole
+        return shard_tensor(name, fh.get_slice(name), rank, world) if shard_dim(name) is not None else \
+            fh.get_tensor(name)
+
+    return m.load_safetensors(d, take=take)
 
 
 def replicated_bytes(model: CausalLM) -> int:
