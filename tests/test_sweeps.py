@@ -78,6 +78,7 @@ def test_sweep_end_to_end_and_resume(tiny_dirs, tmp_path, run_cli, capsys, monke
         assert mt["n_generated"] == 12 and mt["latency_s"] > 0 and mt["tok_per_s"] > 0
         assert mt["prompt_len"] == r["x"] and mt["prompt_source"].endswith("corpus.txt")
         assert mt["peak_gpu_bytes"] is None  # CPU
+        assert mt["h2d_GBps_streaming"] is None and mt["h2d_busy_s"] in (None, 0)  # no copy stream on the CPU
         if r["method"] in ("baseline", "hf_assisted", "ar_gpu", "hf_ar"):
             assert mt["accepted"] is None
         else:

@@ -85,9 +85,11 @@ def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
     return MSpecKVCache(model, placement=placement, max_len=max_len)
 
 
-def _h2d(cache) -> int | None:
-    rep = cache.memory_report() if hasattr(cache, "memory_report") else None
-    return None if rep is None else rep.get("h2d_bytes_total")
+def _report(cache) -> dict:
+    """Our cache's memory report; transformers' caches keep none."""
+    from ..hf.cache import MSpecKVCache
+
+    return cache.memory_report() if isinstance(cache, MSpecKVCache) else {}
 
 
 @torch.inference_mode()
@@ -125,7 +127,7 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
     cache = make_hf_cache(kind, model, cfg, max_len)
     out = model(ids, **{arg: cache}, logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)
-    before = _h2d(cache)
+    before = _report(cache).get("h2d_bytes_total")
     step_ms = []
     for _ in range(cfg.gen_len - 1):
         if dev.type == "cuda":
@@ -139,7 +141,7 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
             t0 = time.perf_counter()
             tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
             step_ms.append(1e3 * (time.perf_counter() - t0))
-    after = _h2d(cache)
+    after = _report(cache).get("h2d_bytes_total")
     if kind == "dynamic_offload":  # every layer's bf16 K and V come back each step (a lower bound on its traffic)
         c = model.config
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -148,7 +150,7 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
         h2d_step = (after - before) / (cfg.gen_len - 1)
     else:
         h2d_step = 0
-    mem = cache.memory_report() if hasattr(cache, "memory_report") else {}
+    mem = _report(cache)
     del cache
     med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
     decode_ms, forward_ms = med("decode_ms"), statistics.median(step_ms)

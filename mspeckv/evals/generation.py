@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .variants import Variant, build_cache, compress, kv_bytes
+from .variants import Variant, build_cache, kv_bytes
 
 
 def sync(device: torch.device) -> None:
@@ -59,7 +59,7 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
     t0 = time.perf_counter()
     if T > 1:
         model.prefill(x[:, :-1], cache, chunk=prefill_chunk)
-    compress(cache)
+    cache.compress()
     tok = model(x[:, -1:], cache)[:, -1].argmax(-1)
     out = [int(tok)]
     sync(device)

@@ -32,7 +32,7 @@ import torch
 
 from ..data.corpora import long_prompt
 from .metrics import Accumulator, cosine
-from .variants import Variant, build_cache, compress, kv_bytes
+from .variants import Variant, build_cache, kv_bytes
 
 METRICS = ("ppl", "kl", "ece", "attention")  # what run() returns (the registry is evals.runner.FAMILIES)
 
@@ -69,7 +69,7 @@ def _score_window(model, variant: Variant, window: torch.Tensor, S: int, chunk: 
     C = window.shape[1] - 1
     cache = build_cache(model, variant, 1, C, tail=S)
     model.prefill(window[:, :C - S], cache, chunk=prefill_chunk)
-    compress(cache)
+    cache.compress()
     held = kv_bytes(cache)
     logits = []
     for s in range(0, S, chunk):

@@ -12,7 +12,7 @@ import torch
 
 from ..data.corpora import long_prompt
 from .metrics import relative_mse
-from .variants import Variant, build_cache, compress, held
+from .variants import Variant, build_cache, held
 
 
 @torch.inference_mode()
@@ -28,7 +28,7 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
         if not v.is_baseline:
             cache = build_cache(model, v, 1, context, tail=1)
             model.prefill(ids, cache, chunk=ev.cfg.prefill_chunk)
-            compress(cache)
+            cache.compress()
         k_mse, v_mse, kept = [], [], []
         for layer in range(model.cfg.n_layers):
             k, val, pos = held(cache, layer)

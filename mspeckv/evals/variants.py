@@ -132,25 +132,10 @@ def build_cache(model, variant: Variant, batch: int, max_len: int, tail: int | N
     return make_cache(model, variant.placement, batch, max_len, press=press, tail=tail)
 
 
-def compress(cache) -> None:
-    """Apply the press to the committed history (nothing to do for caches without one)."""
-    fn = getattr(cache, "compress", None)
-    if fn is not None:
-        fn()
-
-
 def held(cache, layer: int) -> tuple[Tensor, Tensor, Tensor]:
     """(k, v, positions) of the rows a cache holds for one layer: (B, H, n, D) x2 and (B, H, n) absolute positions."""
-    import torch
-
     k, v = cache.read(layer)
-    pos_fn = getattr(cache, "positions", None)
-    if pos_fn is not None:
-        pos = pos_fn(layer)
-    else:
-        B, H, n, _ = k.shape
-        pos = torch.arange(n, device=k.device).expand(B, H, n)
-    return k, v, pos
+    return k, v, cache.positions(layer)
 
 
 def kv_bytes(cache) -> int:
@@ -159,16 +144,17 @@ def kv_bytes(cache) -> int:
     A pressed cache (``memory_report()['compressed']``): its stores + shared tensors + the tail rows appended since
     the compress (its report's ``kv_bytes`` also counts the whole preallocated tail and a decode scratch buffer,
     which are working memory, not held KV). A press before its compress: its inner cache."""
-    rep = getattr(cache, "memory_report", None)
-    if rep is not None:
-        r = rep()
+    from ..kv.pressed import PressedKV
+
+    r = cache.memory_report()
+    if isinstance(cache, PressedKV):
         if r.get("compressed") and "store_bytes" in r:
             row = 2 * cache.n_layers * cache.B * cache.H * cache.D * cache.dtype.itemsize
-            return int(r["store_bytes"]) + int(r.get("shared_bytes", 0)) + int(getattr(cache, "n_tail", 0)) * row
-        if r.get("compressed") is False and getattr(cache, "inner", None) is not None:
+            return int(r["store_bytes"]) + int(r.get("shared_bytes", 0)) + cache.n_tail * row
+        if r.get("compressed") is False and cache.inner is not None:
             return kv_bytes(cache.inner)
-        if "kv_bytes" in r:
-            return int(r["kv_bytes"])
+    if "kv_bytes" in r:
+        return int(r["kv_bytes"])
     import torch
 
     from ..kv.dense import DenseKV

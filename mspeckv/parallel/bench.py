@@ -367,7 +367,7 @@ def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -
         with torch.inference_mode():
             fill_cache(model, cache, ctx, chunk=cfg.fill_chunk)
         _sync(r)
-        before = getattr(getattr(cache, "stats", None), "h2d_bytes", 0)
+        before = 0 if kind == "gpu" else cache.stats.h2d_bytes
         runs = decode_ms(model, cache, steps, reps)
         if kind != "gpu":
             per_step = (cache.stats.h2d_bytes - before) // (2 + steps * reps)
