@@ -302,7 +302,8 @@ SPEC_BENCH_MODES = ("ar", "vanilla", "mspeckv")
 BENCH_FLAGS = {  # the flags each bench reads; any other changed flag would be ignored, so it is refused
     "decode": {"model", "prompt_len", "gen_len", "batch", "repeats", "prefill_chunk", "device", "out", "no_graphs",
                "seed"},
-    "placement": {"shape", "contexts", "on_chip", "formats", "residents", "steps", "repeats", "no_hf", "out_dir"},
+    "placement": {"shape", "contexts", "on_chip", "formats", "residents", "steps", "repeats", "no_hf", "out_dir",
+                  "no_graphs"},
     "spec": {"model", "draft", "contexts", "gen_len", "modes", "gamma", "draft_gamma", "budget", "chunk", "on_chip",
              "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy", "temperature",
              "greedy", "top_p", "seed", "repeats", "device", "out_dir", "press", "l1_press"},
@@ -384,14 +385,15 @@ def cmd_bench(a) -> int:
                                    on_chip=on_chip, formats=checks.str_list("--formats", a.formats, FORMATS),
                                    residents=checks.int_list("--residents", a.residents, minimum=0),
                                    steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf,
-                                   out_dir=a.out_dir or "results/placement")
+                                   graphed=not a.no_graphs, out_dir=a.out_dir or "results/placement")
         checks.out_dir("--out-dir", cfg.out_dir)
         cmd = "mspeckv " + shlex.join(a.argv)
         res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, cmd))
         write_placement(res, cfg.out_dir, cmd)
         print(render_placement(res))
         print(json.dumps({"bench": "placement", "cells": [
-            {k: c[k] for k in ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio")} for c in res["cells"]],
+            {k: c[k] for k in ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio", "graphed_ms",
+                               "graphed_ratio")} for c in res["cells"]],
             "hf_offloaded_ms": res["hf_offloaded_ms"], "verify_ms": res["verify_ms"]}))
         return 0
     if a.what == "spec":
@@ -575,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
     p.add_argument("--no-hf", action="store_true", help="placement: skip the transformers offloaded reference")
     p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs; tp: skip "
-                   "the graphed all-on-GPU cells")
+                   "the graphed all-on-GPU cells; placement: skip the graphed (static-layout) timing of each cell")
     p.add_argument("--tps", default="1,2", help="tp: tensor-parallel sizes to compare (the first is the baseline)")
     p.add_argument("--quick", action="store_true", help="tp: the tiny random shape at 256 tokens, 2 steps x 2 repeats "
                    "(a functional run, e.g. with --device cpu)")

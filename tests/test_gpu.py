@@ -131,3 +131,53 @@ def test_graphed_mspeckv_with_a_middle_press_equals_ar_fp32(l1):
     torch.cuda.synchronize()
     assert sp.tokens == ar
     assert sp.levels["verify_l1"]["rounds"] >= 1
+
+
+OFFLOADED = [Placement(on_chip=2), Placement(on_chip=2, kv_quant="int8"), Placement(on_chip=0, kv_quant="int4"),
+             Placement(on_chip=2, kv_quant="int8", resident_layers=4, resident_format="quant"),
+             Placement(on_chip=3, resident_layers=3)]
+
+
+@pytest.mark.parametrize("p", OFFLOADED, ids=lambda p: f"on{p.on_chip}-{p.kv_quant}-r{p.resident_layers}")
+def test_graphed_offloaded_ar_equals_eager_fp32(p):
+    """Issue 11 item 2: the static PlacedKV replays CUDA graphs (copies from pinned memory as graph nodes, bucketed
+    sizes, device-side lengths). fp32 greedy tokens equal the eager offloaded cache's; most steps replay graphs;
+    a small copy bucket makes decoding cross buckets (new captures) and flushes (eager steps) on the way."""
+    from mspeckv.config import GenerationConfig
+    from mspeckv.decoding.autoregressive import generate
+
+    m = cuda_model(layers=6, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 700), device="cuda")
+    gen = GenerationConfig(max_new_tokens=200, stop_on_eos=False, prefill_chunk=256)
+    ref = generate(m, ids, gen, cache=make_cache(m, p, 1, 1024), graphs=False).tokens
+    cache = make_cache(m, p, 1, 1024, graphs=True)
+    cache.copy_block = 128  # 700 -> 900 tokens cross buckets at 768 and 896
+    out = generate(m, ids, gen, cache=cache, graphs=True)
+    torch.cuda.synchronize()
+    assert out.tokens == ref
+    s = cache.stats
+    assert s.static_forwards >= 190 and s.forwards >= 200  # flushes every 64 tokens run eagerly: 3-4 of 200
+
+
+def test_graphed_offloaded_speculation_equals_ar_fp32():
+    """The full-KV verification level over an offloaded (int8, streamed) target replays graphs too."""
+    from mspeckv.config import GenerationConfig
+    from mspeckv.decoding.autoregressive import generate
+    from mspeckv.decoding.speculative import SpecConfig, speculative_generate
+
+    target, draft = cuda_model(layers=4, dtype=torch.float32), cuda_model(layers=2, dtype=torch.float32)
+    with torch.no_grad():
+        for q in draft.parameters():
+            q.mul_(1.01)
+    base = torch.randint(0, 512, (1, 200), device="cuda")
+    ids = torch.cat([base] * 4, 1)
+    gen = GenerationConfig(max_new_tokens=64, stop_on_eos=False, prefill_chunk=256)
+    p = Placement(on_chip=1, kv_quant="int8")
+    ar = generate(target, ids, gen, cache=make_cache(target, p, 1, 1024), graphs=False).tokens
+    for mode in ("vanilla", "mspeckv"):
+        spec = SpecConfig(mode=mode, gamma=6, draft_gamma=3, budget=128, chunk=8, draft_sinks=4, draft_window=40,
+                          graphs=True)
+        sp = speculative_generate(target, draft, ids, gen, spec, placement=p)
+        torch.cuda.synchronize()
+        assert sp.tokens == ar, mode
+        assert sp.stats["memory"]["static_forwards"] >= 1, mode

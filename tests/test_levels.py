@@ -381,13 +381,18 @@ def test_one_factory_decides_the_layout_and_one_runner_follows_it():
         (dict(graphs=True), StaticKV, True),
         (dict(graphs=False), DenseKV, False),
         (dict(graphs=True, press="streaming:budget=0.5"), PressedKV, False),  # a pressed target runs eagerly
-        (dict(graphs=True, placement=Placement(on_chip=1, kv_group_size=8)), PlacedKV, False),  # offloaded: eager
+        (dict(graphs=True, placement=Placement(on_chip=1, kv_group_size=8)), PlacedKV, True),  # static layout
+        (dict(graphs=False, placement=Placement(on_chip=1, kv_group_size=8)), PlacedKV, False),
+        (dict(graphs=True, press="streaming:budget=0.5", placement=Placement(on_chip=1, kv_group_size=8)),
+         PressedKV, False),  # pressed over an offloaded backend: eager, and so is its backend
     ]
     for kw, cls, graphed in cases:
         placement = kw.pop("placement", None)
         c = make_cache(m, placement, 1, 64, **kw)
         assert type(c) is cls and c.graphable is graphed
         assert isinstance(make_runner(m, c), GraphRunner) is graphed
+        if isinstance(c, PressedKV) and c.inner is not None:
+            assert not c.inner.graphable
     static_press = PressedKV.streaming(m, sinks=4, window=16, room=8, static=True)
     assert static_press.graphable and isinstance(make_runner(m, static_press), GraphRunner)
     assert use_graphs(m) is False and use_graphs(m, True) is True  # CPU default off; asked for: on

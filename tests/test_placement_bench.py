@@ -34,5 +34,11 @@ def test_refused_cells_are_recorded_and_the_run_goes_on():
     assert c["floor_ms"] == max(c["transfer_floor_ms"], c["gpu_floor_ms"])
     assert abs(c["ratio_sum"] - c["ms_per_token"] / (c["transfer_floor_ms"] + c["gpu_floor_ms"])) < 1e-9
     assert c["gpu_floor_ms"] == res["all_on_gpu_graphed_ms"][256]  # the graphed step (eager on the CPU) is the floor
+    # the static-layout timing of the same cell: bucketed copies (the whole 256-token store here: one bucket of
+    # 1024 rounded down to the store) are at least the eager step's bytes, and its ratio uses its own floor
+    assert c["graphed_error"] is None and c["graphed_ms"] > 0
+    assert c["graphed_h2d_bytes_per_step"] >= c["h2d_bytes_per_step"] > 0
+    assert c["graphed_ratio"] == c["graphed_ms"] / c["graphed_floor_ms"]
+    assert cells["none"]["graphed_ms"] is None  # a refused cell is not timed graphed either
     md = render_placement(res)
     assert "FAILED" in md and "refused" in md and "MBU" in md

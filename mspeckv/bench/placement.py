@@ -6,6 +6,10 @@ For each (context, kv format, resident layers) cell:
                      ``decoding.autoregressive`` runs it; eager on the CPU)
     ratio          = measured ms/token / max(transfer floor, GPU floor)   (perfect overlap of copies and compute)
     ratio_sum      = measured ms/token / (transfer floor + GPU floor)      (no overlap at all)
+Each cell is timed twice: eagerly (``make_cache(p)``, the host drives every layer) and graphed (``make_cache(p,
+graphs=True)``: the static PlacedKV layout, one CUDA graph per step, ``kv/offload.py``), each on a freshly filled
+cache; ``graphed_ratio`` is the graphed step over the same floor. The graphed step copies the store's rows rounded
+up to the copy bucket (``COPY_BLOCK`` tokens): its transfer floor counts those bytes.
 The all-on-GPU steps (eager and graphed) also report their MBU: (weight bytes + KV bytes read) / time against the
 device-to-device copy bandwidth measured in the same run (bytes read + written).
 Host memory: pinned memory is freed between cells, and a cell whose pinned store (or HF's offloaded cache) would not
@@ -46,6 +50,7 @@ class PlacementBenchConfig:
     repeats: int = 3  # median over repeats (each the mean of `steps`)
     verify_tokens: int = 9
     hf_reference: bool = True
+    graphed: bool = True  # also time each cell on the static layout with CUDA graphs
     out_dir: str = "results/placement"
     host_memory_bytes: int | None = None  # None: MemAvailable from /proc/meminfo before each cell
     host_reserve_bytes: int = 4 << 30  # left free for everything else when checking that a pinned store fits
@@ -60,6 +65,7 @@ class PlacementBenchConfig:
         v.integer("repeats", self.repeats, lo=2)  # the median over repeats is reported
         v.integer("verify_tokens", self.verify_tokens, lo=1)
         v.boolean("hf_reference", self.hf_reference)
+        v.boolean("graphed", self.graphed)
         v.text("out_dir", self.out_dir)
 
 
@@ -223,6 +229,29 @@ def graphed_ms(model, ctx: int, steps: int, repeats: int, n_tokens: int = 1) -> 
         return [_ms(step, warmup=2 if i == 0 else 0, iters=steps) for i in range(repeats)]
 
 
+def graphed_cell_ms(model, p: Placement, cap: int, ctx: int, steps: int, repeats: int,
+                    n_tokens: int = 1) -> tuple[list[float], int, dict]:
+    """(per-repeat mean ms, H2D bytes per step, memory report) of a GRAPHED forward over n_tokens on a static
+    PlacedKV filled to ctx (fixed context: rolled back after each step, so the graph's layout never changes)."""
+    cache = make_cache(model, p, 1, cap, graphs=True)  # freed with this frame (the caller runs free_memory())
+    with torch.inference_mode():
+        fill_cache(model, cache, ctx)
+        tok = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), device=model.device)
+        model(tok, cache)  # fills resident slots (an eager forward), so the next plan is stationary
+        cache.rollback(n_tokens)
+        fwd = GraphedForward(model, cache, n_tokens, 1)
+        before, n0 = cache.stats.h2d_bytes, cache.stats.static_forwards
+
+        def step():
+            fwd(tok, ctx)
+            cache.rollback(n_tokens)
+
+        runs = [_ms(step, warmup=2 if i == 0 else 0, iters=steps) for i in range(repeats)]
+        n_fwd = cache.stats.static_forwards - n0
+        per_step = (cache.stats.h2d_bytes - before) // max(n_fwd, 1)
+        return runs, per_step, cache.memory_report()
+
+
 def step_bytes(model, ctx: int, weight_bytes: int) -> int:
     """Bytes an all-on-GPU decode step must read: every weight once and every layer's K and V at ``ctx``."""
     c = model.cfg
@@ -267,6 +296,12 @@ class Cell:
     pinned_bytes_planned: int | None = None
     error: str | None = None  # a failed or refused cell: the reason; its numbers are None
     memory: dict = field(default_factory=dict)
+    graphed_ms: float | None = None  # the same cell on the static layout, one CUDA graph per step
+    graphed_runs_ms: list = field(default_factory=list)
+    graphed_h2d_bytes_per_step: int | None = None  # bucketed copies: >= h2d_bytes_per_step
+    graphed_floor_ms: float | None = None  # max(graphed transfer floor, GPU floor)
+    graphed_ratio: float | None = None  # graphed_ms / graphed_floor_ms
+    graphed_error: str | None = None
 
 
 def _failed(ctx: int, fmt: str, r: int, error: str, planned: int | None) -> Cell:
@@ -338,6 +373,21 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
                 finally:
                     del cache
                     free_memory()
+                if cfg.graphed and cells[-1].error is None:
+                    c = cells[-1]
+                    try:
+                        g_runs, g_bytes, _ = graphed_cell_ms(model, p, cap, ctx, cfg.steps, cfg.repeats)
+                        c.graphed_runs_ms, c.graphed_ms = g_runs, statistics.median(g_runs)
+                        c.graphed_h2d_bytes_per_step = g_bytes
+                        c.graphed_floor_ms = max(g_bytes / bw * 1e3, gpu_floor)
+                        c.graphed_ratio = c.graphed_ms / c.graphed_floor_ms
+                        if ctx == max(cfg.contexts) and (fmt, r) in (("none", 0), ("int8", 16)):
+                            verify[f"{fmt}_resident{r}_graphed"] = statistics.median(graphed_cell_ms(
+                                model, p, cap, ctx, 2, cfg.repeats, cfg.verify_tokens)[0])
+                    except Exception as e:  # recorded beside the eager numbers, never fatal
+                        c.graphed_error = f"failed: {type(e).__name__}: {e}"[:300]
+                    finally:
+                        free_memory()
         if cfg.hf_reference and device == "cuda":
             need = model.cfg.kv_bytes_per_token(dtype.itemsize) * (ctx + 4096)
             refusal = host_fit_error(need, cfg, "HF's offloaded DynamicCache")
@@ -391,20 +441,27 @@ def render_placement(res: dict) -> str:
         f"on_chip = {res['config']['on_chip']}; decode ms/token is the median over {res['config']['repeats']} "
         f"repeats of {res['config']['steps']} steps.",
         "",
-        "| context | kv format | resident | ms/token | transfer floor ms | GPU floor ms (graphed) | ratio | ratio_sum "
-        "| MB streamed/step | HF offloaded ms |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | kv format | resident | ms/token eager | graphed ms/token | transfer floor ms (eager / graphed) "
+        "| GPU floor ms (graphed) | ratio eager | ratio graphed | ratio_sum eager | MB streamed/step (eager / "
+        "graphed) | HF offloaded ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     failed = []
     for c in res["cells"]:
         if c.get("error"):
             failed.append(c)
-            lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | FAILED | | | | | | |")
+            lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | FAILED | | | | | | | | |")
             continue
         hf = _get(res["hf_offloaded_ms"], c["ctx"])
-        lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | {c['ms_per_token']:.2f} | "
-                     f"{_f(c.get('transfer_floor_ms'))} | {_f(c.get('gpu_floor_ms'))} | {c['ratio']:.2f}x | "
-                     f"{_f(c.get('ratio_sum'), '{:.2f}x')} | {c['h2d_bytes_per_step'] / 1e6:.0f} | {_f(hf)} |")
+        gb = c.get("graphed_h2d_bytes_per_step")
+        g_tr = gb / (res["pinned_h2d_GBps"] * 1e9) * 1e3 if gb is not None else None
+        g_ms = c.get("graphed_ms")
+        g_ms = "FAILED" if g_ms is None and c.get("graphed_error") else g_ms
+        lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | {c['ms_per_token']:.2f} | {_f(g_ms)} | "
+                     f"{_f(c.get('transfer_floor_ms'))} / {_f(g_tr)} | {_f(c.get('gpu_floor_ms'))} | "
+                     f"{c['ratio']:.2f}x | {_f(c.get('graphed_ratio'), '{:.2f}x')} | "
+                     f"{_f(c.get('ratio_sum'), '{:.2f}x')} | {c['h2d_bytes_per_step'] / 1e6:.0f} / "
+                     f"{_f(gb / 1e6 if gb is not None else None, '{:.0f}')} | {_f(hf)} |")
     lines += ["", "## All-on-GPU steps (MBU = weight + KV bytes read / time / device copy bandwidth)", "",
               "| context | eager ms | graphed ms | MBU eager | MBU graphed |", "|---:|---:|---:|---:|---:|"]
     for ctx, ms in res["all_on_gpu_ms"].items():
@@ -418,6 +475,10 @@ def render_placement(res: dict) -> str:
     for k, val in v.items():
         if k not in ("tokens", "ctx"):
             lines.append(f"| {k} | {_f(val)} |")
+    g_failed = [c for c in res["cells"] if c.get("graphed_error")]
+    if g_failed:
+        lines += ["", f"## Graphed timings that failed ({len(g_failed)})", ""]
+        lines += [f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c['graphed_error']}" for c in g_failed]
     if failed:
         lines += ["", f"## Failed or refused cells ({len(failed)})", ""]
         lines += [f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c['error']}" for c in failed]

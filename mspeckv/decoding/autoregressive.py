@@ -10,8 +10,7 @@ from torch import Tensor
 
 from ..config import GenerationConfig
 from ..kv.placement import make_cache
-from ..kv.static import GraphedForward
-from .runner import use_graphs
+from .runner import Runner, make_runner, use_graphs
 from .sampling import make_generator, next_token
 
 
@@ -69,7 +68,10 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
 
     EOS is checked on the host every ``eos_check_every`` steps (default: every step on CPU, every 16 on CUDA, so
     the GPU queue never drains); tokens produced past a row's EOS are discarded. Without an explicit cache, CUDA
-    decodes through a static-shape cache replaying one CUDA graph per step (``graphs``, default on CUDA).
+    decodes through a static-shape cache replaying one CUDA graph per step (``graphs``, default on CUDA); an
+    explicit cache replays graphs when it is graphable (``make_cache(..., graphs=True)``). Graphs are captured after
+    the prefill and outside every timed interval (``capture_s`` in the stats); a layout change later in decoding (a
+    ``PlacedKV`` crossing a copy bucket) captures inside the decode time, which counts it.
     """
     device = model.device
     model.check_prompt(input_ids)
@@ -77,7 +79,6 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     B, T = input_ids.shape
     model.check_context(T + gen.max_new_tokens)
     graphs = use_graphs(model, graphs)
-    step = None
     if cache is None:
         cache = make_cache(model, None, B, T + gen.max_new_tokens, graphs=graphs)
     eos = set(model.cfg.eos_token_ids if eos_ids is None else eos_ids) if gen.stop_on_eos else set()
@@ -85,8 +86,7 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     g = make_generator(device, gen.sampling.seed)
     eos_t = torch.tensor(sorted(eos) or [-1], device=device)
 
-    if graphs and cache.graphable:  # one-time capture, outside the timed region
-        step = GraphedForward(model, cache, 1, 1, batch=B)
+    runner = make_runner(model, cache) if graphs else Runner(model, cache)
     sync(device)
     t0 = time.perf_counter()
     logits = model.prefill(input_ids, cache, chunk=gen.prefill_chunk, progress=progress)
@@ -98,10 +98,16 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     done = torch.isin(tok, eos_t)
     sync(device)
     t_first = time.perf_counter()
+    runner.n = cache.next_position()
+    if gen.max_new_tokens > 1:
+        runner.precapture([(1, 1)], batch=B)  # nothing on the CPU or for an eager runner
+    sync(device)
+    t_dec = time.perf_counter()  # decode time starts after the capture
+    capture_s = t_dec - t_first
     for i in range(1, gen.max_new_tokens):
         if eos and i % every == 0 and bool(done.all()):
             break
-        logits = (model(tok[:, None], cache) if step is None else step(tok[:, None], cache.length()))[:, -1]
+        logits = runner.step(tok[:, None])[:, -1]
         tok = next_token(logits, gen.sampling, g)
         out.append(tok)
         done |= torch.isin(tok, eos_t)
@@ -109,5 +115,5 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     t_end = time.perf_counter()
     rows = torch.stack(out, 1).tolist()
     rows = trim_at_eos(rows, eos) if eos else rows
-    return GenerationResult(rows, T, t_prefill - t0, t_first - t0, t_end - t_first,
-                            stats={"mode": "ar", "forwards": len(out)})
+    return GenerationResult(rows, T, t_prefill - t0, t_first - t0, t_end - t_dec,
+                            stats={"mode": "ar", "forwards": len(out), "capture_s": capture_s})

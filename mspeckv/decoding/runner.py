@@ -3,6 +3,9 @@
 - ``use_graphs(model, asked)``: graphs are on by default on CUDA, off on the CPU, and never for dynamic-NTK RoPE
   (it recomputes frequencies from the host-side length, which a replay cannot see).
 - ``make_runner(model, cache)``: a ``GraphRunner`` when the cache has a static (graphable) layout, else a ``Runner``.
+  A GraphRunner keeps one graph per (tokens, logits, ``cache.graph_key(tokens)``): a cache whose static layout
+  changes (``PlacedKV``: the copy bucket, the residency plan) gets a graph per layout, and a forward whose key is
+  None (a flush, a slot fill, a prefill chunk) runs eagerly on the same buffers.
   The cache factory (``kv.placement.make_cache(..., graphs=...)``, ``PressedKV.build/streaming(static=...)``) decides
   the layout; a runner only follows it. On the CPU a GraphRunner's forwards are eager (``GraphedForward``), so the
   graph path's bookkeeping is exercised by CPU tests too.
@@ -40,8 +43,12 @@ class Runner:
 
     def feed(self, seq: Seq, upto: int, num_logits: int, eager: bool = False) -> Tensor:
         """Feed tokens [n, upto) -> logits (1, num_logits, V) for the last num_logits positions."""
-        logits = self.model(seq.tokens[:, self.n:upto], self.cache, pos0=self.n, num_logits=num_logits)
-        self.n = upto
+        return self.step(seq.tokens[:, self.n:upto], num_logits, eager)
+
+    def step(self, ids: Tensor, num_logits: int = 1, eager: bool = False) -> Tensor:
+        """Feed ids (B, T) at positions [n, n + T) -> logits (B, num_logits, V)."""
+        logits = self.model(ids, self.cache, pos0=self.n, num_logits=num_logits)
+        self.n += ids.shape[1]
         return logits
 
     def rollback_to(self, m: int) -> None:
@@ -49,34 +56,38 @@ class Runner:
             self.cache.rollback(self.n - m)
             self.n = m
 
-    def precapture(self, shapes: list[tuple[int, int]]) -> None:
+    def precapture(self, shapes: list[tuple[int, int]], batch: int = 1) -> None:
         """Capture graphs for these (tokens, logits) shapes now (nothing to do for an eager runner)."""
 
 
 class GraphRunner(Runner):
-    """A Runner over a static-shape cache whose forwards replay CUDA graphs, one per (tokens, logits) shape."""
+    """A Runner over a static-shape cache whose forwards replay CUDA graphs, one per (tokens, logits, layout)."""
 
     def __init__(self, model, cache, n: int = 0):
         super().__init__(model, cache, n)
-        self.graphs: dict[tuple[int, int], GraphedForward] = {}
+        self.graphs: dict[tuple, GraphedForward] = {}
         self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
 
-    def feed(self, seq: Seq, upto: int, num_logits: int, eager: bool = False) -> Tensor:
-        if eager:
-            return super().feed(seq, upto, num_logits)
-        key = (upto - self.n, num_logits)
+    def step(self, ids: Tensor, num_logits: int = 1, eager: bool = False) -> Tensor:
+        T = ids.shape[1]
+        layout = None if eager else self.cache.graph_key(T)
+        if layout is None:  # asked, or the cache cannot run this forward statically (a flush, a slot fill)
+            return super().step(ids, num_logits)
+        key = (T, num_logits, layout)
         if key not in self.graphs:
-            self.graphs[key] = GraphedForward(self.model, self.cache, key[0], num_logits, self.pool)
-        logits = self.graphs[key](seq.tokens[:, self.n:upto], self.n)
-        self.n = upto
+            self.graphs[key] = GraphedForward(self.model, self.cache, T, num_logits, self.pool, batch=ids.shape[0])
+        logits = self.graphs[key](ids, self.n, layout)
+        self.n += T
         return logits
 
-    def precapture(self, shapes: list[tuple[int, int]]) -> None:
+    def precapture(self, shapes: list[tuple[int, int]], batch: int = 1) -> None:
         if self.pool is None:  # the CPU: forwards are eager, nothing to capture ahead
             return
-        for key in shapes:
-            if key not in self.graphs and self.cache.length() + key[0] <= self.cache.capacity():
-                self.graphs[key] = GraphedForward(self.model, self.cache, key[0], key[1], self.pool)
+        for T, nl in shapes:
+            layout = self.cache.graph_key(T)
+            key = (T, nl, layout)
+            if layout is not None and key not in self.graphs and self.cache.length() + T <= self.cache.capacity():
+                self.graphs[key] = GraphedForward(self.model, self.cache, T, nl, self.pool, batch=batch)
 
 
 def make_runner(model, cache, n: int = 0) -> Runner:

@@ -21,7 +21,10 @@ stored compressed, outside any forward; ``positions(layer)`` gives their absolut
 
 Everything else has a no-op default here, so the model and the decoders call it without probing attributes:
 ``reserve`` (make room before a speculation round), ``abort`` (drop a failed forward), ``compress`` (apply a press),
-``memory_report``. Observers (``Observer``: last queries, the new rows of a forward, accumulated attention) are
+``memory_report``. Graphable caches (``graphable = True``) add the host halves of a replayed forward: ``graph_key(n)``
+(which captured graph a forward of n tokens may replay; None: run it eagerly), ``prepare(n)`` before a replay and
+``commit(n)`` after it (``GraphedForward`` calls them).
+Observers (``Observer``: last queries, the new rows of a forward, accumulated attention) are
 attached with ``cache.observers.append(obs)`` and see every forward through ``on_query`` / ``on_update``.
 """
 
@@ -103,6 +106,19 @@ class KVCache:
 
     def memory_report(self) -> dict:
         return {}
+
+    # ------------------------------------------------------------------------------------------ graphable caches
+    def graph_key(self, n_new: int):
+        """Identity of the captured graph a forward of ``n_new`` tokens may replay (hashable), or None: eager."""
+        return () if self.graphable else None
+
+    def prepare(self, n_new: int) -> None:
+        """Host side of begin() before a replay."""
+        raise NotImplementedError(f"{type(self).__name__} has no static layout (graphable is False)")
+
+    def commit(self, n: int) -> None:
+        """Host side of end() after a replay; ``commit(-n)`` undoes a capture's bookkeeping."""
+        raise NotImplementedError(f"{type(self).__name__} has no static layout (graphable is False)")
 
     # ------------------------------------------------------------------------------------------------ observers
     def on_query(self, layer: int, q: Tensor) -> None:

@@ -14,10 +14,26 @@ Decoding one token runs, for offloaded layer i, with no host synchronisation:
 Buffers are double-buffered and guarded by CUDA events. Resident layers (an LRU of GPU slots) skip the copy; new
 tokens go to the slot and, through the residual and flushes, to the CPU store, so an eviction loses nothing.
 On the CPU (tests, CI) the same code runs with synchronous copies.
+
+**Static layout** (``static=True``, what ``make_cache(..., graphs=True)`` builds): a forward that flushes nothing
+and keeps the residency plan as it is (every decode step and verification between flushes, once the resident
+slots are filled) runs a host-independent sequence that a CUDA graph can capture and replay:
+- the copy of each layer's store is a **bucket** of ``nb`` rows, ``flushed`` rounded up to ``copy_block`` tokens
+  (rows past ``flushed`` are zeros or stale, never visible): the bytes are fixed per bucket, so one graph serves
+  every length until the next bucket;
+- residual and new rows land at device-side indices (``fl_dev + arange(R)``, ``pos + arange(n)``), attention reads
+  a fixed ``nb + R``-row view under a mask (row i sees keys up to its own position), and the residual is read back
+  from the same ``R``-row window;
+- copy-stream work forks from the compute stream at ``begin`` and joins it at ``end`` (graph capture needs both),
+  and the fetches are not timed (events inside a graph do not time anything).
+``graph_key(n)`` names the graph a forward can replay, or None when it must run eagerly (a flush every
+``kv_group_size`` tokens, a slot being filled or evicted, a prefill chunk). Those forwards run the eager path on the
+same buffers, so the two paths keep one state. On-chip layers are then a ``StaticKV``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,11 +45,14 @@ from .base import KVCache, check_begin, check_rollback, check_shape
 from .dense import DenseKV
 from .placement import Placement
 from .quant import QTensor, QuantSpec, dequantize_keys_into, dequantize_values_into, quantize_keys, quantize_values
+from .static import StaticKV
+
+COPY_BLOCK = 1024  # static layout: the store rows copied per forward are rounded up to this many tokens
 
 
-def _pinned_empty(shape, dtype, pin: bool) -> Tensor:
+def _pinned_empty(shape, dtype, pin: bool, zero: bool = False) -> Tensor:
     try:
-        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, pin_memory=pin)
     except RuntimeError as e:
         n = torch.Size(shape).numel() * dtype.itemsize
         raise MemoryError(
@@ -57,9 +76,12 @@ class _Fields:
         return {k: x[: tokens // self.per_row] for k, x in self.t.items()}
 
 
-def _alloc_fields(kind: str, spec: QuantSpec | None, T: int, B: int, H: int, D: int, dtype, device, pin) -> _Fields:
-    mk = (lambda s, dt: _pinned_empty(s, dt, pin)) if device == "cpu-pinned" else \
-        (lambda s, dt: torch.empty(s, dtype=dt, device=device))
+def _alloc_fields(kind: str, spec: QuantSpec | None, T: int, B: int, H: int, D: int, dtype, device, pin,
+                  zero: bool = False) -> _Fields:
+    """Zeroed (``zero``) where a static forward reads rows that were never written: masked keys must still be
+    finite numbers (0 x NaN would leak into the attention output)."""
+    mk = (lambda s, dt: _pinned_empty(s, dt, pin, zero)) if device == "cpu-pinned" else \
+        (lambda s, dt: (torch.zeros if zero else torch.empty)(s, dtype=dt, device=device))
     if spec is None:
         return _Fields({"x": mk((T, B, H, D), dtype)}, 1)
     g, b, sdt = spec.group_size, spec.bits, spec.scale_dtype
@@ -93,13 +115,15 @@ class TransferStats:
     forwards: int = 0
     h2d_busy_ms: float = 0.0  # copy-stream time spent in H2D copies (CUDA events around each fetch)
     h2d_timed_bytes: int = 0  # the bytes those timed fetches moved
+    static_forwards: int = 0  # forwards that ran the static path (replayed graphs included)
 
 
 class PlacedKV(KVCache):
     """KVCache over a ``Placement``. Layer order of access is assumed 0..L-1 within a forward (the model's)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, placement: Placement, batch: int,
-                 max_len: int, dtype: torch.dtype, device: torch.device | str):
+                 max_len: int, dtype: torch.dtype, device: torch.device | str, static: bool = False,
+                 copy_block: int = COPY_BLOCK):
         super().__init__()
         p = self.p = placement
         p.validate(n_layers, head_dim)
@@ -112,15 +136,23 @@ class PlacedKV(KVCache):
         self.spec = p.quant
         self.g = p.kv_group_size
         self.max_len = max_len
-        T = -(-max_len // self.g) * self.g  # store capacity, whole groups
+        T = self.T = -(-max_len // self.g) * self.g  # store capacity, whole groups
+        R = self.R = self.g + 2 * p.rollback_slack  # see begin(): the residual never holds more
         cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self.dense = DenseKV(self.n_on, batch, n_kv_heads, head_dim, max_len, dtype, device) if self.n_on else None
-        gpu = lambda: _alloc_fields("x", None, T, batch, n_kv_heads, head_dim, dtype, self.device, False)
-        self.store = {l: (_alloc_fields("k", self.spec, T, batch, n_kv_heads, head_dim, dtype, "cpu-pinned", cuda),
-                          _alloc_fields("v", self.spec, T, batch, n_kv_heads, head_dim, dtype, "cpu-pinned", cuda))
+        self.static = self.graphable = static
+        z = static  # a static forward reads rows past the valid ones (masked): they must be finite
+        if not self.n_on:
+            self.dense = None
+        elif static:
+            self.dense = StaticKV(self.n_on, batch, n_kv_heads, head_dim, max_len, 1, dtype, device)
+        else:
+            self.dense = DenseKV(self.n_on, batch, n_kv_heads, head_dim, max_len, dtype, device)
+        # GPU buffers hold T + R rows: a static forward writes the residual window at [flushed, flushed + R)
+        gpu = lambda: _alloc_fields("x", None, T + R, batch, n_kv_heads, head_dim, dtype, self.device, False, z)
+        self.store = {l: (_alloc_fields("k", self.spec, T, batch, n_kv_heads, head_dim, dtype, "cpu-pinned", cuda, z),
+                          _alloc_fields("v", self.spec, T, batch, n_kv_heads, head_dim, dtype, "cpu-pinned", cuda, z))
                       for l in self.off}
-        R = self.g + 2 * p.rollback_slack  # see begin(): the residual never holds more
         self.residual = {l: (torch.zeros((R, batch, n_kv_heads, head_dim), dtype=dtype, device=self.device),
                              torch.zeros((R, batch, n_kv_heads, head_dim), dtype=dtype, device=self.device))
                          for l in self.off}
@@ -128,13 +160,15 @@ class PlacedKV(KVCache):
         if self.spec is None:
             self.stage = [(gpu(), gpu()), (gpu(), gpu())]
         else:
-            mkq = lambda kind: _alloc_fields(kind, self.spec, T, batch, n_kv_heads, head_dim, dtype, self.device, False)
+            mkq = lambda kind: _alloc_fields(kind, self.spec, T, batch, n_kv_heads, head_dim, dtype, self.device, False,
+                                             z)
             self.qstage = [(mkq("k"), mkq("v")), (mkq("k"), mkq("v"))]
             self.stage = [(gpu(), gpu())]
         # resident slots: bf16 copies of the whole layer (dequant) or GPU codes (quant)
         self.slot_quant = p.resident_format == "quant"
         if self.slot_quant:
-            mkq = lambda kind: _alloc_fields(kind, self.spec, T, batch, n_kv_heads, head_dim, dtype, self.device, False)
+            mkq = lambda kind: _alloc_fields(kind, self.spec, T, batch, n_kv_heads, head_dim, dtype, self.device, False,
+                                             z)
             self.slots = [(mkq("k"), mkq("v")) for _ in range(p.resident_layers)]
         else:
             self.slots = [(gpu(), gpu()) for _ in range(p.resident_layers)]
@@ -147,6 +181,18 @@ class PlacedKV(KVCache):
         self._timed: list[tuple] = []  # (start event, end event, bytes) of fetches not yet folded into stats
         self.stage_i = 0
         self.failed = False
+        self.fetch_rows = 0  # store rows a fetch copies: flushed (eager) or its bucket (static)
+        self.static_fwd = False  # the forward in progress runs the static path
+        self._after_static = False  # the copy stream must wait for the compute stream before the next eager fetch
+        if static:
+            if not isinstance(copy_block, int) or copy_block < 1:
+                raise ValueError(f"copy_block must be a positive int, got {copy_block!r}")
+            self.copy_block = math.lcm(copy_block, self.g)  # buckets are whole quantization groups
+            dev = self.device
+            self.pos = torch.zeros((), dtype=torch.long, device=dev)  # == length, on the device
+            self.fl_dev = torch.zeros((), dtype=torch.long, device=dev)  # == flushed, on the device
+            self.ar_R = torch.arange(R, device=dev)
+            self.cols = torch.arange(T + R, device=dev)
 
     # ------------------------------------------------------------------------------------------------ interface
     def length(self) -> int:
@@ -155,20 +201,58 @@ class PlacedKV(KVCache):
     def capacity(self) -> int:
         return self.max_len
 
+    def _flush_target(self, n_new: int) -> int:
+        """Where ``flushed`` will be after a forward of n_new tokens. Whole groups older than the slack are flushed.
+        Only committed tokens count, so a forward whose tokens are later rolled back never changes what was flushed;
+        a forward longer than the slack (a prefill chunk, which cannot be rolled back past the slack anyway) may
+        also flush its own tokens, which bounds the residual."""
+        upto = self._len + (n_new if n_new > self.p.rollback_slack else 0)
+        return self.flushed + self.g * max(0, (upto - self.flushed - self.p.rollback_slack) // self.g)
+
+    def graph_key(self, n_new: int):
+        """The static forward's identity, (bucket rows, residency plan), or None if this forward must run eagerly:
+        not a static cache, a flush is due, a resident slot would be filled or evicted, or the cache is full."""
+        if not self.static or self.failed or self._len + n_new > self.max_len:
+            return None
+        if self._flush_target(n_new) > self.flushed:
+            return None
+        plan, slot_of, _, _ = self._plan()
+        if dict(slot_of) != dict(self.slot_of):
+            return None
+        nb = min(self.T, -(-self.flushed // self.copy_block) * self.copy_block)
+        return nb, tuple(plan[l] for l in self.off)
+
     def begin(self, n_new: int) -> None:
         if self.failed:
             raise RuntimeError("this offloaded KV cache saw a failed forward and is no longer consistent; "
                                "build a new one (make_cache)")
         check_begin(self._len, n_new, self.max_len, self._pending)
+        key = self.graph_key(n_new)
         self._pending = n_new
         if self.dense is not None:
             self.dense.begin(n_new)
-        # Flush whole groups older than the slack. Only committed tokens count, so a forward whose tokens are later
-        # rolled back never changes what was flushed; a forward longer than the slack (a prefill chunk, which
-        # cannot be rolled back past the slack anyway) may also flush its own tokens, which bounds the residual.
-        upto = self._len + (n_new if n_new > self.p.rollback_slack else 0)
-        self.flush_to = self.flushed + self.g * max(0, (upto - self.flushed - self.p.rollback_slack) // self.g)
-        self.plan = {l: self._route(l) for l in self.off}  # layer -> (hit, slot or None)
+        self.flush_to = self._flush_target(n_new)
+        capturing = self.copy_stream is not None and torch.cuda.is_current_stream_capturing()
+        self.plan, self.slot_of, hits, misses = self._plan()  # layer -> (hit, slot or None)
+        if not capturing:  # a capture executes nothing: its replays count themselves (prepare)
+            self.stats.hits += hits
+            self.stats.misses += misses
+        self.static_fwd = key is not None
+        cs, cur = self.copy_stream, (torch.cuda.current_stream(self.device) if self.copy_stream else None)
+        if self.static_fwd:
+            self.fetch_rows = key[0]
+            self.view_rows = key[0] + self.R
+            self.ridx = self.fl_dev + self.ar_R  # (R,) the residual window [flushed, flushed + R), on the device
+            self.nidx = self.pos + torch.arange(n_new, device=self.device)  # (n,) the new rows
+            self.mask_off = self.cols[None, :self.view_rows] <= self.nidx[:, None]  # (n, nb + R)
+            if cs is not None:  # fork: this forward's copies follow everything enqueued before it, and only that
+                cs.wait_stream(cur)
+                self.free_ev.clear()
+        else:
+            self.fetch_rows = self.flushed
+            if cs is not None and self._after_static:  # buffer-free events of a static forward are not kept
+                cs.wait_stream(cur)
+                self._after_static = False
         self.ready: dict[int, object] = {}
         self.busy: set = set()
         self.next_fetch = 0  # index into self.off of the next layer whose transfer is not yet issued
@@ -176,7 +260,9 @@ class PlacedKV(KVCache):
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if layer < self.n_on:
-            return self.dense.update(layer, k, v)
+            out = self.dense.update(layer, k, v)
+            self.attn_mask = self.dense.attn_mask
+            return out
         self._release_now()
         self._prefetch_next()  # a transfer held back for a busy buffer (possibly this layer's own)
         hit, slot = self.plan[layer]
@@ -186,17 +272,29 @@ class PlacedKV(KVCache):
             self.busy.add(key)
         self._prefetch_next()
         t0, n = self._len, self._pending
+        res = self.residual[layer]
+        if self.static_fwd:  # device-side rows: [flushed, flushed + R) from the residual, then the new rows
+            for buf, r, new in ((kbuf, res[0], k), (vbuf, res[1], v)):
+                if not complete:
+                    buf.index_copy_(0, self.ridx, r)
+                buf.index_copy_(0, self.nidx, new.permute(2, 0, 1, 3))  # (B, H, n, D) -> token-major rows
+                torch.index_select(buf, 0, self.ridx, out=r)  # no flush: the residual is the same window, updated
+            self.to_release.append((slot, key))
+            self.attn_mask = self.mask_off
+            view = lambda b: b[:self.view_rows].permute(1, 2, 0, 3)  # (B, H, nb + R, D), masked
+            return view(kbuf), view(vbuf)
         rows = self._len - self.flushed
-        for buf, res, new in ((kbuf, self.residual[layer][0], k), (vbuf, self.residual[layer][1], v)):
+        for buf, r, new in ((kbuf, res[0], k), (vbuf, res[1], v)):
             if not complete and rows:
-                buf[self.flushed:self._len] = res[:rows]
+                buf[self.flushed:self._len] = r[:rows]
             buf[t0:t0 + n] = new.permute(2, 0, 1, 3)  # (B, H, n, D) -> token-major rows
         if self.flush_to > self.flushed:
             self._flush(layer, kbuf, vbuf, slot)
         keep = t0 + n - self.flush_to
-        self.residual[layer][0][:keep] = kbuf[self.flush_to:t0 + n]
-        self.residual[layer][1][:keep] = vbuf[self.flush_to:t0 + n]
+        res[0][:keep] = kbuf[self.flush_to:t0 + n]
+        res[1][:keep] = vbuf[self.flush_to:t0 + n]
         self.to_release.append((slot, key))
+        self.attn_mask = None
         view = lambda b: b[:t0 + n].permute(1, 2, 0, 3)  # (B, H, S, D)
         return view(kbuf), view(vbuf)
 
@@ -204,11 +302,52 @@ class PlacedKV(KVCache):
         self._release_now()
         if self.dense is not None:
             self.dense.end()
-        self._len += self._pending
+        n = self._pending
+        self._len += n
+        capturing = self.copy_stream is not None and torch.cuda.is_current_stream_capturing()
+        if self.static:
+            self.pos.add_(n)
+            if self.flush_to != self.flushed:
+                self.fl_dev.fill_(self.flush_to)
         self.flushed = self.flush_to
         self._pending = None
-        self.stats.forwards += 1
-        self._fold_timings(wait=False)
+        if self.static_fwd and self.copy_stream is not None:  # join: a capture must end on its own stream
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self.free_ev.clear()
+            self._after_static = True
+        was_static, self.static_fwd = self.static_fwd, False
+        if not capturing:
+            self.stats.forwards += 1
+            self.stats.static_forwards += was_static
+            self._fold_timings(wait=False)
+
+    # ---------------------------------------------------------------------------- graph replays (GraphedForward)
+    def prepare(self, n_new: int) -> None:
+        """Host side of a static forward's begin(), for a replay of the graph ``graph_key(n_new)`` names: the
+        residency plan's bookkeeping and the bytes the replay's copies move."""
+        key = self.graph_key(n_new)
+        if key is None or self._pending is not None:
+            raise RuntimeError("PlacedKV.prepare: this forward cannot replay a graph (a flush or a slot change is "
+                               "due, or a forward is in progress); run it eagerly (GraphRunner does)")
+        if self.dense is not None:
+            self.dense.prepare(n_new)
+        self.plan, self.slot_of, hits, misses = self._plan()
+        self.stats.hits += hits
+        self.stats.misses += misses
+        self.stats.h2d_bytes += sum(st.nbytes(key[0]) for l in self.off if self._needs_transfer(l, key[0])
+                                    for st in self.store[l])
+        if self.copy_stream is not None:  # eager flushes (D2H into the store) land before the replay reads it
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self._after_static = True
+
+    def commit(self, n: int) -> None:
+        """Host side of end() after a replay (the graph advanced ``pos`` itself); ``-n`` undoes a capture's."""
+        if self.dense is not None:
+            self.dense.commit(n)
+        self._len += n
+        if n > 0:
+            self.stats.forwards += 1
+            self.stats.static_forwards += 1
 
     def _fold_timings(self, wait: bool) -> None:
         """Add finished fetches' copy times to the stats: without waiting (end of a forward: only those whose end
@@ -242,6 +381,8 @@ class PlacedKV(KVCache):
         if self.dense is not None:
             self.dense.rollback(n)
         self._len -= n
+        if self.static:
+            self.pos.sub_(n)
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
         """The committed history of one layer on the GPU (a blocking fetch for offloaded layers)."""
@@ -258,28 +399,30 @@ class PlacedKV(KVCache):
         return out[0], out[1]
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _route(self, layer: int) -> tuple[bool, int | None]:
-        """Residency decision for this forward: (hit, slot). Misses may take a slot (insert, evicting LRU)."""
-        if not self.slots:
-            self.stats.misses += 1
-            return False, None
-        if layer in self.slot_of:
-            self.slot_of.move_to_end(layer)
-            self.stats.hits += 1
-            return True, self.slot_of[layer]
-        self.stats.misses += 1
-        if len(self.slot_of) < len(self.slots):
-            slot = len(self.slot_of)
-        elif self.p.resident_policy == "lru":
-            _, slot = self.slot_of.popitem(last=False)
-        else:  # static: the first R layers keep their slots
-            return False, None
-        self.slot_of[layer] = slot
-        return False, slot
+    def _plan(self) -> tuple[dict, OrderedDict, int, int]:
+        """Residency plan of the next forward, computed without changing the cache: (layer -> (hit, slot), the
+        layer -> slot map after it, hits, misses). Misses may take a slot (insert, evicting LRU)."""
+        slot_of, plan, hits = OrderedDict(self.slot_of), {}, 0
+        for layer in self.off:
+            if layer in slot_of:
+                slot_of.move_to_end(layer)
+                hits += 1
+                plan[layer] = (True, slot_of[layer])
+                continue
+            if not self.slots or (len(slot_of) >= len(self.slots) and self.p.resident_policy != "lru"):
+                plan[layer] = (False, None)  # no slots, or static and full: the first R layers keep theirs
+                continue
+            if len(slot_of) < len(self.slots):
+                slot = len(slot_of)
+            else:
+                _, slot = slot_of.popitem(last=False)
+            slot_of[layer] = slot
+            plan[layer] = (False, slot)
+        return plan, slot_of, hits, len(self.off) - hits
 
-    def _needs_transfer(self, layer: int) -> bool:
+    def _needs_transfer(self, layer: int, rows: int | None = None) -> bool:
         hit, _ = self.plan[layer]
-        return not hit and self.flushed > 0
+        return not hit and (self.fetch_rows if rows is None else rows) > 0
 
     def _prefetch_next(self) -> None:
         """Issue the H2D copy of the next offloaded layer that needs one, unless its destination is still being
@@ -309,23 +452,26 @@ class PlacedKV(KVCache):
         if key[0] != "slot":
             self.stage_i += 1
         cs = self.copy_stream
-        nbytes = sum(st.nbytes(self.flushed) for st in self.store[layer])
+        nbytes = sum(st.nbytes(self.fetch_rows) for st in self.store[layer])
+        timed = cs is not None and not self.static_fwd  # events inside a captured graph would time nothing
         with torch.cuda.stream(cs) if cs is not None else nullcontext():
             if cs is not None and key in self.free_ev:
                 cs.wait_event(self.free_ev[key])
             t0 = None
-            if cs is not None:  # timed after the wait: the interval is the copies' own time on the link
+            if timed:  # timed after the wait: the interval is the copies' own time on the link
                 t0 = torch.cuda.Event(enable_timing=True)
                 t0.record(cs)
             for src, d in zip(self.store[layer], dst, strict=True):
-                for name, x in src.prefix(self.flushed).items():
+                for name, x in src.prefix(self.fetch_rows).items():
                     d.t[name][: x.shape[0]].copy_(x, non_blocking=True)
             ev = None
             if cs is not None:
-                ev = torch.cuda.Event(enable_timing=True)
+                ev = torch.cuda.Event(enable_timing=timed)
                 ev.record(cs)
-                self._timed.append((t0, ev, nbytes))
-        self.stats.h2d_bytes += nbytes
+                if timed:
+                    self._timed.append((t0, ev, nbytes))
+        if not (cs is not None and torch.cuda.is_current_stream_capturing()):
+            self.stats.h2d_bytes += nbytes
         self.ready[layer] = (ev, dst, key)
 
     def _acquire(self, layer: int, hit: bool, slot: int | None) -> tuple[Tensor, Tensor, bool, tuple | None]:
@@ -348,10 +494,10 @@ class PlacedKV(KVCache):
             kb, vb = src if src is not None else self.stage[self.stage_i % 2]
         else:
             kb, vb = self.stage[0]  # dequantized on the compute stream: one buffer is enough
-        if self.spec is not None and self.flushed:
+        if self.spec is not None and self.fetch_rows:
             codes = src if src is not None else (self.slots[slot] if hit and self.slot_quant else None)
             if codes is not None:
-                n = self.flushed
+                n = self.fetch_rows
                 dequantize_keys_into(_as_qtensor(codes[0].prefix(n), "k", n, self.B, self.H, self.D), self.spec,
                                      kb.t["x"][:n].permute(1, 2, 0, 3))
                 dequantize_values_into(_as_qtensor(codes[1].prefix(n), "v", n, self.B, self.H, self.D), self.spec,
@@ -442,4 +588,6 @@ class PlacedKV(KVCache):
             "resident_hits": self.stats.hits,
             "resident_misses": self.stats.misses,
             "resident_hit_rate": self.stats.hits / max(1, self.stats.hits + self.stats.misses),
+            "forwards": self.stats.forwards,
+            "static_forwards": self.stats.static_forwards,  # graph replays and eager forwards on the static path
         }

@@ -82,10 +82,11 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int, pre
     ``cache.compress()`` presses it. ``tail`` rows (default ``max_len``) hold what is appended after a compress; the
     offloaded layers of the placement keep their pressed stores in pinned CPU memory.
 
-    ``graphs``: ask for a static (CUDA-graph) layout. Only the full, unpressed, all-on-GPU cache has one here (a
-    ``StaticKV``); an offloaded or pressed target cache is driven from the host and runs eagerly (the static pressed
-    layouts of the draft and middle levels are built by ``PressedKV.streaming/build``). ``cache.graphable`` says what
-    was built, and ``decoding.runner.make_runner`` follows it."""
+    ``graphs``: ask for a static (CUDA-graph) layout: a ``StaticKV`` when every layer is on the GPU, a ``PlacedKV``
+    in its static layout when layers are offloaded (its decode steps and verifications between flushes replay
+    graphs; see ``kv/offload.py``). A pressed cache built here runs eagerly (the static pressed layouts of the draft
+    and middle levels are built by ``PressedKV.streaming/build``). ``cache.graphable`` says what was built, and
+    ``decoding.runner.make_runner`` follows it."""
     from .dense import DenseKV
 
     c = model.cfg
@@ -102,7 +103,8 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int, pre
     else:
         from .offload import PlacedKV  # validates the placement itself
 
-        inner = PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, placement, batch, max_len, model.dtype, model.device)
+        inner = PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, placement, batch, max_len, model.dtype, model.device,
+                         static=graphs and press is None)
     if press is None:
         return inner
     from ..presses import parse_press

@@ -37,6 +37,10 @@ class StaticKV(KVCache):
         return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, capacity, c.n_heads // c.n_kv_heads,
                    model.dtype, model.device, **kw)
 
+    def nbytes(self) -> int:
+        """Bytes allocated for K and V (the whole capacity)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
     # -------------------------------------------------------------------------------------------- KVCache protocol
     def length(self) -> int:
         return self._len
@@ -93,8 +97,12 @@ class GraphedForward:
     (1, num_logits, V) in a buffer the next replay overwrites (consume or clone before calling again).
     """
 
-    def __init__(self, model, cache: StaticKV, T: int, num_logits: int, pool=None, batch: int = 1):
+    def __init__(self, model, cache: KVCache, T: int, num_logits: int, pool=None, batch: int = 1):
         self.model, self.cache, self.T, self.num_logits = model, cache, T, num_logits
+        self.key = cache.graph_key(T)  # what the cache's layout depends on (e.g. PlacedKV: bucket, residency plan)
+        if self.key is None:
+            raise ValueError(f"{type(cache).__name__} cannot capture a forward of {T} tokens now (graph_key is None); "
+                             f"run it eagerly")
         dev = model.device
         self.ids = torch.zeros(batch, T, dtype=torch.long, device=dev)
         self.ar = torch.arange(T, device=dev)
@@ -118,7 +126,11 @@ class GraphedForward:
     def _eager(self) -> Tensor:
         return self.model(self.ids, self.cache, pos0=0, num_logits=self.num_logits, positions=self.positions)
 
-    def __call__(self, ids: Tensor, pos0: int) -> Tensor:
+    def __call__(self, ids: Tensor, pos0: int, key=None) -> Tensor:
+        """``key``: the cache's ``graph_key(T)`` if the caller already has it (checked here otherwise)."""
+        if (self.cache.graph_key(self.T) if key is None else key) != self.key:
+            raise RuntimeError(f"this graph was captured for cache layout {self.key!r}, the cache is now at "
+                               f"{self.cache.graph_key(self.T)!r}: capture another (GraphRunner does)")
         self.ids.copy_(ids)
         torch.add(self.ar, pos0, out=self.positions)
         if self.graph is None:
