@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..decoding.runner import Runner, make_runner
 from .variants import Variant, build_cache, kv_bytes
 
 
@@ -43,17 +44,18 @@ class Generated:
 @torch.inference_mode()
 def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk: int = 1024,
            stop: Callable[[list[int]], bool] | None = None, stop_every: int = 8, eos: bool = True,
-           feed_last: bool = False) -> Generated:
+           feed_last: bool = False, graphs: bool = False) -> Generated:
     """Greedy tokens (EOS kept, if any) for one prompt; ``stop(tokens)`` is checked every ``stop_every`` tokens.
     ``feed_last``: after the timed loop, feed the last generated token too and count the bytes held then (the
-    sequence is then ``len(ids) + max_new`` tokens long)."""
+    sequence is then ``len(ids) + max_new`` tokens long). ``graphs``: decode through a ``GraphRunner`` where the
+    variant's cache has a static layout (captured before the timed loop; TTFT and decode time exclude it)."""
     device = model.device
     T = len(ids)
     if T < 1 or max_new < 1:
         raise ValueError(f"need a prompt and max_new >= 1 (got {T} tokens, max_new {max_new})")
     model.check_context(T + max_new)
     eos_ids = set(model.cfg.eos_token_ids) if eos else set()
-    cache = build_cache(model, variant, 1, T + max_new, tail=max_new + 1)
+    cache = build_cache(model, variant, 1, T + max_new, tail=max_new + 1, graphs=graphs)
     x = torch.tensor([ids], device=device)
     sync(device)
     t0 = time.perf_counter()
@@ -65,10 +67,14 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
     sync(device)
     t_first = time.perf_counter()
     held = kv_bytes(cache)
+    n = cache.next_position()
+    runner = make_runner(model, cache, n) if graphs else Runner(model, cache, n)
+    if len(out) < max_new:
+        runner.precapture([(1, 1)])
     sync(device)
     t1 = time.perf_counter()
     while len(out) < max_new and out[-1] not in eos_ids:
-        tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+        tok = runner.step(tok[:, None])[:, -1].argmax(-1)
         out.append(int(tok))  # a host sync per token: the eval needs the token for EOS/stop checks anyway
         if stop is not None and len(out) % stop_every == 0 and stop(out):
             break
@@ -76,6 +82,6 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
     t_end = time.perf_counter()
     end = None
     if feed_last:
-        model(tok[:, None], cache)
+        runner.step(tok[:, None])
         end = kv_bytes(cache)
     return Generated(out, t_first - t0, t_end - t1, held, T, end)

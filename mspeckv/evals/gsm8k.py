@@ -6,7 +6,9 @@
   draws its shots from the train split: this is the one difference from its protocol).
 - Prompt: each shot as ``Question: {question}\\nAnswer: {answer}``, shots separated by a blank line, then
   ``Question: {question}\\nAnswer:``. Generation is greedy through the variant's cache (``generation.greedy``), up
-  to ``--gsm8k-max-new`` tokens, cut at the first ``Question:``, ``</s>`` or ``<|im_end|>`` (or EOS).
+  to ``--gsm8k-max-new`` tokens, cut at the first ``Question:``, ``</s>`` or ``<|im_end|>`` (or EOS). With
+  ``--gsm8k-graphs`` the decode replays CUDA graphs where the cache has a static layout (the full cache, placements):
+  the same model through different kernels, so a near-tie can round the other way; the setting is part of the cell.
 - Scoring (``strict``, the headline): the answer is the first match of ``#### (\\-?[0-9\\.\\,]+)`` in the output; it
   and the gold (the text after ``#### `` in the reference solution) are compared after removing ``,`` and ``$`` and a
   trailing ``.``. ``flexible`` takes the last number in the output instead.
@@ -82,7 +84,7 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
     for v in variants:
         rows = []
         for it, ids in zip(items, prompts, strict=True):
-            g = greedy(ev.model, v, ids, cfg.gsm8k_max_new, cfg.prefill_chunk, stop=stop)
+            g = greedy(ev.model, v, ids, cfg.gsm8k_max_new, cfg.prefill_chunk, stop=stop, graphs=cfg.gsm8k_graphs)
             rows.append(score(tok.decode(g.tokens, skip_special_tokens=True), it))
             if len(rows) % 20 == 0:
                 ev.progress(f"gsm8k {v.name}: {len(rows)}/{len(items)}")
@@ -90,5 +92,6 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
         out[v.name] = {"accuracy": sum(r["strict_ok"] for r in rows) / n,
                        "accuracy_flexible": sum(r["flexible_ok"] for r in rows) / n, "n": n,
                        "prompt_tokens_mean": sum(map(len, prompts)) / n, "format": "lm-eval-harness gsm8k 5-shot",
+                       "graphs": cfg.gsm8k_graphs,
                        "samples": rows}
     return {"gsm8k": out}

@@ -67,7 +67,8 @@ FAMILIES = (
            ("dataset", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
     Family("ruler", ("ruler",), "retrieval", "run_ruler",
            ("dataset", "seed", "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
-    Family("gsm8k", ("gsm8k",), "gsm8k", "run", ("gsm8k_items", "gsm8k_max_new", "prefill_chunk"), None),
+    Family("gsm8k", ("gsm8k",), "gsm8k", "run", ("gsm8k_items", "gsm8k_max_new", "gsm8k_graphs", "prefill_chunk"),
+           None),
     Family("accept", ("accept",), "accept", "run",
            ("dataset", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma"),
            "context", needs_draft=True),
@@ -107,6 +108,8 @@ class EvalConfig:
     vt_hops: int = opt(4, "ruler: assignments after the first in the variable-tracking chain")
     gsm8k_items: int = opt(200, "gsm8k: items evaluated (the first N of the test file)")
     gsm8k_max_new: int = opt(256, "gsm8k: most generated tokens per item")
+    gsm8k_graphs: bool = opt(False, "gsm8k: decode replaying CUDA graphs where the cache allows (the full cache and "
+                                    "placements; pressed caches stay eager); same model, different kernels")
     speed_gen: int = opt(64, "speed: generated tokens per variant and context")
     draft: str = opt("qwen2.5-coder-0.5b", "accept: draft model of the MSpecKV hierarchy")
     accept_prompts: int = opt(2, "accept: prompts per context")

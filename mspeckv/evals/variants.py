@@ -119,13 +119,14 @@ def _default(p) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------- cache plumbing
-def build_cache(model, variant: Variant, batch: int, max_len: int, tail: int | None = None):
+def build_cache(model, variant: Variant, batch: int, max_len: int, tail: int | None = None, graphs: bool = False):
     """The cache a variant implies (the full-cache baseline: a DenseKV). ``tail``: the most rows appended after
-    ``compress()`` (a pressed cache preallocates that many; default ``max_len``)."""
+    ``compress()`` (a pressed cache preallocates that many; default ``max_len``). ``graphs``: the static layout
+    where one exists (full: StaticKV; placements: static PlacedKV; a pressed cache is built eager either way)."""
     from ..kv.placement import make_cache
 
     if variant.press is None:
-        return make_cache(model, variant.placement, batch, max_len)
+        return make_cache(model, variant.placement, batch, max_len, graphs=graphs)
     press = parse_press(variant.press)
     if tail is None:
         return make_cache(model, variant.placement, batch, max_len, press=press)
@@ -159,9 +160,10 @@ def kv_bytes(cache) -> int:
 
     from ..kv.dense import DenseKV
     from ..kv.offload import PlacedKV
+    from ..kv.static import StaticKV
 
     n = cache.length()
-    if isinstance(cache, DenseKV):
+    if isinstance(cache, DenseKV | StaticKV):  # the rows held (a static buffer's capacity is not counted)
         return sum(t[:, :, :n].numel() * t.element_size() for t in cache.k + cache.v)
     if isinstance(cache, PlacedKV):
         total = kv_bytes(cache.dense) if cache.dense is not None else 0
