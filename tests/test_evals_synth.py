@@ -91,3 +91,53 @@ def test_gsm8k_format_and_scorer_on_canned_outputs():
     assert wrong["strict"] == "-12.5" and not wrong["strict_ok"]
     with pytest.raises(ValueError, match="gsm8k-items"):
         gsm8k.split(items, 6)
+
+
+def test_gsm8k_resumes_an_interrupted_variant_item_by_item(tmp_path, monkeypatch):
+    """Each scored item is checkpointed (with its commit); a rerun after an interruption scores only the rest, the
+    cell records how many it resumed, and writing the cell removes the checkpoint. Other settings are refused."""
+    from types import SimpleNamespace
+
+    from mspeckv.data.datasets import GSMItem
+    from mspeckv.evals.runner import FAMILIES, EvalConfig, EvalContext
+    from mspeckv.evals.template import CellStore
+    from mspeckv.evals.variants import Variant
+
+    items = [GSMItem(i, f"q{i}?", f"work\n#### {i}") for i in range(8)]  # 3 evaluated + 5 shots
+    monkeypatch.setattr(gsm8k, "load_gsm8k", lambda: items)
+    calls = []
+
+    def fake_greedy(model, v, ids, max_new, chunk, stop=None, graphs=False):
+        calls.append(ids[0])
+        if len(calls) == 3 and fail[0]:
+            raise RuntimeError("interrupted")
+        return SimpleNamespace(tokens=[ids[0]])  # the "model" answers the item's own index
+
+    fail = [True]
+    monkeypatch.setattr(gsm8k, "greedy", fake_greedy)
+    class Tok:  # prompt -> [the evaluated item's index]; output ids -> an answer in the harness format
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[int(text.split("Question: q")[-1].split("?")[0])])
+
+        def decode(self, ids, skip_special_tokens=True):
+            return f" #### {ids[0]}"
+
+    cfg = EvalConfig(model="qwen2.5-coder-0.5b", metrics=("gsm8k",), gsm8k_items=3, output_dir=str(tmp_path))
+    store = CellStore(tmp_path)
+    ev = EvalContext(cfg, None, Tok(), quiet=True, store=store)
+    ev.settings = cfg.settings(next(f for f in FAMILIES if f.name == "gsm8k"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        gsm8k.run(ev, [Variant()], 0)
+    part = store.partial_path("gsm8k", "full", 0)
+    assert part.exists() and len(part.read_text().splitlines()) == 1 + 2  # header + the 2 items scored
+    fail[0] = False
+    calls.clear()
+    res = gsm8k.run(ev, [Variant()], 0)["gsm8k"]["full"]
+    assert calls == [2] and res["resumed_items"] == 2 and res["n"] == 3 and res["accuracy"] == 1.0
+    assert all("commit" in r for r in res["samples"])
+    store.save("gsm8k", "full", 0, res, ev.settings)
+    assert not part.exists()
+    # a checkpoint made with other settings is refused, with the file named
+    store.partial("gsm8k", "x", 0, ev.settings).add({"index": 0})
+    with pytest.raises(ValueError, match="other settings"):
+        store.partial("gsm8k", "x", 0, {**ev.settings, "gsm8k_max_new": 7})

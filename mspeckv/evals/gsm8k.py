@@ -9,6 +9,8 @@
   to ``--gsm8k-max-new`` tokens, cut at the first ``Question:``, ``</s>`` or ``<|im_end|>`` (or EOS). With
   ``--gsm8k-graphs`` the decode replays CUDA graphs where the cache has a static layout (the full cache, placements):
   the same model through different kernels, so a near-tie can round the other way; the setting is part of the cell.
+- Resumable per item: each scored item is appended to ``<output-dir>/partial/<cell>.jsonl`` (with its commit), and
+  an interrupted variant resumes there; the cell records how many items it resumed and every commit involved.
 - Scoring (``strict``, the headline): the answer is the first match of ``#### (\\-?[0-9\\.\\,]+)`` in the output; it
   and the gold (the text after ``#### `` in the reference solution) are compared after removing ``,`` and ``$`` and a
   trailing ``.``. ``flexible`` takes the last number in the output instead.
@@ -82,16 +84,23 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
     stop = lambda ids: any(s in tok.decode(ids, skip_special_tokens=False) for s in STOP)
     out = {}
     for v in variants:
+        ck = ev.partial("gsm8k", v.name, context)  # items an interrupted run already scored
+        done = {r["index"]: r for r in ck.rows}
         rows = []
         for it, ids in zip(items, prompts, strict=True):
+            if it.index in done:
+                rows.append(done[it.index])
+                continue
             g = greedy(ev.model, v, ids, cfg.gsm8k_max_new, cfg.prefill_chunk, stop=stop, graphs=cfg.gsm8k_graphs)
             rows.append(score(tok.decode(g.tokens, skip_special_tokens=True), it))
+            ck.add(rows[-1])
             if len(rows) % 20 == 0:
                 ev.progress(f"gsm8k {v.name}: {len(rows)}/{len(items)}")
         n = len(rows)
         out[v.name] = {"accuracy": sum(r["strict_ok"] for r in rows) / n,
                        "accuracy_flexible": sum(r["flexible_ok"] for r in rows) / n, "n": n,
                        "prompt_tokens_mean": sum(map(len, prompts)) / n, "format": "lm-eval-harness gsm8k 5-shot",
-                       "graphs": cfg.gsm8k_graphs,
+                       "graphs": cfg.gsm8k_graphs, "resumed_items": len(done),
+                       "commits": sorted({r.get("commit") for r in rows if r.get("commit")}),
                        "samples": rows}
     return {"gsm8k": out}

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .template import CellStore, add_flags, check, from_args, opt
+from .template import CellStore, Partial, add_flags, check, from_args, opt
 from .variants import Variant
 
 FORMATS = ("none", "int8", "int4", "int2")
@@ -192,9 +192,17 @@ class EvalConfig:
 class EvalContext:
     """What a family's ``run(ev, variants, context)`` gets: the config, the loaded model/tokenizer (and draft)."""
 
-    def __init__(self, cfg: EvalConfig, model, tok, draft=None, quiet: bool = False):
+    def __init__(self, cfg: EvalConfig, model, tok, draft=None, quiet: bool = False, store: CellStore | None = None):
         self.cfg, self.model, self.tok, self.draft, self.quiet = cfg, model, tok, draft, quiet
+        self.store = store
+        self.settings: dict = {}  # the running family's settings (set by run_eval before each cell group)
         self.t0 = time.perf_counter()
+
+    def partial(self, metric: str, variant: str, context: int) -> Partial:
+        """Per-item checkpoint of a long cell (GSM8K): resumes an interrupted variant item by item."""
+        if self.store is None:
+            return Partial(None, self.settings)
+        return self.store.partial(metric, variant, context, self.settings)
 
     def progress(self, msg: str) -> None:
         if not self.quiet:
@@ -308,11 +316,12 @@ def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[st
 
         model, tok, _ = load(cfg.model, cfg.device)
         draft = load(cfg.draft, cfg.device)[0] if any(f.needs_draft for f, _, _ in todo) else None
-        ev = EvalContext(cfg, model, tok, draft, quiet)
+        ev = EvalContext(cfg, model, tok, draft, quiet, store)
         _append_command(store.dir, command)
         for fam, c, vs in todo:
             ev.progress(f"{fam.name} at context {c}: {', '.join(v.name for v in vs)}")
             fn = getattr(importlib.import_module(f"mspeckv.evals.{fam.module}"), fam.fn)
+            ev.settings = cfg.settings(fam)
             groups = [vs]
             while groups:
                 group = groups.pop(0)

@@ -125,6 +125,38 @@ def cell_name(metric: str, variant: str, context: int) -> str:
     return f"{safe(metric)}__{safe(variant)}__ctx={int(context)}.json"
 
 
+class Partial:
+    """Per-item checkpoint of one long cell (``<dir>/partial/<cell>.jsonl``): a header line with the settings, then
+    one line per finished item, each with the commit that computed it. An interrupted cell resumes from its items;
+    ``CellStore.save`` removes the file once the cell is written. Without a store (tests) nothing is kept."""
+
+    def __init__(self, path: Path | None, settings: dict):
+        self.path, self.rows = path, []
+        self.commit = run_metadata().get("git_commit")
+        want = self._settings = json_safe(settings)
+        if path is None or not path.exists():
+            return
+        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        have = lines[0].get("settings") if lines else None
+        if have != want:
+            raise ValueError(f"{path} holds items made with other settings ({have!r} vs {want!r}); delete it or use "
+                             f"the same settings")
+        self.rows = lines[1:]
+
+    def add(self, row: dict) -> None:
+        """Record a finished item (``row`` gains the commit that computed it)."""
+        row["commit"] = self.commit
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        first = not self.path.exists()
+        with self.path.open("a", encoding="utf-8") as f:
+            if first:
+                f.write(json.dumps({"settings": self._settings}) + "\n")
+            f.write(json.dumps(json_safe(row)) + "\n")
+            f.flush()
+
+
 class CellStore:
     """``<dir>/cells/<metric>__<variant>__ctx=<n>.json``: one resumable unit of an evaluation each."""
 
@@ -150,7 +182,16 @@ class CellStore:
              info: dict | None = None) -> Path:
         rec = {"metric": metric, "variant": variant, "context": int(context), "status": STATUS_OK,
                "results": results, "settings": settings, "variant_info": info or {}, "meta": run_metadata()}
-        return atomic_write_json(self.path(metric, variant, context), rec)
+        out = atomic_write_json(self.path(metric, variant, context), rec)
+        self.partial_path(metric, variant, context).unlink(missing_ok=True)  # the cell supersedes its items
+        return out
+
+    def partial_path(self, metric: str, variant: str, context: int) -> Path:
+        return self.dir / "partial" / (cell_name(metric, variant, context)[:-len(".json")] + ".jsonl")
+
+    def partial(self, metric: str, variant: str, context: int, settings: dict) -> Partial:
+        """The per-item checkpoint of a cell not yet written (items already computed, and ``add``)."""
+        return Partial(self.partial_path(metric, variant, context), settings)
 
     def all(self) -> list[dict]:
         if not self.cells_dir.is_dir():
