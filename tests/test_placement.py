@@ -294,3 +294,43 @@ def test_static_layout_keys_and_runner():
             assert (c2.flushed > flushed) == (k is None)  # eager exactly when it flushes
     # measured: [None, 16 x7, None, 32 x7, None, 32 x7]: a flush every 8 tokens, buckets of 16 rows
     assert keys == [None] + [16] * 7 + [None] + [32] * 7 + [None] + [32] * 7
+
+
+def test_static_replay_host_half_equals_an_eager_static_forward():
+    """What GraphedForward does around a replay on CUDA (``prepare`` before, ``commit`` after) leaves the host state
+    an eager static forward leaves: length, forwards, hits/misses, bytes moved, residency map. ``prepare`` refuses
+    a forward that must run eagerly; ``commit(-n)`` undoes a capture's length. Exact counts: 3 resident slots for 3
+    offloaded layers fill on the first forward (3 misses) and hit 3 times per forward after."""
+    m = model()
+    c = m.cfg
+    p = Placement(on_chip=1, kv_group_size=G, rollback_slack=4, resident_layers=3)
+    p2 = Placement(on_chip=1, kv_group_size=G, rollback_slack=4)
+    ids = ids_for(m, n=30)
+    for pl in (p, p2):
+        a, b = (PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, pl, 1, 64, torch.float32, "cpu", static=True)
+                for _ in range(2))
+        with torch.no_grad():
+            for cache in (a, b):
+                m.prefill(ids[:, :20], cache, chunk=8)
+                m(ids[:, 20:21], cache)  # flushes (eager); slots are filled by now
+            assert a.graph_key(1) is not None and a.graph_key(1) == b.graph_key(1)
+            if pl is p:
+                assert (a.stats.hits, a.stats.misses) == (3 * (a.stats.forwards - 1), 3)
+            m(ids[:, 21:22], a)  # eager, on the static path
+        b.prepare(1)
+        b.commit(1)  # the replay's device work is not run here: only its host half is compared
+        assert a.length() == b.length() == 22
+        for f in ("forwards", "static_forwards", "hits", "misses", "h2d_bytes"):
+            assert getattr(a.stats, f) == getattr(b.stats, f), f
+        assert dict(a.slot_of) == dict(b.slot_of)
+        b.commit(-1)  # undo, as after a capture
+        assert b.length() == 21
+    full = PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, p2, 1, 24, torch.float32, "cpu", static=True)
+    with torch.no_grad():
+        m.prefill(ids[:, :23], full, chunk=8)
+    assert full.graph_key(1) is not None and full.graph_key(2) is None  # 23 + 2 > 24: eager, which raises clearly
+    with torch.no_grad():
+        m(ids[:, :1], full)  # 24 of 24
+    assert full.graph_key(1) is None
+    with pytest.raises(RuntimeError, match="cannot replay"):
+        full.prepare(1)
