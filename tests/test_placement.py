@@ -334,3 +334,26 @@ def test_static_replay_host_half_equals_an_eager_static_forward():
     assert full.graph_key(1) is None
     with pytest.raises(RuntimeError, match="cannot replay"):
         full.prepare(1)
+
+
+@pytest.mark.parametrize("fmt", ["none", "int8", "int4", "int2"])
+def test_store_rows_are_packed_one_block_per_store(fmt):
+    """Every K or V store is one contiguous (rows, row_bytes) buffer whose typed field views share its memory, so a
+    prefix crosses the link as one copy; the bytes counted are the buffer's, and pack() + views round-trip."""
+    from mspeckv.kv.offload import _alloc_fields
+    from mspeckv.kv.quant import QuantSpec
+
+    spec = None if fmt == "none" else QuantSpec(fmt, 8)
+    for kind in ("k", "v"):
+        f = _alloc_fields(kind, spec, 32, 2, 3, 16, torch.float32, "cpu", False, zero=True)
+        assert f.buf.is_contiguous() and f.buf.dtype == torch.uint8
+        assert sum(x[0].numel() * x.element_size() for x in f.t.values()) == f.buf.shape[1]  # no gaps
+        for x in f.t.values():  # views into the one buffer
+            assert x.untyped_storage().data_ptr() == f.buf.untyped_storage().data_ptr()
+        parts = {k: torch.randint(0, 100, x[:2].shape).to(x.dtype) for k, x in f.t.items()}  # 2 rows
+        rows = f.pack(parts)
+        f.buf[1:3].copy_(rows)  # one block
+        for k, x in f.view_of(f.buf[1:3].clone()).items():
+            torch.testing.assert_close(x, parts[k])
+            torch.testing.assert_close(f.t[k][1:3], parts[k])
+        assert f.nbytes(16) == f.rows(16) * f.buf.shape[1] and f.nbytes() == f.buf.numel()
