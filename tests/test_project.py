@@ -1,0 +1,53 @@
+"""tools/project.py: the projection's arithmetic on hand-made sweep folders (one seed, round numbers)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("project", ROOT / "tools" / "project.py")
+project = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(project)
+
+
+def _run(d: Path, method: str, x: int, seed: int, **metrics) -> None:
+    rec = {"method": method, "x": x, "seed": seed, "status": "ok", "metrics": metrics,
+           "config": {"target": "t", "draft": "d", "weights": "real"}, "meta": {"git_commit": "abc", "gpu": "G"}}
+    (d / "runs").mkdir(parents=True, exist_ok=True)
+    (d / "runs" / f"{method}_{x}_{seed}.json").write_text(json.dumps(rec))
+
+
+def _spec(d, x, seed, draft_s, l1_s, l2_s, l1_rounds, l2_rounds, proposed, accepted_per_round):
+    _run(d, "mspeckv", x, seed, per_level_s={"draft": draft_s, "verify_l1": l1_s, "verify_l2": l2_s},
+         levels={"verify_l1": {"rounds": l1_rounds, "proposed": proposed},
+                 "verify_l2": {"rounds": l2_rounds, "accepted_per_round": accepted_per_round}})
+
+
+def test_projection_arithmetic(tmp_path):
+    costs, acc = tmp_path / "costs", tmp_path / "acc"
+    # costs at 32768: draft 1 ms/token (0.1 s / 100), L1 10 ms/call (0.2 s / 20), L2 50 ms/call (0.5 s / 10);
+    # AR 100 ms/token. Seeds 1 and 2 identical: medians are these numbers.
+    for seed in (1, 2):
+        _spec(costs, 32768, seed, 0.1, 0.2, 0.5, 20, 10, 100, 0.0)
+        _run(costs, "baseline", 32768, seed, decode_ms_per_token=100.0)
+    # acceptance at 32512 (nearest: 32768): per L2 round 7 tokens made, 3 L1 calls, 8 draft tokens
+    _spec(acc, 32512, 1, 9.0, 9.0, 9.0, 30, 10, 80, 6.0)
+    rows = project.project(project.costs(project._runs(costs)), project.acceptance(project._runs(acc)))
+    (r,) = rows
+    assert r["context_acceptance"] == 32512 and r["context_costs"] == 32768
+    assert r["tokens_per_round"] == 7 and r["l1_calls_per_round"] == 3 and r["draft_tokens_per_round"] == 8
+    assert r["ms_per_round"] == pytest.approx(8 * 1.0 + 3 * 10.0 + 50.0)  # 88 ms
+    assert r["projected_tok_s"] == pytest.approx(7 / 88e-3)
+    assert r["projected_speedup_vs_baseline"] == pytest.approx(7 / 88e-3 / 10.0)  # AR: 10 tok/s
+    assert r["label"].startswith("PROJECTION")
+    md = project.render({"costs_source": {"folder": "c", **project._meta(project._runs(costs))},
+                         "acceptance_source": {"folder": "a", **project._meta(project._runs(acc))}, "rows": rows})
+    assert "PROJECTION" in md and "not a measurement" in md
+
+
+def test_projection_refuses_empty_folders(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match="no successful runs"):
+        project._runs(tmp_path)
