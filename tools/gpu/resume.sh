@@ -4,6 +4,8 @@
 #   bash tools/gpu/resume.sh timing     # alone on the GPU: A1 with the graphed offloaded baseline (a NEW folder:
 #                                       # the baseline and the full-KV verification now replay CUDA graphs), then
 #                                       # the eval's speed family
+#   bash tools/gpu/resume.sh seven      # alone: per-call costs at the 7B shape, random weights, 32K-128K (for
+#                                       # tools/project.py --costs /root/A1r7 --acceptance <the A1 folder>)
 #   bash tools/gpu/resume.sh quality    # background jobs: GSM8K (graphed where the cache allows, resumable per
 #                                       # item), RULER at 32768, the middle level's acceptance
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
@@ -21,6 +23,13 @@ timing)
     --output-dir /root/A1g
   $E speed $C --context 2048,8192,32768 --output-dir /root/q_speed --kv-quant none,int8,int4 \
     --press snapkv:budget=0.25 kivi:k_bits=2,v_bits=2,group_size=32,residual=128 conservative aggressive extreme
+  ;;
+seven)
+  resume results/context/llama-2-7b-128k_random_A1_h200 /root/A1r7
+  timeout "${SEVEN_TIMEOUT:-540}" python -m mspeckv sweep context --target random:llama-2-7b-128k \
+    --draft random:llama-68m --prefill-lengths 32768,65536,131072 --gen-len 64 --budget 4096 --on-chip 16 \
+    --resident-layers 16 --gamma 8 --methods baseline,mspeckv,mspeckv_kv_quant,ar_gpu --seeds 1,2 --device cuda \
+    --no-progress --output-dir /root/A1r7
   ;;
 quality)
   mkdir -p /root/qlog
