@@ -307,8 +307,8 @@ def test_static_replay_host_half_equals_an_eager_static_forward():
     p2 = Placement(on_chip=1, kv_group_size=G, rollback_slack=4)
     ids = ids_for(m, n=30)
     for pl in (p, p2):
-        a, b = (PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, pl, 1, 64, torch.float32, "cpu", static=True)
-                for _ in range(2))
+        a, b = (PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, pl, 1, 64, torch.float32, "cpu", static=True,
+                         copy_block=16) for _ in range(2))  # buckets of 16 rows: fewer than the 64-row store
         with torch.no_grad():
             for cache in (a, b):
                 m.prefill(ids[:, :20], cache, chunk=8)
@@ -319,12 +319,12 @@ def test_static_replay_host_half_equals_an_eager_static_forward():
             m(ids[:, 21:22], a)  # eager, on the static path
         b.prepare(1)
         b.commit(1)  # the replay's device work is not run here: only its host half is compared
-        assert a.length() == b.length() == 22
+        assert a.length() == b.length() == 22 and a.dense.length() == b.dense.length() == 22
         for f in ("forwards", "static_forwards", "hits", "misses", "h2d_bytes"):
             assert getattr(a.stats, f) == getattr(b.stats, f), f
         assert dict(a.slot_of) == dict(b.slot_of)
         b.commit(-1)  # undo, as after a capture
-        assert b.length() == 21
+        assert b.length() == b.dense.length() == 21
     full = PlacedKV(c.n_layers, c.n_kv_heads, c.head_dim, p2, 1, 24, torch.float32, "cpu", static=True)
     with torch.no_grad():
         m.prefill(ids[:, :23], full, chunk=8)
@@ -357,3 +357,22 @@ def test_store_rows_are_packed_one_block_per_store(fmt):
             torch.testing.assert_close(x, parts[k])
             torch.testing.assert_close(f.t[k][1:3], parts[k])
         assert f.nbytes(16) == f.rows(16) * f.buf.shape[1] and f.nbytes() == f.buf.numel()
+
+
+def test_lru_evicts_the_least_recently_used_slot_and_begin_twice_is_refused():
+    """2 LRU slots for 3 offloaded layers visited in order: each layer is evicted just before its next use (0 hits,
+    the documented thrash; evicting the most recent one instead would hit). A second begin() without end() is
+    refused on an offloaded cache too."""
+    m = model()
+    c = m.cfg
+    p = Placement(on_chip=1, kv_group_size=G, rollback_slack=4, resident_layers=2)
+    with pytest.warns(UserWarning, match="never hits"):
+        cache = make_cache(m, p, 1, 64)
+    with torch.no_grad():
+        for t in range(6):
+            m(ids_for(m, n=6)[:, t:t + 1], cache)
+    assert cache.stats.hits == 0 and cache.stats.misses == 3 * 6
+    cache.begin(1)
+    with pytest.raises(RuntimeError, match="begin\\(\\) called twice"):
+        cache.begin(1)
+    assert c.n_layers == 4
