@@ -58,6 +58,8 @@ class HFBenchConfig:
         v.integer("kv_group_size", self.kv_group_size, lo=1)
         if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 16 for c in self.contexts):
             raise ValueError(f"--contexts must be prompt lengths >= 16, got {self.contexts}")
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
         if not self.caches:
             raise ValueError(f"--caches is empty: choose from {','.join(CACHES)}")
         for c in self.caches:

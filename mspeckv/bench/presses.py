@@ -47,8 +47,12 @@ class PressBenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
         if not self.contexts or any(c < 64 for c in self.contexts):
             raise ValueError(f"--contexts must be prompt lengths >= 64, got {self.contexts}")
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
         if not self.presses:
             raise ValueError("--presses is empty; give ';'-separated press specs, e.g. --presses 'none;snapkv'")
+        if len(set(self.presses)) != len(self.presses):
+            raise ValueError(f"--presses {';'.join(self.presses)} repeats a spec")
         for p in self.presses:
             parse_press(p)  # a bad spec fails before the model loads
 
