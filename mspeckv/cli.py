@@ -298,172 +298,33 @@ def cmd_plan(a) -> int:
     return 0
 
 
-SPEC_BENCH_MODES = ("ar", "vanilla", "mspeckv")
-BENCH_FLAGS = {  # the flags each bench reads; any other changed flag would be ignored, so it is refused
-    "decode": {"model", "prompt_len", "gen_len", "batch", "repeats", "prefill_chunk", "device", "out", "no_graphs",
-               "seed"},
-    "placement": {"shape", "contexts", "on_chip", "formats", "residents", "steps", "repeats", "no_hf", "out_dir",
-                  "no_graphs"},
-    "spec": {"model", "draft", "contexts", "gen_len", "modes", "gamma", "draft_gamma", "budget", "chunk", "on_chip",
-             "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy", "temperature",
-             "greedy", "top_p", "seed", "repeats", "device", "out_dir", "press", "l1_press"},
-    "presses": {"model", "contexts", "presses", "gen_len", "repeats", "device", "prefill_chunk", "out_dir"},
-    "hf": {"model", "contexts", "caches", "gen_len", "repeats", "resident_layers", "kv_group_size", "device",
-           "out_dir"},
-    "tp": {"shape", "contexts", "on_chip", "formats", "tps", "steps", "repeats", "no_graphs", "out_dir", "device",
-           "quick"},
-}
-
-
-def _bench_hf(a) -> int:
-    from pathlib import Path
-
-    from .bench.hf import CACHES, HFBenchConfig, render_hf_bench, run_hf_bench
-    from .bench.results import atomic_write_json, atomic_write_text
-
-    ctx = checks.int_list("--contexts", a.contexts) if checks.changed(a, "contexts") else HFBenchConfig.contexts
-    cfg = HFBenchConfig(model=a.model, contexts=ctx,
-                        caches=checks.str_list("--caches", a.caches, CACHES) if a.caches else CACHES,
-                        gen_len=a.gen_len if checks.changed(a, "gen_len") else HFBenchConfig.gen_len,
-                        repeats=a.repeats if checks.changed(a, "repeats") else HFBenchConfig.repeats,
-                        resident_layers=a.resident_layers if checks.changed(a, "resident_layers") else
-                        HFBenchConfig.resident_layers, kv_group_size=a.kv_group_size, device=a.device,
-                        out_dir=a.out_dir or "results/hf")
-    checks.out_dir("--out-dir", cfg.out_dir)
-    res = run_hf_bench(cfg)
-    res["command"] = cmd = "mspeckv " + shlex.join(a.argv)
-    d = Path(cfg.out_dir)
-    atomic_write_json(d / "hf.json", res)
-    atomic_write_text(d / "summary.md", render_hf_bench(res, cmd))
-    keys = ("context", "cache", "tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
-    print(json.dumps({"bench": "hf", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}))
-    return 0
-
-
-def bench_tp(a) -> int:
-    """``bench tp``: every input is checked before a rank starts or the output folder is made."""
-    from dataclasses import replace
-
-    from .kv.placement import FORMATS
-    from .model.api import parse_device
-    from .parallel.bench import QUICK, TPBenchConfig, json_line, machine_name, render, run_tp_bench
-
-    dev = parse_device(a.device)
-    if a.device is None and dev.type != "cuda":
-        raise ValueError("bench tp times GPUs and torch sees none; pass --device cpu for a functional run on gloo "
-                         "ranks (numbers from it mean nothing)")
-    cfg = TPBenchConfig(device=dev.type, graphs=not a.no_graphs)
-    if a.quick:
-        cfg = replace(cfg, **QUICK)
-    given = set(checks.changed(a, "shape", "contexts", "on_chip", "steps", "repeats"))
-    cfg = replace(cfg, formats=checks.str_list("--formats", a.formats, FORMATS),
-                  tps=checks.int_list("--tps", a.tps, minimum=1),
-                  **({"shape": a.shape} if "--shape" in given else {}),
-                  **({"contexts": checks.int_list("--contexts", a.contexts)} if "--contexts" in given else {}),
-                  **({"on_chip": a.on_chip} if "--on-chip" in given else {}),
-                  **({"steps": a.steps} if "--steps" in given else {}),
-                  **({"repeats": a.repeats} if "--repeats" in given else {}))
-    cfg.check()
-    cfg = replace(cfg, out_dir=a.out_dir or f"results/tp/{machine_name(cfg.device)}")
-    checks.out_dir("--out-dir", cfg.out_dir)
-    res = run_tp_bench(cfg, "mspeckv " + shlex.join(a.argv))
-    print(render(res))
-    print(json_line(res))
-    return 0 if res["complete"] else 1
-
-
 def cmd_bench(a) -> int:
-    checks.unused(a, BENCH_FLAGS[a.what], f"bench {a.what}")
-    if a.what == "tp":
-        return bench_tp(a)
-    if a.what == "placement":
-        from .bench.placement import PlacementBenchConfig, render_placement, run_placement_bench, write_placement
-        from .kv.placement import FORMATS
+    """``mspeckv bench <name>``: the registry's config from the flags, run (inputs checked before anything loads or
+    is written), the rendered Markdown, then one JSON line."""
+    from .bench.registry import BENCH
+    from .evals.template import from_args
 
-        on_chip = 16 if a.on_chip is None else a.on_chip
-        cfg = PlacementBenchConfig(shape=a.shape, contexts=checks.int_list("--contexts", a.contexts),
-                                   on_chip=on_chip, formats=checks.str_list("--formats", a.formats, FORMATS),
-                                   residents=checks.int_list("--residents", a.residents, minimum=0),
-                                   steps=a.steps, repeats=a.repeats, hf_reference=not a.no_hf,
-                                   graphed=not a.no_graphs, out_dir=a.out_dir or "results/placement")
-        checks.out_dir("--out-dir", cfg.out_dir)
-        cmd = "mspeckv " + shlex.join(a.argv)
-        res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, cmd))
-        write_placement(res, cfg.out_dir, cmd)
-        print(render_placement(res))
-        print(json.dumps({"bench": "placement", "cells": [
-            {k: c[k] for k in ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio", "graphed_ms",
-                               "graphed_ratio")} for c in res["cells"]],
-            "hf_offloaded_ms": res["hf_offloaded_ms"], "verify_ms": res["verify_ms"]}))
-        return 0
-    if a.what == "spec":
-        from .bench.results import atomic_write_json, atomic_write_text, run_metadata
-        from .bench.spec import SpecBenchConfig, render_spec, run_spec_bench
+    b = BENCH[a.bench]
+    cfg = from_args(b.load("config"), a)
+    res = b.load("run")(cfg, "mspeckv " + shlex.join(a.argv))
+    print(b.load("render")(res))
+    print(json.dumps(b.load("line")(res)))
+    return 0 if b.ok is None or b.load("ok")(res) else 1
 
-        cfg = SpecBenchConfig(target=a.model, draft=a.draft, prefills=checks.int_list("--contexts", a.contexts),
-                              gen_len=a.gen_len, modes=checks.str_list("--modes", a.modes, SPEC_BENCH_MODES),
-                              gamma=a.gamma, draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk,
-                              placement=_placement(a), temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p,
-                              seed=a.seed, repeats=a.repeats, device=a.device, press=a.press, l1_press=a.l1_press)
-        checks.sampling_flags(a)
-        checks.placement_flags(a)
-        if cfg.modes == ("ar",):
-            checks.refuse(checks.changed(a, "draft", "gamma", "draft_gamma", "budget", "chunk"),
-                          "--modes ar does not speculate")
-        checks.out_dir("--out-dir", a.out_dir or "results/spec")
-        tcfg = checks.model_config(a.model)
-        cfg.placement.validate(tcfg.n_layers, tcfg.head_dim)
-        checks.placement_flags(a, tcfg.n_layers)
-        if too_long := [p for p in cfg.prefills if p + cfg.gen_len > tcfg.max_position]:
-            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {cfg.gen_len} exceed "
-                             f"{a.model}'s maximum context of {tcfg.max_position}; use contexts up to "
-                             f"{tcfg.max_position - cfg.gen_len}")
-        res = run_spec_bench(cfg)
-        res["meta"], res["command"] = run_metadata(), "mspeckv " + shlex.join(a.argv)
-        from pathlib import Path
 
-        d = Path(a.out_dir or "results/spec")
-        atomic_write_json(d / "spec.json", res)
-        atomic_write_text(d / "summary.md", render_spec(res) + f"\nCommand: `{res['command']}`\n")
-        print(render_spec(res))
-        print(json.dumps({"bench": "spec", "rows": [{k: r[k] for k in ("prefill", "mode", "tok_per_s", "accepted",
-                                                                         "agreement_with_ar")} for r in res["rows"]]}))
-        return 0
-    if a.what == "hf":
-        return _bench_hf(a)
-    if a.what == "presses":
-        from pathlib import Path
+def add_bench_parser(sub) -> None:
+    """``mspeckv bench <name>``: one subcommand per registry entry, its flags generated from its config's fields."""
+    from .bench.registry import BENCHES
+    from .evals.template import add_flags
 
-        from .bench.presses import PressBenchConfig, render_press_bench, run_press_bench
-        from .bench.results import atomic_write_json, atomic_write_text, run_metadata
-
-        cfg = PressBenchConfig(model=a.model, contexts=tuple(int(x) for x in a.contexts.split(",")),
-                               presses=tuple(x for x in a.presses.split(";")) if a.presses else
-                               PressBenchConfig.presses, gen_len=a.gen_len, repeats=a.repeats, device=a.device,
-                               prefill_chunk=a.prefill_chunk, out_dir=a.out_dir or "results/presses")
-        res = run_press_bench(cfg)
-        res["meta"], res["command"] = run_metadata(), "mspeckv " + shlex.join(a.argv)
-        d = Path(cfg.out_dir)
-        atomic_write_json(d / "presses.json", res)
-        atomic_write_text(d / "summary.md", render_press_bench(res) + f"\nCommand: `{res['command']}`\n")
-        print(render_press_bench(res))
-        print(json.dumps({"bench": "presses", "rows": [{k: r[k] for k in ("context", "press", "compression",
-                                                                           "decode_ms", "compress_s")}
-                                                          for r in res["rows"]]}))
-        return 0
-    if a.what == "decode":
-        from .bench.decode import DecodeBenchConfig, run_decode_bench
-
-        cfg = DecodeBenchConfig(model=a.model, prompt_len=a.prompt_len, gen_len=a.gen_len, device=a.device,
-                                repeats=a.repeats, batch=a.batch, prefill_chunk=a.prefill_chunk, out=a.out,
-                                graphs=not a.no_graphs, seed=a.seed)
-        checks.out_file("--out", cfg.out or "results/bench/decode.json")
-        mcfg = checks.model_config(a.model)
-        checks.generation_fits(mcfg, cfg.gen_len, cfg.prompt_len, "--gen-len", "--prompt-len")
-        row = run_decode_bench(cfg)
-        print(json.dumps(row))
-        return 0
-    raise AssertionError(a.what)  # argparse choices allow nothing else
+    p = sub.add_parser("bench", help="benchmarks (write results files; not tests)",
+                       description="Benchmarks: each writes its results files, prints a Markdown table, then one "
+                                   "JSON line. `mspeckv bench NAME --help` lists NAME's flags.")
+    benches = p.add_subparsers(dest="bench", required=True, metavar="NAME", parser_class=checks.LeafParser)
+    for b in BENCHES:
+        q = benches.add_parser(b.name, help=b.help, description=b.help)
+        add_flags(q, b.load("config"))
+        q.set_defaults(fn=cmd_bench)
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -553,45 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="plan one rank of N tensor-parallel ranks (budget per GPU)")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("bench", help="benchmarks (write results files; not tests)")
-    p.add_argument("what", choices=["decode", "placement", "spec", "presses", "hf", "tp"])
-    p.add_argument("--caches", default=None, help="hf: caches to compare (default: dynamic,dynamic_offload,"
-                   "int8_offload,int8_offload_resident)")
-    p.add_argument("--presses", default=None, help="presses: ';'-separated press specs (default: every family and "
-                   "preset; 'none' is the uncompressed baseline)")
-    p.add_argument("--modes", default="ar,vanilla,mspeckv", help="spec: modes to compare")
-    p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="spec: draft model")
-    p.add_argument("--gamma", type=int, default=8)
-    p.add_argument("--draft-gamma", type=int, default=4)
-    p.add_argument("--budget", type=int, default=4096)
-    p.add_argument("--chunk", type=int, default=8)
-    p.add_argument("--l1-press", default=None, help="spec: the mspeckv middle level's press (default: retrieval)")
-    _add_sampling(p)
-    _add_placement(p)
-    p.add_argument("--shape", default="llama-2-7b-128k", help="placement/tp: random-weight shape (--on-chip "
-                   "defaults to 16 there)")
-    p.add_argument("--contexts", default="8192,16384,32768", help="placement/spec: contexts (prompt lengths); tp: "
-                   "default 32768,65536")
-    p.add_argument("--formats", default="none,int8,int4", help="placement: offloaded KV formats")
-    p.add_argument("--residents", default="0,16", help="placement: resident-layer counts")
-    p.add_argument("--steps", type=int, default=8, help="placement: timed decode steps per repeat")
-    p.add_argument("--no-hf", action="store_true", help="placement: skip the transformers offloaded reference")
-    p.add_argument("--no-graphs", action="store_true", help="decode: eager steps instead of CUDA graphs; tp: skip "
-                   "the graphed all-on-GPU cells; placement: skip the graphed (static-layout) timing of each cell")
-    p.add_argument("--tps", default="1,2", help="tp: tensor-parallel sizes to compare (the first is the baseline)")
-    p.add_argument("--quick", action="store_true", help="tp: the tiny random shape at 256 tokens, 2 steps x 2 repeats "
-                   "(a functional run, e.g. with --device cpu)")
-    p.add_argument("--out-dir", "--output-dir", default=None, help="placement/spec/tp: output folder (default "
-                   "results/placement, results/spec, results/tp/<machine>)")
-    p.add_argument("--model", default="qwen2.5-coder-1.5b")
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up at the same shape")
-    p.add_argument("--prefill-chunk", type=int, default=4096)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="JSON path (default under results/bench/)")
-    p.set_defaults(fn=cmd_bench)
+    add_bench_parser(sub)
 
     from .presses.cli import add_presses_parser
 

@@ -17,6 +17,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class LeafParser(Parser):
+    """A subcommand's parser that refuses flags it does not know itself, so the error names the subcommand and its
+    ``--help`` (argparse would leave them to the top-level parser, whose help does not list them)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns, extra
+
+
 def record_defaults(parser: argparse.ArgumentParser) -> None:
     """Store each (sub)command's flag defaults in its namespace (``_defaults``), so checks can tell a flag the user
     changed from one left alone."""
@@ -64,23 +75,6 @@ def prompt_text(a) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {p} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, "
                          f"e.g. iconv -t UTF-8") from None
-
-
-def int_list(flag_name: str, text: str, minimum: int = 1) -> tuple[int, ...]:
-    from .bench.sweeps import int_list as parse
-
-    return parse(flag_name, text, minimum)
-
-
-def str_list(flag_name: str, text: str, options) -> tuple[str, ...]:
-    items = [s.strip() for s in text.split(",")]
-    if "" in items:
-        raise ValueError(f"{flag_name} '{text}' has an empty item; give a comma-separated list of {', '.join(options)}")
-    if bad := [s for s in items if s not in options]:
-        raise ValueError(f"{flag_name}: unknown value(s) {', '.join(bad)}; choose from {', '.join(options)}")
-    if len(set(items)) != len(items):
-        raise ValueError(f"{flag_name} '{text}' repeats a value")
-    return tuple(items)
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
@@ -132,15 +126,16 @@ def sampling_flags(a) -> None:
                "nothing; pass --temperature > 0 to sample")
 
 
-def placement_flags(a, n_layers: int | None = None) -> None:
-    """Offload flags do nothing when every layer stays on the GPU; resident flags nothing without resident layers."""
+def placement_flags(a, n_layers: int | None = None, changed_flags=changed) -> None:
+    """Offload flags do nothing when every layer stays on the GPU; resident flags nothing without resident layers.
+    ``a``: a namespace, or a config with the same names and ``changed_flags=evals.template.changed``."""
     if a.on_chip is None or (n_layers is not None and a.on_chip >= n_layers):
         where = "without --on-chip" if a.on_chip is None else f"with --on-chip {a.on_chip} of {n_layers} layers"
-        refuse(changed(a, *PLACEMENT_OFFLOAD), f"offload settings act on offloaded layers only, and {where} every "
-               f"layer's KV stays on the GPU; pass --on-chip N (fewer than the model's layers) to offload")
+        refuse(changed_flags(a, *PLACEMENT_OFFLOAD), f"offload settings act on offloaded layers only, and {where} "
+               f"every layer's KV stays on the GPU; pass --on-chip N (fewer than the model's layers) to offload")
     elif a.resident_layers == 0:
-        refuse(changed(a, "resident_format", "resident_policy"), "resident settings act on resident layers only, and "
-               "--resident-layers is 0")
+        refuse(changed_flags(a, "resident_format", "resident_policy"), "resident settings act on resident layers "
+               "only, and --resident-layers is 0")
 
 
 def spec_flags(a) -> None:
@@ -154,12 +149,6 @@ def spec_flags(a) -> None:
     if a.drafter == "ngram":
         refuse(changed(a, "draft", "draft_sinks", "draft_window"), "--drafter ngram proposes by prompt lookup, "
                "without a draft model")
-
-
-def unused(a, used: set[str], what: str) -> None:
-    """Refuse every changed flag of this command that ``what`` does not read."""
-    d = getattr(a, "_defaults", {})
-    refuse(changed(a, *(k for k in d if k not in used)), f"{what} does not read these flags")
 
 
 # ------------------------------------------------------------------------------------------- model-config checks

@@ -15,7 +15,8 @@ from numbers import Integral, Real
 
 _FLAGS: ContextVar[bool] = ContextVar("mspeckv_flag_names", default=False)
 # fields whose flag is not "--" + the field name with dashes
-FLAG_OF = {"prefills": "--contexts", "hf_reference": "--no-hf", "graphs": "--no-graphs", "target": "--model"}
+FLAG_OF = {"prefills": "--contexts", "hf_reference": "--no-hf", "graphs": "--no-graphs", "graphed": "--no-graphs",
+           "target": "--model"}
 
 
 class ConfigError(ValueError):

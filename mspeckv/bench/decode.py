@@ -17,22 +17,24 @@ import torch
 from .. import validate as v
 from ..config import GenerationConfig
 from ..decoding.autoregressive import generate
+from ..evals.template import opt
 from ..kv.dense import DenseKV
 from ..model.api import load_any, parse_device
 
 
 @dataclass(frozen=True)
 class DecodeBenchConfig:
-    model: str = "qwen2.5-coder-1.5b"
-    prompt_len: int = 1024
-    gen_len: int = 128
-    device: str | None = None
-    repeats: int = 3
-    batch: int = 1
-    prefill_chunk: int = 4096
-    out: str | None = None
-    seed: int = 0
-    graphs: bool = True  # CUDA graphs over a static cache (CUDA only); False: eager with a DenseKV
+    model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file, hub id or random:<shape>")
+    prompt_len: int = opt(1024, "prompt tokens")
+    gen_len: int = opt(128, "decoded tokens")
+    device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
+    repeats: int = opt(3, "timed runs after one warm-up at the same shape (the median is reported)")
+    batch: int = opt(1, "sequences decoded together")
+    prefill_chunk: int = opt(4096, "tokens per prefill forward")
+    out: str | None = opt(None, "JSON path (default under results/bench/)")
+    seed: int = opt(0, "seed of the prompt")
+    # CUDA graphs over a static cache (CUDA only); False: eager with a DenseKV
+    graphs: bool = opt(True, "eager steps instead of CUDA graphs", flag="--no-graphs", negate=True)
 
     def __post_init__(self):
         v.text("model", self.model)
@@ -43,6 +45,13 @@ class DecodeBenchConfig:
         v.text("out", self.out, optional=True)
         v.integer("seed", self.seed, lo=0)
         v.boolean("graphs", self.graphs)
+
+    def validate(self) -> None:
+        """What can be refused before the weights load: the output path, and the model's config (not its weights)."""
+        from ..cli_checks import generation_fits, model_config, out_file
+
+        out_file("--out", self.out or "results/bench/decode.json")
+        generation_fits(model_config(self.model), self.gen_len, self.prompt_len, "--gen-len", "--prompt-len")
 
 
 def d2d_bandwidth(device, nbytes: int = 1 << 30, iters: int = 10) -> float:
@@ -125,23 +134,28 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
         row["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(out, row)
         row["out"] = str(out)
-    print_table(row)
     return row
 
 
-def print_table(row: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+# ------------------------------------------------------------------------------------- the bench registry's entry
+def run(cfg: DecodeBenchConfig, command: str = "") -> dict:
+    """Check every input, then measure and write the row (its JSON file; the command is not recorded in it)."""
+    cfg.validate()
+    return run_decode_bench(cfg)
 
+
+def render(row: dict) -> str:
+    """The row's main metrics as a Markdown table."""
     where = row.get("device_name", row["device"])
-    t = Table(title=f"decode bench: {row['model']} ({row['weights']} weights) on {where}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
     keys = [("prompt_len", "{}"), ("gen_len", "{}"), ("batch", "{}"), ("prefill_tok_per_s", "{:.0f}"),
             ("ttft_s", "{:.3f}"), ("decode_ms_per_token", "{:.2f}"), ("decode_tok_per_s", "{:.1f}"),
             ("achieved_bandwidth_GBps", "{:.0f}"), ("d2d_copy_bandwidth_GBps", "{:.0f}"),
             ("bandwidth_utilisation", "{:.1%}"), ("peak_gpu_bytes", "{:,}"), ("peak_host_rss_bytes", "{:,}")]
-    for k, f in keys:
-        if row.get(k) is not None:
-            t.add_row(k, f.format(row[k]))
-    Console(stderr=True).print(t)
+    lines = [f"# decode bench: {row['model']} ({row['weights']} weights) on {where}", "", "| metric | value |",
+             "|---|---:|"]
+    lines += [f"| {k} | {f.format(row[k])} |" for k, f in keys if row.get(k) is not None]
+    return "\n".join(lines) + "\n"
+
+
+def line(row: dict) -> dict:
+    return row

@@ -34,21 +34,22 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
+from ..evals.template import opt
 
 CACHES = ("dynamic", "dynamic_offload", "int8_offload", "int8_offload_resident")
 
 
 @dataclass(frozen=True)
 class HFBenchConfig:
-    model: str = "qwen2.5-coder-1.5b"
-    contexts: tuple[int, ...] = (8192, 32704)
-    caches: tuple[str, ...] = CACHES
-    gen_len: int = 64
-    repeats: int = 2
-    resident_layers: int = 14
-    kv_group_size: int = 64
-    device: str | None = None
-    out_dir: str = "results/hf"
+    model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory or hub id (transformers loads it)")
+    contexts: tuple[int, ...] = opt((8192, 32704), "contexts (prompt lengths)")
+    caches: tuple[str, ...] = opt(CACHES, "caches to compare", choices=CACHES)
+    gen_len: int = opt(64, "generated tokens per run")
+    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)")
+    resident_layers: int = opt(14, "int8_offload_resident: offloaded layers also kept on the GPU")
+    kv_group_size: int = opt(64, "int8 quantization group size")
+    device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
+    out_dir: str = opt("results/hf", "output folder", aliases=("--output-dir",))
 
     def __post_init__(self):
         v.integer("gen_len", self.gen_len, lo=2)  # decode time needs tokens after the first
@@ -57,10 +58,36 @@ class HFBenchConfig:
         v.integer("kv_group_size", self.kv_group_size, lo=1)
         if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 16 for c in self.contexts):
             raise ValueError(f"--contexts must be prompt lengths >= 16, got {self.contexts}")
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
         if not self.caches:
             raise ValueError(f"--caches is empty: choose from {','.join(CACHES)}")
         for c in self.caches:
             v.choice("caches", c, CACHES)
+        if len(set(self.caches)) != len(self.caches):
+            raise ValueError(f"--caches {','.join(self.caches)} repeats a cache")
+
+    def validate(self) -> None:
+        """What can be refused before the weights load: the device, the output folder, the model's maximum
+        context."""
+        from ..cli_checks import model_config, out_dir
+
+        _check_device(self)
+        out_dir("--out-dir", self.out_dir)
+        limit = model_config(self.model).max_position
+        if bad := [c for c in self.contexts if c + self.gen_len > limit]:
+            raise ValueError(f"--contexts {bad}: prompt + --gen-len {self.gen_len} exceeds the model's {limit} "
+                             f"positions; use prompts <= {limit - self.gen_len}")
+
+
+def _check_device(cfg: HFBenchConfig) -> torch.device:
+    from ..model.api import parse_device
+
+    dev = parse_device(cfg.device)
+    if dev.type != "cuda" and "dynamic_offload" in cfg.caches:
+        raise ValueError("dynamic_offload is transformers' CUDA offloading and needs a GPU; on the CPU pass "
+                         "--caches dynamic,int8_offload,int8_offload_resident")
+    return dev
 
 
 def _sync(dev: torch.device) -> None:
@@ -165,15 +192,12 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..data.corpora import long_prompt
-    from ..model.api import default_dtype, parse_device
+    from ..model.api import default_dtype
     from ..model.loading import resolve
     from .placement import h2d_bandwidth
     from .results import run_metadata
 
-    dev = parse_device(cfg.device)
-    if dev.type != "cuda" and "dynamic_offload" in cfg.caches:
-        raise ValueError("dynamic_offload is transformers' CUDA offloading and needs a GPU; on the CPU pass "
-                         "--caches dynamic,int8_offload,int8_offload_resident")
+    dev = _check_device(cfg)
     d = resolve(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=default_dtype(dev)).to(dev).eval()
     limit = model.config.max_position_embeddings
@@ -229,3 +253,28 @@ def render_hf_bench(res: dict, command: str) -> str:
         f"in this run: {res['pinned_h2d_GBps']:.1f} GB/s",
         f"- int8_offload_resident keeps {c['resident_layers']} of the offloaded layers on the GPU (static policy)",
         "", HEADER, *(_line(r) for r in res["rows"]), ""])
+
+
+# ------------------------------------------------------------------------------------- the bench registry's entry
+def run(cfg: HFBenchConfig, command: str = "") -> dict:
+    """Check every input, then measure; writes ``hf.json`` and ``summary.md`` into ``cfg.out_dir``."""
+    from pathlib import Path
+
+    from .results import atomic_write_json, atomic_write_text
+
+    cfg.validate()
+    res = run_hf_bench(cfg)
+    res["command"] = command
+    d = Path(cfg.out_dir)
+    atomic_write_json(d / "hf.json", res)
+    atomic_write_text(d / "summary.md", render(res))
+    return res
+
+
+def render(res: dict) -> str:
+    return render_hf_bench(res, res["command"])
+
+
+def line(res: dict) -> dict:
+    keys = ("context", "cache", "tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
+    return {"bench": "hf", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import validate as v
+from ..evals.template import opt
 from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement, make_cache
 from ..kv.static import GraphedForward
@@ -41,19 +42,22 @@ from ..model.api import RANDOM_SHAPES, random_model
 
 @dataclass(frozen=True)
 class PlacementBenchConfig:
-    shape: str = "llama-2-7b-128k"
-    contexts: tuple[int, ...] = (8192, 16384, 32768)
-    on_chip: int = 16
-    formats: tuple[str, ...] = ("none", "int8", "int4")
-    residents: tuple[int, ...] = (0, 16)
-    steps: int = 8  # timed decode steps per repeat
-    repeats: int = 3  # median over repeats (each the mean of `steps`)
-    verify_tokens: int = 9
-    hf_reference: bool = True
-    graphed: bool = True  # also time each cell on the static layout with CUDA graphs
-    out_dir: str = "results/placement"
-    host_memory_bytes: int | None = None  # None: MemAvailable from /proc/meminfo before each cell
-    host_reserve_bytes: int = 4 << 30  # left free for everything else when checking that a pinned store fits
+    shape: str = opt("llama-2-7b-128k", "random-weight shape", choices=sorted(RANDOM_SHAPES))
+    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "contexts (tokens in the cache)")
+    on_chip: int = opt(16, "layers whose KV stays on the GPU; the rest are offloaded")
+    formats: tuple[str, ...] = opt(("none", "int8", "int4"), "offloaded KV formats", choices=FORMATS)
+    residents: tuple[int, ...] = opt((0, 16), "resident-layer counts")
+    steps: int = opt(8, "timed decode steps per repeat")
+    repeats: int = opt(3, "repeats (the median is reported; each the mean of --steps)")
+    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False)
+    hf_reference: bool = opt(True, "skip the transformers offloaded reference", flag="--no-hf", negate=True)
+    # also time each cell on the static layout with CUDA graphs
+    graphed: bool = opt(True, "skip the graphed (static-layout) timing of each cell", flag="--no-graphs", negate=True)
+    out_dir: str = opt("results/placement", "output folder", aliases=("--output-dir",))
+    # None: MemAvailable from /proc/meminfo before each cell
+    host_memory_bytes: int | None = opt(None, "host memory a pinned store may use", cli=False)
+    # left free for everything else when checking that a pinned store fits
+    host_reserve_bytes: int = opt(4 << 30, "host memory left free", cli=False)
 
     def __post_init__(self):
         v.choice("shape", self.shape, sorted(RANDOM_SHAPES))
@@ -67,6 +71,12 @@ class PlacementBenchConfig:
         v.boolean("hf_reference", self.hf_reference)
         v.boolean("graphed", self.graphed)
         v.text("out_dir", self.out_dir)
+
+    def validate(self) -> None:
+        """The output folder can be made (checked before the model is built)."""
+        from ..cli_checks import out_dir
+
+        out_dir("--out-dir", self.out_dir)
 
 
 def _ms(fn, warmup: int, iters: int, cuda: bool | None = None, before=None) -> float:
@@ -493,3 +503,18 @@ def write_placement(res: dict, out_dir: str, command: str) -> Path:
     atomic_write_json(d / "placement.json", res)
     atomic_write_text(d / "summary.md", render_placement(res) + f"\nCommand: `{command}`\n")
     return d
+
+
+# ------------------------------------------------------------------------------------- the bench registry's entry
+def run(cfg: PlacementBenchConfig, command: str = "") -> dict:
+    """Check every input, then measure; ``placement.json`` and ``summary.md`` are rewritten after each context."""
+    cfg.validate()
+    res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, command))
+    write_placement(res, cfg.out_dir, command)
+    return res
+
+
+def line(res: dict) -> dict:
+    keys = ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio", "graphed_ms", "graphed_ratio")
+    return {"bench": "placement", "cells": [{k: c[k] for k in keys} for c in res["cells"]],
+            "hf_offloaded_ms": res["hf_offloaded_ms"], "verify_ms": res["verify_ms"]}

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..evals.template import opt
+
 PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25", "pyramidkv:budget=0.25",
                   "adakv:budget=0.25", "kivi:k_bits=8,v_bits=8", "kivi:k_bits=4,v_bits=4", "kivi:k_bits=2,v_bits=2",
                   "conservative", "aggressive", "extreme")
@@ -26,14 +28,15 @@ PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:bu
 
 @dataclass(frozen=True)
 class PressBenchConfig:
-    model: str = "qwen2.5-coder-1.5b"
-    contexts: tuple[int, ...] = (8192, 32768)
-    presses: tuple[str, ...] = PRESS_DEFAULTS
-    gen_len: int = 64
-    repeats: int = 2
-    device: str | None = None
-    prefill_chunk: int = 4096
-    out_dir: str = "results/presses"
+    model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or hub id")
+    contexts: tuple[int, ...] = opt((8192, 32768 - 64), "contexts (prompt lengths)")
+    presses: tuple[str, ...] = opt(PRESS_DEFAULTS, "';'-separated press specs (default: every family and preset; "
+                                                   "'none' is the uncompressed baseline)", sep=";")
+    gen_len: int = opt(64, "decoded tokens per run")
+    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)")
+    device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
+    prefill_chunk: int = opt(4096, "tokens per prefill forward")
+    out_dir: str = opt("results/presses", "output folder", aliases=("--output-dir",))
 
     def __post_init__(self):
         from ..presses import parse_press
@@ -44,8 +47,24 @@ class PressBenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
         if not self.contexts or any(c < 64 for c in self.contexts):
             raise ValueError(f"--contexts must be prompt lengths >= 64, got {self.contexts}")
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
+        if not self.presses:
+            raise ValueError("--presses is empty; give ';'-separated press specs, e.g. --presses 'none;snapkv'")
+        if len(set(self.presses)) != len(self.presses):
+            raise ValueError(f"--presses {';'.join(self.presses)} repeats a spec")
         for p in self.presses:
             parse_press(p)  # a bad spec fails before the model loads
+
+    def validate(self) -> None:
+        """What can be refused before the weights load: the output folder, and the model's maximum context."""
+        from ..cli_checks import model_config, out_dir
+
+        out_dir("--out-dir", self.out_dir)
+        limit = model_config(self.model).max_position
+        if too_long := [c for c in self.contexts if c + self.gen_len > limit]:
+            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {self.gen_len} exceed "
+                             f"{self.model}'s maximum context of {limit}; use contexts up to {limit - self.gen_len}")
 
 
 def _sync(dev):
@@ -138,3 +157,24 @@ HEADER = ("| context | press | compression | bytes/token | KV MB after compress 
 def render_press_bench(res: dict) -> str:
     return "\n".join([f"# Presses on {res['config']['model']} ({res['device']}, {res['dtype']})", "", HEADER,
                       *(_line(r) for r in res["rows"])]) + "\n"
+
+
+# ------------------------------------------------------------------------------------- the bench registry's entry
+def run(cfg: PressBenchConfig, command: str = "") -> dict:
+    """Check every input, then measure; writes ``presses.json`` and ``summary.md`` into ``cfg.out_dir``."""
+    from pathlib import Path
+
+    from .results import atomic_write_json, atomic_write_text, run_metadata
+
+    cfg.validate()
+    res = run_press_bench(cfg)
+    res["meta"], res["command"] = run_metadata(), command
+    d = Path(cfg.out_dir)
+    atomic_write_json(d / "presses.json", res)
+    atomic_write_text(d / "summary.md", render_press_bench(res) + f"\nCommand: `{command}`\n")
+    return res
+
+
+def line(res: dict) -> dict:
+    keys = ("context", "press", "compression", "decode_ms", "compress_s")
+    return {"bench": "presses", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}

@@ -1,9 +1,15 @@
-"""The one registry of sweep methods: what each method is, which models and settings it reads, and how the report
-compares it. The run functions live in ``bench.methods`` (``METHOD_FNS``, checked against this table at import);
-every other module (``results``, ``sweeps``, ``report``, ``breakdown``) reads the properties from here."""
+"""The registries of benchmarking: the sweep methods, and the ``mspeckv bench`` commands.
+
+- **Methods** (``REGISTRY``): what each sweep method is, which models and settings it reads, and how the report
+  compares it. The run functions live in ``bench.methods`` (``METHOD_FNS``, checked against this table at import);
+  every other module (``results``, ``sweeps``, ``report``, ``breakdown``) reads the properties from here.
+- **Benches** (``BENCHES``): one entry per ``mspeckv bench <name>``, on the results template of ``evals.template``: a
+  config dataclass (its fields are the flags) -> ``run(cfg, command)`` -> result -> ``render`` -> one JSON ``line``.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 
@@ -46,3 +52,53 @@ RETRIEVAL_METHODS = tuple(m.name for m in REGISTRY if m.retrieval)
 HF_METHODS = tuple(m.name for m in REGISTRY if m.hf)
 # (column, method, reference): latency speedup of ``method`` over ``reference`` = latency[reference] / latency[method]
 SPEEDUP_COLUMNS = tuple((col, m.name, ref) for m in REGISTRY for col, ref in m.vs)
+
+
+# ------------------------------------------------------------------------------------------------------- benches
+@dataclass(frozen=True)
+class Bench:
+    """One ``mspeckv bench <name>``. Its config class and functions are named ``module:attr`` and imported when used,
+    so reading this table imports nothing heavy.
+
+    - ``config``: a frozen dataclass of ``evals.template.opt`` fields (the command's flags), which checks its values
+      in ``__post_init__`` and has ``validate()`` for what needs the file system or a model's config;
+    - ``run(cfg, command) -> result``: calls ``cfg.validate()`` before it loads or writes anything, then measures and
+      writes the results files (recording ``command``);
+    - ``render(result) -> str``: the Markdown printed; ``line(result) -> dict``: the one JSON line printed last;
+    - ``ok(result) -> bool``: the exit status (None: 0 whenever ``run`` returns).
+    """
+
+    name: str
+    help: str
+    config: str
+    run: str
+    render: str
+    line: str
+    ok: str | None = None
+
+    def load(self, what: str):
+        """The object named by field ``what`` (``config``, ``run``, ...)."""
+        module, attr = getattr(self, what).split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _bench(name: str, help: str, module: str, config: str, render: str = "render", ok: str | None = None) -> Bench:
+    return Bench(name, help, f"{module}:{config}", f"{module}:run", f"{module}:{render}", f"{module}:line",
+                 ok and f"{module}:{ok}")
+
+
+BENCHES: tuple[Bench, ...] = (
+    _bench("decode", "prefill tok/s, decode ms/token, peak memory and (CUDA) achieved bandwidth, one JSON",
+           "mspeckv.bench.decode", "DecodeBenchConfig"),
+    _bench("placement", "decode ms/token of each KV placement against floors measured in the same run (random "
+           "weights)", "mspeckv.bench.placement", "PlacementBenchConfig", render="render_placement"),
+    _bench("spec", "AR, vanilla and MSpecKV on the same real long prompts, with agreement with AR",
+           "mspeckv.bench.spec", "SpecBenchConfig", render="render_spec"),
+    _bench("presses", "per press and context: bytes per token, compression, compress time vs prefill, decode "
+           "ms/token", "mspeckv.bench.presses", "PressBenchConfig", render="render_press_bench"),
+    _bench("hf", "transformers generate over MSpecKVCache vs DynamicCache (on the GPU and offloaded)",
+           "mspeckv.bench.hf", "HFBenchConfig"),
+    _bench("tp", "TP=1 against TP=N (random weights): H2D per rank, decode and verification per KV format",
+           "mspeckv.parallel.bench", "TPBenchConfig", ok="complete"),
+)
+BENCH = {b.name: b for b in BENCHES}

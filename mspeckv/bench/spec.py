@@ -14,33 +14,50 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
+from ..cli_checks import placement_flags, refuse
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
-from ..kv.placement import Placement, make_cache
+from ..evals.template import changed, opt
+from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement, make_cache
 from ..model.api import load, parse_device
+
+MODES = ("ar", "vanilla", "mspeckv")
+PLACEMENT_FIELDS = ("on_chip", "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy")
 
 
 @dataclass(frozen=True)
 class SpecBenchConfig:
-    target: str = "qwen2.5-coder-1.5b"
-    draft: str = "qwen2.5-coder-0.5b"
-    prefills: tuple[int, ...] = (16384, 32768 - 512)
-    gen_len: int = 128
-    modes: tuple[str, ...] = ("ar", "vanilla", "mspeckv")
-    gamma: int = 8
-    draft_gamma: int = 4
-    budget: int = 4096
-    chunk: int = 8
-    placement: Placement = Placement()
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 1
-    repeats: int = 2
-    device: str | None = None
-    press: str | None = None  # the target's KV press in every mode (lossy; measured in results/quality)
-    l1_press: str | None = None  # the mspeckv middle level's press (lossless); None: retrieval
+    target: str = opt("qwen2.5-coder-1.5b", "target model (embedded name, HF directory, .gguf file or hub id)",
+                      flag="--model")
+    draft: str = opt("qwen2.5-coder-0.5b", "draft model")
+    prefills: tuple[int, ...] = opt((16384, 32768 - 512), "contexts (prompt lengths)", flag="--contexts")
+    gen_len: int = opt(128, "generated tokens per run")
+    modes: tuple[str, ...] = opt(MODES, "modes to compare", choices=MODES)
+    gamma: int = opt(8, "proposals per full-KV verification (level 2)")
+    draft_gamma: int = opt(4, "proposals per retrieval verification (level 1)")
+    budget: int = opt(4096, "retrieval cache: retrieved prompt tokens")
+    chunk: int = opt(8, "retrieval chunk size (budget must be a multiple)")
+    # the target's KV placement, flat (one flag each); ``placement`` builds the Placement
+    on_chip: int | None = opt(None, "layers whose KV stays on the GPU (default: all)")
+    kv_quant: str = opt("none", "format of the offloaded KV", choices=FORMATS)
+    kv_group_size: int = opt(64, "quantization group size")
+    resident_layers: int = opt(0, "offloaded layers also kept on the GPU")
+    resident_format: str = opt("dequant", "resident copies: dequantized or quantized", choices=RESIDENT_FORMATS)
+    resident_policy: str = opt("lru", "which offloaded layers stay resident", choices=RESIDENT_POLICIES)
+    temperature: float = opt(0.0, "0 = greedy (default)")
+    greedy: bool = opt(False, "force temperature 0")
+    top_p: float = opt(1.0, "nucleus sampling threshold (with --temperature > 0)")
+    seed: int = opt(0, "seed of the prompts (BBC News text) and of sampling")
+    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)")
+    device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
+    # the target's KV press in every mode (lossy; measured in results/quality)
+    press: str | None = opt(None, "compress the target's KV after prefill, in every mode: name:k=v,... | preset | "
+                                  "FILE.yaml (lossy: see `mspeckv presses list`)")
+    # the mspeckv middle level's press (lossless); None: retrieval
+    l1_press: str | None = opt(None, "the mspeckv middle level's press (default: retrieval)")
+    out_dir: str = opt("results/spec", "output folder", aliases=("--output-dir",))
 
     def __post_init__(self):
         from ..presses import parse_press
@@ -52,15 +69,52 @@ class SpecBenchConfig:
         v.text("draft", self.draft)
         v.integers("prefills", self.prefills, lo=1)
         v.integer("gen_len", self.gen_len, lo=2)  # latency is timed over the tokens after the first
-        v.choices("modes", self.modes, ("ar", "vanilla", "mspeckv"))
-        if not isinstance(self.placement, Placement):
-            raise v.ConfigError(f"placement must be a Placement, got {self.placement!r}")
+        v.choices("modes", self.modes, MODES)
         v.integer("repeats", self.repeats, lo=1)
         v.text("device", self.device, optional=True)
+        v.text("out_dir", self.out_dir)
+        v.boolean("greedy", self.greedy)
         SamplingConfig(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        if self.greedy:  # the temperature is then 0, as its default: another one is refused
+            refuse(changed(self, "temperature"), "--greedy sets the temperature to 0")
+        if self.temperature == 0:  # the seed stays: it picks the prompts
+            refuse(changed(self, "top_p"), "decoding is greedy (temperature 0), so sampling settings do nothing; "
+                   "pass --temperature > 0 to sample")
         if any(m != "ar" for m in self.modes):  # gamma, budget, chunk: only the speculative modes use them
             mode = "mspeckv" if "mspeckv" in self.modes else "vanilla"
             SpecConfig(mode=mode, gamma=self.gamma, draft_gamma=self.draft_gamma, budget=self.budget, chunk=self.chunk)
+        else:
+            refuse(changed(self, "draft", "gamma", "draft_gamma", "budget", "chunk"), "--modes ar does not speculate")
+        placement_flags(self, changed_flags=changed)  # offload/resident flags that would do nothing
+        self.placement  # noqa: B018 (its own range checks)
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(**{k: getattr(self, k) for k in PLACEMENT_FIELDS})
+
+    def validate(self) -> None:
+        """What can be refused before the weights load: the output folder, and the target's config."""
+        from ..cli_checks import model_config, out_dir
+
+        out_dir("--out-dir", self.out_dir)
+        tcfg = model_config(self.target)
+        self.placement.validate(tcfg.n_layers, tcfg.head_dim)
+        placement_flags(self, tcfg.n_layers, changed_flags=changed)
+        if too_long := [p for p in self.prefills if p + self.gen_len > tcfg.max_position]:
+            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {self.gen_len} exceed "
+                             f"{self.target}'s maximum context of {tcfg.max_position}; use contexts up to "
+                             f"{tcfg.max_position - self.gen_len}")
+
+    def as_json(self) -> dict:
+        """The ``config`` of ``spec.json``: the placement nested as one description (as before the flags were
+        fields); ``greedy`` is the temperature 0 and ``out_dir`` where the file is, so neither is repeated."""
+        d = {}
+        for k, x in asdict(self).items():
+            if k == "on_chip":
+                d["placement"] = asdict(self.placement)
+            elif k not in (*PLACEMENT_FIELDS, "greedy", "out_dir"):
+                d[k] = x
+        return d
 
 
 def _one(cfg: SpecBenchConfig, target, draft, ids, mode: str, gen_len: int):
@@ -123,7 +177,7 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
             })
             print(f"[{prefill} {mode}] {rows[-1]['tok_per_s']:.1f} tok/s, accepted {rows[-1]['accepted']}, "
                   f"agreement {agree}", flush=True)
-    return {"bench": "spec", "weights": "real", "config": {**asdict(cfg), "placement": asdict(cfg.placement)},
+    return {"bench": "spec", "weights": "real", "config": cfg.as_json(),
             "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "rows": rows,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -147,3 +201,24 @@ def render_spec(res: dict) -> str:
                      f"{f(mb)} | "
                      f"{f(r.get('h2d_GBps_streaming'), 1)} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- the bench registry's entry
+def run(cfg: SpecBenchConfig, command: str = "") -> dict:
+    """Check every input, then measure; writes ``spec.json`` and ``summary.md`` into ``cfg.out_dir``."""
+    from pathlib import Path
+
+    from .results import atomic_write_json, atomic_write_text, run_metadata
+
+    cfg.validate()
+    res = run_spec_bench(cfg)
+    res["meta"], res["command"] = run_metadata(), command
+    d = Path(cfg.out_dir)
+    atomic_write_json(d / "spec.json", res)
+    atomic_write_text(d / "summary.md", render_spec(res) + f"\nCommand: `{command}`\n")
+    return res
+
+
+def line(res: dict) -> dict:
+    keys = ("prefill", "mode", "tok_per_s", "accepted", "agreement_with_ar")
+    return {"bench": "spec", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}

@@ -8,7 +8,8 @@
   cell whose JSON says ``ok`` is skipped on the next run. A cell records the settings that shaped it; resuming into a
   directory made with other settings is refused before anything is loaded.
 
-Nothing here knows about models: the eval (``evals.runner``) and, later, the benches plug in their config class.
+Nothing here knows about models: the eval (``evals.runner``) and the benches (``bench.registry``) plug in their
+config classes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ STATUS_OK = "ok"
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field that becomes one CLI flag. ``meta``: ``choices`` (per item for lists), ``nargs=True`` (a list
-    given as separate words instead of comma-separated), ``flag`` (override the flag name), ``cli=False``."""
+    given as separate words instead of comma-separated), ``sep`` (a list's separator, default ``,``), ``flag``
+    (override the flag name), ``aliases`` (more flag names), ``negate=True`` (a bool field whose flag, e.g.
+    ``--no-hf``, sets it False), ``preset`` (a bool field whose flag gives other fields these values unless they are
+    given too, e.g. ``--quick``), ``cli=False`` (not a flag)."""
     if isinstance(default, list | dict):
         raise TypeError("use tuples for list defaults")
     return dataclasses.field(default=default, metadata={"help": help, **meta})
@@ -36,6 +40,22 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that are flags."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def flags_of(cls) -> dict[str, str]:
+    """field name -> its flag, for the fields of ``cls`` that are flags."""
+    return {f.name: flag_name(f) for f in cli_fields(cls)}
+
+
+def changed(cfg, *names: str) -> list[str]:
+    """The flags of the fields among ``names`` whose value differs from the field's default."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    return [flag_name(fields[n]) for n in names if getattr(cfg, n) != fields[n].default]
 
 
 def _kind(cls, f: dataclasses.Field) -> tuple[str, type, bool]:
@@ -66,47 +86,58 @@ def _parse_item(typ: type, text: str, flag: str, choices) -> Any:
 def add_flags(parser, cls) -> None:
     """One flag per field of ``cls`` (fields with ``cli=False`` are skipped). Values stay raw strings here and are
     converted by :func:`from_args`, so a bad value gets the dataclass's own message, not argparse's."""
-    for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
+    for f in cli_fields(cls):
         kind, typ, optional = _kind(cls, f)
-        default = f.default
-        shown = ("none" if default is None else ",".join(map(str, default)) if isinstance(default, tuple)
+        default, sep = f.default, f.metadata.get("sep", ",")
+        shown = ("none" if default is None else sep.join(map(str, default)) if isinstance(default, tuple)
                  else default)
         help_ = f.metadata.get("help", "")
+        names = (flag_name(f), *f.metadata.get("aliases", ()))
         if kind == "bool":
-            parser.add_argument(flag_name(f), dest=f.name, action="store_true", default=None, help=help_)
+            parser.add_argument(*names, dest=f.name, action="store_true", default=None, help=help_)
         elif kind == "list" and f.metadata.get("nargs"):
-            parser.add_argument(flag_name(f), dest=f.name, nargs="+", action="extend", default=None, metavar="X",
+            parser.add_argument(*names, dest=f.name, nargs="+", action="extend", default=None, metavar="X",
                                 help=f"{help_} (repeatable; default: {shown})")
         else:
-            meta = "A,B,..." if kind == "list" else typ.__name__.upper()
-            parser.add_argument(flag_name(f), dest=f.name, default=None, metavar=meta,
-                                help=f"{help_} (default: {shown})")
+            meta = f"A{sep}B{sep}..." if kind == "list" else typ.__name__.upper()
+            parser.add_argument(*names, dest=f.name, default=None, metavar=meta, help=f"{help_} (default: {shown})")
+
+
+def _split(raw: str, flag: str, sep: str) -> list[str]:
+    """``a,b,c`` -> items; nothing given -> no items (the config says whether that is allowed); an empty item is an
+    error rather than dropped."""
+    if not raw.strip():
+        return []
+    items = raw.split(sep)
+    if any(not x.strip() for x in items):
+        raise ValueError(f"{flag} {raw!r} has an empty item; give a '{sep}'-separated list, e.g. {flag} "
+                         f"{sep.join(x.strip() for x in items if x.strip()) or 'A'}")
+    return items
 
 
 def from_args(cls, ns, **fixed: Any):
-    """Build ``cls`` from a namespace made by a parser with :func:`add_flags` (flags not given keep the defaults)."""
+    """Build ``cls`` from a namespace made by a parser with :func:`add_flags` (flags not given keep the defaults, or
+    take a given preset flag's values)."""
     kw: dict[str, Any] = dict(fixed)
-    for f in dataclasses.fields(cls):
-        if f.name in kw or not f.metadata.get("cli", True):
-            continue
+    for f in cli_fields(cls):
         raw = getattr(ns, f.name, None)
-        if raw is None:
+        if f.name in fixed or raw is None:
             continue
         kind, typ, optional = _kind(cls, f)
-        flag, choices = flag_name(f), f.metadata.get("choices")
+        flag, choices, sep = flag_name(f), f.metadata.get("choices"), f.metadata.get("sep", ",")
         if kind == "bool":
-            kw[f.name] = bool(raw)
+            kw[f.name] = not raw if f.metadata.get("negate") else bool(raw)
+        elif kind == "list" and f.metadata.get("nargs"):
+            kw[f.name] = tuple(_parse_item(typ, x, flag, choices) for x in raw)
         elif kind == "list":
-            items = raw if isinstance(raw, list) else [x for x in str(raw).split(",") if x.strip()]
-            if isinstance(raw, list) and not f.metadata.get("nargs"):
-                items = [x for r in raw for x in r.split(",") if x.strip()]
-            kw[f.name] = tuple(_parse_item(typ, x, flag, choices) for x in items)
+            kw[f.name] = tuple(_parse_item(typ, x, flag, choices) for x in _split(str(raw), flag, sep))
         elif optional and str(raw).strip().lower() in ("none", ""):
             kw[f.name] = None
         else:
             kw[f.name] = _parse_item(typ, str(raw), flag, choices)
+    for f in cli_fields(cls):  # a preset flag (e.g. --quick) fills the fields that were not given
+        if kw.get(f.name) is True and "preset" in f.metadata:
+            kw = {**f.metadata["preset"], **kw}
     return cls(**kw)
 
 

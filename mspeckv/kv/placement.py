@@ -13,6 +13,8 @@ from .. import validate as v
 from .quant import BITS, QuantSpec
 
 FORMATS = ("none", *BITS)
+RESIDENT_FORMATS = ("dequant", "quant")
+RESIDENT_POLICIES = ("lru", "static")
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,8 @@ class Placement:
         v.choice("kv_quant", self.kv_quant, FORMATS)
         v.integer("kv_group_size", self.kv_group_size, lo=1)
         v.integer("resident_layers", self.resident_layers, lo=0)
-        v.choice("resident_format", self.resident_format, ("dequant", "quant"))
-        v.choice("resident_policy", self.resident_policy, ("lru", "static"))
+        v.choice("resident_format", self.resident_format, RESIDENT_FORMATS)
+        v.choice("resident_policy", self.resident_policy, RESIDENT_POLICIES)
         v.integer("rollback_slack", self.rollback_slack, lo=0)
         if self.resident_format == "quant" and self.kv_quant == "none" and self.resident_layers:
             raise ValueError(f"{v.name('resident_format')} quant needs a quantized {v.name('kv_quant')} "

@@ -28,12 +28,14 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from .. import cli_checks as checks
 from .. import validate as v
+from ..evals.template import opt
 from ..kv.placement import FORMATS, Placement
 
 REFERENCE_KINDS = ("gpu", "gpu_graphed")
@@ -42,20 +44,25 @@ QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_b
 
 @dataclass(frozen=True)
 class TPBenchConfig:
-    shape: str = "llama-2-7b-128k"
-    contexts: tuple[int, ...] = (32768, 65536)
-    formats: tuple[str, ...] = ("none", "int8", "int4")
-    tps: tuple[int, ...] = (1, 2)
-    on_chip: int = 16
-    steps: int = 8
-    repeats: int = 3
-    verify_tokens: int = 9
-    graphs: bool = True  # the gpu_graphed cells (NCCL all-reduces captured in the graph)
-    device: str = "cuda"
-    out_dir: str = "results/tp"
-    h2d_bytes: int = 1 << 30  # per copy of the bandwidth test (20 copies per measurement)
-    fill_chunk: int = 8192
-    host_reserve_bytes: int = 8 << 30
+    shape: str = opt("llama-2-7b-128k", "random-weight shape")
+    contexts: tuple[int, ...] = opt((32768, 65536), "contexts (tokens in the cache)")
+    formats: tuple[str, ...] = opt(("none", "int8", "int4"), "offloaded KV formats", choices=FORMATS)
+    tps: tuple[int, ...] = opt((1, 2), "tensor-parallel sizes to compare (the first is the baseline)")
+    on_chip: int = opt(16, "layers whose KV stays on the GPU in the offloaded cells")
+    steps: int = opt(8, "timed decode steps per repeat")
+    repeats: int = opt(3, "repeats (the median is reported)")
+    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False)
+    # the gpu_graphed cells (NCCL all-reduces captured in the graph)
+    graphs: bool = opt(True, "skip the graphed all-on-GPU cells", flag="--no-graphs", negate=True)
+    device: str = opt("cuda", "cuda, or cpu: the same code on gloo ranks (a functional run; its numbers mean "
+                              "nothing)", choices=("cuda", "cpu"))
+    out_dir: str | None = opt(None, "output folder (default results/tp/<machine>)", aliases=("--output-dir",))
+    # per copy of the bandwidth test (20 copies per measurement)
+    h2d_bytes: int = opt(1 << 30, "bytes per copy of the bandwidth test", cli=False)
+    fill_chunk: int = opt(8192, "tokens per KV fill", cli=False)
+    host_reserve_bytes: int = opt(8 << 30, "host memory left free", cli=False)
+    quick: bool = opt(False, "the tiny random shape at 256 tokens, 2 steps x 2 repeats (a functional run, e.g. with "
+                             "--device cpu); flags given too win", preset=QUICK)
 
     def __post_init__(self):
         from ..model.api import RANDOM_SHAPES
@@ -70,8 +77,9 @@ class TPBenchConfig:
         v.integer("verify_tokens", self.verify_tokens, lo=1)
         v.boolean("graphs", self.graphs)
         v.choice("device", self.device, ("cuda", "cpu"))
-        v.text("out_dir", self.out_dir)
+        v.text("out_dir", self.out_dir, optional=True)
         v.integer("h2d_bytes", self.h2d_bytes, lo=1)
+        v.boolean("quick", self.quick)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -82,11 +90,14 @@ class TPBenchConfig:
 
         return model_config(f"random:{self.shape}")
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Everything that can be refused before a rank starts (and before the output folder is made)."""
         from .launch import check_world
         from .tp import check_tp
 
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("bench tp times GPUs and torch sees none; pass --device cpu for a functional run on gloo "
+                             "ranks (numbers from it mean nothing)")
         c = self.model_config()
         for tp in self.tps:
             check_world(tp, self.device, "--tps")
@@ -98,6 +109,8 @@ class TPBenchConfig:
         if too := [x for x in self.contexts if x + self.capacity_extra > c.max_position]:
             raise ValueError(f"--contexts {','.join(map(str, too))} exceed {self.shape}'s maximum context of "
                              f"{c.max_position} (with {self.capacity_extra} tokens of room for the steps)")
+        if self.out_dir is not None:
+            checks.out_dir("--out-dir", self.out_dir)
 
     @property
     def capacity_extra(self) -> int:
@@ -121,6 +134,16 @@ def _say(text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- parent
+def run(cfg: TPBenchConfig, command: str = "") -> dict:
+    """The bench registry's entry: every input checked (no rank started, no folder made), then the default
+    ``--out-dir`` (``results/tp/<machine>``) filled in and every TP size run."""
+    cfg.validate()
+    if cfg.out_dir is None:
+        cfg = replace(cfg, out_dir=f"results/tp/{machine_name(cfg.device)}")
+        checks.out_dir("--out-dir", cfg.out_dir)
+    return run_tp_bench(cfg, command)
+
+
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
     from ..bench.placement import mem_available, pinned_store_bytes
@@ -499,7 +522,7 @@ def write_summary(res: dict, out_dir: str) -> None:
     atomic_write_text(Path(out_dir) / "summary.md", render(res))
 
 
-def json_line(res: dict) -> str:
+def line(res: dict) -> dict:
     keep = ("ms", "verify_ms", "comm_share", "floor_ms")
     rows = [{"ctx": r["ctx"], "kind": r["kind"], **{f"tp{t}": {k: (r.get(f"tp{t}") or {}).get(k) for k in keep}
                                                      for t in res["config"]["tps"]}} for r in res["rows"]]
@@ -507,7 +530,12 @@ def json_line(res: dict) -> str:
     for r, full in zip(rows, res["rows"], strict=True):
         for t in res["config"]["tps"][1:]:
             r[f"tp{t}"][f"vs_tp{base}"] = (full.get(f"tp{t}") or {}).get(f"vs_tp{base}")
-    return json.dumps({"bench": "tp", "machine": res["machine"], "complete": res["complete"], "rows": rows,
-                       "links": {t: {k: (lk or {}).get(k) for k in ("h2d_alone_GBps", "h2d_together_GBps",
-                                                                     "allreduce_ms_per_step")}
-                                 for t, lk in res["links"].items()}})
+    return {"bench": "tp", "machine": res["machine"], "complete": res["complete"], "rows": rows,
+            "links": {t: {k: (lk or {}).get(k) for k in ("h2d_alone_GBps", "h2d_together_GBps",
+                                                         "allreduce_ms_per_step")}
+                      for t, lk in res["links"].items()}}
+
+
+def complete(res: dict) -> bool:
+    """The exit status of ``bench tp``: every cell measured."""
+    return res["complete"]
