@@ -496,13 +496,10 @@ def render_placement(res: dict) -> str:
 
 
 def write_placement(res: dict, out_dir: str, command: str) -> Path:
-    from .results import atomic_write_json, atomic_write_text, run_metadata
+    from .results import write_bench
 
-    d = Path(out_dir)
-    res = {**res, "meta": run_metadata(), "command": command}
-    atomic_write_json(d / "placement.json", res)
-    atomic_write_text(d / "summary.md", render_placement(res) + f"\nCommand: `{command}`\n")
-    return d
+    write_bench(out_dir, "placement", res, render_placement, command)
+    return Path(out_dir)
 
 
 # ------------------------------------------------------------------------------------- the bench registry's entry

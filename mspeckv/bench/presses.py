@@ -162,17 +162,10 @@ def render_press_bench(res: dict) -> str:
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: PressBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``presses.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from pathlib import Path
-
-    from .results import atomic_write_json, atomic_write_text, run_metadata
+    from .results import write_bench
 
     cfg.validate()
-    res = run_press_bench(cfg)
-    res["meta"], res["command"] = run_metadata(), command
-    d = Path(cfg.out_dir)
-    atomic_write_json(d / "presses.json", res)
-    atomic_write_text(d / "summary.md", render_press_bench(res) + f"\nCommand: `{command}`\n")
-    return res
+    return write_bench(cfg.out_dir, "presses", run_press_bench(cfg), render_press_bench, command)
 
 
 def line(res: dict) -> dict:

@@ -379,3 +379,13 @@ class _Progress:
             self._p.console.print(text)
         else:
             print(re.sub(r"\[/?[a-z]+\]", "", text), file=sys.stderr)
+
+
+def write_bench(out_dir: str | Path, name: str, res: dict, render, command: str, meta: bool = True) -> dict:
+    """A bench's results files: ``<name>.json`` (the result, with run metadata and the command) and ``summary.md``
+    (``render(result)`` and the command). Returns the result as written."""
+    res = {**res, **({"meta": run_metadata()} if meta else {}), "command": command}
+    d = Path(out_dir)
+    atomic_write_json(d / f"{name}.json", res)
+    atomic_write_text(d / "summary.md", render(res) + f"\nCommand: `{command}`\n")
+    return res

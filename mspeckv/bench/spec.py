@@ -206,17 +206,10 @@ def render_spec(res: dict) -> str:
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: SpecBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``spec.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from pathlib import Path
-
-    from .results import atomic_write_json, atomic_write_text, run_metadata
+    from .results import write_bench
 
     cfg.validate()
-    res = run_spec_bench(cfg)
-    res["meta"], res["command"] = run_metadata(), command
-    d = Path(cfg.out_dir)
-    atomic_write_json(d / "spec.json", res)
-    atomic_write_text(d / "summary.md", render_spec(res) + f"\nCommand: `{command}`\n")
-    return res
+    return write_bench(cfg.out_dir, "spec", run_spec_bench(cfg), render_spec, command)
 
 
 def line(res: dict) -> dict:
