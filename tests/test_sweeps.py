@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -244,3 +245,26 @@ def test_one_registry_of_methods():
     assert [c[0] for c in report._speedup_columns(["baseline", "mspeckv", "mspeckv_kv_quant"])] == [
         "vanilla_vs_base", "no_kv_quant_vs_base", "kv_quant_vs_base", "quant_vs_no_quant"]
     assert "kv_quant_vs_ar_gpu" in [c[0] for c in report._speedup_columns(["mspeckv_kv_quant", "ar_gpu"])]
+
+
+_COMMON_FLAGS = {"-h", "--help", "--target", "--draft", "--dataset", "--seeds", "--methods", "--temperature", "--top-p",
+                 "--greedy", "--budget", "--chunk", "--gamma", "--draft-gamma", "--clamp-resident", "--kv-quant",
+                 "--press", "--l1-press", "--kv-group-size", "--resident-format", "--resident-policy",
+                 "--prefill-chunk", "--device", "--output-dir", "--quick", "--no-progress"}
+# each sweep's flags as they were before the sweeps moved onto the results template (issue 10): the swept knob's own
+# flag is replaced by the x flag
+SWEEP_FLAGS = {
+    "context": _COMMON_FLAGS | {"--prefill-lengths", "--gen-len", "--on-chip", "--resident-layers"},
+    "resident": _COMMON_FLAGS | {"--resident-layers-values", "--prefill", "--gen-len", "--on-chip"},
+    "onchip": _COMMON_FLAGS | {"--on-chip-layers", "--prefill", "--gen-len", "--resident-layers"},
+    "genlen": _COMMON_FLAGS | {"--gen-lens", "--prefill", "--on-chip", "--resident-layers"},
+}
+
+
+@pytest.mark.parametrize("sweep", sorted(SWEEP_FLAGS))
+def test_sweep_flags_are_unchanged(sweep, capsys):
+    """``mspeckv sweep NAME --help`` lists exactly the flags it listed before (scripts and README commands use them)."""
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", sweep, "--help"])
+    listed = set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", capsys.readouterr().out))
+    assert {f for f in listed if f.startswith("-")} == SWEEP_FLAGS[sweep]
