@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -142,10 +143,10 @@ def test_random_weights_onchip_sweep(tmp_path, run_cli, capsys, recwarn):
     (["--budget", "30"], "context", "not a multiple of --chunk 8"),
     (["--resident-layers", "3"], "context", "greater than the 2 offloaded layers"),
     (["--prefill-lengths", "96,510"], "context", "(at prefill=510)"),
-    (["--prefill-lengths", ""], "context", "--prefill-lengths is empty"),
-    (["--prefill-lengths", "96,abc"], "context", "not a comma-separated list of integers"),
-    (["--methods", "baseline,foo"], "context", "unknown method(s) foo"),
-    (["--seeds", ""], "context", "--seeds is empty"),
+    (["--prefill-lengths", ""], "context", "--prefill-lengths must be non-empty, distinct integers >= 0"),
+    (["--prefill-lengths", "96,abc"], "context", "--prefill-lengths: 'abc' is not an int"),
+    (["--methods", "baseline,foo"], "context", "--methods: 'foo' is not one of baseline,"),
+    (["--seeds", ""], "context", "--seeds must be a non-empty tuple of distinct integers >= 0, got ()"),
     (["--budget", "96"], "context", "lower --budget (at prefill=96)"),
     (["--draft", "random:tiny"], "context", "vocabulary"),
     (["--on-chip-layers", "1,5"], "onchip", "greater than the model's 3 layers (at on_chip=5)"),
@@ -244,3 +245,74 @@ def test_one_registry_of_methods():
     assert [c[0] for c in report._speedup_columns(["baseline", "mspeckv", "mspeckv_kv_quant"])] == [
         "vanilla_vs_base", "no_kv_quant_vs_base", "kv_quant_vs_base", "quant_vs_no_quant"]
     assert "kv_quant_vs_ar_gpu" in [c[0] for c in report._speedup_columns(["mspeckv_kv_quant", "ar_gpu"])]
+
+
+_COMMON_FLAGS = {"-h", "--help", "--target", "--draft", "--dataset", "--seeds", "--methods", "--temperature", "--top-p",
+                 "--greedy", "--budget", "--chunk", "--gamma", "--draft-gamma", "--clamp-resident", "--kv-quant",
+                 "--press", "--l1-press", "--kv-group-size", "--resident-format", "--resident-policy",
+                 "--prefill-chunk", "--device", "--output-dir", "--quick", "--no-progress"}
+# each sweep's flags as they were before the sweeps moved onto the results template (issue 10): the swept knob's own
+# flag is replaced by the x flag
+SWEEP_FLAGS = {
+    "context": _COMMON_FLAGS | {"--prefill-lengths", "--gen-len", "--on-chip", "--resident-layers"},
+    "resident": _COMMON_FLAGS | {"--resident-layers-values", "--prefill", "--gen-len", "--on-chip"},
+    "onchip": _COMMON_FLAGS | {"--on-chip-layers", "--prefill", "--gen-len", "--resident-layers"},
+    "genlen": _COMMON_FLAGS | {"--gen-lens", "--prefill", "--on-chip", "--resident-layers"},
+}
+
+
+@pytest.mark.parametrize("sweep", sorted(SWEEP_FLAGS))
+def test_sweep_flags_are_unchanged(sweep, capsys):
+    """``mspeckv sweep NAME --help`` lists exactly the flags it listed before (scripts and README commands use them)."""
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", sweep, "--help"])
+    listed = set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", capsys.readouterr().out))
+    assert {f for f in listed if f.startswith("-")} == SWEEP_FLAGS[sweep]
+
+
+_DEFAULTS = {"target": "qwen2.5-coder-1.5b", "draft": "qwen2.5-coder-0.5b", "dataset": None, "seeds": [1, 2, 3],
+             "methods": ["baseline", "vanilla_specdec", "mspeckv", "mspeckv_kv_quant", "hf_assisted"],
+             "temperature": 0.6, "top_p": 0.9, "budget": 4096, "chunk": 8, "gamma": 8, "draft_gamma": 4, "on_chip": 16,
+             "resident_layers": 16, "kv_quant": "int8", "kv_group_size": 64, "resident_format": "dequant",
+             "resident_policy": "lru", "clamp_resident": False, "prefill_chunk": 1024, "device": "cpu",
+             "quick": False, "press": None, "l1_press": None}
+_QUICK = {"budget": 1024, "clamp_resident": True, "quick": True}
+# (defaults, --quick) of each sweep as settings_from_args made them before the results template: the run files'
+# ``config`` (a resume compares it), so they must not move
+OLD_SETTINGS = {
+    "context": ({"sweep": "context", "experiment": "A1", "x_name": "prefill", "xs": [8192, 16384, 24576, 32768],
+                 "prefill": None, "gen_len": 256, "output_dir": "results/context/qwen2.5-coder-1.5b_b4096_oc16_r16_g8"},
+                {"xs": [2048, 4096], "gen_len": 128,
+                 "output_dir": "results/context/qwen2.5-coder-1.5b_b1024_oc16_r16_g8_quick"}),
+    "resident": ({"sweep": "resident", "experiment": "A2", "x_name": "resident_layers", "xs": [0, 8, 16],
+                  "resident_layers": None, "prefill": 16384, "gen_len": 256,
+                  "output_dir": "results/resident/qwen2.5-coder-1.5b_b4096_oc16_g8"},
+                 {"prefill": 2048, "gen_len": 128,
+                  "output_dir": "results/resident/qwen2.5-coder-1.5b_b1024_oc16_g8_quick"}),
+    "onchip": ({"sweep": "onchip", "experiment": "B1", "x_name": "on_chip", "xs": [4, 8, 12, 16, 18], "on_chip": None,
+                "prefill": 16384, "gen_len": 256, "output_dir": "results/onchip/qwen2.5-coder-1.5b_b4096_r16_g8"},
+               {"prefill": 2048, "gen_len": 128, "output_dir": "results/onchip/qwen2.5-coder-1.5b_b1024_r16_g8_quick"}),
+    "genlen": ({"sweep": "genlen", "experiment": "B2", "x_name": "gen_len", "xs": [256, 512, 768, 1024, 1536, 2048],
+                "prefill": 8192, "gen_len": None, "output_dir": "results/genlen/qwen2.5-coder-1.5b_b4096_oc16_r16_g8"},
+               {"xs": [64, 128], "prefill": 2048,
+                "output_dir": "results/genlen/qwen2.5-coder-1.5b_b1024_oc16_r16_g8_quick"}),
+}
+
+
+@pytest.mark.parametrize("sweep", sorted(OLD_SETTINGS))
+def test_sweep_settings_from_no_flags_are_unchanged(sweep):
+    """The template's ``from_args`` of no flags (and of ``--quick``) gives the settings, field for field and value for
+    value, that the hand-written parsing gave, so committed run folders still resume."""
+    import argparse
+
+    from mspeckv.bench.sweeps import CONFIGS
+    from mspeckv.evals.template import from_args
+
+    plain, quick = OLD_SETTINGS[sweep]
+    want = {**_DEFAULTS, **plain}
+    want_quick = {**want, **_QUICK, **quick}
+    parse = lambda *flags: settings_from_args(_parser().parse_args(["sweep", sweep, *flags, "--device", "cpu"]))
+    assert parse().flags() == want
+    assert parse("--quick").flags() == want_quick
+    bare = from_args(CONFIGS[sweep], argparse.Namespace(), device="cpu", output_dir=want["output_dir"])
+    assert bare.flags() == want

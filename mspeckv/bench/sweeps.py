@@ -21,6 +21,9 @@ to offload). Flags given explicitly win over the preset. ``--clamp-resident`` ca
 of offloaded layers for each x (the count used is in each run's metrics, ``resident_layers``); without it a resident
 count above the offloaded layers is an error that names the x values.
 
+The flags are generated from ``SweepSettings``' fields (``evals.template``, as for ``mspeckv eval`` and ``mspeckv
+bench``): one subclass per sweep (``CONFIGS``) gives its x flag, defaults and ``--quick`` preset; ``--greedy``,
+``--no-progress``, ``--device`` (resolved) and the default ``--output-dir`` are applied by ``settings_from_args``.
 Every flag is validated (models' configs included, weights not loaded) before anything is loaded or written; each
 problem raises one ValueError that names the flag and, for per-x problems, the x values. Runs go through
 ``results.run_sweep`` (one atomic JSON per run under ``DIR/runs``, resumable, failures recorded) and the summary through
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as v
+from ..evals.template import add_flags, flag_name, from_args, opt
 from .registry import BY_NAME, DEFAULT_METHODS, HF_METHODS, METHODS, REFERENCE_METHODS, RETRIEVAL_METHODS, SPEC_METHODS
 from .results import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
 
@@ -84,43 +88,52 @@ class Point:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    sweep: str
-    experiment: str
-    x_name: str
-    xs: tuple[int, ...]
-    target: str
-    draft: str
-    dataset: str | None
-    seeds: tuple[int, ...]
-    methods: tuple[str, ...]
-    temperature: float
-    top_p: float
-    budget: int
-    chunk: int
-    gamma: int
-    draft_gamma: int
-    on_chip: int | None  # None when it is the swept x
-    resident_layers: int | None  # None when it is the swept x
-    kv_quant: str
-    kv_group_size: int
-    resident_format: str
-    resident_policy: str
-    clamp_resident: bool
-    prefill: int | None
-    gen_len: int | None
-    prefill_chunk: int
-    device: str
-    quick: bool
-    output_dir: str
-    press: str | None = None  # the target's KV press (every method of ours; lossy, measured in results/quality)
-    l1_press: str | None = None  # the mspeckv methods' middle-level press (lossless); None: retrieval
+    """One sweep's settings; its ``opt`` fields are the flags of ``mspeckv sweep <name>`` (``evals.template``). Each
+    sweep has its own subclass (:data:`CONFIGS`, made by :func:`sweep_config`) with its x flag, its defaults and
+    its ``--quick`` preset; the swept knob's own field is None there and not a flag. The field names are the keys
+    of the ``config`` recorded in every run (a resume compares them), so they stay as they are."""
+
+    sweep: str = opt("", "the sweep", cli=False)
+    experiment: str = opt("", "the experiment (A1, A2, B1, B2)", cli=False)
+    x_name: str = opt("", "the swept knob", cli=False)
+    xs: tuple[int, ...] = opt((), "x values", cli=False)
+    target: str = opt("qwen2.5-coder-1.5b", "model reference or random:<shape>")
+    draft: str = opt("qwen2.5-coder-0.5b", "model reference or random:<shape> (seed 1)")
+    dataset: str | None = opt(None, "none: packaged BBC News; or a .txt/.jsonl/directory path")
+    seeds: tuple[int, ...] = opt(DEFAULT_SEEDS, "prompt + sampling seeds")
+    methods: tuple[str, ...] = opt(DEFAULT_METHODS, f"subset of {','.join(METHODS)}", choices=METHODS)
+    temperature: float = opt(0.6, "sampling temperature")
+    top_p: float = opt(0.9, "nucleus sampling threshold")
+    budget: int = opt(4096, f"retrieval budget (--quick: {QUICK_BUDGET})")
+    chunk: int = opt(8, "retrieval chunk size")
+    gamma: int = opt(8, "proposals per full-KV verification")
+    draft_gamma: int = opt(4, "proposals per retrieval verification")
+    on_chip: int | None = opt(16, "layers whose KV stays on the GPU")  # None when it is the swept x
+    resident_layers: int | None = opt(16, "mspeckv_kv_quant only")  # None when it is the swept x
+    kv_quant: str = opt("int8", "mspeckv_kv_quant format: int8 | int4 | int2", choices=("int8", "int4", "int2"))
+    kv_group_size: int = opt(64, "quantization group size")
+    resident_format: str = opt("dequant", "resident copies: dequant | quant", choices=("dequant", "quant"))
+    resident_policy: str = opt("lru", "which offloaded layers stay resident: lru | static", choices=("lru", "static"))
+    clamp_resident: bool = opt(False, "cap resident layers at the offloaded count per x instead of refusing")
+    prefill: int | None = opt(None, "prompt tokens")  # None when it is the swept x
+    gen_len: int | None = opt(None, "generated tokens")  # None when it is the swept x
+    prefill_chunk: int = opt(1024, "prefill chunk (tokens)")
+    device: str | None = opt(None, "cpu | cuda (none: cuda if available)")  # resolved by settings_from_args
+    quick: bool = opt(False, f"sanity preset: budget {QUICK_BUDGET}, prefill {QUICK_PREFILL} (context: 2048,4096), "
+                      f"gen {QUICK_GEN} (genlen: 64,128), --clamp-resident")
+    output_dir: str | None = opt(None, "none: results/<sweep>/<config-derived name>/")  # set by settings_from_args
+    # the target's KV press (every method of ours; lossy, measured in results/quality)
+    press: str | None = opt(None, "press the target's KV after prefill in every method of ours (lossy; "
+                            "name:k=v,... | preset | FILE.yaml)")
+    # the mspeckv methods' middle-level press (lossless); None: retrieval
+    l1_press: str | None = opt(None, "the mspeckv methods' middle-level press (none: retrieval)")
 
     def __post_init__(self):
         v.choice("sweep", self.sweep, tuple(SWEEPS))
         try:
             v.integers("xs", self.xs, lo=0)
         except v.ConfigError:
-            raise v.ConfigError(f"{SWEEPS[self.sweep].x_flag if v.in_cli() else 'xs'} must be distinct "
+            raise v.ConfigError(f"{SWEEPS[self.sweep].x_flag if v.in_cli() else 'xs'} must be non-empty, distinct "
                                 f"integers >= 0, got {self.xs!r}") from None
         v.text("target", self.target)
         v.text("draft", self.draft)
@@ -129,10 +142,8 @@ class SweepSettings:
         v.choices("methods", self.methods, METHODS)
         for k in ("budget", "chunk", "gamma", "draft_gamma", "kv_group_size", "prefill_chunk"):
             v.integer(k, getattr(self, k), lo=1)
-        for k in ("on_chip", "resident_layers"):
-            v.integer(k, getattr(self, k), lo=0, optional=True)
-        for k in ("prefill", "gen_len"):
-            v.integer(k, getattr(self, k), lo=1, optional=True)
+        for k, lo in (("on_chip", 0), ("resident_layers", 0), ("prefill", 1), ("gen_len", 1)):
+            v.integer(k, getattr(self, k), lo=lo, optional=k == self.x_name)  # the swept knob's own value is None
         v.choice("kv_quant", self.kv_quant, ("int8", "int4", "int2"))
         v.choice("resident_format", self.resident_format, ("dequant", "quant"))
         v.choice("resident_policy", self.resident_policy, ("lru", "static"))
@@ -168,56 +179,51 @@ class SweepSettings:
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
-def int_list(flag: str, text: str | None, minimum: int = 0) -> tuple[int, ...]:
-    items = [s.strip() for s in (text or "").split(",")]
-    if items == [""]:
-        raise ValueError(f"{flag} is empty: give comma-separated integers, e.g. {flag} 1,2,3")
-    if "" in items:
-        raise ValueError(f"{flag} '{text}' has an empty item; give comma-separated integers, e.g. {flag} 1,2,3")
-    try:
-        vals = tuple(int(s) for s in items)
-    except ValueError:
-        raise ValueError(f"{flag} '{text}' is not a comma-separated list of integers") from None
-    if bad := [v for v in vals if v < minimum]:
-        raise ValueError(f"{flag}: every value must be >= {minimum}, got {', '.join(map(str, bad))}")
-    if len(set(vals)) != len(vals):
-        raise ValueError(f"{flag} '{text}' repeats a value")
-    return vals
+def sweep_config(d: SweepDef) -> type[SweepSettings]:
+    """``SweepSettings`` for one sweep: its identity, its x values under its own flag (``d.x_flag``), its fixed
+    prefill and generation length, the swept knob's field None and not a flag, and its ``--quick`` preset."""
+    swept = {"prefill": d.prefill, "gen_len": d.gen_len, "on_chip": None if d.x_name == "on_chip" else 16,
+             "resident_layers": None if d.x_name == "resident_layers" else 16}
+    base = {f.name: f for f in dataclasses.fields(SweepSettings)}
+    knob = lambda name, default: opt(default, base[name].metadata["help"], cli=default is not None)
+    quick = {"budget": QUICK_BUDGET, "xs": d.quick_xs, "clamp_resident": True}
+    quick |= {"prefill": QUICK_PREFILL} if d.prefill is not None else {}
+    quick |= {"gen_len": QUICK_GEN} if d.gen_len is not None else {}
+    fields = [("sweep", str, opt(d.name, "the sweep", cli=False)),
+              ("experiment", str, opt(d.experiment, "the experiment", cli=False)),
+              ("x_name", str, opt(d.x_name, "the swept knob", cli=False)),
+              ("xs", tuple[int, ...], opt(d.xs, f"x values ({d.x_name})", flag=d.x_flag)),
+              *((k, int | None, knob(k, x)) for k, x in swept.items()),
+              ("quick", bool, opt(False, base["quick"].metadata["help"], preset=quick))]
+    cls = dataclasses.make_dataclass(f"{d.name.capitalize()}SweepSettings", fields, bases=(SweepSettings,),
+                                     frozen=True)
+    cls.__module__ = __name__
+    return cls
 
 
-def method_list(text: str | None) -> tuple[str, ...]:
-    items = [s.strip() for s in (text or "").split(",")]
-    if items == [""]:
-        raise ValueError(f"--methods is empty: choose from {','.join(METHODS)}")
-    if "" in items:
-        raise ValueError(f"--methods '{text}' has an empty item; choose from {','.join(METHODS)}")
-    if bad := [m for m in items if m not in METHODS]:
-        raise ValueError(f"unknown method(s) {', '.join(bad)} in --methods; choose from {','.join(METHODS)}")
-    if len(set(items)) != len(items):
-        raise ValueError(f"--methods '{text}' repeats a method")
-    return tuple(items)
+CONFIGS: dict[str, type[SweepSettings]] = {name: sweep_config(d) for name, d in SWEEPS.items()}
+
+
+def _changed(a, s: SweepSettings, *names: str) -> list[str]:
+    """The flags among ``names`` given with a value other than the sweep's default (a value that only ``--quick``
+    set counts as not given)."""
+    fields = {f.name: f for f in dataclasses.fields(s)}
+    return [flag_name(fields[n]) for n in names if getattr(a, n, None) is not None and
+            getattr(s, n) != fields[n].default]
 
 
 def settings_from_args(a) -> SweepSettings:
-    """argparse namespace -> validated-shape SweepSettings (lists parsed, --quick applied; no model needed)."""
-    d = SWEEPS[a.sweep]
-    pick = lambda v, full, quick: v if v is not None else (quick if a.quick else full)
-    xs = int_list(d.x_flag, a.xs) if a.xs is not None else (d.quick_xs if a.quick else d.xs)
-    prefill = pick(getattr(a, "prefill", None), d.prefill, QUICK_PREFILL) if d.prefill is not None else None
-    gen_len = pick(getattr(a, "gen_len", None), d.gen_len, QUICK_GEN) if d.gen_len is not None else None
+    """argparse namespace -> SweepSettings: the template's ``from_args`` (flags parsed and checked, ``--quick``
+    applied), then what it cannot express: ``--device`` resolved, ``--greedy`` (temperature 0) and the default
+    ``--output-dir``. No model needed."""
+    from ..cli_checks import refuse
     from ..model.api import parse_device
 
-    s = SweepSettings(
-        sweep=d.name, experiment=d.experiment, x_name=d.x_name, xs=xs, target=a.target, draft=a.draft,
-        dataset=a.dataset, seeds=int_list("--seeds", a.seeds), methods=method_list(a.methods),
-        temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p,
-        budget=pick(a.budget, 4096, QUICK_BUDGET), chunk=a.chunk, gamma=a.gamma, draft_gamma=a.draft_gamma,
-        on_chip=getattr(a, "on_chip", None), resident_layers=getattr(a, "resident_layers", None), kv_quant=a.kv_quant,
-        kv_group_size=a.kv_group_size, resident_format=a.resident_format, resident_policy=a.resident_policy,
-        clamp_resident=a.clamp_resident or a.quick, prefill=prefill, gen_len=gen_len, prefill_chunk=a.prefill_chunk,
-        device=parse_device(a.device).type, quick=a.quick, output_dir="", press=a.press, l1_press=a.l1_press,
-    )  # fmt: skip
-    return dataclasses.replace(s, output_dir=a.output_dir or str(Path("results") / d.name / default_name(s)))
+    s = from_args(CONFIGS[a.sweep], a, device=parse_device(a.device).type, output_dir=a.output_dir or "")
+    if a.greedy:
+        refuse(_changed(a, s, "temperature", "top_p"), "--greedy decodes greedily, so sampling settings do nothing")
+        s = dataclasses.replace(s, temperature=0.0)
+    return s if s.output_dir else dataclasses.replace(s, output_dir=str(Path("results") / s.sweep / default_name(s)))
 
 
 def default_name(s: SweepSettings) -> str:
@@ -392,22 +398,21 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def refuse_ignored(a, s: SweepSettings) -> None:
     """Flags that no chosen method reads are errors (they would be recorded in every run's config, yet change
     nothing)."""
-    from ..cli_checks import changed, refuse
+    from ..cli_checks import refuse
 
-    if a.greedy:
-        refuse(changed(a, "temperature", "top_p"), "--greedy decodes greedily, so sampling settings do nothing")
+    changed = lambda *names: _changed(a, s, *names)
     if not any(BY_NAME[m].quant for m in s.methods):
-        refuse(changed(a, "kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
+        refuse(changed("kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
                "only the mspeckv_kv_quant method reads them, and --methods leaves it out")
     if not any(m in RETRIEVAL_METHODS for m in s.methods):
-        refuse(changed(a, "budget", "chunk", "draft_gamma", "l1_press"), "only the mspeckv methods read them, and "
+        refuse(changed("budget", "chunk", "draft_gamma", "l1_press"), "only the mspeckv methods read them, and "
                "--methods leaves them out")
     if not any(m in SPEC_METHODS for m in s.methods):
-        refuse(changed(a, "draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
+        refuse(changed("draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
     if all(m in HF_METHODS for m in s.methods):
-        refuse(changed(a, "press"), f"{','.join(HF_METHODS)} run transformers' own cache, which takes no press")
+        refuse(changed("press"), f"{','.join(HF_METHODS)} run transformers' own cache, which takes no press")
     if s.press is not None and (ref := [m for m in s.methods if m in REFERENCE_METHODS]):
-        refuse(changed(a, "press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
+        refuse(changed("press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
                f"run them in a sweep without --press")
 
 
@@ -464,55 +469,15 @@ def cmd_report(a) -> int:
     return 0
 
 
-def _add_common(p, d: SweepDef) -> None:
-    p.add_argument(d.x_flag, dest="xs", default=None,
-                   help=f"x values ({d.x_name}), default {','.join(map(str, d.xs))}")
-    p.add_argument("--target", default="qwen2.5-coder-1.5b", help="model reference or random:<shape>")
-    p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="model reference or random:<shape> (seed 1)")
-    p.add_argument("--dataset", default=None, help="None: packaged BBC News; or a .txt/.jsonl/directory path")
-    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="prompt + sampling seeds")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(METHODS)} (default: "
-                   f"{','.join(DEFAULT_METHODS)})")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--greedy", action="store_true", help="temperature 0")
-    if d.prefill is not None:
-        p.add_argument("--prefill", type=int, default=None, help=f"prompt tokens (default {d.prefill})")
-    if d.gen_len is not None:
-        p.add_argument("--gen-len", type=int, default=None, help=f"generated tokens (default {d.gen_len})")
-    p.add_argument("--budget", type=int, default=None, help="retrieval budget (default 4096; --quick 1024)")
-    p.add_argument("--chunk", type=int, default=8)
-    p.add_argument("--gamma", type=int, default=8)
-    p.add_argument("--draft-gamma", type=int, default=4)
-    if d.x_name != "on_chip":
-        p.add_argument("--on-chip", type=int, default=16)
-    if d.x_name != "resident_layers":
-        p.add_argument("--resident-layers", type=int, default=16, help="mspeckv_kv_quant only")
-    p.add_argument("--clamp-resident", action="store_true",
-                   help="cap resident layers at the offloaded count per x instead of refusing")
-    p.add_argument("--kv-quant", default="int8", choices=["int8", "int4", "int2"], help="mspeckv_kv_quant format")
-    p.add_argument("--press", default=None, help="press the target's KV after prefill in every method of ours "
-                   "(lossy; name:k=v,... | preset | FILE.yaml)")
-    p.add_argument("--l1-press", default=None, help="the mspeckv methods' middle-level press (default: retrieval)")
-    p.add_argument("--kv-group-size", type=int, default=64)
-    p.add_argument("--resident-format", default="dequant", choices=["dequant", "quant"])
-    p.add_argument("--resident-policy", default="lru", choices=["lru", "static"])
-    p.add_argument("--prefill-chunk", type=int, default=1024)
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--output-dir", default=None, help="default results/<sweep>/<config-derived name>/")
-    p.add_argument("--quick", action="store_true",
-                   help="sanity preset: budget 1024, prefill 2048 (context: 2048,4096), gen 128 (genlen: 64,128), "
-                   "--clamp-resident")
-    p.add_argument("--no-progress", action="store_true")
-
-
 def add_sweep_commands(sub) -> None:
     """Register ``sweep <name>`` and ``report DIR`` on the CLI's subparsers object."""
     p = sub.add_parser("sweep", help="end-to-end sweeps over methods and seeds (results/<sweep>/...)")
     ss = p.add_subparsers(dest="sweep", required=True)
     for d in SWEEPS.values():
         q = ss.add_parser(d.name, help=f"{d.experiment}: sweep {d.x_name}")
-        _add_common(q, d)
+        add_flags(q, CONFIGS[d.name])  # the config's fields; the two flags below are not settings of the runs
+        q.add_argument("--greedy", action="store_true", help="temperature 0")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
         q.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("report", help="re-render a sweep directory's summary from its raw run JSONs")
     p.add_argument("dir")
