@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The next GPU session's work, resuming from the committed folders (cells, runs and GSM8K items are resumable).
 # Run after tools/gpu_prepare.sh (both models), with PYTHONPATH and MSPECKV_GIT_COMMIT set:
+#   bash tools/gpu/resume.sh check      # first: the GPU tests (the packed stores and F.rms_norm have not run on a
+#                                       # GPU yet), then the graphed placement bench again at 32K
 #   bash tools/gpu/resume.sh timing     # alone on the GPU: A1 with the graphed offloaded baseline (a NEW folder:
 #                                       # the baseline and the full-KV verification now replay CUDA graphs), then
 #                                       # the eval's speed family
@@ -15,6 +17,12 @@ E="python -m mspeckv eval"
 C="--model $M --device cuda --no-plots"
 resume() { [[ -d $2 ]] || { if [[ -d $1 ]]; then cp -r "$1" "$2"; else mkdir -p "$2"; fi; }; }
 case ${1:-} in
+check)
+  python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -n 15
+  python -m mspeckv bench placement --shape qwen2.5-1.5b --contexts 32768 --on-chip 16 --formats none,int8,int4 \
+    --residents 0,12 --no-hf --out-dir /root/pl15p
+  python tools/profile_graphed.py qwen2.5-1.5b 32768 /root/profile_1.5b_32k_packed.json
+  ;;
 timing)
   resume results/context/qwen2.5-coder-1.5b_A1_h200_graphed /root/A1g
   timeout "${A1_TIMEOUT:-540}" python -m mspeckv sweep context --prefill-lengths 8192,16384,24576,32512 --gen-len 256 \
@@ -52,5 +60,5 @@ quality)
     --press snapkv:budget=4096 streaming:budget=4096 $KIVI2
   sleep 5; ps aux | grep "mspeckv" | grep -v grep | wc -l
   ;;
-*) echo "usage: $0 timing|quality" >&2; exit 2 ;;
+*) echo "usage: $0 check|timing|seven|quality" >&2; exit 2 ;;
 esac
