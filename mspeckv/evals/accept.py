@@ -32,7 +32,8 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
         l1 = {"accepted": 0, "proposed": 0}
         l2 = {"accepted": 0, "rounds": 0}
         tps = []
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
+            ev.progress(f"accept ctx={context} {v.name}: prompt {i + 1}/{len(prompts)}")  # a long run shows where
             res = speculative_generate(ev.model, ev.draft, torch.tensor([ids]), gen, spec, placement=v.placement)
             lv1 = res.levels.get("verify_l1")
             if lv1 is not None:
