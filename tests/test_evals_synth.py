@@ -141,3 +141,47 @@ def test_gsm8k_resumes_an_interrupted_variant_item_by_item(tmp_path, monkeypatch
     store.partial("gsm8k", "x", 0, ev.settings).add({"index": 0})
     with pytest.raises(ValueError, match="other settings"):
         store.partial("gsm8k", "x", 0, {**ev.settings, "gsm8k_max_new": 7})
+
+
+def test_gsm8k_shards_share_one_checkpoint_and_the_last_writes_the_cell(tmp_path, monkeypatch):
+    """--gsm8k-shard K,N: each job scores its share into the shared checkpoint; the job that finds every item there
+    returns the variant (the runner writes the cell), the other returns nothing for it. A stray second header line
+    (two jobs creating the file at once) is skipped."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from mspeckv.data.datasets import GSMItem
+    from mspeckv.evals.runner import FAMILIES, EvalConfig, EvalContext
+    from mspeckv.evals.template import CellStore
+    from mspeckv.evals.variants import Variant
+
+    items = [GSMItem(i, f"q{i}?", f"work\n#### {i}") for i in range(9)]  # 4 evaluated + 5 shots
+    monkeypatch.setattr(gsm8k, "load_gsm8k", lambda: items)
+    seen = []
+    monkeypatch.setattr(gsm8k, "greedy", lambda m, v, ids, *a, **k: seen.append(ids[0]) or
+                        SimpleNamespace(tokens=[ids[0]]))
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[int(text.split("Question: q")[-1].split("?")[0])])
+
+        def decode(self, ids, skip_special_tokens=True):
+            return f" #### {ids[0]}"
+
+    base = EvalConfig(model="qwen2.5-coder-0.5b", metrics=("gsm8k",), gsm8k_items=4, output_dir=str(tmp_path))
+    store = CellStore(tmp_path)
+    settings = base.settings(next(f for f in FAMILIES if f.name == "gsm8k"))
+
+    def job(k):
+        ev = EvalContext(replace(base, gsm8k_shard=(k, 2)), None, Tok(), quiet=True, store=store)
+        ev.settings = settings
+        return gsm8k.run(ev, [Variant()], 0)["gsm8k"]
+
+    assert job(0) == {} and seen == [0, 2]  # its share; the cell is not complete yet
+    part = store.partial_path("gsm8k", "full", 0)
+    part.write_text(part.read_text() + part.read_text().splitlines()[0] + "\n")  # a racing second header
+    res = job(1)["full"]
+    assert seen == [0, 2, 1, 3] and res["n"] == 4 and res["accuracy"] == 1.0
+    assert [r["index"] for r in res["samples"]] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="--gsm8k-shard"):
+        replace(base, gsm8k_shard=(2, 2))

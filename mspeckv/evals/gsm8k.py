@@ -9,6 +9,8 @@
   to ``--gsm8k-max-new`` tokens, cut at the first ``Question:``, ``</s>`` or ``<|im_end|>`` (or EOS). With
   ``--gsm8k-graphs`` the decode replays CUDA graphs where the cache has a static layout (the full cache, placements):
   the same model through different kernels, so a near-tie can round the other way; the setting is part of the cell.
+- Parallel per variant: ``--gsm8k-shard K,N`` scores the items whose position % N == K; every job appends to the
+  same checkpoint, and the one that finds all items there writes the cell.
 - Resumable per item: each scored item is appended to ``<output-dir>/partial/<cell>.jsonl`` (with its commit), and
   an interrupted variant resumes there; the cell records how many items it resumed and every commit involved.
 - Scoring (``strict``, the headline): the answer is the first match of ``#### (\\-?[0-9\\.\\,]+)`` in the output; it
@@ -87,15 +89,25 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
         ck = ev.partial("gsm8k", v.name, context)  # items an interrupted run already scored
         done = {r["index"]: r for r in ck.rows}
         rows = []
-        for it, ids in zip(items, prompts, strict=True):
+        k, n_shards = cfg.gsm8k_shard
+        for i, (it, ids) in enumerate(zip(items, prompts, strict=True)):
             if it.index in done:
                 rows.append(done[it.index])
+                continue
+            if i % n_shards != k:  # another job's share
                 continue
             g = greedy(ev.model, v, ids, cfg.gsm8k_max_new, cfg.prefill_chunk, stop=stop, graphs=cfg.gsm8k_graphs)
             rows.append(score(tok.decode(g.tokens, skip_special_tokens=True), it))
             ck.add(rows[-1])
             if len(rows) % 20 == 0:
                 ev.progress(f"gsm8k {v.name}: {len(rows)}/{len(items)}")
+        if n_shards > 1:  # the other jobs' items, as they stand now
+            rows = ev.partial("gsm8k", v.name, context).rows
+            if len(rows) < len(items):
+                ev.progress(f"gsm8k {v.name}: share {k},{n_shards} done; {len(rows)}/{len(items)} items so far, the "
+                            f"job that completes the last one writes the cell")
+                continue
+            rows.sort(key=lambda r: r["index"])
         n = len(rows)
         out[v.name] = {"accuracy": sum(r["strict_ok"] for r in rows) / n,
                        "accuracy_flexible": sum(r["flexible_ok"] for r in rows) / n, "n": n,

@@ -108,6 +108,9 @@ class EvalConfig:
     vt_hops: int = opt(4, "ruler: assignments after the first in the variable-tracking chain")
     gsm8k_items: int = opt(200, "gsm8k: items evaluated (the first N of the test file)")
     gsm8k_max_new: int = opt(256, "gsm8k: most generated tokens per item")
+    gsm8k_shard: tuple[int, ...] = opt((0, 1), "gsm8k: K,N runs this process's share, the items whose index % N == K "
+                                               "(parallel jobs on one variant; the job that completes the last item "
+                                               "writes the cell)")
     gsm8k_graphs: bool = opt(False, "gsm8k: decode replaying CUDA graphs where the cache allows (the full cache and "
                                     "placements; pressed caches stay eager); same model, different kernels")
     speed_gen: int = opt(64, "speed: generated tokens per variant and context")
@@ -139,6 +142,8 @@ class EvalConfig:
                      "speed_gen", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma",
                      "kv_group_size"):
             check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {getattr(self, name)}")
+        check(len(self.gsm8k_shard) == 2 and 0 <= self.gsm8k_shard[0] < self.gsm8k_shard[1], "--gsm8k-shard",
+              f"must be K,N with 0 <= K < N, got {','.join(map(str, self.gsm8k_shard))}")
         check(self.kv_residual >= 0, "--kv-residual", f"must be >= 0, got {self.kv_residual}")
         check(self.stride is None or self.stride >= 1, "--stride", f"must be >= 1, got {self.stride}")
         if any(FAMILY_OF[m].name == "lm" for m in self.metrics):

@@ -172,7 +172,8 @@ class Partial:
         if have != want:
             raise ValueError(f"{path} holds items made with other settings ({have!r} vs {want!r}); delete it or use "
                              f"the same settings")
-        self.rows = lines[1:]
+        # parallel jobs append to one file: a second header (a race on the first line) is skipped, rows are unique
+        self.rows = list({r["index"]: r for r in lines[1:] if "settings" not in r}.values())
 
     def add(self, row: dict) -> None:
         """Record a finished item (``row`` gains the commit that computed it)."""

@@ -48,10 +48,16 @@ quality)
   resume results/quality/qwen2.5-coder-1.5b-grid /root/q_grid
   resume results/quality/qwen2.5-coder-1.5b-accept /root/q_acc
   G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k"
-  job g_full $G
-  job g_int4 $G --no-baseline --kv-quant int4
-  job g_aggr $G --no-baseline --press aggressive  # pressed: eager (about 4x slower per token than graphed)
-  job g_kivi $G --no-baseline --press $KIVI2
+  # jobs share each variant's items (--gsm8k-shard K,N; one checkpoint per variant, the last job writes the cell);
+  # the pressed variants decode eagerly, so they get more jobs
+  for k in 0 1; do
+    job g_full$k $G --gsm8k-shard $k,2
+    job g_int4$k $G --no-baseline --kv-quant int4 --gsm8k-shard $k,2
+  done
+  for k in 0 1 2; do
+    job g_aggr$k $G --no-baseline --press aggressive --gsm8k-shard $k,3
+    job g_kivi$k $G --no-baseline --press $KIVI2 --gsm8k-shard $k,3
+  done
   # RULER at 32768 for the full cache, the presets and the placements (8K/16K are in the grid already)
   job r_a $E ruler $C --output-dir /root/q_grid --press conservative aggressive extreme
   job r_b $E ruler $C --output-dir /root/q_grid --no-baseline --kv-quant int8,int4,int2
