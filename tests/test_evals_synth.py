@@ -93,6 +93,19 @@ def test_gsm8k_format_and_scorer_on_canned_outputs():
         gsm8k.split(items, 6)
 
 
+class _GsmTok:
+    """Canned tokenizer for the GSM8K runs below: a prompt -> [the evaluated item's index]; output ids -> that
+    number as an answer in the harness format (so every item is answered right)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[int(text.split("Question: q")[-1].split("?")[0])])
+
+    def decode(self, ids, skip_special_tokens=True):
+        return f" #### {ids[0]}"
+
+
 def test_gsm8k_resumes_an_interrupted_variant_item_by_item(tmp_path, monkeypatch):
     """Each scored item is checkpointed (with its commit); a rerun after an interruption scores only the rest, the
     cell records how many it resumed, and writing the cell removes the checkpoint. Other settings are refused."""
@@ -115,16 +128,9 @@ def test_gsm8k_resumes_an_interrupted_variant_item_by_item(tmp_path, monkeypatch
 
     fail = [True]
     monkeypatch.setattr(gsm8k, "greedy", fake_greedy)
-    class Tok:  # prompt -> [the evaluated item's index]; output ids -> an answer in the harness format
-        def __call__(self, text, add_special_tokens=False):
-            return SimpleNamespace(input_ids=[int(text.split("Question: q")[-1].split("?")[0])])
-
-        def decode(self, ids, skip_special_tokens=True):
-            return f" #### {ids[0]}"
-
     cfg = EvalConfig(model="qwen2.5-coder-0.5b", metrics=("gsm8k",), gsm8k_items=3, output_dir=str(tmp_path))
     store = CellStore(tmp_path)
-    ev = EvalContext(cfg, None, Tok(), quiet=True, store=store)
+    ev = EvalContext(cfg, None, _GsmTok(), quiet=True, store=store)
     ev.settings = cfg.settings(next(f for f in FAMILIES if f.name == "gsm8k"))
     with pytest.raises(RuntimeError, match="interrupted"):
         gsm8k.run(ev, [Variant()], 0)
@@ -161,19 +167,12 @@ def test_gsm8k_shards_share_one_checkpoint_and_the_last_writes_the_cell(tmp_path
     monkeypatch.setattr(gsm8k, "greedy", lambda m, v, ids, *a, **k: seen.append(ids[0]) or
                         SimpleNamespace(tokens=[ids[0]]))
 
-    class Tok:
-        def __call__(self, text, add_special_tokens=False):
-            return SimpleNamespace(input_ids=[int(text.split("Question: q")[-1].split("?")[0])])
-
-        def decode(self, ids, skip_special_tokens=True):
-            return f" #### {ids[0]}"
-
     base = EvalConfig(model="qwen2.5-coder-0.5b", metrics=("gsm8k",), gsm8k_items=4, output_dir=str(tmp_path))
     store = CellStore(tmp_path)
     settings = base.settings(next(f for f in FAMILIES if f.name == "gsm8k"))
 
     def job(k):
-        ev = EvalContext(replace(base, gsm8k_shard=(k, 2)), None, Tok(), quiet=True, store=store)
+        ev = EvalContext(replace(base, gsm8k_shard=(k, 2)), None, _GsmTok(), quiet=True, store=store)
         ev.settings = settings
         return gsm8k.run(ev, [Variant()], 0)["gsm8k"]
 

@@ -114,7 +114,7 @@ def _alloc_fields(kind: str, spec: QuantSpec | None, T: int, B: int, H: int, D: 
         rows, per_row = T // g, g
         fields = {"codes": ((B, H, D, g * b // 8), torch.uint8), "scale": ((B, H, D), sdt), "zero": ((B, H, D), sdt)}
     else:
-        g, b, sdt = spec.group_size, spec.bits, spec.scale_dtype
+        g, b, sdt = spec.group_size, spec.bits, spec.scale_dtype  # values: grouped along channels
         rows, per_row = T, 1
         fields = {"codes": ((B, H, D * b // 8), torch.uint8), "scale": ((B, H, D // g), sdt),
                   "zero": ((B, H, D // g), sdt)}
@@ -249,11 +249,15 @@ class PlacedKV(KVCache):
     def graph_key(self, n_new: int):
         """The static forward's identity, (bucket rows, residency plan), or None if this forward must run eagerly:
         not a static cache, a flush is due, a resident slot would be filled or evicted, or the cache is full."""
+        return self._layout(n_new, self._plan()) if self.static else None
+
+    def _layout(self, n_new: int, planned: tuple) -> tuple | None:
+        """graph_key for the next forward's plan (``_plan()``, computed once by the caller)."""
         if not self.static or self.failed or self._len + n_new > self.max_len:
             return None
         if self._flush_target(n_new) > self.flushed:
             return None
-        plan, slot_of, _, _ = self._plan()
+        plan, slot_of = planned[0], planned[1]
         if dict(slot_of) != dict(self.slot_of):
             return None
         nb = min(self.T, -(-self.flushed // self.copy_block) * self.copy_block)
@@ -264,13 +268,14 @@ class PlacedKV(KVCache):
             raise RuntimeError("this offloaded KV cache saw a failed forward and is no longer consistent; "
                                "build a new one (make_cache)")
         check_begin(self._len, n_new, self.max_len, self._pending)
-        key = self.graph_key(n_new)
+        planned = self._plan()  # layer -> (hit, slot or None), the slot map after, hits, misses
+        key = self._layout(n_new, planned)
         self._pending = n_new
         if self.dense is not None:
             self.dense.begin(n_new)
         self.flush_to = self._flush_target(n_new)
         capturing = self.copy_stream is not None and torch.cuda.is_current_stream_capturing()
-        self.plan, self.slot_of, hits, misses = self._plan()  # layer -> (hit, slot or None)
+        self.plan, self.slot_of, hits, misses = planned
         if not capturing:  # a capture executes nothing: its replays count themselves (prepare)
             self.stats.hits += hits
             self.stats.misses += misses
@@ -362,13 +367,14 @@ class PlacedKV(KVCache):
     def prepare(self, n_new: int) -> None:
         """Host side of a static forward's begin(), for a replay of the graph ``graph_key(n_new)`` names: the
         residency plan's bookkeeping and the bytes the replay's copies move."""
-        key = self.graph_key(n_new)
+        planned = self._plan()
+        key = self._layout(n_new, planned)
         if key is None or self._pending is not None:
             raise RuntimeError("PlacedKV.prepare: this forward cannot replay a graph (a flush or a slot change is "
                                "due, or a forward is in progress); run it eagerly (GraphRunner does)")
         if self.dense is not None:
             self.dense.prepare(n_new)
-        self.plan, self.slot_of, hits, misses = self._plan()
+        self.plan, self.slot_of, hits, misses = planned
         self.stats.hits += hits
         self.stats.misses += misses
         self.stats.h2d_bytes += sum(st.nbytes(key[0]) for l in self.off if self._needs_transfer(l, key[0])
