@@ -158,8 +158,9 @@ def cell_name(metric: str, variant: str, context: int) -> str:
 
 class Partial:
     """Per-item checkpoint of one long cell (``<dir>/partial/<cell>.jsonl``): a header line with the settings, then
-    one line per finished item (a dict with a unique ``index``), each with the commit that computed it. An interrupted cell resumes from its items;
-    ``CellStore.save`` removes the file once the cell is written. Without a store (tests) nothing is kept."""
+    one line per finished item (a dict with a unique ``index``), each with the commit that computed it. An
+    interrupted cell resumes from its items; ``CellStore.save`` removes the file once the cell is written. Without
+    a store (tests) nothing is kept."""
 
     def __init__(self, path: Path | None, settings: dict):
         self.path, self.rows = path, []
