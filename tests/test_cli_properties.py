@@ -105,3 +105,27 @@ def test_cli_never_shows_a_traceback(tiny_dirs, tmp_path, capsys, monkeypatch): 
         assert not [p for p in out_dir.iterdir() if p.name.startswith(".") or p.suffix in (".tmp", ".partial")]
 
     check()
+
+
+def _leaf_commands(parser, prefix=()):
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prefix
+        return
+    for name, p in subs[0].choices.items():
+        yield from _leaf_commands(p, (*prefix, name))
+
+
+def test_every_command_renders_its_help(capsys):
+    """``--help`` of every (sub)command formats: help strings from config fields pass through argparse's %-format."""
+    from mspeckv.cli import build_parser
+
+    leaves = list(_leaf_commands(build_parser()))
+    assert ("eval",) in leaves and ("bench", "placement") in leaves
+    for cmd in leaves:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*cmd, "--help"])
+        assert e.value.code == 0, cmd
+        assert "usage:" in capsys.readouterr().out

@@ -91,7 +91,8 @@ def add_flags(parser, cls) -> None:
         default, sep = f.default, f.metadata.get("sep", ",")
         shown = ("none" if default is None else sep.join(map(str, default)) if isinstance(default, tuple)
                  else default)
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
+        shown = str(shown).replace("%", "%%")
         names = (flag_name(f), *f.metadata.get("aliases", ()))
         if kind == "bool":
             parser.add_argument(*names, dest=f.name, action="store_true", default=None, help=help_)
