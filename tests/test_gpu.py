@@ -181,3 +181,50 @@ def test_graphed_offloaded_speculation_equals_ar_fp32():
         torch.cuda.synchronize()
         assert sp.tokens == ar, mode
         assert sp.stats["memory"]["static_forwards"] >= 1, mode
+
+
+def _ulp_close(got, want, frac=0.01):
+    """bf16: equal to within one rounding of the dtype, and bitwise equal for all but ``frac`` of the elements."""
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+    assert (got != want).float().mean().item() <= frac
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_kernels_match_torch(dtype):
+    from mspeckv.model import fused
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, r = (torch.randn(3, 5, 1536, device="cuda", generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(1536, device="cuda", generator=g)).to(dtype)
+    for res in (None, r):
+        y, h = fused.rms_norm(x, w, 1e-6, res)
+        y0, h0 = fused.rms_norm_torch(x, w, 1e-6, res)
+        assert torch.equal(h, h0)
+        _ulp_close(y, y0)
+    qkv = torch.randn(2, 7, (12 + 2 + 2) * 128, device="cuda", generator=g).to(dtype)
+    q = qkv[..., :1536].view(2, 7, 12, 128).transpose(1, 2)
+    k = qkv[..., 1536:1792].view(2, 7, 2, 128).transpose(1, 2)
+    ang = torch.rand(7, 64, device="cuda", generator=g) * 100
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    qo, ko = fused.rope_qk(q, k, cos, sin)
+    assert qo.is_contiguous() and ko.shape == (2, 2, 7, 128)
+    _ulp_close(qo, fused.rotate_half_torch(q, cos, sin))
+    _ulp_close(ko, fused.rotate_half_torch(k, cos, sin))
+    gu = torch.randn(3, 2, 2 * 8960, device="cuda", generator=g).to(dtype)
+    _ulp_close(fused.silu_mul(gu), fused.silu_mul_torch(gu))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_model_matches_unfused(dtype, monkeypatch):
+    """The whole forward with the fused kernels and projections against the torch path (MSPECKV_NO_TRITON=1)."""
+    m = cuda_model(dtype=dtype)
+    ids = torch.randint(0, 512, (1, 300), device="cuda")
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MSPECKV_NO_TRITON", flag)
+        outs[flag] = drive(m, DenseKV.for_model(m, 1, 1024), ids, prefill=200, chunk=128, steps=20)
+    for a, b in zip(outs["0"], outs["1"], strict=True):
+        tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+        torch.testing.assert_close(a, b, **tol)
+    same = [torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(outs["0"], outs["1"], strict=True)]
+    assert sum(same) >= len(same) - (0 if dtype == torch.float32 else 2)

@@ -75,3 +75,32 @@ def test_context_limit_error():
     _, ours = tiny_pair("llama", max_position_embeddings=32)
     with pytest.raises(ValueError, match="maximum context of 32"):
         ours.check_context(33)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_projections_are_views_of_one_weight(family):
+    """q/k/v (and gate/up) are row slices of one tensor: loading writes into it, one matmul gives all three, and
+    a parameter replaced later (module.to) is noticed instead of leaving the fused weight stale."""
+    import torch.nn.functional as F
+
+    from mspeckv.model.fused import silu_mul_torch
+
+    hf, ours = tiny_pair(family)
+    attn, mlp = ours.model.layers[1].self_attn, ours.model.layers[1].mlp
+    w, b = attn.qkv.get()
+    assert attn.q_proj.weight.data_ptr() == w.data_ptr()
+    assert torch.equal(w, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert torch.equal(w, torch.cat([hf.model.layers[1].self_attn.q_proj.weight.float(),
+                                     hf.model.layers[1].self_attn.k_proj.weight.float(),
+                                     hf.model.layers[1].self_attn.v_proj.weight.float()]))
+    assert (b is None) == (attn.q_proj.bias is None)
+    x = torch.randn(2, 5, ours.cfg.dim)
+    nq, nk = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+    y = F.linear(x, w, b)
+    torch.testing.assert_close(y[..., :nq], attn.q_proj(x))
+    torch.testing.assert_close(y[..., nq + nk:], attn.v_proj(x))
+    gw, gb = mlp.gate_up.get()
+    gu = F.linear(x, gw, gb)
+    torch.testing.assert_close(silu_mul_torch(gu), mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+    ours.double()  # new parameters: the fused tensors are stale now
+    assert attn.qkv.get() is None and mlp.gate_up.get() is None

@@ -560,7 +560,8 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
         IEEE=q.dtype == torch.float32, F16=f16, PREFETCH=prefetch, KFOLD=kfold,
         num_warps=nw, num_stages=num_stages,
     )  # fmt: skip
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    # written (B, T, Hq, D) in memory, so the caller's transpose(1, 2).reshape(B, T, Hq * D) for o_proj is a view
+    out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=dev).transpose(1, 2)  # (B, Hq, T, D)
     BLOCK_S = triton.next_power_of_2(NS)
     DC = max(16, min(D, 8192 // BLOCK_S))
     _reduce_kernel[(B * Hkv, M, D // DC)](

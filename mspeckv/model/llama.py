@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kv.base import KVCache
-from .rope import Rope, RopeConfig, apply_rope
+from . import fused
+from .rope import Rope, RopeConfig
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -81,10 +82,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # x * rsqrt(mean(x^2) + eps) in fp32, cast back, then the weight (HF's order of roundings). F.rms_norm is one
-        # fused kernel where torch has one (CUDA), against five elementwise/reduction kernels written out: the
-        # graphed 1.5B step is bound by kernel count (results/profile/h200-graphed). Bit-identical on the CPU.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, cast back, then the weight (HF's order of roundings)
+        return fused.rms_norm(x, self.weight, self.eps)[0]
+
+    def add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """h = residual + x, then (norm(h), h): the residual add and the norm in one kernel on CUDA."""
+        return fused.rms_norm(x, self.weight, self.eps, residual)
 
 
 def causal_mask(t: int, s: int, device) -> Tensor:
@@ -131,6 +134,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class Fused:
+    """Linear layers whose weights (and biases) are row-slice views of one tensor, so one matmul computes them all.
+
+    The layers keep their own parameters and names (checkpoints load into the views, i.e. into the fused tensor)
+    and cost no extra memory. If a layer's parameter is ever replaced (``module.to(...)``, a new Parameter), the
+    views no longer alias the fused tensor: ``get()`` notices and returns None, and the caller runs the layers one
+    by one."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        self.layers = layers
+        w = torch.cat([lin.weight.detach() for lin in layers])  # (sum of out features, in)
+        has_b = all(lin.bias is not None for lin in layers)
+        b = torch.cat([lin.bias.detach() for lin in layers]) if has_b else None
+        o = 0
+        for lin in layers:
+            n = lin.weight.shape[0]
+            lin.weight = nn.Parameter(w[o:o + n], requires_grad=lin.weight.requires_grad)
+            if has_b:
+                lin.bias = nn.Parameter(b[o:o + n], requires_grad=lin.bias.requires_grad)
+            o += n
+        self.w, self.b = w, b
+        self.ptrs = self._ptrs()
+
+    def _ptrs(self) -> tuple:
+        return tuple((lin.weight.data_ptr(), None if lin.bias is None else lin.bias.data_ptr()) for lin in self.layers)
+
+    def get(self) -> tuple[Tensor, Tensor | None] | None:
+        return (self.w, self.b) if self._ptrs() == self.ptrs else None
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -139,14 +172,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+        self.qkv: Fused | None = None  # set by CausalLM.fuse_projections()
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, dim) -> q (B, Hq, T, D), k, v (B, Hkv, T, D): on CUDA one matmul over the fused weight."""
+        c = self.c
+        B, T, _ = x.shape
+        wb = self.qkv.get() if self.qkv is not None and fused.use_fused(x) else None
+        if wb is not None:
+            nq, nk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+            qkv = F.linear(x, *wb)  # (B, T, nq + 2 nk)
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2),
+                k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2),
+                v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, masks: dict) -> Tensor:
         c = self.c
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x)  # (B, Hq, T, D), (B, Hkv, T, D) x 2
+        q, k = fused.rope_qk(q, k, cos, sin)
         cache.on_query(layer, q)
         k_all, v_all = cache.update(layer, k, v)  # (B, Hkv, S, D), the last T rows are the new tokens
         S = k_all.shape[2]
@@ -172,8 +219,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.dim, c.intermediate, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate, c.dim, bias=c.mlp_bias)
         self.act = ACTS[c.act]
+        self.silu = c.act in ("silu", "swish")
+        self.gate_up: Fused | None = None  # set by CausalLM.fuse_projections()
 
     def forward(self, x: Tensor) -> Tensor:
+        wb = self.gate_up.get() if self.gate_up is not None and self.silu and fused.use_fused(x) else None
+        if wb is not None:  # [gate | up] in one matmul, silu(gate) * up in one kernel
+            return self.down_proj(fused.silu_mul(F.linear(x, *wb)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -185,9 +237,12 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, masks):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, masks)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cache, layer, masks, residual=None):
+        """-> (mlp output, residual stream). The block's input is ``residual + x`` (x alone for the first block):
+        each residual add is done by the norm that follows it, in one kernel on CUDA."""
+        h, x = self.input_layernorm.add(x, residual) if residual is not None else (self.input_layernorm(x), x)
+        h, x = self.post_attention_layernorm.add(self.self_attn(h, cos, sin, cache, layer, masks), x)
+        return self.mlp(h), x
 
 
 class Decoder(nn.Module):
@@ -244,16 +299,17 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         masks: dict[int, Tensor] = {}
         cache.begin(T)
+        res = None  # the residual stream; x is the last block's output until the final norm adds them
         try:
             for i, layer in enumerate(self.model.layers):
-                x = layer(x, cos, sin, cache, i, masks)
+                x, res = layer(x, cos, sin, cache, i, masks, res)
         except BaseException:
             cache.abort()
             raise
         cache.end()
         if num_logits is not None:
-            x = x[:, -num_logits:]
-        return self.lm_head(self.model.norm(x)).float()
+            x, res = x[:, -num_logits:], res[:, -num_logits:]
+        return self.lm_head(self.model.norm.add(x, res)[0]).float()
 
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor, cache: KVCache, chunk: int = 1024, progress=None) -> Tensor:
@@ -300,7 +356,17 @@ class CausalLM(nn.Module):
         m.rope = Rope(m.cfg.rope, device=device)
         if m.cfg.tie_embeddings:
             m.lm_head.weight = m.model.embed_tokens.weight
-        return m
+        return m.fuse_projections()
+
+    def fuse_projections(self) -> CausalLM:
+        """Make q/k/v_proj (and gate/up_proj) views of one weight each, for one matmul per group on CUDA (see
+        ``Fused``). Call after the model's final ``to(device, dtype)``; loading writes through the views."""
+        for blk in self.model.layers:
+            blk.self_attn.qkv = Fused([blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj])
+            mlp = blk.mlp
+            if isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear):
+                mlp.gate_up = Fused([mlp.gate_proj, mlp.up_proj])
+        return self
 
     def load_safetensors(self, directory: str | Path, take=None) -> CausalLM:
         """Copy every tensor of the safetensors checkpoint in ``directory`` into this model. ``take(name, handle)``

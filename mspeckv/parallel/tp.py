@@ -174,6 +174,7 @@ def build_rank_model(full: ModelConfig, rank: int, world: int, device, dtype) ->
     m.rope = Rope(local.rope, device=device)
     if local.tie_embeddings:
         m.lm_head.weight = m.model.embed_tokens.weight
+    m.fuse_projections()
     m.tp = TPInfo(rank, world, full)
     return m.eval()
 
@@ -221,6 +222,7 @@ def random_tp_model(shape: str | ModelConfig, rank: int, world: int, device=None
         m.rope = Rope(cfg.rope, device=device)
         if cfg.tie_embeddings:
             m.lm_head.weight = m.model.embed_tokens.weight
+        m.fuse_projections()
         m.eval()
     else:
         m = build_rank_model(cfg, rank, world, device, dtype)
