@@ -183,10 +183,13 @@ def test_graphed_offloaded_speculation_equals_ar_fp32():
         assert sp.stats["memory"]["static_forwards"] >= 1, mode
 
 
-def _ulp_close(got, want, frac=0.01):
-    """bf16: equal to within one rounding of the dtype, and bitwise equal for all but ``frac`` of the elements."""
-    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
-    assert (got != want).float().mean().item() <= frac
+def _ulp_close(got, want):
+    """Within about one rounding of the dtype at the terms' magnitude (inputs are O(1) here): the kernels reduce in
+    another order than torch, and the compiler may contract a rounded product into the following add."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
