@@ -4,12 +4,12 @@
 #   bash tools/gpu/resume.sh check      # first: the GPU tests (the packed stores and F.rms_norm have not run on a
 #                                       # GPU yet), then the graphed placement bench again at 32K
 #   bash tools/gpu/resume.sh timing     # alone on the GPU: A1 with the graphed offloaded baseline (a NEW folder:
-#                                       # the baseline and the full-KV verification now replay CUDA graphs), then
-#                                       # the eval's speed family
+#                                       # the baseline and the full-KV verification now replay CUDA graphs)
 #   bash tools/gpu/resume.sh seven      # alone: per-call costs at the 7B shape, random weights, 32K-128K (for
 #                                       # tools/project.py --costs /root/A1r7 --acceptance <the A1 folder>)
 #   bash tools/gpu/resume.sh quality    # background jobs: GSM8K (graphed where the cache allows, resumable per
 #                                       # item), RULER at 32768, the middle level's acceptance
+# On an x2 machine: CUDA_VISIBLE_DEVICES=0 bash tools/gpu/resume.sh gpu0 & CUDA_VISIBLE_DEVICES=1 ... gpu1 &
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
 set -uo pipefail
 M=qwen2.5-coder-1.5b
@@ -17,11 +17,28 @@ E="python -m mspeckv eval"
 C="--model $M --device cuda --no-plots"
 resume() { [[ -d $2 ]] || { if [[ -d $1 ]]; then cp -r "$1" "$2"; else mkdir -p "$2"; fi; }; }
 case ${1:-} in
-check)
-  python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -n 15
-  python -m mspeckv bench placement --shape qwen2.5-1.5b --contexts 32768 --on-chip 16 --formats none,int8,int4 \
-    --residents 0,12 --no-hf --out-dir /root/pl15p
-  python tools/profile_graphed.py qwen2.5-1.5b 32768 /root/profile_1.5b_32k_packed.json
+check)  # random weights: the GPU tests, then the graphed placement bench and profiles (fused kernels, packed stores)
+  mkdir -p /root/pl /root/prof
+  python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > /root/pl/gpu_tests.log 2>&1
+  tail -n 3 /root/pl/gpu_tests.log
+  P="python -m mspeckv bench placement --on-chip 16 --no-hf"
+  $P --shape qwen2.5-1.5b --contexts 32768 --formats none,int8,int4 --residents 0,12 --out-dir /root/pl/qwen2.5-1.5b_32k
+  ;;
+check2)  # the rest of the placement cells and the profiles
+  P="python -m mspeckv bench placement --on-chip 16 --no-hf"
+  $P --shape llama-2-7b-128k --contexts 32768 --formats none,int8,int4 --residents 0,16 \
+    --out-dir /root/pl/llama-2-7b-128k_32k
+  $P --shape qwen2.5-1.5b --contexts 1024,8192,65536 --formats int8 --residents 0,12 \
+    --out-dir /root/pl/qwen2.5-1.5b_1k-64k
+  $P --shape llama-2-7b-128k --contexts 65536 --formats int8,int4 --residents 0,16 --out-dir /root/pl/llama-2-7b-128k_64k
+  python tools/profile_graphed.py qwen2.5-1.5b 32768 /root/prof/profile_graphed_1.5b_32k.json > /root/prof/profile_1.5b.log 2>&1
+  python tools/profile_graphed.py llama-2-7b-128k 32768 /root/prof/profile_graphed_7b_32k.json > /root/prof/profile_7b.log 2>&1
+  ;;
+gpu0)  # one GPU of an x2 machine, timing only: check, A1, check2
+  bash "$0" check; bash "$0" timing; bash "$0" check2
+  ;;
+gpu1)  # the other GPU: the 7B random sweep (timing, alone on its GPU), then the quality jobs
+  bash "$0" seven; bash "$0" quality
   ;;
 timing)
   resume results/context/qwen2.5-coder-1.5b_A1_h200_graphed /root/A1g
@@ -29,8 +46,6 @@ timing)
     --budget 4096 --on-chip 16 --resident-layers 12 --gamma 8 --seeds 1,2,3 \
     --methods baseline,vanilla_specdec,mspeckv,mspeckv_kv_quant,ar_gpu,hf_ar --device cuda --no-progress \
     --output-dir /root/A1g
-  $E speed $C --context 2048,8192,32768 --output-dir /root/q_speed --kv-quant none,int8,int4 \
-    --press snapkv:budget=0.25 kivi:k_bits=2,v_bits=2,group_size=32,residual=128 conservative aggressive extreme
   ;;
 seven)
   resume results/context/llama-2-7b-128k_random_A1_h200 /root/A1r7
