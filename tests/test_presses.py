@@ -379,3 +379,12 @@ def test_snap_scores_match_a_loop_reference(kernel, reduce):
             want[b, h] = stacked.amax(0) if reduce == "max" else stacked.mean(0)
     got = snap_scores(q, k, pos, kernel, reduce)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_errors_name_the_flag_the_spec_came_from():
+    from mspeckv.decoding.speculative import SpecConfig
+
+    with pytest.raises(ValueError, match=r"^--presses nope:x=1|^--presses: unknown press 'nope'"):
+        parse_press("nope:x=1", "--presses")
+    with pytest.raises(ValueError, match=r"^--l1-press snapkv:budget: 'budget' is not key=value"):
+        _ = SpecConfig(mode="mspeckv", l1_press="snapkv:budget").middle_press

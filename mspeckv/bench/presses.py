@@ -54,7 +54,7 @@ class PressBenchConfig:
         if len(set(self.presses)) != len(self.presses):
             raise ValueError(f"--presses {';'.join(self.presses)} repeats a spec")
         for p in self.presses:
-            parse_press(p)  # a bad spec fails before the model loads
+            parse_press(p, "--presses")  # a bad spec fails before the model loads
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output folder, and the model's maximum context."""

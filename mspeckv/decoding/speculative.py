@@ -81,7 +81,7 @@ class SpecConfig:
         from ..presses import parse_press
         from ..presses.retrieval import RetrievalPress
 
-        return parse_press(self.l1_press) or RetrievalPress(budget=self.budget, chunk=self.chunk)
+        return parse_press(self.l1_press, "--l1-press") or RetrievalPress(budget=self.budget, chunk=self.chunk)
 
     @property
     def window(self) -> int:

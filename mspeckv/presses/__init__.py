@@ -80,8 +80,9 @@ def press_from_dict(d: dict, where: str = "press") -> Press:
     return cls(**{k: _convert(cls, k, v) for k, v in d.items()})
 
 
-def parse_press(spec: str | Press | None) -> Press | None:
-    """``snapkv:budget=0.25,window=32`` | a preset name (``aggressive``) | a YAML file | a Press | None."""
+def parse_press(spec: str | Press | None, flag: str = "--press") -> Press | None:
+    """``snapkv:budget=0.25,window=32`` | a preset name (``aggressive``) | a YAML file | a Press | None. ``flag``: the
+    option the spec came from, named in the errors."""
     if spec is None or isinstance(spec, Press):
         return spec
     s = spec.strip()
@@ -90,22 +91,22 @@ def parse_press(spec: str | Press | None) -> Press | None:
     if s.endswith((".yaml", ".yml")) or s in presets():
         path = presets().get(s) or Path(s)
         if not path.is_file():
-            raise ValueError(f"--press {s}: no such YAML file")
+            raise ValueError(f"{flag} {s}: no such YAML file")
         try:
             d = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ValueError(f"--press {s}: not valid YAML ({e})") from None
+            raise ValueError(f"{flag} {s}: not valid YAML ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"--press {s}: the YAML must be a mapping with a 'press' key")
+            raise ValueError(f"{flag} {s}: the YAML must be a mapping with a 'press' key")
         return press_from_dict(d, where=str(path.name))
     name, _, rest = s.partition(":")
     if name not in PRESSES:
-        raise ValueError(f"--press: unknown press '{name}'; use one of {', '.join(PRESSES)}, a preset "
+        raise ValueError(f"{flag}: unknown press '{name}'; use one of {', '.join(PRESSES)}, a preset "
                          f"({', '.join(presets())}) or a .yaml file")
     d = {"press": name}
     for item in filter(None, rest.split(",")):
         k, eq, v = item.partition("=")
         if not eq:
-            raise ValueError(f"--press {s}: '{item}' is not key=value")
+            raise ValueError(f"{flag} {s}: '{item}' is not key=value")
         d[k.strip()] = v
-    return press_from_dict(d, where=f"--press {s}")
+    return press_from_dict(d, where=f"{flag} {s}")
