@@ -161,3 +161,33 @@ def test_no_baseline_leaves_the_full_cells_to_another_run(tiny, tmp_path, capsys
     assert cli.main(_ppl_args(tiny, out, "--no-baseline")) == 2  # ppl compares with the baseline's logits
     assert "--no-baseline cannot be used with ppl" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_each_variant_cell_is_written_when_it_finishes(tiny, tmp_path, capsys, monkeypatch):
+    """Families whose variants do not share a pass (ruler, needle, gsm8k, accept, speed) run one variant per call: a
+    job stopped during a later variant (a lease's end) keeps the cells of those before it, and the rerun runs only
+    the rest."""
+    from mspeckv.evals import retrieval
+
+    model, corpus = tiny
+    real, calls = retrieval.run_ruler, []
+
+    def stopped_at_int8(ev, variants, context):
+        calls.append([v.name for v in variants])
+        if any(v.name == INT8 for v in variants):
+            raise KeyboardInterrupt  # the job is killed while it evaluates the second variant
+        return real(ev, variants, context)
+
+    monkeypatch.setattr(retrieval, "run_ruler", stopped_at_int8)
+    out = tmp_path / "r"
+    args = ["eval", "ruler", "--model", model, "--dataset", corpus, "--device", "cpu", "--needle-context", "500",
+            "--ruler-samples", "1", "--ruler-keys", "2", "--vt-hops", "1", "--kv-quant", "none,int8",
+            "--kv-group-size", "16", "--kv-residual", "16", "--output-dir", str(out), "--no-plots"]
+    assert cli.main(args) != 0
+    assert calls == [["full"], [INT8]]
+    assert [p.name for p in (out / "cells").iterdir()] == ["ruler__full__ctx=500.json"]
+    calls.clear()
+    monkeypatch.setattr(retrieval, "run_ruler", lambda ev, vs, c: calls.append([v.name for v in vs]) or real(ev, vs, c))
+    assert cli.main(args) == 0
+    assert calls == [[INT8]] and len(list((out / "cells").iterdir())) == 2
+    capsys.readouterr()

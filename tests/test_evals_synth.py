@@ -184,3 +184,45 @@ def test_gsm8k_shards_share_one_checkpoint_and_the_last_writes_the_cell(tmp_path
     assert [r["index"] for r in res["samples"]] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="--gsm8k-shard"):
         replace(base, gsm8k_shard=(2, 2))
+
+
+def test_gsm8k_prints_a_line_per_scored_item_with_its_time(tmp_path, monkeypatch, capsys):
+    """A long GSM8K job shows every scored item (index, result, tokens, seconds, what is left of its share), and each
+    checkpointed row keeps its generated tokens and seconds (to estimate a run's time)."""
+    from types import SimpleNamespace
+
+    from mspeckv.evals.runner import FAMILIES, EvalConfig, EvalContext
+    from mspeckv.evals.template import CellStore
+    from mspeckv.evals.variants import Variant
+
+    items = [GSMItem(i, f"q{i}?", f"work\n#### {i}") for i in range(8)]  # 3 evaluated + 5 shots
+    monkeypatch.setattr(gsm8k, "load_gsm8k", lambda: items)
+    monkeypatch.setattr(gsm8k, "greedy", lambda m, v, ids, *a, **k: SimpleNamespace(tokens=[ids[0]]))
+    cfg = EvalConfig(model="qwen2.5-coder-0.5b", metrics=("gsm8k",), gsm8k_items=3, gsm8k_shard=(0, 2),
+                     output_dir=str(tmp_path))
+    store = CellStore(tmp_path)
+    ev = EvalContext(cfg, None, _GsmTok(), store=store)
+    ev.settings = cfg.settings(next(f for f in FAMILIES if f.name == "gsm8k"))
+    gsm8k.run(ev, [Variant()], 0)
+    err = capsys.readouterr().err
+    assert "share 0,2: 2 of its 2 items to score (0/3 in the checkpoint)" in err
+    assert "item 0 right (1+1 tokens" in err and "1 left in share 0,2" in err
+    assert "item 2 right" in err and "0 left in share 0,2" in err and "item 1 " not in err
+    rows = store.partial("gsm8k", "full", 0, ev.settings).rows
+    assert [(r["index"], r["new_tokens"]) for r in rows] == [(0, 1), (2, 1)] and all(r["seconds"] >= 0 for r in rows)
+
+
+def test_checkpoint_survives_a_line_cut_short(tmp_path):
+    """A checkpoint line cut short (a job killed mid-write, or read while another job appends) is dropped (its item
+    is scored again) instead of failing the variant on every rerun, and the next item starts on a line of its own."""
+    from mspeckv.evals.template import Partial
+
+    path = tmp_path / "partial" / "c.jsonl"
+    ck = Partial(path, {"a": 1})
+    ck.add({"index": 0})
+    ck.add({"index": 1})
+    path.write_text(path.read_text() + '{"index": 2, "out')  # cut mid-line
+    again = Partial(path, {"a": 1})
+    assert sorted(r["index"] for r in again.rows) == [0, 1]
+    again.add({"index": 2})
+    assert sorted(r["index"] for r in Partial(path, {"a": 1}).rows) == [0, 1, 2]

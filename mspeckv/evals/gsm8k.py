@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from ..data.datasets import GSMItem, load_gsm8k
 from .generation import greedy
@@ -90,17 +91,25 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
         done = {r["index"]: r for r in ck.rows}
         rows = []
         k, n_shards = cfg.gsm8k_shard
+        mine = [it.index for i, it in enumerate(items) if i % n_shards == k]
+        todo = sum(i not in done for i in mine)
+        ev.progress(f"gsm8k {v.name}: share {k},{n_shards}: {todo} of its {len(mine)} items to score "
+                    f"({len(done)}/{len(items)} in the checkpoint)")
         for i, (it, ids) in enumerate(zip(items, prompts, strict=True)):
             if it.index in done:
                 rows.append(done[it.index])
                 continue
             if i % n_shards != k:  # another job's share
                 continue
+            t0 = time.perf_counter()
             g = greedy(ev.model, v, ids, cfg.gsm8k_max_new, cfg.prefill_chunk, stop=stop, graphs=cfg.gsm8k_graphs)
             rows.append(score(tok.decode(g.tokens, skip_special_tokens=True), it))
+            dt = time.perf_counter() - t0
+            rows[-1].update(new_tokens=len(g.tokens), seconds=round(dt, 3))  # for estimating a run's time
             ck.add(rows[-1])
-            if len(rows) % 20 == 0:
-                ev.progress(f"gsm8k {v.name}: {len(rows)}/{len(items)}")
+            todo -= 1
+            ev.progress(f"gsm8k {v.name}: item {it.index} {'right' if rows[-1]['strict_ok'] else 'wrong'} "
+                        f"({len(ids)}+{len(g.tokens)} tokens, {dt:.1f} s); {todo} left in share {k},{n_shards}")
         if n_shards > 1:  # the other jobs' items, as they stand now
             rows = ev.partial("gsm8k", v.name, context).rows
             if len(rows) < len(items):

@@ -55,13 +55,16 @@ class Family:
     settings: tuple[str, ...]  # EvalConfig fields that shape the results (recorded in each cell)
     contexts: str | None  # EvalConfig field with this family's contexts (None: one cell at context 0)
     needs_draft: bool = False
+    # the variants of a context share one pass (lm: the baseline's logits; recon: the full cache's prefill); the
+    # other families run one variant per call, so each variant's cells are written as soon as it finishes
+    shared_pass: bool = False
 
 
 FAMILIES = (
     Family("lm", ("ppl", "kl", "ece", "attention"), "lm", "run",
            ("dataset", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk"),
-           "context"),
-    Family("recon", ("recon",), "recon", "run", ("dataset", "seed", "prefill_chunk"), "context"),
+           "context", shared_pass=True),
+    Family("recon", ("recon",), "recon", "run", ("dataset", "seed", "prefill_chunk"), "context", shared_pass=True),
     Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen"), "context"),
     Family("needle", ("needle",), "retrieval", "run_needle",
            ("dataset", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
@@ -327,7 +330,7 @@ def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[st
             ev.progress(f"{fam.name} at context {c}: {', '.join(v.name for v in vs)}")
             fn = getattr(importlib.import_module(f"mspeckv.evals.{fam.module}"), fam.fn)
             ev.settings = cfg.settings(fam)
-            groups = [vs]
+            groups = [vs] if fam.shared_pass else [[v] for v in vs]
             while groups:
                 group = groups.pop(0)
                 try:

@@ -169,7 +169,14 @@ class Partial:
         want = self._settings = json_safe(settings)
         if path is None or not path.exists():
             return
-        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        lines = []
+        for x in path.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(x) if x.strip() else None
+            except ValueError:  # a line cut short (a job killed mid-write, or another job's append read half-way):
+                d = None  # its item is scored again
+            if isinstance(d, dict):
+                lines.append(d)
         have = lines[0].get("settings") if lines else None
         if have != want:
             raise ValueError(f"{path} holds items made with other settings ({have!r} vs {want!r}); delete it or use "
@@ -184,11 +191,22 @@ class Partial:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         first = not self.path.exists()
+        text = json.dumps(json_safe(row)) + "\n"
+        if first:
+            text = json.dumps({"settings": self._settings}) + "\n" + text
+        elif not _ends_line(self.path):  # a cut line: start afresh, so only that one is lost
+            text = "\n" + text
         with self.path.open("a", encoding="utf-8") as f:
-            if first:
-                f.write(json.dumps({"settings": self._settings}) + "\n")
-            f.write(json.dumps(json_safe(row)) + "\n")
+            f.write(text)  # one write: parallel jobs' lines do not interleave
             f.flush()
+
+
+def _ends_line(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.seek(0, 2) == 0:
+            return True
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 class CellStore:
