@@ -74,11 +74,12 @@ quality)
     job g_kivi$k $G --no-baseline --press $KIVI2 --gsm8k-shard $k,3
   done
   # RULER at 32768 for the full cache, the presets and the placements (8K/16K are in the grid already)
-  job r_a $E ruler $C --output-dir /root/q_grid --press conservative aggressive extreme
-  job r_b $E ruler $C --output-dir /root/q_grid --no-baseline --kv-quant int8,int4,int2
+  job r_a $E ruler $C --needle-context 32768 --output-dir /root/q_grid --press conservative aggressive extreme
+  job r_b $E ruler $C --needle-context 32768 --output-dir /root/q_grid --no-baseline --kv-quant int8,int4,int2
   # the middle level's acceptance (the last run printed nothing in 800 s under CUDA_LAUNCH_BLOCKING=1: now without)
-  job a_a $E accept $C --context 8192,32768 --output-dir /root/q_acc \
-    --press snapkv:budget=4096 streaming:budget=4096 $KIVI2
+  for ctx in 8192 32768; do
+    job a_$ctx $E accept $C --context $ctx --output-dir /root/q_acc --press snapkv:budget=4096 streaming:budget=4096 $KIVI2
+  done
   sleep 5; ps aux | grep "mspeckv" | grep -v grep | wc -l
   ;;
 *) echo "usage: $0 check|timing|seven|quality" >&2; exit 2 ;;
