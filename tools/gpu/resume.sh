@@ -9,7 +9,7 @@
 #                                       # tools/project.py --costs /root/A1r7 --acceptance <the A1 folder>)
 #   bash tools/gpu/resume.sh quality    # background jobs: GSM8K (graphed where the cache allows, resumable per
 #                                       # item), RULER at 32768, the middle level's acceptance
-# On an x2 machine: CUDA_VISIBLE_DEVICES=0 bash tools/gpu/resume.sh gpu0 & CUDA_VISIBLE_DEVICES=1 ... gpu1 &
+# On an x2 machine: CUDA_VISIBLE_DEVICES=0 bash tools/gpu/resume.sh gpu0 & CUDA_VISIBLE_DEVICES=1 ... quality
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
 set -uo pipefail
 M=qwen2.5-coder-1.5b
@@ -34,11 +34,8 @@ check2)  # the rest of the placement cells and the profiles
   python tools/profile_graphed.py qwen2.5-1.5b 32768 /root/prof/profile_graphed_1.5b_32k.json > /root/prof/profile_1.5b.log 2>&1
   python tools/profile_graphed.py llama-2-7b-128k 32768 /root/prof/profile_graphed_7b_32k.json > /root/prof/profile_7b.log 2>&1
   ;;
-gpu0)  # one GPU of an x2 machine, timing only: check, A1, check2
-  bash "$0" check; bash "$0" timing; bash "$0" check2
-  ;;
-gpu1)  # the other GPU: the 7B random sweep (timing, alone on its GPU), then the quality jobs
-  bash "$0" seven; bash "$0" quality
+gpu0)  # one GPU of an x2 machine, timing only (the quality jobs run on the other GPU): check, A1, 7B, check2
+  bash "$0" check; bash "$0" timing; bash "$0" seven; bash "$0" check2
   ;;
 timing)
   resume results/context/qwen2.5-coder-1.5b_A1_h200_graphed /root/A1g
@@ -51,7 +48,7 @@ seven)
   resume results/context/llama-2-7b-128k_random_A1_h200 /root/A1r7
   timeout "${SEVEN_TIMEOUT:-540}" python -m mspeckv sweep context --target random:llama-2-7b-128k \
     --draft random:llama-68m --prefill-lengths 32768,65536,131072 --gen-len 64 --budget 4096 --on-chip 16 \
-    --resident-layers 16 --gamma 8 --methods baseline,mspeckv,mspeckv_kv_quant,ar_gpu --seeds 1,2 --device cuda \
+    --resident-layers 16 --gamma 8 --methods baseline,mspeckv,mspeckv_kv_quant,ar_gpu --seeds ${SEVEN_SEEDS:-1,2} --device cuda \
     --no-progress --output-dir /root/A1r7
   ;;
 quality)
