@@ -47,7 +47,7 @@ timing)
 seven)
   resume results/context/llama-2-7b-128k_random_A1_h200 /root/A1r7
   timeout "${SEVEN_TIMEOUT:-540}" python -m mspeckv sweep context --target random:llama-2-7b-128k \
-    --draft random:llama-68m --prefill-lengths 32768,65536,131072 --gen-len 64 --budget 4096 --on-chip 16 \
+    --draft random:llama-68m --prefill-lengths 32768,65536,131008 --gen-len 64 --budget 4096 --on-chip 16 \
     --resident-layers 16 --gamma 8 --methods baseline,mspeckv,mspeckv_kv_quant,ar_gpu --seeds ${SEVEN_SEEDS:-1,2} --device cuda \
     --no-progress --output-dir /root/A1r7
   ;;
