@@ -3,17 +3,21 @@
 
 For the all-on-GPU step (StaticKV) and the offloaded static PlacedKV steps (on_chip 16, bf16 / int8 / int4,
 nothing resident) at one context: the step time (CUDA events, median of 3 x 20 replays) and, from a torch.profiler
-trace of 5 replays, the GPU kernels and copies per step: count, summed duration, the busiest kinds. A step whose
-kernels sum to about its time, in hundreds of short kernels, is bound by kernel execution latency, not bandwidth.
+trace of 5 replays, the GPU kernels and copies per step: count, summed duration, the busiest kinds, and the timeline
+split (``mspeckv.bench.timeline``): how much of the span kernels and copies overlap, run alone, or leave idle (idle
+includes the host gaps between the profiled replays). A step whose kernels sum to about its time, in hundreds of short
+kernels, is bound by kernel execution latency, not bandwidth.
 """
 
 import json
 import statistics
 import sys
+import tempfile
 from collections import defaultdict
 
 import torch
 
+from mspeckv.bench import timeline
 from mspeckv.bench.placement import _ms, fill_cache
 from mspeckv.kv.placement import Placement, make_cache
 from mspeckv.kv.static import GraphedForward
@@ -58,11 +62,17 @@ def one(name: str, placement) -> None:
         total += d
         kinds[e.name[:60]] += d
     top = sorted(kinds.items(), key=lambda kv: -kv[1])[:6]
+    with tempfile.TemporaryDirectory() as td:  # the timeline: how much of the copies the kernels overlap
+        p.export_chrome_trace(f"{td}/trace.json")
+        tl = timeline.from_file(f"{td}/trace.json", 5)
     row = {"setup": name, "ctx": ctx, "step_ms": ms, "kernels_per_step": n / 5, "kernel_ms_per_step": total / 5e3,
-           "copy_ms_per_step": copy_us / 5e3, "top_kernels_ms_per_step": {k: v / 5e3 for k, v in top}}
+           "copy_ms_per_step": copy_us / 5e3, "top_kernels_ms_per_step": {k: v / 5e3 for k, v in top},
+           "timeline_ms_per_step": tl}
     rows.append(row)
     print(f"{name:>14} ctx {ctx}: step {ms:.2f} ms | {n / 5:.0f} kernels, {total / 5e3:.2f} ms summed | copies "
           f"{copy_us / 5e3:.2f} ms (copy stream, overlappable)", flush=True)
+    print(f"      timeline per step: span {tl['span_ms']:.2f} ms = overlapped {tl['overlap_ms']:.2f} + kernels only "
+          f"{tl['compute_only_ms']:.2f} + copies only {tl['copy_only_ms']:.2f} + idle {tl['idle_ms']:.2f}")
     for k, v in top:
         print(f"      {v / 5e3:7.3f} ms  {k}")
 
