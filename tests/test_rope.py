@@ -391,3 +391,17 @@ def test_apply_rope_keeps_the_input_dtype(prf: float) -> None:
     y = apply_rope(x, cos, sin)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), apply_rope(x.float(), cos, sin), atol=2e-2, rtol=0)
+
+
+def test_fused_kernels_torch_reference_equals_apply_rope():
+    """The fused RoPE kernel is checked on the GPU against ``rotate_half_torch``; that reference is the model's RoPE."""
+    from mspeckv.model.fused import rotate_half_torch
+    from mspeckv.model.rope import Rope, RopeConfig, apply_rope
+
+    torch.manual_seed(0)
+    rope = Rope(RopeConfig(head_dim=16, theta=10000.0))
+    cos, sin = rope.cos_sin(torch.arange(3, 10), 10, torch.float32)  # (7, 16)
+    for x in (torch.randn(2, 3, 7, 16), torch.randn(2, 7, 3, 16).transpose(1, 2)):
+        assert torch.equal(rotate_half_torch(x, cos, sin), apply_rope(x, cos, sin))
+    cb, sb = cos[None].expand(2, 7, 16), sin[None].expand(2, 7, 16)  # batched positions (B, T, D)
+    assert torch.equal(rotate_half_torch(x, cb, sb), apply_rope(x, cb, sb))

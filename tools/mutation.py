@@ -53,11 +53,20 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "kv_quant_offload": (["mspeckv/kv/quant.py", "mspeckv/kv/offload.py", "mspeckv/kv/placement.py"],
                          ["tests/test_quant.py", "tests/test_placement.py", "tests/test_cache_boundaries.py"]),
     "rope": (["mspeckv/model/rope.py"], ["tests/test_rope.py"]),
+    "model": (["mspeckv/model/llama.py", "mspeckv/model/fused.py"],
+              ["tests/test_model.py", "tests/test_rope.py::test_fused_kernels_torch_reference_equals_apply_rope"]),
     "stats": (["mspeckv/bench/stats.py"], ["tests/test_stats_report.py"]),
 }
-# Not mutated: mspeckv/kv/quant_triton.py (Triton kernels, GPU only: no CPU test can reach them).
+# Not mutated: mspeckv/kv/quant_triton.py and the Triton parts of model/fused.py (GPU only: no CPU test reaches them).
 # Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
-PATTERNS: dict[str, list[str]] = {}
+PATTERNS: dict[str, list[str]] = {
+    # the decoder's CPU paths touched by the kernel fusion; the Triton dispatch branches of fused.py run on CUDA only
+    "model": [f"mspeckv.model.llama.x\u01c1{c}\u01c1*" for c in ("Fused", "Block", "MLP", "RMSNorm")]
+             + [f"mspeckv.model.llama.x\u01c1{m}*" for m in ("Attention\u01c1project", "CausalLM\u01c1forward",
+                                                              "CausalLM\u01c1fuse_projections")]
+             + [f"mspeckv.model.fused.x_{f}*" for f in ("rms_norm_torch", "rotate_half_torch", "silu_mul_torch",
+                                                        "use_fused")],
+}
 
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "mutants", "results", ".pytest_cache",
                                 ".ruff_cache", "*.egg-info")
