@@ -114,3 +114,36 @@ def test_two_bit_goal_concerns_two_bit_configs_only():
     ov = {"8192": [{"config": n, "ppl_delta_pct": 1.0, "compression": 2.0} for n in names.values()]}
     lines = [g for g in report.goals(cells, ov) if "2-bit" in g]
     assert len(lines) == 2 and all(names["k4"] not in g for g in lines)
+
+
+def test_accept_only_folder_renders_its_rows_in_the_overview(tmp_path):
+    """A folder with only accept cells gets an overview per context with the L1 acceptance column, and no
+    compression goal lines (no PPL was measured there)."""
+    store = CellStore(tmp_path)
+    for ctx, rates in ((8192, {"full": 0.64, "snapkv:budget=4096": 0.65}), (32768, {"full": 0.21})):
+        for v, r in rates.items():
+            store.save("accept", v, ctx, {"l1_acceptance_rate": r, "l2_accepted_per_round": 7.0}, {"model": "m"},
+                       {"name": v, "press": None if v == "full" else v, "kv_quant": "none"})
+    s = report.render(tmp_path, plots=False)
+    assert set(s["overview"]) == {"8192", "32768"}
+    over = {r["config"]: r for r in s["overview"]["8192"]}
+    assert set(over) == {"full", "snapkv:budget=4096"} and over["snapkv:budget=4096"]["accept_l1"] == 0.65
+    md = (tmp_path / "summary.md").read_text()
+    assert "(no cells)" not in md and "| accept L1 % |" in md
+    assert "| snapkv:budget=4096 | – | – | – | – | – | – | – | – | – | – | – | 65.0 |" in md
+    assert s["goals"] == [] and "- (no ppl cells)" in md
+
+
+def test_overview_without_accept_cells_keeps_the_issue_columns(rendered):
+    d, s = rendered
+    md = (d / "summary.md").read_text()
+    assert "accept L1 %" not in md and "| RULER % | GSM8K % |\n" in md
+
+
+def test_gsm8k_only_folder_states_no_compression_goal(tmp_path):
+    store = CellStore(tmp_path)
+    for v, a in (("full", 0.41), ("aggressive", 0.175)):
+        store.save("gsm8k", v, 0, {"accuracy": a}, {"model": "m"}, {"name": v, "press": None, "kv_quant": "none"})
+    s = report.render(tmp_path, plots=False)
+    assert [r["gsm8k_acc"] for r in s["overview"]["0"]] == [0.41, 0.175]
+    assert s["goals"] == []  # not "no variant reaches 4x here": compression and PPL were not measured

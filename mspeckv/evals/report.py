@@ -3,8 +3,10 @@
 Rows: one per (metric, variant, context) with the metric's headline value, the full-cache baseline's value at the same
 context and the delta (``delta_pct`` for ppl and speed). The compression overview has one table per context:
 config | compression | KV MB @ctx | bytes/token | decode tok/s | TTFT | TPOT | PPL (Δ%) | KL | needle % | RULER % |
-GSM8K %. Compression is the baseline's held KV bytes over the variant's at that context, from the ``speed`` cell
-(bytes held after the whole prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †).
+GSM8K %, plus accept L1 % (the middle level's acceptance rate) when the folder has ``accept`` cells. Compression is
+the baseline's held KV bytes over the variant's at that context, from the ``speed`` cell (bytes held after the whole
+prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †). The goal lines are checked
+only at contexts with measured PPL rows.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ HEADLINE = {
 ORDER = tuple(HEADLINE)
 OVERVIEW_COLS = ("config", "compression", "KV MB @ctx", "bytes/token", "decode tok/s", "TTFT s", "TPOT ms",
                  "PPL (Δ%)", "KL", "needle %", "RULER %", "GSM8K %")
+ACCEPT_COL = "accept L1 %"  # shown only when some row has an accept cell
 
 
 def _num(x: Any) -> bool:
@@ -75,7 +78,7 @@ def _bytes(by: dict, variant: str, ctx: int) -> tuple[float | None, bool]:
 def overview(cells: list[dict]) -> dict[str, list[dict]]:
     by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
     variants = list(dict.fromkeys([BASELINE] + [c["variant"] for c in cells]))
-    contexts = (sorted({c["context"] for c in cells if c["metric"] in ("ppl", "speed", "kl")})
+    contexts = (sorted({c["context"] for c in cells if c["metric"] in ("ppl", "speed", "kl", "accept")})
                 or sorted({c["context"] for c in cells if c["metric"] in ("needle", "ruler")})
                 or sorted({c["context"] for c in cells if c["metric"] == "gsm8k"}))
     g = lambda m, v, ctx, f: by.get((m, v, ctx), {}).get("results", {}).get(f)
@@ -84,7 +87,7 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
         base_bytes, _ = _bytes(by, BASELINE, ctx)
         rows = []
         for v in variants:
-            if not any((m, v, ctx) in by for m in ("ppl", "speed", "kl", "needle", "ruler")) and \
+            if not any((m, v, ctx) in by for m in ("ppl", "speed", "kl", "needle", "ruler", "accept")) and \
                     (("gsm8k", v, 0) not in by):
                 continue
             nb, from_prefix = _bytes(by, v, ctx)
@@ -103,6 +106,7 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
                 "kl": g("kl", v, ctx, "kl_mean"), "top1_agreement": g("kl", v, ctx, "top1_agreement"),
                 "needle_acc": g("needle", v, ctx, "accuracy"), "ruler_acc": g("ruler", v, ctx, "accuracy"),
                 "gsm8k_acc": g("gsm8k", v, 0, "accuracy"),
+                "accept_l1": g("accept", v, ctx, "l1_acceptance_rate"),
             })
         out[str(ctx)] = rows
     return out
@@ -137,6 +141,8 @@ def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
 
     for ctx, rows in ov.items():
         measured = [r for r in rows if _num(r["ppl_delta_pct"]) and r["config"] != BASELINE]
+        if not measured:  # no PPL here (e.g. GSM8K or accept only): nothing to judge, not "no variant reaches"
+            continue
         for r in measured:
             i = info.get(r["config"], {})
             q = i.get("kv_quant")
@@ -177,6 +183,8 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 
 def overview_markdown(summary: dict) -> str:
     parts = []
+    with_accept = any(_num(r.get("accept_l1")) for rows in summary["overview"].values() for r in rows)
+    cols = list(OVERVIEW_COLS) + ([ACCEPT_COL] if with_accept else [])
     for ctx, rows in summary["overview"].items():
         body = []
         for r in rows:
@@ -186,9 +194,10 @@ def overview_markdown(summary: dict) -> str:
             body.append([r["config"], comp + dag, _f(r["kv_mb"], ".1f"), _f(r["bytes_per_token"], ".0f"),
                          _f(r["tok_per_s"], ".1f"), _f(r["ttft_s"], ".3f"), _f(r["tpot_s"], ".1f", 1e3), ppl,
                          _f(r["kl"], ".4f"), _f(r["needle_acc"], ".1f", 100), _f(r["ruler_acc"], ".1f", 100),
-                         _f(r["gsm8k_acc"], ".1f", 100)])
+                         _f(r["gsm8k_acc"], ".1f", 100)]
+                        + ([_f(r.get("accept_l1"), ".1f", 100)] if with_accept else []))
         where = "the GSM8K prompts" if ctx == "0" else f"{ctx} tokens"
-        parts.append(f"### Compression overview at {where}\n\n" + _md(list(OVERVIEW_COLS), body))
+        parts.append(f"### Compression overview at {where}\n\n" + _md(cols, body))
     if any(r["bytes_from_ppl_prefix"] for rows in summary["overview"].values() for r in rows):
         parts.append("† no speed cell at this context: bytes held after the ppl prefix (context − scored span).")
     return "\n\n".join(parts) if parts else "(no cells)"
