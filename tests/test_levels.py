@@ -426,3 +426,48 @@ def test_observers_update_in_place_once_full():
     mass.on_query(0, torch.randn(1, 4, 1, D))
     mass.on_update(0, None, None, k_all, mask)
     assert mass.mass[0] is first and torch.allclose(first.sum(), torch.tensor(3.0 * 4))  # 3 forwards x 4 q-heads
+
+
+def test_attn_lens_describes_attn_mask_exactly(monkeypatch):
+    """A cache that sets ``attn_lens`` promises its mask is each row's prefix: on CUDA the attention kernel then
+    takes the lengths alone and never loads the mask, so lens and mask must agree on every forward of every static
+    layout (all-GPU, the on-chip layers of a static offloaded cache, a static streaming window, a static press)."""
+    from mspeckv.kv.placement import Placement, make_cache
+    from mspeckv.model import llama
+    from mspeckv.presses import parse_press
+
+    seen = {"lens": 0, "mask only": 0}
+    inner = llama.attention
+
+    def checked(q, k, v, mask, lens=None):
+        if lens is not None:
+            assert mask is not None and mask.dim() == 2 and lens.dtype == torch.int32
+            cols = torch.arange(mask.shape[1])
+            assert torch.equal(cols[None, :] < lens[:, None].long(), mask)
+            seen["lens"] += 1
+        elif mask is not None:
+            seen["mask only"] += 1
+        return inner(q, k, v, mask, lens)
+
+    monkeypatch.setattr(llama, "attention", checked)
+    m = tiny_model("llama", seed=0, num_hidden_layers=2)
+    x = torch.randint(3, 90, (1, 40))
+    full = make_cache(m, None, 1, 64)
+    p = parse_press("snapkv:budget=0.5,window=4,obs_window=4")
+    obs = p.observers(2)
+    full.observers += obs
+    with torch.no_grad():
+        m.prefill(x[:, :24], full, chunk=8)
+        caches = [make_cache(m, None, 1, 64, graphs=True),
+                  make_cache(m, Placement(on_chip=1, kv_group_size=8), 1, 64, graphs=True),
+                  PressedKV.streaming(m, sinks=2, window=8, room=10, static=True),
+                  PressedKV.build(p, full, obs, tail=16, static=True, fixed_cap=24)]
+        for c in caches:
+            if not isinstance(c, PressedKV) or c is caches[2]:
+                m.prefill(x[:, :24], c, chunk=8)
+            before = seen["lens"]
+            for t in range(24, 33, 3):  # decodes and verifications of 1-3 rows
+                m(x[:, t:t + 1], c)
+                m(x[:, t + 1:t + 3], c, num_logits=None)
+            assert seen["lens"] > before, type(c).__name__
+    assert seen["mask only"] > 0  # the offloaded layers' masks have a gap: no lens there

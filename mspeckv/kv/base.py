@@ -7,6 +7,7 @@ A forward over ``n_new`` tokens does::
         cache.on_query(layer, q)             # observers see each layer's post-RoPE queries (B, H_q, n_new, D)
         k_all, v_all = cache.update(layer, k_new, v_new)   # append, then view for attention
         mask = cache.attn_mask               # None, or a bool mask for static-shape views
+        lens = cache.attn_lens               # None, or (T,): the mask is each row's prefix [0, lens[t])
     cache.end()                              # commit: length += n_new
 
 ``update`` receives the new tokens' keys/values after RoPE, ``(B, H_kv, n_new, D)``, and returns what attention reads,
@@ -55,6 +56,9 @@ class KVCache:
     n_layers: int
     batch: int | None = None  # rows the cache was built for (None: any)
     attn_mask: Tensor | None = None  # static-shape caches: (T, S) bool, True where a query row may attend
+    # set with attn_mask when that mask is each row's prefix: (T,) int32, row t sees keys j < attn_lens[t]. The
+    # attention kernel then bounds each row by it and loads no mask (model/decode_attention.py)
+    attn_lens: Tensor | None = None
     graphable: bool = False  # a static layout (fixed buffers, device-side length): forwards can replay CUDA graphs
 
     def __init__(self) -> None:

@@ -303,7 +303,7 @@ class PlacedKV(KVCache):
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if layer < self.n_on:
             out = self.dense.update(layer, k, v)
-            self.attn_mask = self.dense.attn_mask
+            self.attn_mask, self.attn_lens = self.dense.attn_mask, self.dense.attn_lens
             return out
         self._release_now()
         self._prefetch_next()  # a transfer held back for a busy buffer (possibly this layer's own)
@@ -322,7 +322,7 @@ class PlacedKV(KVCache):
                 buf.index_copy_(0, self.nidx, new.permute(2, 0, 1, 3))  # (B, H, n, D) -> token-major rows
                 torch.index_select(buf, 0, self.ridx, out=r)  # no flush: the residual is the same window, updated
             self.to_release.append((slot, key))
-            self.attn_mask = self.mask_off
+            self.attn_mask, self.attn_lens = self.mask_off, None  # the residual window sits after a gap: no prefix
             view = lambda b: b[:self.view_rows].permute(1, 2, 0, 3)  # (B, H, nb + R, D), masked
             return view(kbuf), view(vbuf)
         rows = self._len - self.flushed
@@ -336,7 +336,7 @@ class PlacedKV(KVCache):
         res[0][:keep] = kbuf[self.flush_to:t0 + n]
         res[1][:keep] = vbuf[self.flush_to:t0 + n]
         self.to_release.append((slot, key))
-        self.attn_mask = None
+        self.attn_mask = self.attn_lens = None
         view = lambda b: b[:t0 + n].permute(1, 2, 0, 3)  # (B, H, S, D)
         return view(kbuf), view(vbuf)
 

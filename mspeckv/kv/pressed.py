@@ -235,6 +235,7 @@ class PressedKV(KVCache):
             m = cols[None, :] <= rows[:, None]  # (T, cap): row i sees every row up to its own
             vf = getattr(self, "_vfull", None)
             self.attn_mask = m if vf is None else m & vf[layer][:, :, None, :]
+            self.attn_lens = (rows + 1).to(torch.int32) if vf is None else None
             return buf[0], buf[1]
         t0 = (nf if self.direct[layer] else 0) + self.n_tail  # the tail starts after the fixed rows (direct)
         buf[0, :, :, t0:t0 + T], buf[1, :, :, t0:t0 + T] = k, v
@@ -246,7 +247,7 @@ class PressedKV(KVCache):
             self._decode(layer, s[0, :, :, :nf], s[1, :, :, :nf])
             s[:, :, :, nf:nf + end] = buf[:, :, :, :end]
             kk, vv = s[0, :, :, :nf + end], s[1, :, :, :nf + end]
-        self.attn_mask = self._mask(layer, T, end)
+        self.attn_mask, self.attn_lens = self._mask(layer, T, end), None
         return kk, vv
 
     def _decode(self, layer: int, k: Tensor, v: Tensor) -> None:

@@ -30,6 +30,7 @@ class StaticKV(KVCache):
         self._len = 0
         self._n: int | None = None
         self.attn_mask: Tensor | None = None
+        self.attn_lens: Tensor | None = None
 
     @classmethod
     def for_model(cls, model, capacity: int, batch: int = 1, **kw):
@@ -59,6 +60,7 @@ class StaticKV(KVCache):
         rows = self.pos + torch.arange(n_new, device=self.pos.device)  # (T,) device: graph-safe
         self.rows = rows
         self.attn_mask = self.cols[None, :] <= rows[:, None]  # (T, C): row i sees keys up to its own position
+        self.attn_lens = (rows + 1).to(torch.int32)  # the same, as each row's prefix length
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k[layer].index_copy_(2, self.rows, k)

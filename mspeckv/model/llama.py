@@ -100,8 +100,10 @@ def causal_mask(t: int, s: int, device) -> Tensor:
 FOLD_MAX = 64  # query rows (G * T) up to which decode/verify attention folds GQA groups into the query axis
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor | None = None) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (T, S) bool or None (= no masking) -> (B, Hq, T, D).
+    ``lens`` (T,), when given, says the mask is each row's prefix [0, lens[t]): the Triton kernel then takes the
+    bound alone and loads no mask (the torch paths use the mask).
 
     Few query rows (decode, verification): fold each KV head's G query heads into the query axis, so K/V are read
     once with no copy. On CUDA this is the split-K Triton kernel of ``model/decode_attention.py`` (GQA folded, the
@@ -116,6 +118,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     if G * T <= FOLD_MAX and q.is_cuda:
         from .decode_attention import decode_attention_triton, triton_supported, use_triton
 
+        if lens is not None and use_triton(q) and triton_supported(q, k, v):
+            return decode_attention_triton(q, k, v, lens=lens)
         if use_triton(q) and triton_supported(q, k, v, mask):
             return decode_attention_triton(q, k, v, mask)
     if G * T <= FOLD_MAX:
@@ -135,7 +139,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class Fused:
-    """Linear layers whose weights (and biases) are row-slice views of one tensor, so one matmul computes them all.
+    """Linear layers whose weights (and biases) are row-slice views of one tensor, so one matmul computes them all
+    (on every device: the CPU runs the same code as CUDA).
 
     The layers keep their own parameters and names (checkpoints load into the views, i.e. into the fused tensor)
     and cost no extra memory. If a layer's parameter is ever replaced (``module.to(...)``, a new Parameter), the
@@ -175,10 +180,10 @@ class Attention(nn.Module):
         self.qkv: Fused | None = None  # set by CausalLM.fuse_projections()
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, dim) -> q (B, Hq, T, D), k, v (B, Hkv, T, D): on CUDA one matmul over the fused weight."""
+        """x (B, T, dim) -> q (B, Hq, T, D), k, v (B, Hkv, T, D): one matmul over the fused weight."""
         c = self.c
         B, T, _ = x.shape
-        wb = self.qkv.get() if self.qkv is not None and fused.use_fused(x) else None
+        wb = self.qkv.get() if self.qkv is not None else None
         if wb is not None:
             nq, nk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
             qkv = F.linear(x, *wb)  # (B, T, nq + 2 nk)
@@ -208,7 +213,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k_all.repeat_interleave(G, 1), v_all.repeat_interleave(G, 1),
                                                attn_mask=mask.repeat_interleave(G, 1))
         else:
-            y = attention(q, k_all, v_all, mask)  # (B, Hq, T, D)
+            y = attention(q, k_all, v_all, mask, cache.attn_lens)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
 
@@ -223,8 +228,8 @@ class MLP(nn.Module):
         self.gate_up: Fused | None = None  # set by CausalLM.fuse_projections()
 
     def forward(self, x: Tensor) -> Tensor:
-        wb = self.gate_up.get() if self.gate_up is not None and self.silu and fused.use_fused(x) else None
-        if wb is not None:  # [gate | up] in one matmul, silu(gate) * up in one kernel
+        wb = self.gate_up.get() if self.gate_up is not None and self.silu else None
+        if wb is not None:  # [gate | up] in one matmul, silu(gate) * up in one kernel on CUDA
             return self.down_proj(fused.silu_mul(F.linear(x, *wb)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
@@ -359,7 +364,7 @@ class CausalLM(nn.Module):
         return m.fuse_projections()
 
     def fuse_projections(self) -> CausalLM:
-        """Make q/k/v_proj (and gate/up_proj) views of one weight each, for one matmul per group on CUDA (see
+        """Make q/k/v_proj (and gate/up_proj) views of one weight each, for one matmul per group (see
         ``Fused``). Call after the model's final ``to(device, dtype)``; loading writes through the views."""
         for blk in self.model.layers:
             blk.self_attn.qkv = Fused([blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj])
