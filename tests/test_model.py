@@ -102,5 +102,47 @@ def test_fused_projections_are_views_of_one_weight(family):
     gw, gb = mlp.gate_up.get()
     gu = F.linear(x, gw, gb)
     torch.testing.assert_close(silu_mul_torch(gu), mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+    if attn.q_proj.bias is not None:  # a replaced bias alone also unfuses
+        attn.q_proj.bias = torch.nn.Parameter(attn.q_proj.bias.detach().clone())
+        assert attn.qkv.get() is None
     ours.double()  # new parameters: the fused tensors are stale now
     assert attn.qkv.get() is None and mlp.gate_up.get() is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_matmul_per_projection_group_and_the_unfused_fallback(family, monkeypatch):
+    """A decode step runs 4 matmuls per layer (QKV, o_proj, gate/up, down) + the LM head. Once the views are broken
+    (``double()``), each layer falls back to its 7 separate projections and still matches transformers."""
+    import torch.nn.functional as F
+
+    hf, ours = tiny_pair(family)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    ids = torch.randint(3, 97, (1, 12))
+    L = ours.cfg.n_layers
+    with torch.no_grad():
+        ours(ids, DenseKV.for_model(ours, 1, 16), num_logits=None)
+        assert len(calls) == 4 * L + 1
+        calls.clear()
+        hf, ours = hf.double(), ours.double()
+        got = ours(ids, DenseKV.for_model(ours, 1, 16), num_logits=None)
+        assert len(calls) == 7 * L + 1
+        want = hf(ids).logits
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-6)  # ours returns fp32 logits
+
+
+def test_rms_norm_reference_matches_transformers_in_bf16():
+    """The RMSNorm reference (the CPU path and the fused kernel's GPU reference) rounds as transformers does."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mspeckv.model.fused import rms_norm_torch
+
+    torch.manual_seed(0)
+    hf = LlamaRMSNorm(64, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.1 * torch.randn(64))
+    x, r = torch.randn(3, 5, 64).bfloat16(), torch.randn(3, 5, 64).bfloat16()
+    y, h = rms_norm_torch(x, hf.weight.detach(), 1e-6, r)
+    assert y.dtype == torch.bfloat16 and torch.equal(h, x + r)
+    assert torch.equal(y, hf(x + r).detach())

@@ -403,5 +403,8 @@ def test_fused_kernels_torch_reference_equals_apply_rope():
     cos, sin = rope.cos_sin(torch.arange(3, 10), 10, torch.float32)  # (7, 16)
     for x in (torch.randn(2, 3, 7, 16), torch.randn(2, 7, 3, 16).transpose(1, 2)):
         assert torch.equal(rotate_half_torch(x, cos, sin), apply_rope(x, cos, sin))
+    xb, cb16, sb16 = torch.randn(2, 3, 7, 16).bfloat16(), cos.bfloat16(), sin.bfloat16()  # bf16: same roundings
+    assert rotate_half_torch(xb, cb16, sb16).dtype == torch.bfloat16
+    assert torch.equal(rotate_half_torch(xb, cb16, sb16), apply_rope(xb, cb16, sb16))
     cb, sb = cos[None].expand(2, 7, 16), sin[None].expand(2, 7, 16)  # batched positions (B, T, D)
     assert torch.equal(rotate_half_torch(x, cb, sb), apply_rope(x, cb, sb))
