@@ -146,3 +146,15 @@ def test_rms_norm_reference_matches_transformers_in_bf16():
     y, h = rms_norm_torch(x, hf.weight.detach(), 1e-6, r)
     assert y.dtype == torch.bfloat16 and torch.equal(h, x + r)
     assert torch.equal(y, hf(x + r).detach())
+
+
+@pytest.mark.parametrize("kw", [dict(hidden_act="gelu_pytorch_tanh"), dict(mlp_bias=True, attention_bias=True)],
+                         ids=["gelu", "biases"])
+def test_other_activations_and_biases_match_transformers(kw):
+    """The fused gate/up path is SiLU-only (a GELU MLP runs unfused); MLP and attention biases go through the fused
+    weights' biases."""
+    hf, ours = tiny_pair("llama", **kw)
+    ids = torch.randint(3, 97, (2, 20))
+    with torch.no_grad():
+        got = ours(ids, DenseKV.for_model(ours, 2, 24), num_logits=None)
+    torch.testing.assert_close(got, hf_logits(hf, ids), **TOL)
