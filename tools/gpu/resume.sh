@@ -22,7 +22,7 @@ resume() { [[ -d $2 ]] || { if [[ -d $1 ]]; then cp -r "$1" "$2"; else mkdir -p 
 case ${1:-} in
 check)  # random weights: the GPU tests, then the graphed placement bench and profiles (fused kernels, packed stores)
   mkdir -p /root/pl /root/prof
-  python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > /root/pl/gpu_tests.log 2>&1
+  python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider > /root/pl/gpu_tests.log 2>&1  # addopts has -q (-q -q would drop the count line)
   tail -n 3 /root/pl/gpu_tests.log
   P="python -m mspeckv bench placement --on-chip 16 --no-hf"
   $P --shape qwen2.5-1.5b --contexts 32768 --formats none,int8,int4 --residents 0,12 --out-dir /root/pl/qwen2.5-1.5b_32k
