@@ -187,9 +187,11 @@ def test_planner():
     per_layer = 2 * c.n_kv_heads * c.head_dim * 1000 * 2
     full = plan_placement(c, 1000, per_layer * 4 + 1)
     assert full.placement.n_on_chip(4) == 4 and full.h2d_bytes_per_token == 0
-    tight = plan_placement(c, 1000, per_layer * 3)
+    # int8 streaming stages one bf16 layer plus 3 code buffers (1.0625 bytes per element each): 2.59 layers
+    tight = plan_placement(c, 1000, int(per_layer * 3.7))
     p = tight.placement
-    assert p.on_chip == 1 and p.kv_quant == "int8" and tight.gpu_kv_bytes <= per_layer * 3
+    assert p.on_chip == 1 and p.kv_quant == "int8" and tight.gpu_kv_bytes <= per_layer * 3.7
+    assert plan_placement(c, 1000, per_layer * 3).placement.on_chip == 0  # 3 layers: staging leaves no on-chip room
     with pytest.raises(ValueError, match="cannot hold even the staging"):
         plan_placement(c, 1000, per_layer)
 
@@ -376,3 +378,26 @@ def test_lru_evicts_the_least_recently_used_slot_and_begin_twice_is_refused():
     with pytest.raises(RuntimeError, match="begin\\(\\) called twice"):
         cache.begin(1)
     assert c.n_layers == 4
+
+
+def test_code_staging_ring_depth():
+    """A quantized PlacedKV keeps as many code-staging buffers as fit in two bf16 layers (int8 3, int4 7, int2 12),
+    at least 2, at most one per streamed layer; memory_report counts them."""
+    from mspeckv.kv.offload import code_stages
+    from mspeckv.kv.quant import QuantSpec
+
+    bf16 = 2 * 2 * 128 * 1000 * 2
+    got = {b: code_stages(bf16, int(2 * 2 * 128 * 1000 * QuantSpec(b, 64).bytes_per_element()), 28)
+           for b in ("int8", "int4", "int2")}
+    assert got == {"int8": 3, "int4": 7, "int2": 12}
+    assert code_stages(bf16, bf16, 28) == 2 and code_stages(bf16, 1, 5) == 5
+    m = model()
+    for fmt, n in (("int8", 3), ("int4", 3), ("none", 0)):  # 3 streamed layers cap int4's ring
+        c = make_cache(m, Placement(on_chip=1, kv_quant=fmt, kv_group_size=G), 1, 64)
+        rep = c.memory_report()
+        if fmt == "none":
+            assert not hasattr(c, "qstage") and len(c.stage) == 2
+            continue
+        assert len(c.qstage) == n
+        nb = lambda fs: sum(f.nbytes() for pair in fs for f in pair)
+        assert rep["staging_bytes"] == nb(c.stage) + nb(c.qstage)

@@ -11,8 +11,10 @@ Per offloaded layer the history ``[0:len)`` is split in two:
 Decoding one token runs, for offloaded layer i, with no host synchronisation:
     copy stream:    [wait: buffer free] H2D prefix of layer i+1  -> record ready[i+1]
     compute stream: [wait ready[i]] (dequant) + residual + new rows -> attention of layer i
-Buffers are double-buffered and guarded by CUDA events. Resident layers (an LRU of GPU slots) skip the copy; new
-tokens go to the slot and, through the residual and flushes, to the CPU store, so an eviction loses nothing.
+bf16 staging is double-buffered; quantized layers stream into a ring of code buffers (``code_stages``: as many as
+fit in two bf16 layers), so several short copies run ahead of the compute. Every buffer is guarded by CUDA events.
+Resident layers (an LRU of GPU slots) skip the copy; new tokens go to the slot and, through the residual and flushes,
+to the CPU store, so an eviction loses nothing.
 On the CPU (tests, CI) the same code runs with synchronous copies.
 
 **Static layout** (``static=True``, what ``make_cache(..., graphs=True)`` builds): a forward that flushes nothing
@@ -100,6 +102,14 @@ class _Fields:
     def view_of(self, packed: Tensor) -> dict[str, Tensor]:
         """Typed field views of packed rows (e.g. a prefix copied to the GPU in one piece)."""
         return _Fields(packed, {k: (tuple(x.shape[1:]), x.dtype) for k, x in self.t.items()}, self.per_row).t
+
+
+def code_stages(bf16_layer_bytes: int, code_layer_bytes: int, n_streamed: int) -> int:
+    """How many code-staging buffers a quantized PlacedKV keeps: as many as fit in two bf16 layers' bytes (int8: 3,
+    int4: 7, int2: 12 at group 64), at least 2, at most one per streamed layer. Each lets one more layer's copy run
+    ahead of the compute, so the copy engine keeps busy while the on-chip layers compute (with two, the copies of a
+    short quantized layer stalled behind the first offloaded layer's attention)."""
+    return max(2, min(n_streamed, 2 * bf16_layer_bytes // max(1, code_layer_bytes)))
 
 
 def _alloc_fields(kind: str, spec: QuantSpec | None, T: int, B: int, H: int, D: int, dtype, device, pin,
@@ -193,14 +203,18 @@ class PlacedKV(KVCache):
         self.residual = {l: (torch.zeros((R, batch, n_kv_heads, head_dim), dtype=dtype, device=self.device),
                              torch.zeros((R, batch, n_kv_heads, head_dim), dtype=dtype, device=self.device))
                          for l in self.off}
-        # staging: bf16 x2 (format none: H2D lands there), or codes x2 + one bf16 (dequantized on the compute stream)
+        # staging: bf16 x2 (format none: H2D lands there), or a ring of code buffers (code_stages) + one bf16 (the
+        # codes are dequantized into it on the compute stream)
         if self.spec is None:
             self.stage = [(gpu(), gpu()), (gpu(), gpu())]
         else:
             mkq = lambda kind: _alloc_fields(kind, self.spec, T, batch, n_kv_heads, head_dim, dtype, self.device, False,
                                              z)
-            self.qstage = [(mkq("k"), mkq("v")), (mkq("k"), mkq("v"))]
             self.stage = [(gpu(), gpu())]
+            self.qstage = [(mkq("k"), mkq("v"))]
+            n_q = code_stages(sum(f.nbytes() for f in self.stage[0]), sum(f.nbytes() for f in self.qstage[0]),
+                              len(self.off))
+            self.qstage += [(mkq("k"), mkq("v")) for _ in range(n_q - 1)]
         # resident slots: bf16 copies of the whole layer (dequant) or GPU codes (quant)
         self.slot_quant = p.resident_format == "quant"
         if self.slot_quant:
@@ -468,27 +482,30 @@ class PlacedKV(KVCache):
         return not hit and (self.fetch_rows if rows is None else rows) > 0
 
     def _prefetch_next(self) -> None:
-        """Issue the H2D copy of the next offloaded layer that needs one, unless its destination is still being
-        read (then it is issued at the next layer, after the release). At most one transfer is ahead."""
+        """Issue the H2D copies of the next offloaded layers that need one, never into a buffer being read (then at
+        the next layer, after the release). Into bf16 staging or a slot, at most one transfer is ahead; into the ring
+        of code buffers, up to its size - 1: the buffer a copy reuses was last read by a layer before the current
+        one, whose release (or dequantization) is already enqueued, and the copy waits on that event."""
         while self.next_fetch < len(self.off):
             layer = self.off[self.next_fetch]
             if not self._needs_transfer(layer):
                 self.next_fetch += 1
                 continue
             dst, key = self._dest(layer)
-            if self.ready or key in self.busy:  # one transfer in flight; never into a buffer being read
+            ahead = len(self.qstage) - 1 if key[0] == "q" else 1
+            if len(self.ready) >= ahead or key in self.busy:
                 return
             self.next_fetch += 1
             self._issue_fetch(layer, dst, key)
-            return
 
     def _dest(self, layer: int) -> tuple[tuple, tuple]:
         _, slot = self.plan[layer]
-        i = self.stage_i % 2
         if self.spec is None and slot is None:
+            i = self.stage_i % 2
             return self.stage[i], ("s", i)
         if slot is not None and (self.spec is None or self.slot_quant):
             return self.slots[slot], ("slot", slot)
+        i = self.stage_i % len(self.qstage)
         return self.qstage[i], ("q", i)  # codes, dequantized later on the compute stream
 
     def _issue_fetch(self, layer: int, dst: tuple, key: tuple) -> None:

@@ -145,7 +145,13 @@ def plan_placement(model_cfg, context: int, gpu_kv_budget: int, batch: int = 1, 
     layer_bf16 = elems * dtype_bytes
     if layer_bf16 * c.n_layers <= gpu_kv_budget:
         return Plan(Placement(), layer_bf16 * c.n_layers, 0, 0, "the whole KV fits on the GPU")
-    staging = 2 * layer_bf16  # double-buffered staging (bf16; codes staging is smaller and counted inside)
+    spec = QuantSpec(prefer_quant, group_size)
+    layer_q = int(elems * spec.bytes_per_element())
+    # what PlacedKV allocates to stream a quantized layer: one bf16 layer (the dequantized view) and a ring of code
+    # buffers (at most two bf16 layers' bytes: see offload.code_stages); bf16 streaming would take two bf16 layers
+    from .offload import code_stages
+
+    staging = layer_bf16 + code_stages(layer_bf16, layer_q, c.n_layers) * layer_q
     on_chip = int(max(0, min(c.n_layers - 1, (gpu_kv_budget - staging) // layer_bf16)))
     if on_chip == 0 and gpu_kv_budget < staging:
         raise ValueError(
@@ -153,8 +159,6 @@ def plan_placement(model_cfg, context: int, gpu_kv_budget: int, batch: int = 1, 
             f"streamed layer ({staging / 2**30:.2f} GiB at context {context}); raise it or shorten the context"
         )
     n_off = c.n_layers - on_chip
-    spec = QuantSpec(prefer_quant, group_size)
-    layer_q = int(elems * spec.bytes_per_element())
     left = gpu_kv_budget - staging - on_chip * layer_bf16
     resident = int(min(n_off, max(0, left) // layer_q))
     p = Placement(on_chip=on_chip, kv_quant=prefer_quant, kv_group_size=group_size, resident_layers=resident,
