@@ -158,3 +158,17 @@ def test_other_activations_and_biases_match_transformers(kw):
     with torch.no_grad():
         got = ours(ids, DenseKV.for_model(ours, 2, 24), num_logits=None)
     torch.testing.assert_close(got, hf_logits(hf, ids), **TOL)
+
+
+def test_sliding_window_checkpoint_is_refused_past_its_window_only():
+    """Full attention only: a sliding-window checkpoint runs while the sequence fits its window (pos0 + T <= w, where
+    sliding and full attention agree) and gets one clear error from the first token past it."""
+    _, ours = tiny_pair("mistral", sliding_window=16)
+    assert ours.cfg.sliding_window == 16
+    cache = DenseKV.for_model(ours, 1, 32)
+    with torch.no_grad():
+        ours(torch.randint(3, 97, (1, 10)), cache)
+        ours(torch.randint(3, 97, (1, 6)), cache)  # reaches exactly 16 tokens: allowed
+        with pytest.raises(ValueError, match=r"sliding-window attention \(window 16\) and the sequence reaches 17 "
+                                             r"tokens; MSpecKV implements full attention only"):
+            ours(torch.randint(3, 97, (1, 1)), cache)
