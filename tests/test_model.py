@@ -172,3 +172,10 @@ def test_sliding_window_checkpoint_is_refused_past_its_window_only():
         with pytest.raises(ValueError, match=r"sliding-window attention \(window 16\) and the sequence reaches 17 "
                                              r"tokens; MSpecKV implements full attention only"):
             ours(torch.randint(3, 97, (1, 1)), cache)
+
+
+def test_cache_built_for_another_batch_is_refused():
+    _, ours = tiny_pair("llama")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"built for batch 1 but input_ids has 2 row\(s\); build "
+                                                           r"the cache with batch=2"):
+        ours(torch.randint(3, 97, (2, 4)), DenseKV.for_model(ours, 1, 8))
