@@ -12,7 +12,8 @@
 # On an x2 machine: CUDA_VISIBLE_DEVICES=0 bash tools/gpu/resume.sh gpu0 & CUDA_VISIBLE_DEVICES=1 ... quality
 # Next session (after 910ca0d): `speed` first, alone; then `seven` (and `check` for the timeline profile) on GPU 0 and
 # `quality2` on GPU 1; then `python tools/project.py --costs /root/A1r7 --acceptance
-# results/context/qwen2.5-coder-1.5b_A1_h200_graphed --out results/projection/7b-h200`.
+# results/context/qwen2.5-coder-1.5b_A1_h200_graphed --out results/projection/7b-h200`. None of these needs the 0.5B
+# draft: carry only the 1.5B's parts (.carry/q15.*, 21 calls) and .whl.
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
 set -uo pipefail
 M=qwen2.5-coder-1.5b
