@@ -85,8 +85,8 @@ class RMSNorm(nn.Module):
         # x * rsqrt(mean(x^2) + eps) in fp32, cast back, then the weight (HF's order of roundings)
         return fused.rms_norm(x, self.weight, self.eps)[0]
 
-    def add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """h = residual + x, then (norm(h), h): the residual add and the norm in one kernel on CUDA."""
+    def add(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """h = residual + x (x when residual is None), then (norm(h), h): one kernel on CUDA."""
         return fused.rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -245,7 +245,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache, layer, masks, residual=None):
         """-> (mlp output, residual stream). The block's input is ``residual + x`` (x alone for the first block):
         each residual add is done by the norm that follows it, in one kernel on CUDA."""
-        h, x = self.input_layernorm.add(x, residual) if residual is not None else (self.input_layernorm(x), x)
+        h, x = self.input_layernorm.add(x, residual)
         h, x = self.post_attention_layernorm.add(self.self_attn(h, cos, sin, cache, layer, masks), x)
         return self.mlp(h), x
 
