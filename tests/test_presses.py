@@ -152,6 +152,29 @@ def test_adakv_heads_keep_different_counts_with_the_same_total(model, reference)
     assert torch.isfinite(out).all()
 
 
+def test_adakv_max_rows_bounds_one_head_taking_every_pooled_row():
+    """The static buffer's size: when one head's scores dominate, it takes all the rows the others give up, so it holds
+    more than the mean budget. max_rows must cover that, exactly at the worst case."""
+    from mspeckv.presses.adakv import AdaKVPress
+
+    class Skewed(AdaKVPress):
+        def score(self, layer, k, pos, obs):  # head 0: flat (every row near its max); head 1: one spike
+            B, H, L, _ = k.shape
+            s = torch.rand(B, H, L) * 0.01
+            s[:, 0] += 0.9
+            s[:, 1, L // 2] = 1.0
+            return s  # forced_ranking scales each head to [0, 1]: head 0's rows then outrank head 1's
+
+    L, H = 200, 2
+    p = Skewed(budget=40, sinks=2, window=4, floor=0.2)
+    k = torch.randn(1, H, L, 8)
+    idx, valid = p.select_adaptive(0, 1, k, torch.arange(L).expand(1, H, L), [])
+    counts = valid.sum(-1)[0].tolist()
+    assert sum(counts) == 40 * H and counts[0] > 40  # the mean budget (40) would be too small a buffer
+    assert counts[0] == p.max_rows(L, 1, n_kv_heads=H) == 40 * H - 8 * (H - 1)  # n_own = max(0.2*40, 2+4) = 8
+    assert p.max_rows(L, 1) == 40 and p.max_rows(30, 1, n_kv_heads=H) == 30  # one head; a budget over L keeps all
+
+
 def test_kivi_error_within_quantizer_bounds(model):
     """Held rows reconstruct within kv/quant.py's documented bounds (relative Frobenius error per format)."""
     dense = make_cache(model, None, 1, MAX)

@@ -340,7 +340,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         if mspeckv:
             extra = spec.middle_tail(gen.max_new_tokens)
             nl = target.cfg.n_layers
-            rows = l1_press.max_rows(T + gen.max_new_tokens, nl)
+            rows = l1_press.max_rows(T + gen.max_new_tokens, nl, target.cfg.n_kv_heads)
             static = graphs and l1_press.dense  # codes/latents are decoded per forward: that level runs eagerly
             if l1_press.dense and l1_press.max_rows(T, nl) >= T:
                 warnings.warn(f"--l1-press {l1_press} covers the whole {T}-token prompt: the middle level would equal "

@@ -4,7 +4,8 @@ heads whose attention is concentrated give rows to heads whose attention is spre
 scores are attention probabilities, so they compare across heads).
 
 Heads then hold different counts. The store pads every head to the largest count and marks the padding invalid
-(``Rows.valid``); attention masks it out. The padding's bytes are held and counted."""
+(``Rows.valid``); attention masks it out. The padding's bytes are held and counted. A static (CUDA-graph) buffer must
+hold the worst case, one head taking every pooled row (``max_rows``): up to ``n*H - n_own*(H-1)`` rows per head."""
 
 from __future__ import annotations
 
@@ -29,16 +30,28 @@ class AdaKVPress(SnapKVPress):
     def select(self, layer, n_layers, k, pos, obs):
         return self.select_adaptive(layer, n_layers, k, pos, obs)[0]
 
+    def _n_own(self, n: int, L: int) -> int:
+        """Rows each head keeps by its own ranking when the layer keeps ``n`` per head on average."""
+        return max(int(self.floor * n), min(n, L, self.sinks + self.forced_window(n)))
+
+    def max_rows(self, L, n_layers, n_kv_heads=1):
+        # one head can win every pooled row: its own n_own plus the other heads' shares, n*H - n_own*H of them
+        worst = 0
+        for i in range(n_layers):
+            n = n_keep(self.layer_budget(i, n_layers), L)
+            if n >= L:
+                return L
+            worst = max(worst, n * n_kv_heads - self._n_own(n, L) * (n_kv_heads - 1))
+        return min(L, worst)
+
     def select_adaptive(self, layer, n_layers, k, pos, obs):
         """-> (idx (B, H, n_max) increasing, valid (B, H, n_max) bool) or (None, None) to keep everything."""
         B, H, L, _ = k.shape
         n = n_keep(self.layer_budget(layer, n_layers), L)
         if n >= L:
             return None, None
-        w = self.forced_window(n)
-        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, w)  # (B, H, L), forced rows >= 2
-        n_forced = min(L, self.sinks + w)
-        n_own = max(int(self.floor * n), min(n, n_forced))  # every head keeps its forced rows (or as many as fit)
+        s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, self.forced_window(n))  # (B, H, L)
+        n_own = self._n_own(n, L)  # every head keeps its forced rows (or as many as fit)
         own = s.topk(n_own, dim=-1).indices  # (B, H, n_own): each head's guaranteed rows
         keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, own, True)
         rest = s.masked_fill(keep, float("-inf")).flatten(1)  # (B, H*L): the remaining rows of every head

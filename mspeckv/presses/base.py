@@ -76,8 +76,8 @@ class Press:
             k, v, pos = gather_rows(k, idx), gather_rows(v, idx), pos.gather(2, idx)
         return self.encode(layer, k, v, pos, obs)
 
-    def max_rows(self, L: int, n_layers: int) -> int:
-        """Most rows one layer keeps of ``L`` (sizes static buffers)."""
+    def max_rows(self, L: int, n_layers: int, n_kv_heads: int = 1) -> int:
+        """Most rows one head of one layer keeps of ``L`` (sizes static buffers)."""
         return L
 
     @property
@@ -131,7 +131,7 @@ class ScorePress(Press):
                              f"{n_layers} layers; give one budget per layer")
         return self.layer_budgets[layer]
 
-    def max_rows(self, L, n_layers):
+    def max_rows(self, L, n_layers, n_kv_heads=1):
         return max(n_keep(self.layer_budget(i, n_layers), L) for i in range(n_layers))
 
     def score(self, layer: int, k: Tensor, pos: Tensor, obs: list) -> Tensor:

@@ -29,7 +29,7 @@ class RetrievalPress(Press):
     def observers(self, n_layers):
         return [LastQueries(n_layers, self.n_queries)]
 
-    def max_rows(self, L, n_layers):
+    def max_rows(self, L, n_layers, n_kv_heads=1):
         return min(L, self.budget)
 
     def select(self, layer, n_layers, k, pos, obs):

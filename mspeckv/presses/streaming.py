@@ -20,7 +20,7 @@ class StreamingLLMPress(Press):
         check_budget_value("streaming.budget", self.budget)
         check_range(self, "sinks", 0)
 
-    def max_rows(self, L, n_layers):
+    def max_rows(self, L, n_layers, n_kv_heads=1):
         return n_keep(self.budget, L)
 
     def select(self, layer, n_layers, k, pos, obs):
