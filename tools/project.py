@@ -9,8 +9,12 @@ from two measured sweep folders:
   one level-1 (retrieval) call, one level-2 (full-KV) verification, and the AR baseline's ms/token.
 - ``--acceptance``: a context sweep of a real pair. Per context, medians over seeds of what one level-2 round
   contains: tokens made (accepted + 1), level-1 calls, draft tokens.
-- Projection, per context and method: ms per round = draft tokens x draft ms + level-1 calls x level-1 ms + one
-  level-2 ms; tok/s = tokens per round / that. Against the measured AR baseline of the costs folder.
+- Projection, per context of the costs folder and method, with the acceptance of the nearest context of the other
+  folder: ms per round = draft tokens x draft ms + level-1 calls x level-1 ms + one level-2 ms; tok/s = tokens per
+  round / that. The range column redoes it with the acceptance of every measured context. Against two measured AR
+  runs of the costs folder: the offloaded baseline and ``ar_gpu`` (every layer on the GPU, graphed), which is what a
+  user whose KV fits would run. A costs context beyond the acceptance folder's longest is marked: there the shorter
+  context's acceptance stands in.
 
 This is arithmetic on measured parts, not a measurement: acceptance of the real pair stands in for the target
 shape's (a different pair accepts differently), and the parts were timed in separate runs. Every output says so.
@@ -48,7 +52,7 @@ def costs(runs: list[dict]) -> dict[tuple[str, int], dict]:
     for r in runs:
         m, lv, s = r["metrics"], r["metrics"].get("levels") or {}, r["metrics"].get("per_level_s") or {}
         a = acc[(r["method"], r["x"])]
-        if r["method"] == "baseline":
+        if r["method"] in ("baseline", "ar_gpu"):
             a["ar_ms"].append(m["decode_ms_per_token"])
             continue
         l1, l2 = lv.get("verify_l1"), lv.get("verify_l2")
@@ -80,22 +84,32 @@ def _nearest(x: int, xs: list[int]) -> int:
     return min(xs, key=lambda y: abs(y - x))
 
 
+def _tok_s(a: dict, c: dict) -> tuple[float, float]:
+    """(ms per round, tok/s) for one round's contents `a` at the per-call costs `c`."""
+    ms = a["draft_tokens_per_round"] * c["draft_ms_per_token"] + a["l1_calls_per_round"] * c["l1_ms"] + c["l2_ms"]
+    return ms, a["tokens_per_round"] / ms * 1e3
+
+
 def project(cost: dict, accept: dict) -> list[dict]:
     rows = []
-    ctx_cost = sorted({x for _, x in cost})
-    for (method, x), a in sorted(accept.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        xc = _nearest(x, ctx_cost)
-        c, base = cost.get((method, xc)), cost.get(("baseline", xc), {})
-        if not c or c.get("l2_ms") is None or c.get("l1_ms") is None:
+    for (method, xc), c in sorted(cost.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        xs = sorted(x for m, x in accept if m == method)
+        if method not in SPEC or not xs or c.get("l2_ms") is None or c.get("l1_ms") is None:
             continue
-        ms = a["draft_tokens_per_round"] * c["draft_ms_per_token"] + a["l1_calls_per_round"] * c["l1_ms"] + c["l2_ms"]
-        tok_s = a["tokens_per_round"] / ms * 1e3
-        ar = base.get("ar_ms")
-        rows.append({"label": LABEL, "method": method, "context_acceptance": x, "context_costs": xc, **a,
+        x = _nearest(xc, xs)
+        a = accept[(method, x)]
+        ms, tok_s = _tok_s(a, c)
+        band = [_tok_s(accept[(method, xa)], c)[1] for xa in xs]
+        ar, gpu = cost.get(("baseline", xc), {}).get("ar_ms"), cost.get(("ar_gpu", xc), {}).get("ar_ms")
+        rows.append({"label": LABEL, "method": method, "context_acceptance": x, "context_costs": xc,
+                     "acceptance_extrapolated": xc > max(xs) * 1.1, **a,
                      "draft_ms_per_token": c["draft_ms_per_token"], "l1_ms": c["l1_ms"], "l2_ms": c["l2_ms"],
-                     "ms_per_round": ms, "projected_tok_s": tok_s, "baseline_ar_ms": ar,
-                     "baseline_tok_s": 1e3 / ar if ar else None,
-                     "projected_speedup_vs_baseline": tok_s * ar / 1e3 if ar else None})
+                     "ms_per_round": ms, "projected_tok_s": tok_s,
+                     "projected_tok_s_range": [min(band), max(band)], "acceptance_contexts": xs,
+                     "baseline_ar_ms": ar, "baseline_tok_s": 1e3 / ar if ar else None,
+                     "projected_speedup_vs_baseline": tok_s * ar / 1e3 if ar else None,
+                     "ar_gpu_ms": gpu, "ar_gpu_tok_s": 1e3 / gpu if gpu else None,
+                     "projected_speedup_vs_ar_gpu": tok_s * gpu / 1e3 if gpu else None})
     return rows
 
 
@@ -116,16 +130,25 @@ def render(res: dict) -> str:
              f"{'/'.join(a['weights'])} weights, {', '.join(a['gpus'])}, commits {', '.join(a['commits'])}).",
              "The real pair's acceptance stands in for the projected pair's, and the parts were timed in separate "
              "runs: this is arithmetic on measurements, not a measurement.", "",
-             "| method | context (acceptance / costs) | tokens/round | draft tok/round | L1 calls/round | draft ms/tok "
-             "| L1 ms | L2 ms | ms/round | projected tok/s | AR baseline tok/s (measured) | projected speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | context (costs / acceptance) | tokens/round | draft tok/round | L1 calls/round | draft ms/tok "
+             "| L1 ms | L2 ms | ms/round | projected tok/s | range over acceptance contexts | offloaded AR tok/s "
+             "(measured) | projected speedup | all-on-GPU graphed AR tok/s (measured) | projected vs it |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     f = lambda v, p=2: "–" if v is None else f"{v:.{p}f}"
     for r in res["rows"]:
-        lines.append(f"| {r['method']} | {r['context_acceptance']} / {r['context_costs']} | {f(r['tokens_per_round'])} "
-                     f"| {f(r['draft_tokens_per_round'])} | {f(r['l1_calls_per_round'])} | "
+        star = " ⁺" if r["acceptance_extrapolated"] else ""
+        lo, hi = r["projected_tok_s_range"]
+        lines.append(f"| {r['method']} | {r['context_costs']} / {r['context_acceptance']}{star} | "
+                     f"{f(r['tokens_per_round'])} | {f(r['draft_tokens_per_round'])} | {f(r['l1_calls_per_round'])} | "
                      f"{f(r['draft_ms_per_token'])} | {f(r['l1_ms'])} | {f(r['l2_ms'])} | {f(r['ms_per_round'], 1)} | "
-                     f"{f(r['projected_tok_s'], 1)} | {f(r['baseline_tok_s'], 1)} | "
-                     f"{f(r['projected_speedup_vs_baseline'])}x |")
+                     f"{f(r['projected_tok_s'], 1)} | {f(lo, 1)}–{f(hi, 1)} | {f(r['baseline_tok_s'], 1)} | "
+                     f"{f(r['projected_speedup_vs_baseline'])}x | {f(r['ar_gpu_tok_s'], 1)} | "
+                     f"{f(r['projected_speedup_vs_ar_gpu'])}x |")
+    if any(r["acceptance_extrapolated"] for r in res["rows"]):
+        lines += ["", "⁺ the costs context is longer than any context of the acceptance folder: the longest measured "
+                  "acceptance stands in (acceptance may fall with context)."]
+    lines += ["", "The range column redoes the projection with the acceptance measured at each context of the "
+              f"acceptance folder ({', '.join(str(x) for x in res['rows'][0]['acceptance_contexts'])})."]
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         (d / "projection.json").write_text(json.dumps(res, indent=1) + "\n")
         (d / "summary.md").write_text(md + f"\nCommand: `{res['command']}`\n")
     print(json.dumps({"label": LABEL, "rows": [{k: r[k] for k in ("method", "context_costs", "projected_tok_s",
-                                                                   "projected_speedup_vs_baseline")} for r in rows]}))
+                                                                   "projected_speedup_vs_baseline",
+                                                                   "projected_speedup_vs_ar_gpu")} for r in rows]}))
     return 0
 
 
