@@ -48,7 +48,12 @@ def test_projection_arithmetic(tmp_path):
     assert r["projected_speedup_vs_ar_gpu"] == pytest.approx(7 / 88e-3 / 50.0)  # all on the GPU: 50 tok/s
     # 8192's acceptance: 8 x 1 + 4 x 10 + 50 = 98 ms for 9 tokens
     assert r["projected_tok_s_range"] == pytest.approx([7 / 88e-3, 9 / 98e-3])
-    assert r["label"].startswith("PROJECTION")
+    assert r["label"].startswith("PROJECTION") and r["draft_cost_from"] == "costs"
+    # the acceptance folder's own draft: 9 s / 80 tokens = 112.5 ms per token replaces 1 ms
+    (r2,) = project.project(project.costs(project._runs(costs)), project.acceptance(project._runs(acc)),
+                            project.costs(project._runs(acc)))
+    assert r2["draft_ms_per_token"] == pytest.approx(112.5) and r2["draft_cost_from"] == "acceptance"
+    assert r2["ms_per_round"] == pytest.approx(8 * 112.5 + 3 * 10.0 + 50.0)
     md = project.render({"costs_source": {"folder": "c", **project._meta(project._runs(costs))},
                          "acceptance_source": {"folder": "a", **project._meta(project._runs(acc))}, "rows": rows})
     assert "PROJECTION" in md and "not a measurement" in md

@@ -90,7 +90,9 @@ def _tok_s(a: dict, c: dict) -> tuple[float, float]:
     return ms, a["tokens_per_round"] / ms * 1e3
 
 
-def project(cost: dict, accept: dict) -> list[dict]:
+def project(cost: dict, accept: dict, draft: dict | None = None) -> list[dict]:
+    """``draft``: per-call costs of the acceptance folder; when given, its draft's ms per token (the real draft that
+    produced the acceptance, timed in the same runs) replaces the costs folder's."""
     rows = []
     for (method, xc), c in sorted(cost.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         xs = sorted(x for m, x in accept if m == method)
@@ -98,12 +100,16 @@ def project(cost: dict, accept: dict) -> list[dict]:
             continue
         x = _nearest(xc, xs)
         a = accept[(method, x)]
-        ms, tok_s = _tok_s(a, c)
-        band = [_tok_s(accept[(method, xa)], c)[1] for xa in xs]
+        # the costs at acceptance context xa: the draft's from the acceptance folder when asked
+        cs = {xa: {**c, "draft_ms_per_token": draft[(method, xa)]["draft_ms_per_token"]} if draft else c for xa in xs}
+        cx = cs.__getitem__
+        ms, tok_s = _tok_s(a, cx(x))
+        band = [_tok_s(accept[(method, xa)], cx(xa))[1] for xa in xs]
         ar, gpu = cost.get(("baseline", xc), {}).get("ar_ms"), cost.get(("ar_gpu", xc), {}).get("ar_ms")
         rows.append({"label": LABEL, "method": method, "context_acceptance": x, "context_costs": xc,
                      "acceptance_extrapolated": xc > max(xs) * 1.1, **a,
-                     "draft_ms_per_token": c["draft_ms_per_token"], "l1_ms": c["l1_ms"], "l2_ms": c["l2_ms"],
+                     "draft_ms_per_token": cx(x)["draft_ms_per_token"],
+                     "draft_cost_from": "acceptance" if draft else "costs", "l1_ms": c["l1_ms"], "l2_ms": c["l2_ms"],
                      "ms_per_round": ms, "projected_tok_s": tok_s,
                      "projected_tok_s_range": [min(band), max(band)], "acceptance_contexts": xs,
                      "baseline_ar_ms": ar, "baseline_tok_s": 1e3 / ar if ar else None,
@@ -129,7 +135,10 @@ def render(res: dict) -> str:
              f"Acceptance measured in `{a['folder']}` ({', '.join(a['target'])} + {', '.join(a['draft'])}, "
              f"{'/'.join(a['weights'])} weights, {', '.join(a['gpus'])}, commits {', '.join(a['commits'])}).",
              "The real pair's acceptance stands in for the projected pair's, and the parts were timed in separate "
-             "runs: this is arithmetic on measurements, not a measurement.", "",
+             "runs: this is arithmetic on measurements, not a measurement.",
+             "Draft ms/token: " + ("the acceptance folder's real draft, timed in its runs (the draft whose proposals "
+                                   "were accepted)." if res["rows"][0]["draft_cost_from"] == "acceptance" else
+                                   "the costs folder's draft."), "",
              "| method | context (costs / acceptance) | tokens/round | draft tok/round | L1 calls/round | draft ms/tok "
              "| L1 ms | L2 ms | ms/round | projected tok/s | range over acceptance contexts | offloaded AR tok/s "
              "(measured) | projected speedup | all-on-GPU graphed AR tok/s (measured) | projected vs it |",
@@ -156,10 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--costs", required=True, help="sweep folder at the projected shape (per-call costs)")
     ap.add_argument("--acceptance", required=True, help="sweep folder of a real pair (acceptance)")
+    ap.add_argument("--draft-from", choices=("costs", "acceptance"), default="costs",
+                    help="whose draft ms/token to use: the costs folder's draft, or the real draft of the acceptance "
+                         "folder (the one whose proposals were accepted), timed in those runs")
     ap.add_argument("--out", default=None, help="folder for projection.json and summary.md (default: print only)")
     a = ap.parse_args(argv)
     cr, ar = _runs(Path(a.costs)), _runs(Path(a.acceptance))
-    rows = project(costs(cr), acceptance(ar))
+    rows = project(costs(cr), acceptance(ar), costs(ar) if a.draft_from == "acceptance" else None)
     if not rows:
         raise SystemExit("no (method, context) is in both folders with level-1 and level-2 costs: nothing to project")
     res = {"label": LABEL, "costs_source": {"folder": a.costs, **_meta(cr)},
