@@ -99,11 +99,13 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         fig = Figure(figsize=(7.0, 4.5), dpi=110)
         ax = fig.add_subplot(1, 1, 1)
         for ctx in sp_ctx:
-            pts = sorted((_compression(by, v, ctx), cell["results"]["tok_per_s"])
+            pts = sorted((_compression(by, v, ctx), cell["results"]["tok_per_s"], v)
                          for (m, v, c), cell in by.items() if m == "speed" and c == ctx
                          and cell["results"].get("tok_per_s") and _compression(by, v, ctx) is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {ctx}")
+            if pts:  # one point per variant (distinct configs, not a curve), each labelled with its name
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=f"context {ctx}")
+                for x, y, v in pts:
+                    ax.annotate(v.split("/")[0][:18], (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
         ax.set_xlabel("KV compression (×)")
         ax.set_ylabel("decode tok/s (eager)")
         _legend(ax, 7)
