@@ -171,3 +171,21 @@ def test_check_pair_tokenizers_and_sizes():
         check_pair(target, draft, tok({"a": 0}), tok({"b": 0}))
     with pytest.warns(UserWarning, match=r"the draft \(0M parameters\) is not smaller than the target \(0M\)"):
         check_pair(target, target)  # equal size warns too
+
+
+def test_graph_counts_no_capture_inside_the_decode_loop():
+    """Every verification shape is captured before the timed loop, also the short last rounds (k < gamma), so a level's
+    decode time holds no capture (three forwards each on CUDA). Eager forwards (here: int8 flushes, one per 16 tokens
+    of a layer group) are counted. On the CPU the graphed runners do the same bookkeeping as on CUDA."""
+    target = tiny_model("llama", max_position_embeddings=2048, num_hidden_layers=4)
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1, max_position_embeddings=2048)
+    prompt = torch.randint(3, 90, (1, 600), generator=torch.Generator().manual_seed(0))
+    gen = GenerationConfig(max_new_tokens=60, stop_on_eos=False, prefill_chunk=128)
+    pl = Placement(on_chip=2, kv_quant="int8", kv_group_size=16, resident_layers=2)
+    sp = speculative_generate(target, draft, prompt, gen, SpecConfig(gamma=8, draft_gamma=4, budget=64, chunk=8,
+                                                                     graphs=True), placement=pl)
+    l2, l1 = sp.levels["verify_l2"], sp.levels["verify_l1"]
+    assert l2["graph_captures"] == 0 and l1["graph_captures"] == 0
+    assert l2["proposed"] < 8 * l2["rounds"]  # some round proposed fewer than gamma: its shape was precaptured
+    assert 1 <= l2["eager_forwards"] < l2["rounds"]  # the flushes, not every forward
+    assert l2["capture_s"] == 0.0

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,12 @@ class Runner:
 
     def __init__(self, model, cache, n: int = 0):
         self.model, self.cache, self.n = model, cache, n
+        # forwards run eagerly by a graphed runner (a flush, a slot fill), and graphs captured on the way with their
+        # seconds: a capture inside the decode loop is charged to the level that needed it, so it is counted
+        self.eager_steps, self.captures, self.capture_s = 0, 0, 0.0
+
+    def graph_counts(self) -> tuple[int, int, float]:
+        return self.eager_steps, self.captures, self.capture_s
 
     def feed(self, seq: Seq, upto: int, num_logits: int, eager: bool = False) -> Tensor:
         """Feed tokens [n, upto) -> logits (1, num_logits, V) for the last num_logits positions."""
@@ -72,22 +80,27 @@ class GraphRunner(Runner):
         T = ids.shape[1]
         layout = None if eager else self.cache.graph_key(T)
         if layout is None:  # asked, or the cache cannot run this forward statically (a flush, a slot fill)
+            self.eager_steps += not eager
             return super().step(ids, num_logits)
         key = (T, num_logits, layout)
         if key not in self.graphs:
-            self.graphs[key] = GraphedForward(self.model, self.cache, T, num_logits, self.pool, batch=ids.shape[0])
+            self._capture(key, T, num_logits, ids.shape[0])
         logits = self.graphs[key](ids, self.n, layout)
         self.n += T
         return logits
 
     def precapture(self, shapes: list[tuple[int, int]], batch: int = 1) -> None:
-        if self.pool is None:  # the CPU: forwards are eager, nothing to capture ahead
-            return
-        for T, nl in shapes:
+        for T, nl in shapes:  # on the CPU a "capture" is bookkeeping only (its forwards run eagerly when called)
             layout = self.cache.graph_key(T)
             key = (T, nl, layout)
             if layout is not None and key not in self.graphs and self.cache.length() + T <= self.cache.capacity():
-                self.graphs[key] = GraphedForward(self.model, self.cache, T, nl, self.pool, batch=batch)
+                self._capture(key, T, nl, batch)
+
+    def _capture(self, key: tuple, T: int, num_logits: int, batch: int) -> None:
+        t0 = time.perf_counter()  # a capture synchronizes the device anyway: host time is its cost
+        self.graphs[key] = GraphedForward(self.model, self.cache, T, num_logits, self.pool, batch=batch)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
 
 
 def make_runner(model, cache, n: int = 0) -> Runner:

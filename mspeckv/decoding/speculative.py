@@ -358,9 +358,13 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
         lower0.runner.precapture([(1, 1), (2, 1)])
     if mid_runner is not None:
         mid_runner.precapture([(k + 1 + c, k + 1) for k in range(spec.draft_gamma + 1) for c in (0, 1)])
-    full.precapture([(spec.gamma + 1, spec.gamma + 1)])
+    # every verification shape: the last rounds propose fewer than gamma, and a graph captured then would be charged
+    # to decode time (a capture runs three forwards)
+    full.precapture([(k + 1, k + 1) for k in range(spec.gamma + 1)])
     sync(device)
     t_setup = time.perf_counter()
+    runners = {"verify_l2": full, "verify_l1": mid_runner, "draft": lower0.runner}
+    at_setup = {k: r.graph_counts() for k, r in runners.items() if r is not None}
     top = VerifyLevel("verify_l2", full, mid, spec.gamma, s, g, timers, eos=eos_t)
     made = 1
     saw_eos = bool(eos) and int(first[0]) in eos
@@ -392,6 +396,10 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     levels = {"verify_l2": top.stats.as_dict()}
     if isinstance(mid, VerifyLevel):
         levels["verify_l1"] = mid.stats.as_dict()
+    for k, (e0, c0, s0) in at_setup.items():  # inside the timed loop only
+        e, c, cs = runners[k].graph_counts()
+        if k in levels:
+            levels[k].update(eager_forwards=e - e0, graph_captures=c - c0, capture_s=cs - s0)
     stats = {"mode": spec.mode, "drafter": spec.drafter, "accepted": levels["verify_l2"]["accepted_per_round"],
              "verifications": top.stats.rounds, "time_s": secs, "forwards": top.stats.rounds + 1}
     if report := full_cache.memory_report():
