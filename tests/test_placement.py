@@ -401,3 +401,27 @@ def test_code_staging_ring_depth():
         assert len(c.qstage) == n
         nb = lambda fs: sum(f.nbytes() for pair in fs for f in pair)
         assert rep["staging_bytes"] == nb(c.stage) + nb(c.qstage)
+
+
+def test_decode_bytes_per_token_leaves_out_prefill():
+    """Bytes per decoded token count the decode window only. A chunked prefill streams the offloaded layers too, and
+    the whole-run total (``bytes_per_token``) includes that. By hand: 2 offloaded layers x K,V x 2 heads x 112 flushed
+    rows (128 - the 8-token slack, rounded to groups of 16) x 16 dims x 4 bytes = 57344 bytes per step."""
+    from mspeckv.bench.methods import _metrics
+    from mspeckv.config import GenerationConfig
+    from mspeckv.decoding.autoregressive import generate
+
+    m = tiny_model("llama")
+    ids = torch.randint(3, 90, (1, 128), generator=torch.Generator().manual_seed(0))
+    pl = Placement(on_chip=1, kv_group_size=16, rollback_slack=8)
+    per_step = 2 * 2 * 2 * 112 * 16 * 4
+    for chunk, streamed_in_prefill in ((1024, False), (32, True)):
+        c = make_cache(m, pl, 1, 128 + 6, graphs=False)
+        r = generate(m, ids, GenerationConfig(max_new_tokens=6, stop_on_eos=False, prefill_chunk=chunk), cache=c)
+        before = r.stats["h2d_bytes_before_decode"]
+        assert (before > 0) == streamed_in_prefill
+        mem = c.memory_report()
+        assert mem["h2d_bytes_total"] == before + 5 * per_step
+        got = _metrics(1.0, 1.0, 6, None, "test", 128, mem, h2d_bytes_before_decode=before)
+        assert got["decode_bytes_per_token"] == per_step
+        assert got["bytes_per_token"] == mem["h2d_bytes_total"] / 6

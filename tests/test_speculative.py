@@ -189,3 +189,6 @@ def test_graph_counts_no_capture_inside_the_decode_loop():
     assert l2["proposed"] < 8 * l2["rounds"]  # some round proposed fewer than gamma: its shape was precaptured
     assert 1 <= l2["eager_forwards"] < l2["rounds"]  # the flushes, not every forward
     assert l2["capture_s"] == 0.0
+    # the bytes streamed before the decode loop (prefill, warm-ups of the captures) are recorded apart
+    before, total = sp.stats["h2d_bytes_before_decode"], sp.stats["memory"]["h2d_bytes_total"]
+    assert before is not None and 0 <= before <= total

@@ -304,6 +304,7 @@ def test_breakdown_of_one_run_and_of_a_group():
     assert b["verify_l1_ms_per_call"] == pytest.approx(50.0) and b["verify_l2_ms_per_call"] == pytest.approx(250.0)
     assert b["other_s"] == pytest.approx(0.1) and b["other_share"] == pytest.approx(0.05)  # prefill is not decode
     assert b["h2d_MB_per_token"] == pytest.approx(2.0) and b["resident_hit_rate"] == 0.5
+    assert run_breakdown({**m, "decode_bytes_per_token": 1e6})["h2d_MB_per_token"] == pytest.approx(1.0)  # decode only
     base = run_breakdown({"latency_s": 3.0, "per_level_s": {"prefill": 1.0, "decode": 3.0}})
     assert base["draft_s"] is None and base["other_s"] is None and base["latency_s"] == 3.0
     g = group_breakdown([{"metrics": m}, {"metrics": {**m, "latency_s": 4.0}}])

@@ -5,7 +5,9 @@ Each speculative run records ``per_level_s`` (CUDA-event time of each level over
 over its retrieval cache (hierarchy only), ``verify_l2`` the target over its full KV (the top level, vanilla included).
 ``draft_ms_per_token`` = draft seconds / tokens the draft proposed (the ``proposed`` count of the level above it).
 ``other`` = latency − the levels' sum: host work between levels, acceptance, bookkeeping. A baseline run has a single
-``decode`` level. Every number is a mean over the ok runs (seeds) of a group; nothing here is estimated.
+``decode`` level. ``h2d_MB_per_token``: bytes streamed in the decode window per token after the first
+(``decode_bytes_per_token``); runs recorded before that field fall back to the whole run's bytes (prefill included)
+over all tokens. Every number is a mean over the ok runs (seeds) of a group; nothing here is estimated.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def run_breakdown(metrics: dict[str, Any]) -> dict[str, float | None]:
     out["other_s"] = lat - spent if speculative and lat is not None else None
     out["other_share"] = out["other_s"] / lat if out["other_s"] is not None and lat else None
     out["decode_ms_per_token"] = metrics.get("decode_ms_per_token")
-    bpt = metrics.get("bytes_per_token")
+    bpt = metrics.get("decode_bytes_per_token")
+    bpt = metrics.get("bytes_per_token") if bpt is None else bpt
     out["h2d_MB_per_token"] = bpt / 1e6 if bpt is not None else None
     out["resident_hit_rate"] = metrics.get("resident_hit_rate")
     return out

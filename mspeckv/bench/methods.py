@@ -13,7 +13,9 @@ Measurement conventions (every method):
   excluded). ``e2e_s`` = ttft + latency. ``tok_per_s`` = (n_generated - 1) / latency_s: the tokens produced inside the
   latency window (the first token belongs to TTFT). ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1).
 * ``bytes_transferred``: host-to-device KV bytes of the target's cache for the whole run (prefill included; 0 when
-  every layer is on the chip); ``bytes_per_token`` = that / n_generated. ``peak_gpu_bytes``: max allocated (weights
+  every layer is on the chip); ``bytes_per_token`` = that / n_generated. ``decode_bytes_per_token``: the bytes
+  streamed inside the decode window (after prefill and graph capture) per token after the first: per accepted token
+  for the speculative methods. ``peak_gpu_bytes``: max allocated (weights
   included) after a reset before the run; None on the CPU. ``resident_hit_rate``: None without resident layers.
 * hf_assisted: transformers ``generate(assistant_model=...)`` with ``DynamicCache(offloading=True)`` (every layer
   offloaded, transformers' own scheme; on the CPU, where offloading has no meaning and needs CUDA, a plain
@@ -135,12 +137,15 @@ def _timed(ctx: SweepContext, method: str, x: int, run: Callable[[int], Any], ge
 def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str, prompt_len: int,
              mem: dict | None, **extra) -> dict[str, Any]:
     h2d = (mem or {}).get("h2d_bytes_total", 0)
+    h2d0 = extra.pop("h2d_bytes_before_decode", None)
+    dec = h2d - h2d0 if (h2d is not None and h2d0 is not None) else None
     return {
         "ttft_s": ttft, "latency_s": latency, "e2e_s": ttft + latency,
         "tok_per_s": (n - 1) / latency if latency > 0 else None,
         "decode_ms_per_token": 1e3 * latency / max(n - 1, 1),
         "n_generated": n, "prompt_len": prompt_len, "prompt_source": source,
         "bytes_transferred": h2d, "bytes_per_token": h2d / n if (h2d is not None and n) else None,
+        "decode_bytes_per_token": dec / max(n - 1, 1) if dec is not None else None,
         # every generated token is an accepted one, so bytes_per_token is the bytes per accepted token; the PCIe rate
         # is the H2D bytes over the copy stream's busy time (CUDA events around each fetch): GB/s while streaming
         "h2d_GBps_streaming": (mem or {}).get("h2d_achieved_GBps"), "h2d_busy_s": (mem or {}).get("h2d_busy_s"),
@@ -173,6 +178,7 @@ def _ours(ctx: SweepContext, method: str, x: int, seed: int, mode: str | None) -
         mem, per_level = res.stats.get("memory"), res.stats.get("time_s")
     hit = mem.get("resident_hit_rate") if mem and placement.resident_layers else None
     return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, mem,
+                    h2d_bytes_before_decode=res.stats.get("h2d_bytes_before_decode"),
                     prefill_s=res.prefill_s, accepted=res.stats.get("accepted"), levels=getattr(res, "levels", None),
                     verifications=res.stats.get("verifications"), per_level_s=per_level, resident_hit_rate=hit,
                     placement=placement.describe(ctx.target.cfg.n_layers), resident_layers=placement.resident_layers)

@@ -101,6 +101,7 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     runner.n = cache.next_position()
     if gen.max_new_tokens > 1:
         runner.precapture([(1, 1)], batch=B)  # nothing on the CPU or for an eager runner
+    h2d0 = (cache.memory_report() or {}).get("h2d_bytes_total")  # streamed by prefill and capture (outside decode)
     sync(device)
     t_dec = time.perf_counter()  # decode time starts after the capture
     capture_s = t_dec - t_first
@@ -116,4 +117,5 @@ def generate(model, input_ids: Tensor, gen: GenerationConfig, cache=None, eos_id
     rows = torch.stack(out, 1).tolist()
     rows = trim_at_eos(rows, eos) if eos else rows
     return GenerationResult(rows, T, t_prefill - t0, t_first - t0, t_end - t_dec,
-                            stats={"mode": "ar", "forwards": len(out), "capture_s": capture_s})
+                            stats={"mode": "ar", "forwards": len(out), "capture_s": capture_s,
+                                   "h2d_bytes_before_decode": h2d0})

@@ -361,6 +361,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     # every verification shape: the last rounds propose fewer than gamma, and a graph captured then would be charged
     # to decode time (a capture runs three forwards)
     full.precapture([(k + 1, k + 1) for k in range(spec.gamma + 1)])
+    h2d0 = (full_cache.memory_report() or {}).get("h2d_bytes_total")  # prefill and captures: outside decode
     sync(device)
     t_setup = time.perf_counter()
     runners = {"verify_l2": full, "verify_l1": mid_runner, "draft": lower0.runner}
@@ -405,6 +406,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     if report := full_cache.memory_report():
         stats["memory"] = report
     stats["graph_setup_s"] = t_setup - t_first
+    stats["h2d_bytes_before_decode"] = h2d0
     return SpecResult(rows, T, secs.get("prefill", t_first - t0), t_first - t0, t_end - t_setup, stats=stats,
                       levels=levels)
 
