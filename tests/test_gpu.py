@@ -231,3 +231,19 @@ def test_fused_model_matches_unfused(dtype, monkeypatch):
         torch.testing.assert_close(a, b, **tol)
     same = [torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(outs["0"], outs["1"], strict=True)]
     assert sum(same) >= len(same) - (0 if dtype == torch.float32 else 2)
+
+
+@pytest.mark.parametrize("T", [1, 9])
+def test_per_kv_head_mask_attention_on_cuda_matches_the_cpu(T):
+    """AdaKV's per-head padded rows: the (B, Hkv, T, S) mask through the CUDA fold path (fp32-score bmm) equals the
+    CPU path (SDPA over folded queries) in fp32."""
+    from mspeckv.model.llama import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 12, T, 128, generator=g), torch.randn(1, 2, 3000, 128, generator=g), \
+        torch.randn(1, 2, 3000, 128, generator=g)
+    mask = torch.rand(1, 2, T, 3000, generator=g) > 0.3
+    mask[..., 0] = True
+    ref = attention(q, k, v, mask)
+    got = attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda()).cpu()
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

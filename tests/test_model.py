@@ -179,3 +179,23 @@ def test_cache_built_for_another_batch_is_refused():
     with torch.no_grad(), pytest.raises(ValueError, match=r"built for batch 1 but input_ids has 2 row\(s\); build "
                                                            r"the cache with batch=2"):
         ours(torch.randint(3, 97, (2, 4)), DenseKV.for_model(ours, 1, 8))
+
+
+@pytest.mark.parametrize("T", [1, 9, 40])  # folded (G*T <= 64) and the repeat path (G*T > 64)
+def test_attention_with_a_per_kv_head_mask_matches_each_head_by_hand(T):
+    """A (B, Hkv, T, S) mask (heads that keep different rows) goes through the same paths as a (T, S) one; each query
+    head must see its KV head's mask. Reference: a softmax per query head, masked by hand."""
+    from mspeckv.model.llama import attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, S, D = 1, 2, 3, 50, 16
+    q = torch.randn(B, Hkv * G, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    mask = torch.rand(B, Hkv, T, S, generator=g) > 0.4
+    mask[..., 0] = True  # every row sees at least one key
+    y = attention(q, k, v, mask)
+    for h in range(Hkv * G):
+        kv = h // G
+        sc = (q[:, h] @ k[:, kv].transpose(-1, -2)) * D ** -0.5  # (B, T, S)
+        ref = sc.masked_fill(~mask[:, kv], float("-inf")).softmax(-1) @ v[:, kv]
+        torch.testing.assert_close(y[:, h], ref, atol=1e-5, rtol=1e-5)

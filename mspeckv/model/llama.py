@@ -101,7 +101,8 @@ FOLD_MAX = 64  # query rows (G * T) up to which decode/verify attention folds GQ
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor | None = None) -> Tensor:
-    """q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (T, S) bool or None (= no masking) -> (B, Hq, T, D).
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (T, S) bool, or (B, Hkv, T, S) when each KV head keeps different rows
+    (per-head padded stores), or None (= no masking) -> (B, Hq, T, D).
     ``lens`` (T,), when given, says the mask is each row's prefix [0, lens[t]): the Triton kernel then takes the
     bound alone and loads no mask (the torch paths use the mask).
 
@@ -124,17 +125,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor
             return decode_attention_triton(q, k, v, mask)
     if G * T <= FOLD_MAX:
         qf = q.reshape(B, Hkv, G * T, D)  # query head h = kv * G + g
-        fm = None if mask is None else mask.repeat(G, 1)  # (G*T, S)
+        # folded row g*T + t is query row t: (T, S) -> (G*T, S); per-KV-head (B, Hkv, T, S) -> (B, Hkv, G*T, S)
+        fm = None if mask is None else mask.repeat(1, 1, G, 1) if mask.dim() == 4 else mask.repeat(G, 1)
         if q.is_cuda and B == 1:
             sc = torch.bmm(qf[0] * D ** -0.5, k[0].transpose(1, 2), out_dtype=torch.float32)  # (Hkv, G*T, S)
             if fm is not None:
-                sc.masked_fill_(~fm, float("-inf"))
+                sc.masked_fill_(~(fm[0] if fm.dim() == 4 else fm), float("-inf"))
             y = torch.bmm(sc.softmax(-1).to(v.dtype), v[0])[None]  # (1, Hkv, G*T, D)
         else:
             y = F.scaled_dot_product_attention(qf, k, v, attn_mask=fm)
         return y.reshape(B, Hq, T, D)
     if G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        if mask is not None and mask.dim() == 4:
+            mask = mask.repeat_interleave(G, dim=1)  # (B, Hkv, T, S) -> (B, Hq, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -208,12 +212,7 @@ class Attention(nn.Module):
             if mask is None:
                 mask = masks[S] = causal_mask(T, S, x.device)
         cache.on_update(layer, k, v, k_all, mask)
-        if mask is not None and mask.dim() == 4:  # per-KV-head mask (B, Hkv, T, S): heads keep different rows
-            G = c.n_heads // c.n_kv_heads
-            y = F.scaled_dot_product_attention(q, k_all.repeat_interleave(G, 1), v_all.repeat_interleave(G, 1),
-                                               attn_mask=mask.repeat_interleave(G, 1))
-        else:
-            y = attention(q, k_all, v_all, mask, cache.attn_lens)  # (B, Hq, T, D)
+        y = attention(q, k_all, v_all, mask, cache.attn_lens)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
 
