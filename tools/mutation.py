@@ -34,6 +34,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "speculative": (["mspeckv/decoding/speculative.py", "mspeckv/decoding/runner.py"],
                     ["tests/test_levels.py", "tests/test_distribution.py::test_runner_levels_every_drawn_token",
                      "tests/test_speculative.py::test_errors",
+                     "tests/test_speculative.py::test_graph_counts_no_capture_inside_the_decode_loop",
                      "tests/test_presses.py::test_greedy_mspeckv_with_any_middle_press_equals_ar"]),
     "autoregressive_drafters": (["mspeckv/decoding/autoregressive.py", "mspeckv/decoding/drafters.py"],
                                 ["tests/test_drafters.py", "tests/test_cache_sampling.py"]),
