@@ -191,3 +191,20 @@ def test_each_variant_cell_is_written_when_it_finishes(tiny, tmp_path, capsys, m
     assert cli.main(args) == 0
     assert calls == [[INT8]] and len(list((out / "cells").iterdir())) == 2
     capsys.readouterr()
+
+
+def test_eval_speed_records_whether_it_replayed_graphs(tiny, tmp_path, capsys):
+    """--speed-graphs is a setting of the speed cells (another value into the same directory is refused), and each
+    cell says whether its decode replayed graphs: never on the CPU."""
+    model, corpus = tiny
+    out = tmp_path / "s"
+    args = ["eval", "speed", "--model", model, "--dataset", corpus, "--device", "cpu", "--context", "96",
+            "--speed-gen", "4", "--output-dir", str(out), "--no-plots"]
+    assert cli.main([*args, "--speed-graphs"]) == 0
+    cell = json.loads((out / "cells" / "speed__full__ctx=96.json").read_text())
+    assert cell["settings"]["speed_graphs"] is True
+    assert cell["results"]["graphed"] is False and cell["results"]["eager_steps"] == 0
+    assert cell["results"]["decode_tokens"] == 3 and cell["results"]["kv_bytes"] > 0
+    capsys.readouterr()
+    assert cli.main(args) == 2  # eager cells into the graphed directory: refused before loading anything
+    assert "speed_graphs" in capsys.readouterr().err

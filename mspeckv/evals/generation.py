@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decoding.runner import Runner, make_runner
+from ..decoding.runner import GraphRunner, Runner, make_runner
 from .variants import Variant, build_cache, kv_bytes
 
 
@@ -31,6 +31,8 @@ class Generated:
     kv_bytes: int  # held right after the prompt (compressed), before any generated token is appended
     prompt_len: int
     kv_bytes_end: int | None = None  # held once the last generated token is fed too (feed_last=True)
+    graphed: bool = False  # the decode steps replayed CUDA graphs (a static cache and graphs asked), but for...
+    eager_steps: int = 0  # ... these, which the cache could not run statically (a flush, a slot fill)
 
     @property
     def tpot_s(self) -> float | None:
@@ -80,8 +82,10 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
             break
     sync(device)
     t_end = time.perf_counter()
+    graphed = isinstance(runner, GraphRunner) and device.type == "cuda"
+    eager = runner.eager_steps if graphed else 0  # timed steps only (the feed_last step below is not)
     end = None
     if feed_last:
         runner.step(tok[:, None])
         end = kv_bytes(cache)
-    return Generated(out, t_first - t0, t_end - t1, held, T, end)
+    return Generated(out, t_first - t0, t_end - t1, held, T, end, graphed, eager)

@@ -65,7 +65,8 @@ FAMILIES = (
            ("dataset", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk"),
            "context", shared_pass=True),
     Family("recon", ("recon",), "recon", "run", ("dataset", "seed", "prefill_chunk"), "context", shared_pass=True),
-    Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen"), "context"),
+    Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen", "speed_graphs"),
+           "context"),
     Family("needle", ("needle",), "retrieval", "run_needle",
            ("dataset", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
     Family("ruler", ("ruler",), "retrieval", "run_ruler",
@@ -117,6 +118,9 @@ class EvalConfig:
     gsm8k_graphs: bool = opt(False, "gsm8k: decode replaying CUDA graphs where the cache allows (the full cache and "
                                     "placements; pressed caches stay eager); same model, different kernels")
     speed_gen: int = opt(64, "speed: generated tokens per variant and context")
+    speed_graphs: bool = opt(False, "speed: decode replaying CUDA graphs where the cache allows (the full cache, "
+                                    "placements, dense presses); TPOT then times the cache rather than the host's "
+                                    "launches. Codes and latents stay eager; each cell records what ran")
     draft: str = opt("qwen2.5-coder-0.5b", "accept: draft model of the MSpecKV hierarchy")
     accept_prompts: int = opt(2, "accept: prompts per context")
     accept_gen: int = opt(128, "accept: generated tokens per prompt")

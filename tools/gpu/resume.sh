@@ -13,9 +13,10 @@
 # Next session (after 1b2ad9e's lease): carry .whl, the 1.5B (.carry/q15.*, 21 calls) AND the 0.5B (.carry/q05.*, 9
 # calls: the accept eval runs the MSpecKV hierarchy, whose draft is the 0.5B). Then, on an x2 machine:
 #   GPU 0: `check` (GPU tests: the per-KV-head mask path is new), then `seven128` (the 7B shape at 131008, a new
-#          folder), then `seven` again into a new folder if time is left (the L2 counters of e6cf2a7);
+#          folder), then `speedg` (the overview's speed columns with CUDA graphs, alone on its GPU), then `seven`
+#          again into a new folder if time is left (the L2 counters of e6cf2a7);
 #   GPU 1: `quality3` (GSM8K for the families without a cell, RULER 16K/32K for adakv and KIVI 8-bit, adakv's
-#          acceptance after 3445f0a and its speed after 0f7505f).
+#          acceptance after 3445f0a).
 # Then `python tools/project.py --costs <the new 7B folders> --acceptance results/context/qwen2.5-coder-1.5b_A1_h200_graphed
 # --draft-from acceptance --out results/projection/...`.
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
@@ -131,6 +132,14 @@ seven128)  # the 7B shape at 131008 alone (the 1b2ad9e sweep reached 32K and 64K
     --resident-layers 16 --gamma 8 --methods baseline,mspeckv_kv_quant,ar_gpu,mspeckv --seeds ${SEVEN_SEEDS:-1,2} \
     --device cuda --no-progress --output-dir /root/A1r7_128k
   ;;
+speedg)  # timing, alone on its GPU: the overview's speed columns replaying CUDA graphs where the cache allows
+  mkdir -p /root/q_speedg
+  S="$E speed $C --context 2048,8192,32768 --output-dir /root/q_speedg --speed-graphs"
+  timeout 280 $S --kv-quant none,int8,int4,int2
+  timeout 300 $S --no-baseline --press snapkv:budget=0.25 streaming:budget=0.25 h2o:budget=0.25 pyramidkv:budget=0.25 \
+    adakv:budget=0.25 kivi:k_bits=8,v_bits=8 kivi:k_bits=4,v_bits=4 kivi:k_bits=2,v_bits=2,group_size=32,residual=128 \
+    conservative aggressive extreme
+  ;;
 quality3)  # background jobs: what issue 10 still lacks after the 1b2ad9e session (results/quality/*/README.md)
   prep_quality
   G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
@@ -142,8 +151,7 @@ quality3)  # background jobs: what issue 10 still lacks after the 1b2ad9e sessio
   done
   job r_ak $E ruler $C --output-dir /root/q_grid --no-baseline --press adakv:budget=0.25 kivi:k_bits=8,v_bits=8
   job a_ada $E accept $C --context 8192,32768 --output-dir /root/q_acc --no-baseline --press adakv:budget=4096
-  job s_ada $E speed $C --context 2048,8192,32768 --output-dir /root/q_speed_ada --no-baseline --press adakv:budget=0.25
   sleep 5; ps aux | grep "mspeckv" | grep -v grep | wc -l
   ;;
-*) echo "usage: $0 check|check2|timing|seven|seven128|gpu0|quality|speed|quality2|quality3" >&2; exit 2 ;;
+*) echo "usage: $0 check|check2|timing|seven|seven128|speedg|gpu0|quality|speed|quality2|quality3" >&2; exit 2 ;;
 esac
