@@ -471,3 +471,38 @@ def test_attn_lens_describes_attn_mask_exactly(monkeypatch):
                 m(x[:, t + 1:t + 3], c, num_logits=None)
             assert seen["lens"] > before, type(c).__name__
     assert seen["mask only"] > 0  # the offloaded layers' masks have a gap: no lens there
+
+
+def test_graph_runner_counts_captures_and_eager_forwards():
+    """GraphRunner's counters (what the spec loop reports per level): one capture per new (tokens, logits, layout),
+    its host seconds, and the forwards the cache could not run statically; an eager=True call is asked for, not
+    forced, and is not counted. On the CPU a capture is bookkeeping only (no forwards)."""
+    from mspeckv.kv.placement import Placement, make_cache
+    from tests.tiny import tiny_model
+
+    m = tiny_model("llama")
+    cache = make_cache(m, Placement(on_chip=1, kv_group_size=16, rollback_slack=4), 1, 128, graphs=True)
+    ids = torch.randint(3, 90, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        _graph_runner_counts(m, cache, ids)
+
+
+def _graph_runner_counts(m, cache, ids):
+    from mspeckv.decoding.runner import GraphRunner, make_runner
+
+    m.prefill(ids, cache, chunk=64)
+    r = make_runner(m, cache, n=64)
+    assert isinstance(r, GraphRunner) and r.graph_counts() == (0, 0, 0.0)
+    r.precapture([(1, 1), (3, 3), (1, 1)])  # the repeated shape is one graph
+    e, c, s = r.graph_counts()
+    assert (e, c) == (0, 2) and 0.0 < s < 10.0
+    r.step(ids[:, :2], 2)  # a shape not captured yet: captured on the way
+    assert r.graph_counts()[:2] == (0, 3) and r.graph_counts()[2] >= s
+    r.step(ids[:, :1], 1, eager=True)  # asked for: not counted
+    assert r.graph_counts()[0] == 0
+    steps = 0
+    while cache.graph_key(1) is not None:  # run until a group of 16 must be flushed to the CPU store
+        r.step(ids[:, :1], 1)
+        steps += 1
+    r.step(ids[:, :1], 1)  # the flush runs eagerly, and is counted
+    assert r.graph_counts()[0] == 1 and steps < 20
