@@ -149,6 +149,7 @@ def test_adakv_heads_keep_different_counts_with_the_same_total(model, reference)
     out, c = run(model, "adakv:budget=24,window=4,obs_window=8,floor=0.2")
     valid = c.stores[0][0].valid  # (1, 2, n_max): padding is marked invalid and masked out of attention
     assert valid is not None and int(valid.sum()) == 2 * 24
+    assert c.stores[0][0].pos.dtype == torch.int32  # positions are stored as int32, as by every other press
     assert torch.isfinite(out).all()
 
 
@@ -158,12 +159,13 @@ def test_adakv_max_rows_bounds_one_head_taking_every_pooled_row():
     from mspeckv.presses.adakv import AdaKVPress
 
     class Skewed(AdaKVPress):
-        def score(self, layer, k, pos, obs):  # head 0: flat (every row near its max); head 1: one spike
+        def score(self, layer, k, pos, obs):  # head 0: flat (every row near its max); head 1: one spike, on a sink
             B, H, L, _ = k.shape
             s = torch.rand(B, H, L) * 0.01
             s[:, 0] += 0.9
-            s[:, 1, L // 2] = 1.0
-            return s  # forced_ranking scales each head to [0, 1]: head 0's rows then outrank head 1's
+            s[:, 1] *= 1e-3
+            s[:, 1, 0] = 1.0
+            return s  # forced_ranking scales each head to [0, 1]: head 0's free rows then outrank head 1's
 
     L, H = 200, 2
     p = Skewed(budget=40, sinks=2, window=4, floor=0.2)
@@ -173,6 +175,14 @@ def test_adakv_max_rows_bounds_one_head_taking_every_pooled_row():
     assert sum(counts) == 40 * H and counts[0] > 40  # the mean budget (40) would be too small a buffer
     assert counts[0] == p.max_rows(L, 1, n_kv_heads=H) == 40 * H - 8 * (H - 1)  # n_own = max(0.2*40, 2+4) = 8
     assert p.max_rows(L, 1) == 40 and p.max_rows(30, 1, n_kv_heads=H) == 30  # one head; a budget over L keeps all
+    # the forced rows can set each head's own share: sinks + window = 6 > floor x 40 = 4
+    q = Skewed(budget=40, sinks=2, window=4, floor=0.1)
+    _, valid = q.select_adaptive(0, 1, k, torch.arange(L).expand(1, H, L), [])
+    assert valid.sum(-1)[0, 0] == q.max_rows(L, 1, n_kv_heads=H) == 40 * H - 6 * (H - 1)
+    # per-layer budgets: each layer keeps its own total, and the buffer covers the largest layer's worst case
+    r = Skewed(budget=40, sinks=2, window=4, floor=0.2, layer_budgets=(10, 40))
+    kept = [r.select_adaptive(i, 2, k, torch.arange(L).expand(1, H, L), [])[1].sum().item() for i in (0, 1)]
+    assert kept == [10 * H, 40 * H] and r.max_rows(L, 2, n_kv_heads=H) == 40 * H - 8 * (H - 1)
 
 
 def test_kivi_error_within_quantizer_bounds(model):
@@ -287,6 +297,8 @@ def test_presets_load_and_mirror_table_4():
     ("retrieval:budget=30,chunk=8", "not a multiple of chunk"), ("lowrank:rank=4", "lowrank.calib is required"),
     ("nope:x=1", "unknown press 'nope'"), ("snapkv:budget", "'budget' is not key=value"),
     ("snapkv:reduce=median", "reduce must be mean or max"), ("pyramidkv:spread=1.5", "spread must be in"),
+    ("adakv:floor=1.5", r"AdaKVPress.floor must be in \[0.0, 1.0\], got 1.5"),
+    ("adakv:floor=-0.1", r"AdaKVPress.floor must be in \[0.0, 1.0\], got -0.1"),
 ])
 def test_bad_fields_get_one_clear_error(bad, msg):
     with pytest.raises(ValueError, match=msg):

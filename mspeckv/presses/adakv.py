@@ -30,9 +30,9 @@ class AdaKVPress(SnapKVPress):
     def select(self, layer, n_layers, k, pos, obs):
         return self.select_adaptive(layer, n_layers, k, pos, obs)[0]
 
-    def _n_own(self, n: int, L: int) -> int:
-        """Rows each head keeps by its own ranking when the layer keeps ``n`` per head on average."""
-        return max(int(self.floor * n), min(n, L, self.sinks + self.forced_window(n)))
+    def _n_own(self, n: int) -> int:
+        """Rows each head keeps by its own ranking when the layer keeps ``n`` (< L) per head on average."""
+        return max(int(self.floor * n), min(n, self.sinks + self.forced_window(n)))
 
     def max_rows(self, L, n_layers, n_kv_heads=1):
         # one head can win every pooled row: its own n_own plus the other heads' shares, n*H - n_own*H of them
@@ -41,7 +41,7 @@ class AdaKVPress(SnapKVPress):
             n = n_keep(self.layer_budget(i, n_layers), L)
             if n >= L:
                 return L
-            worst = max(worst, n * n_kv_heads - self._n_own(n, L) * (n_kv_heads - 1))
+            worst = max(worst, n * n_kv_heads - self._n_own(n) * (n_kv_heads - 1))
         return min(L, worst)
 
     def select_adaptive(self, layer, n_layers, k, pos, obs):
@@ -51,7 +51,7 @@ class AdaKVPress(SnapKVPress):
         if n >= L:
             return None, None
         s = forced_ranking(self.score(layer, k, pos, obs), self.sinks, self.forced_window(n))  # (B, H, L)
-        n_own = self._n_own(n, L)  # every head keeps its forced rows (or as many as fit)
+        n_own = self._n_own(n)  # every head keeps its forced rows (or as many as fit)
         own = s.topk(n_own, dim=-1).indices  # (B, H, n_own): each head's guaranteed rows
         keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, own, True)
         rest = s.masked_fill(keep, float("-inf")).flatten(1)  # (B, H*L): the remaining rows of every head
