@@ -489,6 +489,7 @@ def test_graph_runner_counts_captures_and_eager_forwards():
 
 def _graph_runner_counts(m, cache, ids):
     from mspeckv.decoding.runner import GraphRunner, make_runner
+    from mspeckv.kv.placement import make_cache
 
     m.prefill(ids, cache, chunk=64)
     r = make_runner(m, cache, n=64)
@@ -496,6 +497,13 @@ def _graph_runner_counts(m, cache, ids):
     r.precapture([(1, 1), (3, 3), (1, 1)])  # the repeated shape is one graph
     e, c, s = r.graph_counts()
     assert (e, c) == (0, 2) and 0.0 < s < 10.0
+    # a static all-GPU cache has a layout for any shape: precapture itself keeps within the capacity
+    static = make_runner(m, sc := make_cache(m, None, 1, 80, graphs=True), n=0)
+    m.prefill(ids, sc, chunk=64)
+    static.precapture([(17, 1)])  # 64 + 17 > 80: not captured
+    assert static.graph_counts()[1] == 0 and sc.graph_key(17) is not None
+    static.precapture([(16, 1)])  # 64 + 16 == 80: captured
+    assert static.graph_counts()[1] == 1
     r.step(ids[:, :2], 2)  # a shape not captured yet: captured on the way
     assert r.graph_counts()[:2] == (0, 3) and r.graph_counts()[2] >= s
     r.step(ids[:, :1], 1, eager=True)  # asked for: not counted
