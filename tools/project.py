@@ -29,6 +29,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from mspeckv.bench.results import run_metadata
+
 SPEC = ("mspeckv", "mspeckv_kv_quant")
 LABEL = "PROJECTION (not a measurement)"
 
@@ -102,13 +104,12 @@ def project(cost: dict, accept: dict, draft: dict | None = None) -> list[dict]:
         a = accept[(method, x)]
         # the costs at acceptance context xa: the draft's from the acceptance folder when asked
         cs = {xa: {**c, "draft_ms_per_token": draft[(method, xa)]["draft_ms_per_token"]} if draft else c for xa in xs}
-        cx = cs.__getitem__
-        ms, tok_s = _tok_s(a, cx(x))
-        band = [_tok_s(accept[(method, xa)], cx(xa))[1] for xa in xs]
+        ms, tok_s = _tok_s(a, cs[x])
+        band = [_tok_s(accept[(method, xa)], cs[xa])[1] for xa in xs]
         ar, gpu = cost.get(("baseline", xc), {}).get("ar_ms"), cost.get(("ar_gpu", xc), {}).get("ar_ms")
         rows.append({"label": LABEL, "method": method, "context_acceptance": x, "context_costs": xc,
                      "acceptance_extrapolated": xc > max(xs) * 1.1, **a,
-                     "draft_ms_per_token": cx(x)["draft_ms_per_token"],
+                     "draft_ms_per_token": cs[x]["draft_ms_per_token"],
                      "draft_cost_from": "acceptance" if draft else "costs", "l1_ms": c["l1_ms"], "l2_ms": c["l2_ms"],
                      "ms_per_round": ms, "projected_tok_s": tok_s,
                      "projected_tok_s_range": [min(band), max(band)], "acceptance_contexts": xs,
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no (method, context) is in both folders with level-1 and level-2 costs: nothing to project")
     res = {"label": LABEL, "costs_source": {"folder": a.costs, **_meta(cr)},
            "acceptance_source": {"folder": a.acceptance, **_meta(ar)}, "rows": rows,
-           "command": "python tools/project.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+           "command": "python tools/project.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+           "meta": run_metadata()}  # the commit of this arithmetic (the sources name theirs)
     md = render(res)
     print(md)
     if a.out:

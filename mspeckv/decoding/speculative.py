@@ -364,8 +364,8 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     h2d0 = (full_cache.memory_report() or {}).get("h2d_bytes_total")  # prefill and captures: outside decode
     sync(device)
     t_setup = time.perf_counter()
-    runners = {"verify_l2": full, "verify_l1": mid_runner, "draft": lower0.runner}
-    at_setup = {k: r.graph_counts() for k, r in runners.items() if r is not None}
+    runners = {"verify_l2": full, "verify_l1": mid_runner}  # mid_runner exists exactly when level 1 does
+    at_setup = {k: r.graph_counts() for k, r in runners.items() if r is not None}  # the loop's counts start here
     top = VerifyLevel("verify_l2", full, mid, spec.gamma, s, g, timers, eos=eos_t)
     made = 1
     saw_eos = bool(eos) and int(first[0]) in eos
@@ -397,10 +397,9 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     levels = {"verify_l2": top.stats.as_dict()}
     if isinstance(mid, VerifyLevel):
         levels["verify_l1"] = mid.stats.as_dict()
-    for k, (e0, c0, s0) in at_setup.items():  # inside the timed loop only
+    for k, (e0, c0, s0) in at_setup.items():
         e, c, cs = runners[k].graph_counts()
-        if k in levels:
-            levels[k].update(eager_forwards=e - e0, graph_captures=c - c0, capture_s=cs - s0)
+        levels[k].update(eager_forwards=e - e0, graph_captures=c - c0, capture_s=cs - s0)
     stats = {"mode": spec.mode, "drafter": spec.drafter, "accepted": levels["verify_l2"]["accepted_per_round"],
              "verifications": top.stats.rounds, "time_s": secs, "forwards": top.stats.rounds + 1}
     if report := full_cache.memory_report():
