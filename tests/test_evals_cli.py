@@ -205,6 +205,14 @@ def test_eval_speed_records_whether_it_replayed_graphs(tiny, tmp_path, capsys):
     assert cell["settings"]["speed_graphs"] is True
     assert cell["results"]["graphed"] is False and cell["results"]["eager_steps"] == 0
     assert cell["results"]["decode_tokens"] == 3 and cell["results"]["kv_bytes"] > 0
+    # --speed-runs (default 2) timed runs after an untimed one: the headline is their median, every run is kept
+    r = cell["results"]
+    assert cell["settings"]["speed_runs"] == 2 and len(r["ttft_runs"]) == len(r["tpot_runs"]) == 2
+    assert r["tpot_s"] == pytest.approx(sum(r["tpot_runs"]) / 2)
+    assert r["ttft_s"] == pytest.approx(sum(r["ttft_runs"]) / 2)
+    assert r["tok_per_s"] == pytest.approx(1 / r["tpot_s"])
     capsys.readouterr()
     assert cli.main(args) == 2  # eager cells into the graphed directory: refused before loading anything
     assert "speed_graphs" in capsys.readouterr().err
+    assert cli.main([*args, "--speed-graphs", "--speed-runs", "0"]) == 2
+    assert "--speed-runs" in capsys.readouterr().err

@@ -65,7 +65,8 @@ FAMILIES = (
            ("dataset", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk"),
            "context", shared_pass=True),
     Family("recon", ("recon",), "recon", "run", ("dataset", "seed", "prefill_chunk"), "context", shared_pass=True),
-    Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen", "speed_graphs"),
+    Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen", "speed_graphs",
+                                              "speed_runs"),
            "context"),
     Family("needle", ("needle",), "retrieval", "run_needle",
            ("dataset", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
@@ -118,6 +119,8 @@ class EvalConfig:
     gsm8k_graphs: bool = opt(False, "gsm8k: decode replaying CUDA graphs where the cache allows (the full cache and "
                                     "placements; pressed caches stay eager); same model, different kernels")
     speed_gen: int = opt(64, "speed: generated tokens per variant and context")
+    speed_runs: int = opt(2, "speed: timed generations per variant and context, after an untimed one at the same "
+                                "shape; TTFT and TPOT are their medians, every run is kept in the cell")
     speed_graphs: bool = opt(False, "speed: decode replaying CUDA graphs where the cache allows (the full cache, "
                                     "placements, dense presses); TPOT then times the cache rather than the host's "
                                     "launches. Codes and latents stay eager; each cell records what ran")
@@ -146,7 +149,7 @@ class EvalConfig:
         check(all(0.0 <= d <= 1.0 for d in self.needle_depths), "--needle-depths", "must lie in [0, 1]")
         for name in ("windows", "scored", "score_chunk", "attn_queries", "prefill_chunk", "needle_trials",
                      "needle_count", "ruler_samples", "ruler_keys", "vt_hops", "gsm8k_items", "gsm8k_max_new",
-                     "speed_gen", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma",
+                     "speed_gen", "speed_runs", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma",
                      "kv_group_size"):
             check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {getattr(self, name)}")
         check(len(self.gsm8k_shard) == 2 and 0 <= self.gsm8k_shard[0] < self.gsm8k_shard[1], "--gsm8k-shard",
