@@ -17,8 +17,16 @@
 #          again into a new folder if time is left (the L2 counters of e6cf2a7);
 #   GPU 1: `quality3` (GSM8K for the families without a cell, RULER 16K/32K for adakv and KIVI 8-bit, adakv's
 #          acceptance after 3445f0a).
-# 2026-11-30: GPU 0 `gpu0c` (tests, seven128, speedg: speedg needs the 1.5B); GPU 1 `quality3`, `hybrid`, then
-# `accept3` once the 0.5B is prepared.
+# 2026-11-30 (240aa30): GPU 0 `gpu0c` (tests, seven128, speedg); GPU 1 `quality3`, `hybrid`, then `accept3`.
+# Lessons from that lease:
+#  - a background job that imports from the repo while later calls carry parts can die: each call re-copies the
+#    working tree (the GPU tests failed at collection that way). Run tests in the foreground after the last carry.
+#  - `a && b && setsid nohup c &` backgrounds the whole chain, and it is killed when the call ends: run the
+#    `models prepare` step in the foreground (about 75 s for the 1.5B, 90 s for the 0.5B), then launch jobs.
+#  - 16 GSM8K jobs + 4 others on one GPU ran out of memory at start for 4 of them; 10-12 jobs per GPU is safer.
+#  - never `pkill -f` a pattern that also appears later in the same command line.
+# Still to run for issue 10: low-rank speed (ranks 32/64), low-rank 64 RULER at 8K-32K and GSM8K; `seven` again
+# (32K/64K L2 costs at a commit with precaptured shapes) and seven128's missing runs (mspeckv, seed 2).
 # Then `python tools/project.py --costs <the new 7B folders> --acceptance results/context/qwen2.5-coder-1.5b_A1_h200_graphed
 # --draft-from acceptance --out results/projection/...`.
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
