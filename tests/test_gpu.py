@@ -159,6 +159,24 @@ def test_graphed_offloaded_ar_equals_eager_fp32(p):
     assert s.static_forwards >= 190 and s.forwards >= 200  # flushes every 64 tokens run eagerly: 3-4 of 200
 
 
+@pytest.mark.parametrize("press", ["snapkv:budget=0.25", "streaming:budget=0.25", "pyramidkv:budget=0.25",
+                                   "h2o:budget=0.25", "adakv:budget=0.25"])
+def test_graphed_pressed_greedy_equals_eager_fp32(press):
+    """A press that keeps dense rows gets a static PressedKV from make_cache(graphs=True): the eval's greedy decode
+    replays CUDA graphs through it (no eager step after the first token) and gives the eager pressed tokens in fp32."""
+    from mspeckv.evals.generation import greedy
+    from mspeckv.evals.variants import Variant
+
+    m = cuda_model(layers=6, dtype=torch.float32)
+    ids = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(3)).tolist()
+    v = Variant(press=press)
+    eager = greedy(m, v, ids, 64, prefill_chunk=256, eos=False)
+    graphed = greedy(m, v, ids, 64, prefill_chunk=256, eos=False, graphs=True)
+    torch.cuda.synchronize()
+    assert graphed.graphed and graphed.eager_steps == 0
+    assert graphed.tokens == eager.tokens
+
+
 def test_graphed_offloaded_speculation_equals_ar_fp32():
     """The full-KV verification level over an offloaded (int8, streamed) target replays graphs too."""
     from mspeckv.config import GenerationConfig

@@ -380,7 +380,8 @@ def test_one_factory_decides_the_layout_and_one_runner_follows_it():
     cases = [
         (dict(graphs=True), StaticKV, True),
         (dict(graphs=False), DenseKV, False),
-        (dict(graphs=True, press="streaming:budget=0.5"), PressedKV, False),  # a pressed target runs eagerly
+        (dict(graphs=True, press="streaming:budget=0.5"), PressedKV, True),  # dense rows: a static layout
+        (dict(graphs=True, press="kivi:k_bits=4,v_bits=4,group_size=8,residual=8"), PressedKV, False),  # codes
         (dict(graphs=True, placement=Placement(on_chip=1, kv_group_size=8)), PlacedKV, True),  # static layout
         (dict(graphs=False, placement=Placement(on_chip=1, kv_group_size=8)), PlacedKV, False),
         (dict(graphs=True, press="streaming:budget=0.5", placement=Placement(on_chip=1, kv_group_size=8)),

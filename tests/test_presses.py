@@ -339,6 +339,38 @@ def test_static_layout_replays_like_the_eager_one(model):
         assert math.isclose(b.n_tail, 10)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_make_cache_graphs_gives_dense_presses_a_static_layout_with_the_eager_tokens(model, calib, name):
+    """``make_cache(..., graphs=True)`` (``--speed-graphs``, ``--gsm8k-graphs``): a press that keeps dense rows gets a
+    static PressedKV that a GraphRunner drives (its bookkeeping runs eagerly on the CPU), and greedy decoding through
+    it gives the eager tokens and holds the same bytes; codes and latents stay eager."""
+    from mspeckv.evals.generation import greedy
+    from mspeckv.evals.variants import Variant
+
+    press = parse_press(spec(name, 0, calib))
+    prompt = ids()[0].tolist()
+    cache = make_cache(model, None, 1, L_PROMPT + 24, press=press, tail=25, graphs=True)
+    assert cache.graphable is press.dense and cache.static is press.dense
+    v = Variant(press=spec(name, 0, calib))
+    eager = greedy(model, v, prompt, 24, prefill_chunk=40, eos=False, feed_last=True)
+    graphed = greedy(model, v, prompt, 24, prefill_chunk=40, eos=False, feed_last=True, graphs=True)
+    assert graphed.graphed is False  # the CPU never replays; the runner type is what the cache decides
+    assert graphed.tokens == eager.tokens and len(eager.tokens) == 24
+    assert graphed.kv_bytes == eager.kv_bytes and graphed.kv_bytes_end == eager.kv_bytes_end
+    # what the static layout allocates, counted from its buffers: held stores + tails + the unused fixed rows
+    with torch.no_grad():
+        model.prefill(torch.tensor([prompt]), cache, chunk=40)
+        cache.compress()
+    r = cache.memory_report()
+    if cache.static:
+        row = 2 * cache.H * cache.D * 4  # K and V of one token, fp32, batch 1
+        allocated = sum(b.numel() * b.element_size() for b in cache.buf)
+        assert allocated == sum(cache.n_fixed) * row + r["tail_bytes"] + r["static_slack_bytes"]
+        assert r["static_slack_bytes"] == sum(cache.fixed_cap - n for n in cache.n_fixed) * row
+    else:
+        assert r["static_slack_bytes"] == 0
+
+
 @pytest.mark.parametrize("press", ["snapkv:budget=20,sinks=4,window=60,obs_window=8",
                                    "pyramidkv:budget=20,sinks=4,window=60,obs_window=8,spread=0.0",
                                    "h2o:budget=20,sinks=4,window=60", "adakv:budget=20,sinks=4,window=60,obs_window=8"])

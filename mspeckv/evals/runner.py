@@ -116,8 +116,9 @@ class EvalConfig:
     gsm8k_shard: tuple[int, ...] = opt((0, 1), "gsm8k: K,N runs this process's share, the items whose index % N == K "
                                                "(parallel jobs on one variant; the job that completes the last item "
                                                "writes the cell)")
-    gsm8k_graphs: bool = opt(False, "gsm8k: decode replaying CUDA graphs where the cache allows (the full cache and "
-                                    "placements; pressed caches stay eager); same model, different kernels")
+    gsm8k_graphs: bool = opt(False, "gsm8k: decode replaying CUDA graphs where the cache allows (the full cache, "
+                                    "placements and presses that keep dense rows; codes and latents stay eager); "
+                                    "same model, different kernels")
     speed_gen: int = opt(64, "speed: generated tokens per variant and context")
     speed_runs: int = opt(2, "speed: timed generations per variant and context, after an untimed one at the same "
                                 "shape; TTFT and TPOT are their medians, every run is kept in the cell")

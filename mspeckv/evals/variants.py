@@ -122,15 +122,14 @@ def _default(p) -> bool:
 def build_cache(model, variant: Variant, batch: int, max_len: int, tail: int | None = None, graphs: bool = False):
     """The cache a variant implies (the full-cache baseline: a DenseKV). ``tail``: the most rows appended after
     ``compress()`` (a pressed cache preallocates that many; default ``max_len``). ``graphs``: the static layout
-    where one exists (full: StaticKV; placements: static PlacedKV; a pressed cache is built eager either way)."""
+    where one exists (full: StaticKV; placements: static PlacedKV; presses that keep dense rows: static PressedKV;
+    codes and latents stay eager)."""
     from ..kv.placement import make_cache
 
     if variant.press is None:
         return make_cache(model, variant.placement, batch, max_len, graphs=graphs)
     press = parse_press(variant.press)
-    if tail is None:
-        return make_cache(model, variant.placement, batch, max_len, press=press)
-    return make_cache(model, variant.placement, batch, max_len, press=press, tail=tail)
+    return make_cache(model, variant.placement, batch, max_len, press=press, tail=tail, graphs=graphs)
 
 
 def held(cache, layer: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -86,9 +86,11 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int, pre
 
     ``graphs``: ask for a static (CUDA-graph) layout: a ``StaticKV`` when every layer is on the GPU, a ``PlacedKV``
     in its static layout when layers are offloaded (its decode steps and verifications between flushes replay
-    graphs; see ``kv/offload.py``). A pressed cache built here runs eagerly (the static pressed layouts of the draft
-    and middle levels are built by ``PressedKV.streaming/build``). ``cache.graphable`` says what was built, and
-    ``decoding.runner.make_runner`` follows it."""
+    graphs; see ``kv/offload.py``). With a press: a static ``PressedKV`` when the press keeps dense rows (eviction
+    only) and no layer is offloaded; its buffers hold ``press.max_rows(max_len)`` rows + ``tail`` per layer, the
+    prefill still fills an ordinary cache, and ``compress()`` lays the kept rows into the static buffers. A press
+    that stores codes or latents, or an offloaded pressed layer, runs eagerly. ``cache.graphable`` says what was
+    built, and ``decoding.runner.make_runner`` follows it."""
     from .dense import DenseKV
 
     c = model.cfg
@@ -114,8 +116,10 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int, pre
 
     press = parse_press(press)
     off = frozenset(range(placement.n_on_chip(c.n_layers), c.n_layers))
+    static = graphs and press.dense and not off and compress_every is None
+    cap = press.max_rows(max_len, c.n_layers, c.n_kv_heads) if static else 0
     return PressedKV(press, c.n_layers, batch, c.n_kv_heads, c.head_dim, tail or max_len, model.dtype, model.device,
-                     inner=inner, offload=off, compress_every=compress_every)
+                     inner=inner, offload=off, compress_every=compress_every, static=static, fixed_cap=cap)
 
 
 # ------------------------------------------------------------------------------------------------------- planner

@@ -375,12 +375,16 @@ class PressedKV(KVCache):
         gpu_stores = sum(s.nbytes() for i in range(self.n_layers) if i not in self.offload for s in self.stores[i])
         tails = self.n_layers * 2 * self.B * self.H * self.tail_cap * self.D * self.dtype.itemsize
         scratch = 0 if self.scratch is None else self.scratch.numel() * self.scratch.element_size()
+        row = 2 * self.B * self.H * self.D * self.dtype.itemsize
+        # the static layout sizes every layer's rows for the press's largest layer: allocated, not held
+        slack = sum((self.fixed_cap - self.n_fixed[i]) * row for i in range(self.n_layers) if self.static)
         bpt = self.bytes_per_token()
         return {"compressed": True, "press": str(self.press) if self.press else None,
                 "tokens": self.source_len, "rows_kept": sum(self.n_fixed), "store_bytes": self.store_bytes(),
                 "store_bytes_gpu": gpu_stores, "store_bytes_cpu": self.store_bytes() - gpu_stores,
                 "shared_bytes": self.shared_bytes(), "tail_bytes": tails, "scratch_bytes": scratch,
-                "kv_bytes": self.store_bytes() + self.shared_bytes() + tails + scratch,
+                "static_slack_bytes": slack,
+                "kv_bytes": self.store_bytes() + self.shared_bytes() + tails + scratch + slack,
                 "bytes_per_token": bpt, "full_bytes_per_token": self.full_bytes_per_token(),
                 "compression": self.full_bytes_per_token() / bpt if bpt else None, "h2d_bytes": self.h2d_bytes,
                 "compressions": self.compressions}
