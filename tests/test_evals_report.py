@@ -147,3 +147,54 @@ def test_gsm8k_only_folder_states_no_compression_goal(tmp_path):
     s = report.render(tmp_path, plots=False)
     assert [r["gsm8k_acc"] for r in s["overview"]["0"]] == [0.41, 0.175]
     assert s["goals"] == []  # not "no variant reaches 4x here": compression and PPL were not measured
+
+
+def test_include_reads_other_folders_with_each_folders_own_baseline(tmp_path, capsys):
+    """``eval report --include``: one overview over several folders. A key shown by the output folder (or an earlier
+    --include) hides later copies, and each delta is against the variant's own folder's full cache: here folder B's
+    full cache scored a 10% higher PPL (another commit), and B's variant is compared with that, not with A's."""
+    from mspeckv import cli
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    shutil.copytree(FIXTURE, a)
+    shutil.copytree(FIXTURE, b)
+    for p in (b / "cells").glob("*.json"):
+        c = json.loads(p.read_text())
+        if c["variant"] == INT8:
+            c["variant"] = "B-variant"
+        elif c["metric"] == "ppl":
+            c["results"]["ppl"] *= 1.1
+        p.write_text(json.dumps(c))
+    out = tmp_path / "overview"
+    s = report.render(out, plots=False, include=[a, b])
+    rows = {(r["metric"], r["variant"], r["context"]): r for r in s["rows"]}
+    base_a = json.loads((a / "cells" / "ppl__full__ctx=128.json").read_text())["results"]["ppl"]
+    assert rows[("ppl", "full", 128)]["value"] == pytest.approx(base_a)  # A's copy shown, B's hidden
+    bv = rows[("ppl", "B-variant", 128)]
+    assert bv["baseline"] == pytest.approx(1.1 * base_a) and bv["source"] == str(b)
+    assert bv["delta_pct"] == pytest.approx(100 * (bv["value"] / (1.1 * base_a) - 1))
+    assert rows[("ppl", INT8, 128)]["baseline"] == pytest.approx(base_a)
+    over = {r["config"]: r for r in s["overview"]["128"]}
+    assert over["B-variant"]["sources"] == [str(b)] and over[INT8]["sources"] == [str(a)]
+    assert over["B-variant"]["ppl_delta_pct"] == pytest.approx(bv["delta_pct"])
+    assert s["n_cells"] == 14 + 7  # B's 7 baseline cells are hidden by A's
+    assert "| folder |" in (out / "summary.md").read_text()
+    assert cli.main(["eval", "report", "--output-dir", str(tmp_path / "o2"), "--include", str(a), "--no-plots"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "report", "--output-dir", str(tmp_path / "o3"), "--include", str(tmp_path)]) == 2
+    assert "not an evaluation folder" in capsys.readouterr().err
+    assert cli.main(["eval", "ppl", "--output-dir", str(tmp_path / "o4"), "--include", str(a)]) == 2
+    assert "--include is for 'eval report' only" in capsys.readouterr().err
+
+
+def test_compression_from_the_ppl_prefix_compares_prefix_with_prefix(tmp_path):
+    """A variant without a speed cell gets its bytes from the ppl prefix (†); the baseline's bytes must then come from
+    its ppl prefix too, not from its speed cell (the whole context), which would overstate the compression."""
+    d = tmp_path / "run"
+    shutil.copytree(FIXTURE, d)
+    (d / "cells" / "speed__kv=int8-g16-res16-onchip0__ctx=128.json").unlink()
+    s = report.render(d, plots=False)
+    over = {r["config"]: r for r in s["overview"]["128"]}
+    ppl = {c["variant"]: c["results"] for c in CellStore(d).all() if c["metric"] == "ppl"}
+    assert over[INT8]["bytes_from_ppl_prefix"] and not over["full"]["bytes_from_ppl_prefix"]
+    assert over[INT8]["compression"] == pytest.approx(ppl["full"]["kv_bytes_prefix"] / ppl[INT8]["kv_bytes_prefix"])

@@ -39,20 +39,17 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
     quant = {c["variant"]: c.get("variant_info", {}).get("kv_quant", "none") for c in cells}
     paths = []
 
-    ppl_ctx = sorted({c["context"] for c in cells if c["metric"] == "ppl"})
+    # PPL and throughput points come from the overview rows: compression and Δ there are against each variant's own
+    # folder's baseline (``render(include=...)`` may mix folders)
+    ov = {int(ctx): rows for ctx, rows in summary["overview"].items()}
+    ppl_ctx = [ctx for ctx, rows in ov.items() if any(r["ppl_delta_pct"] is not None for r in rows)]
     if ppl_ctx:
         fig = Figure(figsize=(5.0 * len(ppl_ctx), 4.2), dpi=110)
         for i, ctx in enumerate(ppl_ctx):
             ax = fig.add_subplot(1, len(ppl_ctx), i + 1)
-            base = by.get(("ppl", BASELINE, ctx), {}).get("results", {}).get("ppl")
             for q in sorted(set(quant.values())):
-                pts = []
-                for (m, v, c), cell in by.items():
-                    if m == "ppl" and c == ctx and quant.get(v) == q and base:
-                        x = _compression(by, v, ctx)
-                        if x is not None:
-                            pts.append((x, 100 * (cell["results"]["ppl"] / base - 1), v))
-                pts.sort()
+                pts = sorted((r["compression"], r["ppl_delta_pct"], r["config"]) for r in ov[ctx]
+                             if quant.get(r["config"]) == q and r["compression"] and r["ppl_delta_pct"] is not None)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"kv {q}")
                     for x, y, v in pts:
@@ -99,15 +96,17 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         fig = Figure(figsize=(7.0, 4.5), dpi=110)
         ax = fig.add_subplot(1, 1, 1)
         for ctx in sp_ctx:
-            pts = sorted((_compression(by, v, ctx), cell["results"]["tok_per_s"], v)
-                         for (m, v, c), cell in by.items() if m == "speed" and c == ctx
-                         and cell["results"].get("tok_per_s") and _compression(by, v, ctx) is not None)
+            pts = sorted((r["compression"], r["tok_per_s"], r["config"]) for r in ov.get(ctx, [])
+                         if r["tok_per_s"] and r["compression"] and not r["bytes_from_ppl_prefix"])
             if pts:  # one point per variant (distinct configs, not a curve), each labelled with its name
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=f"context {ctx}")
                 for x, y, v in pts:
                     ax.annotate(v.split("/")[0][:18], (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        graphed = {c["results"].get("graphed") for c in cells if c["metric"] == "speed"}
+        how = ("graphed" if graphed == {True} else "eager" if graphed <= {False, None}
+               else "graphed where the cache allows")
         ax.set_xlabel("KV compression (×)")
-        ax.set_ylabel("decode tok/s (eager)")
+        ax.set_ylabel(f"decode tok/s ({how})")
         _legend(ax, 7)
         paths.append(_save(fig, out / "throughput_vs_compression.png"))
 

@@ -7,6 +7,12 @@ GSM8K %, plus accept L1 % (the middle level's acceptance rate) when the folder h
 the baseline's held KV bytes over the variant's at that context, from the ``speed`` cell (bytes held after the whole
 prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †). The goal lines are checked
 only at contexts with measured PPL rows.
+
+``render(dir, include=[...])`` (``eval report --include DIR``) also reads the cells of other evaluation folders, to
+put a model's results into one overview: a (metric, variant, context) already shown by the folder itself, or by an
+earlier ``--include``, hides later copies. Every delta is taken against the baseline of the variant's own folder
+(the full cache that ran in the same invocations), never against another folder's, and each overview row names its
+folder.
 """
 
 from __future__ import annotations
@@ -43,8 +49,33 @@ def _num(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def load_cells(dir: str | Path, include: list[str | Path] = ()) -> list[dict]:
+    """The folder's cells, then each included folder's, every cell tagged with its ``_source`` folder; a key
+    (metric, variant, context) seen before is ``_shadowed`` (kept: a baseline still serves its own folder)."""
+    out, seen = [], set()
+    for src in (dir, *include):
+        for c in CellStore(Path(src)).all():
+            key = (c["metric"], c["variant"], c["context"])
+            out.append({**c, "_source": str(src), "_shadowed": key in seen})
+            seen.add(key)
+    return out
+
+
+def _index(cells: list[dict]) -> tuple[dict, dict]:
+    """(the shown cells by (metric, variant, context), every baseline cell by (metric, context, source))."""
+    by = {(c["metric"], c["variant"], c["context"]): c for c in cells if not c.get("_shadowed")}
+    base = {(c["metric"], c["context"], c.get("_source")): c for c in cells if c["variant"] == BASELINE}
+    return by, base
+
+
+def _base_of(by: dict, base: dict, metric: str, ctx: int, cell: dict | None) -> dict:
+    """The baseline cell a variant's cell is compared with: its own folder's, else the shown one."""
+    src = cell.get("_source") if cell else None
+    return base.get((metric, ctx, src)) or by.get((metric, BASELINE, ctx)) or {}
+
+
 def rows_from_cells(cells: list[dict]) -> list[dict]:
-    by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
+    by, bases = _index(cells)
     rows = []
     for (metric, variant, ctx), c in sorted(by.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER
                                                                          else 99, kv[0][2], kv[0][1] != BASELINE,
@@ -52,10 +83,11 @@ def rows_from_cells(cells: list[dict]) -> list[dict]:
         field, kind, extra = HEADLINE.get(metric, (None, "abs", ()))
         res = c.get("results", {})
         value = res.get(field) if field else None
-        base = by.get((metric, BASELINE, ctx), {}).get("results", {}).get(field) if field else None
+        base = _base_of(by, bases, metric, ctx, c).get("results", {}).get(field) if field else None
         row = {"metric": metric, "variant": variant, "context": ctx, "field": field, "value": value,
                "baseline": base, "delta": None, "delta_pct": None,
-               **{k: res.get(k) for k in extra}, "git_commit": c.get("meta", {}).get("git_commit")}
+               **{k: res.get(k) for k in extra}, "git_commit": c.get("meta", {}).get("git_commit"),
+               "source": c.get("_source")}
         if _num(value) and _num(base):
             row["delta"] = value - base
             if kind == "pct" and base:
@@ -66,17 +98,22 @@ def rows_from_cells(cells: list[dict]) -> list[dict]:
 
 def _bytes(by: dict, variant: str, ctx: int) -> tuple[float | None, bool]:
     """(held KV bytes at ctx, from the ppl prefix?)."""
+    b, prefix, _ = _bytes_cell(by, variant, ctx)
+    return b, prefix
+
+
+def _bytes_cell(by: dict, variant: str, ctx: int) -> tuple[float | None, bool, dict | None]:
     s = by.get(("speed", variant, ctx))
     if s is not None:
-        return s["results"].get("kv_bytes"), False
+        return s["results"].get("kv_bytes"), False, s
     p = by.get(("ppl", variant, ctx))
     if p is not None:
-        return p["results"].get("kv_bytes_prefix"), True
-    return None, False
+        return p["results"].get("kv_bytes_prefix"), True, p
+    return None, False, None
 
 
 def overview(cells: list[dict]) -> dict[str, list[dict]]:
-    by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
+    by, bases = _index(cells)
     variants = list(dict.fromkeys([BASELINE] + [c["variant"] for c in cells]))
     contexts = (sorted({c["context"] for c in cells if c["metric"] in ("ppl", "speed", "kl", "accept")})
                 or sorted({c["context"] for c in cells if c["metric"] in ("needle", "ruler")})
@@ -84,17 +121,21 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
     g = lambda m, v, ctx, f: by.get((m, v, ctx), {}).get("results", {}).get(f)
     out = {}
     for ctx in contexts:
-        base_bytes, _ = _bytes(by, BASELINE, ctx)
         rows = []
         for v in variants:
             if not any((m, v, ctx) in by for m in ("ppl", "speed", "kl", "needle", "ruler", "accept")) and \
                     (("gsm8k", v, 0) not in by):
                 continue
-            nb, from_prefix = _bytes(by, v, ctx)
+            nb, from_prefix, bcell = _bytes_cell(by, v, ctx)
+            bres = _base_of(by, bases, "speed" if bcell and bcell["metric"] == "speed" else "ppl", ctx,
+                            bcell).get("results", {})
+            base_bytes = bres.get("kv_bytes_prefix" if from_prefix else "kv_bytes")
             prefix_tokens = g("ppl", v, ctx, "prefix_tokens")
-            ppl, ppl_base = g("ppl", v, ctx, "ppl"), g("ppl", BASELINE, ctx, "ppl")
+            ppl = g("ppl", v, ctx, "ppl")
+            ppl_base = _base_of(by, bases, "ppl", ctx, by.get(("ppl", v, ctx))).get("results", {}).get("ppl")
+            sources = sorted({by[k].get("_source") for k in by if k[1] == v and k[2] in (ctx, 0)} - {None})
             rows.append({
-                "config": v, "context": ctx,
+                "config": v, "context": ctx, "sources": sources,
                 "compression": base_bytes / nb if _num(base_bytes) and _num(nb) and nb else None,
                 "kv_mb": nb / 2**20 if _num(nb) else None,
                 "bytes_per_token": (nb / (prefix_tokens if from_prefix else ctx)) if _num(nb) and
@@ -128,12 +169,16 @@ def _kivi_bits(spec) -> tuple[int, int] | None:
 def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
     """The issue's quality goals, checked against the measured cells (one line per goal and context)."""
     info = {c["variant"]: c.get("variant_info", {}) for c in cells}
-    needle = {(c["variant"], c["context"]): c["results"]["accuracy"] for c in cells if c["metric"] == "needle"}
+    by, bases = _index(cells)
+    needle = {(v, ctx): c["results"]["accuracy"] for (m, v, ctx), c in by.items() if m == "needle"}
     far = sorted({ctx for _, ctx in needle if 8192 <= ctx <= 32768})
     out = []
 
+    def full_needle(v: str, ctx: int) -> float | None:
+        return _base_of(by, bases, "needle", ctx, by.get(("needle", v, ctx))).get("results", {}).get("accuracy")
+
     def needle_ok(v: str) -> tuple[bool | None, str]:
-        pairs = [(needle.get((v, c)), needle.get((BASELINE, c))) for c in far]
+        pairs = [(needle.get((v, c)), full_needle(v, c)) for c in far]
         if not far or any(a is None or b is None for a, b in pairs):
             return None, "needle at 8K-32K not measured"
         ok = all(a >= 0.95 * b for a, b in pairs)
@@ -184,7 +229,8 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 def overview_markdown(summary: dict) -> str:
     parts = []
     with_accept = any(_num(r.get("accept_l1")) for rows in summary["overview"].values() for r in rows)
-    cols = list(OVERVIEW_COLS) + ([ACCEPT_COL] if with_accept else [])
+    with_src = bool(summary.get("include"))
+    cols = list(OVERVIEW_COLS) + ([ACCEPT_COL] if with_accept else []) + (["folder"] if with_src else [])
     for ctx, rows in summary["overview"].items():
         body = []
         for r in rows:
@@ -195,7 +241,8 @@ def overview_markdown(summary: dict) -> str:
                          _f(r["tok_per_s"], ".1f"), _f(r["ttft_s"], ".3f"), _f(r["tpot_s"], ".1f", 1e3), ppl,
                          _f(r["kl"], ".4f"), _f(r["needle_acc"], ".1f", 100), _f(r["ruler_acc"], ".1f", 100),
                          _f(r["gsm8k_acc"], ".1f", 100)]
-                        + ([_f(r.get("accept_l1"), ".1f", 100)] if with_accept else []))
+                        + ([_f(r.get("accept_l1"), ".1f", 100)] if with_accept else [])
+                        + ([", ".join(Path(x).name for x in r.get("sources", []))] if with_src else []))
         where = "the GSM8K prompts" if ctx == "0" else f"{ctx} tokens"
         parts.append(f"### Compression overview at {where}\n\n" + _md(cols, body))
     if any(r["bytes_from_ppl_prefix"] for rows in summary["overview"].values() for r in rows):
@@ -240,36 +287,41 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def render(dir: str | Path, plots: bool = True) -> dict[str, Any]:
+def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) -> dict[str, Any]:
     d = Path(dir)
-    cells = CellStore(d).all()
+    cells = load_cells(d, include)
     rows = rows_from_cells(cells)
-    commits = sorted({str(c.get("meta", {}).get("git_commit")) for c in cells})
+    shown = [c for c in cells if not c["_shadowed"]]
+    commits = sorted({str(c.get("meta", {}).get("git_commit")) for c in shown})
     commands = (d / "command.txt").read_text(encoding="utf-8").splitlines() if (d / "command.txt").exists() else []
-    summary: dict[str, Any] = {"dir": str(d), "n_cells": len(cells), "git_commits": commits, "commands": commands,
-                               "rows": rows, "overview": overview(cells), "plots": [], "plot_error": None}
+    summary: dict[str, Any] = {"dir": str(d), "n_cells": len(shown), "git_commits": commits, "commands": commands,
+                               "include": [str(x) for x in include], "rows": rows, "overview": overview(cells),
+                               "plots": [], "plot_error": None}
     summary["goals"] = goals(cells, summary["overview"])
     if plots and cells:
         from . import plots as P
 
         try:
-            summary["plots"] = [str(p.relative_to(d)) for p in P.plot_all(cells, summary, d)]
+            summary["plots"] = [str(p.relative_to(d)) for p in P.plot_all(shown, summary, d)]
         except ImportError as e:  # matplotlib is optional (the 'plot' extra)
             summary["plot_error"] = str(e)
     md = ["# Quality evaluation", "",
           "Every value is measured from the model's outputs through the placed/compressed cache; the full-cache "
           "baseline (`full`) ran in the same invocation on the same inputs. Protocols: `mspeckv/evals/*.py` "
-          "docstrings.", "", f"Cells: {len(cells)}; git commits: {', '.join(commits) or '–'}", "",
+          "docstrings.", "", f"Cells: {len(shown)}; git commits: {', '.join(commits) or '–'}", "",
+          *([f"Also read (`--include`; deltas are against each folder's own baseline): "
+             f"{', '.join(f'`{x}`' for x in include)}", ""] if include else []),
           overview_markdown(summary), "", "## Goals (issue 10)", "",
           *([f"- {g}" for g in summary["goals"]] or ["- (no ppl cells)"]), "",
           "## Per metric", "", _metric_tables(rows), ""]
-    nt = _needle_tables(cells)
+    nt = _needle_tables(shown)
     if nt:
         md += ["## Needle grid", "", nt, ""]
     if summary["plots"]:
         md += ["## Plots", ""] + [f"![{p}]({p})" for p in summary["plots"]] + [""]
     if commands:
         md += ["## Commands", "", "```", *commands, "```", ""]
+    d.mkdir(parents=True, exist_ok=True)
     atomic_write_json(d / "summary.json", summary)
     atomic_write_text(d / "summary.csv", _csv(rows))
     atomic_write_text(d / "summary.md", "\n".join(md))

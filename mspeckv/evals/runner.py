@@ -385,11 +385,17 @@ def _append_command(d: Path, command: str) -> None:
 def cmd_eval(a) -> int:
     from . import report
 
+    if a.include and a.metric != "report":
+        raise ValueError("--include is for 'eval report' only (it reads other folders' cells into one overview)")
     if a.metric == "report":
         d = Path(a.output_dir or "")
-        if not a.output_dir or not (d / "cells").is_dir():
-            raise ValueError("eval report needs --output-dir DIR of an evaluation (with DIR/cells)")
-        summary = report.render(d, plots=not a.no_plots)
+        if not a.output_dir or not ((d / "cells").is_dir() or a.include):
+            raise ValueError("eval report needs --output-dir DIR of an evaluation (with DIR/cells), or --include "
+                             "folders to read into DIR")
+        bad = [x for x in a.include if not (Path(x) / "cells").is_dir()]
+        if bad:
+            raise ValueError(f"--include {bad[0]}: not an evaluation folder (no cells/ in it)")
+        summary = report.render(d, plots=not a.no_plots, include=a.include)
         print(report.overview_markdown(summary))
         print(json.dumps(report.summary_line(summary)))
         return 0
@@ -421,6 +427,10 @@ def add_eval_parser(sub) -> None:
                    help=f"one or more of {','.join(METRICS)} (comma-separated), all, or report (re-render "
                         f"--output-dir)")
     add_flags(p, EvalConfig)
+    p.add_argument("--include", action="append", default=[], metavar="DIR",
+                   help="report only (repeatable): also read DIR's cells into the overview; the output folder's own "
+                        "cells, then earlier --include folders, win for the same metric/variant/context, and every "
+                        "delta is against the variant's own folder's baseline")
     p.set_defaults(fn=cmd_eval)
     add_data_parser(sub)
 
