@@ -25,8 +25,9 @@
 #    `models prepare` step in the foreground (about 75 s for the 1.5B, 90 s for the 0.5B), then launch jobs.
 #  - 16 GSM8K jobs + 4 others on one GPU ran out of memory at start for 4 of them; 10-12 jobs per GPU is safer.
 #  - never `pkill -f` a pattern that also appears later in the same command line.
-# Still to run for issue 10: low-rank speed (ranks 32/64), low-rank 64 RULER at 8K-32K and GSM8K; `seven` again
-# (32K/64K L2 costs at a commit with precaptured shapes) and seven128's missing runs (mspeckv, seed 2).
+# Still to run for issue 10: `speedg2` (dense presses graphed since cf11ec3, low-rank speed) alone on one GPU,
+# `quality4` (low-rank 64 RULER 8K-32K, GSM8K) on the other; first the GPU tests (the new graphed-press test).
+# For issue 11's projection: `seven` again (32K/64K L2 costs with precaptured shapes), seven128's missing runs.
 # Then `python tools/project.py --costs <the new 7B folders> --acceptance results/context/qwen2.5-coder-1.5b_A1_h200_graphed
 # --draft-from acceptance --out results/projection/...`.
 # Copy the output folders back (tar, incl. partial/) and commit them even when a job did not finish.
@@ -179,8 +180,23 @@ gpu0c)  # GPU 0 of the 2026-11-30 lease: the GPU tests (random weights), the 7B 
   bash "$0" seven128 > /root/pl/seven128.log 2>&1
   bash "$0" speedg > /root/pl/speedg.log 2>&1
   ;;
+speedg2)  # alone on its GPU: the speed columns again at cf11ec3+ (dense presses now graphed, 2 timed runs after an
+  # exact-shape warm-up), and low-rank's speed, which no run has measured (needs /root/calib15: prep_quality)
+  mkdir -p /root/q_speedg2
+  S="$E speed $C --context 2048,8192,32768 --output-dir /root/q_speedg2 --speed-graphs"
+  timeout 240 $S --kv-quant none,int8,int4,int2
+  timeout 330 $S --no-baseline --press snapkv:budget=0.25 streaming:budget=0.25 h2o:budget=0.25 pyramidkv:budget=0.25 \
+    adakv:budget=0.25 kivi:k_bits=4,v_bits=4 hybrid:retain=0.25,k_bits=4,v_bits=4,guard=0,window=128 \
+    lowrank:calib=/root/calib15,rank=32 lowrank:calib=/root/calib15,rank=64 aggressive
+  ;;
+quality4)  # background: what issue 10 still lacks after 240aa30 (low-rank 64's RULER above 4K and its GSM8K)
+  prep_quality
+  job r_lr64 $E ruler $C --output-dir /root/q_grid --no-baseline --press lowrank:calib=/root/calib15,rank=64
+  G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
+  for k in 0 1; do job g_lr64_$k $G --press lowrank:calib=/root/calib15,rank=64 --gsm8k-shard $k,2; done
+  ;;
 accept3)  # after the 0.5B draft is prepared
   job a_ada $E accept $C --context 8192,32768 --output-dir /root/q_acc --no-baseline --press adakv:budget=4096
   ;;
-*) echo "usage: $0 check|check2|timing|seven|seven128|speedg|gpu0|quality|speed|quality2|quality3|hybrid|gpu0c|accept3" >&2; exit 2 ;;
+*) echo "usage: $0 check|check2|timing|seven|seven128|speedg|gpu0|quality|speed|quality2|quality3|hybrid|gpu0c|accept3|speedg2|quality4" >&2; exit 2 ;;
 esac
