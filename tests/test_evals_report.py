@@ -198,3 +198,15 @@ def test_compression_from_the_ppl_prefix_compares_prefix_with_prefix(tmp_path):
     ppl = {c["variant"]: c["results"] for c in CellStore(d).all() if c["metric"] == "ppl"}
     assert over[INT8]["bytes_from_ppl_prefix"] and not over["full"]["bytes_from_ppl_prefix"]
     assert over[INT8]["compression"] == pytest.approx(ppl["full"]["kv_bytes_prefix"] / ppl[INT8]["kv_bytes_prefix"])
+
+
+def test_plot_series_are_press_families():
+    """ppl_vs_compression draws one series per family: a press's name, 'preset', or 'offload' for a placement."""
+    from mspeckv.evals.plots import family, short
+
+    assert family({"press": "snapkv:budget=0.25", "kv_quant": "none"}, "snapkv:budget=0.25") == "snapkv"
+    assert family({"press": "aggressive", "kv_quant": "none"}, "aggressive") == "preset"
+    assert family({"press": None, "kv_quant": "int4"}, INT8) == "offload"
+    assert family({"press": None, "kv_quant": "none"}, "full") == "full"
+    assert short("lowrank:calib=/root/calib15,rank=32") == "lowrank:rank=32"
+    assert short("kv=int8/g64/res64/onchip0") == "int8"

@@ -1,7 +1,9 @@
 """PNG plots of an evaluation (matplotlib, the optional ``plot`` extra; pyplot is never used).
 
-- ``ppl_vs_compression.png``: PPL change (%) against compression, one line per quantization setting (the variant's
-  ``kv_quant``), one panel per context;
+- ``ppl_vs_compression.png``: PPL change (%) against compression, one panel per context; one series per family
+  (a press's name, ``offload`` for the placements' quantized KV, ``preset``), joined by a line where the family has
+  several settings (KIVI's bit widths, low-rank's ranks, the placements' formats) as in Palu's Figure 2; the y axis
+  is linear within ±2% and logarithmic beyond, so small and large changes both stay readable;
 - ``accuracy_vs_compression.png``: needle, RULER and GSM8K accuracy against compression;
 - ``kv_memory_vs_context.png``: held KV MB against context, one line per config;
 - ``throughput_vs_compression.png``: decode tok/s against compression, one line per context;
@@ -22,6 +24,25 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", s).strip("-") or "_"
 
 
+def family(cell_info: dict, variant: str) -> str:
+    """The series a variant belongs to: its press's name, ``preset`` for a preset, ``offload`` for a quantized
+    placement without a press."""
+    press = cell_info.get("press")
+    if press:
+        from ..presses import presets
+
+        name = str(press).split(":")[0]
+        return "preset" if name in presets() else name
+    return "offload" if cell_info.get("kv_quant") not in (None, "none") else "full"
+
+
+def short(variant: str) -> str:
+    """A short point label: the spec without a calibration path or default-looking noise."""
+    v = re.sub(r"calib=[^,]*,?", "", variant)
+    v = v.replace("kv=", "").replace("/g64/res64/onchip0", "").replace("budget=", "")
+    return v.replace("k_bits=", "k").replace("v_bits=", "v").replace("group_size=", "g").replace("residual=", "r")
+
+
 def _legend(ax, size: int) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=size)
@@ -36,29 +57,31 @@ def _compression(by: dict, variant: str, ctx: int) -> float | None:
 def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
     Figure = _figure_cls()
     by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
-    quant = {c["variant"]: c.get("variant_info", {}).get("kv_quant", "none") for c in cells}
     paths = []
 
     # PPL and throughput points come from the overview rows: compression and Δ there are against each variant's own
     # folder's baseline (``render(include=...)`` may mix folders)
     ov = {int(ctx): rows for ctx, rows in summary["overview"].items()}
+    info = {c["variant"]: c.get("variant_info", {}) for c in cells}
     ppl_ctx = [ctx for ctx, rows in ov.items() if any(r["ppl_delta_pct"] is not None for r in rows)]
     if ppl_ctx:
-        fig = Figure(figsize=(5.0 * len(ppl_ctx), 4.2), dpi=110)
+        fig = Figure(figsize=(6.0 * len(ppl_ctx), 5.0), dpi=110)
         for i, ctx in enumerate(ppl_ctx):
             ax = fig.add_subplot(1, len(ppl_ctx), i + 1)
-            for q in sorted(set(quant.values())):
-                pts = sorted((r["compression"], r["ppl_delta_pct"], r["config"]) for r in ov[ctx]
-                             if quant.get(r["config"]) == q and r["compression"] and r["ppl_delta_pct"] is not None)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"kv {q}")
-                    for x, y, v in pts:
-                        ax.annotate(v, (x, y), fontsize=6, alpha=0.7)
+            pts = [(r["compression"], r["ppl_delta_pct"], r["config"]) for r in ov[ctx]
+                   if r["compression"] and r["ppl_delta_pct"] is not None and r["config"] != BASELINE]
+            for fam in sorted({family(info.get(v, {}), v) for _, _, v in pts}):
+                fp = sorted(p for p in pts if family(info.get(p[2], {}), p[2]) == fam)
+                style = "-o" if fam not in ("preset",) and len(fp) > 1 else "o"  # presets are distinct recipes
+                ax.plot([p[0] for p in fp], [p[1] for p in fp], style, ms=4, label=fam)
+                for x, y, v in fp:
+                    ax.annotate(short(v), (x, y), fontsize=5, alpha=0.8, xytext=(2, 2), textcoords="offset points")
             ax.axhline(0, color="gray", lw=0.8)
+            ax.set_yscale("symlog", linthresh=2.0)
             ax.set_xlabel("KV compression (×, held bytes)")
             ax.set_ylabel("PPL change vs full cache (%)")
             ax.set_title(f"context {ctx}")
-            _legend(ax, 7)
+            _legend(ax, 6)
         paths.append(_save(fig, out / "ppl_vs_compression.png"))
 
     acc = [(m, c) for m in ("needle", "ruler", "gsm8k") for c in sorted({k[2] for k in by if k[0] == m})]
