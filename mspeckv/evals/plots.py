@@ -4,7 +4,8 @@
   (a press's name, ``offload`` for the placements' quantized KV, ``preset``), joined by a line where the family has
   several settings (KIVI's bit widths, low-rank's ranks, the placements' formats) as in Palu's Figure 2; the y axis
   is linear within ±2% and logarithmic beyond, so small and large changes both stay readable;
-- ``accuracy_vs_compression.png``: needle, RULER and GSM8K accuracy against compression;
+- ``accuracy_vs_compression.png``: needle, RULER and GSM8K accuracy against compression, one panel each, points
+  coloured by context;
 - ``kv_memory_vs_context.png``: held KV MB against context, one line per config;
 - ``throughput_vs_compression.png``: decode tok/s against compression, one line per context;
 - ``needle_<config>.png``: one heatmap (depth x context) per config.
@@ -84,20 +85,28 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             _legend(ax, 6)
         paths.append(_save(fig, out / "ppl_vs_compression.png"))
 
-    acc = [(m, c) for m in ("needle", "ruler", "gsm8k") for c in sorted({k[2] for k in by if k[0] == m})]
-    if acc:
-        fig = Figure(figsize=(7.0, 4.5), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
-        for m, ctx in acc:
-            ref_ctx = ctx if ctx else max((k[2] for k in by if k[0] in ("speed", "ppl")), default=0)
-            pts = sorted((_compression(by, v, ref_ctx), cell["results"]["accuracy"] * 100)
-                         for (mm, v, c), cell in by.items() if mm == m and c == ctx
-                         and _compression(by, v, ref_ctx) is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} @ {ctx or 'prompt'}")
-        ax.set_xlabel("KV compression (×)")
-        ax.set_ylabel("accuracy (%)")
-        _legend(ax, 7)
+    # accuracy: one panel per metric, one colour per context, points only (distinct configs, not a curve); GSM8K's
+    # prompts (~850 tokens) have no compression cell of their own: its x is the compression at the shortest context
+    mets = [m for m in ("needle", "ruler", "gsm8k") if any(k[0] == m for k in by)]
+    if mets:
+        fig = Figure(figsize=(5.5 * len(mets), 4.5), dpi=110)
+        short_ctx = min((k[2] for k in by if k[0] in ("speed", "ppl")), default=0)
+        for i, m in enumerate(mets):
+            ax = fig.add_subplot(1, len(mets), i + 1)
+            for ctx in sorted({k[2] for k in by if k[0] == m}):
+                ref = ctx or short_ctx
+                pts = [(_compression(by, v, ref), cell["results"]["accuracy"] * 100, v)
+                       for (mm, v, c), cell in by.items() if mm == m and c == ctx]
+                pts = sorted(p for p in pts if p[0] is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=4,
+                            label=f"{ctx}" if ctx else f"prompts (x at {short_ctx})")
+                    for x, y, v in pts:
+                        ax.annotate(short(v), (x, y), fontsize=5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+            ax.set_xlabel("KV compression (×)")
+            ax.set_ylabel(f"{m} accuracy (%)")
+            ax.set_title(m)
+            _legend(ax, 7)
         paths.append(_save(fig, out / "accuracy_vs_compression.png"))
 
     mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
@@ -124,10 +133,11 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             if pts:  # one point per variant (distinct configs, not a curve), each labelled with its name
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=f"context {ctx}")
                 for x, y, v in pts:
-                    ax.annotate(v.split("/")[0][:18], (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                    ax.annotate(short(v), (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
         graphed = {c["results"].get("graphed") for c in cells if c["metric"] == "speed"}
         how = ("graphed" if graphed == {True} else "eager" if graphed <= {False, None}
                else "graphed where the cache allows")
+        ax.set_yscale("log")
         ax.set_xlabel("KV compression (×)")
         ax.set_ylabel(f"decode tok/s ({how})")
         _legend(ax, 7)
