@@ -194,6 +194,9 @@ quality4)  # background: what issue 10 still lacks after 240aa30 (low-rank 64's 
   job r_lr64 $E ruler $C --output-dir /root/q_grid --no-baseline --press lowrank:calib=/root/calib15,rank=64
   G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
   for k in 0 1; do job g_lr64_$k $G --press lowrank:calib=/root/calib15,rank=64 --gsm8k-shard $k,2; done
+  # H25 lost 1 of 10 needles at 16K (the 8x goal's only miss): 3x the trials (30 needles per cell), full cache too
+  job n_h25 $E needle $C --needle-context 8192,16384,32768 --needle-trials 6 --output-dir /root/q_hyb_n30 \
+    --press hybrid:retain=0.25,k_bits=4,v_bits=4,guard=0,window=128
   ;;
 accept3)  # after the 0.5B draft is prepared
   job a_ada $E accept $C --context 8192,32768 --output-dir /root/q_acc --no-baseline --press adakv:budget=4096
