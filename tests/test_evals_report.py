@@ -179,6 +179,19 @@ def test_include_reads_other_folders_with_each_folders_own_baseline(tmp_path, ca
     assert over["B-variant"]["ppl_delta_pct"] == pytest.approx(bv["delta_pct"])
     assert s["n_cells"] == 14 + 7  # B's 7 baseline cells are hidden by A's
     assert "| folder |" in (out / "summary.md").read_text()
+    # a folder without a baseline of its own is compared with the shown one
+    c = tmp_path / "C"
+    shutil.copytree(b, c)
+    for p in (c / "cells").glob("*.json"):
+        cell = json.loads(p.read_text())
+        if cell["variant"] == "full":
+            p.unlink()
+        else:
+            cell["variant"] = "C-variant"
+            p.write_text(json.dumps(cell))
+    rows = {(r["metric"], r["variant"], r["context"]): r for r in report.render(tmp_path / "o1", plots=False,
+                                                                                   include=[a, c])["rows"]}
+    assert rows[("ppl", "C-variant", 128)]["baseline"] == pytest.approx(base_a)
     assert cli.main(["eval", "report", "--output-dir", str(tmp_path / "o2"), "--include", str(a), "--no-plots"]) == 0
     capsys.readouterr()
     assert cli.main(["eval", "report", "--output-dir", str(tmp_path / "o3"), "--include", str(tmp_path)]) == 2
@@ -210,3 +223,57 @@ def test_plot_series_are_press_families():
     assert family({"press": None, "kv_quant": "none"}, "full") == "full"
     assert short("lowrank:calib=/root/calib15,rank=32") == "lowrank:rank=32"
     assert short("kv=int8/g64/res64/onchip0") == "int8"
+
+
+def _cell(d, metric, variant, ctx):
+    name = f"{metric}__{variant.replace('/', '-')}__ctx={ctx}.json"
+    return json.loads((d / "cells" / name).read_text())
+
+
+def _add(d, metric, variant, ctx, results, src_ctx, src_metric=None):
+    """Write a cell: a copy of the fixture's (src_metric, variant, src_ctx) cell with this metric, context, results."""
+    c = _cell(d, src_metric or metric, variant, src_ctx)
+    c["metric"], c["context"], c["results"] = metric, ctx, results
+    (d / "cells" / f"{metric}__{variant.replace('/', '-')}__ctx={ctx}.json").write_text(json.dumps(c))
+
+
+def test_overview_columns_equal_the_cells(tmp_path):
+    """Every overview column is the value of the right cell at the right context (the issue's Table 1): speed's tok/s,
+    TTFT and TPOT, KL and top-1 agreement, needle, RULER and GSM8K accuracy, and the markdown shows them."""
+    d = tmp_path / "run"
+    shutil.copytree(FIXTURE, d)
+    for v, acc in (("full", 0.9), (INT8, 0.7)):
+        _add(d, "needle", v, 128, {"accuracy": acc, "n": 10, "accuracy_by_depth": {"0.5": acc}}, src_ctx=560)
+        _add(d, "ruler", v, 128, {"accuracy": acc / 2, "multikey_accuracy": acc, "vartrack_score": 0.0},
+             src_ctx=560, src_metric="needle")
+    s = report.render(d, plots=False)
+    over = {r["config"]: r for r in s["overview"]["128"]}
+    for v in ("full", INT8):
+        r, sp, kl = over[v], _cell(d, "speed", v, 128)["results"], _cell(d, "kl", v, 128)["results"]
+        assert (r["tok_per_s"], r["ttft_s"], r["tpot_s"]) == (sp["tok_per_s"], sp["ttft_s"], sp["tpot_s"])
+        assert (r["kl"], r["top1_agreement"]) == (kl["kl_mean"], kl["top1_agreement"])
+        assert r["needle_acc"] == _cell(d, "needle", v, 128)["results"]["accuracy"]
+        assert r["ruler_acc"] == _cell(d, "ruler", v, 128)["results"]["accuracy"]
+        assert r["gsm8k_acc"] == _cell(d, "gsm8k", v, 0)["results"]["accuracy"]
+        assert r["bytes_per_token"] == pytest.approx(sp["kv_bytes"] / 128) and not r["bytes_from_ppl_prefix"]
+        ppl, base = _cell(d, "ppl", v, 128)["results"]["ppl"], _cell(d, "ppl", "full", 128)["results"]["ppl"]
+        assert r["ppl_delta_pct"] == pytest.approx(100 * (ppl / base - 1))
+    md = report.overview_markdown(s)
+    r = over[INT8]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {INT8} |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[4:7] == [f"{r['tok_per_s']:.1f}", f"{r['ttft_s']:.3f}", f"{1e3 * r['tpot_s']:.1f}"]
+    assert cols[8:12] == [f"{r['kl']:.4f}", "70.0", "35.0", f"{100 * r['gsm8k_acc']:.1f}"]
+
+
+@pytest.mark.parametrize("keep, contexts", [(("needle", "ruler"), ["560", "700"]), (("gsm8k",), ["0"])])
+def test_overview_contexts_when_no_ppl_or_speed_cell(tmp_path, keep, contexts):
+    """Without ppl/speed/kl/accept cells the overview's tables are the retrieval contexts, else the GSM8K prompts."""
+    d = tmp_path / "run"
+    shutil.copytree(FIXTURE, d)
+    for p in (d / "cells").glob("*.json"):
+        if json.loads(p.read_text())["metric"] not in keep:
+            p.unlink()
+    s = report.render(d, plots=False)
+    assert list(s["overview"]) == contexts
+    assert {r["config"] for rows in s["overview"].values() for r in rows} == {"full", INT8}

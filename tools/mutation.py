@@ -52,11 +52,15 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                  "tests/test_levels.py::test_retrieval_capacity_and_rollback_edges",
                  "tests/test_levels.py::test_retrieval_refresh_keeps_static_buffers"]),
     "kv_quant_offload": (["mspeckv/kv/quant.py", "mspeckv/kv/offload.py", "mspeckv/kv/placement.py"],
-                         ["tests/test_quant.py", "tests/test_placement.py", "tests/test_cache_boundaries.py"]),
+                         ["tests/test_quant.py", "tests/test_placement.py", "tests/test_cache_boundaries.py",
+                          "tests/test_levels.py::test_one_factory_decides_the_layout_and_one_runner_follows_it",
+                          "tests/test_presses.py::test_make_cache_graphs_gives_dense_presses_a_static_layout_with_the_"
+                          "eager_tokens"]),
     "rope": (["mspeckv/model/rope.py"], ["tests/test_rope.py"]),
     "model": (["mspeckv/model/llama.py", "mspeckv/model/fused.py"],
               ["tests/test_model.py", "tests/test_rope.py::test_fused_kernels_torch_reference_equals_apply_rope"]),
     "stats": (["mspeckv/bench/stats.py"], ["tests/test_stats_report.py"]),
+    "evals_report": (["mspeckv/evals/report.py"], ["tests/test_evals_report.py"]),
 }
 # Not mutated: mspeckv/kv/quant_triton.py and the Triton parts of model/fused.py (GPU only: no CPU test reaches them).
 # Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
