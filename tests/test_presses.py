@@ -455,3 +455,18 @@ def test_errors_name_the_flag_the_spec_came_from():
         parse_press("nope:x=1", "--presses")
     with pytest.raises(ValueError, match=r"^--l1-press snapkv:budget: 'budget' is not key=value"):
         _ = SpecConfig(mode="mspeckv", l1_press="snapkv:budget").middle_press
+
+
+@pytest.mark.parametrize("press", ["snapkv:budget=0.3,window=8,obs_window=8", "streaming:budget=0.25,sinks=4",
+                                   "adakv:budget=0.3,window=8,obs_window=8"])
+def test_speculation_over_a_pressed_target_equals_ar_over_it_graphed_or_not(model, press):
+    """``speculative_generate(press=...)`` presses the target's own KV: with graphs its full level is now a static
+    PressedKV (rollbacks move the device-side position), and greedy output still equals AR over the same press."""
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1)
+    gen = GenerationConfig(max_new_tokens=24, stop_on_eos=False, prefill_chunk=32)
+    prompt = ids(80, seed=3)
+    ar = generate(model, prompt, gen, cache=make_cache(model, None, 1, 80 + 24, press=press))
+    for graphs in (False, True):
+        sp = speculative_generate(model, draft, prompt, gen, SpecConfig(mode="vanilla", gamma=4, graphs=graphs),
+                                  press=press)
+        assert sp.tokens == ar.tokens, graphs
