@@ -177,6 +177,23 @@ def test_graphed_pressed_greedy_equals_eager_fp32(press):
     assert graphed.tokens == eager.tokens
 
 
+def test_graphed_speculation_over_a_pressed_target_equals_ar_over_it_fp32():
+    """The target's own KV pressed (a static PressedKV under graphs): replayed verifications and rollbacks give AR
+    over the same press, token for token, in fp32."""
+    from mspeckv.config import GenerationConfig
+    from mspeckv.decoding.autoregressive import generate
+    from mspeckv.decoding.speculative import SpecConfig, speculative_generate
+
+    m, d = cuda_model(layers=6, dtype=torch.float32), cuda_model(layers=2, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 700), device="cuda")
+    gen = GenerationConfig(max_new_tokens=96, stop_on_eos=False, prefill_chunk=256)
+    press = "snapkv:budget=0.25"
+    ar = generate(m, ids, gen, cache=make_cache(m, None, 1, 796, press=press)).tokens
+    sp = speculative_generate(m, d, ids, gen, SpecConfig(mode="vanilla", gamma=4, graphs=True), press=press)
+    torch.cuda.synchronize()
+    assert sp.tokens == ar
+
+
 def test_graphed_offloaded_speculation_equals_ar_fp32():
     """The full-KV verification level over an offloaded (int8, streamed) target replays graphs too."""
     from mspeckv.config import GenerationConfig
