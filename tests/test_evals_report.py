@@ -164,6 +164,8 @@ def test_include_reads_other_folders_with_each_folders_own_baseline(tmp_path, ca
             c["variant"] = "B-variant"
         elif c["metric"] == "ppl":
             c["results"]["ppl"] *= 1.1
+        elif c["metric"] == "speed":
+            c["results"]["kv_bytes"] *= 2  # B's full cache held twice the bytes: B-variant's compression doubles
         p.write_text(json.dumps(c))
     out = tmp_path / "overview"
     s = report.render(out, plots=False, include=[a, b])
@@ -177,6 +179,7 @@ def test_include_reads_other_folders_with_each_folders_own_baseline(tmp_path, ca
     over = {r["config"]: r for r in s["overview"]["128"]}
     assert over["B-variant"]["sources"] == [str(b)] and over[INT8]["sources"] == [str(a)]
     assert over["B-variant"]["ppl_delta_pct"] == pytest.approx(bv["delta_pct"])
+    assert over["B-variant"]["compression"] == pytest.approx(2 * over[INT8]["compression"])
     assert s["n_cells"] == 14 + 7  # B's 7 baseline cells are hidden by A's
     assert "| folder |" in (out / "summary.md").read_text()
     # a folder without a baseline of its own is compared with the shown one
@@ -211,6 +214,7 @@ def test_compression_from_the_ppl_prefix_compares_prefix_with_prefix(tmp_path):
     ppl = {c["variant"]: c["results"] for c in CellStore(d).all() if c["metric"] == "ppl"}
     assert over[INT8]["bytes_from_ppl_prefix"] and not over["full"]["bytes_from_ppl_prefix"]
     assert over[INT8]["compression"] == pytest.approx(ppl["full"]["kv_bytes_prefix"] / ppl[INT8]["kv_bytes_prefix"])
+    assert over[INT8]["bytes_per_token"] == pytest.approx(ppl[INT8]["kv_bytes_prefix"] / ppl[INT8]["prefix_tokens"])
 
 
 def test_plot_series_are_press_families():
@@ -230,10 +234,10 @@ def _cell(d, metric, variant, ctx):
     return json.loads((d / "cells" / name).read_text())
 
 
-def _add(d, metric, variant, ctx, results, src_ctx, src_metric=None):
-    """Write a cell: a copy of the fixture's (src_metric, variant, src_ctx) cell with this metric, context, results."""
-    c = _cell(d, src_metric or metric, variant, src_ctx)
-    c["metric"], c["context"], c["results"] = metric, ctx, results
+def _add(d, metric, variant, ctx, results, src_ctx, src_metric=None, src_variant=None):
+    """Write a cell: a copy of a fixture cell (src_metric, src_variant, src_ctx) with these fields."""
+    c = _cell(d, src_metric or metric, src_variant or variant, src_ctx)
+    c["metric"], c["variant"], c["context"], c["results"] = metric, variant, ctx, results
     (d / "cells" / f"{metric}__{variant.replace('/', '-')}__ctx={ctx}.json").write_text(json.dumps(c))
 
 
@@ -246,8 +250,12 @@ def test_overview_columns_equal_the_cells(tmp_path):
         _add(d, "needle", v, 128, {"accuracy": acc, "n": 10, "accuracy_by_depth": {"0.5": acc}}, src_ctx=560)
         _add(d, "ruler", v, 128, {"accuracy": acc / 2, "multikey_accuracy": acc, "vartrack_score": 0.0},
              src_ctx=560, src_metric="needle")
+    # a variant with cells at another context only (listed first) is left out of this context's table, not the end
+    _add(d, "accept", "aaa", 999, {"l1_acceptance_rate": 0.5}, src_ctx=128, src_metric="kl", src_variant=INT8)
     s = report.render(d, plots=False)
+    assert "aaa" in [r["config"] for r in s["overview"]["999"]]
     over = {r["config"]: r for r in s["overview"]["128"]}
+    assert list(over) == ["full", INT8]
     for v in ("full", INT8):
         r, sp, kl = over[v], _cell(d, "speed", v, 128)["results"], _cell(d, "kl", v, 128)["results"]
         assert (r["tok_per_s"], r["ttft_s"], r["tpot_s"]) == (sp["tok_per_s"], sp["ttft_s"], sp["tpot_s"])
