@@ -26,7 +26,7 @@
 #  - 16 GSM8K jobs + 4 others on one GPU ran out of memory at start for 4 of them; 10-12 jobs per GPU is safer.
 #  - never `pkill -f` a pattern that also appears later in the same command line.
 # Still to run for issue 10: `speedg2` (dense presses graphed since cf11ec3, low-rank speed) alone on one GPU,
-# `quality4` (low-rank 64 RULER 8K-32K, GSM8K) on the other; first the GPU tests (the new graphed-press test).
+# `quality4` (low-rank 64 RULER 8K-32K, GSM8K; accept for a preset and low-rank; H25 needles x3) on the other; first the GPU tests (the new graphed-press test).
 # For issue 11's projection: `seven` again (32K/64K L2 costs with precaptured shapes), seven128's missing runs.
 # Then `python tools/project.py --costs <the new 7B folders> --acceptance results/context/qwen2.5-coder-1.5b_A1_h200_graphed
 # --draft-from acceptance --out results/projection/...`.
@@ -194,6 +194,9 @@ quality4)  # background: what issue 10 still lacks after 240aa30 (low-rank 64's 
   job r_lr64 $E ruler $C --output-dir /root/q_grid --no-baseline --press lowrank:calib=/root/calib15,rank=64
   G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
   for k in 0 1; do job g_lr64_$k $G --press lowrank:calib=/root/calib15,rank=64 --gsm8k-shard $k,2; done
+  # the middle levels no run has measured: a preset and low-rank (both eager: codes and latents)
+  job a_rest $E accept $C --context 8192,32768 --output-dir /root/q_acc --no-baseline --press aggressive \
+    lowrank:calib=/root/calib15,rank=64
   # H25 lost 1 of 10 needles at 16K (the 8x goal's only miss): 3x the trials (30 needles per cell), full cache too
   job n_h25 $E needle $C --needle-context 8192,16384,32768 --needle-trials 6 --output-dir /root/q_hyb_n30 \
     --press hybrid:retain=0.25,k_bits=4,v_bits=4,guard=0,window=128
