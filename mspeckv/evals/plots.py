@@ -49,12 +49,6 @@ def _legend(ax, size: int) -> None:
         ax.legend(fontsize=size)
 
 
-def _compression(by: dict, variant: str, ctx: int) -> float | None:
-    base, _ = _bytes(by, BASELINE, ctx)
-    nb, _ = _bytes(by, variant, ctx)
-    return base / nb if base and nb else None
-
-
 def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
     Figure = _figure_cls()
     by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
@@ -91,11 +85,12 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
     if mets:
         fig = Figure(figsize=(5.5 * len(mets), 4.5), dpi=110)
         short_ctx = min((k[2] for k in by if k[0] in ("speed", "ppl")), default=0)
+        comp = {(ctx, r["config"]): r["compression"] for ctx, rows in ov.items() for r in rows}
         for i, m in enumerate(mets):
             ax = fig.add_subplot(1, len(mets), i + 1)
             for ctx in sorted({k[2] for k in by if k[0] == m}):
                 ref = ctx or short_ctx
-                pts = [(_compression(by, v, ref), cell["results"]["accuracy"] * 100, v)
+                pts = [(comp.get((ref, v)), cell["results"]["accuracy"] * 100, v)
                        for (mm, v, c), cell in by.items() if mm == m and c == ctx]
                 pts = sorted(p for p in pts if p[0] is not None)
                 if pts:

@@ -127,8 +127,7 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
                     (("gsm8k", v, 0) not in by):
                 continue
             nb, from_prefix, bcell = _bytes_cell(by, v, ctx)
-            bres = _base_of(by, bases, "speed" if bcell and bcell["metric"] == "speed" else "ppl", ctx,
-                            bcell).get("results", {})
+            bres = _base_of(by, bases, bcell["metric"] if bcell else "ppl", ctx, bcell).get("results", {})
             base_bytes = bres.get("kv_bytes_prefix" if from_prefix else "kv_bytes")
             prefix_tokens = g("ppl", v, ctx, "prefix_tokens")
             ppl = g("ppl", v, ctx, "ppl")

@@ -89,7 +89,8 @@ def make_cache(model, placement: Placement | None, batch: int, max_len: int, pre
     graphs; see ``kv/offload.py``). With a press: a static ``PressedKV`` when the press keeps dense rows (eviction
     only) and no layer is offloaded; its buffers hold ``press.max_rows(max_len)`` rows + ``tail`` per layer, the
     prefill still fills an ordinary cache, and ``compress()`` lays the kept rows into the static buffers. A press
-    that stores codes or latents, or an offloaded pressed layer, runs eagerly. ``cache.graphable`` says what was
+    that stores codes or latents, an offloaded pressed layer, or a cache re-pressed every ``compress_every``
+    tokens runs eagerly. ``cache.graphable`` says what was
     built, and ``decoding.runner.make_runner`` follows it."""
     from .dense import DenseKV
 
