@@ -193,7 +193,11 @@ quality4)  # background: what issue 10 still lacks after 240aa30 (low-rank 64's 
   prep_quality
   job r_lr64 $E ruler $C --output-dir /root/q_grid --no-baseline --press lowrank:calib=/root/calib15,rank=64
   G="$E gsm8k $C --gsm8k-graphs --output-dir /root/q_gsm8k --no-baseline"
-  for k in 0 1; do job g_lr64_$k $G --press lowrank:calib=/root/calib15,rank=64 --gsm8k-shard $k,2; done
+  for k in 0 1 2; do
+    job g_lr64_$k $G --press lowrank:calib=/root/calib15,rank=64 --gsm8k-shard $k,3
+    # H25 (the hybrid closest to the 8x goal) has no GSM8K cell; it decodes eagerly (codes), so 3 shards
+    job g_h25_$k $G --press hybrid:retain=0.25,k_bits=4,v_bits=4,guard=0,window=128 --gsm8k-shard $k,3
+  done
   # the middle levels no run has measured: a preset and low-rank (both eager: codes and latents)
   job a_rest $E accept $C --context 8192,32768 --output-dir /root/q_acc --no-baseline --press aggressive \
     lowrank:calib=/root/calib15,rank=64
