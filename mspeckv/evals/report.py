@@ -204,7 +204,8 @@ def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
             best = min(cand, key=lambda r: r["ppl_delta_pct"], default=None)
             what = f">= {need:g}x at <= +{limit:g}% PPL" + (" and needle >= 95% of full at 8K-32K" if need == 8 else "")
             if good:
-                names = "; ".join(f"{r['config']} ({r['compression']:.1f}x, {r['ppl_delta_pct']:+.2f}%)" for r in good)
+                names = "; ".join(f"{r['config']} ({r['compression']:.1f}x, {r['ppl_delta_pct']:+.2f}%"
+                                  + (f", {needle_ok(r['config'])[1]}" if need == 8 else "") + ")" for r in good)
                 out.append(f"{ctx}: {what}: met by {names}")
             elif best is not None:
                 extra = f", {needle_ok(best['config'])[1]}" if need == 8 else ""
