@@ -181,7 +181,7 @@ def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
         if not far or any(a is None or b is None for a, b in pairs):
             return None, "needle at 8K-32K not measured"
         ok = all(a >= 0.95 * b for a, b in pairs)
-        return ok, "needle " + ", ".join(f"{a:.0%} vs full {b:.0%}" for a, b in pairs)
+        return ok, "needle " + ", ".join(f"{a:.1%} vs full {b:.1%}" for a, b in pairs)
 
     for ctx, rows in ov.items():
         measured = [r for r in rows if _num(r["ppl_delta_pct"]) and r["config"] != BASELINE]
