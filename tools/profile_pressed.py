@@ -4,10 +4,13 @@ choice differs from the real model's, but its static buffer, and so every kernel
 
 For each press and context: ``evals.generation.greedy`` (the path ``eval speed --speed-graphs`` times) under
 torch.profiler, once with 1 new token and once with 1 + N. Each kernel's device time in the second minus the first,
-over N, is its cost per decode step; the table lists the busiest kernels per step and their sum.
+over N, is its cost per decode step; the table lists the busiest kernels per step and their sum. ``PROFILE_NEW=N``
+(default 32) sets N; the cache's tail holds N + 2 rows, so N also sets the attention's key length (fixed rows + tail),
+as ``--speed-gen`` does in ``eval speed`` (tail 65 at its default 64).
 """
 
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -18,7 +21,7 @@ from mspeckv.evals.generation import greedy
 from mspeckv.evals.variants import Variant
 from mspeckv.model.api import random_model
 
-N = 32
+N = int(os.environ.get("PROFILE_NEW", 32))  # decode steps profiled; the tail (N + 2 rows) sets the buffer length
 shape, contexts, out = sys.argv[1], [int(c) for c in sys.argv[2].split(",")], sys.argv[3]
 presses = sys.argv[4:]
 m = random_model(shape, "cuda", torch.bfloat16)
@@ -55,8 +58,8 @@ for ctx in contexts:
               " ms/step", flush=True)
         for name, ms in list(top.items())[:6]:
             print(f"      {ms:7.3f} ms  {name}", flush=True)
-res = {"shape": shape, "weights": "random", "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
-       "rows": rows}
+res = {"shape": shape, "new_tokens": N, "weights": "random", "device": torch.cuda.get_device_name(),
+       "command": " ".join(sys.argv), "rows": rows}
 with open(out, "w") as f:
     json.dump(res, f, indent=1)
 print(json.dumps({"shape": shape, "rows": len(rows)}))
