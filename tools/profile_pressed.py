@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mspeckv.bench.results import run_metadata
 from mspeckv.evals.generation import greedy
 from mspeckv.evals.variants import Variant
 from mspeckv.model.api import random_model
@@ -59,7 +60,7 @@ for ctx in contexts:
         for name, ms in list(top.items())[:6]:
             print(f"      {ms:7.3f} ms  {name}", flush=True)
 res = {"shape": shape, "new_tokens": N, "weights": "random", "device": torch.cuda.get_device_name(),
-       "command": " ".join(sys.argv), "rows": rows}
+       "command": " ".join(sys.argv), "meta": run_metadata(), "rows": rows}
 with open(out, "w") as f:
     json.dump(res, f, indent=1)
 print(json.dumps({"shape": shape, "rows": len(rows)}))
