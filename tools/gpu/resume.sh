@@ -25,8 +25,13 @@
 #    `models prepare` step in the foreground (about 75 s for the 1.5B, 90 s for the 0.5B), then launch jobs.
 #  - 16 GSM8K jobs + 4 others on one GPU ran out of memory at start for 4 of them; 10-12 jobs per GPU is safer.
 #  - never `pkill -f` a pattern that also appears later in the same command line.
-# Still to run for issue 10: `speedg2` (dense presses graphed since cf11ec3, low-rank speed) alone on one GPU,
-# `quality4` (low-rank 64 RULER 8K-32K, GSM8K; accept for a preset and low-rank; H25 needles x3) on the other; first the GPU tests (the new graphed-press test).
+# 2026-11-30 (cb05b16): GPU 1 `quality4` then the GPU tests (36 passed) in the foreground; GPU 0 `speedg2` alone, then
+# `speedg2` again into /root/q_speedg3 (noise) while GPU 1 ran the 7B sweep at 32K/64K (13 of 16 runs in 470 s).
+# Lessons: with the tree at ~14 MB, 55 MB parts no longer fit a call (64 MiB with the tree): tools/split_gguf.py now
+# cuts 50 MB parts (23 + 10 calls). quality4's 9 jobs and speedg2 each took under 6 minutes.
+# Issue 10's runs are complete. Worth running next: AdaKV's graphed step after a per-KV-head mask in the Triton
+# kernel (results/profile/h200-pressed); `speedg2`-style timing (2 runs) for conservative, extreme, KIVI 8/2-bit and
+# H12, whose speed cells are still 240aa30's single eager runs; the 7B sweep's missing 64K seed-2 runs.
 # For issue 11's projection: `seven` again (32K/64K L2 costs with precaptured shapes), seven128's missing runs.
 # Then `python tools/project.py --costs <the new 7B folders> --acceptance results/context/qwen2.5-coder-1.5b_A1_h200_graphed
 # --draft-from acceptance --out results/projection/...`.
