@@ -129,7 +129,7 @@ def test_eight_x_goal_judges_needles_against_the_variants_own_folder(hits, verdi
                 "variant_info": info if variant != "full" else {}, "_source": src}
 
     cells = [{"metric": "ppl", "variant": h, "context": 8192, "variant_info": info, "_source": "B"}]
-    for ctx, hit in zip((8192, 16384, 32768), hits):
+    for ctx, hit in zip((8192, 16384, 32768), hits, strict=True):
         cells.append(needle("full", ctx, 1.0, "A"))  # the shown full cache (another folder): 100% everywhere
         cells.append({**needle("full", ctx, 29 / 30, "B"), "_shadowed": True})  # B's own full cache: 29 of 30
         cells.append(needle(h, ctx, hit / 30, "B"))

@@ -1,5 +1,6 @@
 """Split an embedded model's assembled GGUF into parts under .carry/ (git-ignored) for the GPU machine, whose calls
-carry at most 64 MiB each, the working tree included: keep part + tracked files under that (default 50 MB parts: the tracked tree is about 14 MB).
+carry at most 64 MiB each, the working tree included: keep part + tracked files under that (default 50 MB parts:
+the tracked tree is about 14 MB).
 Usage: python tools/split_gguf.py qwen2.5-coder-1.5b q15 [MB]"""
 
 import sys
