@@ -250,6 +250,7 @@ def test_plot_series_are_press_families():
     assert family({"press": None, "kv_quant": "none"}, "full") == "full"
     assert short("lowrank:calib=/root/calib15,rank=32") == "lowrank:rank=32"
     assert short("kv=int8/g64/res64/onchip0") == "int8"
+    assert short("hybrid:retain=0.25,k_bits=4,v_bits=4,guard=0,window=128") == "hybrid:0.25,k4,v4,w128"
 
 
 def _cell(d, metric, variant, ctx):

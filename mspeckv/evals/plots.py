@@ -41,7 +41,8 @@ def short(variant: str) -> str:
     """A short point label: the spec without a calibration path or default-looking noise."""
     v = re.sub(r"calib=[^,]*,?", "", variant)
     v = v.replace("kv=", "").replace("/g64/res64/onchip0", "").replace("budget=", "")
-    return v.replace("k_bits=", "k").replace("v_bits=", "v").replace("group_size=", "g").replace("residual=", "r")
+    v = v.replace("k_bits=", "k").replace("v_bits=", "v").replace("group_size=", "g").replace("residual=", "r")
+    return v.replace("retain=", "").replace(",guard=0", "").replace("window=", "w")
 
 
 def _legend(ax, size: int) -> None:
