@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from ..bench.plots import _figure_cls, _save
-from .report import _bytes
+from .report import _bytes_cell
 from .variants import BASELINE
 
 
@@ -110,7 +110,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         fig = Figure(figsize=(7.0, 4.5), dpi=110)
         ax = fig.add_subplot(1, 1, 1)
         for v in dict.fromkeys(c["variant"] for c in cells):
-            pts = [(ctx, _bytes(by, v, ctx)[0]) for ctx in mem_ctx]
+            pts = [(ctx, _bytes_cell(by, v, ctx)[0]) for ctx in mem_ctx]
             pts = [(x, y / 2**20) for x, y in pts if y]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)

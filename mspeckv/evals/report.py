@@ -96,13 +96,8 @@ def rows_from_cells(cells: list[dict]) -> list[dict]:
     return rows
 
 
-def _bytes(by: dict, variant: str, ctx: int) -> tuple[float | None, bool]:
-    """(held KV bytes at ctx, from the ppl prefix?)."""
-    b, prefix, _ = _bytes_cell(by, variant, ctx)
-    return b, prefix
-
-
 def _bytes_cell(by: dict, variant: str, ctx: int) -> tuple[float | None, bool, dict | None]:
+    """(held KV bytes at ctx, from the ppl prefix?, the cell they come from)."""
     s = by.get(("speed", variant, ctx))
     if s is not None:
         return s["results"].get("kv_bytes"), False, s
