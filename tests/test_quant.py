@@ -341,3 +341,19 @@ def test_cuda_triton_odd_shapes(fmt: str, kind: str, g: int, D: int) -> None:
     out = torch.full((2, 3, g * 4, D), float("nan"), device="cuda", dtype=torch.float16)
     (dequantize_keys_into if kind == "k" else dequantize_values_into)(q, spec, out[:, :, : g * 3])
     assert torch.equal(out[:, :, : g * 3], ref) and bool(out[:, :, g * 3 :].isnan().all())
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_fp64_input_is_coded_in_fp64(kind: str) -> None:
+    """A value 1e-12 below the boundary between codes 3 and 4 gets code 3 in fp64. Rounded to fp32 first, it would sit
+    exactly on the boundary and round half-to-even to 4: the TP tests rely on fp64 input staying fp64."""
+    spec = QuantSpec("int8", group_size=8)
+    s = 0.25  # exact in fp16: group [0, 255 * s] gives zero 0 and scale s
+    x = torch.zeros(8, dtype=torch.float64)
+    x[1], x[2] = 255 * s, 3.5 * s - 1e-12
+    assert x[2].float().item() == 3.5 * s  # fp32 cannot hold the difference
+    t = x.view(1, 1, 8, 1) if kind == "k" else x.view(1, 1, 1, 8)  # keys group tokens, values group channels
+    q = QUANT[kind](t, spec)
+    assert q.scale.flatten().tolist() == [s] and q.zero.flatten().tolist() == [0.0]
+    assert unpack_codes(q.codes, 8).flatten()[2].item() == 3
+    assert unpack_codes(QUANT[kind](t.float(), spec).codes, 8).flatten()[2].item() == 4  # the fp32 path differs

@@ -185,7 +185,7 @@ def _round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _quantize_groups(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """x: (..., g) fp32 -> codes (..., g) uint8, scale (...), zero (...) in spec.scale_dtype."""
+    """x: (..., g) fp32 (or fp64) -> codes (..., g) uint8, scale (...), zero (...) in spec.scale_dtype."""
     L = spec.qmax
     zero = _round_down(x.amin(-1), spec.scale_dtype)  # (...)
     zf = zero.float()
@@ -197,13 +197,19 @@ def _quantize_groups(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor
     return codes, scale, zero
 
 
+def _wide(x: Tensor) -> Tensor:
+    """The dtype codes are computed in: fp32, or fp64 for fp64 input (rounding fp64 to fp32 first would put the
+    codes of two inputs that differ only in fp64 rounding on either side of an fp32 grid point)."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
 def quantize_keys(k: Tensor, spec: QuantSpec) -> QTensor:
     """k: (B, H, T, D) with T % group_size == 0 -> per-channel groups of group_size tokens."""
     B, H, T, D = k.shape
     g = spec.group_size
     if T % g:
         raise ValueError(f"quantize_keys needs whole groups: T={T} is not a multiple of kv_group_size {g}")
-    x = k.float().view(B, H, T // g, g, D).transpose(-1, -2)  # (B, H, NG, D, g)
+    x = _wide(k).view(B, H, T // g, g, D).transpose(-1, -2)  # (B, H, NG, D, g)
     codes, scale, zero = _quantize_groups(x, spec)  # (B, H, NG, D, g), (B, H, NG, D) x2
     return QTensor(pack_codes(codes, spec.bits), scale, zero, (B, H, T, D))
 
@@ -213,7 +219,7 @@ def quantize_values(v: Tensor, spec: QuantSpec) -> QTensor:
     B, H, T, D = v.shape
     spec.check_head_dim(D)
     g = spec.group_size
-    x = v.float().view(B, H, T, D // g, g)
+    x = _wide(v).view(B, H, T, D // g, g)
     codes, scale, zero = _quantize_groups(x, spec)  # (B, H, T, D//g, g), (B, H, T, D//g) x2
     return QTensor(pack_codes(codes.view(B, H, T, D), spec.bits), scale, zero, (B, H, T, D))
 
