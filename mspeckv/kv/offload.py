@@ -7,6 +7,13 @@ Per offloaded layer the history ``[0:len)`` is split in two:
   Whole groups older than the slack are quantized on the GPU and copied to the store (device-to-host on the copy
   stream), so a rollback of up to ``rollback_slack`` tokens never touches quantized data and stays exact, and a
   cache that is rolled back equals one that never saw the rejected tokens.
+- A forward attends to its **own** rows in the precision they were produced in, even those it flushes (a prefill
+  chunk longer than the slack): they are quantized into the store, but the attention view keeps them full-precision
+  until this layer's attention is enqueued (a bf16 resident slot, read again later, then gets their stored form).
+  Rows of earlier forwards that a forward flushes are read in their stored form, as every later forward reads them.
+  Full-precision tail: between forwards fewer than ``group + 2 * rollback_slack`` rows (the residual); during a
+  forward of n rows at most ``group + rollback_slack + n`` rows of the view are full-precision, in the staging or
+  slot buffer the view already is (no extra memory).
 
 Decoding one token runs, for offloaded layer i, with no host synchronisation:
     copy stream:    [wait: buffer free] H2D prefix of layer i+1  -> record ready[i+1]
@@ -226,6 +233,7 @@ class PlacedKV(KVCache):
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # layer -> slot, LRU order (oldest first)
         self.free_ev: dict[tuple, torch.cuda.Event] = {}  # buffer key -> event after its last reader
         self.to_release: list[tuple] = []
+        self.after_attn: list[tuple[Tensor, Tensor]] = []  # (slot rows, their stored form): written after attention
         self._len = self.flushed = 0
         self._pending: int | None = None
         self.stats = TransferStats()
@@ -256,7 +264,8 @@ class PlacedKV(KVCache):
         """Where ``flushed`` will be after a forward of n_new tokens. Whole groups older than the slack are flushed.
         Only committed tokens count, so a forward whose tokens are later rolled back never changes what was flushed;
         a forward longer than the slack (a prefill chunk, which cannot be rolled back past the slack anyway) may
-        also flush its own tokens, which bounds the residual."""
+        also flush its own tokens, which bounds the residual. Flushing them stores them quantized for LATER forwards:
+        this forward still attends to them full-precision (``_flush``)."""
         upto = self._len + (n_new if n_new > self.p.rollback_slack else 0)
         return self.flushed + self.g * max(0, (upto - self.flushed - self.p.rollback_slack) // self.g)
 
@@ -570,6 +579,7 @@ class PlacedKV(KVCache):
     def _flush(self, layer: int, kbuf: Tensor, vbuf: Tensor, slot: int | None) -> None:
         """Move rows [flushed:flush_to) to the CPU store (quantized on the GPU first), D2H on the copy stream."""
         f0, f1 = self.flushed, self.flush_to
+        old = max(0, min(f1, self._len) - f0)  # flushed rows written by earlier forwards; the rest are this one's
         outs = []
         for i, buf in enumerate((kbuf, vbuf)):
             rows = buf[f0:f1]  # (n, B, H, D)
@@ -579,9 +589,14 @@ class PlacedKV(KVCache):
             x = rows.permute(1, 2, 0, 3)
             q = quantize_keys(x, self.spec) if i == 0 else quantize_values(x, self.spec)
             outs.append(_token_major(q))
-            # The attention view (bf16 slot or staging) must read what every later forward will read from the
-            # store: the quantized form. This is the stored copy's dequantization, not a fake compression.
-            (dequantize_keys_into if i == 0 else dequantize_values_into)(q, self.spec, x)
+            # The attention view (bf16 slot or staging) must read earlier forwards' rows as every later forward will
+            # read them from the store: the quantized form (the stored copy's dequantization, not a fake
+            # compression). This forward's own rows stay as they were produced while it attends; a bf16 slot, which
+            # later forwards read instead of the store, gets their stored form once the attention is enqueued.
+            deq = (dequantize_keys_into if i == 0 else dequantize_values_into)(q, self.spec, torch.empty_like(x))
+            x[:, :, :old] = deq[:, :, :old]
+            if slot is not None and not self.slot_quant and old < f1 - f0:
+                self.after_attn.append((x[:, :, old:], deq[:, :, old:]))
             if slot is not None and self.slot_quant:
                 for name, t in outs[-1].items():
                     r0 = f0 // self.slots[slot][i].per_row
@@ -609,7 +624,11 @@ class PlacedKV(KVCache):
         self.free_ev[key] = ev
 
     def _release_now(self) -> None:
-        """The previous offloaded layer's attention is enqueued: its buffers are free once that work is done."""
+        """The previous offloaded layer's attention is enqueued: its own flushed rows in a bf16 slot take their stored
+        form (``_flush``), then its buffers are free once that work is done."""
+        for dst, deq in self.after_attn:
+            dst.copy_(deq)
+        self.after_attn = []
         for slot, key in self.to_release:
             if key is not None:
                 self._mark_free(key)
