@@ -302,7 +302,7 @@ def cmd_bench(a) -> int:
     """``mspeckv bench <name>``: the registry's config from the flags, run (inputs checked before anything loads or
     is written), the rendered Markdown, then one JSON line."""
     from .bench.registry import BENCH
-    from .evals.template import from_args
+    from .runs.template import from_args
 
     b = BENCH[a.bench]
     cfg = from_args(b.load("config"), a)
@@ -315,7 +315,7 @@ def cmd_bench(a) -> int:
 def add_bench_parser(sub) -> None:
     """``mspeckv bench <name>``: one subcommand per registry entry, its flags generated from its config's fields."""
     from .bench.registry import BENCHES
-    from .evals.template import add_flags
+    from .runs.template import add_flags
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)",
                        description="Benchmarks: each writes its results files, prints a Markdown table, then one "

@@ -309,7 +309,7 @@ def test_unreadable_weights_name_the_directory(tiny_dirs, tmp_path):  # noqa: F8
 
 # -------------------------------------------------------------------------------------------------------- report
 def test_report_tells_partial_from_complete_and_skips_foreign_json(tmp_path, capsys):
-    from mspeckv.bench.results import RunSpec, RunStore, run_sweep
+    from mspeckv.runs.store import RunSpec, RunStore, run_sweep
 
     store = RunStore(tmp_path)
     config = {"xs": [1, 2], "seeds": [1, 2, 3], "methods": ["baseline", "mspeckv"]}

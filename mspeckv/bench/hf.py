@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
-from ..evals.template import opt
+from ..runs.template import opt
 
 CACHES = ("dynamic", "dynamic_offload", "int8_offload", "int8_offload_resident")
 
@@ -70,7 +70,8 @@ class HFBenchConfig:
     def validate(self) -> None:
         """What can be refused before the weights load: the device, the output folder, the model's maximum
         context."""
-        from ..cli_checks import model_config, out_dir
+        from ..model.api import model_config
+        from ..runs.checks import out_dir
 
         _check_device(self)
         out_dir("--out-dir", self.out_dir)
@@ -194,8 +195,8 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from ..data.corpora import long_prompt
     from ..model.api import default_dtype
     from ..model.loading import resolve
+    from ..runs.store import run_metadata
     from .placement import h2d_bandwidth
-    from .results import run_metadata
 
     dev = _check_device(cfg)
     d = resolve(cfg.model)
@@ -260,7 +261,7 @@ def run(cfg: HFBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``hf.json`` and ``summary.md`` into ``cfg.out_dir``."""
     from pathlib import Path
 
-    from .results import atomic_write_json, atomic_write_text
+    from ..runs.store import atomic_write_json, atomic_write_text
 
     cfg.validate()
     res = run_hf_bench(cfg)

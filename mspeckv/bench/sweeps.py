@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as v
-from ..evals.template import add_flags, flag_name, from_args, opt
+from ..model.api import model_config
+from ..runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
+from ..runs.template import add_flags, flag_name, from_args, opt
 from .registry import BY_NAME, DEFAULT_METHODS, HF_METHODS, METHODS, REFERENCE_METHODS, RETRIEVAL_METHODS, SPEC_METHODS
-from .results import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
 
 DEFAULT_SEEDS = (1, 2, 3)
 QUICK_BUDGET, QUICK_PREFILL, QUICK_GEN = 1024, 2048, 128
@@ -216,8 +217,8 @@ def settings_from_args(a) -> SweepSettings:
     """argparse namespace -> SweepSettings: the template's ``from_args`` (flags parsed and checked, ``--quick``
     applied), then what it cannot express: ``--device`` resolved, ``--greedy`` (temperature 0) and the default
     ``--output-dir``. No model needed."""
-    from ..cli_checks import refuse
     from ..model.api import parse_device
+    from ..runs.checks import refuse
 
     s = from_args(CONFIGS[a.sweep], a, device=parse_device(a.device).type, output_dir=a.output_dir or "")
     if a.greedy:
@@ -240,24 +241,6 @@ def default_name(s: SweepSettings) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- validation
-def model_config(ref: str):
-    """A model's ``ModelConfig`` from its config alone (random shape or resolved directory; weights not loaded)."""
-    from transformers import AutoConfig
-
-    from ..model.api import RANDOM_SHAPES
-    from ..model.llama import ModelConfig
-
-    if ref.startswith("random:"):
-        shape = ref.split(":", 1)[1]
-        if shape not in RANDOM_SHAPES:
-            raise ValueError(f"unknown random shape '{shape}' in {ref}; choose one of {sorted(RANDOM_SHAPES)}")
-        kw = dict(RANDOM_SHAPES[shape])
-        return ModelConfig.from_hf(AutoConfig.for_model(kw.pop("model_type"), **kw))
-    from ..model.loading import resolve
-
-    return ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(ref)))
-
-
 def placement_for(s: SweepSettings, method: str, p: Point):
     """The target's KV placement for a method at one point (hf_assisted: None, it uses transformers' cache)."""
     from ..kv.placement import Placement
@@ -398,7 +381,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def refuse_ignored(a, s: SweepSettings) -> None:
     """Flags that no chosen method reads are errors (they would be recorded in every run's config, yet change
     nothing)."""
-    from ..cli_checks import refuse
+    from ..runs.checks import refuse
 
     changed = lambda *names: _changed(a, s, *names)
     if not any(BY_NAME[m].quant for m in s.methods):
@@ -417,7 +400,7 @@ def refuse_ignored(a, s: SweepSettings) -> None:
 
 
 def cmd_sweep(a) -> int:
-    from ..cli_checks import out_dir
+    from ..runs.checks import out_dir
 
     s = settings_from_args(a)
     refuse_ignored(a, s)
@@ -458,7 +441,7 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from ..cli_checks import out_dir
+    from ..runs.checks import out_dir
     from .report import render
 
     if not Path(a.dir).is_dir():
