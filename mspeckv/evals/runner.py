@@ -1,7 +1,7 @@
 """``mspeckv eval {ppl,kl,attention,ece,needle,ruler,recon,gsm8k,accept,speed,all,report}`` (or a comma list such
 as ``ppl,recon,speed``).
 
-One template (``evals.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
+One template (``runs.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
 -> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one final JSON line.
 
 Every invocation evaluates the full-cache baseline (variant ``full``: every layer's KV dense on the device, no press)
