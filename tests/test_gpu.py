@@ -76,7 +76,8 @@ def test_quantized_stream_close(fmt, bound, res):
 
 
 def test_triton_dequant_matches_torch():
-    from mspeckv.kv.quant_triton import HAS_TRITON, selfcheck
+    from mspeckv.kv.quant import selfcheck
+    from mspeckv.kv.triton_flag import HAS_TRITON
 
     if not HAS_TRITON:
         pytest.skip("triton not installed")
