@@ -88,9 +88,9 @@ def run_generation(a, model, tok, draft, ids: list[int], mode: str):
     """One generation in the given mode -> GenerationResult (or SpecResult)."""
     import torch
 
+    from .cache import make_cache
     from .config import GenerationConfig
     from .decoding.autoregressive import generate
-    from .kv.placement import make_cache
 
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=_sampling(a), prefill_chunk=a.prefill_chunk)
     placement = _placement(a)
@@ -258,7 +258,7 @@ def _placement(a):
 
 def cmd_plan(a) -> int:
     from . import validate as v
-    from .kv.placement import plan_placement
+    from .cache import plan_placement
 
     v.integer("context", a.context, lo=1)
     v.integer("batch", a.batch, lo=1)

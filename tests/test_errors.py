@@ -16,11 +16,12 @@ from mspeckv import cli
 from mspeckv.bench.decode import DecodeBenchConfig
 from mspeckv.bench.placement import PlacementBenchConfig
 from mspeckv.bench.spec import SpecBenchConfig
+from mspeckv.cache import make_cache
 from mspeckv.config import GenerationConfig, SamplingConfig
 from mspeckv.decoding.autoregressive import generate
 from mspeckv.decoding.speculative import SpecConfig, speculative_generate
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.kv.placement import Placement
 from mspeckv.validate import ConfigError, flag_names
 from tests.test_loading import cache, fake, write_tiny_gguf  # noqa: F401  (fixtures)
 from tests.test_sweeps import tiny_dirs  # noqa: F401  (fixture)

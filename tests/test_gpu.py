@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from mspeckv.cache import make_cache
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.kv.placement import Placement
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.gpu

@@ -133,7 +133,7 @@ def test_prompt_lookup_and_assisted_generation(monkeypatch):
 
 
 def test_press_after_prefill_matches_our_runtime():
-    from mspeckv.kv.placement import make_cache
+    from mspeckv.cache import make_cache
 
     hf, ours = tiny_pair("llama")
     ids, press = prompt(20), "streaming:budget=8,sinks=2"

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from .. import validate as v
+from ..cache import make_cache
 from ..kv.dense import DenseKV
-from ..kv.placement import FORMATS, Placement, make_cache
+from ..kv.placement import FORMATS, Placement
 from ..kv.static import GraphedForward
 from ..model.api import RANDOM_SHAPES, random_model
 from ..runs.template import opt

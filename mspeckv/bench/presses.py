@@ -75,7 +75,7 @@ def _sync(dev):
 
 @torch.inference_mode()
 def _cell(model, ids, press, cfg, dev) -> dict:
-    from ..kv.placement import make_cache
+    from ..cache import make_cache
 
     runs = []
     for _ in range(cfg.repeats + 1):  # the first is the warm-up

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
+from ..cache import make_cache
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
-from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement, make_cache
+from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement
 from ..model.api import load, parse_device
 from ..runs.checks import placement_flags, refuse
 from ..runs.template import changed, opt

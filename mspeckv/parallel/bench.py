@@ -367,8 +367,8 @@ def _time(r, fn, iters: int) -> float:
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
     from ..bench.placement import decode_ms, fill_cache, graphed_ms
+    from ..cache import make_cache
     from ..kv.dense import DenseKV
-    from ..kv.placement import make_cache
     from .tp import no_collectives
 
     steps, reps, vt = cfg.steps, cfg.repeats, cfg.verify_tokens
