@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from mspeckv.bench import report as bench_report
 from mspeckv.evals import report as eval_report
 from mspeckv.evals.runner import EvalConfig, asked, plan
+from mspeckv.runs import store
 from mspeckv.runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
 from mspeckv.runs.template import CellStore
 
@@ -167,3 +169,63 @@ def test_fixture_folders_render_as_before(tmp_path, name):
     for f in ("summary.md", "summary.csv"):
         assert (d / f).read_text() == want(f), f
     _same_json(json.loads((d / "summary.json").read_text()), json.loads(want("summary.json")))
+
+
+# ------------------------------------------------------------------------------------------------- provenance
+def _git(d: Path, *args: str) -> str:
+    cmd = ["git", "-C", str(d), "-c", "user.email=t@example.com", "-c", "user.name=t", *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git checkout holding a package folder laid out like mspeckv's (``__init__.py``, the ``COMMIT`` template)."""
+    root = tmp_path / "repo"
+    pkg = root / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "COMMIT").write_text((Path(store.__file__).parent.parent / "COMMIT").read_text())
+    (root / ".gitattributes").write_text("pkg/COMMIT export-subst\n")
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "commit", "-qm", "one")
+    return root, pkg, _git(root, "rev-parse", "HEAD")
+
+
+PIN = {"MSPECKV_GIT_COMMIT": "f" * 40, "MSPECKV_GIT_DIRTY": "0"}
+
+
+def test_provenance_asks_git_in_a_checkout_and_ignores_the_env(repo):
+    root, pkg, head = repo
+    assert store.provenance(pkg, PIN) == {"git_commit": head, "git_dirty": False, "commit_source": "git"}
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert store.provenance(pkg, PIN) == {"git_commit": head, "git_dirty": True, "commit_source": "git"}
+
+
+def test_provenance_reads_the_stamp_of_a_git_archive_copy(repo, tmp_path):
+    root, pkg, head = repo
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    tar = subprocess.run(["git", "-C", str(root), "archive", "HEAD"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(copy)], input=tar, check=True)
+    assert (copy / "pkg" / "COMMIT").read_text().strip() == head
+    assert store.provenance(copy / "pkg", PIN) == {"git_commit": head, "git_dirty": None, "commit_source": "stamp"}
+
+
+def test_provenance_takes_the_env_only_without_git_or_stamp(repo, tmp_path):
+    _, pkg, _ = repo
+    bare = tmp_path / "bare"
+    shutil.copytree(pkg, bare)  # a copy of the files: no .git, the COMMIT template not filled in
+    assert store.provenance(bare, PIN) == {"git_commit": "f" * 40, "git_dirty": None, "commit_source": "env"}
+    dirty = {**PIN, "MSPECKV_GIT_DIRTY": "1"}
+    assert store.provenance(bare, dirty) == {"git_commit": "f" * 40, "git_dirty": True, "commit_source": "env"}
+    assert store.provenance(bare, {}) == {"git_commit": None, "git_dirty": None, "commit_source": "unknown"}
+
+
+def test_the_package_carries_the_stamp_template():
+    """mspeckv/COMMIT is filled in by ``git archive`` (export-subst); in a checkout it is the template."""
+    pkg = Path(store.__file__).parent.parent
+    assert (pkg / "COMMIT").read_text().strip() == "$Format:%H$"
+    assert "mspeckv/COMMIT export-subst" in (pkg.parent / ".gitattributes").read_text().splitlines()
+    meta = store.run_metadata()
+    assert meta["commit_source"] in ("git", "stamp", "env", "unknown") and "git_dirty" in meta

@@ -1,10 +1,11 @@
-"""One benchmark run -> one JSON file.
+"""The files every bench and eval writes: atomic writes (0644), run metadata with measured provenance
+(:func:`provenance`), one rule for a folder of resumable cells (:class:`CellFolder`), and the benches' sweeps.
 
-A sweep is a list of :class:`RunSpec` (sweep, method, x_name, x, seed, config). :func:`run_sweep` runs each spec
-that is not already done, catches every ``Exception`` (CUDA OOM included) into a ``failed`` record, and writes each
-record atomically to ``<dir>/runs/<run_filename(...)>``. Resuming a sweep skips runs whose JSON says ``ok`` and
-retries the failed and damaged ones (:class:`CellFolder`, the rule every bench and eval shares). ``KeyboardInterrupt``
-propagates and never leaves a partial file behind.
+One benchmark run -> one JSON file. A sweep is a list of :class:`RunSpec` (sweep, method, x_name, x, seed,
+config). :func:`run_sweep` runs each spec that is not already done, catches every ``Exception`` (CUDA OOM included)
+into a ``failed`` record, and writes each record atomically to ``<dir>/runs/<run_filename(...)>``. Resuming a sweep
+skips runs whose JSON says ``ok`` and retries the failed and damaged ones (:class:`CellFolder`, the rule every bench
+and eval shares). ``KeyboardInterrupt`` propagates and never leaves a partial file behind.
 """
 
 from __future__ import annotations
@@ -90,25 +91,55 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git(*args: str) -> str | None:
-    cwd = Path(__file__).resolve().parent
+COMMIT_STAMP = "COMMIT"  # mspeckv/COMMIT holds $Format:%H$, which ``git archive`` fills in (.gitattributes)
+
+
+def _git(folder: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
 
 
+def _stamp(folder: Path) -> str | None:
+    """The commit a ``git archive`` copy carries in ``COMMIT`` (None in a checkout, where it reads ``$Format:%H$``)."""
+    try:
+        text = (folder / COMMIT_STAMP).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{40}", text) else None
+
+
+def provenance(folder: str | os.PathLike | None = None, env: dict | None = None) -> dict[str, Any]:
+    """Where the running code comes from, measured, first source that answers:
+
+    1. ``git``: the package folder is tracked by a git checkout: ``rev-parse HEAD`` and ``status --porcelain``
+       (tracked files; ``git_dirty`` None if git cannot say);
+    2. ``stamp``: a ``git archive`` copy, whose ``COMMIT`` file git filled in; ``git_dirty`` None (nothing tells
+       whether the copy was changed after it was made);
+    3. ``env``: only then ``MSPECKV_GIT_COMMIT`` (an assertion, not a measurement); ``git_dirty`` True when
+       ``MSPECKV_GIT_DIRTY=1``, else None;
+    4. ``unknown``: commit and dirty state None.
+
+    An unknown or unmeasured state is written as None, never as clean. Returns ``git_commit``, ``git_dirty``,
+    ``commit_source``."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent.parent
+    env = os.environ if env is None else env
+    if _git(folder, "ls-files", "--error-unmatch", "__init__.py") is not None:
+        commit = _git(folder, "rev-parse", "HEAD") or None
+        status = _git(folder, "status", "--porcelain", "--untracked-files=no") if commit else None
+        return {"git_commit": commit, "git_dirty": None if status is None else bool(status), "commit_source": "git"}
+    if stamp := _stamp(folder):
+        return {"git_commit": stamp, "git_dirty": None, "commit_source": "stamp"}
+    if pin := env.get("MSPECKV_GIT_COMMIT"):
+        return {"git_commit": pin, "git_dirty": True if env.get("MSPECKV_GIT_DIRTY") == "1" else None,
+                "commit_source": "env"}
+    return {"git_commit": None, "git_dirty": None, "commit_source": "unknown"}
+
+
 @functools.lru_cache(maxsize=1)
 def _static_metadata() -> dict[str, Any]:
-    pin = os.environ.get("MSPECKV_GIT_COMMIT")
-    if pin:  # an explicit pin wins: a remote GPU machine's copy of the tree may carry no .git, or a stale one (the
-        # device tool's copy carried the session's starting .git and recorded c5ddea9 "dirty" for runs of 2eb604e)
-        commit, dirty = pin, os.environ.get("MSPECKV_GIT_DIRTY") == "1"
-    else:
-        commit = _git("rev-parse", "HEAD") or None
-        status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-        dirty = None if status is None else bool(status)
     gpu = cuda = None
     torch_version = _version("torch")
     if torch_version is not None:
@@ -122,8 +153,7 @@ def _static_metadata() -> dict[str, Any]:
         except Exception:  # broken installs must not kill a sweep
             pass
     return {
-        "git_commit": commit,
-        "git_dirty": dirty,
+        **provenance(),
         "python": platform.python_version(),
         "torch": torch_version,
         "transformers": _version("transformers"),
@@ -137,7 +167,8 @@ def _static_metadata() -> dict[str, Any]:
 
 
 def run_metadata() -> dict[str, Any]:
-    """Provenance for one run: git commit + dirty flag, library versions, hostname, GPU name, UTC timestamp."""
+    """Provenance for one run: git commit, dirty flag and where they were read (:func:`provenance`), library
+    versions, hostname, GPU name, UTC timestamp."""
     meta = dict(_static_metadata())
     meta["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return meta
