@@ -97,7 +97,7 @@ BENCHES: tuple[Bench, ...] = (
     _bench("presses", "per press and context: bytes per token, compression, compress time vs prefill, decode "
            "ms/token", "mspeckv.bench.presses", "PressBenchConfig", render="render_press_bench"),
     _bench("hf", "transformers generate over MSpecKVCache vs DynamicCache (on the GPU and offloaded)",
-           "mspeckv.bench.hf", "HFBenchConfig"),
+           "mspeckv.hf.bench", "HFBenchConfig"),
     _bench("tp", "TP=1 against TP=N (random weights): H2D per rank, decode and verification per KV format",
            "mspeckv.parallel.bench", "TPBenchConfig", ok="complete"),
 )

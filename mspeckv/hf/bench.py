@@ -100,7 +100,7 @@ def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
     """A fresh cache of ``kind`` for one ``generate``."""
     from transformers import DynamicCache
 
-    from ..hf.cache import MSpecKVCache
+    from .cache import MSpecKVCache
     from ..kv.placement import Placement
 
     if kind == "dynamic":
@@ -115,14 +115,14 @@ def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
 
 def _report(cache) -> dict:
     """Our cache's memory report; transformers' caches keep none."""
-    from ..hf.cache import MSpecKVCache
+    from .cache import MSpecKVCache
 
     return cache.memory_report() if isinstance(cache, MSpecKVCache) else {}
 
 
 @torch.inference_mode()
 def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.device, bw: float) -> dict:
-    from ..hf.cache import cache_argument
+    from .cache import cache_argument
 
     arg = cache_argument(model)
     max_len = ids.shape[1] + cfg.gen_len
@@ -196,7 +196,7 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from ..model.api import default_dtype
     from ..model.loading import resolve
     from ..runs.store import run_metadata
-    from .placement import h2d_bandwidth
+    from ..bench.placement import h2d_bandwidth
 
     dev = _check_device(cfg)
     d = resolve(cfg.model)
