@@ -88,9 +88,9 @@ def run_generation(a, model, tok, draft, ids: list[int], mode: str):
     """One generation in the given mode -> GenerationResult (or SpecResult)."""
     import torch
 
+    from .cache import make_cache
     from .config import GenerationConfig
     from .decoding.autoregressive import generate
-    from .kv.placement import make_cache
 
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=_sampling(a), prefill_chunk=a.prefill_chunk)
     placement = _placement(a)
@@ -258,7 +258,7 @@ def _placement(a):
 
 def cmd_plan(a) -> int:
     from . import validate as v
-    from .kv.placement import plan_placement
+    from .cache import plan_placement
 
     v.integer("context", a.context, lo=1)
     v.integer("batch", a.batch, lo=1)
@@ -302,7 +302,7 @@ def cmd_bench(a) -> int:
     """``mspeckv bench <name>``: the registry's config from the flags, run (inputs checked before anything loads or
     is written), the rendered Markdown, then one JSON line."""
     from .bench.registry import BENCH
-    from .evals.template import from_args
+    from .runs.template import from_args
 
     b = BENCH[a.bench]
     cfg = from_args(b.load("config"), a)
@@ -315,7 +315,7 @@ def cmd_bench(a) -> int:
 def add_bench_parser(sub) -> None:
     """``mspeckv bench <name>``: one subcommand per registry entry, its flags generated from its config's fields."""
     from .bench.registry import BENCHES
-    from .evals.template import add_flags
+    from .runs.template import add_flags
 
     p = sub.add_parser("bench", help="benchmarks (write results files; not tests)",
                        description="Benchmarks: each writes its results files, prints a Markdown table, then one "

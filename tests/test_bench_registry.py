@@ -13,7 +13,7 @@ import pytest
 
 from mspeckv import cli
 from mspeckv.bench.registry import BENCH, BENCHES
-from mspeckv.evals.template import add_flags, cli_fields, flag_name, flags_of, from_args
+from mspeckv.runs.template import add_flags, cli_fields, flag_name, flags_of, from_args
 
 NAMES = [b.name for b in BENCHES]
 

@@ -4,11 +4,11 @@ over, and the quantization group / flush boundaries of the offloaded cache."""
 import pytest
 import torch
 
+from mspeckv.cache import streaming_cache
 from mspeckv.kv.base import CacheFullError
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.offload import PlacedKV
 from mspeckv.kv.placement import Placement
-from mspeckv.kv.pressed import PressedKV
 from mspeckv.kv.quant import QuantSpec, qt_slice, quantize_keys, quantize_values
 from mspeckv.kv.static import StaticKV
 
@@ -83,7 +83,7 @@ class _Tiny:
 def test_streaming_press_tail_and_rollback_edges(static):
     """sinks 2 + window 4, room 3 + slack 1: the tail holds 4 rows; a forward that would overflow it re-presses
     first (down to 2 sinks + the 4 newest), and a rollback reaches back exactly to the last press."""
-    c = PressedKV.streaming(_Tiny, sinks=2, window=4, room=3, slack=1, static=static)
+    c = streaming_cache(_Tiny, sinks=2, window=4, room=3, slack=1, static=static)
     assert c.capacity() == 2 + 4 + 4
     fwd(c, 3, 0)
     fwd(c, 1, 3)  # 4 rows in the tail: exactly full, no press
@@ -109,7 +109,7 @@ def test_streaming_press_tail_and_rollback_edges(static):
 
 
 def test_streaming_skip_keeps_positions_true():
-    c = PressedKV.streaming(_Tiny, sinks=2, window=4, room=4, slack=0)
+    c = streaming_cache(_Tiny, sinks=2, window=4, room=4, slack=0)
     fwd(c, 2, 0)
     c.skip(10)  # the StreamingLLM prefill drops the middle of the prompt
     fwd(c, 4, 12)

@@ -16,11 +16,12 @@ from mspeckv import cli
 from mspeckv.bench.decode import DecodeBenchConfig
 from mspeckv.bench.placement import PlacementBenchConfig
 from mspeckv.bench.spec import SpecBenchConfig
+from mspeckv.cache import make_cache
 from mspeckv.config import GenerationConfig, SamplingConfig
 from mspeckv.decoding.autoregressive import generate
 from mspeckv.decoding.speculative import SpecConfig, speculative_generate
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.kv.placement import Placement
 from mspeckv.validate import ConfigError, flag_names
 from tests.test_loading import cache, fake, write_tiny_gguf  # noqa: F401  (fixtures)
 from tests.test_sweeps import tiny_dirs  # noqa: F401  (fixture)
@@ -309,7 +310,7 @@ def test_unreadable_weights_name_the_directory(tiny_dirs, tmp_path):  # noqa: F8
 
 # -------------------------------------------------------------------------------------------------------- report
 def test_report_tells_partial_from_complete_and_skips_foreign_json(tmp_path, capsys):
-    from mspeckv.bench.results import RunSpec, RunStore, run_sweep
+    from mspeckv.runs.store import RunSpec, RunStore, run_sweep
 
     store = RunStore(tmp_path)
     config = {"xs": [1, 2], "seeds": [1, 2, 3], "methods": ["baseline", "mspeckv"]}

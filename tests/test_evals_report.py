@@ -12,7 +12,7 @@ import pytest
 
 from mspeckv.evals import report
 from mspeckv.evals.runner import EvalConfig, plan
-from mspeckv.evals.template import CellStore, add_flags, from_args
+from mspeckv.runs.template import CellStore, add_flags, from_args
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evals"
 INT8 = "kv=int8/g16/res16/onchip0"

@@ -113,8 +113,8 @@ def test_gsm8k_resumes_an_interrupted_variant_item_by_item(tmp_path, monkeypatch
 
     from mspeckv.data.datasets import GSMItem
     from mspeckv.evals.runner import FAMILIES, EvalConfig, EvalContext
-    from mspeckv.evals.template import CellStore
     from mspeckv.evals.variants import Variant
+    from mspeckv.runs.template import CellStore
 
     items = [GSMItem(i, f"q{i}?", f"work\n#### {i}") for i in range(8)]  # 3 evaluated + 5 shots
     monkeypatch.setattr(gsm8k, "load_gsm8k", lambda: items)
@@ -158,8 +158,8 @@ def test_gsm8k_shards_share_one_checkpoint_and_the_last_writes_the_cell(tmp_path
 
     from mspeckv.data.datasets import GSMItem
     from mspeckv.evals.runner import FAMILIES, EvalConfig, EvalContext
-    from mspeckv.evals.template import CellStore
     from mspeckv.evals.variants import Variant
+    from mspeckv.runs.template import CellStore
 
     items = [GSMItem(i, f"q{i}?", f"work\n#### {i}") for i in range(9)]  # 4 evaluated + 5 shots
     monkeypatch.setattr(gsm8k, "load_gsm8k", lambda: items)
@@ -192,8 +192,8 @@ def test_gsm8k_prints_a_line_per_scored_item_with_its_time(tmp_path, monkeypatch
     from types import SimpleNamespace
 
     from mspeckv.evals.runner import FAMILIES, EvalConfig, EvalContext
-    from mspeckv.evals.template import CellStore
     from mspeckv.evals.variants import Variant
+    from mspeckv.runs.template import CellStore
 
     items = [GSMItem(i, f"q{i}?", f"work\n#### {i}") for i in range(8)]  # 3 evaluated + 5 shots
     monkeypatch.setattr(gsm8k, "load_gsm8k", lambda: items)
@@ -215,7 +215,7 @@ def test_gsm8k_prints_a_line_per_scored_item_with_its_time(tmp_path, monkeypatch
 def test_checkpoint_survives_a_line_cut_short(tmp_path):
     """A checkpoint line cut short (a job killed mid-write, or read while another job appends) is dropped (its item
     is scored again) instead of failing the variant on every rerun, and the next item starts on a line of its own."""
-    from mspeckv.evals.template import Partial
+    from mspeckv.runs.template import Partial
 
     path = tmp_path / "partial" / "c.jsonl"
     ck = Partial(path, {"a": 1})

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from mspeckv.cache import make_cache
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.kv.placement import Placement
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.gpu
@@ -76,7 +77,8 @@ def test_quantized_stream_close(fmt, bound, res):
 
 
 def test_triton_dequant_matches_torch():
-    from mspeckv.kv.quant_triton import HAS_TRITON, selfcheck
+    from mspeckv.kv.quant import selfcheck
+    from mspeckv.kv.triton_flag import HAS_TRITON
 
     if not HAS_TRITON:
         pytest.skip("triton not installed")

@@ -133,7 +133,7 @@ def test_prompt_lookup_and_assisted_generation(monkeypatch):
 
 
 def test_press_after_prefill_matches_our_runtime():
-    from mspeckv.kv.placement import make_cache
+    from mspeckv.cache import make_cache
 
     hf, ours = tiny_pair("llama")
     ids, press = prompt(20), "streaming:budget=8,sinks=2"
@@ -201,7 +201,7 @@ def test_cli_backend_hf(tmp_path, capsys):
 def test_bench_hf_cell_counts_bytes_and_refuses_bad_input():
     """``bench hf`` on a tiny model (CPU): every cache makes its tokens, our int8 offload streams bytes, resident
     layers stream fewer, and bad settings fail before anything loads."""
-    from mspeckv.bench.hf import HFBenchConfig, _cell, run_hf_bench
+    from mspeckv.hf.bench import HFBenchConfig, _cell, run_hf_bench
 
     m = hf_model("llama")
     cfg = HFBenchConfig(contexts=(96,), gen_len=4, repeats=2, resident_layers=1, kv_group_size=8)

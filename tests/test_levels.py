@@ -371,9 +371,10 @@ def test_one_factory_decides_the_layout_and_one_runner_follows_it():
     graphable caches; use_graphs never graphs dynamic-NTK RoPE."""
     from dataclasses import replace
 
+    from mspeckv.cache import make_cache, streaming_cache
     from mspeckv.decoding.runner import GraphRunner, make_runner, use_graphs
     from mspeckv.kv.offload import PlacedKV
-    from mspeckv.kv.placement import Placement, make_cache
+    from mspeckv.kv.placement import Placement
     from mspeckv.kv.static import StaticKV
 
     m = tiny_model("llama", seed=0, num_hidden_layers=2)
@@ -394,7 +395,7 @@ def test_one_factory_decides_the_layout_and_one_runner_follows_it():
         assert isinstance(make_runner(m, c), GraphRunner) is graphed
         if isinstance(c, PressedKV) and c.inner is not None:
             assert not c.inner.graphable
-    static_press = PressedKV.streaming(m, sinks=4, window=16, room=8, static=True)
+    static_press = streaming_cache(m, sinks=4, window=16, room=8, static=True)
     assert static_press.graphable and isinstance(make_runner(m, static_press), GraphRunner)
     assert use_graphs(m) is False and use_graphs(m, True) is True  # CPU default off; asked for: on
     m.cfg = replace(m.cfg, rope=replace(m.cfg.rope, rope_type="dynamic"))
@@ -433,7 +434,8 @@ def test_attn_lens_describes_attn_mask_exactly(monkeypatch):
     """A cache that sets ``attn_lens`` promises its mask is each row's prefix: on CUDA the attention kernel then
     takes the lengths alone and never loads the mask, so lens and mask must agree on every forward of every static
     layout (all-GPU, the on-chip layers of a static offloaded cache, a static streaming window, a static press)."""
-    from mspeckv.kv.placement import Placement, make_cache
+    from mspeckv.cache import make_cache, streaming_cache
+    from mspeckv.kv.placement import Placement
     from mspeckv.model import llama
     from mspeckv.presses import parse_press
 
@@ -461,7 +463,7 @@ def test_attn_lens_describes_attn_mask_exactly(monkeypatch):
         m.prefill(x[:, :24], full, chunk=8)
         caches = [make_cache(m, None, 1, 64, graphs=True),
                   make_cache(m, Placement(on_chip=1, kv_group_size=8), 1, 64, graphs=True),
-                  PressedKV.streaming(m, sinks=2, window=8, room=10, static=True),
+                  streaming_cache(m, sinks=2, window=8, room=10, static=True),
                   PressedKV.build(p, full, obs, tail=16, static=True, fixed_cap=24)]
         for c in caches:
             if not isinstance(c, PressedKV) or c is caches[2]:
@@ -478,7 +480,8 @@ def test_graph_runner_counts_captures_and_eager_forwards():
     """GraphRunner's counters (what the spec loop reports per level): one capture per new (tokens, logits, layout),
     its host seconds, and the forwards the cache could not run statically; an eager=True call is asked for, not
     forced, and is not counted. On the CPU a capture is bookkeeping only (no forwards)."""
-    from mspeckv.kv.placement import Placement, make_cache
+    from mspeckv.cache import make_cache
+    from mspeckv.kv.placement import Placement
     from tests.tiny import tiny_model
 
     m = tiny_model("llama")
@@ -489,8 +492,8 @@ def test_graph_runner_counts_captures_and_eager_forwards():
 
 
 def _graph_runner_counts(m, cache, ids):
+    from mspeckv.cache import make_cache
     from mspeckv.decoding.runner import GraphRunner, make_runner
-    from mspeckv.kv.placement import make_cache
 
     m.prefill(ids, cache, chunk=64)
     r = make_runner(m, cache, n=64)

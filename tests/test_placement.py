@@ -5,9 +5,10 @@ import warnings
 import pytest
 import torch
 
+from mspeckv.cache import make_cache, plan_placement
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.offload import PlacedKV, _pinned_empty
-from mspeckv.kv.placement import Placement, make_cache, plan_placement
+from mspeckv.kv.placement import Placement
 from tests.tiny import tiny_model
 
 G = 8  # group size: divides the tiny head_dim (16) and keeps flushes frequent

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
+from mspeckv.cache import make_cache
 from mspeckv.config import GenerationConfig
 from mspeckv.decoding.autoregressive import generate
 from mspeckv.decoding.speculative import SpecConfig, speculative_generate
 from mspeckv.kv.base import LastQueries
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.kv.placement import Placement
 from mspeckv.kv.pressed import PressedKV
 from mspeckv.kv.quant import error_bound
 from mspeckv.presses import PRESSES, parse_press, presets

@@ -5,10 +5,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from mspeckv.cache import make_cache
 from mspeckv.config import GenerationConfig, SamplingConfig
 from mspeckv.decoding.autoregressive import generate
 from mspeckv.decoding.speculative import SpecConfig, speculative_generate
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.kv.placement import Placement
 from tests.tiny import tiny_model
 
 PLACEMENTS = [None, Placement(on_chip=1, kv_group_size=8, rollback_slack=16),

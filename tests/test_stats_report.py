@@ -12,7 +12,8 @@ import pytest
 
 from mspeckv.bench import plots as plots_mod
 from mspeckv.bench.report import console_table, render, summary_line
-from mspeckv.bench.results import (
+from mspeckv.bench.stats import delta, fmt_pm, mean_std, paired, speedup
+from mspeckv.runs.store import (
     RunRecord,
     RunSpec,
     RunStore,
@@ -22,7 +23,6 @@ from mspeckv.bench.results import (
     run_metadata,
     run_sweep,
 )
-from mspeckv.bench.stats import delta, fmt_pm, mean_std, paired, speedup
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sweep_a1"
 
@@ -141,7 +141,7 @@ def test_report_without_hf_and_without_matplotlib(sweep_dir: Path, monkeypatch: 
     def missing():
         raise plots_mod.PlotDependencyError(f"plots need matplotlib: {plots_mod.INSTALL_HINT}")
 
-    monkeypatch.setattr(plots_mod, "_figure_cls", missing)
+    monkeypatch.setattr(plots_mod, "figure_cls", missing)
     with pytest.warns(UserWarning, match="plots skipped"):
         summary = render(sweep_dir)
     md = (sweep_dir / "summary.md").read_text()
@@ -243,7 +243,7 @@ def test_atomic_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.Mo
     def boom(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr("mspeckv.bench.results.os.replace", boom)
+    monkeypatch.setattr("mspeckv.runs.store.os.replace", boom)
     with pytest.raises(OSError, match="disk on fire"):
         atomic_write_text(target, "new content")
     assert json.loads(target.read_text())["b"] == [1, 2]  # old content intact
@@ -272,7 +272,7 @@ def test_run_record_roundtrip_and_metadata():
 
 
 def test_metadata_commit_from_env_when_there_is_no_git(monkeypatch: pytest.MonkeyPatch):
-    from mspeckv.bench import results as results_mod
+    from mspeckv.runs import store as results_mod
 
     monkeypatch.setattr(results_mod, "_git", lambda *a: None)  # e.g. a copy of the tree on a GPU machine
     monkeypatch.setenv("MSPECKV_GIT_COMMIT", "a" * 40)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mspeckv.cache import streaming_cache
 from mspeckv.kv.base import CacheFullError, KVCache, LastQueries
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.pressed import PressedKV
@@ -39,7 +40,7 @@ TINY = SimpleNamespace(cfg=SimpleNamespace(n_layers=2, n_kv_heads=2, head_dim=1)
 def stream(**kw):
     """The draft's StreamingLLM cache: 4 sinks + 8 recent rows, forwards of <= 3 rows, re-pressed when more than
     room + slack = 5 rows were appended since the last press."""
-    return PressedKV.streaming(TINY, **{"window": 8, "sinks": 4, "room": 3, "slack": 2, **kw})
+    return streaming_cache(TINY, **{"window": 8, "sinks": 4, "room": 3, "slack": 2, **kw})
 
 
 # ------------------------------------------------------------------------------------------------ streaming press
@@ -114,8 +115,8 @@ def test_streaming_large_window_equals_dense_and_model_runs_with_gaps():
     torch.manual_seed(0)
     ids = torch.randint(3, 97, (1, 40))
     dense = DenseKV.for_model(m, 1, 64)
-    big = PressedKV.streaming(m, window=64, sinks=4, room=8)
-    small = PressedKV.streaming(m, window=8, sinks=4, room=8, slack=0)
+    big = streaming_cache(m, window=64, sinks=4, room=8)
+    small = streaming_cache(m, window=8, sinks=4, room=8, slack=0)
     with torch.no_grad():
         for s in range(0, 40, 8):
             chunk = ids[:, s:s + 8]
@@ -130,7 +131,7 @@ def test_streaming_large_window_equals_dense_and_model_runs_with_gaps():
             ids = torch.cat([ids, tok], 1)
         assert small.next_position() == 45 and small.length() <= small.capacity()
     # a streaming prefill skips the middle of the prompt; the kept rows keep their true positions
-    c = PressedKV.streaming(m, window=8, sinks=4, room=8)
+    c = streaming_cache(m, window=8, sinks=4, room=8)
     with torch.no_grad():
         m(ids[:, :4], c, pos0=0)
         c.skip(40 - 8 - 4)
@@ -342,8 +343,8 @@ def test_static_streaming_equals_eager_and_refuses_rollback_across_a_press():
     """The CUDA-graph layout of the draft's cache (fixed buffer, device-side positions, masked rows) gives the eager
     layout's logits, and a rollback stops at the last press as there."""
     m = tiny_model()
-    a = PressedKV.streaming(m, sinks=2, window=4, room=2, slack=0)
-    c = PressedKV.streaming(m, sinks=2, window=4, room=2, slack=0, static=True)  # 2 + 4 + 2 rows
+    a = streaming_cache(m, sinks=2, window=4, room=2, slack=0)
+    c = streaming_cache(m, sinks=2, window=4, room=2, slack=0, static=True)  # 2 + 4 + 2 rows
     ids = torch.randint(3, m.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for t in range(9):  # presses at 3, 5, 7, 9 tokens: down to 2 sinks + 4 recent from the 7th on

@@ -237,9 +237,9 @@ def test_sweep_with_presses(tiny_dirs, tmp_path, run_cli, capsys):
 def test_one_registry_of_methods():
     """Every method is declared once (bench/registry.py): its run function, the CLI choices and the report's speedup
     columns all come from there."""
-    from mspeckv.bench import registry, report, results
+    from mspeckv.bench import registry, report
 
-    assert tuple(methods_mod.METHOD_FNS) == registry.METHODS == results.METHODS
+    assert tuple(methods_mod.METHOD_FNS) == registry.METHODS
     assert all(m in registry.METHODS and r in registry.METHODS for _, m, r in registry.SPEEDUP_COLUMNS)
     assert set(registry.DEFAULT_METHODS) | set(registry.REFERENCE_METHODS) == set(registry.METHODS)
     assert [c[0] for c in report._speedup_columns(["baseline", "mspeckv", "mspeckv_kv_quant"])] == [
@@ -306,7 +306,7 @@ def test_sweep_settings_from_no_flags_are_unchanged(sweep):
     import argparse
 
     from mspeckv.bench.sweeps import CONFIGS
-    from mspeckv.evals.template import from_args
+    from mspeckv.runs.template import from_args
 
     plain, quick = OLD_SETTINGS[sweep]
     want = {**_DEFAULTS, **plain}

@@ -11,10 +11,11 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from mspeckv.cache import make_cache
 from mspeckv.config import GenerationConfig, SamplingConfig
 from mspeckv.decoding.speculative import SpecConfig
 from mspeckv.kv.dense import DenseKV
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.kv.placement import Placement
 from mspeckv.parallel import RanksDiverged
 from mspeckv.parallel.tp import check_ranks_agree, shard_model, tp_generate, tp_speculative_generate
 

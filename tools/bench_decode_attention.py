@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,14 +38,9 @@ GROUP = 64
 
 
 def git_commit() -> str | None:
-    c = os.environ.get("MSPECKV_GIT_COMMIT")
-    if c:
-        return c
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
+    from mspeckv.runs.store import provenance
+
+    return provenance()["git_commit"]
 
 
 def median_ms(fn, runs: int, inner: int) -> tuple[float, list[float]]:

@@ -19,7 +19,8 @@ import torch
 
 from mspeckv.bench import timeline
 from mspeckv.bench.placement import _ms, fill_cache
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.cache import make_cache
+from mspeckv.kv.placement import Placement
 from mspeckv.kv.static import GraphedForward
 from mspeckv.model.api import random_model
 

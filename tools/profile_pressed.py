@@ -17,10 +17,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mspeckv.bench.results import run_metadata
 from mspeckv.evals.generation import greedy
 from mspeckv.evals.variants import Variant
 from mspeckv.model.api import random_model
+from mspeckv.runs.store import run_metadata
 
 N = int(os.environ.get("PROFILE_NEW", 32))  # decode steps profiled; the tail (N + 2 rows) sets the buffer length
 shape, contexts, out = sys.argv[1], [int(c) for c in sys.argv[2].split(",")], sys.argv[3]

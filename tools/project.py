@@ -29,7 +29,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from mspeckv.bench.results import run_metadata
+from mspeckv.runs.store import run_metadata
 
 SPEC = ("mspeckv", "mspeckv_kv_quant")
 LABEL = "PROJECTION (not a measurement)"

@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
+from ..cache import make_cache
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate, sync
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
-from ..kv.placement import make_cache
 from .registry import REGISTRY
-from .sweeps import Point, SweepSettings, placement_for
+from .sweep_settings import Point, SweepSettings, placement_for
 
 WARMUP_TOKENS = 8
 DRAFT_RANDOM_SEED = 1  # random:<shape> drafts get other weights than the (seed 0) target

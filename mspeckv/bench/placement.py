@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 
 from .. import validate as v
-from ..evals.template import opt
+from ..cache import make_cache
 from ..kv.dense import DenseKV
-from ..kv.placement import FORMATS, Placement, make_cache
+from ..kv.placement import FORMATS, Placement
 from ..kv.static import GraphedForward
 from ..model.api import RANDOM_SHAPES, random_model
+from ..runs.template import opt
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class PlacementBenchConfig:
 
     def validate(self) -> None:
         """The output folder can be made (checked before the model is built)."""
-        from ..cli_checks import out_dir
+        from ..runs.checks import out_dir
 
         out_dir("--out-dir", self.out_dir)
 
@@ -496,7 +497,7 @@ def render_placement(res: dict) -> str:
 
 
 def write_placement(res: dict, out_dir: str, command: str) -> Path:
-    from .results import write_bench
+    from ..runs.store import write_bench
 
     write_bench(out_dir, "placement", res, render_placement, command)
     return Path(out_dir)

@@ -8,24 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-INSTALL_HINT = "pip install 'mspeckv[plot]'  (or: pip install 'matplotlib>=3.7')"
-
-
-class PlotDependencyError(ImportError):
-    """matplotlib is not installed."""
-
-
-def _figure_cls() -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise PlotDependencyError(f"plots need matplotlib, which is not installed: {INSTALL_HINT}") from e
-    return Figure
+from ..runs.plots import INSTALL_HINT, PlotDependencyError, figure_cls, save  # noqa: F401 (INSTALL_HINT: for callers)
 
 
 def matplotlib_available() -> bool:
     try:
-        _figure_cls()
+        figure_cls()
     except PlotDependencyError:
         return False
     return True
@@ -50,7 +38,7 @@ def plot_metric(
     ``rows`` are summary rows (``x``, ``method``, ``<metric>_mean``, ``<metric>_std``); rows with no mean (all runs
     failed) are left out. Numeric x spanning >= 4x is drawn on a log2 axis; non-numeric x is categorical.
     """
-    Figure = _figure_cls()
+    Figure = figure_cls()
     methods = list(methods) if methods is not None else list(dict.fromkeys(r["method"] for r in rows))
     xs_all = list(dict.fromkeys(r["x"] for r in rows))
     numeric = all(_finite(x) for x in xs_all)
@@ -82,18 +70,7 @@ def plot_metric(
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: str | os.PathLike) -> Path:
-    """Lay out and write a figure atomically (temp file + rename)."""
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return save(fig, path)
 
 
 SEGMENTS = (("draft_s", "draft"), ("verify_l1_s", "L1: target, retrieval KV"), ("verify_l2_s", "L2: target, full KV"),
@@ -104,7 +81,7 @@ def plot_breakdown(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, x
                    title: str | None = None) -> Path:
     """Stacked bars of decode seconds per level, one group per x and one bar per method (``breakdown.rows`` rows;
     a baseline bar is its whole decode time)."""
-    Figure = _figure_cls()
+    Figure = figure_cls()
     xs = list(dict.fromkeys(r[x_name] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     width = 0.8 / max(len(methods), 1)
@@ -142,7 +119,7 @@ def plot_breakdown(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, x
         handles, labels = ax.get_legend_handles_labels()
         pairs = sorted(zip(handles, labels, strict=True), key=lambda hl: order.index(hl[1]))
         ax.legend([h for h, _ in pairs], [lab for _, lab in pairs], fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_summary(

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..evals.template import opt
+from ..runs.template import opt
 
 PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25", "pyramidkv:budget=0.25",
                   "adakv:budget=0.25", "kivi:k_bits=8,v_bits=8", "kivi:k_bits=4,v_bits=4", "kivi:k_bits=2,v_bits=2",
@@ -58,7 +58,8 @@ class PressBenchConfig:
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output folder, and the model's maximum context."""
-        from ..cli_checks import model_config, out_dir
+        from ..model.api import model_config
+        from ..runs.checks import out_dir
 
         out_dir("--out-dir", self.out_dir)
         limit = model_config(self.model).max_position
@@ -74,7 +75,7 @@ def _sync(dev):
 
 @torch.inference_mode()
 def _cell(model, ids, press, cfg, dev) -> dict:
-    from ..kv.placement import make_cache
+    from ..cache import make_cache
 
     runs = []
     for _ in range(cfg.repeats + 1):  # the first is the warm-up
@@ -162,7 +163,7 @@ def render_press_bench(res: dict) -> str:
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: PressBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``presses.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from .results import write_bench
+    from ..runs.store import write_bench
 
     cfg.validate()
     return write_bench(cfg.out_dir, "presses", run_press_bench(cfg), render_press_bench, command)

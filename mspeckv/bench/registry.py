@@ -3,7 +3,7 @@
 - **Methods** (``REGISTRY``): what each sweep method is, which models and settings it reads, and how the report
   compares it. The run functions live in ``bench.methods`` (``METHOD_FNS``, checked against this table at import);
   every other module (``results``, ``sweeps``, ``report``, ``breakdown``) reads the properties from here.
-- **Benches** (``BENCHES``): one entry per ``mspeckv bench <name>``, on the results template of ``evals.template``: a
+- **Benches** (``BENCHES``): one entry per ``mspeckv bench <name>``, on the results template of ``runs.template``: a
   config dataclass (its fields are the flags) -> ``run(cfg, command)`` -> result -> ``render`` -> one JSON ``line``.
 """
 
@@ -60,7 +60,7 @@ class Bench:
     """One ``mspeckv bench <name>``. Its config class and functions are named ``module:attr`` and imported when used,
     so reading this table imports nothing heavy.
 
-    - ``config``: a frozen dataclass of ``evals.template.opt`` fields (the command's flags), which checks its values
+    - ``config``: a frozen dataclass of ``runs.template.opt`` fields (the command's flags), which checks its values
       in ``__post_init__`` and has ``validate()`` for what needs the file system or a model's config;
     - ``run(cfg, command) -> result``: calls ``cfg.validate()`` before it loads or writes anything, then measures and
       writes the results files (recording ``command``);
@@ -97,7 +97,7 @@ BENCHES: tuple[Bench, ...] = (
     _bench("presses", "per press and context: bytes per token, compression, compress time vs prefill, decode "
            "ms/token", "mspeckv.bench.presses", "PressBenchConfig", render="render_press_bench"),
     _bench("hf", "transformers generate over MSpecKVCache vs DynamicCache (on the GPU and offloaded)",
-           "mspeckv.bench.hf", "HFBenchConfig"),
+           "mspeckv.hf.bench", "HFBenchConfig"),
     _bench("tp", "TP=1 against TP=N (random weights): H2D per rank, decode and verification per KV format",
            "mspeckv.parallel.bench", "TPBenchConfig", ok="complete"),
 )

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from mspeckv.bench import breakdown, registry
-from mspeckv.bench.results import METHODS, STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
+from mspeckv.bench.registry import METHODS
 from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
+from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
 
 METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s")
 HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False}
@@ -368,9 +369,9 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     missing = sorted(expected_runs(dir, records) - present, key=order)
     summary["missing"] = [{"method": m, "x": x, "seed": s} for m, x, s in missing]
     summary["n_expected"] = summary["n_runs"] + len(missing)
-    summary["partial"] = bool(missing)
-    summary["warnings"] = ([f"skipped {len(skipped)} file(s) in runs/ that are not run records: {'; '.join(skipped)}"]
-                           if skipped else [])
+    summary["partial"] = bool(missing) or any(s.damaged for s in skipped)
+    summary["warnings"] = ([f"skipped {len(skipped)} file(s) in runs/ that are not run records: "
+                            f"{'; '.join(map(str, skipped))}"] if skipped else [])
     summary["rows"] = _rows(groups, x_name)
     summary["speedups"] = _speedup_rows(groups, xs, methods, x_name)
     summary["breakdown"] = breakdown.rows(groups, xs, methods, x_name)

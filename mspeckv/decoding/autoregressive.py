@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..cache import make_cache
 from ..config import GenerationConfig
-from ..kv.placement import make_cache
 from .runner import Runner, make_runner, use_graphs
 from .sampling import make_generator, next_token
 

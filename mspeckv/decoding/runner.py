@@ -6,9 +6,9 @@
   A GraphRunner keeps one graph per (tokens, logits, ``cache.graph_key(tokens)``): a cache whose static layout
   changes (``PlacedKV``: the copy bucket, the residency plan) gets a graph per layout, and a forward whose key is
   None (a flush, a slot fill, a prefill chunk) runs eagerly on the same buffers.
-  The cache factory (``kv.placement.make_cache(..., graphs=...)``, ``PressedKV.build/streaming(static=...)``) decides
-  the layout; a runner only follows it. On the CPU a GraphRunner's forwards are eager (``GraphedForward``), so the
-  graph path's bookkeeping is exercised by CPU tests too.
+  The cache factory (``cache.make_cache(..., graphs=...)``, ``cache.streaming_cache``, ``PressedKV.build(static=
+  ...)``) decides the layout; a runner only follows it. On the CPU a GraphRunner's forwards are eager
+  (``GraphedForward``), so the graph path's bookkeeping is exercised by CPU tests too.
 """
 
 from __future__ import annotations

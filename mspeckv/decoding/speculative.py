@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from .. import validate as v
+from ..cache import make_cache, streaming_cache
 from ..config import GenerationConfig, SamplingConfig
 from ..kv.base import NewRows
-from ..kv.placement import Placement, make_cache
+from ..kv.placement import Placement
 from ..kv.pressed import PressedKV
 from ..kv.retrieval import check_budget
 from .accept import greedy_accept, speculative_accept
@@ -323,7 +324,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             lower0 = DraftLevel(None, s, g, timers, ngram=NGramDrafter(max_ngram=spec.ngram_max, k=spec.gamma))
             dcache = None
         elif mspeckv:
-            dcache = PressedKV.streaming(draft, sinks=spec.draft_sinks, window=spec.window, room=spec.room,
+            dcache = streaming_cache(draft, sinks=spec.draft_sinks, window=spec.window, room=spec.room,
                                          static=graphs)
             druns = make_runner(draft, dcache)
             _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, spec.room)

@@ -4,7 +4,8 @@ Every number is measured from the model's outputs through the real placed or com
 baseline run in the same invocation. Layout:
 
 - ``runner``: ``EvalConfig`` (its fields are the CLI flags), the one registry of metric families, ``run_eval``;
-- ``template``: flags from dataclass fields, resumable per-cell JSONs (``CellStore``);
+- ``mspeckv.runs.template`` (the run layer, shared with the benches): flags from dataclass fields, resumable
+  per-cell JSONs (``CellStore``);
 - ``variants``: what a variant is (press and/or placement) and every call into the press/cache API;
 - ``lm`` (ppl, kl, ece, attention), ``recon``, ``speed``, ``retrieval`` (needle, ruler), ``gsm8k``, ``accept``:
   one module per metric family, each documenting its protocol;

@@ -16,8 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..bench.plots import _figure_cls, _save
-from .report import _bytes_cell
+from ..runs.plots import figure_cls, save
 from .variants import BASELINE
 
 
@@ -51,7 +50,7 @@ def _legend(ax, size: int) -> None:
 
 
 def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
-    Figure = _figure_cls()
+    Figure = figure_cls()
     by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
     paths = []
 
@@ -78,7 +77,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             ax.set_ylabel("PPL change vs full cache (%)")
             ax.set_title(f"context {ctx}")
             _legend(ax, 6)
-        paths.append(_save(fig, out / "ppl_vs_compression.png"))
+        paths.append(save(fig, out / "ppl_vs_compression.png"))
 
     # accuracy: one panel per metric, one colour per context, points only (distinct configs, not a curve); GSM8K's
     # prompts (~850 tokens) have no compression cell of their own: its x is the compression at the shortest context
@@ -103,21 +102,21 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             ax.set_ylabel(f"{m} accuracy (%)")
             ax.set_title(m)
             _legend(ax, 7)
-        paths.append(_save(fig, out / "accuracy_vs_compression.png"))
+        paths.append(save(fig, out / "accuracy_vs_compression.png"))
 
     mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
     if mem_ctx:
         fig = Figure(figsize=(7.0, 4.5), dpi=110)
         ax = fig.add_subplot(1, 1, 1)
         for v in dict.fromkeys(c["variant"] for c in cells):
-            pts = [(ctx, _bytes_cell(by, v, ctx)[0]) for ctx in mem_ctx]
-            pts = [(x, y / 2**20) for x, y in pts if y]
+            mb = {ctx: r["kv_mb"] for ctx in mem_ctx for r in ov.get(ctx, ()) if r["config"] == v}
+            pts = [(ctx, mb[ctx]) for ctx in mem_ctx if mb.get(ctx)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("held KV (MB)")
         _legend(ax, 6)
-        paths.append(_save(fig, out / "kv_memory_vs_context.png"))
+        paths.append(save(fig, out / "kv_memory_vs_context.png"))
 
     sp_ctx = sorted({k[2] for k in by if k[0] == "speed"})
     if sp_ctx:
@@ -137,7 +136,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         ax.set_xlabel("KV compression (×)")
         ax.set_ylabel(f"decode tok/s ({how})")
         _legend(ax, 7)
-        paths.append(_save(fig, out / "throughput_vs_compression.png"))
+        paths.append(save(fig, out / "throughput_vs_compression.png"))
 
     needle = [c for c in cells if c["metric"] == "needle"]
     for v in dict.fromkeys(c["variant"] for c in needle):
@@ -157,5 +156,5 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         ax.set_ylabel("needle depth")
         ax.set_title(f"needle retrieval: {v}", fontsize=9)
         fig.colorbar(im, ax=ax)
-        paths.append(_save(fig, out / f"needle_{_slug(v)}.png"))
+        paths.append(save(fig, out / f"needle_{_slug(v)}.png"))
     return paths

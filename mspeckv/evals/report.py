@@ -22,8 +22,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..bench.results import atomic_write_json, atomic_write_text
-from .template import CellStore
+from ..runs.store import atomic_write_json, atomic_write_text
+from ..runs.template import CellStore
 from .variants import BASELINE
 
 # metric -> (headline field, delta kind: pct | abs, extra fields shown in the per-metric table)
@@ -59,6 +59,22 @@ def load_cells(dir: str | Path, include: list[str | Path] = ()) -> list[dict]:
             out.append({**c, "_source": str(src), "_shadowed": key in seen})
             seen.add(key)
     return out
+
+
+def damage(dirs: list[str | Path]) -> dict[str, Any]:
+    """What a set of evaluation folders lacks: ``missing`` (cells an invocation asked for, ``expected.json``, that no
+    readable file holds), ``skipped`` (every file in ``cells/`` that holds no cell, named with why: damaged ones make
+    the summary PARTIAL, foreign ones are only named and counted) and ``partial``."""
+    missing, skipped, damaged = [], [], 0
+    for src in dirs:
+        store = CellStore(Path(src))
+        cells, bad = store.scan()
+        have = {(c["metric"], c["variant"], c["context"]) for c in cells}
+        missing += [f"{m} {v} ctx={c}" + (f" ({src})" if src != dirs[0] else "")
+                    for m, v, c in sorted(store.expected() - have)]
+        skipped += [f"{store.cells_dir / b.name} ({b.why})" for b in bad]
+        damaged += sum(b.damaged for b in bad)
+    return {"partial": bool(missing or damaged), "missing": missing, "skipped": skipped, "n_damaged": damaged}
 
 
 def _index(cells: list[dict]) -> tuple[dict, dict]:
@@ -291,7 +307,7 @@ def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) 
     commands = (d / "command.txt").read_text(encoding="utf-8").splitlines() if (d / "command.txt").exists() else []
     summary: dict[str, Any] = {"dir": str(d), "n_cells": len(shown), "git_commits": commits, "commands": commands,
                                "include": [str(x) for x in include], "rows": rows, "overview": overview(cells),
-                               "plots": [], "plot_error": None}
+                               "plots": [], "plot_error": None, **damage([d, *include])}
     summary["goals"] = goals(cells, summary["overview"])
     if plots and cells:
         from . import plots as P
@@ -300,10 +316,16 @@ def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) 
             summary["plots"] = [str(p.relative_to(d)) for p in P.plot_all(shown, summary, d)]
         except ImportError as e:  # matplotlib is optional (the 'plot' extra)
             summary["plot_error"] = str(e)
-    md = ["# Quality evaluation", "",
+    gaps = ([f"{len(summary['missing'])} cell(s) missing"] if summary["missing"] else []) + (
+        [f"{summary['n_damaged']} unreadable"] if summary["n_damaged"] else [])
+    title = "# Quality evaluation" + (f" (PARTIAL: {', '.join(gaps)})" if summary["partial"] else "")
+    md = [title, "",
           "Every value is measured from the model's outputs through the placed/compressed cache; the full-cache "
           "baseline (`full`) ran in the same invocation on the same inputs. Protocols: `mspeckv/evals/*.py` "
           "docstrings.", "", f"Cells: {len(shown)}; git commits: {', '.join(commits) or '–'}", "",
+          *([f"> **Missing:** {'; '.join(summary['missing'])}", ""] if summary["missing"] else []),
+          *([f"> **Warning:** {len(summary['skipped'])} file(s) in cells/ hold no cell (not counted): "
+             f"{'; '.join(summary['skipped'])}", ""] if summary["skipped"] else []),
           *([f"Also read (`--include`; deltas are against each folder's own baseline): "
              f"{', '.join(f'`{x}`' for x in include)}", ""] if include else []),
           overview_markdown(summary), "", "## Goals (issue 10)", "",

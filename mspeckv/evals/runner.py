@@ -1,7 +1,7 @@
 """``mspeckv eval {ppl,kl,attention,ece,needle,ruler,recon,gsm8k,accept,speed,all,report}`` (or a comma list such
 as ``ppl,recon,speed``).
 
-One template (``evals.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
+One template (``runs.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
 -> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one final JSON line.
 
 Every invocation evaluates the full-cache baseline (variant ``full``: every layer's KV dense on the device, no press)
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .template import CellStore, Partial, add_flags, check, from_args, opt
+from ..runs.template import CellStore, Partial, add_flags, check, from_args, opt
 from .variants import Variant
 
 FORMATS = ("none", "int8", "int4", "int2")
@@ -246,9 +246,15 @@ def plan(cfg: EvalConfig, store: CellStore) -> list[tuple[Family, int, list[Vari
     return todo
 
 
+def asked(cfg: EvalConfig) -> list[tuple[str, str, int]]:
+    """Every (metric, variant, context) cell the config asks for (what ``plan`` runs when it is not stored)."""
+    return [(m, v.name, c) for fam in families(cfg.metrics) for c in cfg.contexts(fam) for v in cfg.variants()
+            if not (cfg.no_baseline and v.is_baseline) for m in fam.metrics if m in cfg.metrics]
+
+
 def validate(cfg: EvalConfig, store: CellStore) -> None:
     """Every check that can fail before weights load (one ValueError/FileNotFoundError each)."""
-    from ..bench.sweeps import model_config
+    from ..model.api import model_config
 
     if cfg.model.startswith("random:"):
         raise ValueError(f"--model {cfg.model}: random-weight models have no tokenizer and their outputs mean nothing;"
@@ -326,6 +332,8 @@ def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[st
     if cfg.dry_run:
         return {"dry_run": True, "dir": str(store.dir),
                 "todo": [{"family": f.name, "context": c, "variants": [v.name for v in vs]} for f, c, vs in todo]}
+    store.clean()
+    store.expect(asked(cfg))
     failed: list[str] = []
     if todo:
         from ..model.api import load

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.corpora import _encode, long_prompt
+from ..data.corpora import encode, long_prompt
 
 KEYS = ("amber", "basil", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
         "lagoon", "marble", "nutmeg", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet",
@@ -60,8 +60,8 @@ def _seven_digits(rng: random.Random, n: int) -> list[str]:
 def _assemble(tok, context: int, header: str, question: str, pieces: list[tuple[float, str]], seed: int,
               dataset) -> tuple[list[int], list[tuple[int, int]]]:
     """header + haystack (with each piece inserted at its depth) + question, exactly ``context`` tokens."""
-    head, tail = _encode(tok, header), _encode(tok, question)
-    enc = [_encode(tok, "\n" + text + "\n") for _, text in pieces]
+    head, tail = encode(tok, header), encode(tok, question)
+    enc = [encode(tok, "\n" + text + "\n") for _, text in pieces]
     n_hay = context - len(head) - len(tail) - sum(map(len, enc))
     if n_hay < 1:
         raise ValueError(f"a {context}-token prompt is too short for the task's header, question and needles "

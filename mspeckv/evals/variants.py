@@ -124,7 +124,7 @@ def build_cache(model, variant: Variant, batch: int, max_len: int, tail: int | N
     ``compress()`` (a pressed cache preallocates that many; default ``max_len``). ``graphs``: the static layout
     where one exists (full: StaticKV; placements: static PlacedKV; presses that keep dense rows: static PressedKV;
     codes and latents stay eager)."""
-    from ..kv.placement import make_cache
+    from ..cache import make_cache
 
     if variant.press is None:
         return make_cache(model, variant.placement, batch, max_len, graphs=graphs)

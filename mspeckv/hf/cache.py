@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kv.placement import Placement, make_cache
+from ..cache import make_cache
+from ..kv.placement import Placement
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 

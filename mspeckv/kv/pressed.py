@@ -88,22 +88,6 @@ class PressedKV(KVCache):
         self.compress(source)
         return self
 
-    @classmethod
-    def streaming(cls, model, *, sinks: int, window: int, room: int, slack: int | None = None,
-                  static: bool = False) -> PressedKV:
-        """The draft's StreamingLLM cache: ``sinks`` first rows + the newest ``window``, re-pressed only when a
-        forward (or ``reserve``) would overflow ``room + slack`` appended rows, so rollbacks within a round are
-        exact. ``slack`` (default window // 4) amortises the re-press."""
-        from ..presses.streaming import StreamingLLMPress
-
-        if room < 1:
-            raise ValueError(f"room must be >= 1 (the largest forward fed to this cache), got {room}")
-        slack = max(window // 4, 0) if slack is None else slack
-        c = model.cfg
-        press = StreamingLLMPress(budget=sinks + window, sinks=sinks)
-        return cls(press, c.n_layers, 1, c.n_kv_heads, c.head_dim, room + slack, model.dtype, model.device,
-                   static=static, fixed_cap=sinks + window, compress_every=room + slack)
-
     def skip(self, n: int) -> None:
         """The next ``n`` tokens are not fed (a streaming prefill feeds the sinks, then only the last window):
         press what is held first, so the tail's positions stay contiguous."""

@@ -259,16 +259,16 @@ def dequantize_values_torch(q: QTensor, spec: QuantSpec, dtype: torch.dtype) -> 
 def _use_triton(q: QTensor) -> bool:
     if not q.codes.is_cuda or os.environ.get("MSPECKV_NO_TRITON", "0") == "1":
         return False
-    from mspeckv.kv import quant_triton
+    from .triton_flag import HAS_TRITON
 
-    return quant_triton.HAS_TRITON
+    return HAS_TRITON
 
 
 def dequantize_keys_into(q: QTensor, spec: QuantSpec, out: Tensor) -> Tensor:
     """Write dequantized keys into a preallocated (B, H, T, D) tensor (any strides, e.g. a prefix view)."""
     _check(q, spec, True)
     if _use_triton(q):
-        from mspeckv.kv.quant_triton import dequantize_keys_into as tri
+        from .quant_triton import dequantize_keys_into as tri
 
         return tri(q, spec, out)
     return out.copy_(dequantize_keys_torch(q, spec, out.dtype))
@@ -277,7 +277,7 @@ def dequantize_keys_into(q: QTensor, spec: QuantSpec, out: Tensor) -> Tensor:
 def dequantize_values_into(q: QTensor, spec: QuantSpec, out: Tensor) -> Tensor:
     _check(q, spec, False)
     if _use_triton(q):
-        from mspeckv.kv.quant_triton import dequantize_values_into as tri
+        from .quant_triton import dequantize_values_into as tri
 
         return tri(q, spec, out)
     return out.copy_(dequantize_values_torch(q, spec, out.dtype))
@@ -395,3 +395,92 @@ def qt_to(q: QTensor, device: torch.device | str, non_blocking: bool = False) ->
     for d, s in ((out.codes, q.codes), (out.scale, q.scale), (out.zero, q.zero)):
         _copy_field(d, s, non_blocking)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU self-check of the Triton kernels (quant_triton): kernel vs torch reference on data with outliers, plus timings
+
+
+def _test_data(B: int, H: int, T: int, D: int, kind: str, gen: torch.Generator) -> Tensor:
+    x = torch.randn(B, H, T, D, generator=gen, device="cuda")
+    if kind == "k":  # a few outlier channels, the reason keys are quantized per channel
+        ch = torch.randperm(D, generator=gen, device="cuda")[: max(1, D // 32)]
+        x[..., ch] *= 50.0
+    else:  # a few outlier tokens
+        tok = torch.randperm(T, generator=gen, device="cuda")[: max(1, T // 64)]
+        x[:, :, tok] *= 20.0
+    return x.to(torch.bfloat16)
+
+
+def _case(
+    kind: str, spec: QuantSpec, H: int, T: int, D: int, strided: bool, out_dtype: torch.dtype, bench: bool
+) -> dict:
+    from .quant_triton import dequantize_keys_into, dequantize_values_into
+    from .triton_flag import triton
+
+    B = 1
+    gen = torch.Generator(device="cuda").manual_seed(1000 * H + T + D)
+    qfn = quantize_keys if kind == "k" else quantize_values
+    ref_fn = dequantize_keys_torch if kind == "k" else dequantize_values_torch
+    tri_fn = dequantize_keys_into if kind == "k" else dequantize_values_into
+    x = _test_data(B, H, T, D, kind, gen)
+    q = qfn(x, spec)
+    if strided:  # q: prefix slice of a 2T store; out: prefix view of a 2T buffer (NaN past the prefix)
+        store = empty_like_store(spec, B, H, 2 * T, D, "cuda", kind=kind)
+        q = qt_slice(qt_copy_(store, q, 0), 0, T)
+        big = torch.full((B, H, 2 * T, D), float("nan"), dtype=out_dtype, device="cuda")
+        out = big[:, :, :T]
+    else:
+        out = torch.empty((B, H, T, D), dtype=out_dtype, device="cuda")
+    ref = ref_fn(q, spec, out_dtype)
+    tri_fn(q, spec, out)
+    diff = (out.float() - ref.float()).abs()
+    tol = 2.0**-7 * ref.float().abs() + 1e-6 * ref.float().abs().max()
+    ok = bool((diff <= tol).all()) and not bool(out.isnan().any())
+    if strided:
+        ok = ok and bool(big[:, :, T:].isnan().all())  # nothing written past the prefix
+    xf = x.float()
+    row = dict(kind=kind, fmt=spec.fmt, H=H, T=T, D=D, strided=strided, ok=ok)
+    row.update(exact=float((out == ref).float().mean()), max_abs_diff=float(diff.max()))
+    row.update(rel_err=float((out.float() - xf).norm() / xf.norm()))
+    if bench:
+        t_tri = triton.testing.do_bench(lambda: tri_fn(q, spec, out), return_mode="median")
+        t_ref = triton.testing.do_bench(lambda: ref_fn(q, spec, out_dtype), return_mode="median")
+        nbytes = q.nbytes() + out.numel() * out.element_size()
+        row.update(triton_us=1e3 * t_tri, torch_us=1e3 * t_ref, speedup=t_ref / t_tri)
+        row.update(triton_GBps=nbytes / (t_tri * 1e-3) / 1e9)
+    return row
+
+
+def selfcheck(
+    fmts: tuple[str, ...] = tuple(BITS),
+    Hs: tuple[int, ...] = (8, 32),
+    Ts: tuple[int, ...] = (64, 512, 2048, 8192),
+    Ds: tuple[int, ...] = (64, 128),
+    group_size: int = 64,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bench: bool = True,
+    verbose: bool = True,
+) -> list[dict]:
+    """Compare the Triton kernels with the torch reference on CUDA (B=1) and time both (do_bench median).
+
+    Rows: kind, fmt, H, T, D, strided, ok, exact (fraction of bit-identical outputs), max_abs_diff, rel_err
+    (round trip vs the bf16 input, which has outliers), and when bench: triton_us, torch_us, speedup,
+    triton_GBps (bytes read + written per second). The first case per (kind, fmt) uses strided operands: the
+    QTensor is a prefix slice of a twice-as-long store and out a prefix view of a twice-as-long buffer.
+    """
+    from .triton_flag import HAS_TRITON
+
+    if not (HAS_TRITON and torch.cuda.is_available()):
+        raise RuntimeError("selfcheck needs CUDA and triton")
+    rows: list[dict] = []
+    for kind in ("k", "v"):
+        for fmt in fmts:
+            spec = QuantSpec(fmt, group_size)
+            cases = [(H, D, T) for H in Hs for D in Ds for T in Ts]
+            for i, (H, D, T) in enumerate(cases):
+                row = _case(kind, spec, H, T, D, i == 0, out_dtype, bench)
+                rows.append(row)
+                if verbose:
+                    print({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return rows

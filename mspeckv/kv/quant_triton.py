@@ -4,35 +4,15 @@ Each kernel reads packed uint8 codes + scales/zeros (any strides along B, H, T, 
 preallocated store) and writes x_hat = code * scale + zero (fp32 math, then cast) straight into a preallocated
 output of any float dtype and any strides (e.g. a prefix view of a GPU KV buffer). The torch functions
 `quant.dequantize_*_torch` are the reference; results agree to within one rounding of the output dtype
-(Triton may fuse the multiply-add into an FMA).
+(Triton may fuse the multiply-add into an FMA); ``quant.selfcheck`` compares them on a GPU. This module imports
+nothing of ``quant`` (which dispatches here): the codes' layout is passed in through ``q`` and ``spec``.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from mspeckv.kv.quant import (
-    BITS,
-    QTensor,
-    QuantSpec,
-    _check,
-    dequantize_keys_torch,
-    dequantize_values_torch,
-    quantize_keys,
-    quantize_values,
-)
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
+from .triton_flag import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
 
@@ -165,18 +145,18 @@ if HAS_TRITON:
         tl.store(o_ptr, x.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _check_out(q: QTensor, out: Tensor) -> None:
+def _check_out(q, out: Tensor) -> None:
     if tuple(out.shape) != tuple(q.shape):
         raise ValueError(f"out shape {tuple(out.shape)} != logical shape {tuple(q.shape)}")
     if out.device != q.codes.device or not out.is_cuda:
         raise ValueError(f"Triton dequant needs q and out on the same CUDA device ({q.codes.device}, {out.device})")
 
 
-def dequantize_keys_into(q: QTensor, spec: QuantSpec, out: Tensor) -> Tensor:
-    """Dequantize a key QTensor into out (B, H, T, D) on CUDA, any float dtype and strides. Returns out."""
+def dequantize_keys_into(q, spec, out: Tensor) -> Tensor:
+    """Dequantize a key ``QTensor`` (checked against its ``QuantSpec`` by ``quant.dequantize_keys_into``, which
+    calls this) into out (B, H, T, D) on CUDA, any float dtype and strides. Returns out."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use mspeckv.kv.quant.dequantize_keys_into")
-    _check(q, spec, True)
     _check_out(q, out)
     B, H, T, D = q.shape
     g = spec.group_size
@@ -195,11 +175,11 @@ def dequantize_keys_into(q: QTensor, spec: QuantSpec, out: Tensor) -> Tensor:
     return out
 
 
-def dequantize_values_into(q: QTensor, spec: QuantSpec, out: Tensor) -> Tensor:
-    """Dequantize a value QTensor into out (B, H, T, D) on CUDA, any float dtype and strides. Returns out."""
+def dequantize_values_into(q, spec, out: Tensor) -> Tensor:
+    """Dequantize a value ``QTensor`` (checked by ``quant.dequantize_values_into``, which calls this) into out
+    (B, H, T, D) on CUDA, any float dtype and strides. Returns out."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use mspeckv.kv.quant.dequantize_values_into")
-    _check(q, spec, False)
     _check_out(q, out)
     B, H, T, D = q.shape
     if T == 0 or B * H == 0 or D == 0:
@@ -215,89 +195,3 @@ def dequantize_values_into(q: QTensor, spec: QuantSpec, out: Tensor) -> Tensor:
         G=g, BITS=spec.bits, PER=spec.per_byte, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, SPLIT=split, num_warps=4,
     )  # fmt: skip
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# GPU self-check: kernel vs torch reference on data with outliers, plus timings
-
-
-def _test_data(B: int, H: int, T: int, D: int, kind: str, gen: torch.Generator) -> Tensor:
-    x = torch.randn(B, H, T, D, generator=gen, device="cuda")
-    if kind == "k":  # a few outlier channels, the reason keys are quantized per channel
-        ch = torch.randperm(D, generator=gen, device="cuda")[: max(1, D // 32)]
-        x[..., ch] *= 50.0
-    else:  # a few outlier tokens
-        tok = torch.randperm(T, generator=gen, device="cuda")[: max(1, T // 64)]
-        x[:, :, tok] *= 20.0
-    return x.to(torch.bfloat16)
-
-
-def _case(
-    kind: str, spec: QuantSpec, H: int, T: int, D: int, strided: bool, out_dtype: torch.dtype, bench: bool
-) -> dict:
-    from mspeckv.kv.quant import empty_like_store, qt_copy_, qt_slice
-
-    B = 1
-    gen = torch.Generator(device="cuda").manual_seed(1000 * H + T + D)
-    qfn = quantize_keys if kind == "k" else quantize_values
-    ref_fn = dequantize_keys_torch if kind == "k" else dequantize_values_torch
-    tri_fn = dequantize_keys_into if kind == "k" else dequantize_values_into
-    x = _test_data(B, H, T, D, kind, gen)
-    q = qfn(x, spec)
-    if strided:  # q: prefix slice of a 2T store; out: prefix view of a 2T buffer (NaN past the prefix)
-        store = empty_like_store(spec, B, H, 2 * T, D, "cuda", kind=kind)
-        q = qt_slice(qt_copy_(store, q, 0), 0, T)
-        big = torch.full((B, H, 2 * T, D), float("nan"), dtype=out_dtype, device="cuda")
-        out = big[:, :, :T]
-    else:
-        out = torch.empty((B, H, T, D), dtype=out_dtype, device="cuda")
-    ref = ref_fn(q, spec, out_dtype)
-    tri_fn(q, spec, out)
-    diff = (out.float() - ref.float()).abs()
-    tol = 2.0**-7 * ref.float().abs() + 1e-6 * ref.float().abs().max()
-    ok = bool((diff <= tol).all()) and not bool(out.isnan().any())
-    if strided:
-        ok = ok and bool(big[:, :, T:].isnan().all())  # nothing written past the prefix
-    xf = x.float()
-    row = dict(kind=kind, fmt=spec.fmt, H=H, T=T, D=D, strided=strided, ok=ok)
-    row.update(exact=float((out == ref).float().mean()), max_abs_diff=float(diff.max()))
-    row.update(rel_err=float((out.float() - xf).norm() / xf.norm()))
-    if bench:
-        t_tri = triton.testing.do_bench(lambda: tri_fn(q, spec, out), return_mode="median")
-        t_ref = triton.testing.do_bench(lambda: ref_fn(q, spec, out_dtype), return_mode="median")
-        nbytes = q.nbytes() + out.numel() * out.element_size()
-        row.update(triton_us=1e3 * t_tri, torch_us=1e3 * t_ref, speedup=t_ref / t_tri)
-        row.update(triton_GBps=nbytes / (t_tri * 1e-3) / 1e9)
-    return row
-
-
-def selfcheck(
-    fmts: tuple[str, ...] = tuple(BITS),
-    Hs: tuple[int, ...] = (8, 32),
-    Ts: tuple[int, ...] = (64, 512, 2048, 8192),
-    Ds: tuple[int, ...] = (64, 128),
-    group_size: int = 64,
-    out_dtype: torch.dtype = torch.bfloat16,
-    bench: bool = True,
-    verbose: bool = True,
-) -> list[dict]:
-    """Compare the Triton kernels with the torch reference on CUDA (B=1) and time both (do_bench median).
-
-    Rows: kind, fmt, H, T, D, strided, ok, exact (fraction of bit-identical outputs), max_abs_diff, rel_err
-    (round trip vs the bf16 input, which has outliers), and when bench: triton_us, torch_us, speedup,
-    triton_GBps (bytes read + written per second). The first case per (kind, fmt) uses strided operands: the
-    QTensor is a prefix slice of a twice-as-long store and out a prefix view of a twice-as-long buffer.
-    """
-    if not (HAS_TRITON and torch.cuda.is_available()):
-        raise RuntimeError("selfcheck needs CUDA and triton")
-    rows: list[dict] = []
-    for kind in ("k", "v"):
-        for fmt in fmts:
-            spec = QuantSpec(fmt, group_size)
-            cases = [(H, D, T) for H in Hs for D in Ds for T in Ts]
-            for i, (H, D, T) in enumerate(cases):
-                row = _case(kind, spec, H, T, D, i == 0, out_dtype, bench)
-                rows.append(row)
-                if verbose:
-                    print({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    return rows

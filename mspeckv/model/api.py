@@ -127,3 +127,20 @@ def load_any(ref: str, device=None, dtype=None, progress: bool = True):
     if ref.startswith("random:"):
         return random_model(ref.split(":", 1)[1], device, dtype), None, None
     return load(ref, device, dtype, progress)
+
+
+def model_config(ref: str):
+    """A model's ``ModelConfig`` from its config alone (random shape or resolved directory; weights not loaded)."""
+    from transformers import AutoConfig
+
+    from .llama import ModelConfig
+
+    if ref.startswith("random:"):
+        shape = ref.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise ValueError(f"unknown random shape '{shape}' in {ref}; choose one of {sorted(RANDOM_SHAPES)}")
+        kw = dict(RANDOM_SHAPES[shape])
+        return ModelConfig.from_hf(AutoConfig.for_model(kw.pop("model_type"), **kw))
+    from .loading import resolve
+
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(ref)))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kv.quant import QTensor, unpack_codes
-from ..kv.quant_triton import HAS_TRITON, tl, triton  # one optional Triton import for every kernel module
+from ..kv.triton_flag import HAS_TRITON, tl, triton  # one optional Triton import for every kernel module
 
 KV = Tensor | QTensor
 

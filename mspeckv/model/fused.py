@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kv.quant_triton import HAS_TRITON, tl, triton
+from ..kv.triton_flag import HAS_TRITON, tl, triton
 
 
 def use_fused(x: Tensor) -> bool:

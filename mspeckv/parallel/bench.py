@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .. import cli_checks as checks
 from .. import validate as v
-from ..evals.template import opt
 from ..kv.placement import FORMATS, Placement
+from ..runs import checks
+from ..runs.template import opt
 
 REFERENCE_KINDS = ("gpu", "gpu_graphed")
 QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_bytes=1 << 24)
@@ -86,7 +86,7 @@ class TPBenchConfig:
         return ("gpu", *self.formats, *(("gpu_graphed",) if self.graphs else ()))
 
     def model_config(self):
-        from ..bench.sweeps import model_config
+        from ..model.api import model_config
 
         return model_config(f"random:{self.shape}")
 
@@ -147,7 +147,7 @@ def run(cfg: TPBenchConfig, command: str = "") -> dict:
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
     from ..bench.placement import mem_available, pinned_store_bytes
-    from ..bench.results import atomic_write_json, run_metadata
+    from ..runs.store import atomic_write_json, run_metadata
     from . import RankFailed
     from .launch import launch
     from .tp import shard_config
@@ -207,7 +207,7 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
 
 
 def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = None, **extra) -> None:
-    from ..bench.results import atomic_write_json
+    from ..runs.store import atomic_write_json
 
     atomic_write_json(cells / f"{cell_name(tp, ctx, kind)}.json",
                       {"tp": tp, "ctx": ctx, "kind": kind, "error": error, **extra})
@@ -218,7 +218,7 @@ def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, c
     import torch.distributed as dist
 
     from ..bench.placement import free_memory
-    from ..bench.results import atomic_write_json, run_metadata
+    from ..runs.store import atomic_write_json, run_metadata
     from .tp import random_tp_model, replicated_bytes
 
     cells = Path(cfg.out_dir) / "cells"
@@ -367,8 +367,8 @@ def _time(r, fn, iters: int) -> float:
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
     from ..bench.placement import decode_ms, fill_cache, graphed_ms
+    from ..cache import make_cache
     from ..kv.dense import DenseKV
-    from ..kv.placement import make_cache
     from .tp import no_collectives
 
     steps, reps, vt = cfg.steps, cfg.repeats, cfg.verify_tokens
@@ -516,7 +516,7 @@ def _row_cols(row: dict, tps) -> list[str]:
 
 
 def write_summary(res: dict, out_dir: str) -> None:
-    from ..bench.results import atomic_write_json, atomic_write_text
+    from ..runs.store import atomic_write_json, atomic_write_text
 
     atomic_write_json(Path(out_dir) / "tp.json", res)
     atomic_write_text(Path(out_dir) / "summary.md", render(res))

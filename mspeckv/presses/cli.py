@@ -27,9 +27,9 @@ def _calibrate(a) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ..bench.results import atomic_write_text
     from ..data.corpora import load_documents
     from ..model.api import load
+    from ..runs.store import atomic_write_text
     from .lowrank import calibrate
 
     if a.tokens < 64 or a.max_rank is not None and a.max_rank < 1:

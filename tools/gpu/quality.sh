@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10's quality runs as parallel background jobs on one GPU (setsid: they outlive this call); logs in /root/qlog.
 # Quality numbers do not depend on timing, so jobs share the GPU; the speed family (timed) is not run here.
-# Expects tools/gpu_prepare.sh to have run, PYTHONPATH and MSPECKV_GIT_COMMIT set.
+# Expects tools/gpu_prepare.sh to have run (it prints the provenance the results will record), PYTHONPATH set.
 set -uo pipefail
 M=qwen2.5-coder-1.5b
 mkdir -p /root/qlog

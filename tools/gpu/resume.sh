@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next GPU session's work, resuming from the committed folders (cells, runs and GSM8K items are resumable).
-# Run after tools/gpu_prepare.sh (both models), with PYTHONPATH and MSPECKV_GIT_COMMIT set:
+# Run after tools/gpu_prepare.sh (both models; it prints the provenance the results will record), PYTHONPATH set:
 #   bash tools/gpu/resume.sh check      # first: the GPU tests (the packed stores and F.rms_norm have not run on a
 #                                       # GPU yet), then the graphed placement bench again at 32K
 #   bash tools/gpu/resume.sh timing     # alone on the GPU: A1 with the graphed offloaded baseline (a NEW folder:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Timing runs (alone on the GPU): issue 12's bench hf, then issue 11's A1 rerun (resumable: run again to finish).
-# Expects tools/gpu_prepare.sh to have prepared both models, PYTHONPATH and MSPECKV_GIT_COMMIT set.
+# Expects tools/gpu_prepare.sh to have prepared both models (and printed the provenance), PYTHONPATH set.
 set -uo pipefail
 what=${1:-all}
 if [[ $what == all || $what == hf ]]; then

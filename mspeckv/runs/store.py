@@ -1,9 +1,11 @@
-"""One benchmark run -> one JSON file.
+"""The files every bench and eval writes: atomic writes (0644), run metadata with measured provenance
+(:func:`provenance`), one rule for a folder of resumable cells (:class:`CellFolder`), and the benches' sweeps.
 
-A sweep is a list of :class:`RunSpec` (sweep, method, x_name, x, seed, config). :func:`run_sweep` runs each spec
-that is not already done, catches every ``Exception`` (CUDA OOM included) into a ``failed`` record, and writes each
-record atomically to ``<dir>/runs/<run_filename(...)>``. Resuming a sweep skips runs whose JSON says ``ok`` and
-retries the failed ones. ``KeyboardInterrupt`` propagates and never leaves a partial file behind.
+One benchmark run -> one JSON file. A sweep is a list of :class:`RunSpec` (sweep, method, x_name, x, seed,
+config). :func:`run_sweep` runs each spec that is not already done, catches every ``Exception`` (CUDA OOM included)
+into a ``failed`` record, and writes each record atomically to ``<dir>/runs/<run_filename(...)>``. Resuming a sweep
+skips runs whose JSON says ``ok`` and retries the failed and damaged ones (:class:`CellFolder`, the rule every bench
+and eval shares). ``KeyboardInterrupt`` propagates and never leaves a partial file behind.
 """
 
 from __future__ import annotations
@@ -27,21 +29,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .registry import METHODS  # noqa: F401 (the one registry; re-exported for the report and sweeps)
-
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
-_TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # ``.NAME.XXXX.tmp``: a write in progress, or one a kill interrupted
+STALE_TMP_S = 60.0  # a write lasts milliseconds: a temp file this old was left by an interrupted one
 RECORD_KEYS = ("sweep", "x_name", "x", "method", "seed", "status")  # what makes a JSON a run record
 
 
 # --------------------------------------------------------------------------------------------------- atomic writes
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+    """Write ``text`` to ``path`` atomically (temp file in the same directory, fsync, ``os.replace``), mode 0644."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # readable by all like any tool's output (mkstemp makes 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -89,25 +91,55 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git(*args: str) -> str | None:
-    cwd = Path(__file__).resolve().parent
+COMMIT_STAMP = "COMMIT"  # mspeckv/COMMIT holds $Format:%H$, which ``git archive`` fills in (.gitattributes)
+
+
+def _git(folder: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
 
 
+def _stamp(folder: Path) -> str | None:
+    """The commit a ``git archive`` copy carries in ``COMMIT`` (None in a checkout, where it reads ``$Format:%H$``)."""
+    try:
+        text = (folder / COMMIT_STAMP).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{40}", text) else None
+
+
+def provenance(folder: str | os.PathLike | None = None, env: dict | None = None) -> dict[str, Any]:
+    """Where the running code comes from, measured, first source that answers:
+
+    1. ``git``: the package folder is tracked by a git checkout: ``rev-parse HEAD`` and ``status --porcelain``
+       (tracked files; ``git_dirty`` None if git cannot say);
+    2. ``stamp``: a ``git archive`` copy, whose ``COMMIT`` file git filled in; ``git_dirty`` None (nothing tells
+       whether the copy was changed after it was made);
+    3. ``env``: only then ``MSPECKV_GIT_COMMIT`` (an assertion, not a measurement); ``git_dirty`` True when
+       ``MSPECKV_GIT_DIRTY=1``, else None;
+    4. ``unknown``: commit and dirty state None.
+
+    An unknown or unmeasured state is written as None, never as clean. Returns ``git_commit``, ``git_dirty``,
+    ``commit_source``."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent.parent
+    env = os.environ if env is None else env
+    if _git(folder, "ls-files", "--error-unmatch", "__init__.py") is not None:
+        commit = _git(folder, "rev-parse", "HEAD") or None
+        status = _git(folder, "status", "--porcelain", "--untracked-files=no") if commit else None
+        return {"git_commit": commit, "git_dirty": None if status is None else bool(status), "commit_source": "git"}
+    if stamp := _stamp(folder):
+        return {"git_commit": stamp, "git_dirty": None, "commit_source": "stamp"}
+    if pin := env.get("MSPECKV_GIT_COMMIT"):
+        return {"git_commit": pin, "git_dirty": True if env.get("MSPECKV_GIT_DIRTY") == "1" else None,
+                "commit_source": "env"}
+    return {"git_commit": None, "git_dirty": None, "commit_source": "unknown"}
+
+
 @functools.lru_cache(maxsize=1)
 def _static_metadata() -> dict[str, Any]:
-    pin = os.environ.get("MSPECKV_GIT_COMMIT")
-    if pin:  # an explicit pin wins: a remote GPU machine's copy of the tree may carry no .git, or a stale one (the
-        # device tool's copy carried the session's starting .git and recorded c5ddea9 "dirty" for runs of 2eb604e)
-        commit, dirty = pin, os.environ.get("MSPECKV_GIT_DIRTY") == "1"
-    else:
-        commit = _git("rev-parse", "HEAD") or None
-        status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-        dirty = None if status is None else bool(status)
     gpu = cuda = None
     torch_version = _version("torch")
     if torch_version is not None:
@@ -121,8 +153,7 @@ def _static_metadata() -> dict[str, Any]:
         except Exception:  # broken installs must not kill a sweep
             pass
     return {
-        "git_commit": commit,
-        "git_dirty": dirty,
+        **provenance(),
         "python": platform.python_version(),
         "torch": torch_version,
         "transformers": _version("transformers"),
@@ -136,7 +167,8 @@ def _static_metadata() -> dict[str, Any]:
 
 
 def run_metadata() -> dict[str, Any]:
-    """Provenance for one run: git commit + dirty flag, library versions, hostname, GPU name, UTC timestamp."""
+    """Provenance for one run: git commit, dirty flag and where they were read (:func:`provenance`), library
+    versions, hostname, GPU name, UTC timestamp."""
     meta = dict(_static_metadata())
     meta["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return meta
@@ -210,12 +242,104 @@ def _key(args: tuple) -> tuple:
     raise TypeError("expected a RunSpec/RunRecord/dict or (sweep, method, x_name, x, seed)")
 
 
-class RunStore:
+@dataclass(frozen=True)
+class Skipped:
+    """A file of a cell folder that holds no cell: ``damaged`` (unreadable: corrupt, truncated) or foreign (a JSON
+    of another kind). ``str()`` names it and says why."""
+
+    name: str
+    why: str
+    damaged: bool
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.why})"
+
+
+class CellFolder:
+    """One JSON file per resumable cell in ``folder``: the one rule of every bench and eval.
+
+    - A cell is **done** iff its file reads back as a JSON object with the folder's ``keys`` and status ``ok``. A
+      missing, corrupt, truncated or foreign file is not done: the cell is computed again and the write replaces it.
+    - :meth:`scan` returns the cells and names every other ``*.json`` file (:class:`Skipped`), so a report can count
+      them and mark itself PARTIAL when one is damaged.
+    - :meth:`clean` removes temp files that an interrupted write left (older than ``STALE_TMP_S``, so a write in
+      progress in another job is never touched); a resume calls it first.
+    """
+
+    keys: tuple[str, ...] = ("status",)
+    statuses: tuple[str, ...] = (STATUS_OK,)
+    kind = "a cell"  # what a file of the folder is, in messages
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def read(self, path: Path) -> tuple[dict[str, Any] | None, Skipped | None]:
+        """(the cell, None); (None, why not) for a file that holds none; (None, None) when there is no file."""
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError) as e:
+            return None, Skipped(path.name, f"unreadable: {e}", True)
+        if not isinstance(d, dict):
+            kind = {"list": "a JSON array", "str": "a JSON string", "NoneType": "JSON null"}.get(
+                type(d).__name__, "a JSON value")
+            return None, Skipped(path.name, f"{kind}, not {self.kind}", False)
+        if missing := [k for k in self.keys if k not in d]:
+            return None, Skipped(path.name, f"not {self.kind}: no {', '.join(missing)}", False)
+        if d["status"] not in self.statuses:
+            return None, Skipped(path.name, f"unknown status {d['status']!r}", False)
+        return d, None
+
+    def load_path(self, path: Path) -> dict[str, Any] | None:
+        """The cell stored at ``path``, or None (absent, damaged or foreign)."""
+        return self.read(path)[0]
+
+    def done_path(self, path: Path) -> bool:
+        d = self.load_path(path)
+        return d is not None and d.get("status") == STATUS_OK
+
+    def scan(self) -> tuple[list[dict[str, Any]], list[Skipped]]:
+        """(cells sorted by file name, every other ``*.json`` file); temp files (names starting '.') are not
+        files of the folder."""
+        out: list[dict[str, Any]] = []
+        skipped: list[Skipped] = []
+        if not self.folder.is_dir():
+            return out, skipped
+        for p in sorted(self.folder.glob("*.json")):
+            if p.name.startswith("."):
+                continue
+            d, why = self.read(p)
+            if d is not None:
+                out.append(d)
+            elif why is not None:
+                skipped.append(why)
+        return out, skipped
+
+    def clean(self, now: float | None = None) -> list[Path]:
+        """Remove the temp files of interrupted writes in the folder and its parent (the rendered summaries')."""
+        now = time.time() if now is None else now
+        gone = []
+        for d in (self.folder, self.folder.parent):
+            for p in d.glob(f".*{TMP_SUFFIX}*") if d.is_dir() else ():
+                with contextlib.suppress(OSError):
+                    if p.is_file() and now - p.stat().st_mtime > STALE_TMP_S:
+                        p.unlink()
+                        gone.append(p)
+        return gone
+
+
+class RunStore(CellFolder):
     """Raw run JSONs under ``<dir>/runs/``; the rendered summaries live in ``<dir>``."""
+
+    keys = RECORD_KEYS
+    statuses = (STATUS_OK, STATUS_FAILED)
+    kind = "a run record"
 
     def __init__(self, dir: str | os.PathLike):
         self.dir = Path(dir)
         self.runs_dir = self.dir / "runs"
+        super().__init__(self.runs_dir)
 
     def path_for(self, *args: Any) -> Path:
         """``path_for(spec_or_record)`` or ``path_for(sweep, method, x_name, x, seed)``."""
@@ -223,53 +347,22 @@ class RunStore:
         return self.runs_dir / run_filename(sweep, method, x_name, x, seed)
 
     def load(self, *args: Any) -> dict[str, Any] | None:
-        """The stored JSON for a run, or None if absent/unreadable."""
-        try:
-            return json.loads(self.path_for(*args).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        """The stored record of a run, or None if absent, damaged or foreign."""
+        return self.load_path(self.path_for(*args))
 
     def done(self, *args: Any) -> bool:
-        """True iff an ``ok`` JSON exists for this run (failed runs are retried on resume)."""
-        d = self.load(*args)
-        return isinstance(d, dict) and d.get("status") == STATUS_OK
+        """True iff an ``ok`` record exists for this run (failed and damaged runs are run again on resume)."""
+        return self.done_path(self.path_for(*args))
 
     def save(self, record: RunRecord | dict[str, Any]) -> Path:
         d = record.to_dict() if isinstance(record, RunRecord) else json_safe(record)
         return atomic_write_json(self.path_for(d), d)
 
-    def scan(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """(run records sorted by file name, one 'NAME (why)' per file skipped): temp files are ignored; unreadable
-        files and JSON of another schema (not an object with the run keys and an ok/failed status) are skipped."""
-        out: list[dict[str, Any]] = []
-        skipped: list[str] = []
-        if not self.runs_dir.is_dir():
-            return out, skipped
-        for p in sorted(self.runs_dir.glob("*.json")):
-            if p.name.startswith("."):
-                continue
-            try:
-                d = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                skipped.append(f"{p.name} (unreadable: {e})")
-                continue
-            if not isinstance(d, dict):
-                kind = {"list": "a JSON array", "str": "a JSON string", "NoneType": "JSON null"}.get(
-                    type(d).__name__, "a JSON value")
-                skipped.append(f"{p.name} ({kind}, not a run record)")
-            elif missing := [k for k in RECORD_KEYS if k not in d]:
-                skipped.append(f"{p.name} (not a run record: no {', '.join(missing)})")
-            elif d["status"] not in (STATUS_OK, STATUS_FAILED):
-                skipped.append(f"{p.name} (unknown status {d['status']!r})")
-            else:
-                out.append(d)
-        return out, skipped
-
     def load_all(self) -> list[dict[str, Any]]:
         """All run records (sorted by file name); other files are skipped with a warning on stderr."""
         out, skipped = self.scan()
         for s in skipped:
-            print(f"warning: skipping {self.runs_dir / s}", file=sys.stderr)
+            print(f"warning: skipping {self.runs_dir / str(s)}", file=sys.stderr)
         return out
 
 
@@ -314,12 +407,13 @@ def run_sweep(
     Done runs are not re-run (their stored record is returned). A failure is recorded and the sweep goes on.
     """
     records: list[RunRecord] = []
+    store.clean()
     n_todo = sum(not store.done(s) for s in plan)
     bar = _Progress(n_todo, enabled=progress and n_todo > 0)
     with bar:
         for spec in plan:
             stored = store.load(spec)
-            if isinstance(stored, dict) and stored.get("status") == STATUS_OK:
+            if stored is not None and stored["status"] == STATUS_OK:
                 records.append(RunRecord.from_dict(stored))
                 continue
             bar.describe(f"{spec.method} {spec.x_name}={spec.x} seed={spec.seed}")

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
-from ..evals.template import opt
+from ..runs.template import opt
 
 CACHES = ("dynamic", "dynamic_offload", "int8_offload", "int8_offload_resident")
 
@@ -70,7 +70,8 @@ class HFBenchConfig:
     def validate(self) -> None:
         """What can be refused before the weights load: the device, the output folder, the model's maximum
         context."""
-        from ..cli_checks import model_config, out_dir
+        from ..model.api import model_config
+        from ..runs.checks import out_dir
 
         _check_device(self)
         out_dir("--out-dir", self.out_dir)
@@ -99,7 +100,7 @@ def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
     """A fresh cache of ``kind`` for one ``generate``."""
     from transformers import DynamicCache
 
-    from ..hf.cache import MSpecKVCache
+    from .cache import MSpecKVCache
     from ..kv.placement import Placement
 
     if kind == "dynamic":
@@ -114,14 +115,14 @@ def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
 
 def _report(cache) -> dict:
     """Our cache's memory report; transformers' caches keep none."""
-    from ..hf.cache import MSpecKVCache
+    from .cache import MSpecKVCache
 
     return cache.memory_report() if isinstance(cache, MSpecKVCache) else {}
 
 
 @torch.inference_mode()
 def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.device, bw: float) -> dict:
-    from ..hf.cache import cache_argument
+    from .cache import cache_argument
 
     arg = cache_argument(model)
     max_len = ids.shape[1] + cfg.gen_len
@@ -194,8 +195,8 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from ..data.corpora import long_prompt
     from ..model.api import default_dtype
     from ..model.loading import resolve
-    from .placement import h2d_bandwidth
-    from .results import run_metadata
+    from ..runs.store import run_metadata
+    from ..bench.placement import h2d_bandwidth
 
     dev = _check_device(cfg)
     d = resolve(cfg.model)
@@ -260,7 +261,7 @@ def run(cfg: HFBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``hf.json`` and ``summary.md`` into ``cfg.out_dir``."""
     from pathlib import Path
 
-    from .results import atomic_write_json, atomic_write_text
+    from ..runs.store import atomic_write_json, atomic_write_text
 
     cfg.validate()
     res = run_hf_bench(cfg)

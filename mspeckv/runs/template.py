@@ -4,9 +4,9 @@
   field name, help from ``field(metadata=...)``); :func:`from_args` builds the dataclass back from the parsed
   namespace. The dataclass validates itself in ``__post_init__``; every error names the flag.
 - **Cells.** A long evaluation is a set of cells; :class:`CellStore` writes each cell as its own JSON, atomically
-  (temp file + rename, via ``bench.results``), with run metadata (git commit incl. ``MSPECKV_GIT_COMMIT``), and a
-  cell whose JSON says ``ok`` is skipped on the next run. A cell records the settings that shaped it; resuming into a
-  directory made with other settings is refused before anything is loaded.
+  (temp file + rename, via ``runs.store``), with run metadata (provenance asked of git), and a cell whose JSON reads
+  back as ``ok`` is skipped on the next run (a damaged one is computed again). A cell records the settings that
+  shaped it; resuming into a directory made with other settings is refused before anything is loaded.
 
 Nothing here knows about models: the eval (``evals.runner``) and the benches (``bench.registry``) plug in their
 config classes.
@@ -22,9 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ..bench.results import atomic_write_json, json_safe, run_metadata
-
-STATUS_OK = "ok"
+from .store import STATUS_OK, CellFolder, atomic_write_json, json_safe, run_metadata
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -209,26 +207,26 @@ def _ends_line(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-class CellStore:
-    """``<dir>/cells/<metric>__<variant>__ctx=<n>.json``: one resumable unit of an evaluation each."""
+class CellStore(CellFolder):
+    """``<dir>/cells/<metric>__<variant>__ctx=<n>.json``: one resumable unit of an evaluation each (the rule for
+    done, damaged and foreign files is :class:`~mspeckv.runs.store.CellFolder`'s)."""
+
+    keys = ("metric", "variant", "context", "status")
+    kind = "an eval cell"
 
     def __init__(self, dir: str | Path):
         self.dir = Path(dir)
         self.cells_dir = self.dir / "cells"
+        super().__init__(self.cells_dir)
 
     def path(self, metric: str, variant: str, context: int) -> Path:
         return self.cells_dir / cell_name(metric, variant, context)
 
     def load(self, metric: str, variant: str, context: int) -> dict | None:
-        try:
-            d = json.loads(self.path(metric, variant, context).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return d if isinstance(d, dict) else None
+        return self.load_path(self.path(metric, variant, context))
 
     def done(self, metric: str, variant: str, context: int) -> bool:
-        d = self.load(metric, variant, context)
-        return d is not None and d.get("status") == STATUS_OK
+        return self.done_path(self.path(metric, variant, context))
 
     def save(self, metric: str, variant: str, context: int, results: dict, settings: dict,
              info: dict | None = None) -> Path:
@@ -246,19 +244,25 @@ class CellStore:
         return Partial(self.partial_path(metric, variant, context), settings)
 
     def all(self) -> list[dict]:
-        if not self.cells_dir.is_dir():
-            return []
-        out = []
-        for p in sorted(self.cells_dir.glob("*.json")):
-            if p.name.startswith("."):
-                continue
-            try:
-                d = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(d, dict) and d.get("status") == STATUS_OK:
-                out.append(d)
-        return out
+        """The cells (damaged and foreign files left out: :meth:`scan` names them)."""
+        return self.scan()[0]
+
+    def expect(self, cells: list[tuple[str, str, int]]) -> None:
+        """Record the cells an invocation asks for (``expected.json``, the union over invocations), so a report can
+        name those missing."""
+        have = self.expected()
+        atomic_write_json(self.dir / "expected.json", sorted(have | {(m, v, int(c)) for m, v, c in cells}))
+
+    def expected(self) -> set[tuple[str, str, int]]:
+        """The cells some invocation asked for (empty for a folder written before ``expected.json`` existed)."""
+        try:
+            rows = json.loads((self.dir / "expected.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.dir / 'expected.json'} is damaged ({e}); delete it, the next run writes it "
+                             f"again") from None
+        return {(m, v, int(c)) for m, v, c in rows}
 
     def check_settings(self, metric: str, settings: dict) -> None:
         """Refuse to mix cells made with other settings into this directory (one clear error naming them)."""
