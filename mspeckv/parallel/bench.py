@@ -35,6 +35,7 @@ import torch
 
 from .. import cli_checks as checks
 from .. import validate as v
+from ..bench.harness import fmt
 from ..evals.template import opt
 from ..kv.placement import FORMATS, Placement
 
@@ -146,7 +147,7 @@ def run(cfg: TPBenchConfig, command: str = "") -> dict:
 
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
-    from ..bench.placement import mem_available, pinned_store_bytes
+    from ..bench.harness import mem_available, pinned_store_bytes
     from ..bench.results import atomic_write_json, run_metadata
     from . import RankFailed
     from .launch import launch
@@ -217,7 +218,7 @@ def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = N
 def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, command: str) -> None:
     import torch.distributed as dist
 
-    from ..bench.placement import free_memory
+    from ..bench.harness import free_memory
     from ..bench.results import atomic_write_json, run_metadata
     from .tp import random_tp_model, replicated_bytes
 
@@ -360,13 +361,13 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
 
 def _time(r, fn, iters: int) -> float:
     """Mean ms of ``fn`` over ``iters`` calls after two warm-up calls, started together on every rank."""
-    from ..bench.placement import _ms
+    from ..bench.harness import time_ms
 
-    return _ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
+    return time_ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
 
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
-    from ..bench.placement import decode_ms, fill_cache, graphed_ms
+    from ..bench.harness import decode_ms, fill_cache, graphed_ms
     from ..kv.dense import DenseKV
     from ..kv.placement import make_cache
     from .tp import no_collectives
@@ -374,12 +375,12 @@ def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -
     steps, reps, vt = cfg.steps, cfg.repeats, cfg.verify_tokens
     out: dict = {"rank": r.rank}
     if kind == "gpu_graphed":
-        runs = graphed_ms(model, ctx, steps, reps)
-        out["verify_runs_ms"] = graphed_ms(model, ctx, 2, reps, vt)
+        runs = graphed_ms(model, ctx, steps, reps)[0]
+        out["verify_runs_ms"] = graphed_ms(model, ctx, 2, reps, vt)[0]
         if r.world > 1:
             _sync(r)
             with no_collectives():  # captured without the all-reduces
-                out["nocomm_runs_ms"] = graphed_ms(model, ctx, steps, reps)
+                out["nocomm_runs_ms"] = graphed_ms(model, ctx, steps, reps)[0]
             _sync(r)
     else:
         cap = ctx + cfg.capacity_extra
@@ -457,10 +458,6 @@ def collect(cfg: TPBenchConfig, command: str, wall_s: float) -> dict:
             "complete": not missing and not failed, "command": command, "wall_s": wall_s, "meta": meta}
 
 
-def _f(x, spec: str = "{:.2f}") -> str:
-    return spec.format(x) if isinstance(x, int | float) and not isinstance(x, bool) else "–"
-
-
 def render(res: dict) -> str:
     c = res["config"]
     tps = c["tps"]
@@ -485,12 +482,12 @@ def render(res: dict) -> str:
             lines.append(f"| {tp} | FAILED: {lk['error'][:120]} | | | | | |")
             continue
         ar = lk.get("allreduce_ms_per_step", {})
-        arr = " / ".join(_f(ar.get(k), "{:.3f}") for k in ("eager_T1", "graphed_T1", f"eager_T{vt}",
+        arr = " / ".join(fmt(ar.get(k), "{:.3f}") for k in ("eager_T1", "graphed_T1", f"eager_T{vt}",
                                                               f"graphed_T{vt}")) if ar else "–"
         rep = lk.get("replicated_bytes_per_rank")
         lines.append(f"| {tp} | {_fmt_list(lk['h2d_alone_GBps'])} | {_fmt_list(lk['h2d_together_GBps'])} | "
                      f"{lk['h2d_sum_alone_GBps']:.1f} | {lk['h2d_sum_together_GBps']:.1f} | {arr} | "
-                     f"{_f(rep / 2**20 if rep else None, '{:.0f}')} |")
+                     f"{fmt(rep / 2**20 if rep else None, '{:.0f}')} |")
     head = ["context", "KV", *(f"TP{t} ms" for t in tps), *(f"TP{t}/TP{base}" for t in tps[1:]),
             *(f"TP{t} verify ms" for t in tps), *(f"TP{t} comm" for t in tps[1:]), *(f"TP{t} floor ms" for t in tps),
             *(f"TP{t} MB/step/rank" for t in tps)]
@@ -508,10 +505,10 @@ def render(res: dict) -> str:
 def _row_cols(row: dict, tps) -> list[str]:
     base = tps[0]
     at = lambda t: row.get(f"tp{t}") or {}
-    share = lambda t: _f(100 * at(t)["comm_share"], "{:.0f}%") if at(t).get("comm_share") is not None else "–"
-    return [str(row["ctx"]), row["kind"], *(_f(at(t).get("ms")) for t in tps),
-            *(_f(at(t).get(f"vs_tp{base}"), "{:.2f}x") for t in tps[1:]), *(_f(at(t).get("verify_ms")) for t in tps),
-            *(share(t) for t in tps[1:]), *(_f(at(t).get("floor_ms")) for t in tps),
+    share = lambda t: fmt(100 * at(t)["comm_share"], "{:.0f}%") if at(t).get("comm_share") is not None else "–"
+    return [str(row["ctx"]), row["kind"], *(fmt(at(t).get("ms")) for t in tps),
+            *(fmt(at(t).get(f"vs_tp{base}"), "{:.2f}x") for t in tps[1:]), *(fmt(at(t).get("verify_ms")) for t in tps),
+            *(share(t) for t in tps[1:]), *(fmt(at(t).get("floor_ms")) for t in tps),
             *(_fmt_list(at(t).get("h2d_MB_per_step_per_rank") or []) or "–" for t in tps)]
 
 
