@@ -12,9 +12,9 @@ sync, so the GPU's queue is inside the interval.
 End to end (every request-level speed record, :func:`e2e`): ``setup_s`` is what a request pays outside its prefill
 and decode (building its caches, pinned allocation, capturing graphs), ``ttft_s`` the prefill and first token,
 ``decode_s`` the tokens after the first; ``e2e_s`` = all three, measured as one wall-clock interval where the bench
-can (then ``e2e_s >= setup_s + ttft_s + decode_s``, the rest being host work between them). Beside the decode-only
-rate (``decode_tok_per_s``: tokens after the first over ``decode_s``) stands the end-to-end rate
-(``e2e_tok_per_s``: every generated token over ``e2e_s``). Loading the model is once per process: ``load_s``.
+can (then ``e2e_s >= setup_s + ttft_s + decode_s``, the rest being host work between them). Beside each bench's
+decode-only rate (tokens after the first over the decode time) stands the end-to-end rate (``e2e_tok_per_s``: every
+generated token over ``e2e_s``). Loading the model is once per process: ``model_load_s``.
 """
 
 from __future__ import annotations
@@ -79,25 +79,29 @@ def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1, before=None) ->
     return out
 
 
-def median_of(runs: list[dict], *keys: str) -> dict[str, Any]:
-    """The median of each key over the runs (None where a run lacks it)."""
+def requests(device: torch.device, fn: Callable[[], Any], repeats: int) -> tuple[list, list[float]]:
+    """``repeats`` calls of ``fn()``, each timed by :func:`wall` after a peak-memory reset: (results, seconds).
+    Warm up before (one call at the same shape)."""
+    out = repeat(lambda: wall(device, fn), repeats, warmup=0, before=lambda: reset_peak(device))
+    return [r for r, _ in out], [w for _, w in out]
+
+
+def median_of(runs: list, *keys: str) -> dict[str, Any]:
+    """The median of each key (dict item or attribute) over the runs (None where a run lacks it)."""
     out = {}
     for k in keys:
-        xs = [r.get(k) for r in runs]
+        xs = [r.get(k) if isinstance(r, dict) else getattr(r, k, None) for r in runs]
         out[k] = statistics.median(xs) if xs and all(x is not None for x in xs) else None
     return out
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
-def e2e(setup_s: float | None, ttft_s: float, decode_s: float, n_generated: int, rows: int = 1,
+def e2e(setup_s: float | None, ttft_s: float, decode_s: float, n_generated: int,
         e2e_s: float | None = None) -> dict[str, Any]:
-    """The end-to-end fields of one request (module docstring). ``e2e_s``: the measured wall-clock interval around
-    the request (default: the sum of the parts); ``rows``: sequences decoded together (each one's first token is
-    part of TTFT)."""
+    """The end-to-end fields of one request (module docstring), to stand beside the bench's decode-only rate.
+    ``e2e_s``: the measured wall-clock interval around the request (default: the sum of the parts)."""
     total = e2e_s if e2e_s is not None else (setup_s or 0.0) + ttft_s + decode_s
-    return {"setup_s": setup_s, "e2e_s": total,
-            "decode_tok_per_s": (n_generated - rows) / decode_s if decode_s > 0 else None,
-            "e2e_tok_per_s": n_generated / total if total > 0 else None}
+    return {"setup_s": setup_s, "e2e_s": total, "e2e_tok_per_s": n_generated / total if total > 0 else None}
 
 
 # --------------------------------------------------------------------------------------------------------- memory

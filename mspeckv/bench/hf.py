@@ -15,6 +15,8 @@ Per (context, cache), after one untimed warm-up ``generate`` of the same prompt,
 - ``ttft_s``: ``generate(max_new_tokens=1)`` (prefill + first token);
 - ``total_s``: ``generate(max_new_tokens=gen_len, min_new_tokens=gen_len)``, greedy, so every run makes the same
   number of tokens; ``decode_ms`` = 1e3 * (total - ttft) / (gen_len - 1) and ``tok_per_s`` its inverse;
+- ``setup_s``: building the cache before that ``generate`` (ours allocates its pinned store there); ``e2e_s`` =
+  setup + total, and ``e2e_tok_per_s`` = gen_len / e2e_s;
 - ``peak_gpu_mb``: ``max_memory_allocated`` over the full ``generate`` (weights included), after a reset.
 
 The per-step breakdown (``forward_ms``) times the model's forward alone, one token at a time through the same cache
@@ -28,13 +30,13 @@ prefetches each step), a lower bound on its traffic. Times are medians of the re
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .. import validate as v
 from ..evals.template import opt
+from .harness import device_name, e2e, fmt, h2d_bandwidth, median_of, peak_bytes, repeat, reset_peak, time_ms, wall
 
 CACHES = ("dynamic", "dynamic_offload", "int8_offload", "int8_offload_resident")
 
@@ -90,11 +92,6 @@ def _check_device(cfg: HFBenchConfig) -> torch.device:
     return dev
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
     """A fresh cache of ``kind`` for one ``generate``."""
     from transformers import DynamicCache
@@ -128,46 +125,39 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
     common = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
                   pad_token_id=model.generation_config.pad_token_id or 0)
 
-    def gen(n: int) -> float:
-        cache = make_hf_cache(kind, model, cfg, max_len)
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **{arg: cache}, **common)
-        _sync(dev)
+    def gen(n: int) -> tuple[float, float]:
+        """(seconds of ``generate``, seconds building its cache before it)."""
+        cache, setup = wall(dev, lambda: make_hf_cache(kind, model, cfg, max_len))
+        out, secs = wall(dev, lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **{arg: cache},
+                                                     **common))
         if out.shape[1] - ids.shape[1] != n:
             raise RuntimeError(f"{kind}: generate made {out.shape[1] - ids.shape[1]} tokens, asked for {n}")
-        return time.perf_counter() - t0
+        return secs, setup
 
-    gen(min(8, cfg.gen_len))  # warm-up at the same prompt shape
-    runs = []
-    for _ in range(cfg.repeats):
-        ttft = gen(1)
+    def run() -> dict:
+        ttft, _ = gen(1)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        total = gen(cfg.gen_len)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-        runs.append({"ttft_s": ttft, "total_s": total, "decode_ms": 1e3 * (total - ttft) / (cfg.gen_len - 1),
-                     "peak_gpu_mb": peak})
+        reset_peak(dev)
+        total, setup = gen(cfg.gen_len)
+        pk = peak_bytes(dev)
+        return {"ttft_s": ttft, "total_s": total, "decode_ms": 1e3 * (total - ttft) / (cfg.gen_len - 1),
+                "peak_gpu_mb": pk / 2**20 if pk is not None else None, "setup_s": setup, "e2e_s": setup + total}
+
+    gen(min(8, cfg.gen_len))  # warm-up at the same prompt shape
+    runs = repeat(run, cfg.repeats, warmup=0)
 
     # per-step breakdown: the forward alone, one token at a time, through a cache holding the prompt
     cache = make_hf_cache(kind, model, cfg, max_len)
     out = model(ids, **{arg: cache}, logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)
     before = _report(cache).get("h2d_bytes_total")
-    step_ms = []
-    for _ in range(cfg.gen_len - 1):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            e.record()
-            e.synchronize()
-            step_ms.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            step_ms.append(1e3 * (time.perf_counter() - t0))
+
+    def step():
+        nonlocal tok
+        tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+    step_ms = [time_ms(step, 0, 1, cuda=dev.type == "cuda") for _ in range(cfg.gen_len - 1)]
     after = _report(cache).get("h2d_bytes_total")
     if kind == "dynamic_offload":  # every layer's bf16 K and V come back each step (a lower bound on its traffic)
         c = model.config
@@ -178,10 +168,10 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
     else:
         h2d_step = 0
     mem = _report(cache)
-    del cache
-    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
-    decode_ms, forward_ms = med("decode_ms"), statistics.median(step_ms)
-    return {"ttft_s": med("ttft_s"), "decode_ms": decode_ms, "tok_per_s": 1e3 / decode_ms,
+    med = median_of(runs, "ttft_s", "decode_ms", "setup_s", "e2e_s")
+    decode_ms, forward_ms = med["decode_ms"], statistics.median(step_ms)
+    return {"ttft_s": med["ttft_s"], "decode_ms": decode_ms, "tok_per_s": 1e3 / decode_ms,
+            **e2e(med["setup_s"], med["ttft_s"], 0.0, cfg.gen_len, e2e_s=med["e2e_s"]),
             "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in runs) if dev.type == "cuda" else None,
             "forward_ms": forward_ms, "generate_overhead_ms": decode_ms - forward_ms,
             "h2d_bytes_per_step": h2d_step, "h2d_floor_ms": 1e3 * h2d_step / bw if h2d_step else 0.0,
@@ -194,12 +184,12 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from ..data.corpora import long_prompt
     from ..model.api import default_dtype
     from ..model.loading import resolve
-    from .placement import h2d_bandwidth
     from .results import run_metadata
 
     dev = _check_device(cfg)
     d = resolve(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=default_dtype(dev)).to(dev).eval()
+    model, load_s = wall(dev, lambda: AutoModelForCausalLM.from_pretrained(str(d), dtype=default_dtype(dev))
+                         .to(dev).eval())
     limit = model.config.max_position_embeddings
     if bad := [c for c in cfg.contexts if c + cfg.gen_len > limit]:
         raise ValueError(f"--contexts {bad}: prompt + --gen-len {cfg.gen_len} exceeds the model's {limit} positions; "
@@ -221,24 +211,22 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
                 r["speedup_vs_dynamic_offload"] = base["decode_ms"] / r["decode_ms"] if base else None
                 print(_line(r), flush=True)
     return {"bench": "hf", "config": asdict(cfg), "rows": rows, "pinned_h2d_GBps": bw / 1e9,
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(model.dtype),
+            "device": device_name(dev), "dtype": str(model.dtype), "model_load_s": load_s,
             "model_class": type(model).__name__, "meta": run_metadata()}
 
 
-def _f(x, fmt: str) -> str:
-    return "" if x is None else fmt.format(x)
-
-
 def _line(r: dict) -> str:
-    return (f"| {r['context']} | {r['cache']} | {r['tok_per_s']:.1f} | {r['decode_ms']:.2f} | "
+    _f = lambda x, spec: fmt(x, spec, na="")  # noqa: E731
+    return (f"| {r['context']} | {r['cache']} | {r['tok_per_s']:.1f} | {_f(r.get('e2e_tok_per_s'), '{:.1f}')} | "
+            f"{r['decode_ms']:.2f} | "
             f"{r['forward_ms']:.2f} | {r['generate_overhead_ms']:.2f} | {r['h2d_bytes_per_step'] / 1e6:.1f} | "
             f"{r['h2d_floor_ms']:.2f} | {r['ttft_s'] * 1e3:.0f} | {_f(r['peak_gpu_mb'], '{:.0f}')} | "
             f"{_f(r.get('speedup_vs_dynamic_offload'), '{:.2f}x')} |")
 
 
-HEADER = ("| context | cache | tok/s | decode ms/token | forward ms | generate overhead ms | H2D MB/step | "
-          "H2D floor ms | TTFT ms | peak GPU MB | vs dynamic_offload |\n"
-          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| context | cache | decode tok/s | e2e tok/s | decode ms/token | forward ms | generate overhead ms | "
+          "H2D MB/step | H2D floor ms | TTFT ms | peak GPU MB | vs dynamic_offload |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def render_hf_bench(res: dict, command: str) -> str:
