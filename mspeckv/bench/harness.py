@@ -257,6 +257,18 @@ def graphed_ms(model, ctx: int, steps: int, repeats: int, n_tokens: int = 1, pla
 
 
 # ---------------------------------------------------------------------------------------------------------- cells
+def check_contexts(contexts, gen_len: int, limit: int, model: str, flag: str = "--contexts") -> None:
+    """Refuse contexts that leave no room for ``gen_len`` generated tokens in ``model``'s ``limit`` positions."""
+    if too_long := [c for c in contexts if c + gen_len > limit]:
+        raise ValueError(f"{flag} {','.join(map(str, too_long))} plus --gen-len {gen_len} exceed {model}'s maximum "
+                         f"context of {limit}; use contexts up to {limit - gen_len}")
+
+
+def pick(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """The ``keys`` of every row (a bench's JSON line); None where a row lacks one."""
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
 def fmt(x: Any, spec: str = "{:.2f}", na: str = "–") -> str:
     """A number formatted for a table cell; anything else (None, a failure text) as ``na``."""
     return spec.format(x) if isinstance(x, int | float) and not isinstance(x, bool) else na

@@ -36,7 +36,20 @@ import torch
 
 from .. import validate as v
 from ..evals.template import opt
-from .harness import device_name, e2e, fmt, h2d_bandwidth, median_of, peak_bytes, repeat, reset_peak, time_ms, wall
+from .harness import (
+    check_contexts,
+    device_name,
+    e2e,
+    fmt,
+    h2d_bandwidth,
+    median_of,
+    peak_bytes,
+    pick,
+    repeat,
+    reset_peak,
+    time_ms,
+    wall,
+)
 
 CACHES = ("dynamic", "dynamic_offload", "int8_offload", "int8_offload_resident")
 
@@ -58,16 +71,8 @@ class HFBenchConfig:
         v.integer("repeats", self.repeats, lo=2)  # the median over repeats is reported
         v.integer("resident_layers", self.resident_layers, lo=1)
         v.integer("kv_group_size", self.kv_group_size, lo=1)
-        if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 16 for c in self.contexts):
-            raise ValueError(f"--contexts must be prompt lengths >= 16, got {self.contexts}")
-        if len(set(self.contexts)) != len(self.contexts):
-            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
-        if not self.caches:
-            raise ValueError(f"--caches is empty: choose from {','.join(CACHES)}")
-        for c in self.caches:
-            v.choice("caches", c, CACHES)
-        if len(set(self.caches)) != len(self.caches):
-            raise ValueError(f"--caches {','.join(self.caches)} repeats a cache")
+        v.integers("contexts", self.contexts, lo=16)
+        v.choices("caches", self.caches, CACHES)
 
     def validate(self) -> None:
         """What can be refused before the weights load: the device, the output folder, the model's maximum
@@ -76,10 +81,7 @@ class HFBenchConfig:
 
         _check_device(self)
         out_dir("--out-dir", self.out_dir)
-        limit = model_config(self.model).max_position
-        if bad := [c for c in self.contexts if c + self.gen_len > limit]:
-            raise ValueError(f"--contexts {bad}: prompt + --gen-len {self.gen_len} exceeds the model's {limit} "
-                             f"positions; use prompts <= {limit - self.gen_len}")
+        check_contexts(self.contexts, self.gen_len, model_config(self.model).max_position, self.model)
 
 
 def _check_device(cfg: HFBenchConfig) -> torch.device:
@@ -190,10 +192,7 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
     d = resolve(cfg.model)
     model, load_s = wall(dev, lambda: AutoModelForCausalLM.from_pretrained(str(d), dtype=default_dtype(dev))
                          .to(dev).eval())
-    limit = model.config.max_position_embeddings
-    if bad := [c for c in cfg.contexts if c + cfg.gen_len > limit]:
-        raise ValueError(f"--contexts {bad}: prompt + --gen-len {cfg.gen_len} exceeds the model's {limit} positions; "
-                         f"use prompts <= {limit - cfg.gen_len}")
+    check_contexts(cfg.contexts, cfg.gen_len, model.config.max_position_embeddings, cfg.model)
     tok = AutoTokenizer.from_pretrained(str(d))
     bw = h2d_bandwidth()
     rows = []
@@ -265,4 +264,4 @@ def render(res: dict) -> str:
 
 def line(res: dict) -> dict:
     keys = ("context", "cache", "tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
-    return {"bench": "hf", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}
+    return {"bench": "hf", "rows": pick(res["rows"], keys)}

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import validate as v
 from ..evals.template import opt
-from .harness import device_name, e2e, fmt, median_of, peak_bytes, repeat, reset_peak, wall
+from .harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, repeat, reset_peak, wall
 
 PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25", "pyramidkv:budget=0.25",
                   "adakv:budget=0.25", "kivi:k_bits=8,v_bits=8", "kivi:k_bits=4,v_bits=4", "kivi:k_bits=2,v_bits=2",
@@ -43,13 +44,8 @@ class PressBenchConfig:
         from ..presses import parse_press
 
         for name in ("gen_len", "repeats", "prefill_chunk"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
-        if not self.contexts or any(c < 64 for c in self.contexts):
-            raise ValueError(f"--contexts must be prompt lengths >= 64, got {self.contexts}")
-        if len(set(self.contexts)) != len(self.contexts):
-            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
+            v.integer(name, getattr(self, name), lo=1)
+        v.integers("contexts", self.contexts, lo=64)
         if not self.presses:
             raise ValueError("--presses is empty; give ';'-separated press specs, e.g. --presses 'none;snapkv'")
         if len(set(self.presses)) != len(self.presses):
@@ -62,10 +58,7 @@ class PressBenchConfig:
         from ..cli_checks import model_config, out_dir
 
         out_dir("--out-dir", self.out_dir)
-        limit = model_config(self.model).max_position
-        if too_long := [c for c in self.contexts if c + self.gen_len > limit]:
-            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {self.gen_len} exceed "
-                             f"{self.model}'s maximum context of {limit}; use contexts up to {limit - self.gen_len}")
+        check_contexts(self.contexts, self.gen_len, model_config(self.model).max_position, self.model)
 
 
 @torch.inference_mode()
@@ -167,4 +160,4 @@ def run(cfg: PressBenchConfig, command: str = "") -> dict:
 
 def line(res: dict) -> dict:
     keys = ("context", "press", "compression", "decode_ms", "compress_s")
-    return {"bench": "presses", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}
+    return {"bench": "presses", "rows": pick(res["rows"], keys)}

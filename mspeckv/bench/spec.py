@@ -23,7 +23,7 @@ from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..evals.template import changed, opt
 from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement, make_cache
 from ..model.api import load, parse_device
-from .harness import device_name, e2e, fmt, median_of, peak_bytes, requests, wall
+from .harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
 
 MODES = ("ar", "vanilla", "mspeckv")
 PLACEMENT_FIELDS = ("on_chip", "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy")
@@ -102,10 +102,7 @@ class SpecBenchConfig:
         tcfg = model_config(self.target)
         self.placement.validate(tcfg.n_layers, tcfg.head_dim)
         placement_flags(self, tcfg.n_layers, changed_flags=changed)
-        if too_long := [p for p in self.prefills if p + self.gen_len > tcfg.max_position]:
-            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {self.gen_len} exceed "
-                             f"{self.target}'s maximum context of {tcfg.max_position}; use contexts up to "
-                             f"{tcfg.max_position - self.gen_len}")
+        check_contexts(self.prefills, self.gen_len, tcfg.max_position, self.target)
 
     def as_json(self) -> dict:
         """The ``config`` of ``spec.json``: the placement nested as one description (as before the flags were
@@ -213,4 +210,4 @@ def run(cfg: SpecBenchConfig, command: str = "") -> dict:
 
 def line(res: dict) -> dict:
     keys = ("prefill", "mode", "tok_per_s", "e2e_tok_per_s", "accepted", "agreement_with_ar")
-    return {"bench": "spec", "rows": [{k: r.get(k) for k in keys} for r in res["rows"]]}
+    return {"bench": "spec", "rows": pick(res["rows"], keys)}
