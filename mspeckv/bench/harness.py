@@ -144,6 +144,18 @@ def free_memory() -> None:
             host_empty()
 
 
+def host_refusal(need: int, what: str, reserve: int, avail: int | None = None) -> str | None:
+    """None if ``need`` bytes of host memory fit in ``avail`` (default: MemAvailable) minus ``reserve``, else the
+    refusal recorded as the cell's error (the run goes on with the next cell)."""
+    size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    src = "MemAvailable" if avail is None else "the given host memory"
+    avail = mem_available() if avail is None else avail
+    if avail is None or need + reserve <= avail:
+        return None
+    return (f"refused: {what} needs {size(need)} of host memory; {size(avail)} available ({src}) minus a "
+            f"{size(reserve)} reserve")
+
+
 def pinned_store_bytes(model_cfg, placement, capacity: int, dtype_bytes: int = 2) -> int:
     """Host bytes of a PlacedKV's store: every offloaded layer's K and V at ``capacity`` tokens (quantized stores:
     codes + scales + zeros, keys rounded up to whole groups)."""

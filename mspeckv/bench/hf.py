@@ -228,13 +228,12 @@ HEADER = ("| context | cache | decode tok/s | e2e tok/s | decode ms/token | forw
           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def render_hf_bench(res: dict, command: str) -> str:
+def render(res: dict) -> str:
     c = res["config"]
     meta = res["meta"]
     return "\n".join([
         f"# transformers generate with each cache: {c['model']} ({res['model_class']}, {res['device']}, "
         f"{res['dtype']})", "",
-        f"- command: `{command}`",
         f"- commit: {meta.get('git_commit')}; torch {meta.get('torch')}, transformers {meta.get('transformers')}",
         f"- greedy, {c['gen_len']} new tokens, median of {c['repeats']} runs after a warm-up; pinned H2D measured "
         f"in this run: {res['pinned_h2d_GBps']:.1f} GB/s",
@@ -244,24 +243,14 @@ def render_hf_bench(res: dict, command: str) -> str:
 
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: HFBenchConfig, command: str = "") -> dict:
-    """Check every input, then measure; writes ``hf.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from pathlib import Path
-
-    from .results import atomic_write_json, atomic_write_text
+    """Check every input, then measure; writes ``hf.json`` and ``summary.md`` (with the command) into
+    ``cfg.out_dir``."""
+    from .results import write_bench
 
     cfg.validate()
-    res = run_hf_bench(cfg)
-    res["command"] = command
-    d = Path(cfg.out_dir)
-    atomic_write_json(d / "hf.json", res)
-    atomic_write_text(d / "summary.md", render(res))
-    return res
-
-
-def render(res: dict) -> str:
-    return render_hf_bench(res, res["command"])
+    return write_bench(cfg.out_dir, "hf", run_hf_bench(cfg), render, command, meta=False)  # it has its meta
 
 
 def line(res: dict) -> dict:
-    keys = ("context", "cache", "tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
+    keys = ("context", "cache", "tok_per_s", "e2e_tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
     return {"bench": "hf", "rows": pick(res["rows"], keys)}

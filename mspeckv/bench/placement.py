@@ -44,6 +44,7 @@ from .harness import (  # noqa: F401 (mem_available, pinned_store_bytes: this be
     free_memory,
     graphed_ms,
     h2d_bandwidth,
+    host_refusal,
     mem_available,
     pinned_store_bytes,
     step_runs,
@@ -89,20 +90,10 @@ class PlacementBenchConfig:
         out_dir("--out-dir", self.out_dir)
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def host_fit_error(need: int, cfg: PlacementBenchConfig, what: str) -> str | None:
-    """None if ``need`` bytes of host memory fit (MemAvailable minus the reserve), else the refusal message."""
-    avail = cfg.host_memory_bytes if cfg.host_memory_bytes is not None else mem_available()
-    if avail is None:
-        return None
-    if need + cfg.host_reserve_bytes > avail:
-        src = "MemAvailable" if cfg.host_memory_bytes is None else "host_memory_bytes"
-        return (f"refused: {what} needs {_size(need)} of host memory; {_size(avail)} available ({src}) "
-                f"minus a {_size(cfg.host_reserve_bytes)} reserve")
-    return None
+    """None if ``need`` bytes of host memory fit (MemAvailable or ``host_memory_bytes``, minus the reserve), else the
+    refusal message."""
+    return host_refusal(need, what, cfg.host_reserve_bytes, cfg.host_memory_bytes)
 
 
 def hf_offloaded_ms(shape: str, ctx: int, steps: int, repeats: int) -> float | None:

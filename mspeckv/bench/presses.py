@@ -159,5 +159,5 @@ def run(cfg: PressBenchConfig, command: str = "") -> dict:
 
 
 def line(res: dict) -> dict:
-    keys = ("context", "press", "compression", "decode_ms", "compress_s")
+    keys = ("context", "press", "compression", "decode_ms", "e2e_tok_s", "compress_s")
     return {"bench": "presses", "rows": pick(res["rows"], keys)}

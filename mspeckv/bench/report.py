@@ -462,20 +462,10 @@ def console_table(summary: dict[str, Any]) -> str:
     header = [x_name, "method", "ok/total", "tok/s", "e2e tok/s", "latency (s)", "accepted", "× latency vs baseline"]
     rows = []
     for r in summary.get("rows", []):
-        total = r["n_ok"] + r["n_failed"]
-        ok = f"{r['n_ok']}/{total}" + (f" ({', '.join(r['errors'])})" if r["errors"] else "")
-        rows.append(
-            [
-                _fmt_x(r["x"]),
-                r["method"],
-                ok,
-                fmt_pm(r["tok_per_s_mean"], r["tok_per_s_std"]),
-                fmt_pm(r.get("e2e_tok_per_s_mean"), r.get("e2e_tok_per_s_std")),
-                fmt_pm(r["latency_s_mean"], r["latency_s_std"], 3),
-                fmt_pm(r["accepted_mean"], r["accepted_std"]),
-                fmt_pm(r["latency_speedup_vs_baseline_mean"], r["latency_speedup_vs_baseline_std"]),
-            ]
-        )
+        ok = f"{r['n_ok']}/{r['n_ok'] + r['n_failed']}" + (f" ({', '.join(r['errors'])})" if r["errors"] else "")
+        pm = lambda k, d=2, r=r: fmt_pm(r.get(f"{k}_mean"), r.get(f"{k}_std"), d)  # noqa: E731
+        rows.append([_fmt_x(r["x"]), r["method"], ok, pm("tok_per_s"), pm("e2e_tok_per_s"), pm("latency_s", 3),
+                     pm("accepted"), pm("latency_speedup_vs_baseline")])
     try:
         from rich.console import Console
         from rich.table import Table
@@ -498,21 +488,7 @@ def console_table(summary: dict[str, Any]) -> str:
 
 def summary_line(summary: dict[str, Any]) -> str:
     """ONE JSON line for the CLI: counts, output files and the latency speedup table (numbers only)."""
-    keep = (
-        "dir",
-        "sweeps",
-        "x_name",
-        "methods",
-        "x_values",
-        "n_runs",
-        "n_ok",
-        "n_failed",
-        "n_expected",
-        "partial",
-        "missing",
-        "weights",
-        "files",
-        "warnings",
-    )
+    keep = ("dir", "sweeps", "x_name", "methods", "x_values", "n_runs", "n_ok", "n_failed", "n_expected", "partial",
+            "missing", "weights", "files", "warnings")
     speedups = [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.get("speedups", [])]
     return json.dumps(json_safe({**{k: summary.get(k) for k in keep}, "speedups": speedups}), separators=(",", ":"))

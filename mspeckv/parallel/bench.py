@@ -147,7 +147,7 @@ def run(cfg: TPBenchConfig, command: str = "") -> dict:
 
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
-    from ..bench.harness import mem_available, pinned_store_bytes
+    from ..bench.harness import host_refusal, pinned_store_bytes
     from ..bench.results import atomic_write_json, run_metadata
     from . import RankFailed
     from .launch import launch
@@ -163,17 +163,14 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
             todo = [(ctx, k) for ctx in cfg.contexts for k in cfg.kinds
                     if not (cells / f"{cell_name(tp, ctx, k)}.json").exists()]
             todo.sort(key=lambda x: (x[1] == "gpu_graphed", x[0]))  # graphs last: the riskiest capture
-            avail = mem_available() if cfg.device == "cuda" else None
             for ctx, k in list(todo):
-                if k in REFERENCE_KINDS or avail is None:
+                if k in REFERENCE_KINDS or cfg.device != "cuda":
                     continue
                 # pinned blocks are rounded up to powers of two by the host allocator: count twice the store
                 need = 2 * tp * pinned_store_bytes(local, Placement(on_chip=cfg.on_chip, kv_quant=k),
                                                    ctx + cfg.capacity_extra)
-                if need + cfg.host_reserve_bytes > avail:
-                    _write_cell(cells, tp, ctx, k, error=f"refused: the {tp} rank(s)' pinned {k} stores need up to "
-                                f"{need / 2**30:.1f} GiB of host memory; {avail / 2**30:.1f} GiB available minus a "
-                                f"{cfg.host_reserve_bytes / 2**30:.0f} GiB reserve", meta=run_metadata())
+                if err := host_refusal(need, f"the {tp} rank(s)' pinned {k} stores", cfg.host_reserve_bytes):
+                    _write_cell(cells, tp, ctx, k, error=err, meta=run_metadata())
                     todo.remove((ctx, k))
             links = cells / f"tp{tp}-links.json"
             if not todo and links.exists():
@@ -284,25 +281,13 @@ def _sync(r) -> None:
 def _h2d(r, nbytes: int, iters: int, start) -> float:
     """Pinned host -> this rank's GPU, bytes/s over ``iters`` back-to-back copies (CPU ranks: a host copy), timed
     after ``start()`` (a barrier, so that ranks measuring together start together)."""
+    from ..bench.harness import time_ms
+
     cuda = r.device.type == "cuda"
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=r.device)
-    dst.copy_(src, non_blocking=cuda)
-    if cuda:
-        torch.cuda.synchronize()
-    start()
-    if not cuda:
-        t = time.perf_counter()
-        for _ in range(iters):
-            dst.copy_(src)
-        return nbytes * iters / (time.perf_counter() - t)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        dst.copy_(src, non_blocking=True)
-    e.record()
-    e.synchronize()
-    return nbytes * iters / (s.elapsed_time(e) / 1e3)
+    ms = time_ms(lambda: dst.copy_(src, non_blocking=cuda), 1, iters, cuda=cuda, before=start)
+    return nbytes / (ms / 1e3)
 
 
 def _gather(value) -> list:
@@ -520,17 +505,13 @@ def write_summary(res: dict, out_dir: str) -> None:
 
 
 def line(res: dict) -> dict:
-    keep = ("ms", "verify_ms", "comm_share", "floor_ms")
-    rows = [{"ctx": r["ctx"], "kind": r["kind"], **{f"tp{t}": {k: (r.get(f"tp{t}") or {}).get(k) for k in keep}
-                                                     for t in res["config"]["tps"]}} for r in res["rows"]]
-    base = res["config"]["tps"][0]
-    for r, full in zip(rows, res["rows"], strict=True):
-        for t in res["config"]["tps"][1:]:
-            r[f"tp{t}"][f"vs_tp{base}"] = (full.get(f"tp{t}") or {}).get(f"vs_tp{base}")
-    return {"bench": "tp", "machine": res["machine"], "complete": res["complete"], "rows": rows,
-            "links": {t: {k: (lk or {}).get(k) for k in ("h2d_alone_GBps", "h2d_together_GBps",
-                                                         "allreduce_ms_per_step")}
-                      for t, lk in res["links"].items()}}
+    tps, vs = res["config"]["tps"], f"vs_tp{res['config']['tps'][0]}"
+    keep = lambda t: ("ms", "verify_ms", "comm_share", "floor_ms") + ((vs,) if t != tps[0] else ())  # noqa: E731
+    rows = [{"ctx": r["ctx"], "kind": r["kind"], **{f"tp{t}": {k: (r.get(f"tp{t}") or {}).get(k) for k in keep(t)}
+                                                     for t in tps}} for r in res["rows"]]
+    links = {t: {k: (lk or {}).get(k) for k in ("h2d_alone_GBps", "h2d_together_GBps", "allreduce_ms_per_step")}
+             for t, lk in res["links"].items()}
+    return {"bench": "tp", "machine": res["machine"], "complete": res["complete"], "rows": rows, "links": links}
 
 
 def complete(res: dict) -> bool:
