@@ -46,6 +46,7 @@ from .harness import (  # noqa: F401 (mem_available, pinned_store_bytes: this be
     h2d_bandwidth,
     host_refusal,
     mem_available,
+    pick,
     pinned_store_bytes,
     step_runs,
 )
@@ -333,5 +334,5 @@ def run(cfg: PlacementBenchConfig, command: str = "") -> dict:
 
 def line(res: dict) -> dict:
     keys = ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio", "graphed_ms", "graphed_ratio")
-    return {"bench": "placement", "cells": [{k: c[k] for k in keys} for c in res["cells"]],
+    return {"bench": "placement", "cells": pick(res["cells"], keys),
             "hf_offloaded_ms": res["hf_offloaded_ms"], "verify_ms": res["verify_ms"]}
