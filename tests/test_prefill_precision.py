@@ -14,7 +14,8 @@ import torch
 
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.offload import PlacedKV
-from mspeckv.kv.placement import Placement, make_cache
+from mspeckv.cache import make_cache
+from mspeckv.kv.placement import Placement
 from mspeckv.kv.quant import QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from tests.tiny import tiny_model
 

@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mspeckv.bench.placement import _ms, fill_cache
+from mspeckv.bench.harness import fill_cache, time_ms
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.static import GraphedForward, StaticKV
 from mspeckv.model.api import random_model
@@ -25,7 +25,7 @@ def run(ctx: int) -> None:
         d.rollback(1)
 
     with torch.inference_mode():
-        e = _ms(eager, 3, 20)
+        e = time_ms(eager, 3, 20)
         s = StaticKV.for_model(m, ctx + 16)
         fill_cache(m, s, ctx)
         gf = GraphedForward(m, s, 1, 1)
@@ -34,19 +34,19 @@ def run(ctx: int) -> None:
             gf(tok, ctx)
             s.rollback(1)
 
-        g = _ms(graphed, 3, 50)
+        g = time_ms(graphed, 3, 50)
     G = c.n_heads // c.n_kv_heads
     q = torch.randn(1, c.n_kv_heads, G, c.head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = d.read(0)
-    sd = _ms(lambda: F.scaled_dot_product_attention(q, k, v), 3, 50)
+    sd = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), 3, 50)
     mask = s.attn_mask.repeat(G, 1)
-    sdm = _ms(lambda: F.scaled_dot_product_attention(q, s.k[0], s.v[0], attn_mask=mask), 3, 50)
+    sdm = time_ms(lambda: F.scaled_dot_product_attention(q, s.k[0], s.v[0], attn_mask=mask), 3, 50)
 
     def manual():
         w = (q @ k.transpose(-1, -2)).float().mul_(c.head_dim ** -0.5).softmax(-1)
         return w.to(v.dtype) @ v
 
-    mm = _ms(manual, 3, 50)
+    mm = time_ms(manual, 3, 50)
     print(f"ctx {ctx}: eager step {e:.2f} ms | graphed step {g:.2f} ms | one layer attention: sdpa {sd * 1e3:.0f} us,"
           f" sdpa+mask(static) {sdm * 1e3:.0f} us, matmul-softmax {mm * 1e3:.0f} us", flush=True)
     if ctx == ctxs[-1]:

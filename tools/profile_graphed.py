@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from mspeckv.bench import timeline
-from mspeckv.bench.placement import _ms, fill_cache
+from mspeckv.bench.harness import fill_cache, time_ms
 from mspeckv.cache import make_cache
 from mspeckv.kv.placement import Placement
 from mspeckv.kv.static import GraphedForward
@@ -44,7 +44,7 @@ def one(name: str, placement) -> None:
             fwd(tok, ctx)
             cache.rollback(1)
 
-        ms = statistics.median(_ms(step, 3 if i == 0 else 0, 20) for i in range(3))
+        ms = statistics.median(time_ms(step, 3 if i == 0 else 0, 20) for i in range(3))
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as p:

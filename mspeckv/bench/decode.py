@@ -2,6 +2,8 @@
 
 Achieved bandwidth = (weight bytes + KV bytes read per decode step) / step time, compared with a device-to-device copy
 bandwidth (bytes read + written) measured in the same run. Warm-up runs at the exact measured shape first.
+End to end (``bench.harness``): ``e2e_s`` is the wall clock of one ``generate``; with graphs it builds its static
+cache and captures its graph inside (``setup_s``); eagerly one DenseKV is allocated before the runs and reused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
 from ..model.api import load_any, parse_device
 from ..runs.template import opt
+from .harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,6 @@ class DecodeBenchConfig:
         generation_fits(model_config(self.model), self.gen_len, self.prompt_len, "--gen-len", "--prompt-len")
 
 
-def d2d_bandwidth(device, nbytes: int = 1 << 30, iters: int = 10) -> float:
-    """Device-to-device copy bandwidth of ``device`` in bytes/s, bytes read plus written (``bench.placement``'s)."""
-    from .placement import d2d_bandwidth as measure
-
-    with torch.cuda.device(device):
-        return measure(nbytes, iters)
-
-
 def weight_bytes_per_step(model) -> int:
     """Bytes of weights one decode step reads: every matrix once; the embedding table only via a tied LM head."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied weights
@@ -88,41 +83,42 @@ def prompt_ids(tok, n: int, batch: int, vocab: int, seed: int) -> tuple[torch.Te
 
 def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
     device = parse_device(cfg.device)
-    model, tok, _ = load_any(cfg.model, device)
+    (model, tok, _), load_s = wall(device, lambda: load_any(cfg.model, device))
     model.check_context(cfg.prompt_len + cfg.gen_len)
     ids, src = prompt_ids(tok, cfg.prompt_len, cfg.batch, model.cfg.vocab_size, cfg.seed)
     gen = GenerationConfig(max_new_tokens=cfg.gen_len, stop_on_eos=False, prefill_chunk=cfg.prefill_chunk)
     graphs = cfg.graphs and device.type == "cuda"
     cache = None if graphs else DenseKV.for_model(model, cfg.batch, cfg.prompt_len + cfg.gen_len)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    runs = []
-    for i in range(cfg.repeats + 1):  # run 0 is the warm-up at the same shape
+
+    def one():  # a graphed run builds its static cache and captures its graph inside generate (its setup_s)
         if cache is not None:
             cache.rollback(cache.length())
-        r = generate(model, ids, gen, cache=cache, graphs=graphs)  # graph capture happens outside the timing
-        if i:
-            runs.append(r)
-    prefill_s = statistics.median(r.prefill_s for r in runs)
-    ms_tok = statistics.median(r.ms_per_token for r in runs)
+        return generate(model, ids, gen, cache=cache, graphs=graphs)
+
+    one()  # the warm-up at the same shape
+    runs, walls = requests(device, one, cfg.repeats)
+    m = median_of(runs, "prefill_s", "ms_per_token", "ttft_s", "setup_s", "decode_s")
+    prefill_s, ms_tok = m["prefill_s"], m["ms_per_token"]
     row = {
         "bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
         "family": model.cfg.family, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
         "cuda_graphs": graphs,
         "prompt_source": src, **asdict(cfg),
         "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
-        "ttft_s": statistics.median(r.ttft_s for r in runs),
-        "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
+        "ttft_s": m["ttft_s"], "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
+        **e2e(m["setup_s"], m["ttft_s"], m["decode_s"], runs[-1].n_generated, e2e_s=statistics.median(walls)),
+        "model_load_s": load_s, "runs_e2e_s": walls,
         "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
         "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None,
     }
     if device.type == "cuda":
-        row["device_name"] = torch.cuda.get_device_name(device)
-        row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+        row["device_name"] = device_name(device)
+        row["peak_gpu_bytes"] = peak_bytes(device)
         w = weight_bytes_per_step(model)
         kv = model.cfg.kv_bytes_per_token(model.dtype.itemsize) * cfg.batch * (cfg.prompt_len + cfg.gen_len / 2)
         achieved = (w + kv) / (ms_tok / 1e3)
-        peak = d2d_bandwidth(device)
+        with torch.cuda.device(device):
+            peak = d2d_bandwidth(1 << 30, 10)
         row.update(weight_bytes_per_step=w, kv_bytes_per_step_mean=kv, achieved_bandwidth_GBps=achieved / 1e9,
                    d2d_copy_bandwidth_GBps=peak / 1e9, bandwidth_utilisation=achieved / peak)
     row["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -149,7 +145,8 @@ def render(row: dict) -> str:
     """The row's main metrics as a Markdown table."""
     where = row.get("device_name", row["device"])
     keys = [("prompt_len", "{}"), ("gen_len", "{}"), ("batch", "{}"), ("prefill_tok_per_s", "{:.0f}"),
-            ("ttft_s", "{:.3f}"), ("decode_ms_per_token", "{:.2f}"), ("decode_tok_per_s", "{:.1f}"),
+            ("ttft_s", "{:.3f}"), ("setup_s", "{:.3f}"), ("e2e_s", "{:.3f}"), ("decode_ms_per_token", "{:.2f}"),
+            ("decode_tok_per_s", "{:.1f}"), ("e2e_tok_per_s", "{:.1f}"),
             ("achieved_bandwidth_GBps", "{:.0f}"), ("d2d_copy_bandwidth_GBps", "{:.0f}"),
             ("bandwidth_utilisation", "{:.1%}"), ("peak_gpu_bytes", "{:,}"), ("peak_host_rss_bytes", "{:,}")]
     lines = [f"# decode bench: {row['model']} ({row['weights']} weights) on {where}", "", "| metric | value |",

@@ -10,8 +10,14 @@ Measurement conventions (every method):
 * Warm-up: before the first timed run of each (method, x) in a process, one untimed run at the same prefill length
   with ``WARMUP_TOKENS`` new tokens, so one-time costs (allocator growth, kernel selection) stay out of the numbers.
 * ``ttft_s``: prefill + first token. ``latency_s``: decode time of the tokens after the first (prefill/TTFT
-  excluded). ``e2e_s`` = ttft + latency. ``tok_per_s`` = (n_generated - 1) / latency_s: the tokens produced inside the
-  latency window (the first token belongs to TTFT). ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1).
+  excluded). ``tok_per_s`` = (n_generated - 1) / latency_s: the decode-only rate, tokens produced inside the latency
+  window (the first token belongs to TTFT). ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1).
+* End to end (``bench.harness.e2e``): ``e2e_s`` is the wall clock of the whole timed request, device synced before
+  and after: building the caches, prefill, capturing graphs, decode. ``setup_s``: what our methods measure outside
+  prefill and decode (cache construction, pinned allocation, graph capture; ``graph_setup_s`` the capture alone),
+  so ``e2e_s >= setup_s + ttft_s + latency_s``. ``e2e_tok_per_s`` = n_generated / e2e_s. ``model_load_s``: loading
+  the models, once per sweep process (not in any request). Records written before these fields had ``e2e_s`` =
+  ttft + latency; the report reads their end to end from ``meta.wall_s`` (see ``report.end_to_end``).
 * ``bytes_transferred``: host-to-device KV bytes of the target's cache for the whole run (prefill included; 0 when
   every layer is on the chip); ``bytes_per_token`` = that / n_generated. ``decode_bytes_per_token``: the bytes
   streamed inside the decode window (after prefill and graph capture) per token after the first: per accepted token
@@ -41,6 +47,8 @@ from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate, sync
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
+from ..cache import make_cache
+from .harness import e2e, peak_bytes, reset_peak, wall
 from .registry import REGISTRY
 from .sweep_settings import Point, SweepSettings, placement_for
 
@@ -58,7 +66,9 @@ class SweepContext:
     tokenizer: Any | None  # None for random-weight targets
     target_dir: Any | None = None  # HF directory (None: random weights)
     draft_dir: Any | None = None
+    load_s: float | None = None  # loading target and draft (once per sweep process)
     hf: dict[str, Any] = field(default_factory=dict)  # lazily loaded transformers models
+    hf_load_s: dict[str, float] = field(default_factory=dict)  # their load times
     warmed: set = field(default_factory=set)
     prompts: dict[tuple[int, int], tuple[torch.Tensor, str]] = field(default_factory=dict)
 
@@ -79,6 +89,7 @@ def load_context(s: SweepSettings) -> SweepContext:
             return random_model(ref.split(":", 1)[1], s.device, seed=seed), None, None
         return load(ref, s.device)
 
+    t0 = time.perf_counter()
     target, tok, tdir = one(s.target, 0)
     draft = dtok = ddir = None
     if any(m in SPEC_METHODS for m in s.methods):
@@ -87,7 +98,7 @@ def load_context(s: SweepSettings) -> SweepContext:
             if s.weights == "random":  # a random draft has the target's shape by construction: not a mistake here
                 warnings.filterwarnings("ignore", message=r"the draft .* is not smaller")
             check_pair(target, draft, tok, dtok)
-    return SweepContext(s, target, draft, tok, tdir, ddir)
+    return SweepContext(s, target, draft, tok, tdir, ddir, time.perf_counter() - t0)
 
 
 def prompt(ctx: SweepContext, prefill: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -114,33 +125,24 @@ def _gen(ctx: SweepContext, n: int, seed: int) -> GenerationConfig:
                             stop_on_eos=False, prefill_chunk=s.prefill_chunk)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
 def _timed(ctx: SweepContext, method: str, x: int, run: Callable[[int], Any], gen_len: int):
-    """Warm up once per (method, x), then the timed run -> (result, peak GPU bytes)."""
+    """Warm up once per (method, x), then the timed run -> (result, peak GPU bytes, its wall-clock seconds)."""
     if (method, x) not in ctx.warmed:
         run(min(WARMUP_TOKENS, gen_len))
         ctx.warmed.add((method, x))
-    _reset_peak(ctx.device)
-    res = run(gen_len)
-    return res, _peak(ctx.device)
+    reset_peak(ctx.device)
+    res, secs = wall(ctx.device, lambda: run(gen_len))
+    return res, peak_bytes(ctx.device), secs
 
 
 def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str, prompt_len: int,
-             mem: dict | None, **extra) -> dict[str, Any]:
+             mem: dict | None, setup_s: float | None = None, wall_s: float | None = None, **extra) -> dict[str, Any]:
+    """One run's metrics; ``wall_s``: the request's measured wall clock (default: the sum of its parts)."""
     h2d = (mem or {}).get("h2d_bytes_total", 0)
     h2d0 = extra.pop("h2d_bytes_before_decode", None)
     dec = h2d - h2d0 if (h2d is not None and h2d0 is not None) else None
     return {
-        "ttft_s": ttft, "latency_s": latency, "e2e_s": ttft + latency,
+        "ttft_s": ttft, "latency_s": latency, **e2e(setup_s, ttft, latency, n, e2e_s=wall_s),
         "tok_per_s": (n - 1) / latency if latency > 0 else None,
         "decode_ms_per_token": 1e3 * latency / max(n - 1, 1),
         "n_generated": n, "prompt_len": prompt_len, "prompt_source": source,
@@ -163,21 +165,25 @@ def _ours(ctx: SweepContext, method: str, x: int, seed: int, mode: str | None) -
     def run(n: int):
         gen = _gen(ctx, n, seed)
         if mode is None:  # the factory decides the layout: graphed when nothing is offloaded or pressed, as in spec
-            cache = make_cache(ctx.target, placement, 1, p.prefill + n, press=s.press, graphs=use_graphs(ctx.target))
+            cache, build_s = wall(ctx.device, lambda: make_cache(ctx.target, placement, 1, p.prefill + n,
+                                                                 press=s.press, graphs=use_graphs(ctx.target)))
             caches[:] = [cache]
-            return generate(ctx.target, ids, gen, cache=cache)
+            res = generate(ctx.target, ids, gen, cache=cache)
+            res.setup_s += build_s  # the cache is built outside generate here
+            return res
         spec = SpecConfig(mode=mode, gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk,
                           l1_press=s.l1_press if mode == "mspeckv" else None)
         return speculative_generate(ctx.target, ctx.draft, ids, gen, spec, placement=placement, press=s.press)
 
-    res, peak = _timed(ctx, method, x, run, p.gen_len)
+    res, peak, secs = _timed(ctx, method, x, run, p.gen_len)
     if mode is None:
         mem = (caches[0].memory_report() or None) if caches else None
         per_level = {"prefill": res.prefill_s, "decode": res.decode_s}
     else:
         mem, per_level = res.stats.get("memory"), res.stats.get("time_s")
     hit = mem.get("resident_hit_rate") if mem and placement.resident_layers else None
-    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, mem,
+    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, mem, res.setup_s, secs,
+                    graph_setup_s=res.stats.get("capture_s", res.stats.get("graph_setup_s")), model_load_s=ctx.load_s,
                     h2d_bytes_before_decode=res.stats.get("h2d_bytes_before_decode"),
                     prefill_s=res.prefill_s, accepted=res.stats.get("accepted"), levels=getattr(res, "levels", None),
                     verifications=res.stats.get("verifications"), per_level_s=per_level, resident_hit_rate=hit,
@@ -194,8 +200,9 @@ def ar_gpu(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
     static cache. What a user whose KV fits on the GPU would run; the sweep's placement does not apply."""
     p = ctx.point(x)
     ids, src = prompt(ctx, p.prefill, seed)
-    res, peak = _timed(ctx, "ar_gpu", x, lambda n: generate(ctx.target, ids, _gen(ctx, n, seed)), p.gen_len)
-    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, None,
+    res, peak, secs = _timed(ctx, "ar_gpu", x, lambda n: generate(ctx.target, ids, _gen(ctx, n, seed)), p.gen_len)
+    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, None, res.setup_s, secs,
+                    graph_setup_s=res.stats.get("capture_s"), model_load_s=ctx.load_s,
                     prefill_s=res.prefill_s, accepted=None, levels=None, verifications=None,
                     per_level_s={"prefill": res.prefill_s, "decode": res.decode_s}, resident_hit_rate=None,
                     placement="every layer on the GPU (graphed on CUDA)", resident_layers=0)
@@ -220,6 +227,7 @@ def mspeckv_kv_quant(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
 def _hf_model(ctx: SweepContext, role: str):
     """The transformers twin of our target/draft, loaded once (from its directory, or built with our weights)."""
     if role not in ctx.hf:
+        t0 = time.perf_counter()
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..model.api import RANDOM_SHAPES
@@ -237,6 +245,7 @@ def _hf_model(ctx: SweepContext, role: str):
                 raise RuntimeError(f"random {role} weights do not map onto transformers' model: "
                                    f"missing {missing[:4]}, unexpected {unexpected[:4]}")
         ctx.hf[role] = m.to(ctx.device).eval()
+        ctx.hf_load_s[role] = time.perf_counter() - t0
     return ctx.hf[role]
 
 
@@ -273,8 +282,11 @@ def _hf_generate(ctx: SweepContext, method: str, x: int, seed: int, assisted: bo
         total, made = gen(n)
         return ttft, total, made
 
-    (ttft, total, n), peak = _timed(ctx, method, x, run, p.gen_len)
-    return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, accepted=None, levels=None,
+    (ttft, total, n), peak, _ = _timed(ctx, method, x, run, p.gen_len)  # the wall holds the separate TTFT run too
+    # transformers builds and fills its cache inside generate: no setup apart; end to end is the full generate
+    loads = [ctx.hf_load_s[r] for r in ("target", "draft") if r in ctx.hf_load_s and (assisted or r == "target")]
+    return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, None, total, model_load_s=sum(loads),
+                    accepted=None, levels=None,
                     per_level_s=None, resident_hit_rate=None, bytes_transferred=None, bytes_per_token=None,
                     hf_cache=f"DynamicCache(offloading={offload})", total_s=total)
 

@@ -23,8 +23,6 @@ and one 9-token verification (gamma=8) at the longest context.
 
 from __future__ import annotations
 
-import gc
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,9 +34,23 @@ from .. import validate as v
 from ..cache import make_cache
 from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement
-from ..kv.static import GraphedForward
 from ..model.api import RANDOM_SHAPES, random_model
 from ..runs.template import opt
+from .harness import (  # noqa: F401 (mem_available, pinned_store_bytes: this bench's names since it has them)
+    d2d_bandwidth,
+    decode_ms,
+    device_name,
+    failure,
+    fill_cache,
+    free_memory,
+    graphed_ms,
+    h2d_bandwidth,
+    host_refusal,
+    mem_available,
+    pick,
+    pinned_store_bytes,
+    step_runs,
+)
 
 
 @dataclass(frozen=True)
@@ -80,193 +92,10 @@ class PlacementBenchConfig:
         out_dir("--out-dir", self.out_dir)
 
 
-def _ms(fn, warmup: int, iters: int, cuda: bool | None = None, before=None) -> float:
-    """Mean ms per call over `iters`, after `warmup` calls, timed with CUDA events (host clock on the CPU).
-    ``cuda``: time with events (default: whenever CUDA is available); ``before()`` runs between warm-up and timing
-    (e.g. a barrier across ranks)."""
-    for _ in range(warmup):
-        fn()
-    if before is not None:
-        before()
-    if not (torch.cuda.is_available() if cuda is None else cuda):
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t) * 1e3 / iters
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / iters
-
-
-def h2d_bandwidth(nbytes: int = 1 << 30, iters: int = 8) -> float:
-    """Pinned host-to-device copy bandwidth in bytes/s (median)."""
-    if not torch.cuda.is_available():  # smoke runs on the CPU: a host memcpy stands in (never a published number)
-        src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
-        t = time.perf_counter()
-        dst.copy_(src)
-        return nbytes / (time.perf_counter() - t)
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(iters + 1):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src, non_blocking=True)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return nbytes / statistics.median(times[1:])
-
-
-def d2d_bandwidth(nbytes: int = 1 << 31, iters: int = 8) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read + written (median). CPU: a host copy."""
-    if not torch.cuda.is_available():
-        src, dst = torch.empty(nbytes // 8, dtype=torch.uint8), torch.empty(nbytes // 8, dtype=torch.uint8)
-        t = time.perf_counter()
-        dst.copy_(src)
-        return 2 * src.numel() / (time.perf_counter() - t)
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * nbytes / statistics.median(times)
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def pinned_store_bytes(model_cfg, placement: Placement, capacity: int, dtype_bytes: int = 2) -> int:
-    """Host bytes of a PlacedKV's store: every offloaded layer's K and V at ``capacity`` tokens (quantized stores:
-    codes + scales + zeros, keys rounded up to whole groups)."""
-    c = model_cfg
-    n_off = c.n_layers - placement.n_on_chip(c.n_layers)
-    spec = placement.quant
-    if spec is None:
-        per_layer = 2 * c.n_kv_heads * capacity * c.head_dim * dtype_bytes
-    else:
-        cap = -(-capacity // spec.group_size) * spec.group_size
-        per_layer = math.ceil(2 * c.n_kv_heads * cap * c.head_dim * spec.bytes_per_element())
-    return n_off * per_layer
-
-
-def free_memory() -> None:
-    """Drop what the last cell left: Python garbage, the CUDA caching allocator, and (where this torch has it) the
-    cache of pinned host blocks, which otherwise keeps every freed pinned store."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        host_empty = getattr(torch._C, "_host_emptyCache", None)
-        if host_empty is not None:
-            host_empty()
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def host_fit_error(need: int, cfg: PlacementBenchConfig, what: str) -> str | None:
-    """None if ``need`` bytes of host memory fit (MemAvailable minus the reserve), else the refusal message."""
-    avail = cfg.host_memory_bytes if cfg.host_memory_bytes is not None else mem_available()
-    if avail is None:
-        return None
-    if need + cfg.host_reserve_bytes > avail:
-        src = "MemAvailable" if cfg.host_memory_bytes is None else "host_memory_bytes"
-        return (f"refused: {what} needs {_size(need)} of host memory; {_size(avail)} available ({src}) "
-                f"minus a {_size(cfg.host_reserve_bytes)} reserve")
-    return None
-
-
-def fill_cache(model, cache, ctx: int, chunk: int = 4096, seed: int = 0) -> None:
-    """Write ctx tokens of random K/V (N(0,1), like post-norm activations) through the cache's own path."""
-    c = model.cfg
-    g = torch.Generator(device=model.device)
-    g.manual_seed(seed)
-    for s in range(0, ctx, chunk):
-        n = min(chunk, ctx - s)
-        cache.begin(n)
-        for layer in range(c.n_layers):
-            k = torch.randn(1, c.n_kv_heads, n, c.head_dim, generator=g, device=model.device, dtype=model.dtype)
-            v = torch.randn(1, c.n_kv_heads, n, c.head_dim, generator=g, device=model.device, dtype=model.dtype)
-            cache.update(layer, k, v)
-        cache.end()
-
-
-def decode_ms(model, cache, steps: int, repeats: int, n_tokens: int = 1) -> list[float]:
-    """Per-repeat mean ms of a forward over n_tokens on top of the cache; rolls back after each (fixed context)."""
-    tok = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), device=model.device)
-
-    def step():
-        model(tok, cache)
-        cache.rollback(n_tokens)
-
-    with torch.inference_mode():
-        return [_ms(step, warmup=2 if i == 0 else 0, iters=steps) for i in range(repeats)]
-
-
-def graphed_ms(model, ctx: int, steps: int, repeats: int, n_tokens: int = 1) -> list[float]:
-    """Per-repeat mean ms of a GRAPHED forward over n_tokens with every layer's KV on the GPU (StaticKV +
-    GraphedForward, as autoregressive decoding runs it; eager on the CPU); fixed context (rolled back)."""
-    cache = make_cache(model, None, 1, ctx + n_tokens + 8, graphs=True)  # the StaticKV layout
-    with torch.inference_mode():
-        fill_cache(model, cache, ctx)
-        fwd = GraphedForward(model, cache, n_tokens, 1)
-        tok = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), device=model.device)
-
-        def step():
-            fwd(tok, ctx)
-            cache.rollback(n_tokens)
-
-        return [_ms(step, warmup=2 if i == 0 else 0, iters=steps) for i in range(repeats)]
-
-
-def graphed_cell_ms(model, p: Placement, cap: int, ctx: int, steps: int, repeats: int,
-                    n_tokens: int = 1) -> tuple[list[float], int, dict]:
-    """(per-repeat mean ms, H2D bytes per step, memory report) of a GRAPHED forward over n_tokens on a static
-    PlacedKV filled to ctx (fixed context: rolled back after each step, so the graph's layout never changes)."""
-    cache = make_cache(model, p, 1, cap, graphs=True)  # freed with this frame (the caller runs free_memory())
-    with torch.inference_mode():
-        fill_cache(model, cache, ctx)
-        tok = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), device=model.device)
-        model(tok, cache)  # fills resident slots (an eager forward), so the next plan is stationary
-        cache.rollback(n_tokens)
-        fwd = GraphedForward(model, cache, n_tokens, 1)
-        before, n0 = cache.stats.h2d_bytes, cache.stats.static_forwards
-
-        def step():
-            fwd(tok, ctx)
-            cache.rollback(n_tokens)
-
-        runs = [_ms(step, warmup=2 if i == 0 else 0, iters=steps) for i in range(repeats)]
-        n_fwd = cache.stats.static_forwards - n0
-        per_step = (cache.stats.h2d_bytes - before) // max(n_fwd, 1)
-        return runs, per_step, cache.memory_report()
-
-
-def step_bytes(model, ctx: int, weight_bytes: int) -> int:
-    """Bytes an all-on-GPU decode step must read: every weight once and every layer's K and V at ``ctx``."""
-    c = model.cfg
-    return weight_bytes + c.kv_bytes_per_token(model.dtype.itemsize) * ctx
+    """None if ``need`` bytes of host memory fit (MemAvailable or ``host_memory_bytes``, minus the reserve), else the
+    refusal message."""
+    return host_refusal(need, what, cfg.host_reserve_bytes, cfg.host_memory_bytes)
 
 
 def hf_offloaded_ms(shape: str, ctx: int, steps: int, repeats: int) -> float | None:
@@ -287,8 +116,7 @@ def hf_offloaded_ms(shape: str, ctx: int, steps: int, repeats: int) -> float | N
         def step():  # HF's cache only grows; one token per step, as in real decoding
             hf(tok, past_key_values=cache, use_cache=True)
 
-        res = [_ms(step, 2 if i == 0 else 0, steps) for i in range(repeats)]
-    return statistics.median(res)
+        return statistics.median(step_runs(step, steps, repeats))
 
 
 @dataclass
@@ -319,6 +147,52 @@ def _failed(ctx: int, fmt: str, r: int, error: str, planned: int | None) -> Cell
     return Cell(ctx, fmt, r, None, [], None, None, None, pinned_bytes_planned=planned, error=error)
 
 
+def _attempt(fn, *args):
+    """``fn(*args)``, or the failure text of what it raised (recorded; the run goes on with the next cell), memory
+    freed after either."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return failure(e)
+    finally:
+        free_memory()
+
+
+def _gpu_floor(model, cfg, ctx: int, graphed: dict, verify: dict) -> None:
+    """The GPU floor: the graphed all-on-GPU step (and its verification at the longest context)."""
+    graphed[ctx] = statistics.median(graphed_ms(model, ctx, cfg.steps, cfg.repeats)[0])
+    if ctx == max(cfg.contexts):
+        verify["all_on_gpu_graphed"] = statistics.median(graphed_ms(model, ctx, 2, cfg.repeats, cfg.verify_tokens)[0])
+
+
+def _eager_cell(model, cfg, p: Placement, cap: int, ctx: int, fmt: str, r: int, bw: float, gpu_floor: float,
+                planned: int, verify: dict) -> Cell:
+    cache = make_cache(model, p, 1, cap)
+    fill_cache(model, cache, ctx)
+    before = cache.stats.h2d_bytes
+    runs = decode_ms(model, cache, cfg.steps, cfg.repeats)
+    per_step = (cache.stats.h2d_bytes - before) // (2 + cfg.steps * cfg.repeats)
+    transfer = per_step / bw * 1e3
+    floor, ms = max(transfer, gpu_floor), statistics.median(runs)
+    if ctx == max(cfg.contexts) and (fmt, r) in VERIFIED:
+        verify[f"{fmt}_resident{r}"] = statistics.median(decode_ms(model, cache, 2, cfg.repeats, cfg.verify_tokens))
+    return Cell(ctx, fmt, r, ms, runs, per_step, floor, ms / floor, transfer, gpu_floor, ms / (transfer + gpu_floor),
+                planned, None, cache.memory_report())
+
+
+def _graphed_cell(model, cfg, c: Cell, p: Placement, cap: int, bw: float, verify: dict) -> None:
+    runs, per_step, _ = graphed_ms(model, c.ctx, cfg.steps, cfg.repeats, placement=p, capacity=cap)
+    c.graphed_runs_ms, c.graphed_ms, c.graphed_h2d_bytes_per_step = runs, statistics.median(runs), per_step
+    c.graphed_floor_ms = max(per_step / bw * 1e3, c.gpu_floor_ms)
+    c.graphed_ratio = c.graphed_ms / c.graphed_floor_ms
+    if c.ctx == max(cfg.contexts) and (c.fmt, c.resident) in VERIFIED:
+        verify[f"{c.fmt}_resident{c.resident}_graphed"] = statistics.median(graphed_ms(
+            model, c.ctx, 2, cfg.repeats, cfg.verify_tokens, placement=p, capacity=cap)[0])
+
+
+VERIFIED = (("none", 0), ("int8", 16))  # the cells whose verification is timed too, at the longest context
+
+
 def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_context=None) -> dict:
     """``device='cpu'`` is for smoke tests only (tiny shapes); published numbers come from CUDA."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -327,12 +201,15 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_model(cfg.shape, device, dtype)
     nl = model.cfg.n_layers
-    bw = h2d_bandwidth()
-    d2d = d2d_bandwidth()
+    res = {"bench": "placement", "weights": "random", "shape": cfg.shape, "config": asdict(cfg),
+           "device_name": device_name(device, cpu="cpu (smoke run)"), "pinned_h2d_GBps": h2d_bandwidth() / 1e9,
+           "d2d_copy_GBps": d2d_bandwidth() / 1e9,
+           "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "all_on_gpu_ms": {},
+           "all_on_gpu_graphed_ms": {}, "mbu_all_on_gpu": {}, "hf_offloaded_ms": {},
+           "verify_ms": {"tokens": cfg.verify_tokens, "ctx": max(cfg.contexts)}, "cells": []}
     free_memory()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cells, dense_ms, hf_ms, verify = [], {}, {}, {}
-    graphed, mbu = {}, {}
+    bw, d2d, verify, cells = res["pinned_h2d_GBps"] * 1e9, res["d2d_copy_GBps"] * 1e9, res["verify_ms"], []
+    dense_ms, graphed = res["all_on_gpu_ms"], res["all_on_gpu_graphed_ms"]
     for ctx in cfg.contexts:
         cap = ctx + cfg.steps * 4 + 64
         dense = DenseKV.for_model(model, 1, cap)
@@ -342,94 +219,38 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
             verify["all_on_gpu"] = statistics.median(decode_ms(model, dense, 2, cfg.repeats, cfg.verify_tokens))
         del dense
         free_memory()
-        try:  # the GPU floor: the graphed all-on-GPU step
-            graphed[ctx] = statistics.median(graphed_ms(model, ctx, cfg.steps, cfg.repeats))
-            if ctx == max(cfg.contexts):
-                verify["all_on_gpu_graphed"] = statistics.median(
-                    graphed_ms(model, ctx, 2, cfg.repeats, cfg.verify_tokens))
-        except Exception as e:  # reported; the eager step stands in, and says so
-            graphed[ctx] = f"failed: {type(e).__name__}: {e}"[:300]
-        free_memory()
-        nbytes = step_bytes(model, ctx, weight_bytes)
-        gpu_floor = graphed[ctx] if isinstance(graphed[ctx], float) else dense_ms[ctx]
-        mbu[ctx] = {"step_bytes": nbytes, "eager": nbytes / (dense_ms[ctx] * 1e-3) / d2d,
-                    "graphed": nbytes / (graphed[ctx] * 1e-3) / d2d if isinstance(graphed[ctx], float) else None}
+        if (err := _attempt(_gpu_floor, model, cfg, ctx, graphed, verify)) is not None:  # the eager step stands in
+            graphed[ctx] = err
+        # MBU: an all-on-GPU step reads every weight once and every layer's K and V at ctx
+        nbytes = res["weight_bytes"] + model.cfg.kv_bytes_per_token(dtype.itemsize) * ctx
+        ok = isinstance(graphed[ctx], float)
+        gpu_floor = graphed[ctx] if ok else dense_ms[ctx]
+        res["mbu_all_on_gpu"][ctx] = {"step_bytes": nbytes,
+                                      "eager": nbytes / (dense_ms[ctx] * 1e-3) / d2d,
+                                      "graphed": nbytes / (graphed[ctx] * 1e-3) / d2d if ok else None}
         for fmt in cfg.formats:
             for r in cfg.residents:
                 p = Placement(on_chip=cfg.on_chip, kv_quant=fmt, resident_layers=min(r, nl - cfg.on_chip))
                 planned = pinned_store_bytes(model.cfg, p, cap, dtype.itemsize)
                 check = device == "cuda" or cfg.host_memory_bytes is not None  # CPU smoke runs: only when asked
-                refusal = host_fit_error(planned, cfg, f"the pinned {fmt} store") if check else None
-                if refusal is not None:
+                if (refusal := host_fit_error(planned, cfg, f"the pinned {fmt} store") if check else None):
                     cells.append(_failed(ctx, fmt, r, refusal, planned))
                     continue
-                cache = None
-                try:
-                    cache = make_cache(model, p, 1, cap)
-                    fill_cache(model, cache, ctx)
-                    before = cache.stats.h2d_bytes
-                    runs = decode_ms(model, cache, cfg.steps, cfg.repeats)
-                    n_fwd = 2 + cfg.steps * cfg.repeats
-                    per_step = (cache.stats.h2d_bytes - before) // n_fwd
-                    transfer = per_step / bw * 1e3
-                    floor = max(transfer, gpu_floor)
-                    ms = statistics.median(runs)
-                    cells.append(Cell(ctx, fmt, r, ms, runs, per_step, floor, ms / floor, transfer, gpu_floor,
-                                      ms / (transfer + gpu_floor), planned, None, cache.memory_report()))
-                    if ctx == max(cfg.contexts) and (fmt, r) in (("none", 0), ("int8", 16)):
-                        verify[f"{fmt}_resident{r}"] = statistics.median(
-                            decode_ms(model, cache, 2, cfg.repeats, cfg.verify_tokens))
-                except Exception as e:  # recorded, and the run goes on: a cell never dies silently
-                    cells.append(_failed(ctx, fmt, r, f"failed: {type(e).__name__}: {e}"[:300], planned))
-                finally:
-                    del cache
-                    free_memory()
-                if cfg.graphed and cells[-1].error is None:
+                cell = _attempt(_eager_cell, model, cfg, p, cap, ctx, fmt, r, bw, gpu_floor, planned, verify)
+                cells.append(_failed(ctx, fmt, r, cell, planned) if isinstance(cell, str) else cell)
+                if cfg.graphed and cells[-1].error is None:  # recorded beside the eager numbers, never fatal
                     c = cells[-1]
-                    try:
-                        g_runs, g_bytes, _ = graphed_cell_ms(model, p, cap, ctx, cfg.steps, cfg.repeats)
-                        c.graphed_runs_ms, c.graphed_ms = g_runs, statistics.median(g_runs)
-                        c.graphed_h2d_bytes_per_step = g_bytes
-                        c.graphed_floor_ms = max(g_bytes / bw * 1e3, gpu_floor)
-                        c.graphed_ratio = c.graphed_ms / c.graphed_floor_ms
-                        if ctx == max(cfg.contexts) and (fmt, r) in (("none", 0), ("int8", 16)):
-                            verify[f"{fmt}_resident{r}_graphed"] = statistics.median(graphed_cell_ms(
-                                model, p, cap, ctx, 2, cfg.repeats, cfg.verify_tokens)[0])
-                    except Exception as e:  # recorded beside the eager numbers, never fatal
-                        c.graphed_error = f"failed: {type(e).__name__}: {e}"[:300]
-                    finally:
-                        free_memory()
-        if cfg.hf_reference and device == "cuda":
+                    err = _attempt(_graphed_cell, model, cfg, c, p, cap, bw, verify)
+                    c.graphed_error = err if err is not None else c.graphed_error
+        if cfg.hf_reference and device == "cuda":  # a failed reference must not sink our own numbers
             need = model.cfg.kv_bytes_per_token(dtype.itemsize) * (ctx + 4096)
-            refusal = host_fit_error(need, cfg, "HF's offloaded DynamicCache")
-            if refusal is not None:
-                hf_ms[ctx] = refusal
-            else:
-                try:
-                    hf_ms[ctx] = hf_offloaded_ms(cfg.shape, ctx, cfg.steps, cfg.repeats)
-                except Exception as e:  # reported, not fatal: the reference must not sink our own numbers
-                    hf_ms[ctx] = f"failed: {type(e).__name__}: {e}"[:300]
-            free_memory()
-        if on_context is not None:  # partial results survive a time limit (marked incomplete)
-            on_context(_result(cfg, device, bw, d2d, weight_bytes, dense_ms, graphed, mbu, hf_ms, verify, cells,
-                               t_start, done=False))
-    return _result(cfg, device, bw, d2d, weight_bytes, dense_ms, graphed, mbu, hf_ms, verify, cells, t_start,
-                   done=True)
-
-
-def _result(cfg, device, bw, d2d, weight_bytes, dense_ms, graphed, mbu, hf_ms, verify, cells, t_start,
-            done: bool) -> dict:
-    out = {
-        "bench": "placement", "weights": "random", "shape": cfg.shape, "config": asdict(cfg),
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
-        "pinned_h2d_GBps": bw / 1e9, "d2d_copy_GBps": d2d / 1e9,
-        "weight_bytes": weight_bytes, "all_on_gpu_ms": dense_ms, "all_on_gpu_graphed_ms": graphed,
-        "mbu_all_on_gpu": mbu, "hf_offloaded_ms": hf_ms,
-        "verify_ms": {"tokens": cfg.verify_tokens, "ctx": max(cfg.contexts), **verify},
-        "cells": [asdict(c) for c in cells], "failed_cells": sum(c.error is not None for c in cells),
-        "wall_s": time.time() - t_start, "complete": done,
-    }
-    return out
+            res["hf_offloaded_ms"][ctx] = (host_fit_error(need, cfg, "HF's offloaded DynamicCache") or
+                                           _attempt(hf_offloaded_ms, cfg.shape, ctx, cfg.steps, cfg.repeats))
+        res |= {"cells": [asdict(c) for c in cells], "failed_cells": sum(c.error is not None for c in cells),
+                "wall_s": time.time() - t_start, "complete": ctx == cfg.contexts[-1]}
+        if on_context is not None and not res["complete"]:  # partial results survive a time limit (incomplete)
+            on_context(dict(res))
+    return res
 
 
 def _get(d: dict, ctx):
@@ -514,5 +335,5 @@ def run(cfg: PlacementBenchConfig, command: str = "") -> dict:
 
 def line(res: dict) -> dict:
     keys = ("ctx", "fmt", "resident", "ms_per_token", "floor_ms", "ratio", "graphed_ms", "graphed_ratio")
-    return {"bench": "placement", "cells": [{k: c[k] for k in keys} for c in res["cells"]],
+    return {"bench": "placement", "cells": pick(res["cells"], keys),
             "hf_offloaded_ms": res["hf_offloaded_ms"], "verify_ms": res["verify_ms"]}

@@ -8,18 +8,20 @@ Per (context, press), after one warm-up of the same shape, median of ``repeats``
   the uncompressed cache the same way, so the two are comparable);
 - bytes: ``bytes_per_token`` of the stores, ``compression`` against the uncompressed bytes per token, ``kv_mb``
   everything the cache holds after compress (stores, tail buffer, scratch), and the peak GPU memory of the cell.
-Times are wall clock around CUDA-synchronised regions (each region is milliseconds or more).
+- end to end: ``setup_s`` builds the cache, ``e2e_s`` = setup + prefill + compress + decode, ``e2e_tok_s`` the
+  decoded tokens over it (beside ``decode_tok_s``, the decode alone).
+Times are wall clock around CUDA-synchronised regions (each region is milliseconds or more; ``bench.harness.wall``).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import validate as v
 from ..runs.template import opt
+from .harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, repeat, reset_peak, wall
 
 PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25", "pyramidkv:budget=0.25",
                   "adakv:budget=0.25", "kivi:k_bits=8,v_bits=8", "kivi:k_bits=4,v_bits=4", "kivi:k_bits=2,v_bits=2",
@@ -42,13 +44,8 @@ class PressBenchConfig:
         from ..presses import parse_press
 
         for name in ("gen_len", "repeats", "prefill_chunk"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
-        if not self.contexts or any(c < 64 for c in self.contexts):
-            raise ValueError(f"--contexts must be prompt lengths >= 64, got {self.contexts}")
-        if len(set(self.contexts)) != len(self.contexts):
-            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
+            v.integer(name, getattr(self, name), lo=1)
+        v.integers("contexts", self.contexts, lo=64)
         if not self.presses:
             raise ValueError("--presses is empty; give ';'-separated press specs, e.g. --presses 'none;snapkv'")
         if len(set(self.presses)) != len(self.presses):
@@ -62,53 +59,45 @@ class PressBenchConfig:
         from ..runs.checks import out_dir
 
         out_dir("--out-dir", self.out_dir)
-        limit = model_config(self.model).max_position
-        if too_long := [c for c in self.contexts if c + self.gen_len > limit]:
-            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {self.gen_len} exceed "
-                             f"{self.model}'s maximum context of {limit}; use contexts up to {limit - self.gen_len}")
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        check_contexts(self.contexts, self.gen_len, model_config(self.model).max_position, self.model)
 
 
 @torch.inference_mode()
-def _cell(model, ids, press, cfg, dev) -> dict:
+def _run(model, ids, press, cfg, dev) -> dict:
+    """One request through a fresh pressed cache: build, prefill, compress, greedy decode (each region timed)."""
     from ..cache import make_cache
 
-    runs = []
-    for _ in range(cfg.repeats + 1):  # the first is the warm-up
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        cache = make_cache(model, None, 1, ids.shape[1] + cfg.gen_len, press=press, tail=cfg.gen_len + 8)
-        _sync(dev)
-        t0 = time.perf_counter()
-        logits = model.prefill(ids, cache, chunk=cfg.prefill_chunk)
-        _sync(dev)
-        t1 = time.perf_counter()
-        cache.compress()
-        _sync(dev)
-        t2 = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak(dev)
+    t = {}
+    cache, t["setup_s"] = wall(dev, lambda: make_cache(model, None, 1, ids.shape[1] + cfg.gen_len, press=press,
+                                                       tail=cfg.gen_len + 8))
+    logits, t["prefill_s"] = wall(dev, lambda: model.prefill(ids, cache, chunk=cfg.prefill_chunk))
+    _, t["compress_s"] = wall(dev, cache.compress)
+
+    def decode():
         tok = logits.argmax(-1, keepdim=True)
         for _ in range(cfg.gen_len):
             tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
-        _sync(dev)
-        t3 = time.perf_counter()
-        rep = cache.memory_report()
-        runs.append({"prefill_s": t1 - t0, "compress_s": t2 - t1, "decode_ms": 1e3 * (t3 - t2) / cfg.gen_len,
-                     "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
-                     "report": rep})
-        del cache
-    timed = runs[1:]
-    med = lambda k: statistics.median(r[k] for r in timed)
+
+    _, decode_s = wall(dev, decode)
+    pk = peak_bytes(dev)
+    return {**t, "decode_ms": 1e3 * decode_s / cfg.gen_len, "peak_gpu_mb": pk / 2**20 if pk is not None else None,
+            "report": cache.memory_report(), **e2e(t["setup_s"], t["prefill_s"] + t["compress_s"], decode_s,
+                                                  cfg.gen_len)}
+
+
+def _cell(model, ids, press, cfg, dev) -> dict:
+    timed = repeat(lambda: _run(model, ids, press, cfg, dev), cfg.repeats)  # after one warm-up
+    med = median_of(timed, "prefill_s", "compress_s", "decode_ms", "setup_s", "e2e_s")
     rep = timed[-1]["report"]
     full_bpt = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * model.dtype.itemsize
     bpt = rep.get("bytes_per_token", full_bpt)
     kv_bytes = rep.get("kv_bytes", full_bpt * (ids.shape[1] + cfg.gen_len))
-    return {"prefill_s": med("prefill_s"), "compress_s": med("compress_s"), "decode_ms": med("decode_ms"),
-            "decode_tok_s": 1e3 / med("decode_ms"), "decode_ms_runs": [r["decode_ms"] for r in timed],
+    return {**{k: med[k] for k in ("prefill_s", "compress_s", "decode_ms")}, "decode_tok_s": 1e3 / med["decode_ms"],
+            "setup_s": med["setup_s"], "e2e_s": med["e2e_s"], "e2e_tok_s": cfg.gen_len / med["e2e_s"],
+            "decode_ms_runs": [r["decode_ms"] for r in timed],
             "compress_s_runs": [r["compress_s"] for r in timed], "peak_gpu_mb": timed[-1]["peak_gpu_mb"],
             "bytes_per_token": bpt, "full_bytes_per_token": full_bpt, "compression": full_bpt / bpt,
             "kv_mb": kv_bytes / 2**20, "report": rep}
@@ -120,7 +109,7 @@ def run_press_bench(cfg: PressBenchConfig) -> dict:
     from ..presses import parse_press
 
     dev = parse_device(cfg.device)
-    model, tok, _ = load(cfg.model, dev)
+    (model, tok, _), load_s = wall(dev, lambda: load(cfg.model, dev))
     rows = []
     for ctx in cfg.contexts:
         model.check_context(ctx + cfg.gen_len)
@@ -137,8 +126,8 @@ def run_press_bench(cfg: PressBenchConfig) -> dict:
                 r["decode_vs_full"] = r["decode_ms"] / base["decode_ms"]
             rows.append(r)
             print(_line(r), flush=True)
-    return {"config": asdict(cfg), "rows": rows, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else "cpu", "dtype": str(model.dtype)}
+    return {"config": asdict(cfg), "rows": rows, "device": device_name(dev), "dtype": str(model.dtype),
+            "model_load_s": load_s}
 
 
 def _line(r: dict) -> str:
@@ -147,12 +136,13 @@ def _line(r: dict) -> str:
     return (f"| {r['context']} | {r['press']} | {r['compression']:.2f}x | {r['bytes_per_token']:.0f} | "
             f"{r['kv_mb']:.1f} | {r['prefill_s'] * 1e3:.0f} | {r['compress_s'] * 1e3:.1f} | "
             f"{'' if ov is None else f'{100 * ov:.1f}%'} | {r['decode_ms']:.2f} | "
-            f"{'' if vs is None else f'{vs:.2f}'} | {r['peak_gpu_mb'] or 0:.0f} |")
+            f"{'' if vs is None else f'{vs:.2f}'} | {fmt(r.get('e2e_tok_s'), '{:.1f}', '')} | "
+            f"{r['peak_gpu_mb'] or 0:.0f} |")
 
 
 HEADER = ("| context | press | compression | bytes/token | KV MB after compress | prefill ms | compress ms | "
-          "compress / prefill | decode ms/token | decode vs none | peak GPU MB |\n"
-          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "compress / prefill | decode ms/token | decode vs none | e2e tok/s | peak GPU MB |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def render_press_bench(res: dict) -> str:
@@ -170,5 +160,5 @@ def run(cfg: PressBenchConfig, command: str = "") -> dict:
 
 
 def line(res: dict) -> dict:
-    keys = ("context", "press", "compression", "decode_ms", "compress_s")
-    return {"bench": "presses", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}
+    keys = ("context", "press", "compression", "decode_ms", "e2e_tok_s", "compress_s")
+    return {"bench": "presses", "rows": pick(res["rows"], keys)}

@@ -23,17 +23,19 @@ from mspeckv.bench.registry import METHODS
 from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
 from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
 
-METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s")
-HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False}
+METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s", "e2e_tok_per_s")
+HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False, "e2e_tok_per_s": True}
 REFERENCES = ("baseline", "mspeckv")
 # (column, method, reference): latency speedup of ``method`` over ``reference`` = latency[reference] / latency[method]
 # (column, method, reference) from the registry; the columns against REFERENCES always show (NA when not run), the
 # others when their reference ran
 SPEEDUP_COLUMNS = tuple(c for c in registry.SPEEDUP_COLUMNS if c[2] in REFERENCES)
 MD_TABLES = (
-    ("Throughput (tok/s, higher is better)", "tok_per_s"),
+    ("Throughput (decode-only tok/s: tokens after the first / decode time, higher is better)", "tok_per_s"),
     ("Latency (s, lower is better)", "latency_s"),
     ("Accepted tokens (higher is better)", "accepted"),
+    ("End-to-end throughput (tok/s: generated tokens / (setup + prefill + decode), higher is better; decode-only "
+     "above)", "e2e_tok_per_s"),
 )
 FAILED = "FAILED"
 
@@ -88,6 +90,51 @@ def _fmt_x(x: Any) -> str:
 def _ms_dict(prefix: str, ms: tuple[float, float]) -> dict[str, float | None]:
     m, s = ms
     return {f"{prefix}_mean": None if math.isnan(m) else m, f"{prefix}_std": None if math.isnan(s) else s}
+
+
+# ----------------------------------------------------------------------------------------------------- end to end
+PROCESS_GAP_S = 10.0  # more idle time than this between two runs of a folder: a new sweep process started
+
+
+def end_to_end(records: list[dict[str, Any]]) -> str | None:
+    """Give every ok run ``metrics['e2e_tok_per_s']`` (in memory; the run files are not touched) and return a note
+    on where the numbers come from (None when every run recorded its own).
+
+    A run written before the end-to-end fields (no ``setup_s``) recorded ``e2e_s`` = TTFT + decode only. For our
+    methods its end to end is read from ``meta.wall_s``, the wall clock of the run function: building the caches,
+    prefill, graph capture and decode, plus building the prompt's token ids. The first run of each (method, x) in
+    a sweep process also carried that pair's warm-up run, so it gets no end-to-end number; a process start is a gap
+    of more than ``PROCESS_GAP_S`` between one run's end and the next one's start. transformers' methods already
+    timed their whole ``generate`` as ``e2e_s``."""
+    import datetime as dt
+
+    def start(r):
+        try:
+            return dt.datetime.fromisoformat(r["meta"]["timestamp"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    legacy = [r for r in records if r.get("status") == STATUS_OK and "setup_s" not in (r.get("metrics") or {})]
+    if not legacy:
+        return None
+    warmed: set = set()
+    prev_end = None
+    used = dropped = 0
+    for r in sorted(legacy, key=lambda r: (start(r) is None, start(r) or 0.0)):
+        m, t, w = r["metrics"], start(r), (r.get("meta") or {}).get("wall_s")
+        if t is None or prev_end is None or t - prev_end > PROCESS_GAP_S:
+            warmed = set()  # a new process: every (method, x) warms up again
+        prev_end = t + w if t is not None and w is not None else None
+        key, n = (r.get("method"), r.get("x")), m.get("n_generated")
+        secs = m.get("e2e_s") if r.get("method") in registry.HF_METHODS else (w if key in warmed else None)
+        warmed.add(key)
+        m = r["metrics"] = dict(m)
+        m["e2e_tok_per_s"] = n / secs if n and secs else None
+        used, dropped = used + (secs is not None), dropped + (secs is None)
+    return (f"{len(legacy)} of the runs predate the end-to-end fields: their end to end is `meta.wall_s` (cache "
+            f"construction, prefill, graph capture, decode, and building the prompt's token ids; transformers' "
+            f"methods: their whole `generate`). {dropped} of them also carried a warm-up run (the first of their "
+            f"method and x value in a sweep process) and have no end-to-end number; {used} do.")
 
 
 # ---------------------------------------------------------------------------------------------------- aggregation
@@ -294,6 +341,8 @@ def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
     parts = [_header(summary, records)]
     for title, metric in MD_TABLES:
         parts.append(f"## {title}\n\n{_metric_table(groups, xs, methods, metric, x_name, notes)}")
+        if metric == "e2e_tok_per_s" and summary.get("e2e_note"):
+            parts.append(summary["e2e_note"])
         if notes.pending:
             parts.append(notes.flush())
     cols = _speedup_columns(methods)
@@ -344,6 +393,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     if not store.runs_dir.is_dir():
         raise FileNotFoundError(f"no run directory {store.runs_dir} (expected raw run JSONs there)")
     records, skipped = store.scan()
+    e2e_note = end_to_end(records)
     groups = _group(records)
     xs = sorted({x for x, _ in groups}, key=_x_key)
     methods = sorted({m for _, m in groups}, key=_method_key)
@@ -364,6 +414,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
         "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
     }  # fmt: skip
     summary["n_failed"] = summary["n_runs"] - summary["n_ok"]
+    summary["e2e_note"] = e2e_note
     present = {(r["method"], r["x"], r["seed"]) for r in records if _plain(r["x"]) and _plain(r["seed"])}
     order = lambda k: (_x_key(k[1]), _x_key(k[2]), _method_key(str(k[0])))
     missing = sorted(expected_runs(dir, records) - present, key=order)
@@ -409,22 +460,13 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
 def console_table(summary: dict[str, Any]) -> str:
     """A compact text table of the summary rows (rich if available, else plain)."""
     x_name = summary.get("x_name", "x")
-    header = [x_name, "method", "ok/total", "tok/s", "latency (s)", "accepted", "× latency vs baseline"]
+    header = [x_name, "method", "ok/total", "tok/s", "e2e tok/s", "latency (s)", "accepted", "× latency vs baseline"]
     rows = []
     for r in summary.get("rows", []):
-        total = r["n_ok"] + r["n_failed"]
-        ok = f"{r['n_ok']}/{total}" + (f" ({', '.join(r['errors'])})" if r["errors"] else "")
-        rows.append(
-            [
-                _fmt_x(r["x"]),
-                r["method"],
-                ok,
-                fmt_pm(r["tok_per_s_mean"], r["tok_per_s_std"]),
-                fmt_pm(r["latency_s_mean"], r["latency_s_std"], 3),
-                fmt_pm(r["accepted_mean"], r["accepted_std"]),
-                fmt_pm(r["latency_speedup_vs_baseline_mean"], r["latency_speedup_vs_baseline_std"]),
-            ]
-        )
+        ok = f"{r['n_ok']}/{r['n_ok'] + r['n_failed']}" + (f" ({', '.join(r['errors'])})" if r["errors"] else "")
+        pm = lambda k, d=2, r=r: fmt_pm(r.get(f"{k}_mean"), r.get(f"{k}_std"), d)  # noqa: E731
+        rows.append([_fmt_x(r["x"]), r["method"], ok, pm("tok_per_s"), pm("e2e_tok_per_s"), pm("latency_s", 3),
+                     pm("accepted"), pm("latency_speedup_vs_baseline")])
     try:
         from rich.console import Console
         from rich.table import Table
@@ -447,21 +489,7 @@ def console_table(summary: dict[str, Any]) -> str:
 
 def summary_line(summary: dict[str, Any]) -> str:
     """ONE JSON line for the CLI: counts, output files and the latency speedup table (numbers only)."""
-    keep = (
-        "dir",
-        "sweeps",
-        "x_name",
-        "methods",
-        "x_values",
-        "n_runs",
-        "n_ok",
-        "n_failed",
-        "n_expected",
-        "partial",
-        "missing",
-        "weights",
-        "files",
-        "warnings",
-    )
+    keep = ("dir", "sweeps", "x_name", "methods", "x_values", "n_runs", "n_ok", "n_failed", "n_expected", "partial",
+            "missing", "weights", "files", "warnings")
     speedups = [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.get("speedups", [])]
     return json.dumps(json_safe({**{k: summary.get(k) for k in keep}, "speedups": speedups}), separators=(",", ":"))

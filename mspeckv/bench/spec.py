@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
@@ -23,6 +24,7 @@ from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placeme
 from ..model.api import load, parse_device
 from ..runs.checks import placement_flags, refuse
 from ..runs.template import changed, opt
+from .harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
 
 MODES = ("ar", "vanilla", "mspeckv")
 PLACEMENT_FIELDS = ("on_chip", "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy")
@@ -102,10 +104,7 @@ class SpecBenchConfig:
         tcfg = model_config(self.target)
         self.placement.validate(tcfg.n_layers, tcfg.head_dim)
         placement_flags(self, tcfg.n_layers, changed_flags=changed)
-        if too_long := [p for p in self.prefills if p + self.gen_len > tcfg.max_position]:
-            raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --gen-len {self.gen_len} exceed "
-                             f"{self.target}'s maximum context of {tcfg.max_position}; use contexts up to "
-                             f"{tcfg.max_position - self.gen_len}")
+        check_contexts(self.prefills, self.gen_len, tcfg.max_position, self.target)
 
     def as_json(self) -> dict:
         """The ``config`` of ``spec.json``: the placement nested as one description (as before the flags were
@@ -146,8 +145,8 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
     from ..data.corpora import long_prompt
 
     device = parse_device(cfg.device)
-    target, tok, _ = load(cfg.target, device)
-    draft, dtok, _ = load(cfg.draft, device)
+    (target, tok, _), load_s = wall(device, lambda: load(cfg.target, device))
+    (draft, dtok, _), draft_load_s = wall(device, lambda: load(cfg.draft, device))
     check_pair(target, draft, tok, dtok)
     rows = []
     for prefill in cfg.prefills:
@@ -155,11 +154,7 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
         ref = None
         for mode in cfg.modes:
             _one(cfg, target, draft, ids, mode, 8)  # warm-up at this prompt length
-            runs = []
-            for _ in range(cfg.repeats):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                runs.append(_one(cfg, target, draft, ids, mode, cfg.gen_len))
+            runs, walls = requests(device, partial(_one, cfg, target, draft, ids, mode, cfg.gen_len), cfg.repeats)
             r = runs[-1]
             ref = r.tokens[0] if mode == "ar" else ref
             agree = None
@@ -167,20 +162,20 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
                 n = min(len(ref), len(r.tokens[0]))
                 first_diff = next((i for i in range(n) if ref[i] != r.tokens[0][i]), n)
                 agree = first_diff / n  # fraction of the output identical to AR before the first difference
+            m = median_of(runs, "tok_per_s", "ms_per_token", "ttft_s", "setup_s", "decode_s")
             rows.append({
-                "prefill": prefill, "mode": mode, "tok_per_s": statistics.median(x.tok_per_s for x in runs),
-                "ms_per_token": statistics.median(x.ms_per_token for x in runs),
-                "ttft_s": statistics.median(x.ttft_s for x in runs), "accepted": r.stats.get("accepted"),
-                "levels": getattr(r, "levels", None), "time_s": r.stats.get("time_s"),
-                "agreement_with_ar": agree, "n_generated": r.n_generated,
-                "runs_tok_per_s": [x.tok_per_s for x in runs],
-                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-                "text": tok.decode(r.tokens[0][:64]), **transfer_accounting(r),
+                "prefill": prefill, "mode": mode, "tok_per_s": m["tok_per_s"], "ms_per_token": m["ms_per_token"],
+                "ttft_s": m["ttft_s"], **e2e(m["setup_s"], m["ttft_s"], m["decode_s"], r.n_generated,
+                                             e2e_s=statistics.median(walls)),
+                "accepted": r.stats.get("accepted"), "levels": getattr(r, "levels", None),
+                "time_s": r.stats.get("time_s"), "agreement_with_ar": agree, "n_generated": r.n_generated,
+                "runs_tok_per_s": [x.tok_per_s for x in runs], "runs_e2e_s": walls,
+                "peak_gpu_bytes": peak_bytes(device), "text": tok.decode(r.tokens[0][:64]), **transfer_accounting(r),
             })
-            print(f"[{prefill} {mode}] {rows[-1]['tok_per_s']:.1f} tok/s, accepted {rows[-1]['accepted']}, "
-                  f"agreement {agree}", flush=True)
-    return {"bench": "spec", "weights": "real", "config": cfg.as_json(),
-            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "rows": rows,
+            print(f"[{prefill} {mode}] {rows[-1]['tok_per_s']:.1f} tok/s decoding, {rows[-1]['e2e_tok_per_s']:.1f} "
+                  f"end to end, accepted {rows[-1]['accepted']}, agreement {agree}", flush=True)
+    return {"bench": "spec", "weights": "real", "config": cfg.as_json(), "device_name": device_name(device),
+            "model_load_s": {"target": load_s, "draft": draft_load_s}, "rows": rows,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -190,18 +185,19 @@ def render_spec(res: dict) -> str:
              f"gen {c['gen_len']} tokens, gamma {c['gamma']}, draft_gamma {c['draft_gamma']}, budget {c['budget']}, "
              f"chunk {c['chunk']}, temperature {c['temperature']}, placement {c['placement']}; prompts are BBC News "
              f"text (seed {c['seed']}); median of {c['repeats']} runs after a warm-up.", "",
-             "| prefill | mode | tok/s | ms/token | TTFT s | accepted | L1 acceptance | agreement with AR | "
-             "H2D MB / accepted token | PCIe GB/s while streaming |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "decode tok/s: tokens after the first / decode time; e2e tok/s: generated tokens / the request's wall "
+             "clock (setup: caches and graph capture, prefill, decode).", "",
+             "| prefill | mode | decode tok/s | e2e tok/s | ms/token | TTFT s | setup s | accepted | L1 acceptance | "
+             "agreement with AR | H2D MB / accepted token | PCIe GB/s while streaming |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         l1 = (r["levels"] or {}).get("verify_l1", {}).get("acceptance_rate")
         mb = r.get("h2d_bytes_per_accepted_token")
         mb = None if mb is None else mb / 1e6
-        f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
-        lines.append(f"| {r['prefill']} | {r['mode']} | {r['tok_per_s']:.1f} | {r['ms_per_token']:.1f} | "
-                     f"{r['ttft_s']:.2f} | {f(r['accepted'])} | {f(l1)} | {f(r['agreement_with_ar'])} | "
-                     f"{f(mb)} | "
-                     f"{f(r.get('h2d_GBps_streaming'), 1)} |")
+        f = lambda v, d=2: fmt(v, f"{{:.{d}f}}", na="-")  # noqa: E731
+        lines.append(f"| {r['prefill']} | {r['mode']} | {r['tok_per_s']:.1f} | {f(r.get('e2e_tok_per_s'), 1)} | "
+                     f"{r['ms_per_token']:.1f} | {r['ttft_s']:.2f} | {f(r.get('setup_s'))} | {f(r['accepted'])} | "
+                     f"{f(l1)} | {f(r['agreement_with_ar'])} | {f(mb)} | {f(r.get('h2d_GBps_streaming'), 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,5 +211,5 @@ def run(cfg: SpecBenchConfig, command: str = "") -> dict:
 
 
 def line(res: dict) -> dict:
-    keys = ("prefill", "mode", "tok_per_s", "accepted", "agreement_with_ar")
-    return {"bench": "spec", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}
+    keys = ("prefill", "mode", "tok_per_s", "e2e_tok_per_s", "accepted", "agreement_with_ar")
+    return {"bench": "spec", "rows": pick(res["rows"], keys)}

@@ -185,23 +185,16 @@ def plan(s: SweepSettings, weights: str) -> list[RunSpec]:
 
 # ------------------------------------------------------------------------------------------------------ commands
 def _command_lines(a, s: SweepSettings) -> str:
+    """The command as typed, and the same with every setting explicit (one flag per field of the sweep's config,
+    ``--quick`` left out as its values are spelled out)."""
     typed = "mspeckv " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["sweep"] else None
-    flags = {"--target": s.target, "--draft": s.draft, "--dataset": s.dataset, "--seeds": ",".join(map(str, s.seeds)),
-             "--methods": ",".join(s.methods), "--temperature": s.temperature, "--top-p": s.top_p,
-             "--budget": s.budget, "--chunk": s.chunk, "--gamma": s.gamma, "--draft-gamma": s.draft_gamma,
-             "--kv-quant": s.kv_quant, "--kv-group-size": s.kv_group_size, "--resident-format": s.resident_format,
-             "--resident-policy": s.resident_policy, "--prefill-chunk": s.prefill_chunk, "--device": s.device,
-             "--output-dir": s.output_dir, SWEEPS[s.sweep].x_flag: ",".join(map(str, s.xs))}
-    if s.x_name != "on_chip":
-        flags["--on-chip"] = s.on_chip
-    if s.x_name != "resident_layers":
-        flags["--resident-layers"] = s.resident_layers
-    if s.prefill is not None:
-        flags["--prefill"] = s.prefill
-    if s.gen_len is not None:
-        flags["--gen-len"] = s.gen_len
-    args = ["mspeckv", "sweep", s.sweep] + [t for k, v in flags.items() if v is not None for t in (k, str(v))]
-    args += ["--clamp-resident"] if s.clamp_resident else []
+    args = ["mspeckv", "sweep", s.sweep]
+    for f in dataclasses.fields(CONFIGS[s.sweep]):
+        x = getattr(s, f.name)
+        if not f.metadata.get("cli", True) or f.name == "quick" or x is None or x is False:
+            continue
+        args += [flag_name(f)] if x is True else [flag_name(f), ",".join(map(str, x)) if isinstance(x, tuple)
+                                                   else str(x)]
     lines = ([typed] if typed else []) + ["# the same with every setting explicit:", shlex.join(args)]
     return "\n".join(lines) + "\n"
 

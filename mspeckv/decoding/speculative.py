@@ -278,7 +278,9 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     """Generate with vanilla or MSpecKV speculation. prompt: (1, T). Greedy output equals AR greedy exactly.
 
     ``press`` compresses the target's own (full-level) KV after prefill: the output then equals AR over the same
-    pressed cache, not AR over the full KV. ``spec.l1_press`` is the middle level's press, which stays lossless."""
+    pressed cache, not AR over the full KV. ``spec.l1_press`` is the middle level's press, which stays lossless.
+    ``setup_s``: building the caches before the prefill and capturing graphs after it (``graph_setup_s``)."""
+    t_start = time.perf_counter()
     target.check_prompt(prompt)
     if prompt.shape[0] != 1:
         raise ValueError("speculative decoding runs batch 1; use --mode ar for batched prompts")
@@ -408,7 +410,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     stats["graph_setup_s"] = t_setup - t_first
     stats["h2d_bytes_before_decode"] = h2d0
     return SpecResult(rows, T, secs.get("prefill", t_first - t0), t_first - t0, t_end - t_setup, stats=stats,
-                      levels=levels)
+                      setup_s=t0 - t_start + t_setup - t_first, levels=levels)
 
 
 def _prefill_streaming(r: Runner, seq: Seq, T: int, sinks: int, window: int, room: int) -> None:

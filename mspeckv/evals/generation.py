@@ -3,7 +3,8 @@
 The prompt minus its last token is prefilled, ``cache.compress()`` is called, and the last prompt token is fed
 through the compressed/placed cache: so the first generated token, like every later one, is computed from the
 compressed history (a prefill's own last logits would come from uncompressed attention). Times are wall-clock with
-device synchronisation: TTFT = prefill + compress + first token; TPOT = decode seconds / tokens after the first.
+device synchronisation: TTFT = prefill + compress + first token; TPOT = decode seconds / tokens after the first;
+setup = building the cache and capturing graphs, outside both.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Generated:
     kv_bytes_end: int | None = None  # held once the last generated token is fed too (feed_last=True)
     graphed: bool = False  # the decode steps replayed CUDA graphs (a static cache and graphs asked), but for...
     eager_steps: int = 0  # ... these, which the cache could not run statically (a flush, a slot fill)
+    setup_s: float = 0.0  # building the cache before the prompt, capturing graphs after the first token
 
     @property
     def tpot_s(self) -> float | None:
@@ -52,6 +54,7 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
     sequence is then ``len(ids) + max_new`` tokens long). ``graphs``: decode through a ``GraphRunner`` where the
     variant's cache has a static layout (captured before the timed loop; TTFT and decode time exclude it)."""
     device = model.device
+    t_start = time.perf_counter()
     T = len(ids)
     if T < 1 or max_new < 1:
         raise ValueError(f"need a prompt and max_new >= 1 (got {T} tokens, max_new {max_new})")
@@ -88,4 +91,4 @@ def greedy(model, variant: Variant, ids: list[int], max_new: int, prefill_chunk:
     if feed_last:
         runner.step(tok[:, None])
         end = kv_bytes(cache)
-    return Generated(out, t_first - t0, t_end - t1, held, T, end, graphed, eager)
+    return Generated(out, t_first - t0, t_end - t1, held, T, end, graphed, eager, t0 - t_start + t1 - t_first)

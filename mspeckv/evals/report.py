@@ -43,6 +43,7 @@ ORDER = tuple(HEADLINE)
 OVERVIEW_COLS = ("config", "compression", "KV MB @ctx", "bytes/token", "decode tok/s", "TTFT s", "TPOT ms",
                  "PPL (Δ%)", "KL", "needle %", "RULER %", "GSM8K %")
 ACCEPT_COL = "accept L1 %"  # shown only when some row has an accept cell
+E2E_COL = "e2e tok/s"  # shown only when some speed cell has end-to-end time (cells written since it is recorded)
 
 
 def _num(x: Any) -> bool:
@@ -152,7 +153,8 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
                 (not from_prefix or prefix_tokens) else None,
                 "bytes_from_ppl_prefix": from_prefix,
                 "tok_per_s": g("speed", v, ctx, "tok_per_s"), "ttft_s": g("speed", v, ctx, "ttft_s"),
-                "tpot_s": g("speed", v, ctx, "tpot_s"), "ppl": ppl,
+                "tpot_s": g("speed", v, ctx, "tpot_s"), "e2e_tok_per_s": g("speed", v, ctx, "e2e_tok_per_s"),
+                "ppl": ppl,
                 "ppl_delta_pct": 100 * (ppl / ppl_base - 1) if _num(ppl) and _num(ppl_base) else None,
                 "kl": g("kl", v, ctx, "kl_mean"), "top1_agreement": g("kl", v, ctx, "top1_agreement"),
                 "needle_acc": g("needle", v, ctx, "accuracy"), "ruler_acc": g("ruler", v, ctx, "accuracy"),
@@ -241,7 +243,9 @@ def overview_markdown(summary: dict) -> str:
     parts = []
     with_accept = any(_num(r.get("accept_l1")) for rows in summary["overview"].values() for r in rows)
     with_src = bool(summary.get("include"))
-    cols = list(OVERVIEW_COLS) + ([ACCEPT_COL] if with_accept else []) + (["folder"] if with_src else [])
+    with_e2e = any(_num(r.get("e2e_tok_per_s")) for rows in summary["overview"].values() for r in rows)
+    cols = (list(OVERVIEW_COLS) + ([ACCEPT_COL] if with_accept else []) + ([E2E_COL] if with_e2e else [])
+            + (["folder"] if with_src else []))
     for ctx, rows in summary["overview"].items():
         body = []
         for r in rows:
@@ -253,6 +257,7 @@ def overview_markdown(summary: dict) -> str:
                          _f(r["kl"], ".4f"), _f(r["needle_acc"], ".1f", 100), _f(r["ruler_acc"], ".1f", 100),
                          _f(r["gsm8k_acc"], ".1f", 100)]
                         + ([_f(r.get("accept_l1"), ".1f", 100)] if with_accept else [])
+                        + ([_f(r.get("e2e_tok_per_s"), ".1f")] if with_e2e else [])
                         + ([", ".join(Path(x).name for x in r.get("sources", []))] if with_src else []))
         where = "the GSM8K prompts" if ctx == "0" else f"{ctx} tokens"
         parts.append(f"### Compression overview at {where}\n\n" + _md(cols, body))

@@ -13,15 +13,17 @@ replays CUDA graphs where the variant's cache has a static layout (``graphed`` i
 caches holding codes or latents still decode eagerly. Each variant and context first runs one untimed generation
 at the exact shape (same prompt, same length), so one-time costs (kernel compilation and autotuning for that shape,
 first allocations) stay out of TTFT and TPOT; ``--speed-runs`` timed generations follow, and the cell reports their
-medians with every run kept (``ttft_runs``, ``tpot_runs``: their spread is the run-to-run noise).
+medians with every run kept (``ttft_runs``, ``tpot_runs``: their spread is the run-to-run noise). End to end
+(``bench.harness.e2e``): ``setup_s`` builds the cache and captures graphs, ``e2e_s`` = setup + TTFT + decode (the
+median of each; the step that feeds the last token for the byte count is in none), ``e2e_tok_per_s`` the generated
+tokens over ``e2e_s``.
 (Before this, the warm-up was a 256-token prompt: the 1.5B's graphed full cache, first at each context, then showed
 0.7-1.5 s TTFTs against 0.05-0.35 s for the variants after it, at ``240aa30``.)
 """
 
 from __future__ import annotations
 
-from statistics import median
-
+from ..bench.harness import e2e, median_of, repeat
 from ..data.corpora import long_prompt
 from .generation import greedy
 from .variants import Variant
@@ -37,13 +39,14 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
                           graphs=cfg.speed_graphs)
 
         gen()  # untimed, at the exact shape
-        runs = [gen() for _ in range(cfg.speed_runs)]
+        runs = repeat(gen, cfg.speed_runs, warmup=0)
         g = runs[-1]
-        ttft = median(r.ttft_s for r in runs)
-        tpot = median(r.tpot_s for r in runs) if g.tpot_s is not None else None
+        m = median_of(runs, "ttft_s", "tpot_s", "setup_s", "decode_s")
+        ttft, tpot = m["ttft_s"], m["tpot_s"]
         out[v.name] = {"kv_bytes": g.kv_bytes_end, "bytes_per_token": g.kv_bytes_end / context,
                        "kv_bytes_prompt": g.kv_bytes, "ttft_s": ttft, "tpot_s": tpot,
                        "tok_per_s": 1.0 / tpot if tpot else None,
+                       **e2e(m["setup_s"], ttft, m["decode_s"], len(g.tokens)),
                        "ttft_runs": [r.ttft_s for r in runs], "tpot_runs": [r.tpot_s for r in runs],
                        "decode_tokens": len(g.tokens) - 1, "prompt_tokens": len(ids),
                        "sequence_tokens": context, "graphed": g.graphed, "eager_steps": g.eager_steps}

@@ -15,6 +15,8 @@ Per (context, cache), after one untimed warm-up ``generate`` of the same prompt,
 - ``ttft_s``: ``generate(max_new_tokens=1)`` (prefill + first token);
 - ``total_s``: ``generate(max_new_tokens=gen_len, min_new_tokens=gen_len)``, greedy, so every run makes the same
   number of tokens; ``decode_ms`` = 1e3 * (total - ttft) / (gen_len - 1) and ``tok_per_s`` its inverse;
+- ``setup_s``: building the cache before that ``generate`` (ours allocates its pinned store there); ``e2e_s`` =
+  setup + total, and ``e2e_tok_per_s`` = gen_len / e2e_s;
 - ``peak_gpu_mb``: ``max_memory_allocated`` over the full ``generate`` (weights included), after a reset.
 
 The per-step breakdown (``forward_ms``) times the model's forward alone, one token at a time through the same cache
@@ -28,12 +30,25 @@ prefetches each step), a lower bound on its traffic. Times are medians of the re
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .. import validate as v
+from ..bench.harness import (
+    check_contexts,
+    device_name,
+    e2e,
+    fmt,
+    h2d_bandwidth,
+    median_of,
+    peak_bytes,
+    pick,
+    repeat,
+    reset_peak,
+    time_ms,
+    wall,
+)
 from ..runs.template import opt
 
 CACHES = ("dynamic", "dynamic_offload", "int8_offload", "int8_offload_resident")
@@ -56,16 +71,8 @@ class HFBenchConfig:
         v.integer("repeats", self.repeats, lo=2)  # the median over repeats is reported
         v.integer("resident_layers", self.resident_layers, lo=1)
         v.integer("kv_group_size", self.kv_group_size, lo=1)
-        if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 16 for c in self.contexts):
-            raise ValueError(f"--contexts must be prompt lengths >= 16, got {self.contexts}")
-        if len(set(self.contexts)) != len(self.contexts):
-            raise ValueError(f"--contexts {','.join(map(str, self.contexts))} repeats a context")
-        if not self.caches:
-            raise ValueError(f"--caches is empty: choose from {','.join(CACHES)}")
-        for c in self.caches:
-            v.choice("caches", c, CACHES)
-        if len(set(self.caches)) != len(self.caches):
-            raise ValueError(f"--caches {','.join(self.caches)} repeats a cache")
+        v.integers("contexts", self.contexts, lo=16)
+        v.choices("caches", self.caches, CACHES)
 
     def validate(self) -> None:
         """What can be refused before the weights load: the device, the output folder, the model's maximum
@@ -75,10 +82,7 @@ class HFBenchConfig:
 
         _check_device(self)
         out_dir("--out-dir", self.out_dir)
-        limit = model_config(self.model).max_position
-        if bad := [c for c in self.contexts if c + self.gen_len > limit]:
-            raise ValueError(f"--contexts {bad}: prompt + --gen-len {self.gen_len} exceeds the model's {limit} "
-                             f"positions; use prompts <= {limit - self.gen_len}")
+        check_contexts(self.contexts, self.gen_len, model_config(self.model).max_position, self.model)
 
 
 def _check_device(cfg: HFBenchConfig) -> torch.device:
@@ -89,11 +93,6 @@ def _check_device(cfg: HFBenchConfig) -> torch.device:
         raise ValueError("dynamic_offload is transformers' CUDA offloading and needs a GPU; on the CPU pass "
                          "--caches dynamic,int8_offload,int8_offload_resident")
     return dev
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
@@ -129,46 +128,39 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
     common = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
                   pad_token_id=model.generation_config.pad_token_id or 0)
 
-    def gen(n: int) -> float:
-        cache = make_hf_cache(kind, model, cfg, max_len)
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **{arg: cache}, **common)
-        _sync(dev)
+    def gen(n: int) -> tuple[float, float]:
+        """(seconds of ``generate``, seconds building its cache before it)."""
+        cache, setup = wall(dev, lambda: make_hf_cache(kind, model, cfg, max_len))
+        out, secs = wall(dev, lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **{arg: cache},
+                                                     **common))
         if out.shape[1] - ids.shape[1] != n:
             raise RuntimeError(f"{kind}: generate made {out.shape[1] - ids.shape[1]} tokens, asked for {n}")
-        return time.perf_counter() - t0
+        return secs, setup
 
-    gen(min(8, cfg.gen_len))  # warm-up at the same prompt shape
-    runs = []
-    for _ in range(cfg.repeats):
-        ttft = gen(1)
+    def run() -> dict:
+        ttft, _ = gen(1)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        total = gen(cfg.gen_len)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-        runs.append({"ttft_s": ttft, "total_s": total, "decode_ms": 1e3 * (total - ttft) / (cfg.gen_len - 1),
-                     "peak_gpu_mb": peak})
+        reset_peak(dev)
+        total, setup = gen(cfg.gen_len)
+        pk = peak_bytes(dev)
+        return {"ttft_s": ttft, "total_s": total, "decode_ms": 1e3 * (total - ttft) / (cfg.gen_len - 1),
+                "peak_gpu_mb": pk / 2**20 if pk is not None else None, "setup_s": setup, "e2e_s": setup + total}
+
+    gen(min(8, cfg.gen_len))  # warm-up at the same prompt shape
+    runs = repeat(run, cfg.repeats, warmup=0)
 
     # per-step breakdown: the forward alone, one token at a time, through a cache holding the prompt
     cache = make_hf_cache(kind, model, cfg, max_len)
     out = model(ids, **{arg: cache}, logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)
     before = _report(cache).get("h2d_bytes_total")
-    step_ms = []
-    for _ in range(cfg.gen_len - 1):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            e.record()
-            e.synchronize()
-            step_ms.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            step_ms.append(1e3 * (time.perf_counter() - t0))
+
+    def step():
+        nonlocal tok
+        tok = model(tok, **{arg: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+    step_ms = [time_ms(step, 0, 1, cuda=dev.type == "cuda") for _ in range(cfg.gen_len - 1)]
     after = _report(cache).get("h2d_bytes_total")
     if kind == "dynamic_offload":  # every layer's bf16 K and V come back each step (a lower bound on its traffic)
         c = model.config
@@ -179,10 +171,10 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
     else:
         h2d_step = 0
     mem = _report(cache)
-    del cache
-    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
-    decode_ms, forward_ms = med("decode_ms"), statistics.median(step_ms)
-    return {"ttft_s": med("ttft_s"), "decode_ms": decode_ms, "tok_per_s": 1e3 / decode_ms,
+    med = median_of(runs, "ttft_s", "decode_ms", "setup_s", "e2e_s")
+    decode_ms, forward_ms = med["decode_ms"], statistics.median(step_ms)
+    return {"ttft_s": med["ttft_s"], "decode_ms": decode_ms, "tok_per_s": 1e3 / decode_ms,
+            **e2e(med["setup_s"], med["ttft_s"], 0.0, cfg.gen_len, e2e_s=med["e2e_s"]),
             "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in runs) if dev.type == "cuda" else None,
             "forward_ms": forward_ms, "generate_overhead_ms": decode_ms - forward_ms,
             "h2d_bytes_per_step": h2d_step, "h2d_floor_ms": 1e3 * h2d_step / bw if h2d_step else 0.0,
@@ -196,15 +188,12 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from ..model.api import default_dtype
     from ..model.loading import resolve
     from ..runs.store import run_metadata
-    from ..bench.placement import h2d_bandwidth
 
     dev = _check_device(cfg)
     d = resolve(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=default_dtype(dev)).to(dev).eval()
-    limit = model.config.max_position_embeddings
-    if bad := [c for c in cfg.contexts if c + cfg.gen_len > limit]:
-        raise ValueError(f"--contexts {bad}: prompt + --gen-len {cfg.gen_len} exceeds the model's {limit} positions; "
-                         f"use prompts <= {limit - cfg.gen_len}")
+    model, load_s = wall(dev, lambda: AutoModelForCausalLM.from_pretrained(str(d), dtype=default_dtype(dev))
+                         .to(dev).eval())
+    check_contexts(cfg.contexts, cfg.gen_len, model.config.max_position_embeddings, cfg.model)
     tok = AutoTokenizer.from_pretrained(str(d))
     bw = h2d_bandwidth()
     rows = []
@@ -222,33 +211,30 @@ def run_hf_bench(cfg: HFBenchConfig) -> dict:
                 r["speedup_vs_dynamic_offload"] = base["decode_ms"] / r["decode_ms"] if base else None
                 print(_line(r), flush=True)
     return {"bench": "hf", "config": asdict(cfg), "rows": rows, "pinned_h2d_GBps": bw / 1e9,
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(model.dtype),
+            "device": device_name(dev), "dtype": str(model.dtype), "model_load_s": load_s,
             "model_class": type(model).__name__, "meta": run_metadata()}
 
 
-def _f(x, fmt: str) -> str:
-    return "" if x is None else fmt.format(x)
-
-
 def _line(r: dict) -> str:
-    return (f"| {r['context']} | {r['cache']} | {r['tok_per_s']:.1f} | {r['decode_ms']:.2f} | "
+    _f = lambda x, spec: fmt(x, spec, na="")  # noqa: E731
+    return (f"| {r['context']} | {r['cache']} | {r['tok_per_s']:.1f} | {_f(r.get('e2e_tok_per_s'), '{:.1f}')} | "
+            f"{r['decode_ms']:.2f} | "
             f"{r['forward_ms']:.2f} | {r['generate_overhead_ms']:.2f} | {r['h2d_bytes_per_step'] / 1e6:.1f} | "
             f"{r['h2d_floor_ms']:.2f} | {r['ttft_s'] * 1e3:.0f} | {_f(r['peak_gpu_mb'], '{:.0f}')} | "
             f"{_f(r.get('speedup_vs_dynamic_offload'), '{:.2f}x')} |")
 
 
-HEADER = ("| context | cache | tok/s | decode ms/token | forward ms | generate overhead ms | H2D MB/step | "
-          "H2D floor ms | TTFT ms | peak GPU MB | vs dynamic_offload |\n"
-          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| context | cache | decode tok/s | e2e tok/s | decode ms/token | forward ms | generate overhead ms | "
+          "H2D MB/step | H2D floor ms | TTFT ms | peak GPU MB | vs dynamic_offload |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def render_hf_bench(res: dict, command: str) -> str:
+def render(res: dict) -> str:
     c = res["config"]
     meta = res["meta"]
     return "\n".join([
         f"# transformers generate with each cache: {c['model']} ({res['model_class']}, {res['device']}, "
         f"{res['dtype']})", "",
-        f"- command: `{command}`",
         f"- commit: {meta.get('git_commit')}; torch {meta.get('torch')}, transformers {meta.get('transformers')}",
         f"- greedy, {c['gen_len']} new tokens, median of {c['repeats']} runs after a warm-up; pinned H2D measured "
         f"in this run: {res['pinned_h2d_GBps']:.1f} GB/s",
@@ -258,24 +244,14 @@ def render_hf_bench(res: dict, command: str) -> str:
 
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: HFBenchConfig, command: str = "") -> dict:
-    """Check every input, then measure; writes ``hf.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from pathlib import Path
-
-    from ..runs.store import atomic_write_json, atomic_write_text
+    """Check every input, then measure; writes ``hf.json`` and ``summary.md`` (with the command) into
+    ``cfg.out_dir``."""
+    from ..runs.store import write_bench
 
     cfg.validate()
-    res = run_hf_bench(cfg)
-    res["command"] = command
-    d = Path(cfg.out_dir)
-    atomic_write_json(d / "hf.json", res)
-    atomic_write_text(d / "summary.md", render(res))
-    return res
-
-
-def render(res: dict) -> str:
-    return render_hf_bench(res, res["command"])
+    return write_bench(cfg.out_dir, "hf", run_hf_bench(cfg), render, command, meta=False)  # it has its meta
 
 
 def line(res: dict) -> dict:
-    keys = ("context", "cache", "tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
-    return {"bench": "hf", "rows": [{k: r[k] for k in keys} for r in res["rows"]]}
+    keys = ("context", "cache", "tok_per_s", "e2e_tok_per_s", "peak_gpu_mb", "speedup_vs_dynamic_offload")
+    return {"bench": "hf", "rows": pick(res["rows"], keys)}

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from .. import validate as v
+from ..bench.harness import fmt
+from ..runs.template import opt
 from ..kv.placement import FORMATS, Placement
 from ..runs import checks
 from ..runs.template import opt
@@ -146,7 +148,7 @@ def run(cfg: TPBenchConfig, command: str = "") -> dict:
 
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
-    from ..bench.placement import mem_available, pinned_store_bytes
+    from ..bench.harness import host_refusal, pinned_store_bytes
     from ..runs.store import atomic_write_json, run_metadata
     from . import RankFailed
     from .launch import launch
@@ -162,17 +164,14 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
             todo = [(ctx, k) for ctx in cfg.contexts for k in cfg.kinds
                     if not (cells / f"{cell_name(tp, ctx, k)}.json").exists()]
             todo.sort(key=lambda x: (x[1] == "gpu_graphed", x[0]))  # graphs last: the riskiest capture
-            avail = mem_available() if cfg.device == "cuda" else None
             for ctx, k in list(todo):
-                if k in REFERENCE_KINDS or avail is None:
+                if k in REFERENCE_KINDS or cfg.device != "cuda":
                     continue
                 # pinned blocks are rounded up to powers of two by the host allocator: count twice the store
                 need = 2 * tp * pinned_store_bytes(local, Placement(on_chip=cfg.on_chip, kv_quant=k),
                                                    ctx + cfg.capacity_extra)
-                if need + cfg.host_reserve_bytes > avail:
-                    _write_cell(cells, tp, ctx, k, error=f"refused: the {tp} rank(s)' pinned {k} stores need up to "
-                                f"{need / 2**30:.1f} GiB of host memory; {avail / 2**30:.1f} GiB available minus a "
-                                f"{cfg.host_reserve_bytes / 2**30:.0f} GiB reserve", meta=run_metadata())
+                if err := host_refusal(need, f"the {tp} rank(s)' pinned {k} stores", cfg.host_reserve_bytes):
+                    _write_cell(cells, tp, ctx, k, error=err, meta=run_metadata())
                     todo.remove((ctx, k))
             links = cells / f"tp{tp}-links.json"
             if not todo and links.exists():
@@ -217,7 +216,7 @@ def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = N
 def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, command: str) -> None:
     import torch.distributed as dist
 
-    from ..bench.placement import free_memory
+    from ..bench.harness import free_memory
     from ..runs.store import atomic_write_json, run_metadata
     from .tp import random_tp_model, replicated_bytes
 
@@ -283,25 +282,13 @@ def _sync(r) -> None:
 def _h2d(r, nbytes: int, iters: int, start) -> float:
     """Pinned host -> this rank's GPU, bytes/s over ``iters`` back-to-back copies (CPU ranks: a host copy), timed
     after ``start()`` (a barrier, so that ranks measuring together start together)."""
+    from ..bench.harness import time_ms
+
     cuda = r.device.type == "cuda"
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=r.device)
-    dst.copy_(src, non_blocking=cuda)
-    if cuda:
-        torch.cuda.synchronize()
-    start()
-    if not cuda:
-        t = time.perf_counter()
-        for _ in range(iters):
-            dst.copy_(src)
-        return nbytes * iters / (time.perf_counter() - t)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        dst.copy_(src, non_blocking=True)
-    e.record()
-    e.synchronize()
-    return nbytes * iters / (s.elapsed_time(e) / 1e3)
+    ms = time_ms(lambda: dst.copy_(src, non_blocking=cuda), 1, iters, cuda=cuda, before=start)
+    return nbytes / (ms / 1e3)
 
 
 def _gather(value) -> list:
@@ -360,13 +347,13 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
 
 def _time(r, fn, iters: int) -> float:
     """Mean ms of ``fn`` over ``iters`` calls after two warm-up calls, started together on every rank."""
-    from ..bench.placement import _ms
+    from ..bench.harness import time_ms
 
-    return _ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
+    return time_ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
 
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
-    from ..bench.placement import decode_ms, fill_cache, graphed_ms
+    from ..bench.harness import decode_ms, fill_cache, graphed_ms
     from ..cache import make_cache
     from ..kv.dense import DenseKV
     from .tp import no_collectives
@@ -374,12 +361,12 @@ def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -
     steps, reps, vt = cfg.steps, cfg.repeats, cfg.verify_tokens
     out: dict = {"rank": r.rank}
     if kind == "gpu_graphed":
-        runs = graphed_ms(model, ctx, steps, reps)
-        out["verify_runs_ms"] = graphed_ms(model, ctx, 2, reps, vt)
+        runs = graphed_ms(model, ctx, steps, reps)[0]
+        out["verify_runs_ms"] = graphed_ms(model, ctx, 2, reps, vt)[0]
         if r.world > 1:
             _sync(r)
             with no_collectives():  # captured without the all-reduces
-                out["nocomm_runs_ms"] = graphed_ms(model, ctx, steps, reps)
+                out["nocomm_runs_ms"] = graphed_ms(model, ctx, steps, reps)[0]
             _sync(r)
     else:
         cap = ctx + cfg.capacity_extra
@@ -457,10 +444,6 @@ def collect(cfg: TPBenchConfig, command: str, wall_s: float) -> dict:
             "complete": not missing and not failed, "command": command, "wall_s": wall_s, "meta": meta}
 
 
-def _f(x, spec: str = "{:.2f}") -> str:
-    return spec.format(x) if isinstance(x, int | float) and not isinstance(x, bool) else "–"
-
-
 def render(res: dict) -> str:
     c = res["config"]
     tps = c["tps"]
@@ -485,12 +468,12 @@ def render(res: dict) -> str:
             lines.append(f"| {tp} | FAILED: {lk['error'][:120]} | | | | | |")
             continue
         ar = lk.get("allreduce_ms_per_step", {})
-        arr = " / ".join(_f(ar.get(k), "{:.3f}") for k in ("eager_T1", "graphed_T1", f"eager_T{vt}",
+        arr = " / ".join(fmt(ar.get(k), "{:.3f}") for k in ("eager_T1", "graphed_T1", f"eager_T{vt}",
                                                               f"graphed_T{vt}")) if ar else "–"
         rep = lk.get("replicated_bytes_per_rank")
         lines.append(f"| {tp} | {_fmt_list(lk['h2d_alone_GBps'])} | {_fmt_list(lk['h2d_together_GBps'])} | "
                      f"{lk['h2d_sum_alone_GBps']:.1f} | {lk['h2d_sum_together_GBps']:.1f} | {arr} | "
-                     f"{_f(rep / 2**20 if rep else None, '{:.0f}')} |")
+                     f"{fmt(rep / 2**20 if rep else None, '{:.0f}')} |")
     head = ["context", "KV", *(f"TP{t} ms" for t in tps), *(f"TP{t}/TP{base}" for t in tps[1:]),
             *(f"TP{t} verify ms" for t in tps), *(f"TP{t} comm" for t in tps[1:]), *(f"TP{t} floor ms" for t in tps),
             *(f"TP{t} MB/step/rank" for t in tps)]
@@ -508,10 +491,10 @@ def render(res: dict) -> str:
 def _row_cols(row: dict, tps) -> list[str]:
     base = tps[0]
     at = lambda t: row.get(f"tp{t}") or {}
-    share = lambda t: _f(100 * at(t)["comm_share"], "{:.0f}%") if at(t).get("comm_share") is not None else "–"
-    return [str(row["ctx"]), row["kind"], *(_f(at(t).get("ms")) for t in tps),
-            *(_f(at(t).get(f"vs_tp{base}"), "{:.2f}x") for t in tps[1:]), *(_f(at(t).get("verify_ms")) for t in tps),
-            *(share(t) for t in tps[1:]), *(_f(at(t).get("floor_ms")) for t in tps),
+    share = lambda t: fmt(100 * at(t)["comm_share"], "{:.0f}%") if at(t).get("comm_share") is not None else "–"
+    return [str(row["ctx"]), row["kind"], *(fmt(at(t).get("ms")) for t in tps),
+            *(fmt(at(t).get(f"vs_tp{base}"), "{:.2f}x") for t in tps[1:]), *(fmt(at(t).get("verify_ms")) for t in tps),
+            *(share(t) for t in tps[1:]), *(fmt(at(t).get("floor_ms")) for t in tps),
             *(_fmt_list(at(t).get("h2d_MB_per_step_per_rank") or []) or "–" for t in tps)]
 
 
@@ -523,17 +506,13 @@ def write_summary(res: dict, out_dir: str) -> None:
 
 
 def line(res: dict) -> dict:
-    keep = ("ms", "verify_ms", "comm_share", "floor_ms")
-    rows = [{"ctx": r["ctx"], "kind": r["kind"], **{f"tp{t}": {k: (r.get(f"tp{t}") or {}).get(k) for k in keep}
-                                                     for t in res["config"]["tps"]}} for r in res["rows"]]
-    base = res["config"]["tps"][0]
-    for r, full in zip(rows, res["rows"], strict=True):
-        for t in res["config"]["tps"][1:]:
-            r[f"tp{t}"][f"vs_tp{base}"] = (full.get(f"tp{t}") or {}).get(f"vs_tp{base}")
-    return {"bench": "tp", "machine": res["machine"], "complete": res["complete"], "rows": rows,
-            "links": {t: {k: (lk or {}).get(k) for k in ("h2d_alone_GBps", "h2d_together_GBps",
-                                                         "allreduce_ms_per_step")}
-                      for t, lk in res["links"].items()}}
+    tps, vs = res["config"]["tps"], f"vs_tp{res['config']['tps'][0]}"
+    keep = lambda t: ("ms", "verify_ms", "comm_share", "floor_ms") + ((vs,) if t != tps[0] else ())  # noqa: E731
+    rows = [{"ctx": r["ctx"], "kind": r["kind"], **{f"tp{t}": {k: (r.get(f"tp{t}") or {}).get(k) for k in keep(t)}
+                                                     for t in tps}} for r in res["rows"]]
+    links = {t: {k: (lk or {}).get(k) for k in ("h2d_alone_GBps", "h2d_together_GBps", "allreduce_ms_per_step")}
+             for t, lk in res["links"].items()}
+    return {"bench": "tp", "machine": res["machine"], "complete": res["complete"], "rows": rows, "links": links}
 
 
 def complete(res: dict) -> bool:
