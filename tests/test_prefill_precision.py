@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 
+from mspeckv.cache import make_cache
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.offload import PlacedKV
-from mspeckv.cache import make_cache
 from mspeckv.kv.placement import Placement
 from mspeckv.kv.quant import QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from tests.tiny import tiny_model

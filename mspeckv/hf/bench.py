@@ -99,8 +99,8 @@ def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
     """A fresh cache of ``kind`` for one ``generate``."""
     from transformers import DynamicCache
 
-    from .cache import MSpecKVCache
     from ..kv.placement import Placement
+    from .cache import MSpecKVCache
 
     if kind == "dynamic":
         return DynamicCache(config=model.config)

@@ -35,7 +35,6 @@ import torch
 
 from .. import validate as v
 from ..bench.harness import fmt
-from ..runs.template import opt
 from ..kv.placement import FORMATS, Placement
 from ..runs import checks
 from ..runs.template import opt
