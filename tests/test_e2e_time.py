@@ -162,7 +162,8 @@ ROOT = Path(__file__).resolve().parents[1] / "results"
 
 def test_committed_bench_results_still_render():
     """Every committed bench result (written before the end-to-end fields) renders and gives its JSON line."""
-    from mspeckv.bench import decode, hf, placement, presses, spec
+    from mspeckv.bench import decode, placement, presses, spec
+    from mspeckv.hf import bench as hf
     from mspeckv.parallel import bench as tp
 
     benches = {"spec.json": (spec.render_spec, spec.line), "presses.json": (presses.render_press_bench, presses.line),
