@@ -100,8 +100,8 @@ def make_hf_cache(kind: str, model, cfg: HFBenchConfig, max_len: int):
     """A fresh cache of ``kind`` for one ``generate``."""
     from transformers import DynamicCache
 
-    from .cache import MSpecKVCache
     from ..kv.placement import Placement
+    from .cache import MSpecKVCache
 
     if kind == "dynamic":
         return DynamicCache(config=model.config)
@@ -192,11 +192,11 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
 def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..bench.placement import h2d_bandwidth
     from ..data.corpora import long_prompt
     from ..model.api import default_dtype
     from ..model.loading import resolve
     from ..runs.store import run_metadata
-    from ..bench.placement import h2d_bandwidth
 
     dev = _check_device(cfg)
     d = resolve(cfg.model)
