@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .model.api import model_config  # noqa: F401 (the CLI's checks read the model's config through this module)
 from .runs.checks import (  # noqa: F401 (the checks the library shares, kept under one name for the CLI)
     PLACEMENT_OFFLOAD,
     changed,
@@ -98,3 +97,10 @@ def spec_flags(a) -> None:
     if a.drafter == "ngram":
         refuse(changed(a, "draft", "draft_sinks", "draft_window"), "--drafter ngram proposes by prompt lookup, "
                "without a draft model")
+
+
+def model_config(ref: str):
+    """A model's config alone (``model.api.model_config``, imported when called: the CLI starts without torch)."""
+    from .model.api import model_config as config
+
+    return config(ref)

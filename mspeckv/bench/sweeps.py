@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as v
-from ..model.api import model_config
 from ..runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
 from ..runs.template import add_flags, flag_name, from_args
 from .registry import BY_NAME, HF_METHODS, REFERENCE_METHODS, RETRIEVAL_METHODS, SPEC_METHODS
@@ -105,6 +104,7 @@ def validate(s: SweepSettings):
     """Every check that can fail before a model is loaded. Returns (target ModelConfig, draft ModelConfig or None)."""
     from ..config import GenerationConfig, SamplingConfig
     from ..decoding.speculative import SpecConfig
+    from ..model.api import model_config
 
     SamplingConfig(temperature=s.temperature, top_p=s.top_p)
     if s.prefill_chunk < 1:

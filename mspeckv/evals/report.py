@@ -63,7 +63,7 @@ def load_cells(dir: str | Path, include: list[str | Path] = ()) -> list[dict]:
 
 
 def damage(dirs: list[str | Path]) -> dict[str, Any]:
-    """What a set of evaluation folders lacks: ``missing`` (cells an invocation asked for, ``expected.json``, that no
+    """What a set of evaluation folders lacks: ``missing`` (cells an invocation asked for, ``expected/``, that no
     readable file holds), ``skipped`` (every file in ``cells/`` that holds no cell, named with why: damaged ones make
     the summary PARTIAL, foreign ones are only named and counted) and ``partial``."""
     missing, skipped, damaged = [], [], 0

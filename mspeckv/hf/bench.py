@@ -184,6 +184,7 @@ def _cell(model, ids: torch.Tensor, kind: str, cfg: HFBenchConfig, dev: torch.de
 def run_hf_bench(cfg: HFBenchConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..bench.placement import h2d_bandwidth
     from ..data.corpora import long_prompt
     from ..model.api import default_dtype
     from ..model.loading import resolve

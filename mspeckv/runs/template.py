@@ -15,6 +15,7 @@ config classes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import types
@@ -248,21 +249,22 @@ class CellStore(CellFolder):
         return self.scan()[0]
 
     def expect(self, cells: list[tuple[str, str, int]]) -> None:
-        """Record the cells an invocation asks for (``expected.json``, the union over invocations), so a report can
-        name those missing."""
-        have = self.expected()
-        atomic_write_json(self.dir / "expected.json", sorted(have | {(m, v, int(c)) for m, v, c in cells}))
+        """Record the cells an invocation asks for (``expected/<digest>.json``, one file per distinct request, so
+        parallel jobs into one folder never overwrite each other's), so a report can name those missing."""
+        rows = sorted({(m, v, int(c)) for m, v, c in cells})
+        digest = hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:16]
+        atomic_write_json(self.dir / "expected" / f"{digest}.json", rows)
 
     def expected(self) -> set[tuple[str, str, int]]:
-        """The cells some invocation asked for (empty for a folder written before ``expected.json`` existed)."""
-        try:
-            rows = json.loads((self.dir / "expected.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return set()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{self.dir / 'expected.json'} is damaged ({e}); delete it, the next run writes it "
-                             f"again") from None
-        return {(m, v, int(c)) for m, v, c in rows}
+        """The cells some invocation asked for (empty for a folder written before invocations recorded them)."""
+        out: set[tuple[str, str, int]] = set()
+        for p in sorted((self.dir / "expected").glob("*.json")):
+            try:
+                out |= {(m, v, int(c)) for m, v, c in json.loads(p.read_text(encoding="utf-8"))}
+            except (OSError, ValueError, TypeError) as e:
+                raise ValueError(f"{p} is damaged ({e}); delete it (the next run of that command writes it again)"
+                                 ) from None
+        return out
 
     def check_settings(self, metric: str, settings: dict) -> None:
         """Refuse to mix cells made with other settings into this directory (one clear error naming them)."""
