@@ -477,3 +477,118 @@ def test_store_bytes_and_decode_by_hand():
     q2 = q.to("cpu")
     q2.decode_into(kk, vv)
     assert torch.equal(kk, fakeq(k, 4, 8, True)) and torch.equal(vv, fakeq(v, 2, 8, False))
+
+
+# ------------------------------------------------------------------------------------------------- field bounds
+# (press, field, a value at the bound that is accepted, a value past it, the error's words): each field's own check,
+# with its own message (a value past one bound must not be caught later by another check with other words)
+BOUNDS = [
+    (KIVIPress, "k_bits", 2, 3, "kivi.k_bits must be one of 8, 4, 2"),
+    (KIVIPress, "v_bits", 8, 16, "kivi.v_bits must be one of 8, 4, 2"),
+    (KIVIPress, "group_size", 4, 0, "KIVIPress.group_size must be in [1, inf]"),
+    (KIVIPress, "residual", 0, -1, "KIVIPress.residual must be in [0, inf]"),
+    (KIVIPress, "guard", 1.0, 1.5, "KIVIPress.guard must be in [0.0, 1.0]"),
+    (KIVIPress, "guard", 0.0, -0.1, "KIVIPress.guard must be in [0.0, 1.0]"),
+    (KIVIPress, "guard_bits", 16, 4, "kivi.guard_bits must be 8 or 16, got 4"),
+    (KIVIPress, "obs_window", 1, 0, "KIVIPress.obs_window must be in [1, inf]"),
+    (LowRankPress, "calib", "x", "", "lowrank.calib is required"),
+    (LowRankPress, "rank", 0, -1, "LowRankPress.rank must be in [0, inf]"),
+    (LowRankPress, "ratio", 1.0, 1.5, "LowRankPress.ratio must be in [0.0, 1.0]"),
+    (LowRankPress, "ratio", 0.0, -0.5, "LowRankPress.ratio must be in [0.0, 1.0]"),
+    (LowRankPress, "latent_bits", 8, 4, "lowrank.latent_bits must be 16 or 8, got 4"),
+    (LowRankPress, "v_only", False, "yes", "lowrank.v_only must be true or false, got 'yes'"),
+    (LowRankPress, "latent_group", 1, 0, "LowRankPress.latent_group must be in [1, inf]"),
+    (HybridPress, "retain", 1, 0, "hybrid.retain as a token count must be >= 1"),
+    (HybridPress, "window", 0, -1, "HybridPress.window must be in [0, inf]"),
+    (HybridPress, "k_bits", 8, 3, "kivi.k_bits must be one of 8, 4, 2"),  # its parts are checked when it is built
+    (HybridPress, "spread", 0.0, 1.0, "PyramidKVPress.spread must be in [0.0, 0.99]"),
+    (StreamingLLMPress, "budget", 1, 0, "streaming.budget as a token count must be >= 1"),
+    (StreamingLLMPress, "sinks", 0, -1, "StreamingLLMPress.sinks must be in [0, inf]"),
+    (SnapKVPress, "budget", 1.0, 1.5, "snapkv.budget as a ratio must be in (0, 1]"),
+    (SnapKVPress, "sinks", 0, -1, "SnapKVPress.sinks must be in [0, inf]"),
+    (SnapKVPress, "window", 0, -1, "SnapKVPress.window must be in [0, inf]"),
+    (SnapKVPress, "window_share", 1.0, 1.01, "SnapKVPress.window_share must be in [0.0, 1.0]"),
+    (SnapKVPress, "obs_window", 1, 0, "SnapKVPress.obs_window must be in [1, inf]"),
+    (SnapKVPress, "kernel", 1, 0, "SnapKVPress.kernel must be in [1, inf]"),
+    (SnapKVPress, "reduce", "max", "sum", "snapkv.reduce must be mean or max, got 'sum'"),
+    (SnapKVPress, "layer_budgets", (1, 1.0), (1, 0), "snapkv.layer_budgets[1] as a token count must be >= 1"),
+    (H2OPress, "q_block", 1, 0, "H2OPress.q_block must be in [1, inf]"),
+    (PyramidKVPress, "spread", 0.99, 0.995, "PyramidKVPress.spread must be in [0.0, 0.99]"),
+    (AdaKVPress, "floor", 1.0, 1.1, "AdaKVPress.floor must be in [0.0, 1.0]"),
+    (RetrievalPress, "budget", 16, 12, "budget 12 is not a multiple of chunk 8"),
+    (RetrievalPress, "chunk", 8, 0, "retrieval.chunk must be an int >= 1, got 0"),
+    (RetrievalPress, "n_queries", 1, True, "retrieval.n_queries must be an int >= 1, got True"),
+]
+
+
+@pytest.mark.parametrize("cls,field,ok,bad,msg", BOUNDS, ids=[f"{c.name}.{f}={b!r}" for c, f, _, b, _ in BOUNDS])
+def test_each_field_is_checked_at_its_bound(cls, field, ok, bad, msg):
+    base = {"calib": "x"} if cls is LowRankPress else {}
+    if cls is RetrievalPress:
+        base = {"budget": 16, "chunk": 8}
+    cls(**{**base, field: ok})
+    with pytest.raises(ValueError) as e:
+        cls(**{**base, field: bad})
+    assert msg in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------- small edges
+def test_kivi_edges_observers_and_all_quantized():
+    assert KIVIPress(guard=0.0).observers(2) == [] and len(KIVIPress(guard=0.1).observers(2)) == 1
+    k, v = rand(1, 1, 16, D), rand(1, 1, 16, D, seed=1)
+    s = KIVIPress(group_size=8, residual=0).encode(0, k, v, positions(1, 1, 16), [])
+    assert [type(x) for x in s] == [QuantRows] and s[0].n == 16  # nothing left over: no empty dense store
+    # group 1 (int8): every row past the residual is a group of its own; none when the residual holds them all
+    s = KIVIPress(k_bits=8, v_bits=8, group_size=1, residual=16).encode(0, k, v, positions(1, 1, 16), [])
+    assert [type(x) for x in s] == [Rows] and s[0].pos.dtype == torch.int32
+    s = KIVIPress(k_bits=8, v_bits=8, group_size=1, residual=15).encode(0, k, v, positions(1, 1, 16), [])
+    assert [x.n for x in s] == [1, 15]
+
+
+def test_lowrank_rank_edges(proj_file):
+    path, _ = proj_file
+    assert LowRankPress(calib=path, ratio=0.01).rank_for(16) == 1  # ceil(0.16): at least 1, never more
+    assert LowRankPress(calib=path, ratio=0.0).rank_for(16) == 1
+    assert LowRankPress(calib=path, rank=3, ratio=0.9).rank_for(16) == 3
+    assert LowRankPress(calib=path, rank=12).projection(0, "v", D, "cpu").shape == (2, D, 12)  # all calibrated
+
+
+def test_lowrank_in_bf16_with_int8_latents_and_copies(proj_file):
+    """A bf16 model's rows with fp32 projections: latents are stored in the rows' dtype, decoded into bf16; int8
+    latents count their codes, scales and zeros; ``to`` keeps every part."""
+    path, P = proj_file
+    k, v = rand(1, 2, 6, D, seed=1).bfloat16(), rand(1, 2, 6, D, seed=2).bfloat16()
+    pos = positions(1, 2, 6)
+    (s,) = LowRankPress(calib=path, rank=8, v_only=False).encode(0, k, v, pos, [])
+    assert s.v_lat.dtype == torch.bfloat16 and s.k_lat.dtype == torch.bfloat16
+    kk, vv = torch.empty_like(k), torch.empty_like(v)
+    s.decode_into(kk, vv)
+    Pv, Pk = P["layer.0.v"][..., :8], P["layer.0.k"][..., :8]
+    proj = lambda x, p: torch.einsum("bhnr,hdr->bhnd", torch.einsum("bhnd,hdr->bhnr", x.float(), p), p)
+    torch.testing.assert_close(vv.float(), proj(v, Pv), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(kk.float(), proj(k, Pk), atol=0.1, rtol=0.05)
+    (q,) = LowRankPress(calib=path, rank=8, latent_bits=8, latent_group=4).encode(0, k, v, pos, [])
+    # 2 heads x 6 rows x 8 latents at 1 byte + a 2-byte scale and zero per 4 latents, bf16 keys, int32 positions
+    assert q.nbytes() == 2 * 6 * 8 + 2 * 6 * 2 * 2 * 2 + 2 * 6 * D * 2 + 2 * 6 * 4
+    q.decode_into(kk, vv)
+    q2 = q.to("cpu")
+    k2, v2 = torch.empty_like(k), torch.empty_like(v)
+    q2.decode_into(k2, v2)
+    assert torch.equal(k2, kk) and torch.equal(v2, vv) and torch.equal(q2.pos, q.pos) and q2.lat_spec == q.lat_spec
+    assert torch.equal(k2, k)
+    (f,) = LowRankPress(calib=path, rank=8, v_only=False).encode(0, k, v, pos, [])
+    f2 = f.to("cpu")
+    f2.decode_into(k2, v2)
+    assert f2.k_rows is None and torch.equal(f2.k_proj, f.k_proj)
+    s.decode_into(kk, vv)
+    assert torch.equal(k2, kk) and torch.equal(v2, vv)
+
+
+def test_store_copies_keep_every_part():
+    k, v = rand(1, 2, 8, D), rand(1, 2, 8, D, seed=1)
+    pos = positions(1, 2, 8).to(torch.int32)
+    valid = torch.rand(1, 2, 8, generator=torch.Generator().manual_seed(0)) > 0.5
+    r = Rows(k, v, pos, valid).to("cpu")
+    assert torch.equal(r.valid, valid) and torch.equal(r.pos, pos)
+    q = QuantRows.encode(k, v, pos, QuantSpec("int4", 8), QuantSpec("int8", 8)).to("cpu")
+    assert torch.equal(q.pos, pos) and q.kspec.bits == 4 and q.vspec.bits == 8

@@ -157,18 +157,25 @@ def run_group(name: str, scratch: Path, children: int, timeout: int, patterns: l
             status[m.group(1)] = m.group(2).strip()
     survivors = {}
     for mutant, st in status.items():
-        if st in ("survived", "no tests"):
+        if st == "survived":
             diff = subprocess.run(["mutmut", "show", mutant], cwd=work, env=env, capture_output=True, text=True)
             survivors[mutant] = {"status": st, "diff": diff.stdout[-1500:]}
+        elif st == "no tests":  # named only: `mutmut show` takes seconds each on a busy machine
+            survivors[mutant] = {"status": st, "diff": ""}
     counts: dict[str, int] = {}
     for st in status.values():
         counts[st] = counts.get(st, 0) + 1
+    by_module: dict[str, dict[str, int]] = {}  # per source module: the goal is per module, not per group
+    for mutant, st in status.items():
+        mod = mutant.split(".x")[0] if ".x" in mutant else mutant.rsplit(".", 1)[0]
+        c = by_module.setdefault(mod, {})
+        c[st] = c.get(st, 0) + 1
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     survived = counts.get("survived", 0)
     score = killed / (killed + survived) if killed + survived else None
     return {"group": name, "files": files, "tests": tests, "command": " ".join(cmd), "seconds": round(secs, 1),
             "returncode": p.returncode, "timed_out": timed_out, "counts": counts, "killed": killed,
-            "survived": survived,
+            "survived": survived, "by_module": by_module,
             "no_tests": counts.get("no tests", 0), "score": score, "survivors": survivors,
             "log_tail": log if p.returncode else "", "not_checked": counts.get("not checked", 0)}
 
