@@ -193,3 +193,68 @@ def test_hf_mask_offset_after_eviction():
     assert plain.get_mask_sizes(1) == (21, 0)
     plain.crop(15)  # transformers 4.x style: keep the first 15
     assert plain.get_seq_length() == 15
+
+
+def test_memory_report_by_hand():
+    """Direct layer 0 on the device, layer 1 offloaded; 20 tokens pressed to 5 rows each; a tail of 6."""
+    src = filled(20)
+    c = PressedKV(StreamingLLMPress(budget=5, sinks=2), NL, B, H, D, 6, torch.float32, "cpu", inner=src,
+                  offload=frozenset({1}))
+    with pytest.raises(RuntimeError, match="before compress"):
+        c.bytes_per_token()
+    assert c.memory_report()["compressed"] is False and c.length() == 20 and c.capacity() == 64
+    c.compress()
+    row = 2 * B * H * D * 4  # K and V of one token, fp32
+    store = 5 * row + B * H * 5 * 4  # + int32 positions
+    r = c.memory_report()
+    assert (r["store_bytes"], r["store_bytes_gpu"], r["store_bytes_cpu"]) == (2 * store, store, store)
+    assert r["tail_bytes"] == NL * 6 * row and r["rows_kept"] == 10 and r["tokens"] == 20
+    assert r["scratch_bytes"] == (5 + 6) * row  # one layer's worth: the largest scratch layer's rows + the tail
+    assert r["static_slack_bytes"] == 0 and r["shared_bytes"] == 0 and r["compressions"] == 1
+    assert r["kv_bytes"] == 2 * store + NL * 6 * row + 11 * row
+    assert r["bytes_per_token"] == 2 * store / 20 and r["full_bytes_per_token"] == NL * row
+    assert r["compression"] == NL * row / (2 * store / 20) and r["press"] == "streaming:budget=5,sinks=2"
+    assert c.capacity() == 5 + 6 and c.store_bytes(1) == store
+    # the static layout reports the rows it allocates but does not hold
+    s = PressedKV.build(StreamingLLMPress(budget=5, sinks=2), src, [], tail=6, static=True, fixed_cap=8)
+    assert s.memory_report()["static_slack_bytes"] == NL * 3 * row
+
+
+def test_errors_and_bookkeeping():
+    with pytest.raises(ValueError, match="at least one appended row, got tail=0"):
+        PressedKV(None, NL, B, H, D, 0, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="compress_every must be in \\[1, tail=4\\], got 5"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", compress_every=5)
+    with pytest.raises(ValueError, match="compress_every must be in"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", compress_every=0)
+    PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", compress_every=4)
+    with pytest.raises(ValueError, match="fixed_cap >= 1 and no offloaded layers"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", static=True, fixed_cap=0)
+    with pytest.raises(ValueError, match="fixed_cap >= 1 and no offloaded layers"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", static=True, fixed_cap=4, offload=frozenset({0}))
+    # built empty with compress_every: rows arrive in the tail and are re-pressed when it would overflow
+    c = PressedKV(StreamingLLMPress(budget=4, sinks=1), NL, B, H, D, 6, torch.float32, "cpu", compress_every=6)
+    assert c.compressed and c.length() == 0 and c.next_position() == 0
+    forward(c, 0, 5)
+    assert c.compressions == 0 and c.n_tail == 5
+    forward(c, 5, 2)  # 5 + 2 > 6: re-pressed first (keeps 4 of 5), then appended
+    assert c.compressions == 1 and tokens(c.read(0)[0]) == [0, 2, 3, 4, 5, 6] and c.next_position() == 7
+    with pytest.raises(RuntimeError, match="inside a forward"):
+        c.begin(1)
+        c.compress()
+    c.abort()
+    c.skip(3)  # the tail is pressed first, so positions stay contiguous
+    assert c.next_position() == 10 and c.n_tail == 0 and c.positions(0)[0, 0].tolist() == [0, 4, 5, 6]
+    with pytest.raises(ValueError, match="skip\\(-1\\)"):
+        c.skip(-1)
+    with pytest.raises(RuntimeError, match="needs a compressed cache"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", inner=filled(4)).append_external([])
+    c2 = PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="need one \\(k, v\\) per layer \\(2\\), got 1"):
+        c2.append_external([(rows(0, 1), rows(0, 1))])
+    c2.append_external([(rows(0, 0), rows(0, 0))] * NL)  # nothing to append
+    assert c2.n_tail == 0
+    from mspeckv.kv.base import CacheFullError
+
+    with pytest.raises(CacheFullError, match="exceed its tail of 4"):
+        c2.begin(5)
