@@ -592,3 +592,73 @@ def test_store_copies_keep_every_part():
     assert torch.equal(r.valid, valid) and torch.equal(r.pos, pos)
     q = QuantRows.encode(k, v, pos, QuantSpec("int4", 8), QuantSpec("int8", 8)).to("cpu")
     assert torch.equal(q.pos, pos) and q.kspec.bits == 4 and q.vspec.bits == 8
+
+
+# ------------------------------------------------------------------------------------------------- more edges
+def test_adakv_pools_on_per_head_scaled_scores():
+    """Head 0's scores are small (max 0.2) but its runner-up is 0.75 of its max; head 1's runner-ups are half its
+    max: scaled per head, head 0's rows win the pooled share (unscaled, head 1's would)."""
+    s = torch.tensor([[[0.2, 0.15, 0.15, 0.01, 0.01, 0.01],
+                       [1.0, 0.5, 0.5, 0.01, 0.01, 0.01]]])
+    p = FixedScores(budget=2, sinks=0, window=0, floor=0.5)
+    object.__setattr__(p, "_s", s)
+    idx, valid = p.select_adaptive(0, 1, rand(1, 2, 6, D), positions(1, 2, 6), [])
+    assert valid.tolist() == [[[True, True, True], [True, False, False]]]
+    assert idx[0, 0].tolist() == [0, 1, 2] and idx[0, 1, 0] == 0
+
+
+def test_adakv_full_budget_keeps_every_row_unpadded():
+    k, v = rand(1, 2, 6, D), rand(1, 2, 6, D, seed=1)
+    p = AdaKVPress(budget=6, sinks=0, window=0)
+    assert p.select_adaptive(0, 1, k, positions(1, 2, 6), []) == (None, None)
+    (r,) = p.compress(0, 1, k, v, positions(1, 2, 6), [])
+    assert r.valid is None and torch.equal(r.k, k) and torch.equal(r.v, v) and r.pos.tolist() == [[list(range(6))] * 2]
+
+
+def test_forced_rows_when_the_budget_is_smaller_than_sinks_plus_window():
+    """Budget 5, sinks 3, window 4: the sinks first, then the newest rows (newest first), never by score."""
+    L = 20
+    k, q = rand(1, 1, L, D, seed=3), rand(1, 2, 2, D, seed=4)
+    p = SnapKVPress(budget=5, sinks=3, window=4, obs_window=2)
+    assert p.select(0, 1, k, positions(1, 1, L), lastq(q))[0, 0].tolist() == [0, 1, 2, 18, 19]
+
+
+def test_pyramid_two_layers_and_refusal():
+    p = PyramidKVPress(budget=0.25, spread=0.5)
+    assert [p.layer_budget(l, 2) for l in range(2)] == [0.375, 0.125]
+    with pytest.raises(ValueError, match="use snapkv with layer_budgets for an explicit schedule"):
+        PyramidKVPress(layer_budgets=(0.5,))
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_h2o_batch_rows_and_short_forwards(T):
+    B, Hq, Hkv, before = 2, 4, 2, 3
+    k_all, q = rand(B, Hkv, before + T, D, seed=7), rand(B, Hq, T, D, seed=8)
+    o = AttentionMass(1, 2)
+    o.on_query(0, q)
+    o.on_update(0, None, None, k_all, None)
+    torch.testing.assert_close(o.mass[0], ref_mass(q, k_all, before))
+
+
+def test_h2o_observer_and_score_lookup():
+    p = H2OPress(q_block=2)
+    (o,) = p.observers(4)
+    assert isinstance(o, AttentionMass) and o.q_block == 2 and len(o.mass) == 4
+    o.mass[1] = torch.ones(1, 1, 5)
+    other = LastQueries(4)  # an observer of another kind comes first: skipped
+    assert p.score(1, rand(1, 1, 5, D), None, [other, o]).tolist() == [[[1.0] * 5]]
+    with pytest.raises(RuntimeError, match="h2o saw no attention: run a prefill through the cache before compress"):
+        p.score(0, rand(1, 1, 5, D), None, [other, o])
+
+
+def test_no_press_spec_and_retrieval_full_budget():
+    from mspeckv.presses import Press, parse_press
+
+    k, v = rand(1, 2, 4, D), rand(1, 2, 4, D, seed=1)
+    (r,) = Press().encode(0, k, v, positions(1, 2, 4), [])
+    assert r.pos.dtype == torch.int32 and torch.equal(r.k, k) and r.k is not k
+    assert StreamingLLMPress().spec() == "streaming" and str(StreamingLLMPress(sinks=2)) == "streaming:sinks=2"
+    p = SnapKVPress(layer_budgets=(0.25, 8))
+    assert p.spec() == "snapkv:layer_budgets=0.25/8" and parse_press(p.spec()) == p
+    kk = rand(1, 1, 32, D)
+    assert RetrievalPress(budget=32, chunk=8).select(0, 1, kk, positions(1, 1, 32), lastq(rand(1, 2, 1, D))) is None
