@@ -148,6 +148,26 @@ REASONS: dict[str, tuple[str, str]] = {
     "x__seed_key__mutmut_5": (E, "the third key field only breaks ties between equal numeric seeds (one dict key)"),
     "x__seed_key__mutmut_6": (E, "named seeds still sort after numeric ones (2 > 0 as 1 > 0)"),
     "x__seed_key__mutmut_7": (E, "the second field is constant among named seeds either way"),
+    # presses_encode (kivi.py, lowrank.py, hybrid.py, kv/stores.py), issue 29.2
+    **{f"xǁKIVIPressǁencode__mutmut_{i}": (E, "snap_scores reduces by max only for 'max'; any other string is the mean")
+       for i in (39, 50, 51)},
+    "xǁKIVIPressǁencode__mutmut_57": (E, "topk's default dim is the last one"),
+    "xǁKIVIPressǁencode__mutmut_91": (E, "with no guard rows `top` is never read (both uses are under `if n_guard`)"),
+    "xǁLowRankPressǁencode__mutmut_55": (E, "with K latents the keys are only read by the projection; a copy of them "
+                                          "projects to the same latents"),
+    **{f"xǁ{c}ǁdecode_into__mutmut_{i}": ("cpu-equivalent", "non_blocking only matters for a copy from pinned "
+                                          "memory to the GPU") for c, ids in (("Rows", (4, 5, 9, 10)),
+                                                                               ("LowRank", (36, 37))) for i in ids},
+    **{f"xǁ{c}ǁto__mutmut_{i}": ("cpu-equivalent", "device or non_blocking of a copy to the device the tensor is "
+                                 "already on (every CPU test): the same tensor either way")
+       for c, ids in (("Rows", (1, 7, 9, 10)), ("QuantRows", (1, 13, 17, 19, 23, 24, 26, 27)),
+                      ("LowRank", (1, 10, 14, 15, 17, 18, 34, 40))) for i in ids},
+    **{f"xǁQuantRowsǁdecode_into__mutmut_{i}": (E, "the quantizer dequantizes in fp32 and casts; copy_ casts into the "
+                                                "output's dtype the same way") for i in (4, 11)},
+    **{f"xǁLowRankǁ{f}__mutmut_{i}": (E, "einsum subscripts in upper case name the same axes")
+       for f, i in (("encode", 11), ("encode", 31), ("decode_into", 46))},
+    **{f"xǁLowRankǁdecode_into__mutmut_{i}": (E, "matmul into the output and copy of the product give the same values "
+                                              "(matmul's out= also takes a strided view)") for i in (11, 12)},
 }
 
 

@@ -43,7 +43,7 @@ class AttentionMass(Observer):
             if mask is not None:
                 m = mask[..., t0:t1, :]  # (t, S) or per head (B, Hkv, t, S); rows g-major like qs
                 s = s.masked_fill(~(m.repeat(G, 1) if m.dim() == 2 else m.repeat(1, 1, G, 1)), float("-inf"))
-            elif t1 - t0 > 1:  # causal among the new rows: row i sees keys j <= S - T + i
+            elif T > 1:  # causal among the new rows (in every block, one row included): row i sees keys j <= S - T + i
                 i = torch.arange(t0, t1, device=s.device)[:, None]
                 vis = torch.arange(S, device=s.device)[None, :] <= S - T + i
                 s = s.masked_fill(~vis.repeat(G, 1), float("-inf"))

@@ -1,0 +1,260 @@
+"""Where a pressed cache puts every row, checked by hand on numbered rows (issue 29, item 2): the direct layout (kept
+rows + tail in one buffer), the scratch layout (stores decoded, then the tail), per-head padding masks, the static
+(CUDA-graph) layout's append, offloaded stores, and the transformers cache's mask offset after an eviction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mspeckv.kv.dense import DenseKV
+from mspeckv.kv.pressed import PressedKV
+from mspeckv.kv.quant import QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from mspeckv.kv.stores import QuantRows, Rows
+from mspeckv.presses import KIVIPress, StreamingLLMPress
+
+B, H, D, NL = 1, 2, 8, 2
+
+
+def rows(t0, n, layer=0, sign=1.0):
+    """(B, H, n, D) rows whose every entry names its token and layer: token + layer / 10 (+ head / 100)."""
+    t = torch.arange(t0, t0 + n, dtype=torch.float32)[None, None, :, None]
+    h = torch.arange(H, dtype=torch.float32)[None, :, None, None] / 100
+    return (sign * (t + layer / 10 + h)).expand(B, H, n, D).clone()
+
+
+def filled(L):
+    """A DenseKV holding L numbered tokens in every layer (K = +rows, V = -rows)."""
+    c = DenseKV(NL, B, H, D, 64, torch.float32, "cpu")
+    c.begin(L)
+    for i in range(NL):
+        c.update(i, rows(0, L, i), rows(0, L, i, -1.0))
+    c.end()
+    return c
+
+
+def tokens(x, layer=0):
+    """The token numbers of (B, H, n, D) rows, head 0."""
+    return torch.round(x[0, 0, :, 0] - layer / 10).long().tolist()
+
+
+def forward(cache, t0, n):
+    cache.begin(n)
+    # clones: the scratch layout decodes every layer into one shared buffer
+    out = [tuple(x.clone() for x in cache.update(i, rows(t0, n, i), rows(t0, n, i, -1.0))) for i in range(NL)]
+    mask = cache.attn_mask
+    cache.end()
+    return out, mask
+
+
+def test_direct_layout_appends_after_the_kept_rows():
+    src = filled(20)
+    c = PressedKV.build(StreamingLLMPress(budget=5, sinks=2), src, [], tail=6)
+    assert c.direct == [True, True] and c.n_fixed == [5, 5] and c.source_len == 20
+    assert c.next_position() == 20 and c.length() == 5
+    (kv0, kv1), mask = forward(c, 20, 2)
+    want = [0, 1, 17, 18, 19, 20, 21]
+    assert tokens(kv0[0]) == want and tokens(-kv0[1]) == want and tokens(kv1[0], 1) == want and mask is None
+    assert c.positions(0)[0, 0].tolist() == want and c.next_position() == 22 and c.length() == 7
+    c.append_external([(rows(22, 3, i), rows(22, 3, i, -1.0)) for i in range(NL)])
+    assert tokens(c.read(1)[0], 1) == want + [22, 23, 24] and c.next_position() == 25
+    c.rollback(4)
+    assert tokens(c.read(0)[0]) == [0, 1, 17, 18, 19, 20] and c.next_position() == 21
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        c.rollback(2)
+    # source untouched; a re-press keeps the newest 3 of what is held, sinks first
+    assert tokens(src.read(0)[0]) == list(range(20))
+    c.compress()
+    assert tokens(c.read(0)[0]) == [0, 1, 18, 19, 20] and c.positions(0)[0, 0].tolist() == [0, 1, 18, 19, 20]
+    assert c.next_position() == 21 and c.n_tail == 0
+
+
+def test_scratch_layout_decodes_the_stores_then_the_tail():
+    src = filled(24)
+    p = KIVIPress(k_bits=4, v_bits=2, group_size=8, residual=5)  # 19 quantizable -> 16 quantized, 8 full precision
+    c = PressedKV.build(p, src, [], tail=4)
+    assert c.direct == [False, False] and [type(s) for s in c.stores[0]] == [QuantRows, Rows]
+    (kv0, kv1), _ = forward(c, 24, 2)
+    ks, vs = QuantSpec("int4", 8), QuantSpec("int2", 8)
+    for layer, (k, v) in enumerate((kv0, kv1)):
+        assert k.shape[2] == 26
+        torch.testing.assert_close(k[:, :, :16], dequantize_keys(quantize_keys(rows(0, 16, layer), ks), ks,
+                                                                torch.float32))
+        torch.testing.assert_close(v[:, :, :16], dequantize_values(quantize_values(rows(0, 16, layer, -1.0), vs), vs,
+                                                                  torch.float32))
+        assert tokens(k[:, :, 16:], layer) == list(range(16, 26))
+        assert tokens(-v[:, :, 16:], layer) == list(range(16, 26))
+    assert c.positions(1)[0, 1].tolist() == list(range(26))
+    assert tokens(c.read(1)[0][:, :, 16:], 1) == list(range(16, 26))
+    c.append_external([(rows(26, 2, i), rows(26, 2, i, -1.0)) for i in range(NL)])
+    assert tokens(c.read(0)[0][:, :, 16:]) == list(range(16, 28))
+
+
+def test_offloaded_stores_count_their_bytes_per_forward():
+    src = filled(16)
+    c = PressedKV(StreamingLLMPress(budget=6, sinks=2), NL, B, H, D, 4, torch.float32, "cpu", inner=src,
+                  offload=frozenset({1}))
+    c.compress()
+    assert c.direct == [True, False] and c.stores[1][0].k.device.type == "cpu"
+    per_store = c.stores[1][0].nbytes()
+    assert per_store == 2 * B * H * 6 * D * 4 + B * H * 6 * 4
+    (kv0, kv1), _ = forward(c, 16, 1)
+    assert c.h2d_bytes == per_store and tokens(kv1[0], 1) == [0, 1, 12, 13, 14, 15, 16]
+    assert c.memory_report()["store_bytes_cpu"] == per_store
+
+
+def test_padded_heads_are_masked_per_head():
+    """Heads keeping different counts (AdaKV): head 0 holds 2 valid rows of 3, head 1 all 3; new rows see every valid
+    kept row and the new rows up to their own."""
+    c = PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu")
+    k, v = rows(0, 3), rows(0, 3, sign=-1.0)
+    valid = torch.tensor([[[True, True, False], [True, True, True]]])
+    pos = torch.tensor([[[0, 5, 0], [1, 2, 5]]], dtype=torch.int32)
+    for i in range(NL):
+        c._lay_out(i, [Rows(k, v, pos, valid)])
+    c.source_len = 6
+    c.begin(2)
+    c.update(0, rows(6, 2), rows(6, 2, sign=-1.0))
+    m = c.attn_mask
+    c.end()
+    assert m.shape == (B, H, 2, 5)
+    assert m[0, 0].tolist() == [[True, True, False, True, False], [True, True, False, True, True]]
+    assert m[0, 1].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_static_layout_appends_at_the_device_position():
+    src = filled(20)
+    c = PressedKV.build(StreamingLLMPress(budget=5, sinks=2), src, [], tail=6, static=True, fixed_cap=8)
+    assert c.graphable and c.pos.tolist() == [5, 5] and c.capacity() == 14
+    buf0 = c.buf[0]
+    c.begin(2)
+    k, v = c.update(0, rows(20, 2), rows(20, 2, sign=-1.0))
+    assert k.shape[2] == 14 and c.attn_lens.tolist() == [6, 7]
+    assert c.attn_mask.tolist() == [[j <= r for j in range(14)] for r in (5, 6)]
+    c.update(1, rows(20, 2, 1), rows(20, 2, 1, -1.0))
+    c.end()
+    assert c.pos.tolist() == [7, 7] and tokens(c.buf[0][0][:, :, :7]) == [0, 1, 17, 18, 19, 20, 21]
+    c.append_external([(rows(22, 2, i), rows(22, 2, i, -1.0)) for i in range(NL)])
+    assert c.pos.tolist() == [9, 9] and tokens(c.read(1)[0], 1) == [0, 1, 17, 18, 19, 20, 21, 22, 23]
+    c.begin(1)
+    c.update(0, rows(24, 1), rows(24, 1, sign=-1.0))
+    assert c.attn_lens.tolist() == [10]
+    c.update(1, rows(24, 1, 1), rows(24, 1, 1, -1.0))
+    c.end()
+    assert tokens(c.buf[1][0][:, :, :10], 1) == [0, 1, 17, 18, 19, 20, 21, 22, 23, 24]
+    c.rollback(2)
+    assert c.pos.tolist() == [8, 8] and c.next_position() == 23
+    c.compress()  # re-press into the same buffers: captured graphs stay valid
+    assert c.buf[0] is buf0 and c.pos.tolist() == [5, 5] and tokens(c.read(0)[0]) == [0, 1, 20, 21, 22]
+    with pytest.raises(ValueError, match="more than the static buffer's 4"):
+        PressedKV.build(StreamingLLMPress(budget=5, sinks=2), src, [], tail=6, static=True, fixed_cap=4)
+
+
+def test_static_layout_with_padded_heads_masks_the_padding():
+    """A static buffer over per-head padded rows: the mask hides padding and rows past each query's position."""
+    c = PressedKV(None, NL, B, H, D, 3, torch.float32, "cpu", static=True, fixed_cap=4)
+    valid = torch.tensor([[[True, False, True], [True, True, True]]])
+    pos = torch.tensor([[[0, 0, 2], [0, 1, 2]]], dtype=torch.int32)
+    for i in range(NL):
+        c._lay_out(i, [Rows(rows(0, 3), rows(0, 3, sign=-1.0), pos, valid)])
+    c.pos.fill_(3)
+    c.source_len = 3
+    c.begin(1)
+    c.update(0, rows(3, 1), rows(3, 1, sign=-1.0))
+    m = c.attn_mask
+    assert c.attn_lens is None and m.shape == (B, H, 1, 7)
+    assert m[0, 0, 0].tolist() == [True, False, True, True, False, False, False]
+    assert m[0, 1, 0].tolist() == [True, True, True, True, False, False, False]
+
+
+# ------------------------------------------------------------------------------------------------- transformers
+def test_hf_mask_offset_after_eviction():
+    """transformers sizes the attention mask from ``get_mask_sizes``: kv_length = rows held + new rows, and the offset
+    = tokens seen - rows held, so that a new row's index plus the offset is its absolute position."""
+    from mspeckv.hf import MSpecKVCache, cache_argument
+    from tests.tiny import tiny_pair
+
+    hf, _ = tiny_pair("llama")
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(0))
+    cache = MSpecKVCache(hf, press="streaming:budget=8,sinks=2", max_len=64)
+    assert cache.get_mask_sizes(5) == (5, 0) and cache.get_seq_length() == 0
+    with torch.no_grad():
+        hf(ids, **{cache_argument(hf): cache})
+        assert cache.compressed and cache.inner.length() == 8 and cache.get_seq_length() == 20
+        assert cache.get_mask_sizes(1) == (9, 12) and cache.get_mask_sizes(torch.arange(3)) == (11, 12)
+        hf(ids[:, :1], **{cache_argument(hf): cache})
+        assert cache.get_mask_sizes(1) == (10, 12) and cache.get_seq_length() == 21
+    cache.crop(-1)
+    assert cache.get_seq_length() == 20 and cache.get_mask_sizes(2) == (10, 12)
+    # no press: no offset
+    plain = MSpecKVCache(hf, max_len=64)
+    with torch.no_grad():
+        hf(ids, **{cache_argument(hf): plain})
+    assert plain.get_mask_sizes(1) == (21, 0)
+    plain.crop(15)  # transformers 4.x style: keep the first 15
+    assert plain.get_seq_length() == 15
+
+
+def test_memory_report_by_hand():
+    """Direct layer 0 on the device, layer 1 offloaded; 20 tokens pressed to 5 rows each; a tail of 6."""
+    src = filled(20)
+    c = PressedKV(StreamingLLMPress(budget=5, sinks=2), NL, B, H, D, 6, torch.float32, "cpu", inner=src,
+                  offload=frozenset({1}))
+    with pytest.raises(RuntimeError, match="before compress"):
+        c.bytes_per_token()
+    assert c.memory_report()["compressed"] is False and c.length() == 20 and c.capacity() == 64
+    c.compress()
+    row = 2 * B * H * D * 4  # K and V of one token, fp32
+    store = 5 * row + B * H * 5 * 4  # + int32 positions
+    r = c.memory_report()
+    assert (r["store_bytes"], r["store_bytes_gpu"], r["store_bytes_cpu"]) == (2 * store, store, store)
+    assert r["tail_bytes"] == NL * 6 * row and r["rows_kept"] == 10 and r["tokens"] == 20
+    assert r["scratch_bytes"] == (5 + 6) * row  # one layer's worth: the largest scratch layer's rows + the tail
+    assert r["static_slack_bytes"] == 0 and r["shared_bytes"] == 0 and r["compressions"] == 1
+    assert r["kv_bytes"] == 2 * store + NL * 6 * row + 11 * row
+    assert r["bytes_per_token"] == 2 * store / 20 and r["full_bytes_per_token"] == NL * row
+    assert r["compression"] == NL * row / (2 * store / 20) and r["press"] == "streaming:budget=5,sinks=2"
+    assert c.capacity() == 5 + 6 and c.store_bytes(1) == store
+    # the static layout reports the rows it allocates but does not hold
+    s = PressedKV.build(StreamingLLMPress(budget=5, sinks=2), src, [], tail=6, static=True, fixed_cap=8)
+    assert s.memory_report()["static_slack_bytes"] == NL * 3 * row
+
+
+def test_errors_and_bookkeeping():
+    with pytest.raises(ValueError, match="at least one appended row, got tail=0"):
+        PressedKV(None, NL, B, H, D, 0, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="compress_every must be in \\[1, tail=4\\], got 5"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", compress_every=5)
+    with pytest.raises(ValueError, match="compress_every must be in"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", compress_every=0)
+    PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", compress_every=4)
+    with pytest.raises(ValueError, match="fixed_cap >= 1 and no offloaded layers"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", static=True, fixed_cap=0)
+    with pytest.raises(ValueError, match="fixed_cap >= 1 and no offloaded layers"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", static=True, fixed_cap=4, offload=frozenset({0}))
+    # built empty with compress_every: rows arrive in the tail and are re-pressed when it would overflow
+    c = PressedKV(StreamingLLMPress(budget=4, sinks=1), NL, B, H, D, 6, torch.float32, "cpu", compress_every=6)
+    assert c.compressed and c.length() == 0 and c.next_position() == 0
+    forward(c, 0, 5)
+    assert c.compressions == 0 and c.n_tail == 5
+    forward(c, 5, 2)  # 5 + 2 > 6: re-pressed first (keeps 4 of 5), then appended
+    assert c.compressions == 1 and tokens(c.read(0)[0]) == [0, 2, 3, 4, 5, 6] and c.next_position() == 7
+    with pytest.raises(RuntimeError, match="inside a forward"):
+        c.begin(1)
+        c.compress()
+    c.abort()
+    c.skip(3)  # the tail is pressed first, so positions stay contiguous
+    assert c.next_position() == 10 and c.n_tail == 0 and c.positions(0)[0, 0].tolist() == [0, 4, 5, 6]
+    with pytest.raises(ValueError, match="skip\\(-1\\)"):
+        c.skip(-1)
+    with pytest.raises(RuntimeError, match="needs a compressed cache"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", inner=filled(4)).append_external([])
+    c2 = PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="need one \\(k, v\\) per layer \\(2\\), got 1"):
+        c2.append_external([(rows(0, 1), rows(0, 1))])
+    c2.append_external([(rows(0, 0), rows(0, 0))] * NL)  # nothing to append
+    assert c2.n_tail == 0
+    from mspeckv.kv.base import CacheFullError
+
+    with pytest.raises(CacheFullError, match="exceed its tail of 4"):
+        c2.begin(5)
