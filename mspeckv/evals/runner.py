@@ -88,8 +88,10 @@ class EvalConfig:
     metrics: tuple[str, ...] = opt(("ppl",), "metrics to run", cli=False)
     model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or hub id")
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
-    press: tuple[str, ...] = opt((), "press spec, preset name or .yaml file, e.g. snapkv:budget=1024", nargs=True)
-    kv_quant: tuple[str, ...] = opt(("none",), "formats of the offloaded KV, one variant each", choices=FORMATS)
+    press: tuple[str, ...] = opt((), "press spec, preset name or .yaml file, e.g. snapkv:budget=1024; crossed with "
+                                     "--kv-quant (see above)", nargs=True)
+    kv_quant: tuple[str, ...] = opt(("none",), "formats of the offloaded KV, crossed with --press (see above)",
+                                    choices=FORMATS)
     on_chip: int | None = opt(None, "layers whose KV stays dense on the device (default: all; 0 when a --kv-quant "
                                     "format is given, i.e. every layer quantized)")
     kv_group_size: int = opt(64, "quantization group (tokens for keys, channels for values)")
@@ -383,6 +385,7 @@ def _append_command(d: Path, command: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def cmd_eval(a) -> int:
+    from .. import cli_checks as checks  # the CLI's own checks: the parser part of this module is a front-end
     from . import report
 
     if a.include and a.metric != "report":
@@ -402,6 +405,7 @@ def cmd_eval(a) -> int:
     names = [m.strip() for m in a.metric.split(",") if m.strip()]
     metrics = METRICS if names == ["all"] else tuple(dict.fromkeys(names))
     cfg = from_args(EvalConfig, a, metrics=metrics)
+    checks.out_dir("--output-dir", cfg.out_dir())  # a file there, or an unwritable place: refused before the model
     command = "mspeckv " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     summary = run_eval(cfg, command)
     if summary.get("dry_run"):
@@ -422,7 +426,10 @@ def add_eval_parser(sub) -> None:
 
     p = sub.add_parser("eval", help="quality evaluation against the full cache (ppl, kl, needle, gsm8k, ...)",
                        description="Quality of placements and presses against the full cache, in the same "
-                                   "invocation; protocols in the docstrings of mspeckv/evals/*.py.")
+                                   "invocation; protocols in the docstrings of mspeckv/evals/*.py. Variants: every "
+                                   "press (none and each --press) crossed with every --kv-quant format, minus the "
+                                   "baseline. So --press X --kv-quant Y is not two variants but X over Y-quantized "
+                                   "KV, beside Y alone; add --kv-quant none,Y to evaluate X alone too.")
     p.add_argument("metric", metavar="METRIC[,METRIC...]",
                    help=f"one or more of {','.join(METRICS)} (comma-separated), all, or report (re-render "
                         f"--output-dir)")
