@@ -262,7 +262,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     src.add_argument("--prompt-file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prefill-chunk", type=int, default=1024)
+    add(p, "--prefill-chunk", type=int, default=1024, help="tokens per prefill forward (--backend ours)",
+        applies={"backend": ("ours",)})
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--backend", default="ours", choices=["ours", "hf"],
                    help="ours: our runtime (default); hf: transformers' generate with our cache (mspeckv.hf)")
