@@ -302,7 +302,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .bench.sweeps import add_sweep_commands
 
     add_sweep_commands(sub)
-    from .evals.runner import add_eval_parser
+    from .cli_eval import add_eval_parser
 
     add_eval_parser(sub)  # mspeckv eval ... and mspeckv data ...
     checks.record_defaults(ap)
