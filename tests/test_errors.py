@@ -211,7 +211,7 @@ def test_demo_honours_vanilla(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run_generation", fake_run)
-    monkeypatch.setattr(cli, "_preflight", lambda a: None)
+    monkeypatch.setattr(cli, "preflight", lambda a: None)
     monkeypatch.setattr(cli, "_load_pair", lambda a: (type("M", (), {"device": "cpu"})(), _Tok(), None))
     from types import SimpleNamespace
 

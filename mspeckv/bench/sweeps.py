@@ -212,6 +212,8 @@ def refuse_ignored(a, s: SweepSettings) -> None:
     from ..runs.checks import refuse
 
     changed = lambda *names: _changed(a, s, *names)
+    if s.target.startswith("random:"):
+        refuse(changed("dataset"), f"--target {s.target} has random weights, so its prompts are random token ids")
     if not any(BY_NAME[m].quant for m in s.methods):
         refuse(changed("kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
                "only the mspeckv_kv_quant method reads them, and --methods leaves it out")

@@ -280,6 +280,9 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
     ``press`` compresses the target's own (full-level) KV after prefill: the output then equals AR over the same
     pressed cache, not AR over the full KV. ``spec.l1_press`` is the middle level's press, which stays lossless.
     ``setup_s``: building the caches before the prefill and capturing graphs after it (``graph_setup_s``)."""
+    if draft is None and spec.drafter == "model":
+        raise ValueError("speculative_generate got no draft model, and SpecConfig(drafter='model') proposes with one: "
+                         "pass the draft, or use SpecConfig(drafter='ngram') (prompt lookup, no draft model)")
     t_start = time.perf_counter()
     target.check_prompt(prompt)
     if prompt.shape[0] != 1:

@@ -32,15 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
-import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runs.template import CellStore, Partial, add_flags, check, from_args, opt
+from ..runs.template import CellStore, Partial, check, opt
 from .variants import Variant
 
 FORMATS = ("none", "int8", "int4", "int2")
@@ -88,8 +86,10 @@ class EvalConfig:
     metrics: tuple[str, ...] = opt(("ppl",), "metrics to run", cli=False)
     model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or hub id")
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
-    press: tuple[str, ...] = opt((), "press spec, preset name or .yaml file, e.g. snapkv:budget=1024", nargs=True)
-    kv_quant: tuple[str, ...] = opt(("none",), "formats of the offloaded KV, one variant each", choices=FORMATS)
+    press: tuple[str, ...] = opt((), "press spec, preset name or .yaml file, e.g. snapkv:budget=1024; crossed with "
+                                     "--kv-quant (see above)", nargs=True)
+    kv_quant: tuple[str, ...] = opt(("none",), "formats of the offloaded KV, crossed with --press (see above)",
+                                    choices=FORMATS)
     on_chip: int | None = opt(None, "layers whose KV stays dense on the device (default: all; 0 when a --kv-quant "
                                     "format is given, i.e. every layer quantized)")
     kv_group_size: int = opt(64, "quantization group (tokens for keys, channels for values)")
@@ -387,60 +387,6 @@ def _append_command(d: Path, command: str) -> None:
     d.mkdir(parents=True, exist_ok=True)
     with (d / "command.txt").open("a", encoding="utf-8") as f:
         f.write(command + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-def cmd_eval(a) -> int:
-    from . import report
-
-    if a.include and a.metric != "report":
-        raise ValueError("--include is for 'eval report' only (it reads other folders' cells into one overview)")
-    if a.metric == "report":
-        d = Path(a.output_dir or "")
-        if not a.output_dir or not ((d / "cells").is_dir() or a.include):
-            raise ValueError("eval report needs --output-dir DIR of an evaluation (with DIR/cells), or --include "
-                             "folders to read into DIR")
-        bad = [x for x in a.include if not (Path(x) / "cells").is_dir()]
-        if bad:
-            raise ValueError(f"--include {bad[0]}: not an evaluation folder (no cells/ in it)")
-        summary = report.render(d, plots=not a.no_plots, include=a.include)
-        print(report.overview_markdown(summary))
-        print(json.dumps(report.summary_line(summary)))
-        return 0
-    names = [m.strip() for m in a.metric.split(",") if m.strip()]
-    metrics = METRICS if names == ["all"] else tuple(dict.fromkeys(names))
-    cfg = from_args(EvalConfig, a, metrics=metrics)
-    command = "mspeckv " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    summary = run_eval(cfg, command)
-    if summary.get("dry_run"):
-        for t in summary["todo"]:
-            print(f"{t['family']:7s} context {t['context']:6d}: {', '.join(t['variants'])}")
-        print(json.dumps(summary))
-        return 0
-    print(report.overview_markdown(summary))
-    line = report.summary_line(summary)
-    line["failed"] = summary["failed"]
-    print(json.dumps(line))
-    return 1 if summary["failed"] else 0
-
-
-def add_eval_parser(sub) -> None:
-    """``mspeckv eval`` (flags generated from :class:`EvalConfig`) and ``mspeckv data``."""
-    from ..data.datasets import add_data_parser
-
-    p = sub.add_parser("eval", help="quality evaluation against the full cache (ppl, kl, needle, gsm8k, ...)",
-                       description="Quality of placements and presses against the full cache, in the same "
-                                   "invocation; protocols in the docstrings of mspeckv/evals/*.py.")
-    p.add_argument("metric", metavar="METRIC[,METRIC...]",
-                   help=f"one or more of {','.join(METRICS)} (comma-separated), all, or report (re-render "
-                        f"--output-dir)")
-    add_flags(p, EvalConfig)
-    p.add_argument("--include", action="append", default=[], metavar="DIR",
-                   help="report only (repeatable): also read DIR's cells into the overview; the output folder's own "
-                        "cells, then earlier --include folders, win for the same metric/variant/context, and every "
-                        "delta is against the variant's own folder's baseline")
-    p.set_defaults(fn=cmd_eval)
-    add_data_parser(sub)
 
 
 def config_fields() -> list[str]:

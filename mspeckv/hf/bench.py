@@ -40,7 +40,6 @@ from ..bench.harness import (
     device_name,
     e2e,
     fmt,
-    h2d_bandwidth,
     median_of,
     peak_bytes,
     pick,

@@ -11,14 +11,7 @@ import os
 import sys
 
 from .. import cli_checks as checks
-
-UNSUPPORTED = {  # flag -> why it is refused with --tp > 1
-    "press": "a press scores and keeps rows over all KV heads of a layer in some presses (adakv, hybrids), which a "
-             "rank holding half the heads cannot reproduce",
-    "press_every": "it re-presses the target's KV (see --press)",
-    "l1_press": "the middle level's press would select over one rank's KV heads; the default retrieval level "
-                "(chosen per KV head, identical to --tp 1) is supported",
-}
+from ..cli_common import check_flags, encode, preflight, run_generation
 
 
 def device_type(a) -> str:
@@ -40,8 +33,7 @@ def check_generate_tp(a) -> str:
         raise ValueError(f"--tp must be an integer >= 1, got {a.tp}")
     if a.backend != "ours":
         raise ValueError("--tp runs our own runtime only; drop --backend hf (transformers' generate is not sharded)")
-    for dest, why in UNSUPPORTED.items():
-        checks.refuse(checks.changed(a, dest), f"--tp {a.tp} does not support it: {why}")
+    check_flags(a)  # --press, --press-every and --l1-press declare they act with --tp 1 only (cli_common)
     kind = device_type(a)
     check_world(a.tp, kind)
     check_tp(checks.model_config(a.model), a.tp)
@@ -49,12 +41,11 @@ def check_generate_tp(a) -> str:
 
 
 def generate_tp(a, text: str) -> int:
-    from ..cli import _preflight
     from ..evals.lossy import quality_note
     from .launch import launch
 
     kind = check_generate_tp(a)
-    _preflight(a)
+    preflight(a)
     if (note := quality_note(kv_quant=a.kv_quant)) and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
         print(note, file=sys.stderr)
     launch(_generate_rank, a.tp, (a, text), device_type=kind)
@@ -78,7 +69,6 @@ def _resolve(ref: str, r) -> str:
 
 
 def _generate_rank(r, a, text: str) -> dict:
-    from ..cli import _encode, run_generation
     from ..decoding.speculative import check_pair
     from ..model.api import load, load_tokenizer
     from .tp import check_ranks_agree, load_tp
@@ -93,9 +83,7 @@ def _generate_rank(r, a, text: str) -> dict:
     if draft_dir is not None:
         draft, dtok, _ = load(draft_dir, r.device, progress=False)  # replicated: the whole draft on every rank
         check_pair(model, draft, tok, dtok)
-    ids = _encode(tok, text, a.chat)
-    if not ids:
-        raise ValueError("the prompt encodes to 0 tokens; give some text")
+    ids = encode(tok, text, a.chat)
     res = run_generation(a, model, tok, draft, ids, a.mode)
     acc = {k: v["accepted"] for k, v in getattr(res, "levels", {}).items()}
     check_ranks_agree({"tokens": res.tokens, "accepted": acc}, "generated tokens and accept counts")
