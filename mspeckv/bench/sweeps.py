@@ -253,9 +253,9 @@ def model_config(ref: str):
             raise ValueError(f"unknown random shape '{shape}' in {ref}; choose one of {sorted(RANDOM_SHAPES)}")
         kw = dict(RANDOM_SHAPES[shape])
         return ModelConfig.from_hf(AutoConfig.for_model(kw.pop("model_type"), **kw))
-    from ..model.loading import resolve
+    from ..model.loading import hf_config
 
-    return ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(ref)))
+    return ModelConfig.from_hf(hf_config(ref))  # from the GGUF header when not prepared: nothing is converted
 
 
 def placement_for(s: SweepSettings, method: str, p: Point):
