@@ -660,6 +660,8 @@ def hf_config(ref: str):
     from transformers import AutoConfig
 
     if ref in REGISTRY and is_prepared(ref):
+        if problem := check_cache(model_dir(ref)):  # cheap; a damaged cache is named before anything else
+            raise _damaged(model_dir(ref), problem)
         return AutoConfig.from_pretrained(model_dir(ref))
     if ref in REGISTRY:
         src: Path | list[Path] = _source_files(_entry(ref))
