@@ -113,11 +113,10 @@ def run_generation(a, model, tok, draft, ids: list[int], mode: str):
             bar.stop()
 
 
-def _load_pair(a):
+def _load_pair(a, dtype=None):
     from .decoding.speculative import check_pair
-    from .model.api import generation_dtype, load, parse_device
+    from .model.api import load
 
-    dtype = generation_dtype(parse_device(a.device))  # bf16 weights where the CPU multiplies bf16 natively
     model, tok, _ = load(a.model, a.device, dtype)
     draft = None
     if a.mode != "ar" and a.drafter == "model":
@@ -195,7 +194,7 @@ def cmd_demo(a) -> int:
         raise ValueError(f"--doc {a.doc} is out of range: the BBC News corpus has documents 0..{len(docs) - 1}")
     _preflight(a)
     dtype = _demo_memory(a)
-    model, tok, draft = _load_pair(a)
+    model, tok, draft = _load_pair(a, dtype)
     doc = docs[a.doc].text
     text = f"{doc}\n\nSummarize the article above in two sentences."
     ids = _encode(tok, text, True)

@@ -37,7 +37,7 @@ def test_demo_refuses_short_memory_before_loading(tmp_path, monkeypatch, capsys)
     t, d = save_tiny_pair(tmp_path)
     monkeypatch.setattr(corpora, "load_documents", lambda name: [SimpleNamespace(text="A short article.")])
     monkeypatch.setattr(demo, "available_bytes", lambda: 1 << 20)
-    monkeypatch.setattr(cli, "_load_pair", lambda a: pytest.fail("weights loaded before the memory check"))
+    monkeypatch.setattr(cli, "_load_pair", lambda a, *d: pytest.fail("weights loaded before the memory check"))
     assert cli.main(["demo", "--model", t, "--draft", d, "--device", "cpu", "--max-new-tokens", "4"]) == 2
     assert "mspeckv demo needs about" in capsys.readouterr().err
 

@@ -211,7 +211,7 @@ def test_demo_honours_vanilla(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "run_generation", fake_run)
     monkeypatch.setattr(cli, "_preflight", lambda a: None)
-    monkeypatch.setattr(cli, "_load_pair", lambda a: (type("M", (), {"device": "cpu"})(), _Tok(), None))
+    monkeypatch.setattr(cli, "_load_pair", lambda a, *d: (type("M", (), {"device": "cpu"})(), _Tok(), None))
     monkeypatch.setattr(cli, "_demo_memory", lambda a: None)  # the memory check and the press row load real weights
     monkeypatch.setattr(cli, "_demo_press_row", lambda *a: None)
     from types import SimpleNamespace

@@ -30,8 +30,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def generation_dtype(device: torch.device | str) -> torch.dtype:
-    """The dtype ``generate`` and ``demo`` load real weights in: bf16 on the GPU, and on a CPU that multiplies bf16
-    natively (half the memory of fp32; measured faster there, results/demo/); fp32 on other CPUs, where bf16
+    """The dtype ``demo`` loads the embedded pair in: bf16 on the GPU, and on a CPU that multiplies bf16 natively
+    (half the memory of fp32; measured faster there, results/demo/memory.md); fp32 on other CPUs, where bf16
     matmuls are emulated and slow."""
     dev = torch.device(device)
     return torch.bfloat16 if dev.type == "cuda" or cpu_has_native_bf16() else torch.float32
