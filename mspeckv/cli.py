@@ -20,6 +20,7 @@ from .cli_common import (
     preflight,
     record_applies,
     run_generation,
+    sampling,
 )
 from .parallel import RankFailed, under_torchrun
 from .validate import flag_names
@@ -60,14 +61,14 @@ def cmd_models(a) -> int:
     return 0
 
 
-def _load_pair(a):
+def _load_pair(a, dtype=None):
     from .decoding.speculative import check_pair
     from .model.api import load
 
-    model, tok, _ = load(a.model, a.device)
+    model, tok, _ = load(a.model, a.device, dtype)
     draft = None
     if a.mode != "ar" and a.drafter == "model":
-        draft, dtok, _ = load(a.draft, a.device)
+        draft, dtok, _ = load(a.draft, a.device, dtype)
         check_pair(model, draft, tok, dtok)
     return model, tok, draft
 
@@ -101,7 +102,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """AR and a speculative mode (default MSpecKV) side by side on the embedded pair, greedy, on a real document."""
+    """AR and a speculative mode (default MSpecKV) side by side on the embedded pair, greedy, on a real document;
+    then AR over a pressed prompt KV, the row that pays on a CPU."""
     from .data.corpora import load_documents
 
     a.chat, a.temperature, a.top_k, a.top_p, a.seed, a.greedy = True, 0.0, 0, 1.0, 0, True
@@ -112,12 +114,14 @@ def cmd_demo(a) -> int:
     if not 0 <= a.doc < len(docs):
         raise ValueError(f"--doc {a.doc} is out of range: the BBC News corpus has documents 0..{len(docs) - 1}")
     preflight(a)
-    model, tok, draft = _load_pair(a)
+    dtype = _demo_memory(a)
+    model, tok, draft = _load_pair(a, dtype)
     doc = docs[a.doc].text
     text = f"{doc}\n\nSummarize the article above in two sentences."
     ids = encode(tok, text, True)
-    print(f"MSpecKV demo on {model.device}: target {a.model}, draft {a.draft}, greedy, {a.max_new_tokens} new tokens, "
-          f"prompt {len(ids)} tokens (a BBC News article + an instruction)\n", file=sys.stderr)
+    print(f"MSpecKV demo on {model.device} ({str(dtype).removeprefix('torch.')} weights): target {a.model}, "
+          f"draft {a.draft}, greedy, {a.max_new_tokens} new tokens, prompt {len(ids)} tokens (a BBC News article + "
+          f"an instruction)\n", file=sys.stderr)
     rows = {}
     spec_mode = a.mode
     # the hierarchy is shown beside vanilla: on a CPU the first cannot pay at this length (see _demo_costs)
@@ -126,25 +130,70 @@ def cmd_demo(a) -> int:
         res = run_generation(a, model, tok, draft, ids, mode)
         rows[mode] = res
         print(f"--- {mode} ---\n{tok.decode(res.tokens[0], skip_special_tokens=True)}\n", file=sys.stderr)
+    pressed = _demo_press_row(a, model, ids, rows["ar"].tokens[0])
     from rich.console import Console
     from rich.table import Table
 
     tbl = Table(title=f"{' vs '.join(modes)} (same target, greedy: outputs must match token for token)")
-    for c in ("mode", "tokens", "TTFT s", "ms/token", "tok/s", "accepted", "identical to AR"):
+    for c in ("mode", "tokens", "TTFT s", "ms/token", "tok/s", "accepted", "prompt KV MB", "identical to AR"):
         tbl.add_column(c, justify="right")
+    full_mb = "-" if pressed is None else f"{pressed.full_prompt_kv_bytes / 1e6:.1f}"
     for mode, r in rows.items():
         acc = r.stats.get("accepted")
         tbl.add_row(mode, str(r.n_generated), f"{r.ttft_s:.2f}", f"{r.ms_per_token:.1f}", f"{r.tok_per_s:.2f}",
-                    "-" if acc is None else f"{acc:.2f}", str(r.tokens == rows["ar"].tokens))
+                    "-" if acc is None else f"{acc:.2f}", full_mb, str(r.tokens == rows["ar"].tokens))
+    if pressed is not None:
+        r = pressed.result
+        tbl.add_row("ar + int4 KV", str(r.n_generated), f"{r.ttft_s:.2f}", f"{r.ms_per_token:.1f}",
+                    f"{r.tok_per_s:.2f}", "-", f"{pressed.prompt_kv_bytes / 1e6:.1f}",
+                    str(pressed.identical) if pressed.identical else f"False (from token {pressed.first_difference})")
     Console(stderr=True).print(tbl)
     if why := _demo_costs(rows, len(ids)):
         print(why, file=sys.stderr)
+    if pressed is not None:
+        same = ("the same greedy output as AR" if pressed.identical else
+                f"an output that leaves AR's at generated token {pressed.first_difference}")
+        print(f"what pays on this machine: the prompt's KV held {pressed.ratio:.1f}x smaller ({pressed.press}: "
+              f"{pressed.prompt_kv_bytes / 1e6:.1f} MB instead of {pressed.full_prompt_kv_bytes / 1e6:.1f} MB, "
+              f"measured from the cache) with {same}.", file=sys.stderr)
     out = {m: {"tok_per_s": r.tok_per_s, "ms_per_token": r.ms_per_token, "ttft_s": r.ttft_s,
                "accepted": r.stats.get("accepted"), "n_generated": r.n_generated} for m, r in rows.items()}
     out["identical"] = all(r.tokens == rows["ar"].tokens for r in rows.values())
+    out["dtype"] = str(dtype).removeprefix("torch.")
+    if pressed is not None:
+        r = pressed.result
+        out["press"] = {"spec": pressed.press, "tok_per_s": r.tok_per_s, "ms_per_token": r.ms_per_token,
+                        "ttft_s": r.ttft_s, "n_generated": r.n_generated, "identical_to_ar": pressed.identical,
+                        "first_difference": pressed.first_difference, "prompt_kv_bytes": pressed.prompt_kv_bytes,
+                        "full_prompt_kv_bytes": pressed.full_prompt_kv_bytes, "kv_bytes_allocated": pressed.kv_bytes}
     out["total_s"] = time.perf_counter() - t
     print(json.dumps(out))
     return 0 if out["identical"] else 1
+
+
+def _demo_memory(a):
+    """The dtype the demo loads weights in; on a CPU, refuses (before any weight loads) when the machine has less
+    memory available than the pair needs."""
+    from .demo import check_memory, memory_need
+    from .model.api import generation_dtype, parse_device
+
+    dev = parse_device(a.device)
+    dtype = generation_dtype(dev)
+    if dev.type == "cpu":
+        cfgs = [checks.model_config(a.model)] + ([checks.model_config(a.draft)] if a.drafter == "model" else [])
+        check_memory(memory_need(cfgs, dtype.itemsize), "mspeckv demo")
+    return dtype
+
+
+def _demo_press_row(a, model, ids: list[int], ar_tokens: list[int]):
+    """AR over a pressed prompt KV (``demo.press_row``); only over the plain cache (no placement or press flags)."""
+    if a.press is not None or a.kv_quant not in (None, "none") or a.on_chip is not None:
+        return None
+    from .config import GenerationConfig
+    from .demo import press_row
+
+    gen = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling(a), prefill_chunk=a.prefill_chunk)
+    return press_row(model, ids, gen, ar_tokens)
 
 
 def _demo_costs(rows: dict, prompt_len: int) -> str | None:

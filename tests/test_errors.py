@@ -212,7 +212,9 @@ def test_demo_honours_vanilla(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "run_generation", fake_run)
     monkeypatch.setattr(cli, "preflight", lambda a: None)
-    monkeypatch.setattr(cli, "_load_pair", lambda a: (type("M", (), {"device": "cpu"})(), _Tok(), None))
+    monkeypatch.setattr(cli, "_load_pair", lambda a, *d: (type("M", (), {"device": "cpu"})(), _Tok(), None))
+    monkeypatch.setattr(cli, "_demo_memory", lambda a: None)  # the memory check and the press row load real weights
+    monkeypatch.setattr(cli, "_demo_press_row", lambda *a: None)
     from types import SimpleNamespace
 
     import mspeckv.data.corpora as corpora  # CI has no packaged corpus: the demo's document is not what is tested
@@ -273,8 +275,8 @@ def test_damaged_model_cache(fake, cache, tmp_path, capsys):  # noqa: F811
     assert rec["model.safetensors"]["size"] == len(good) and len(rec["model.safetensors"]["sha256"]) == 64
     assert "config.json" in rec and loading.cache_state(name) == "prepared"
 
-    w.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # same size, one bit flipped: only verify sees it
-    assert loading.cache_state(name) == "prepared"
+    w.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # same size, one bit flipped: seen cheaply, named by verify
+    assert loading.cache_state(name).startswith("damaged: model.safetensors")
     assert cli.main(["models", "verify", name]) == 2
     out, err = capsys.readouterr()
     assert f"{name}: damaged: model.safetensors does not match the sha256 recorded at conversion" in out

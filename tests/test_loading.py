@@ -169,14 +169,16 @@ def test_pickle_only_dir_refused(tmp_path):
 # ---------------------------------------------------------------- a tiny real GGUF, end to end
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """A 2-layer Llama GGUF with F32 tensors and a byte-level BPE tokenizer; returns the tensors written."""
+def write_tiny_gguf(path: Path, seed: int = 0, extra_tokens: int = 0) -> dict[str, np.ndarray]:
+    """A 2-layer Llama GGUF with F32 tensors and a byte-level BPE tokenizer (``extra_tokens`` more tokens at the end
+    of the vocabulary); returns the tensors written."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     alphabet = list(bytes_to_unicode().values())
     merges = ["h e", "l l", "he ll", "Ġ w", "o r"]
     tokens = ["<s>", "</s>", *alphabet, *(m.replace(" ", "") for m in merges)]
+    tokens += [f"<x{i}>" for i in range(extra_tokens)]
     types = [3, 3] + [1] * (len(tokens) - 2)
     v, h, ff, heads, kv, layers = len(tokens), 32, 48, 4, 2, 2
     rng = np.random.default_rng(seed)

@@ -49,12 +49,12 @@ LAYERS = {
     "presses": 2,
     "model": 3,
     "decoding": 4, "cache": 4,
-    "evals": 5, "bench": 5,
+    "evals": 5, "bench": 5, "demo": 5,
     "hf": 6, "parallel": 6, "serve": 6,
     "cli": 7, "__main__": 7,
 }  # fmt: skip
 SIBLINGS = [{"evals", "bench"}]
-CLI_EXTRA = {"mspeckv.evals.runner"}  # modules that hold a command's parser but are not named cli*.py (add_eval_parser)
+CLI_EXTRA: set[str] = set()  # modules that hold a command's parser but are not named cli*.py (none now)
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:

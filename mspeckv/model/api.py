@@ -14,8 +14,27 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on the GPU, fp32 on the CPU (bf16 matmuls on a 2-core CPU are slow and less exact)."""
+    """bf16 on the GPU, fp32 on the CPU (the exact reference: tests, evals, random-weight benches)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``), read
+    from /proc/cpuinfo (False where it is missing, e.g. macOS)."""
+    try:
+        text = open("/proc/cpuinfo").read()  # noqa: SIM115
+    except OSError:
+        return False
+    flags = {w for line in text.splitlines() if line.startswith(("flags", "Features")) for w in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def generation_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype ``demo`` loads the embedded pair in: bf16 on the GPU, and on a CPU that multiplies bf16 natively
+    (half the memory of fp32; measured faster there, results/demo/memory.md); fp32 on other CPUs, where bf16
+    matmuls are emulated and slow."""
+    dev = torch.device(device)
+    return torch.bfloat16 if dev.type == "cuda" or cpu_has_native_bf16() else torch.float32
 
 
 def parse_device(name: str | None) -> torch.device:
@@ -58,14 +77,81 @@ def load_model(ref: str | Path, device=None, dtype=None, progress: bool = True) 
     hf = AutoConfig.from_pretrained(d)
     model = CausalLM.from_hf_config(hf, device=device, dtype=dtype)
     try:
-        model.load_safetensors(d)
+        if device.type == "cpu":
+            read_safetensors_into(model, d)
+        else:
+            model.load_safetensors(d)
     except Exception as e:  # a cut or corrupt file: name it and say how to rebuild it
-        if type(e).__name__ != "SafetensorError":
+        if type(e).__name__ not in ("SafetensorError", "WeightsFileError"):
             raise
         from .loading import DamagedCacheError, rebuild_hint
 
         raise DamagedCacheError(f"cannot read the weights in {d} ({e}); {rebuild_hint(d)}") from None
     return model.eval(), d
+
+
+class WeightsFileError(ValueError):
+    """A safetensors file whose header or size is not valid."""
+
+
+ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_safetensors_into(model: CausalLM, directory: str | Path) -> CausalLM:
+    """Load a CPU model's weights from the ``*.safetensors`` in ``directory`` with plain reads: a tensor stored in
+    the parameter's dtype is read straight into the parameter, any other goes through one tensor-sized buffer. No
+    file is memory-mapped, so the file's pages never count in the process's resident memory (a mapped 3 GB file
+    would add up to 3 GB to the peak while the parameters fill). Same checks as ``CausalLM.load_safetensors``."""
+    import json
+    import os
+
+    d = Path(directory)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {d}")
+    own = model.state_dict()
+    seen = set()
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise WeightsFileError(f"{f.name} is not a safetensors file (header length {n}, file {size} bytes)")
+            try:
+                head = json.loads(fh.read(n))
+            except ValueError as e:
+                raise WeightsFileError(f"{f.name} has an unreadable header: {e}") from None
+            base = 8 + n
+            for name, info in head.items():
+                if name == "__metadata__":
+                    continue
+                if name not in own:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise ValueError(f"{f.name}: unexpected tensor '{name}' for a {model.cfg.family} model")
+                lo, hi = info["data_offsets"]
+                dt, shape, p = ST_DTYPES.get(info["dtype"]), tuple(info["shape"]), own[name]
+                if dt is None:
+                    raise WeightsFileError(f"{f.name}: '{name}' has dtype {info['dtype']}, which is not read")
+                if tuple(p.shape) != shape:
+                    raise ValueError(f"{f.name}: '{name}' has shape {shape}, expected {tuple(p.shape)}")
+                if base + hi > size or hi - lo != p.numel() * torch.tensor([], dtype=dt).element_size():
+                    raise WeightsFileError(f"{f.name}: '{name}' lies outside the file or has the wrong size")
+                dest = p if p.dtype == dt and p.is_contiguous() else torch.empty(shape, dtype=dt)
+                view = memoryview(dest.view(-1).view(torch.uint8).numpy())
+                got = 0
+                while got < hi - lo:
+                    k = os.preadv(fh.fileno(), [view[got:]], base + lo + got)
+                    if k <= 0:
+                        raise WeightsFileError(f"{f.name} ended early")
+                    got += k
+                if dest is not p:
+                    p.copy_(dest)
+                seen.add(name)
+    missing = set(own) - seen - ({"lm_head.weight"} if model.cfg.tie_embeddings else set())
+    if missing:
+        raise ValueError(f"checkpoint in {d} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    return model
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -130,7 +216,8 @@ def load_any(ref: str, device=None, dtype=None, progress: bool = True):
 
 
 def model_config(ref: str):
-    """A model's ``ModelConfig`` from its config alone (random shape or resolved directory; weights not loaded)."""
+    """A model's ``ModelConfig`` from its config alone (random shape, prepared directory or GGUF header; no weight is
+    loaded or converted)."""
     from transformers import AutoConfig
 
     from .llama import ModelConfig
@@ -141,6 +228,6 @@ def model_config(ref: str):
             raise ValueError(f"unknown random shape '{shape}' in {ref}; choose one of {sorted(RANDOM_SHAPES)}")
         kw = dict(RANDOM_SHAPES[shape])
         return ModelConfig.from_hf(AutoConfig.for_model(kw.pop("model_type"), **kw))
-    from .loading import resolve
+    from .loading import hf_config
 
-    return ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(ref)))
+    return ModelConfig.from_hf(hf_config(ref))  # from the GGUF header when not prepared: nothing is converted
