@@ -16,11 +16,11 @@ Layers, lowest first (a module may import its own layer and any below it):
     2  policy         presses/
     3  model          model/
     4  decoding       decoding/, cache.py (the cache factory: it needs both kv/ and presses/)
-    5  measurement    evals/, bench/   (siblings: they share the run layer and never import each other)
+    5  measurement    evals/, bench/ (siblings: they share the run layer and never import each other), demo.py
     6  integrations   hf/, parallel/, serve/
     7  front-ends     the CLI modules: __main__.py, cli.py, cli_*.py, any ``cli.py`` or ``cli_*.py`` of a
                       sub-package (hf/cli.py, parallel/cli.py, presses/cli.py), and the modules listed in
-                      CLI_EXTRA, which hold a command's parser though not named so (evals/runner.py: ``eval``)
+                      CLI_EXTRA, which hold a command's parser though not named so (none now)
 
 A top-level module not named above is an error of the scan itself (it must be given a layer here, on purpose).
 
