@@ -101,8 +101,8 @@ def press_row(model, ids: list[int], gen, ar_tokens: list[int], press: str = DEM
     """Greedy AR with ``press`` applied to the prompt's KV after prefill; compares its tokens with ``ar_tokens``."""
     import torch
 
-    from .decoding.autoregressive import generate
     from .cache import make_cache
+    from .decoding.autoregressive import generate
 
     cache = make_cache(model, None, 1, len(ids) + gen.max_new_tokens, press=press)
     res = generate(model, torch.tensor([ids]), gen, cache=cache)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from mspeckv import cli
-from mspeckv.bench.harness import e2e
 from mspeckv.bench.report import end_to_end, render
 from mspeckv.config import GenerationConfig
 from mspeckv.decoding.autoregressive import generate
 from mspeckv.decoding.speculative import SpecConfig, speculative_generate
+from mspeckv.runs.harness import e2e
 from mspeckv.runs.store import RunStore
 from tests.tiny import tiny_model
 

@@ -6,10 +6,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mspeckv.bench.harness import fill_cache, time_ms
+from mspeckv.bench.steps import fill_cache
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.static import GraphedForward, StaticKV
 from mspeckv.model.api import random_model
+from mspeckv.runs.harness import time_ms
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-1.5b"
 ctxs = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "1024,16384,32256").split(",")]

@@ -18,11 +18,12 @@ from collections import defaultdict
 import torch
 
 from mspeckv.bench import timeline
-from mspeckv.bench.harness import fill_cache, time_ms
+from mspeckv.bench.steps import fill_cache
 from mspeckv.cache import make_cache
 from mspeckv.kv.placement import Placement
 from mspeckv.kv.static import GraphedForward
 from mspeckv.model.api import random_model
+from mspeckv.runs.harness import time_ms
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-1.5b"
 ctx = int(sys.argv[2]) if len(sys.argv) > 2 else 32768

@@ -21,8 +21,8 @@ from ..config import GenerationConfig
 from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
 from ..model.api import load_any, parse_device
+from ..runs.harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
 from ..runs.template import opt
-from .harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
 
 
 @dataclass(frozen=True)

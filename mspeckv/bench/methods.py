@@ -47,7 +47,7 @@ from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate, sync
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
-from .harness import e2e, peak_bytes, reset_peak, wall
+from ..runs.harness import e2e, peak_bytes, reset_peak, wall
 from .registry import REGISTRY
 from .sweep_settings import Point, SweepSettings, placement_for
 

@@ -35,22 +35,19 @@ from ..cache import make_cache
 from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement
 from ..model.api import RANDOM_SHAPES, random_model
-from ..runs.template import opt
-from .harness import (  # noqa: F401 (mem_available, pinned_store_bytes: this bench's names since it has them)
+from ..runs.harness import (  # noqa: F401 (mem_available, pinned_store_bytes: this bench's names since it has them)
     d2d_bandwidth,
-    decode_ms,
     device_name,
     failure,
-    fill_cache,
     free_memory,
-    graphed_ms,
     h2d_bandwidth,
     host_refusal,
     mem_available,
     pick,
     pinned_store_bytes,
-    step_runs,
 )
+from ..runs.template import opt
+from .steps import decode_ms, fill_cache, graphed_ms, step_runs
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement
 from ..model.api import load, parse_device
 from ..runs.checks import placement_flags, refuse
+from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
 from ..runs.template import changed, opt
-from .harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
 
 MODES = ("ar", "vanilla", "mspeckv")
 PLACEMENT_FIELDS = ("on_chip", "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy")

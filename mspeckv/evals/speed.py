@@ -23,8 +23,8 @@ tokens over ``e2e_s``.
 
 from __future__ import annotations
 
-from ..bench.harness import e2e, median_of, repeat
 from ..data.corpora import long_prompt
+from ..runs.harness import e2e, median_of, repeat
 from .generation import greedy
 from .variants import Variant
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
-from ..bench.harness import (
+from ..runs.harness import (
     check_contexts,
     device_name,
     e2e,

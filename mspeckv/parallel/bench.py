@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from .. import validate as v
-from ..bench.harness import fmt
 from ..kv.placement import FORMATS, Placement
 from ..runs import checks
+from ..runs.harness import fmt
 from ..runs.template import opt
 
 REFERENCE_KINDS = ("gpu", "gpu_graphed")
@@ -147,7 +147,7 @@ def run(cfg: TPBenchConfig, command: str = "") -> dict:
 
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
-    from ..bench.harness import host_refusal, pinned_store_bytes
+    from ..runs.harness import host_refusal, pinned_store_bytes
     from ..runs.store import atomic_write_json, run_metadata
     from . import RankFailed
     from .launch import launch
@@ -215,7 +215,7 @@ def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = N
 def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, command: str) -> None:
     import torch.distributed as dist
 
-    from ..bench.harness import free_memory
+    from ..runs.harness import free_memory
     from ..runs.store import atomic_write_json, run_metadata
     from .tp import random_tp_model, replicated_bytes
 
@@ -281,7 +281,7 @@ def _sync(r) -> None:
 def _h2d(r, nbytes: int, iters: int, start) -> float:
     """Pinned host -> this rank's GPU, bytes/s over ``iters`` back-to-back copies (CPU ranks: a host copy), timed
     after ``start()`` (a barrier, so that ranks measuring together start together)."""
-    from ..bench.harness import time_ms
+    from ..runs.harness import time_ms
 
     cuda = r.device.type == "cuda"
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
@@ -346,13 +346,13 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
 
 def _time(r, fn, iters: int) -> float:
     """Mean ms of ``fn`` over ``iters`` calls after two warm-up calls, started together on every rank."""
-    from ..bench.harness import time_ms
+    from ..runs.harness import time_ms
 
     return time_ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
 
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
-    from ..bench.harness import decode_ms, fill_cache, graphed_ms
+    from ..bench.steps import decode_ms, fill_cache, graphed_ms
     from ..cache import make_cache
     from ..kv.dense import DenseKV
     from .tp import no_collectives
