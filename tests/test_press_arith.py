@@ -662,3 +662,41 @@ def test_no_press_spec_and_retrieval_full_budget():
     assert p.spec() == "snapkv:layer_budgets=0.25/8" and parse_press(p.spec()) == p
     kk = rand(1, 1, 32, D)
     assert RetrievalPress(budget=32, chunk=8).select(0, 1, kk, positions(1, 1, 32), lastq(rand(1, 2, 1, D))) is None
+
+
+def test_shared_checks_and_helpers():
+    from mspeckv.presses.base import last_queries, n_keep
+
+    for bad, msg in (("x", "streaming.budget must be a ratio in (0, 1] or a token count >= 1, got 'x'"),
+                     (0.0, "streaming.budget as a ratio must be in (0, 1], got 0.0"),
+                     (True, "streaming.budget must be a ratio")):
+        with pytest.raises(ValueError) as e:
+            StreamingLLMPress(budget=bad)
+        assert msg in str(e.value)
+    assert n_keep(0.01, 20) == 1 and n_keep(0.5, 7) == 4 and n_keep(30, 20) == 20 and n_keep(3, 20) == 3
+    for bad, msg in ((1.5, "KIVIPress.residual must be int, got 1.5"), ("8", "KIVIPress.residual must be int")):
+        with pytest.raises(ValueError) as e:
+            KIVIPress(residual=bad)
+        assert msg in str(e.value)
+    with pytest.raises(ValueError, match="KIVIPress.guard must be in"):
+        KIVIPress(guard=float("nan"))
+    with pytest.raises(RuntimeError, match="the press saw no queries: run a prefill through the cache before"):
+        last_queries([LastQueries(2)], 1)
+    with pytest.raises(RuntimeError, match="this press needs a LastQueries observer on the cache it compresses"):
+        last_queries([], 0)
+
+
+def test_batch_rows_are_pressed_independently():
+    """Two batch rows, each keeping its own rows (StreamingLLM via the shared gather, AdaKV per row)."""
+    k, v = rand(2, 2, 10, D), rand(2, 2, 10, D, seed=1)
+    (r,) = StreamingLLMPress(budget=4, sinks=1).compress(0, 1, k, v, positions(2, 2, 10), [])
+    assert torch.equal(r.k, k[:, :, [0, 7, 8, 9]]) and torch.equal(r.v, v[:, :, [0, 7, 8, 9]])
+    s = torch.rand(2, 2, 10, generator=torch.Generator().manual_seed(3))
+    p = FixedScores(budget=3, sinks=0, window=0, floor=0.5)
+    object.__setattr__(p, "_s", s)
+    (r,) = p.compress(0, 1, k, v, positions(2, 2, 10), [])
+    for b in range(2):
+        object.__setattr__(p, "_s", s[b:b + 1])
+        (one,) = p.compress(0, 1, k[b:b + 1], v[b:b + 1], positions(1, 2, 10), [])
+        n = one.k.shape[2]
+        assert torch.equal(r.k[b:b + 1, :, :n][one.valid], one.k[one.valid])

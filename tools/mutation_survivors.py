@@ -168,6 +168,30 @@ REASONS: dict[str, tuple[str, str]] = {
        for f, i in (("encode", 11), ("encode", 31), ("decode_into", 46))},
     **{f"xǁLowRankǁdecode_into__mutmut_{i}": (E, "matmul into the output and copy of the product give the same values "
                                               "(matmul's out= also takes a strided view)") for i in (11, 12)},
+    # presses_select (presses/base.py, streaming, snapkv, h2o, pyramid, adakv, retrieval), issue 29.2
+    "xǁAttentionMassǁ__init____mutmut_1": (E, "the default q_block only bounds memory; H2OPress always passes its own"),
+    **{f"xǁAttentionMassǁon_update__mutmut_{i}": (E, "dtype=None: torch.zeros defaults to fp32") for i in (12, 17)},
+    "xǁAttentionMassǁon_update__mutmut_26": (E, "transpose(-1, 2) of a 4-D tensor is transpose(-1, -2)"),
+    **{f"xǁAttentionMassǁon_update__mutmut_{i}": (E, "a 2-D mask repeated as (1, 1, G, 1) gives the same g-major rows, "
+                                                  "broadcast over batch and heads") for i in (63, 71)},
+    "xǁAttentionMassǁon_update__mutmut_86": (E, "a 1-row forward's row sees every key: the causal mask hides nothing"),
+    **{f"xǁH2OPressǁscore__mutmut_{i}": (E, "F.pad with a negative width crops: padding or slicing give the same "
+                                         "scores whichever branch runs") for i in (4, 7, 8, 9)},
+    "xǁPyramidKVPressǁ__post_init____mutmut_17": ("message", "error text only; the exception still fires"),
+    **{f"xǁ{c}ǁmax_rows__mutmut_1": (E, "the default of n_kv_heads, which this max_rows does not read")
+       for c in ("ScorePress", "StreamingLLMPress", "RetrievalPress")},
+    "xǁScorePressǁselect__mutmut_32": (E, "topk's default dim is the last one"),
+    **{f"x_forced_ranking__mutmut_{i}": (E, "sinks at 5 (or the window in [3, 4)) still rank sinks > window > scores")
+       for i in (33, 47)},
+    "x_forced_ranking__mutmut_19": (E, "arange's default dtype int64 divides by L into the same fp32 ranks"),
+    "x_window_attention__mutmut_35": (E, "transpose(-1, 2) of a 4-D tensor is transpose(-1, -2)"),
+    "x_snap_scores__mutmut_10": (E, "an average pool of kernel 1 (padding 0) is the identity"),
+    "x_snap_scores__mutmut_36": (E, "avg_pool1d over an unbatched (C, L) input pools the same rows"),
+    "xǁAdaKVPressǁmax_rows__mutmut_3": (E, "worst is at least n >= 1 for any layer, so starting at 1 changes nothing"),
+    "xǁAdaKVPressǁmax_rows__mutmut_14": (E, "n == L: the worst case n*H - n_own*(H-1) >= L is capped at L either way"),
+    **{f"xǁAdaKVPressǁselect_adaptive__mutmut_{i}": (E, "topk/scatter over the last dim of a 2-D or 3-D tensor: "
+                                                      "-1, +1 on 2-D and the default are the same dim")
+       for i in (34, 65, 69, 83)},
 }
 
 
@@ -217,7 +241,7 @@ def main() -> int:
         summary.append(f"| {r['group']} | {killed} | {survived} | {equiv} | {msg} | {cats.get('gap', 0)} | "
                        f"{r.get('no_tests', 0)} | {r.get('not_checked', 0)} | {score} | {score_ne} | {score_nm} |")
         cmd = r["command"]
-        if len(cmd) > 300:  # a re-run names every previous survivor
+        if len(cmd) > 300 and " (re-run" in cmd:  # a re-run names every previous survivor
             cmd = cmd[:cmd.index("--max-children") + 16] + " <the previous survivors>" + cmd[cmd.index(" (re-run"):]
         rows.append(f"\n## {r['group']} ({', '.join(r['files'])})\n\nCommand: `{cmd}` in a scratch copy, "
                     f"tests: {', '.join(r['tests'])}\n")
