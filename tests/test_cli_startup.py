@@ -43,9 +43,8 @@ def test_help_and_listings_import_no_torch(argv):
 
 def test_a_bench_help_still_lists_its_own_flags():
     """A bench's flags are generated only for the bench named, and still all of them."""
-    from mspeckv.evals.template import flags_of
-
     from mspeckv.bench.registry import BENCH
+    from mspeckv.runs.template import flags_of
 
     res, text = _probe(["bench", "decode", "--help"])
     assert res["rc"] == 0

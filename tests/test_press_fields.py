@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 import torch
 
-from mspeckv.kv.placement import make_cache
+from mspeckv.cache import make_cache
 from mspeckv.presses import PRESSES, parse_press
 from mspeckv.presses.lowrank import calibrate, load_projections
 from tests.tiny import tiny_model

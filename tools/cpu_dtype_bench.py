@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mspeckv.kv.placement import make_cache
+from mspeckv.cache import make_cache
 from mspeckv.model.api import load_model, parse_dtype
 
 ref, dtype = sys.argv[1], parse_dtype(sys.argv[2])
