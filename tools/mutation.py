@@ -78,7 +78,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                         "test_bytes_per_token_by_hand")]]),
     "hf_cache": (["mspeckv/hf/cache.py"],
                  ["tests/test_pressed_layout.py::test_hf_mask_offset_after_eviction", "tests/test_hf_cache.py"]),
-    "kv_quant_offload": (["mspeckv/kv/quant.py", "mspeckv/kv/offload.py", "mspeckv/kv/placement.py"],
+    "kv_quant_offload": (["mspeckv/kv/quant.py", "mspeckv/kv/offload.py", "mspeckv/kv/placement.py",
+                          "mspeckv/cache.py"],
                          ["tests/test_quant.py", "tests/test_placement.py", "tests/test_cache_boundaries.py",
                           "tests/test_levels.py::test_one_factory_decides_the_layout_and_one_runner_follows_it",
                           "tests/test_presses.py::test_make_cache_graphs_gives_dense_presses_a_static_layout_with_the_"
