@@ -11,6 +11,7 @@ from pathlib import Path
 from .runs.checks import (  # noqa: F401 (the checks the library shares, kept under one name for the CLI)
     PLACEMENT_OFFLOAD,
     changed,
+    flag,
     generation_fits,
     out_dir,
     out_file,
