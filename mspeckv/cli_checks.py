@@ -1,5 +1,6 @@
-"""The CLI's own checks that run before any work: the parsers, the prompt, and flags that would be ignored in a mode
-(output locations, placement flags and model-config checks that the library shares live in ``runs/checks.py``).
+"""The CLI's own checks that run before any work: the parsers and the prompt (output locations and the checks the
+library shares live in ``runs/checks.py``; flags that would be ignored in a mode are refused by ``validate.ignored``
+from each flag's declaration).
 Each problem raises one ValueError that names the flag and what to change.
 """
 
@@ -9,13 +10,10 @@ import argparse
 from pathlib import Path
 
 from .runs.checks import (  # noqa: F401 (the checks the library shares, kept under one name for the CLI)
-    PLACEMENT_OFFLOAD,
     changed,
     flag,
     generation_fits,
     out_dir,
-    out_file,
-    placement_flags,
     refuse,
 )
 
@@ -70,34 +68,6 @@ def prompt_text(a) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {p} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, "
                          f"e.g. iconv -t UTF-8") from None
-
-
-# -------------------------------------------------------------------------------------------- flag combinations
-SPEC_FLAGS = ("draft", "drafter", "gamma", "draft_gamma", "budget", "chunk", "draft_sinks", "draft_window",
-              "refresh_every")
-MSPECKV_ONLY = ("draft_gamma", "budget", "chunk", "draft_sinks", "draft_window", "refresh_every")
-
-
-def sampling_flags(a) -> None:
-    """Sampling flags do nothing under greedy decoding."""
-    if getattr(a, "greedy", False):
-        refuse(changed(a, "temperature"), "--greedy sets the temperature to 0")
-    if getattr(a, "greedy", False) or a.temperature == 0:
-        refuse(changed(a, "top_k", "top_p", "seed"), "decoding is greedy (temperature 0), so sampling settings do "
-               "nothing; pass --temperature > 0 to sample")
-
-
-def spec_flags(a) -> None:
-    """Speculation flags do nothing in AR mode; retrieval and streaming-draft flags nothing outside mspeckv."""
-    if a.mode == "ar":
-        refuse(changed(a, *SPEC_FLAGS), "--mode ar does not speculate; pass --mode vanilla or mspeckv")
-        return
-    if a.mode == "vanilla":
-        refuse(changed(a, *MSPECKV_ONLY), "these set the MSpecKV hierarchy's retrieval level and streaming draft "
-               "cache, which --mode vanilla does not have")
-    if a.drafter == "ngram":
-        refuse(changed(a, "draft", "draft_sinks", "draft_window"), "--drafter ngram proposes by prompt lookup, "
-               "without a draft model")
 
 
 def model_config(ref: str):
