@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -121,15 +122,19 @@ def device_name(device: torch.device | str, cpu: str = "cpu") -> str:
 
 
 def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    """Memory the kernel can give without swapping, in bytes: ``MemAvailable`` in /proc/meminfo, else free physical
+    pages; None when neither can be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
         return None
-    return None
 
 
 def free_memory() -> None:
