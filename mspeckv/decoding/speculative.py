@@ -330,7 +330,7 @@ def speculative_generate(target, draft, prompt: Tensor, gen: GenerationConfig, s
             dcache = None
         elif mspeckv:
             dcache = streaming_cache(draft, sinks=spec.draft_sinks, window=spec.window, room=spec.room,
-                                         static=graphs)
+                                     static=graphs)
             druns = make_runner(draft, dcache)
             _prefill_streaming(druns, seq, T, spec.draft_sinks, spec.window, spec.room)
             lower0 = DraftLevel(druns, s, g, timers)
