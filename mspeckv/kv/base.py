@@ -60,6 +60,7 @@ class KVCache:
     # attention kernel then bounds each row by it and loads no mask (model/decode_attention.py)
     attn_lens: Tensor | None = None
     graphable: bool = False  # a static layout (fixed buffers, device-side length): forwards can replay CUDA graphs
+    ragged: bool = False  # a length per sequence: the model takes positions from token_positions() (kv/batch.py)
 
     def __init__(self) -> None:
         self.observers: list[Observer] = []
@@ -98,6 +99,11 @@ class KVCache:
         k, _ = self.read(layer)
         B, H, n, _ = k.shape
         return torch.arange(n, device=k.device).expand(B, H, n)
+
+    def token_positions(self, n_new: int) -> Tensor | None:
+        """(B, n_new) absolute positions of the next forward's tokens when each sequence has its own length (on the
+        device, graph safe); None: every row continues at ``next_position()``."""
+        return None
 
     def reserve(self, n: int) -> None:
         """Make room now so that forwards totalling ``n`` tokens need no eviction (rollback-safe rounds)."""

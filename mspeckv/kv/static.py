@@ -126,7 +126,9 @@ class GraphedForward:
             self.kept = [(lst, list(lst)) for o in cache.observers for lst in o.kept().values()]
 
     def _eager(self) -> Tensor:
-        return self.model(self.ids, self.cache, pos0=0, num_logits=self.num_logits, positions=self.positions)
+        # a ragged cache's positions come from its device-side lengths, inside the graph (token_positions)
+        pos = None if self.cache.ragged else self.positions
+        return self.model(self.ids, self.cache, pos0=0, num_logits=self.num_logits, positions=pos)
 
     def __call__(self, ids: Tensor, pos0: int, key=None) -> Tensor:
         """``key``: the cache's ``graph_key(T)`` if the caller already has it (checked here otherwise)."""

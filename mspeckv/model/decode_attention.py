@@ -203,7 +203,7 @@ if HAS_TRITON:
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,  # K/V: dense tensors, or codes + scale + zero
         kt_ptr, vt_ptr,  # dense tail (TAIL)
-        lens_ptr, mask_ptr,  # lens (T,) [+ a flag at [T]: mask is not a prefix mask, apply it]; mask (T, S) uint8
+        lens_ptr, mask_ptr,  # lens (T,) or (B, T) [+ a flag at [T]: mask is not a prefix mask]; mask (T, S) uint8
         op_ptr, ml_ptr,  # partials: (BH, NS, M, D) fp32, (BH, NS, M, 2) fp32
         Hkv, S_main, S_tail, n_split, sm_scale,
         s_qb, s_qh, s_qt, s_qd,
@@ -213,7 +213,7 @@ if HAS_TRITON:
         s_vsb, s_vsh, s_vst, s_vsj,
         s_ktb, s_kth, s_ktt, s_ktd,
         s_vtb, s_vth, s_vtt, s_vtd,
-        s_mt, s_mn,
+        s_mt, s_mn, s_lb,  # s_lb: lens' batch stride (0: one (T,) bound for every sequence)
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,  # bits 0 = dense; VG: value group (channels)
         KG: tl.constexpr,  # key group (tokens), a multiple of BLOCK_N
@@ -238,7 +238,7 @@ if HAS_TRITON:
         # visible-key bound of each row, and of the whole program (device-side: graph safe)
         row_end = tl.full((BLOCK_M,), 0, tl.int32) + S_tot
         if HAS_LENS:
-            row_end = tl.minimum(row_end, tl.load(lens_ptr + rt, mask=rv, other=0).to(tl.int32))
+            row_end = tl.minimum(row_end, tl.load(lens_ptr + b * s_lb + rt, mask=rv, other=0).to(tl.int32))
         if CAUSAL:
             row_end = tl.minimum(row_end, S_tot - T + rt + 1)
         row_end = tl.where(rv, row_end, 0)
@@ -527,8 +527,16 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     vt_t = v_tail if tail else q
     s_kt = kt_t.stride() if tail else (0, 0, 0, 0)
     s_vt = vt_t.stride() if tail else (0, 0, 0, 0)
+    s_lb = 0
     if lens is not None:
-        lens = lens.to(device=dev, dtype=torch.int32).reshape(T)
+        if lens.dim() == 2:  # a bound per sequence: (B, T)
+            if mask is not None or tuple(lens.shape) != (B, T):
+                raise ValueError(f"per-sequence lens must be ({B}, {T}) and come without a mask, got "
+                                 f"{tuple(lens.shape)}")
+            lens = lens.to(device=dev, dtype=torch.int32).contiguous()
+            s_lb = T
+        else:
+            lens = lens.to(device=dev, dtype=torch.int32).reshape(T)
     m_arg, s_m = q, (0, 0)
     if mask is not None:
         if mask.dtype != torch.bool or tuple(mask.shape) != (T, S_tot):
@@ -554,7 +562,7 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     _split_kernel[(NS, B * Hkv)](
         q, kt, vt, ks, kz, vs, vz, kt_t, vt_t, q if lens is None else lens, m_arg, op, ml,
         Hkv, S_main, S_tail, ns, D ** -0.5,
-        *q.stride(), *s_k, *s_ks, *s_v, *s_vs, *s_kt, *s_vt, *s_m,
+        *q.stride(), *s_k, *s_ks, *s_v, *s_vs, *s_kt, *s_vt, *s_m, s_lb,
         T=T, G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KBITS=kbits, VBITS=vbits, VG=vg, KG=kg,
         HAS_LENS=lens is not None, HAS_MASK=mask is not None, CAUSAL=causal, TAIL=tail,
         IEEE=q.dtype == torch.float32, F16=f16, PREFETCH=prefetch, KFOLD=kfold,

@@ -74,17 +74,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_kernel(Q, K, C, S, QO, KO, T, HQ,
-                     sqb, sqt, sqh, skb, skt, skh, sct, sst, sob, soh, sot, skob, skoh, skot,
+                     sqb, sqt, sqh, skb, skt, skh, scb, sct, ssb, sst, sob, soh, sot, skob, skoh, skot,
                      HALF: tl.constexpr):
         bt = tl.program_id(0)  # one (batch, token) pair ...
         h = tl.program_id(1)  # ... and one head: q heads [0, HQ), then k heads
         b = bt // T
         t = bt % T
         d = tl.arange(0, HALF)
-        c1 = tl.load(C + t * sct + d).to(tl.float32)
-        c2 = tl.load(C + t * sct + HALF + d).to(tl.float32)
-        s1 = tl.load(S + t * sst + d).to(tl.float32)
-        s2 = tl.load(S + t * sst + HALF + d).to(tl.float32)
+        c1 = tl.load(C + b * scb + t * sct + d).to(tl.float32)  # scb = 0: one (T, D) table for every sequence
+        c2 = tl.load(C + b * scb + t * sct + HALF + d).to(tl.float32)
+        s1 = tl.load(S + b * ssb + t * sst + d).to(tl.float32)
+        s2 = tl.load(S + b * ssb + t * sst + HALF + d).to(tl.float32)
         if h < HQ:
             src = Q + b * sqb + t * sqt + h * sqh
             dst = QO + b * sob + h * soh + t * sot
@@ -138,19 +138,22 @@ def rms_norm(x: Tensor, w: Tensor, eps: float, residual: Tensor | None = None) -
 
 
 def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """q (B, Hq, T, D), k (B, Hkv, T, D) (any strides), cos/sin (T, D) -> rotated (q, k), contiguous."""
+    """q (B, Hq, T, D), k (B, Hkv, T, D) (any strides), cos/sin (T, D), or (B, T, D) for a position per sequence
+    -> rotated (q, k), contiguous."""
     from .rope import apply_rope
 
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    if (not use_fused(q) or cos.dim() != 2 or cos.shape[-1] != D or D & (D - 1) or q.stride(-1) != 1
-            or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or q.dtype != k.dtype):
+    if (not use_fused(q) or cos.dim() not in (2, 3) or cos.shape[-1] != D or cos.shape[:-2] not in ((), (B,))
+            or D & (D - 1) or q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1
+            or q.dtype != k.dtype):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     qo = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     ko = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
     _rope_kernel[(B * T, Hq + Hkv)](
         q, k, cos, sin, qo, ko, T, Hq,
-        q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1), cos.stride(0), sin.stride(0),
+        q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+        cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2), sin.stride(0) if sin.dim() == 3 else 0, sin.stride(-2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         HALF=D // 2, num_warps=1,
     )  # fmt: skip

@@ -102,9 +102,9 @@ FOLD_MAX = 64  # query rows (G * T) up to which decode/verify attention folds GQ
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor | None = None) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (T, S) bool, or (B, Hkv, T, S) when each KV head keeps different rows
-    (per-head padded stores), or None (= no masking) -> (B, Hq, T, D).
-    ``lens`` (T,), when given, says the mask is each row's prefix [0, lens[t]): the Triton kernel then takes the
-    bound alone and loads no mask (the torch paths use the mask).
+    (per-head padded stores), or (B, 1, T, S) when each sequence has its own length, or None (= no masking)
+    -> (B, Hq, T, D). ``lens`` (T,) or (B, T), when given, says the mask is each row's prefix [0, lens[t]): the
+    Triton kernel then takes the bound alone and loads no mask (the torch paths use the mask).
 
     Few query rows (decode, verification): fold each KV head's G query heads into the query axis, so K/V are read
     once with no copy. On CUDA this is the split-K Triton kernel of ``model/decode_attention.py`` (GQA folded, the
@@ -137,8 +137,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor
         return y.reshape(B, Hq, T, D)
     if G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        if mask is not None and mask.dim() == 4:
-            mask = mask.repeat_interleave(G, dim=1)  # (B, Hkv, T, S) -> (B, Hq, T, S)
+        if mask is not None and mask.dim() == 4 and mask.shape[1] > 1:
+            mask = mask.repeat_interleave(G, dim=1)  # (B, Hkv, T, S) -> (B, Hq, T, S); (B, 1, T, S) broadcasts
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -297,6 +297,8 @@ class CausalLM(nn.Module):
                 f"this checkpoint uses sliding-window attention (window {w}) and the sequence reaches {pos0 + T} "
                 f"tokens; MSpecKV implements full attention only: use a checkpoint with sliding_window null"
             )
+        if positions is None:
+            positions = cache.token_positions(T)  # (B, T) when each sequence has its own length
         if positions is None:
             positions = torch.arange(pos0, pos0 + T, device=input_ids.device)
         cos, sin = self.rope.cos_sin(positions, pos0 + T, self.dtype)

@@ -1,0 +1,188 @@
+"""The batched engine (decoding/batch.py over kv/batch.py): a length per sequence, ragged prompts, leave and join.
+
+Every sequence of a batch must decode exactly as that prompt alone (fp32, greedy), whatever else shares its forwards.
+"""
+
+import pytest
+import torch
+
+from mspeckv.config import GenerationConfig, SamplingConfig
+from mspeckv.decoding.autoregressive import generate
+from mspeckv.decoding.batch import BatchEngine, buckets, generate_batch
+from mspeckv.kv.base import CacheFullError
+from mspeckv.kv.batch import BatchKV, kv_bytes
+from tests.tiny import tiny_model
+
+LENS = (5, 17, 9, 30, 2, 11)
+
+
+def prompts(lens=LENS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=g).tolist() for n in lens]
+
+
+def solo(m, p, gen, eos_ids=None):
+    return generate(m, torch.tensor([p]), gen, eos_ids=eos_ids).tokens[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("max_batch,graphs", [(1, False), (3, False), (6, False), (4, True)])
+def test_ragged_batch_equals_each_prompt_alone(family, max_batch, graphs):
+    m = tiny_model(family)
+    gen = GenerationConfig(max_new_tokens=10, stop_on_eos=False)
+    ps = prompts()
+    r = generate_batch(m, ps, gen, max_batch=max_batch, graphs=graphs)
+    assert [s.index for s in r.seqs] == list(range(len(ps)))
+    for p, s in zip(ps, r.seqs, strict=True):
+        assert s.tokens == solo(m, p, gen), f"prompt of {len(p)} tokens"
+        assert s.finish == "length" and s.ttft_s is not None and s.done_s >= s.ttft_s
+    assert r.n_generated == 10 * len(ps)
+    assert r.decode_steps >= 9 * -(-len(ps) // max_batch)
+
+
+def test_sequences_leave_at_eos_and_others_join_in_their_slot():
+    m = tiny_model("llama", seed=1)
+    ps = prompts(seed=3)
+    base = GenerationConfig(max_new_tokens=16, stop_on_eos=False)
+    # an EOS that some sequences produce early and others never: leave at different steps
+    eos = solo(m, ps[0], base)[3]
+    gen = GenerationConfig(max_new_tokens=16, stop_on_eos=True)
+    r = generate_batch(m, ps, gen, max_batch=2, eos_ids=[eos])
+    finishes = set()
+    for p, s in zip(ps, r.seqs, strict=True):
+        want = solo(m, p, gen, eos_ids=[eos])
+        assert s.tokens == want
+        assert s.finish == ("eos" if want[-1] == eos else "length")
+        finishes.add(s.finish)
+    assert finishes == {"eos", "length"}
+    assert r.stats["live_sequences"] == 0 and r.stats["kv_bytes_held"] == 0  # everyone left
+
+
+def test_per_sequence_token_limits():
+    m = tiny_model("qwen2")
+    ps = prompts((4, 8, 6))
+    gen = GenerationConfig(max_new_tokens=9, stop_on_eos=False)
+    eng = BatchEngine(m, 3, 20, gen)
+    r = eng.run(ps, max_new=[1, 9, 4])
+    assert [len(s.tokens) for s in r.seqs] == [1, 9, 4]
+    for p, s, n in zip(ps, r.seqs, (1, 9, 4), strict=True):
+        assert s.tokens == solo(m, p, GenerationConfig(max_new_tokens=n, stop_on_eos=False))
+
+
+def test_buckets():
+    assert buckets(1) == [1]
+    assert buckets(6) == [1, 2, 4, 6]
+    assert buckets(8) == [1, 2, 4, 8]
+
+
+# ------------------------------------------------------------------------------------------------------ BatchKV
+def fill(m, cache, slot, ids):
+    cache.focus(slot, 1)
+    return m(torch.tensor([ids]), cache, num_logits=1)
+
+
+def test_rollback_per_sequence_equals_a_cache_that_never_saw_the_rows():
+    m = tiny_model("llama")
+    a, b = prompts((6, 9), seed=5)
+    extra = [[40, 41, 42], [50, 51, 52]]
+    cache = BatchKV.for_model(m, 2, 32)
+    for s, p in enumerate((a, b)):
+        assert cache.join() == s
+        fill(m, cache, s, p)
+    cache.focus(0, 2)
+    m(torch.tensor(extra), cache)  # 3 more rows each
+    assert cache.lengths() == [9, 12]
+    cache.rollback([1, 3])  # slot 0 keeps 2 of the 3, slot 1 none
+    assert cache.lengths() == [8, 9] and cache.lens.tolist() == [8, 9]
+    nxt = torch.tensor([[7], [8]])
+    got = m(nxt, cache)[:, -1]
+    ref = BatchKV.for_model(m, 2, 32)
+    for s, p in enumerate((a + extra[0][:2], b)):
+        ref.join()
+        fill(m, ref, s, p)
+    ref.focus(0, 2)
+    torch.testing.assert_close(got, m(nxt, ref)[:, -1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one count per focused slot"):
+        cache.rollback([1])
+    with pytest.raises(ValueError, match="outside"):
+        cache.rollback([0, 11])
+
+
+def test_leave_frees_the_slot_and_its_held_bytes():
+    m = tiny_model("llama")
+    cache = BatchKV.for_model(m, 3, 16)
+    assert cache.nbytes() == kv_bytes(m.cfg, 3, 16, 4)
+    for p in prompts((4, 7)):
+        fill(m, cache, cache.join(), p)
+    rep = cache.memory_report()
+    assert rep["rows_held"] == 11 and rep["kv_bytes_held"] == 11 * cache.bytes_per_row()
+    assert cache.bytes_per_row() == 2 * 3 * 2 * 16 * 4  # K+V, layers, KV heads, head dim, fp32
+    cache.leave(0)
+    assert cache.memory_report()["kv_bytes_held"] == 7 * cache.bytes_per_row()
+    assert cache.free_slots() == [0, 2] and cache.live_slots() == [1]
+    assert cache.join() == 0 and cache.host_lens[0] == 0 and int(cache.lens[0]) == 0
+    with pytest.raises(ValueError, match="holds no sequence"):
+        cache.leave(2)
+
+
+def test_cache_limits_and_focus_errors():
+    m = tiny_model("llama")
+    cache = BatchKV.for_model(m, 2, 8)
+    fill(m, cache, cache.join(), [5] * 6)
+    cache.focus(0, 1)
+    with pytest.raises(CacheFullError, match="slot 0 holds 6 of 8"):
+        m(torch.tensor([[1, 2, 3]]), cache)
+    with pytest.raises(ValueError, match="outside this cache's 2 slots"):
+        cache.focus(1, 2)
+    cache.join()
+    with pytest.raises(CacheFullError, match="all 2 slots"):
+        cache.join()
+    cache.focus(0, 2)
+    with pytest.raises(ValueError, match="different lengths"):
+        cache.read(0)
+    k, _ = cache.read_slot(0, 0)
+    assert k.shape[2] == 6
+
+
+def test_a_free_slot_between_live_ones_changes_nothing():
+    """A decode bucket covers free slots too: their rows are computed and thrown away, never attended."""
+    m = tiny_model("qwen2")
+    a, b = prompts((5, 8), seed=7)
+    cache = BatchKV.for_model(m, 3, 16)
+    for p in (a, [9, 9], b):
+        fill(m, cache, cache.join(), p)
+    cache.leave(1)
+    cache.focus(0, 3)
+    got = m(torch.tensor([[4], [60], [6]]), cache)[:, -1]
+    assert cache.lengths() == [6, 0, 9]
+    for s, p, t in ((0, a, 4), (2, b, 6)):
+        one = BatchKV.for_model(m, 1, 16)
+        fill(m, one, one.join(), p)
+        torch.testing.assert_close(got[s], m(torch.tensor([[t]]), one)[0, -1], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------- errors
+def test_bad_input_gets_one_clear_error():
+    m = tiny_model("llama")
+    gen = GenerationConfig(max_new_tokens=4)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate_batch(m, [], gen)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_batch(m, [[5, 6], []], gen)
+    with pytest.raises(ValueError, match="max_batch"):
+        generate_batch(m, [[5, 6]], gen, max_batch=0)
+    with pytest.raises(ValueError, match="exceed the cache's 6 rows"):
+        BatchEngine(m, 1, 6, gen).run([[5, 6, 7]])
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        generate_batch(m, [[5, 600]], gen)
+    with pytest.raises(ValueError, match="maximum context of 512"):
+        generate_batch(m, [[5] * 510], gen)
+
+
+def test_sampled_batch_is_reproducible_with_a_seed():
+    m = tiny_model("llama")
+    gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False, sampling=SamplingConfig(temperature=1.0, seed=3))
+    ps = prompts((4, 6, 3))
+    a = generate_batch(m, ps, gen, max_batch=2)
+    b = generate_batch(m, ps, gen, max_batch=2)
+    assert [s.tokens for s in a.seqs] == [s.tokens for s in b.seqs]
