@@ -98,6 +98,8 @@ BENCHES: tuple[Bench, ...] = (
            "ms/token", "mspeckv.bench.presses", "PressBenchConfig", render="render_press_bench"),
     _bench("hf", "transformers generate over MSpecKVCache vs DynamicCache (on the GPU and offloaded)",
            "mspeckv.hf.bench", "HFBenchConfig"),
+    _bench("batch", "batched AR over batch x context (ragged prompts too) against the copy floor and transformers' "
+           "batched generate", "mspeckv.bench.batch", "BatchBenchConfig"),
     _bench("tp", "TP=1 against TP=N (random weights): H2D per rank, decode and verification per KV format",
            "mspeckv.parallel.bench", "TPBenchConfig", ok="complete"),
 )

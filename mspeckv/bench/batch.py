@@ -1,0 +1,275 @@
+"""``mspeckv bench batch``: batched AR (``decoding/batch.py``) over batch x context, against the memory floor and
+against transformers' batched ``generate``.
+
+Cells (each a resumable run record under ``<out>/runs/``, one per seed; a seed draws other prompts):
+- ``ar``: every (context, batch) of ``--contexts`` x ``--batches``: uniform prompts, graphed, every layer on the GPU.
+  A cell whose weights + KV + workspace exceed ``--gpu-memory`` is refused before it allocates (recorded as such);
+- ``ragged`` / ``uniform``: ``--ragged-batch`` prompts with lengths drawn uniformly from ``--ragged`` (lo-hi), and a
+  uniform batch of the same total prompt tokens: their decode rates should match;
+- ``hf``: transformers' batched ``generate`` with its ``StaticCache`` (it compiles the decode step itself where it
+  can; the record says what ran) at the ``--hf`` cells.
+
+Per cell: decode tok/s (tokens after each sequence's first over the decode time), ms per step, and end to end
+(setup = cache + graph capture, prefill, decode). MBU = (weight bytes + mean KV bytes read per step) / step time,
+over the device-to-device copy bandwidth measured at the start of the same run (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import validate as v
+from ..config import GenerationConfig
+from ..runs.harness import d2d_bandwidth, device_name, fmt, free_memory, peak_bytes, reset_peak, sync
+from ..runs.store import RunSpec, RunStore, run_sweep, write_bench
+from ..runs.template import opt
+
+WORKSPACE = 2 << 30  # bytes kept free for activations, logits and the graph pool (checked with --gpu-memory)
+
+
+@dataclass(frozen=True)
+class BatchBenchConfig:
+    model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or random:<shape>")
+    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "prompt tokens per sequence (comma list)")
+    batches: tuple[int, ...] = opt((1, 8, 32, 64), "sequences in flight (comma list)")
+    gen_len: int = opt(128, "tokens generated per sequence")
+    seeds: int = opt(3, "runs per cell, each with other prompts (the median is reported)")
+    ragged: str = opt("4096-32768", "length range lo-hi of the ragged cell's prompts ('' skips it)")
+    ragged_batch: int = opt(32, "sequences of the ragged cell and its uniform twin")
+    hf: tuple[str, ...] = opt((), "CONTEXTxBATCH cells for transformers' batched generate (comma list)")
+    gpu_memory: float | None = opt(None, "GB the run may allocate on the GPU (weights, KV, workspace)")
+    prefill_chunk: int = opt(4096, "tokens per prefill forward")
+    device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
+    out: str = opt("results/bench/batch", "output folder (resumable: done cells are kept)")
+
+    def __post_init__(self):
+        v.text("model", self.model)
+        for c in self.contexts + self.batches:
+            v.integer("contexts/batches", c, lo=1)
+        for k in ("gen_len", "ragged_batch", "prefill_chunk"):
+            v.integer(k, getattr(self, k), lo=1)
+        v.integer("seeds", self.seeds, lo=2)  # the median of at least two runs
+        if self.ragged:
+            lo, hi = ragged_range(self.ragged)
+            if not 1 <= lo <= hi:
+                raise v.ConfigError(f"--ragged {self.ragged!r}: give lo-hi with 1 <= lo <= hi")
+        for c in self.hf:
+            hf_cell(c)
+        if self.gpu_memory is not None:
+            v.number("gpu_memory", self.gpu_memory, lo=0, lo_open=True)
+        v.text("device", self.device, optional=True)
+
+    def validate(self) -> None:
+        from ..model.api import model_config
+        from ..runs.checks import generation_fits, out_dir
+
+        out_dir("--out", self.out)
+        longest = max(self.contexts + ((ragged_range(self.ragged)[1],) if self.ragged else ()))
+        generation_fits(model_config(self.model), self.gen_len, longest, "--gen-len", "--contexts")
+
+
+def ragged_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise v.ConfigError(f"--ragged {text!r}: give a range lo-hi, e.g. 4096-32768") from None
+    return lo, hi
+
+
+def hf_cell(text: str) -> tuple[int, int]:
+    try:
+        ctx, b = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise v.ConfigError(f"--hf {text!r}: give CONTEXTxBATCH cells, e.g. 32768x32") from None
+    return ctx, b
+
+
+def fits(model_cfg, weight_bytes: int, slots: int, capacity: int, dtype_bytes: int,
+         budget_gb: float | None) -> str | None:
+    """None if weights + the BatchKV + WORKSPACE fit ``budget_gb``, else the refusal (before anything allocates)."""
+    from ..kv.batch import kv_bytes
+
+    if budget_gb is None:
+        return None
+    need = weight_bytes + kv_bytes(model_cfg, slots, capacity, dtype_bytes) + WORKSPACE
+    if need <= budget_gb * 1e9:
+        return None
+    return (f"does not fit --gpu-memory {budget_gb:g} GB: weights {weight_bytes / 1e9:.1f} GB + KV "
+            f"{kv_bytes(model_cfg, slots, capacity, dtype_bytes) / 1e9:.1f} GB ({slots} x {capacity} rows) + "
+            f"workspace {WORKSPACE / 1e9:.1f} GB = {need / 1e9:.1f} GB")
+
+
+def prompt_lengths(method: str, ctx: int, batch: int, cfg: BatchBenchConfig, seed: int) -> list[int]:
+    if method in ("ragged", "uniform"):
+        lo, hi = ragged_range(cfg.ragged)
+        g = torch.Generator().manual_seed(1000 + seed)
+        lens = torch.randint(lo, hi + 1, (cfg.ragged_batch,), generator=g).tolist()
+        return lens if method == "ragged" else [sum(lens) // len(lens)] * len(lens)
+    return [ctx] * batch
+
+
+class Bench:
+    def __init__(self, cfg: BatchBenchConfig):
+        from ..model.api import load_any, parse_device
+        from .decode import weight_bytes_per_step
+
+        self.cfg = cfg
+        self.device = parse_device(cfg.device)
+        t0 = time.perf_counter()
+        self.model, self.tok, self.dir = load_any(cfg.model, self.device)
+        self.load_s = time.perf_counter() - t0
+        self.weights = weight_bytes_per_step(self.model)
+        self.copy_bw = d2d_bandwidth(1 << 30, 10) if self.device.type == "cuda" else None
+        self.hf_model = None
+
+    def prompts(self, lens: list[int], seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randint(10, self.model.cfg.vocab_size - 10, (n,), generator=g).tolist() for n in lens]
+
+    def floor(self, lens: list[int], step_s: float) -> dict:
+        """Bytes a step reads (weights + the mean KV over the decode) and what that is of the copy bandwidth."""
+        c, gen = self.model.cfg, self.cfg.gen_len
+        kv = sum(n + gen / 2 for n in lens) * c.kv_bytes_per_token(self.model.dtype.itemsize)
+        out = {"weight_bytes_per_step": self.weights, "kv_bytes_per_step_mean": kv}
+        if self.copy_bw:
+            achieved = (self.weights + kv) / step_s
+            out.update(achieved_GBps=achieved / 1e9, copy_GBps=self.copy_bw / 1e9, mbu=achieved / self.copy_bw,
+                       floor_ms=(self.weights + kv) / self.copy_bw * 1e3)
+        return out
+
+    def run(self, spec: RunSpec) -> dict:
+        ctx, batch = spec.config["context"], spec.config["batch"]
+        lens = prompt_lengths(spec.method, ctx, batch, self.cfg, spec.seed)
+        if spec.method != "hf":
+            refusal = fits(self.model.cfg, self.weights, len(lens), max(lens) + self.cfg.gen_len,
+                           self.model.dtype.itemsize, self.cfg.gpu_memory)
+            if refusal:
+                raise ValueError(refusal)
+        free_memory()
+        reset_peak(self.device)
+        ps = self.prompts(lens, spec.seed)
+        gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
+                               prefill_chunk=self.cfg.prefill_chunk)
+        m = self.hf(ps, gen) if spec.method == "hf" else self.ours(ps, gen)
+        step_s = m["decode_s"] / max(m["decode_steps"], 1)
+        return {**m, "prompt_lens": lens if spec.method == "ragged" else None, "total_prompt_tokens": sum(lens),
+                "batch": len(lens), "step_ms": step_s * 1e3, **self.floor(lens, step_s),
+                "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
+                "model_load_s": self.load_s, "prompts": "random token ids"}
+
+    def ours(self, ps, gen) -> dict:
+        from ..decoding.batch import generate_batch
+
+        t0 = time.perf_counter()
+        r = generate_batch(self.model, ps, gen)
+        sync(self.device)
+        wall = time.perf_counter() - t0
+        s = r.summary()
+        return {k: s[k] for k in ("setup_s", "prefill_s", "decode_s", "decode_steps", "capture_s", "n_generated",
+                                  "kv_bytes_allocated")} | {
+            "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall,
+            "engine": "mspeckv BatchEngine (BatchKV, CUDA graphs per batch bucket)" if r.stats["graphs"]
+            else "mspeckv BatchEngine (eager)"}
+
+    def hf(self, ps, gen) -> dict:
+        """transformers' generate over the same prompts (uniform lengths: one (B, T) tensor, no padding)."""
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        if self.dir is None:
+            raise ValueError("the transformers peer needs a model directory (not random weights)")
+        if len({len(p) for p in ps}) != 1:
+            raise ValueError("the transformers peer runs uniform prompt lengths only")
+        if self.hf_model is None:
+            self.hf_model = AutoModelForCausalLM.from_pretrained(str(self.dir), dtype=self.model.dtype).to(
+                self.device).eval()
+        hf = self.hf_model
+        ids = torch.tensor(ps, device=self.device)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
+                  pad_token_id=hf.generation_config.pad_token_id or 0, cache_implementation="static")
+
+        def call(n: int) -> float:
+            sync(self.device)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            sync(self.device)
+            assert out.shape[1] == ids.shape[1] + n
+            return time.perf_counter() - t
+
+        first = call(gen.max_new_tokens)  # the first call compiles (when transformers compiles): its setup
+        ttft = call(1)
+        total = call(gen.max_new_tokens)
+        compiled = getattr(hf, "_compiled_call", None) is not None
+        n = len(ps) * gen.max_new_tokens
+        return {"setup_s": max(first - total, 0.0), "prefill_s": ttft, "decode_s": total - ttft,
+                "decode_steps": gen.max_new_tokens - 1, "capture_s": None, "n_generated": n,
+                "decode_tok_per_s": len(ps) * (gen.max_new_tokens - 1) / (total - ttft), "e2e_s": first,
+                "e2e_tok_per_s": n / first, "kv_bytes_allocated": None,
+                "engine": f"transformers {transformers.__version__} generate, StaticCache"
+                          f"{', torch.compile (auto)' if compiled else ', eager'}",
+                "hf_warm_total_s": total}
+
+
+def plan(cfg: BatchBenchConfig) -> list[RunSpec]:
+    cells = [("ar", c, b) for c in cfg.contexts for b in cfg.batches]
+    if cfg.ragged:
+        cells += [("ragged", 0, cfg.ragged_batch), ("uniform", 0, cfg.ragged_batch)]
+    cells += [("hf", *hf_cell(c)) for c in cfg.hf]
+    return [RunSpec("batch", m, "cell", f"{c}x{b}" if m in ("ar", "hf") else cfg.ragged, s,
+                    {"context": c, "batch": b, **{k: x for k, x in asdict(cfg).items() if k not in ("out",)}})
+            for m, c, b in cells for s in range(cfg.seeds)]
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per cell: medians over its seeds, with the spread."""
+    by = {}
+    for r in records:
+        by.setdefault((r["method"], r["x"]), []).append(r)
+    rows = []
+    for (method, x), rs in by.items():
+        ok = [r["metrics"] for r in rs if r["status"] == "ok"]
+        row = {"method": method, "cell": x, "runs": len(ok), "errors": [r["error"] for r in rs if r["error"]][:1]}
+        if ok:
+            for k in ("decode_tok_per_s", "step_ms", "mbu", "floor_ms", "e2e_s", "e2e_tok_per_s", "setup_s",
+                      "capture_s", "prefill_s", "decode_s", "peak_gpu_bytes", "batch", "total_prompt_tokens"):
+                xs = [m.get(k) for m in ok if m.get(k) is not None]
+                row[k] = statistics.median(xs) if xs else None
+                if k == "decode_tok_per_s" and len(xs) > 1:
+                    row["decode_tok_per_s_range"] = [min(xs), max(xs)]
+            row["engine"] = ok[0]["engine"]
+            row["device_name"] = ok[0]["device_name"]
+        rows.append(row)
+    return rows
+
+
+def run(cfg: BatchBenchConfig, command: str = "") -> dict:
+    cfg.validate()
+    b = Bench(cfg)
+    store = RunStore(cfg.out)
+    recs = [r.to_dict() for r in run_sweep(store, plan(cfg), b.run)]
+    res = {"bench": "batch", "config": asdict(cfg), "rows": summarize(recs), "copy_GBps":
+           b.copy_bw / 1e9 if b.copy_bw else None, "device_name": device_name(b.device), "model_load_s": b.load_s}
+    return write_bench(cfg.out, "batch", res, render, command)
+
+
+def render(res: dict) -> str:
+    cols = [("method", "{}"), ("cell", "{}"), ("runs", "{}"), ("decode_tok_per_s", "{:.0f}"), ("step_ms", "{:.2f}"),
+            ("floor_ms", "{:.2f}"), ("mbu", "{:.1%}"), ("setup_s", "{:.2f}"), ("capture_s", "{:.2f}"),
+            ("prefill_s", "{:.2f}"), ("decode_s", "{:.2f}"), ("e2e_s", "{:.2f}"), ("e2e_tok_per_s", "{:.0f}")]
+    lines = [f"# bench batch: {res['config']['model']} on {res['device_name']} (copy bandwidth "
+             f"{fmt(res['copy_GBps'], '{:.0f}')} GB/s)", "",
+             "| " + " | ".join(c for c, _ in cols) + " | engine / error |", "|" + "---|" * (len(cols) + 1)]
+    for r in res["rows"]:
+        cells = [f.format(r[c]) if c in ("method", "cell", "runs") else fmt(r.get(c), f) for c, f in cols]
+        lines.append("| " + " | ".join(cells) + f" | {r.get('engine') or (r['errors'] or [''])[0]} |")
+    return "\n".join(lines) + "\n"
+
+
+def line(res: dict) -> dict:
+    return {"bench": "batch", "device_name": res["device_name"], "rows": [
+        {k: r.get(k) for k in ("method", "cell", "decode_tok_per_s", "mbu", "e2e_tok_per_s")} for r in res["rows"]]}
