@@ -74,6 +74,41 @@ def streaming_cache(model, *, sinks: int, window: int, room: int, slack: int | N
                      static=static, fixed_cap=sinks + window, compress_every=room + slack)
 
 
+# ------------------------------------------------------------------------------------------- batch memory budget
+WORKSPACE = 2 << 30  # GPU bytes kept for activations, logits, the graph pool (with --gpu-memory)
+
+
+def weight_bytes(model_cfg, dtype_bytes: int) -> int:
+    """Bytes of a model's weights from its config alone (before anything loads)."""
+    c = model_cfg
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    attn = c.dim * (q + 2 * kv) + q * c.dim + (q + 2 * kv if c.qkv_bias else 0)
+    layer = attn + 3 * c.dim * c.intermediate + 2 * c.dim
+    embed = c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)
+    return (c.n_layers * layer + embed + c.dim) * dtype_bytes
+
+
+def batch_memory(model_cfg, slots: int, capacity: int, dtype_bytes: int) -> dict[str, int]:
+    """What a batched run allocates on the GPU: weights, a ``BatchKV`` of ``slots`` x ``capacity`` rows, workspace."""
+    from .kv.batch import kv_bytes
+
+    w, kv = weight_bytes(model_cfg, dtype_bytes), kv_bytes(model_cfg, slots, capacity, dtype_bytes)
+    return {"weights": w, "kv": kv, "workspace": WORKSPACE, "total": w + kv + WORKSPACE}
+
+
+def check_gpu_memory(model_cfg, slots: int, capacity: int, dtype_bytes: int, budget_gb: float | None,
+                     flag: str = "--gpu-memory") -> dict[str, int]:
+    """Refuse, before anything allocates, a batched run that exceeds ``budget_gb`` (None: no cap)."""
+    m = batch_memory(model_cfg, slots, capacity, dtype_bytes)
+    if budget_gb is not None and m["total"] > budget_gb * 1e9:
+        fit = max(0, int((budget_gb * 1e9 - m["weights"] - m["workspace"]) // (m["kv"] / slots)))
+        raise ValueError(
+            f"{flag} {budget_gb:g} GB is too small: weights {m['weights'] / 1e9:.2f} GB + KV {m['kv'] / 1e9:.2f} GB "
+            f"({slots} sequences x {capacity} rows) + workspace {m['workspace'] / 1e9:.1f} GB = "
+            f"{m['total'] / 1e9:.2f} GB; raise it, or run at most {fit} sequences of this length at once")
+    return m
+
+
 # ------------------------------------------------------------------------------------------------------- planner
 @dataclass(frozen=True)
 class Plan:

@@ -74,6 +74,11 @@ def _load_pair(a, dtype=None):
 
 
 def cmd_generate(a) -> int:
+    if a.prompts is not None:
+        from .cli_batch import generate_many
+
+        return generate_many(a)
+    checks.refuse(checks.changed(a, "batch", "out", "gpu_memory"), "they go with --prompts FILE.jsonl")
     text = checks.prompt_text(a)
     if a.tp != 1 or under_torchrun():  # tensor parallel: spawned ranks, or one torchrun rank
         from .parallel.cli import generate_tp
@@ -309,6 +314,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
+    src.add_argument("--prompts", help="JSON Lines file, one {\"prompt\": ...} per line: batched AR, one JSON line "
+                     "out per prompt in input order")
+    p.add_argument("--batch", type=int, default=None, help="sequences in flight with --prompts (default: all)")
+    p.add_argument("--out", default=None, help="--prompts: write the JSON lines here instead of stdout")
+    p.add_argument("--gpu-memory", type=float, default=None, help="--prompts: GB the run may allocate on the GPU "
+                   "(weights, KV, workspace); refused before allocating if it does not fit")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     add(p, "--prefill-chunk", type=int, default=1024, help="tokens per prefill forward (--backend ours)",

@@ -46,8 +46,14 @@ ROWS = {
     "--draft-window": ("32", [], HIER, OURS),
     "--refresh-every": ("8", [], HIER, OURS),
     "--l1-press": ("retrieval:budget=64,chunk=8", [], HIER, OURS),
+    # --prompts FILE.jsonl's own flags: refused with --prompt (tests/test_batch_cli.py runs them with --prompts)
+    "--batch": ("2", [], set(), set()),
+    "--out": ("x.jsonl", [], set(), set()),
+    "--gpu-memory": ("24", [], set(), set()),
 }
-FIXED = {"-h", "--model", "--prompt", "--prompt-file", "--device", "--backend", "--mode", "--tp"}  # set per case
+PROMPTS_ONLY = {"--batch", "--out", "--gpu-memory"}
+# set per case
+FIXED = {"-h", "--model", "--prompt", "--prompt-file", "--prompts", "--device", "--backend", "--mode", "--tp"}
 
 
 class Loaded(Exception):
@@ -94,7 +100,7 @@ def test_flag_acts_or_is_refused_before_weights(flag, mode, backend, pair, capsy
     if mode != "ar" and flag not in ("--draft", "--drafter"):
         argv += ["--draft", draft]
     argv += [flag] if value is None else [flag, value.replace(DRAFT, draft)]
-    if backend == "hf" and mode != "ar":
+    if backend == "hf" and mode != "ar" and flag not in PROMPTS_ONLY:  # those are refused first, in every mode
         assert cli.main(argv) == 2
         assert "--backend hf runs transformers' own generate" in capsys.readouterr().err
         return
@@ -105,7 +111,8 @@ def test_flag_acts_or_is_refused_before_weights(flag, mode, backend, pair, capsy
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mspeckv: error: {flag} would be ignored: ") and err.count("\n") == 1, err
-    assert (f"--mode {mode}" if mode not in modes else "--backend hf") in err, err
+    why = "--prompts FILE.jsonl" if flag in PROMPTS_ONLY else f"--mode {mode}" if mode not in modes else "--backend hf"
+    assert why in err, err
 
 
 # ------------------------------------------------------------------------------- other combinations and paths

@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
+from ..cache import check_gpu_memory
 from ..config import GenerationConfig
 from ..runs.harness import d2d_bandwidth, device_name, fmt, free_memory, peak_bytes, reset_peak, sync
 from ..runs.store import RunSpec, RunStore, run_sweep, write_bench
 from ..runs.template import opt
-
-WORKSPACE = 2 << 30  # bytes kept free for activations, logits and the graph pool (checked with --gpu-memory)
 
 
 @dataclass(frozen=True)
@@ -88,21 +87,6 @@ def hf_cell(text: str) -> tuple[int, int]:
     return ctx, b
 
 
-def fits(model_cfg, weight_bytes: int, slots: int, capacity: int, dtype_bytes: int,
-         budget_gb: float | None) -> str | None:
-    """None if weights + the BatchKV + WORKSPACE fit ``budget_gb``, else the refusal (before anything allocates)."""
-    from ..kv.batch import kv_bytes
-
-    if budget_gb is None:
-        return None
-    need = weight_bytes + kv_bytes(model_cfg, slots, capacity, dtype_bytes) + WORKSPACE
-    if need <= budget_gb * 1e9:
-        return None
-    return (f"does not fit --gpu-memory {budget_gb:g} GB: weights {weight_bytes / 1e9:.1f} GB + KV "
-            f"{kv_bytes(model_cfg, slots, capacity, dtype_bytes) / 1e9:.1f} GB ({slots} x {capacity} rows) + "
-            f"workspace {WORKSPACE / 1e9:.1f} GB = {need / 1e9:.1f} GB")
-
-
 def prompt_lengths(method: str, ctx: int, batch: int, cfg: BatchBenchConfig, seed: int) -> list[int]:
     if method in ("ragged", "uniform"):
         lo, hi = ragged_range(cfg.ragged)
@@ -144,11 +128,9 @@ class Bench:
     def run(self, spec: RunSpec) -> dict:
         ctx, batch = spec.config["context"], spec.config["batch"]
         lens = prompt_lengths(spec.method, ctx, batch, self.cfg, spec.seed)
-        if spec.method != "hf":
-            refusal = fits(self.model.cfg, self.weights, len(lens), max(lens) + self.cfg.gen_len,
-                           self.model.dtype.itemsize, self.cfg.gpu_memory)
-            if refusal:
-                raise ValueError(refusal)
+        if spec.method != "hf":  # refused before it allocates
+            check_gpu_memory(self.model.cfg, len(lens), max(lens) + self.cfg.gen_len, self.model.dtype.itemsize,
+                             self.cfg.gpu_memory)
         free_memory()
         reset_peak(self.device)
         ps = self.prompts(lens, spec.seed)
@@ -180,13 +162,23 @@ class Bench:
         import transformers
         from transformers import AutoModelForCausalLM
 
-        if self.dir is None:
-            raise ValueError("the transformers peer needs a model directory (not random weights)")
         if len({len(p) for p in ps}) != 1:
             raise ValueError("the transformers peer runs uniform prompt lengths only")
-        if self.hf_model is None:
-            self.hf_model = AutoModelForCausalLM.from_pretrained(str(self.dir), dtype=self.model.dtype).to(
-                self.device).eval()
+        if self.hf_model is None and self.dir is not None:
+            self.hf_model = AutoModelForCausalLM.from_pretrained(str(self.dir), dtype=self.model.dtype)
+        elif self.hf_model is None:  # random weights: transformers' model of the same shape, holding our weights
+            from transformers import AutoConfig
+
+            from ..model.api import RANDOM_SHAPES
+
+            kw = dict(RANDOM_SHAPES[self.cfg.model.split(":", 1)[1]])
+            hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw),
+                                                  dtype=self.model.dtype)
+            missing, unexpected = hf.load_state_dict(self.model.state_dict(), strict=False)
+            if unexpected or [k for k in missing if "rotary" not in k]:
+                raise RuntimeError(f"our weights do not map onto transformers' model: {missing[:3]} {unexpected[:3]}")
+            self.hf_model = hf
+        self.hf_model = self.hf_model.to(self.device).eval()
         hf = self.hf_model
         ids = torch.tensor(ps, device=self.device)
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,

@@ -1,0 +1,81 @@
+"""``mspeckv generate --prompts FILE.jsonl``: many prompts through the batched engine (``decoding/batch.py``), one
+JSON line out per prompt, in input order. CLI only."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from . import cli_checks as checks
+from .cli_common import encode, sampling
+
+# the generate flags that apply to --prompts; every other one, changed from its default, is refused
+APPLIES = {"model", "prompts", "batch", "out", "gpu_memory", "chat", "max_new_tokens", "prefill_chunk", "device",
+           "temperature", "top_p", "top_k", "seed", "greedy"}
+
+
+def check(a) -> list:
+    """Everything that can be refused before the weights load; returns the prompt lines."""
+    from .config import GenerationConfig
+    from .data.prompts import read_prompts
+    from .model.api import parse_device
+
+    extra = [f for f in checks.changed(a, *getattr(a, "_defaults", {})) if f[2:].replace("-", "_") not in APPLIES]
+    checks.refuse(extra, "--prompts runs batched autoregressive decoding over every layer on the device (speculation, "
+                         "placements and presses at batch are not in this command yet)")
+    if a.batch is not None and a.batch < 1:
+        raise ValueError(f"--batch must be >= 1 (sequences in flight), got {a.batch}")
+    if a.gpu_memory is not None and not a.gpu_memory > 0:
+        raise ValueError(f"--gpu-memory must be > 0 GB, got {a.gpu_memory}")
+    GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling(a), prefill_chunk=a.prefill_chunk)
+    lines = read_prompts(a.prompts)
+    parse_device(a.device)
+    cfg = checks.model_config(a.model)
+    longest = max(x.max_new_tokens or a.max_new_tokens for x in lines)
+    checks.generation_fits(cfg, longest)
+    if a.gpu_memory is not None:  # before the weights load, prompts count one token each (a lower bound); the exact
+        from .cache import check_gpu_memory  # check follows the tokenizer, before the KV allocates
+
+        check_gpu_memory(cfg, min(a.batch or len(lines), len(lines)), 1 + longest, 2, a.gpu_memory)
+    if a.out:
+        from .runs.checks import out_file
+
+        out_file("--out", a.out)
+    return lines
+
+
+def generate_many(a) -> int:
+    from .config import GenerationConfig
+    from .decoding.batch import BatchEngine
+    from .model.api import load
+    from .runs.store import atomic_write_text
+
+    lines = check(a)
+    model, tok, _ = load(a.model, a.device)
+    ids = [encode(tok, x.prompt, a.chat) for x in lines]
+    max_new = [x.max_new_tokens or a.max_new_tokens for x in lines]
+    gen = GenerationConfig(max_new_tokens=max(max_new), sampling=sampling(a), prefill_chunk=a.prefill_chunk)
+    batch = min(a.batch or len(ids), len(ids))
+    cap = max(len(p) + m for p, m in zip(ids, max_new, strict=True))
+    if a.gpu_memory is not None:
+        from .cache import check_gpu_memory
+
+        check_gpu_memory(model.cfg, batch, cap, model.dtype.itemsize, a.gpu_memory)
+    eng = BatchEngine(model, batch, cap, gen)
+    res = eng.run(ids, max_new)
+    rows = []
+    for x, s in zip(lines, res.seqs, strict=True):
+        d = {"index": s.index, **({"id": x.id} if x.id is not None else {}), "prompt_tokens": len(s.prompt),
+             "tokens": s.tokens, "text": tok.decode(s.tokens, skip_special_tokens=True),
+             "finish_reason": s.finish, "ttft_s": s.ttft_s, "latency_s": s.done_s}
+        rows.append(json.dumps(d, ensure_ascii=False))
+    text = "\n".join(rows) + "\n"
+    if a.out:
+        atomic_write_text(a.out, text)
+    else:
+        sys.stdout.write(text)
+    s = res.summary()
+    print(f"[batched ar | {model.cfg.family} on {model.device}] {len(ids)} prompts, {batch} in flight | "
+          f"prefill {s['prefill_s']:.2f} s | decode {s['tok_per_s']:.1f} tok/s | end to end {s['e2e_tok_per_s']:.1f} "
+          f"tok/s | setup {s['setup_s']:.2f} s", file=sys.stderr)
+    return 0

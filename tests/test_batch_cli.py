@@ -1,0 +1,139 @@
+"""``mspeckv generate --prompts FILE.jsonl``: one JSON line per prompt in input order, equal to each prompt alone;
+bad files and flags get one error before any weights load; ``--gpu-memory`` refuses what does not fit."""
+
+import json
+
+import pytest
+import torch
+
+from mspeckv.cache import batch_memory, check_gpu_memory, weight_bytes
+from mspeckv.cli import main
+from mspeckv.config import GenerationConfig
+from mspeckv.data.prompts import read_prompts
+from mspeckv.decoding.autoregressive import generate
+from mspeckv.model.api import load, model_config
+from tests.tiny import save_tiny_pair
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("batch_cli"))[0]
+
+
+def write(tmp_path, *lines, name="p.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(p)
+
+
+def test_prompts_file_gives_each_prompts_solo_output_in_input_order(target, tmp_path, capsys):
+    texts = ["The vote was delayed until March.", "Budget", "A much longer prompt about the committee and its work."]
+    f = write(tmp_path, *[json.dumps({"prompt": t, **({"id": f"r{i}"} if i != 1 else {})}) for i, t in
+                          enumerate(texts)], json.dumps({"prompt": "Short", "max_new_tokens": 3}))
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--model", target, "--prompts", f, "--batch", "2", "--max-new-tokens", "7",
+               "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and "4 prompts, 2 in flight" in err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and rows[0]["id"] == "r0" and "id" not in rows[1]
+    model, tok, _ = load(target, "cpu")
+    for r, t, n in zip(rows, texts + ["Short"], (7, 7, 7, 3), strict=True):
+        ids = tok(t, add_special_tokens=False).input_ids
+        want = generate(model, torch.tensor([ids]), GenerationConfig(max_new_tokens=n)).tokens[0]
+        assert r["tokens"] == want and r["prompt_tokens"] == len(ids)
+        assert r["text"] == tok.decode(want, skip_special_tokens=True)
+        assert r["finish_reason"] in ("eos", "length") and r["ttft_s"] <= r["latency_s"]
+
+
+@pytest.mark.parametrize("lines,match", [
+    (['{"prompt": "a"}', "not json"], "line 2 is not JSON"),
+    (['["a"]'], "line 1 is a list"),
+    (['{"prompt": ""}'], '"prompt" must be a non-empty string'),
+    (['{"text": "a"}'], "unknown key"),
+    (['{"prompt": "a", "max_new_tokens": 0}'], "integer >= 1"),
+    (['{"prompt": "a", "max_new_tokens": true}'], "integer >= 1"),
+    (['{"prompt": "a", "id": [1]}'], '"id" must be'),
+    (["", "  "], "holds no prompt"),
+])
+def test_bad_prompt_files_are_refused_by_line(tmp_path, lines, match):
+    with pytest.raises(ValueError, match=match):
+        read_prompts(write(tmp_path, *lines))
+
+
+def test_reader_skips_blank_lines_and_keeps_fields(tmp_path):
+    got = read_prompts(write(tmp_path, '{"prompt": "x", "id": 4}', "", '{"prompt": "y", "max_new_tokens": 2}'))
+    assert [(g.prompt, g.id, g.max_new_tokens) for g in got] == [("x", 4, None), ("y", None, 2)]
+    with pytest.raises(ValueError, match="is not a file"):
+        read_prompts(tmp_path)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--mode", "vanilla"], "--mode would be ignored"),
+    (["--on-chip", "1"], "--on-chip would be ignored"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--gpu-memory", "0"], "--gpu-memory must be > 0"),
+    (["--gpu-memory", "0.000001"], "--gpu-memory 1e-06 GB is too small"),
+])
+def test_bad_flags_with_prompts_fail_before_loading(tmp_path, extra, match, monkeypatch, capsys):
+    import mspeckv.model.api as api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    f = write(tmp_path, '{"prompt": "a"}')
+    assert main(["generate", "--model", "random:qwen2.5-1.5b", "--prompts", f, "--device", "cpu", *extra]) != 0
+    err = capsys.readouterr().err
+    assert match in err and err.count("error") == 1
+
+
+def test_batch_flags_without_prompts_are_refused(capsys):
+    assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--batch", "4"]) != 0
+    assert "--batch would be ignored: they go with --prompts" in capsys.readouterr().err
+
+
+def test_gpu_memory_budget_counts_weights_kv_and_workspace():
+    cfg = model_config("random:qwen2.5-1.5b")
+    assert weight_bytes(cfg, 2) == 3_087_428_608  # Qwen2.5-1.5B: 1.54 B parameters in bf16, the LM head tied
+    m = batch_memory(cfg, 32, 32768 + 128, 2)
+    assert m["kv"] == 32 * (32768 + 128) * 28 * 2 * 2 * 128 * 2  # slots x rows x layers x (K, V) x heads x dim x 2 B
+    assert m["total"] == m["weights"] + m["kv"] + m["workspace"]
+    with pytest.raises(ValueError, match=r"--gpu-memory 24 GB is too small: .* run at most 19 sequences"):
+        check_gpu_memory(cfg, 32, 32768 + 128, 2, 24)
+    assert check_gpu_memory(cfg, 19, 32768 + 128, 2, 24)["total"] <= 24e9  # the count it names fits, one more not
+    with pytest.raises(ValueError, match="too small"):
+        check_gpu_memory(cfg, 20, 32768 + 128, 2, 24)
+    assert check_gpu_memory(cfg, 64, 32768, 2, None)["kv"] > 60e9  # no cap: reported, never refused
+
+
+def test_bench_batch_cells_resume_and_refuse_what_does_not_fit(tmp_path, capsys):
+    from mspeckv.bench.batch import BatchBenchConfig, run
+
+    out = tmp_path / "bb"
+    cfg = BatchBenchConfig(model="random:tiny", contexts=(32,), batches=(1, 3), gen_len=4, seeds=2, ragged="8-40",
+                           ragged_batch=3, hf=("32x3",), device="cpu", out=str(out))
+    res = run(cfg, "cmd")
+    rows = {(r["method"], r["cell"]): r for r in res["rows"]}
+    assert set(rows) == {("ar", "32x1"), ("ar", "32x3"), ("ragged", "8-40"), ("uniform", "8-40"), ("hf", "32x3")}
+    assert all(r["runs"] == 2 for r in rows.values())
+    ar = rows[("ar", "32x3")]
+    assert ar["batch"] == 3 and ar["total_prompt_tokens"] == 96 and ar["decode_tok_per_s"] > 0
+    assert rows[("ragged", "8-40")]["total_prompt_tokens"] // 3 == rows[("uniform", "8-40")]["total_prompt_tokens"] // 3
+    assert "StaticCache" in rows[("hf", "32x3")]["engine"]
+    assert (out / "summary.md").read_text().count("| ar |") == 2
+    before = sorted(p.stat().st_mtime_ns for p in (out / "runs").iterdir())
+    run(cfg, "cmd")  # resumed: every cell is done, nothing runs again
+    assert sorted(p.stat().st_mtime_ns for p in (out / "runs").iterdir()) == before
+    small = BatchBenchConfig(model="random:tiny", contexts=(32,), batches=(2,), gen_len=4, seeds=2, ragged="",
+                             gpu_memory=0.5, device="cpu", out=str(tmp_path / "small"))
+    row = run(small, "cmd")["rows"][0]
+    assert row["runs"] == 0 and "--gpu-memory 0.5 GB is too small" in row["errors"][0]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"ragged": "40-8"}, "lo <= hi"), ({"ragged": "x"}, "give a range"), ({"hf": ("32by3",)}, "CONTEXTxBATCH"),
+    ({"seeds": 1}, "seeds"), ({"gpu_memory": 0}, "gpu_memory"), ({"batches": (0,)}, "contexts/batches"),
+])
+def test_bench_batch_refuses_bad_settings(kw, match):
+    from mspeckv.bench.batch import BatchBenchConfig
+
+    with pytest.raises(ValueError, match=match):
+        BatchBenchConfig(model="random:tiny", **kw)
