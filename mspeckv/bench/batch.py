@@ -40,6 +40,11 @@ class BatchBenchConfig:
     ragged: str = opt("4096-32768", "length range lo-hi of the ragged cell's prompts ('' skips it)")
     ragged_batch: int = opt(32, "sequences of the ragged cell and its uniform twin")
     hf: tuple[str, ...] = opt((), "CONTEXTxBATCH cells for transformers' batched generate (comma list)")
+    offload: tuple[str, ...] = opt((), "CONTEXTxBATCH cells of offloaded AR under --gpu-memory (bf16 KV streamed from "
+                                   "pinned memory; uniform lengths)")
+    presses: tuple[str, ...] = opt((), "compress-to-fit AR: PRESS@CONTEXTxBATCH cells (a press spec or preset, e.g. "
+                                   "kivi:bits=4@32768x32)", sep=";")
+    offload_gen_len: int = opt(32, "tokens generated per sequence in the offload and press cells")
     gpu_memory: float | None = opt(None, "GB the run may allocate on the GPU (weights, KV, workspace)")
     prefill_chunk: int = opt(4096, "tokens per prefill forward")
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
@@ -56,8 +61,13 @@ class BatchBenchConfig:
             lo, hi = ragged_range(self.ragged)
             if not 1 <= lo <= hi:
                 raise v.ConfigError(f"--ragged {self.ragged!r}: give lo-hi with 1 <= lo <= hi")
-        for c in self.hf:
+        for c in self.hf + self.offload:
             hf_cell(c)
+        for c in self.presses:
+            press_cell(c)
+        if self.offload and self.gpu_memory is None:
+            raise v.ConfigError("--offload cells stream what does not fit --gpu-memory: give --gpu-memory GB")
+        v.integer("offload_gen_len", self.offload_gen_len, lo=2)
         if self.gpu_memory is not None:
             v.number("gpu_memory", self.gpu_memory, lo=0, lo_open=True)
         v.text("device", self.device, optional=True)
@@ -87,6 +97,31 @@ def hf_cell(text: str) -> tuple[int, int]:
     return ctx, b
 
 
+def press_cell(text: str) -> tuple[str, int, int]:
+    spec, _, cell = text.rpartition("@")
+    if not spec:
+        raise v.ConfigError(f"--presses {text!r}: give PRESS@CONTEXTxBATCH, e.g. kivi:bits=4@32768x32")
+    from ..presses import parse_press
+
+    parse_press(spec)
+    return (spec, *hf_cell(cell))
+
+
+def offload_placement(model_cfg, weight_bytes: int, batch: int, capacity: int, dtype_bytes: int, budget_gb: float):
+    """The most on-chip layers that fit the budget beside the weights, the workspace and two bf16 staging layers; the
+    rest streamed in bf16 from pinned memory (lossless)."""
+    from ..cache import WORKSPACE
+    from ..kv.placement import Placement
+
+    layer = 2 * batch * capacity * model_cfg.n_kv_heads * model_cfg.head_dim * dtype_bytes
+    free = budget_gb * 1e9 - weight_bytes - WORKSPACE - 2 * layer
+    on_chip = int(max(0, min(model_cfg.n_layers - 1, free // layer)))
+    if free < 0:
+        raise ValueError(f"--gpu-memory {budget_gb:g} GB cannot hold the weights, the workspace and two staging layers "
+                         f"({2 * layer / 1e9:.1f} GB) at {batch} x {capacity}")
+    return Placement(on_chip=on_chip)
+
+
 def prompt_lengths(method: str, ctx: int, batch: int, cfg: BatchBenchConfig, seed: int) -> list[int]:
     if method in ("ragged", "uniform"):
         lo, hi = ragged_range(cfg.ragged)
@@ -109,6 +144,7 @@ class Bench:
         self.weights = weight_bytes_per_step(self.model)
         self.copy_bw = d2d_bandwidth(1 << 30, 10) if self.device.type == "cuda" else None
         self.hf_model = None
+        self.h2d_bw = None  # pinned host-to-device bandwidth, measured at the first offload cell
 
     def prompts(self, lens: list[int], seed: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(seed)
@@ -128,6 +164,8 @@ class Bench:
     def run(self, spec: RunSpec) -> dict:
         ctx, batch = spec.config["context"], spec.config["batch"]
         lens = prompt_lengths(spec.method, ctx, batch, self.cfg, spec.seed)
+        if spec.method in ("offload", "press"):
+            return self.uniform_generate(spec, ctx, batch)
         if spec.method != "hf":  # refused before it allocates
             check_gpu_memory(self.model.cfg, len(lens), max(lens) + self.cfg.gen_len, self.model.dtype.itemsize,
                              self.cfg.gpu_memory)
@@ -142,6 +180,49 @@ class Bench:
                 "batch": len(lens), "step_ms": step_s * 1e3, **self.floor(lens, step_s),
                 "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
                 "model_load_s": self.load_s, "prompts": "random token ids"}
+
+    def uniform_generate(self, spec: RunSpec, ctx: int, batch: int) -> dict:
+        """Offloaded or pressed AR at batch (uniform prompt lengths: ``decoding.autoregressive.generate``)."""
+        from ..cache import make_cache
+        from ..decoding.autoregressive import generate
+        from ..runs.harness import h2d_bandwidth
+
+        cfg, dev, n = self.cfg, self.device, self.cfg.offload_gen_len
+        cap = ctx + n
+        free_memory()
+        reset_peak(dev)
+        ids = torch.tensor(self.prompts([ctx] * batch, spec.seed), device=dev)
+        gen = GenerationConfig(max_new_tokens=n, stop_on_eos=False, prefill_chunk=cfg.prefill_chunk)
+        t0 = time.perf_counter()
+        if spec.method == "offload":
+            p = offload_placement(self.model.cfg, self.weights, batch, cap, self.model.dtype.itemsize, cfg.gpu_memory)
+            cache = make_cache(self.model, p, batch, cap, graphs=dev.type == "cuda")
+            what = f"PlacedKV at batch {batch}: {p.n_on_chip(self.model.cfg.n_layers)} layers on chip, the rest bf16"
+        else:
+            press = spec.config["press"]
+            cache = make_cache(self.model, None, batch, cap, press=press, graphs=dev.type == "cuda")
+            what = f"PressedKV ({press}) at batch {batch}"
+        alloc_s = time.perf_counter() - t0
+        r = generate(self.model, ids, gen, cache=cache)
+        sync(dev)
+        wall = time.perf_counter() - t0
+        rep = cache.memory_report() or {}
+        steps = r.decode_steps
+        out = {"setup_s": alloc_s + r.setup_s, "prefill_s": r.ttft_s, "decode_s": r.decode_s, "decode_steps": steps,
+               "capture_s": r.stats.get("capture_s"), "n_generated": r.n_generated,
+               "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall,
+               "engine": what, "batch": batch, "total_prompt_tokens": ctx * batch, "step_ms": r.ms_per_token,
+               "peak_gpu_bytes": peak_bytes(dev), "device_name": device_name(dev), "model_load_s": self.load_s,
+               "prompts": "random token ids", "memory": rep}
+        h2d0 = r.stats.get("h2d_bytes_before_decode")
+        if h2d0 is not None and rep.get("h2d_bytes_total") is not None and dev.type == "cuda":
+            per_step = (rep["h2d_bytes_total"] - h2d0) / max(steps, 1)
+            if self.h2d_bw is None:
+                self.h2d_bw = h2d_bandwidth(1 << 30, 8)
+            out.update(h2d_bytes_per_step=per_step, h2d_GBps=self.h2d_bw / 1e9,
+                       transfer_floor_ms=per_step / self.h2d_bw * 1e3,
+                       vs_transfer_floor=r.ms_per_token / (per_step / self.h2d_bw * 1e3) if per_step else None)
+        return out
 
     def ours(self, ps, gen) -> dict:
         from ..decoding.batch import generate_batch
@@ -212,9 +293,15 @@ def plan(cfg: BatchBenchConfig) -> list[RunSpec]:
     if cfg.ragged:
         cells += [("ragged", 0, cfg.ragged_batch), ("uniform", 0, cfg.ragged_batch)]
     cells += [("hf", *hf_cell(c)) for c in cfg.hf]
-    return [RunSpec("batch", m, "cell", f"{c}x{b}" if m in ("ar", "hf") else cfg.ragged, s,
-                    {"context": c, "batch": b, **{k: x for k, x in asdict(cfg).items() if k not in ("out",)}})
-            for m, c, b in cells for s in range(cfg.seeds)]
+    cells += [("offload", *hf_cell(c)) for c in cfg.offload]
+    settings = {k: x for k, x in asdict(cfg).items() if k != "out"}
+    specs = [RunSpec("batch", m, "cell", cfg.ragged if m in ("ragged", "uniform") else f"{c}x{b}", s,
+                     {"context": c, "batch": b, **settings}) for m, c, b in cells for s in range(cfg.seeds)]
+    for text in cfg.presses:
+        press, c, b = press_cell(text)
+        specs += [RunSpec("batch", "press", "cell", f"{press}@{c}x{b}", s, {"context": c, "batch": b, "press": press,
+                                                                           **settings}) for s in range(cfg.seeds)]
+    return specs
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -228,7 +315,8 @@ def summarize(records: list[dict]) -> list[dict]:
         row = {"method": method, "cell": x, "runs": len(ok), "errors": [r["error"] for r in rs if r["error"]][:1]}
         if ok:
             for k in ("decode_tok_per_s", "step_ms", "mbu", "floor_ms", "e2e_s", "e2e_tok_per_s", "setup_s",
-                      "capture_s", "prefill_s", "decode_s", "peak_gpu_bytes", "batch", "total_prompt_tokens"):
+                      "capture_s", "prefill_s", "decode_s", "peak_gpu_bytes", "batch", "total_prompt_tokens",
+                      "transfer_floor_ms", "vs_transfer_floor", "h2d_bytes_per_step"):
                 xs = [m.get(k) for m in ok if m.get(k) is not None]
                 row[k] = statistics.median(xs) if xs else None
                 if k == "decode_tok_per_s" and len(xs) > 1:
@@ -251,7 +339,8 @@ def run(cfg: BatchBenchConfig, command: str = "") -> dict:
 
 def render(res: dict) -> str:
     cols = [("method", "{}"), ("cell", "{}"), ("runs", "{}"), ("decode_tok_per_s", "{:.0f}"), ("step_ms", "{:.2f}"),
-            ("floor_ms", "{:.2f}"), ("mbu", "{:.1%}"), ("setup_s", "{:.2f}"), ("capture_s", "{:.2f}"),
+            ("floor_ms", "{:.2f}"), ("mbu", "{:.1%}"), ("transfer_floor_ms", "{:.1f}"), ("vs_transfer_floor", "{:.2f}"),
+            ("setup_s", "{:.2f}"), ("capture_s", "{:.2f}"),
             ("prefill_s", "{:.2f}"), ("decode_s", "{:.2f}"), ("e2e_s", "{:.2f}"), ("e2e_tok_per_s", "{:.0f}")]
     lines = [f"# bench batch: {res['config']['model']} on {res['device_name']} (copy bandwidth "
              f"{fmt(res['copy_GBps'], '{:.0f}')} GB/s)", "",
