@@ -156,11 +156,10 @@ class BatchKV(KVCache):
         counts = [n] * self.batch if isinstance(n, int) else list(n)
         if len(counts) != self.batch:
             raise ValueError(f"rollback needs one count per focused slot ({self.batch}), got {len(counts)}")
-        for b, c in enumerate(counts):
+        for b, c in enumerate(counts):  # a free slot never advances (nothing to forget): its count is not checked
             s = self.first + b
-            held = self.host_lens[s] if self.host_live[s] else 0
-            if not 0 <= c <= held:
-                raise ValueError(f"rollback({c}) of slot {s} outside [0, {held}]")
+            if self.host_live[s] and not 0 <= c <= self.host_lens[s]:
+                raise ValueError(f"rollback({c}) of slot {s} outside [0, {self.host_lens[s]}]")
         dev = torch.tensor([c if self.host_live[self.first + b] else 0 for b, c in enumerate(counts)],
                            device=self.lens.device)
         self.lens[self._range()] -= dev
