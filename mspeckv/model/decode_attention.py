@@ -517,7 +517,10 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     BLOCK_M = max(16, triton.next_power_of_2(M))
     if num_splits is not None and not 1 <= num_splits < MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS})")
-    ns = num_splits or default_splits(S_main, BLOCK_N, B * Hkv, M, _sm_count(q.device), 4.0 if kq or vq else 2.0)
+    # a bound per sequence (a ragged batch): the key axis is the longest sequence's, so short ones leave most splits
+    # idle; four times as many splits keep the busy programs many and small (the SMs stay balanced)
+    per_sm = (4.0 if kq or vq else 2.0) * (4 if lens is not None and lens.dim() == 2 else 1)
+    ns = num_splits or default_splits(S_main, BLOCK_N, B * Hkv, M, _sm_count(q.device), per_sm)
     tail = S_tail > 0
     NS = ns + int(tail)
     dev = q.device
