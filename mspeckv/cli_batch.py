@@ -7,11 +7,12 @@ import json
 import sys
 
 from . import cli_checks as checks
-from .cli_common import encode, sampling
+from .cli_common import check_flags, encode, placement, sampling
 
 # the generate flags that apply to --prompts; every other one, changed from its default, is refused
 APPLIES = {"model", "prompts", "batch", "out", "gpu_memory", "chat", "max_new_tokens", "prefill_chunk", "device",
-           "temperature", "top_p", "top_k", "seed", "greedy"}
+           "temperature", "top_p", "top_k", "seed", "greedy", "on_chip", "kv_quant", "kv_group_size", "resident_layers",
+           "resident_format", "resident_policy", "press"}
 
 
 def check(a) -> list:
@@ -21,8 +22,8 @@ def check(a) -> list:
     from .model.api import parse_device
 
     extra = [f for f in checks.changed(a, *getattr(a, "_defaults", {})) if f[2:].replace("-", "_") not in APPLIES]
-    checks.refuse(extra, "--prompts runs batched autoregressive decoding over every layer on the device (speculation, "
-                         "placements and presses at batch are not in this command yet)")
+    checks.refuse(extra, "--prompts runs batched autoregressive decoding (speculation at batch is not in this command "
+                         "yet)")
     if a.batch is not None and a.batch < 1:
         raise ValueError(f"--batch must be >= 1 (sequences in flight), got {a.batch}")
     if a.gpu_memory is not None and not a.gpu_memory > 0:
@@ -30,7 +31,14 @@ def check(a) -> list:
     GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling(a), prefill_chunk=a.prefill_chunk)
     lines = read_prompts(a.prompts)
     parse_device(a.device)
+    p = placement(a)
+    check_flags(a)
     cfg = checks.model_config(a.model)
+    p.validate(cfg.n_layers, cfg.head_dim)
+    check_flags(a, cfg.n_layers)
+    if a.gpu_memory is not None and (a.press is not None or p.n_on_chip(cfg.n_layers) < cfg.n_layers):
+        raise ValueError("--gpu-memory budgets the dense batched KV; with --on-chip or --press each sequence's cache "
+                         "is placed or pressed on its own: drop --gpu-memory (or the placement)")
     longest = max(x.max_new_tokens or a.max_new_tokens for x in lines)
     checks.generation_fits(cfg, longest)
     if a.gpu_memory is not None:  # before the weights load, prompts count one token each (a lower bound); the exact
@@ -41,16 +49,16 @@ def check(a) -> list:
         from .runs.checks import out_file
 
         out_file("--out", a.out)
-    return lines
+    return lines, p
 
 
 def generate_many(a) -> int:
     from .config import GenerationConfig
-    from .decoding.batch import BatchEngine
+    from .decoding.batch import BatchEngine, batch_cache
     from .model.api import load
     from .runs.store import atomic_write_text
 
-    lines = check(a)
+    lines, p = check(a)
     model, tok, _ = load(a.model, a.device)
     ids = [encode(tok, x.prompt, a.chat) for x in lines]
     max_new = [x.max_new_tokens or a.max_new_tokens for x in lines]
@@ -61,7 +69,7 @@ def generate_many(a) -> int:
         from .cache import check_gpu_memory
 
         check_gpu_memory(model.cfg, batch, cap, model.dtype.itemsize, a.gpu_memory)
-    eng = BatchEngine(model, batch, cap, gen)
+    eng = BatchEngine(model, batch, cap, gen, cache=batch_cache(model, batch, cap, p, a.press))
     res = eng.run(ids, max_new)
     rows = []
     for x, s in zip(lines, res.seqs, strict=True):

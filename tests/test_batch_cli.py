@@ -70,7 +70,9 @@ def test_reader_skips_blank_lines_and_keeps_fields(tmp_path):
 
 @pytest.mark.parametrize("extra,match", [
     (["--mode", "vanilla"], "--mode would be ignored"),
-    (["--on-chip", "1"], "--on-chip would be ignored"),
+    (["--drafter", "ngram"], "--drafter would be ignored"),
+    (["--on-chip", "1", "--gpu-memory", "30"], "--gpu-memory budgets the dense batched KV"),
+    (["--press", "nope"], "unknown press 'nope'"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--gpu-memory", "0"], "--gpu-memory must be > 0"),
     (["--gpu-memory", "0.000001"], "--gpu-memory 1e-06 GB is too small"),
@@ -137,3 +139,23 @@ def test_bench_batch_refuses_bad_settings(kw, match):
 
     with pytest.raises(ValueError, match=match):
         BatchBenchConfig(model="random:tiny", **kw)
+
+
+def test_prompts_with_a_press_and_a_placement_match_each_prompt_alone(target, tmp_path, capsys):
+    from mspeckv.cache import make_cache
+    from mspeckv.kv.placement import Placement
+
+    texts = ["The vote was delayed until March, said the chair.", "Budget talks"]
+    f = write(tmp_path, *[json.dumps({"prompt": t}) for t in texts])
+    model, tok, _ = load(target, "cpu")
+    for flags, pl, press in ((["--on-chip", "1", "--kv-quant", "int8", "--kv-group-size", "16"],
+                              Placement(on_chip=1, kv_quant="int8", kv_group_size=16), None),
+                             (["--press", "streaming:budget=16,sinks=2"], None, "streaming:budget=16,sinks=2")):
+        out = tmp_path / "o.jsonl"
+        assert main(["generate", "--model", target, "--prompts", f, "--max-new-tokens", "6", "--device", "cpu",
+                     "--out", str(out), *flags]) == 0, capsys.readouterr().err
+        for r, t in zip([json.loads(x) for x in out.read_text().splitlines()], texts, strict=True):
+            ids = tok(t, add_special_tokens=False).input_ids
+            cache = make_cache(model, pl, 1, len(ids) + 6, press=press)
+            assert r["tokens"] == generate(model, torch.tensor([ids]), GenerationConfig(max_new_tokens=6),
+                                           cache=cache).tokens[0]

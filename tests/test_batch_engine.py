@@ -6,11 +6,14 @@ Every sequence of a batch must decode exactly as that prompt alone (fp32, greedy
 import pytest
 import torch
 
+from mspeckv.cache import make_cache
 from mspeckv.config import GenerationConfig, SamplingConfig
 from mspeckv.decoding.autoregressive import generate
-from mspeckv.decoding.batch import BatchEngine, buckets, generate_batch
+from mspeckv.decoding.batch import BatchEngine, batch_cache, buckets, generate_batch
 from mspeckv.kv.base import CacheFullError
 from mspeckv.kv.batch import BatchKV, kv_bytes
+from mspeckv.kv.placement import Placement
+from mspeckv.kv.stack import SeqStackKV
 from tests.tiny import tiny_model
 
 LENS = (5, 17, 9, 30, 2, 11)
@@ -186,3 +189,64 @@ def test_sampled_batch_is_reproducible_with_a_seed():
     a = generate_batch(m, ps, gen, max_batch=2)
     b = generate_batch(m, ps, gen, max_batch=2)
     assert [s.tokens for s in a.seqs] == [s.tokens for s in b.seqs]
+
+
+# ------------------------------------------------------------------------ every placement and press (SeqStackKV)
+PER_SEQ = [
+    (Placement(on_chip=1), None),
+    (Placement(on_chip=1, kv_quant="int8", kv_group_size=16), None),
+    (Placement(on_chip=0, kv_quant="int4", kv_group_size=16, resident_layers=3), None),
+    (Placement(on_chip=1, kv_quant="int2", kv_group_size=16, resident_layers=1, resident_format="quant",
+               resident_policy="static"), None),
+    (None, "snapkv:budget=24"),
+    (None, "h2o:budget=24"),
+    (None, "kivi:group_size=16"),
+    (None, "streaming:budget=24,sinks=4"),
+    (Placement(on_chip=2), "pyramidkv:budget=24"),
+]
+
+
+@pytest.mark.parametrize("placement,press", PER_SEQ, ids=[f"{p}-{q}" for p, q in PER_SEQ])
+def test_every_placement_and_press_at_batch_equals_each_prompt_alone(placement, press):
+    m = tiny_model("llama")
+    ps = prompts((40, 17, 70, 33), seed=11)
+    gen = GenerationConfig(max_new_tokens=8, stop_on_eos=False, prefill_chunk=32)
+    r = generate_batch(m, ps, gen, max_batch=3, placement=placement, press=press)  # the 4th joins a freed slot
+    for p, s in zip(ps, r.seqs, strict=True):
+        want = generate(m, torch.tensor([p]), gen, cache=make_cache(m, placement, 1, len(p) + 8, press=press))
+        assert s.tokens == want.tokens[0], f"prompt of {len(p)} tokens"
+
+
+def test_batch_cache_picks_the_backend():
+    m = tiny_model("llama")
+    assert isinstance(batch_cache(m, 2, 16), BatchKV)
+    assert isinstance(batch_cache(m, 2, 16, Placement()), BatchKV)  # nothing offloaded: the dense graphable one
+    assert isinstance(batch_cache(m, 2, 16, Placement(on_chip=1)), SeqStackKV)
+    assert isinstance(batch_cache(m, 2, 16, None, "snapkv:budget=8"), SeqStackKV)
+    with pytest.raises(ValueError, match="unknown press"):
+        batch_cache(m, 2, 16, None, "nope")
+
+
+def test_seq_stack_leave_drops_the_sequences_bytes_and_rolls_back_per_sequence():
+    m = tiny_model("llama")
+    st = batch_cache(m, 2, 40, Placement(on_chip=1))
+    a, b = prompts((9, 14), seed=2)
+    for p in (a, b):
+        s = st.join()
+        st.focus(s, 1)
+        m.prefill(torch.tensor([p]), st)
+    both = st.memory_report()
+    assert both["live_sequences"] == 2 and both["pinned_cpu_kv_bytes"] > 0
+    st.focus(0, 2)
+    m(torch.tensor([[5, 6], [7, 8]]), st)
+    assert st.lengths() == [11, 16]
+    st.rollback([2, 1])
+    assert st.lengths() == [9, 15]
+    st.leave(0)
+    one = st.memory_report()
+    assert one["live_sequences"] == 1 and one["pinned_cpu_kv_bytes"] == both["pinned_cpu_kv_bytes"] // 2
+    assert st.free_slots() == [0] and st.join() == 0
+    with pytest.raises(ValueError, match="one count per focused slot"):
+        st.rollback([1])
+    with pytest.raises(ValueError, match="focus\\(slot, 1\\) first"):
+        st.read(0)

@@ -144,6 +144,7 @@ class BatchEngine:
         self.cache.focus(slot, 1)
         ids = torch.tensor([seq.prompt], device=self.device)
         logits = self.model.prefill(ids, self.cache, chunk=self.gen.prefill_chunk)  # (1, V)
+        self.cache.compress()  # a press (per-sequence caches) runs after its prefill, inside TTFT
         tok = next_token(logits, self.gen.sampling, self.g)
         self.last[slot] = tok[0]
         t = tok.item()  # one sync per admission: the first token decides whether the sequence is already done
@@ -213,9 +214,26 @@ class BatchEngine:
                                               **self.cache.memory_report()})
 
 
+def batch_cache(model, slots: int, capacity: int, placement=None, press=None):
+    """The engine's cache: a graphable ``BatchKV`` (dense KV on the device), or with a ``placement`` that offloads or a
+    ``press``, a ``SeqStackKV`` of per-sequence caches built by ``make_cache`` (eager)."""
+    from ..cache import make_cache
+
+    offloads = placement is not None and placement.n_on_chip(model.cfg.n_layers) < model.cfg.n_layers
+    if not offloads and press is None:
+        return BatchKV.for_model(model, slots, capacity)
+    from ..kv.stack import SeqStackKV
+    from ..presses import parse_press
+
+    press = None if press is None else parse_press(press)  # a bad spec fails here, before any slot allocates
+    return SeqStackKV(lambda: make_cache(model, placement, 1, capacity, press=press), slots, capacity, model.device)
+
+
 def generate_batch(model, prompts: list[list[int]] | list[Tensor], gen: GenerationConfig, max_batch: int | None = None,
-                   graphs: bool | None = None, eos_ids=None, check_every: int | None = None) -> BatchResult:
-    """Greedy or sampled AR over many prompts of any lengths, ``max_batch`` (default: all) in flight at once."""
+                   graphs: bool | None = None, eos_ids=None, check_every: int | None = None, placement=None,
+                   press=None) -> BatchResult:
+    """Greedy or sampled AR over many prompts of any lengths, ``max_batch`` (default: all) in flight at once; with a
+    ``placement`` or ``press``, each sequence's KV is placed or pressed as ``make_cache`` does for one."""
     from .. import validate as v
 
     prompts = [p.tolist() if isinstance(p, Tensor) else list(p) for p in prompts]
@@ -224,5 +242,7 @@ def generate_batch(model, prompts: list[list[int]] | list[Tensor], gen: Generati
     max_batch = len(prompts) if max_batch is None else max_batch
     v.integer("max_batch", max_batch, lo=1)
     cap = max(len(p) for p in prompts) + gen.max_new_tokens
-    eng = BatchEngine(model, min(max_batch, len(prompts)), cap, gen, graphs, eos_ids, check_every)
+    slots = min(max_batch, len(prompts))
+    eng = BatchEngine(model, slots, cap, gen, graphs, eos_ids, check_every,
+                      cache=batch_cache(model, slots, cap, placement, press))
     return eng.run(prompts)
