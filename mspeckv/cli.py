@@ -235,7 +235,18 @@ def cmd_plan(a) -> int:
     if a.context > cfg.max_position:
         raise ValueError(f"--context {a.context} is beyond {a.model}'s maximum context of {cfg.max_position} tokens "
                          f"(max_position_embeddings); plan for at most {cfg.max_position}")
-    if a.gpu_kv_budget is not None:
+    if a.gpu_kv_budget is not None and a.gpu_memory is not None:
+        raise ValueError("give --gpu-memory (the whole run) or --gpu-kv-budget (the KV alone), not both")
+    if a.gpu_memory is not None:  # the whole run: what is left of it after the weights and the workspace
+        from .cache import WORKSPACE, weight_bytes
+
+        v.number("gpu_memory", a.gpu_memory, lo=0, lo_open=True)
+        w = weight_bytes(cfg, 2)
+        budget = int(a.gpu_memory * 1e9) - w - WORKSPACE
+        if budget <= 0:
+            raise ValueError(f"--gpu-memory {a.gpu_memory:g} GB leaves nothing for the KV: the weights take "
+                             f"{w / 1e9:.2f} GB and the workspace {WORKSPACE / 1e9:.1f} GB")
+    elif a.gpu_kv_budget is not None:
         budget = int(a.gpu_kv_budget * 2**30)
     else:
         import torch
@@ -347,7 +358,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="pick on_chip / resident_layers / kv_quant for a model, context and GPU budget")
     p.add_argument("--model", default="qwen2.5-coder-1.5b", help="model reference or random:<shape>")
     p.add_argument("--context", type=int, required=True)
-    p.add_argument("--gpu-kv-budget", type=float, default=None, help="GB for KV on the GPU (default: 90%% of free)")
+    p.add_argument("--gpu-kv-budget", type=float, default=None, help="GiB for KV on the GPU (default: 90%% of free)")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GB the whole run may allocate on the GPU: the KV "
+                   "gets what the weights (bf16) and a 2 GiB workspace leave, for --batch sequences")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--tp", type=int, default=1, help="plan one rank of N tensor-parallel ranks (budget per GPU)")

@@ -159,3 +159,17 @@ def test_prompts_with_a_press_and_a_placement_match_each_prompt_alone(target, tm
             cache = make_cache(model, pl, 1, len(ids) + 6, press=press)
             assert r["tokens"] == generate(model, torch.tensor([ids]), GenerationConfig(max_new_tokens=6),
                                            cache=cache).tokens[0]
+
+
+def test_plan_takes_the_whole_run_budget(capsys):
+    assert main(["plan", "--model", "random:qwen2.5-1.5b", "--context", "32768", "--batch", "32",
+                 "--gpu-memory", "24"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = model_config("random:qwen2.5-1.5b")
+    assert row["gpu_kv_budget_bytes"] == 24_000_000_000 - weight_bytes(cfg, 2) - (2 << 30)
+    assert 0 < row["on_chip"] < 28 and row["predicted_gpu_kv_bytes"] <= row["gpu_kv_budget_bytes"]
+    assert main(["plan", "--model", "random:qwen2.5-1.5b", "--context", "32768", "--gpu-memory", "4"]) != 0
+    assert "leaves nothing for the KV" in capsys.readouterr().err
+    assert main(["plan", "--model", "random:qwen2.5-1.5b", "--context", "32768", "--gpu-memory", "24",
+                 "--gpu-kv-budget", "8"]) != 0
+    assert "not both" in capsys.readouterr().err

@@ -229,3 +229,24 @@ def test_cuda_graph_capture_static_mask():
         g.replay()
         mask = cols[None, :] <= (p + ar)[:, None]
         _check(out.clone(), da.decode_attention_torch(q, k, v, mask), "bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 5])
+def test_triton_bound_per_sequence_every_format(fmt, T):
+    """A ragged batch (BatchKV): lens (B, T), each sequence bounded by its own length, in every KV format; against
+    the reference run one sequence at a time (quantization is per sequence, head and group, so the per-sequence
+    codes equal the batch's)."""
+    gen = torch.Generator(device="cuda").manual_seed(7 + T)
+    dt, B, S = torch.bfloat16, 4, 960
+    q, k, v = make(B, 2, 6, T, S, 128, dt, "cuda", gen)
+    base = torch.tensor([0, 900, 130, 511], device="cuda")
+    lens = (base[:, None] + torch.arange(T, device="cuda") + 1).int()
+    kk, vv = _kv(fmt, k, v)
+    got = da.decode_attention_triton(q, kk, vv, lens=lens)
+    for b in range(B):
+        kb, vb = _kv(fmt, k[b:b + 1], v[b:b + 1])
+        _check(got[b:b + 1], da.decode_attention_torch(q[b:b + 1], kb, vb, lens=lens[b]), fmt)
+    with pytest.raises(ValueError, match="per-sequence lens must be"):
+        da.decode_attention_triton(q, kk, vv, lens=lens[:2])
