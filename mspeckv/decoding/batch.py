@@ -100,6 +100,8 @@ class BatchResult:
 class BatchEngine:
     """AR over a ``BatchKV`` of ``max_batch`` slots of ``capacity`` rows. ``run(prompts)`` decodes them all."""
 
+    slack = 0  # rows a sequence may hold past prompt + max_new (speculation's drafts beyond the last kept token)
+
     def __init__(self, model, max_batch: int, capacity: int, gen: GenerationConfig, graphs: bool | None = None,
                  eos_ids=None, check_every: int | None = None, cache: BatchKV | None = None):
         self.model, self.gen = model, gen
@@ -193,9 +195,10 @@ class BatchEngine:
         for s in seqs:
             if not s.prompt:
                 raise ValueError(f"prompt {s.index} is empty (0 tokens); every prompt needs at least one token")
-            if len(s.prompt) + s.max_new > self.cache.capacity():
-                raise ValueError(f"prompt {s.index} ({len(s.prompt)} tokens) + {s.max_new} new tokens exceed the "
-                                 f"cache's {self.cache.capacity()} rows per sequence")
+            if len(s.prompt) + s.max_new + self.slack > self.cache.capacity():
+                raise ValueError(f"prompt {s.index} ({len(s.prompt)} tokens) + {s.max_new} new tokens"
+                                 f"{f' + {self.slack} rows of drafts' if self.slack else ''} exceed the cache's "
+                                 f"{self.cache.capacity()} rows per sequence")
             self.model.check_context(len(s.prompt) + s.max_new)
         self.model.check_prompt(torch.tensor([max(seqs, key=lambda s: len(s.prompt)).prompt]))
         self.capture(min(len(seqs), self.max_batch))
