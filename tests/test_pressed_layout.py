@@ -470,3 +470,45 @@ def test_shared_projections_are_counted_once():
     assert c.shared_bytes() == H * D * r_ * 4 == r["shared_bytes"] and c.store_bytes() == NL * store
     assert r["scratch_bytes"] == (3 + 4) * row
     assert r["kv_bytes"] == NL * store + H * D * r_ * 4 + NL * 4 * row + (3 + 4) * row
+
+
+def test_every_tensor_follows_the_cache_device():
+    """A cache on 'meta' (shapes only: no data, no GPU needed): every buffer, view, mask, length and position it makes
+    is on 'meta' too. A tensor made without the cache's device lands on the CPU, and shows here or fails to mix."""
+    M = "meta"
+
+    def e(n):
+        return torch.empty(B, H, n, D, device=M)
+
+    def meta_forward(c, n):
+        c.begin(n)
+        out = [t for i in range(NL) for t in (*c.update(i, e(n), e(n)), c.attn_mask, c.attn_lens) if t is not None]
+        c.end()
+        return out
+
+    # direct layout, built empty, re-pressed by compress_every
+    c = PressedKV(StreamingLLMPress(budget=4, sinks=1), NL, B, H, D, 6, torch.float32, M, compress_every=6)
+    got = meta_forward(c, 5) + meta_forward(c, 2)
+    assert c.compressions == 1
+    got += [c.pos, *c.read(0), c.positions(1), *c.buf, *(x for s in c.stores[0] for x in (s.k, s.v, s.pos))]
+    # scratch layout: KIVI over a meta source
+    src = DenseKV(NL, B, H, D, 64, torch.float32, M)
+    src.begin(24)
+    for i in range(NL):
+        src.update(i, e(24), e(24))
+    src.end()
+    q = PressedKV.build(KIVIPress(k_bits=4, v_bits=2, group_size=8, residual=5), src, [], tail=4)
+    got += meta_forward(q, 2) + [q.scratch, *q.buf, *q.read(1), q.positions(0)]
+    # per-head padding, eager and static; the static layout's lengths
+    valid = torch.ones(B, H, 3, dtype=torch.bool, device=M)
+    pos = torch.zeros(B, H, 3, dtype=torch.int32, device=M)
+    for static in (False, True):
+        p = PressedKV(None, NL, B, H, D, 3, torch.float32, M, static=static, fixed_cap=4)
+        for i in range(NL):
+            p._lay_out(i, [Rows(e(3), e(3), pos, valid)])
+        p.source_len = 3
+        p.pos.fill_(3)
+        got += meta_forward(p, 1)
+    s = PressedKV(StreamingLLMPress(budget=4, sinks=1), NL, B, H, D, 3, torch.float32, M, static=True, fixed_cap=4)
+    got += meta_forward(s, 2)
+    assert s.attn_lens is not None and {t.device.type for t in got} == {"meta"}
