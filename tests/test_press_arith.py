@@ -304,6 +304,14 @@ def test_h2o_mass_follows_the_keys_device_and_stays_fp32():
     assert AttentionMass(1).q_block == H2OPress().q_block == 256
 
 
+def test_h2o_score_pads_by_rows_not_heads():
+    """4 KV heads, 3 rows held, mass for 2 of them (the third was appended since): padded with a zero per head. The
+    comparison is on the row dimension, whatever the head count."""
+    o = AttentionMass(1)
+    o.mass[0] = torch.tensor([[[1.0, 2.0]] * 4])
+    assert H2OPress().score(0, rand(1, 4, 3, D), None, [o]).tolist() == [[[1.0, 2.0, 0.0]] * 4]
+
+
 # ------------------------------------------------------------------------------------------------- retrieval
 def test_retrieval_keeps_sink_chunk_best_chunks_and_tail():
     """L 27 = 6 chunks of 4 + a tail of 3; budget 16 keeps chunk 0, (16 - 4 - 3) // 4 = 2 best chunks, the tail.
