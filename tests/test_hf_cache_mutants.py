@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 from mspeckv.hf import HFSupportError, MSpecKVCache, cache_argument
 from mspeckv.kv.placement import Placement
@@ -100,7 +99,9 @@ def test_model_refusals_read_in_full(monkeypatch):
     with pytest.raises(ValueError, match="does not divide head_dim 12;"):
         MSpecKVCache(FakeLM(hidden_size=48), placement=q8)
     MSpecKVCache(FakeLM(head_dim=16, hidden_size=48), placement=q8)
-    # transformers' major version decides, not its minor
+    # transformers' major version decides, not its minor (the module as imported now: other tests reload it)
+    import transformers
+
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
     refused("^mspeckv.hf needs transformers >= 5.0 \\(its cache-layer API; tested with 5.24\\), found 4.57.1: ",
             FakeLM())
