@@ -222,6 +222,16 @@ REASONS: dict[str, tuple[str, str]] = {
                                             "the store itself)") for i in range(6, 13)},
     **{f"xǁPressedKVǁappend_external__mutmut_{i}": (E, "every layer's k and v have the same token count")
        for i in (10, 11)},
+    # hf/cache.py (hf_cache, after tests/test_hf_cache_mutants.py)
+    "xǁ_Geometryǁparameters__mutmut_7": (E, "DenseKV.for_model reads only the dtype and device of this tensor"),
+    **{f"x__layer_kinds__mutmut_{i}": (E, "a default of None is as falsy as False / 0") for i in (15, 51)},
+    "xǁMSpecKVCacheǁ__init____mutmut_77": (E, "_geom is read only once the inner cache is built, which sets it"),
+    **{f"xǁMSpecKVCacheǁ__init____mutmut_{i}": (E, "_n_new is set by every layer-0 update before it is read (a later "
+                                                 "layer first refuses the order)") for i in (80, 81)},
+    **{f"xǁMSpecKVCacheǁ_update__mutmut_{i}": (E, "the inner cache copies the keys/values into its own buffers, "
+                                               "which casts them to its dtype either way") for i in (40, 41)},
+    **{f"xǁMSpecKVCacheǁ{f}__mutmut_1": (E, "layer_idx is not read: one inner cache serves every layer")
+       for f in ("get_seq_length", "get_mask_sizes")},
 }
 
 
