@@ -279,6 +279,39 @@ def test_h2o_keeps_heavy_hitters_and_reindex():
     assert o.mass[0].tolist() == [[[4.0, 5.0, 3.0]]]
 
 
+
+def test_h2o_mass_follows_the_keys_device_and_stays_fp32():
+    """Every tensor the observer makes lives on the keys' device: on 'meta' keys (no data, no GPU needed) a CPU
+    tensor would either fail to mix or leave the mass on the CPU. The mass is fp32 whatever torch's default dtype
+    (a float64 default here), and the observer's default slice size is H2OPress's."""
+    B, Hq, Hkv, T, before = 1, 4, 2, 3, 2
+    o = AttentionMass(1, 2)
+    o.on_query(0, torch.empty(B, Hq, T, D, device="meta"))
+    o.on_update(0, None, None, torch.empty(B, Hkv, before + T, D, device="meta"), None)
+    assert o.mass[0].device.type == "meta" and o.mass[0].shape == (B, Hkv, before + T)
+    k_all, q = rand(B, Hkv, before + T, D, seed=9), rand(B, Hq, T, D, seed=10)
+    want = ref_mass(q, k_all, before)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        o = AttentionMass(1, 2)
+        o.on_query(0, q)
+        o.on_update(0, None, None, k_all, None)
+    finally:
+        torch.set_default_dtype(default)
+    assert o.mass[0].dtype == torch.float32
+    torch.testing.assert_close(o.mass[0], want)
+    assert AttentionMass(1).q_block == H2OPress().q_block == 256
+
+
+def test_h2o_score_pads_by_rows_not_heads():
+    """4 KV heads, 3 rows held, mass for 2 of them (the third was appended since): padded with a zero per head. The
+    comparison is on the row dimension, whatever the head count."""
+    o = AttentionMass(1)
+    o.mass[0] = torch.tensor([[[1.0, 2.0]] * 4])
+    assert H2OPress().score(0, rand(1, 4, 3, D), None, [o]).tolist() == [[[1.0, 2.0, 0.0]] * 4]
+
+
 # ------------------------------------------------------------------------------------------------- retrieval
 def test_retrieval_keeps_sink_chunk_best_chunks_and_tail():
     """L 27 = 6 chunks of 4 + a tail of 3; budget 16 keeps chunk 0, (16 - 4 - 3) // 4 = 2 best chunks, the tail.
@@ -647,7 +680,8 @@ def test_h2o_observer_and_score_lookup():
     o.mass[1] = torch.ones(1, 1, 5)
     other = LastQueries(4)  # an observer of another kind comes first: skipped
     assert p.score(1, rand(1, 1, 5, D), None, [other, o]).tolist() == [[[1.0] * 5]]
-    with pytest.raises(RuntimeError, match="h2o saw no attention: run a prefill through the cache before compress"):
+    with pytest.raises(RuntimeError, match="^h2o saw no attention: run a prefill through the cache before "
+                                           "compress\\(\\)$"):
         p.score(0, rand(1, 1, 5, D), None, [other, o])
 
 

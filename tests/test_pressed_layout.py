@@ -16,20 +16,21 @@ from mspeckv.presses import KIVIPress, StreamingLLMPress
 B, H, D, NL = 1, 2, 8, 2
 
 
-def rows(t0, n, layer=0, sign=1.0):
-    """(B, H, n, D) rows whose every entry names its token and layer: token + layer / 10 (+ head / 100)."""
+def rows(t0, n, layer=0, sign=1.0, b=B):
+    """(b, H, n, D) rows whose every entry names its token and layer: token + layer / 10 (+ head / 100)."""
     t = torch.arange(t0, t0 + n, dtype=torch.float32)[None, None, :, None]
     h = torch.arange(H, dtype=torch.float32)[None, :, None, None] / 100
-    return (sign * (t + layer / 10 + h)).expand(B, H, n, D).clone()
+    return (sign * (t + layer / 10 + h)).expand(b, H, n, D).clone()
 
 
-def filled(L):
+def filled(L, dtype=torch.float32, b=B):
     """A DenseKV holding L numbered tokens in every layer (K = +rows, V = -rows)."""
-    c = DenseKV(NL, B, H, D, 64, torch.float32, "cpu")
-    c.begin(L)
-    for i in range(NL):
-        c.update(i, rows(0, L, i), rows(0, L, i, -1.0))
-    c.end()
+    c = DenseKV(NL, b, H, D, 64, dtype, "cpu")
+    if L:
+        c.begin(L)
+        for i in range(NL):
+            c.update(i, rows(0, L, i, b=b).to(dtype), rows(0, L, i, -1.0, b=b).to(dtype))
+        c.end()
     return c
 
 
@@ -258,3 +259,256 @@ def test_errors_and_bookkeeping():
 
     with pytest.raises(CacheFullError, match="exceed its tail of 4"):
         c2.begin(5)
+
+
+# ------------------------------------------------------------------------------------------------- edges (issue 29)
+# Written for the survivors of the kv_pressed mutation run (results/tests/mutation/survivors.md): every value by hand.
+def test_constructor_bounds_are_inclusive_and_the_refusals_read_in_full():
+    c = PressedKV(None, NL, B, H, D, 1, torch.float32, "cpu", compress_every=1)  # tail 1, compress_every 1: legal
+    assert c.capacity() == 1 and c.length() == 0 and c.n_fixed == [0, 0]  # fixed_cap defaults to 0
+    s = PressedKV(None, NL, B, H, D, 2, torch.float32, "cpu", static=True, fixed_cap=1)
+    assert s.capacity() == 1 + 2 and s.buf[0].shape == (2, B, H, 3, D)
+    with pytest.raises(ValueError, match="^a static \\(CUDA-graph\\) pressed cache needs fixed_cap >= 1 and no "
+                                         "offloaded layers$"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", static=True, fixed_cap=0)
+    with pytest.raises(ValueError, match="^kivi:v_bits=2,group_size=8,residual=5: a CUDA-graph \\(static\\) "
+                                         "cache holds dense rows only; this press stores codes or latents, so run its "
+                                         "level eagerly \\(graphs off\\)$"):
+        PressedKV.build(KIVIPress(k_bits=4, v_bits=2, group_size=8, residual=5), filled(24), [], tail=4, static=True,
+                        fixed_cap=32)
+    with pytest.raises(ValueError, match="^per-head padded rows \\(head-adaptive budgets\\) must be the press's only "
+                                         "store$"):
+        valid = torch.ones(B, H, 2, dtype=torch.bool)
+        pos = torch.zeros(B, H, 2, dtype=torch.int32)
+        c._lay_out(0, [Rows(rows(0, 2), rows(0, 2), pos, valid), Rows(rows(2, 2), rows(2, 2), pos)])
+    # built from an empty source: no rows kept, so the capacity is the tail alone
+    e = PressedKV.build(None, filled(0), [], tail=4)
+    assert e.n_fixed == [0, 0] and e.capacity() == 4 and e.next_position() == 0
+
+
+def test_press_observers_stay_the_press_own():
+    """An observer attached to the cache later is not one of the press's (it would be handed to the press and dropped
+    with them); ``build`` watches nothing itself: the source's prefill was watched by ``obs``."""
+    from mspeckv.kv.base import LastQueries
+    from mspeckv.presses import H2OPress
+
+    c = PressedKV(H2OPress(budget=4), NL, B, H, D, 4, torch.float32, "cpu", inner=filled(8))
+    (mass,) = c.press_obs
+    assert c.observers == [mass]
+    extra = LastQueries(NL)
+    c.observers.append(extra)
+    assert c.press_obs == [mass] and c.observers == [mass, extra]
+    mass.mass = [torch.arange(8.0).expand(B, H, 8) for _ in range(NL)]  # what a prefill would have left
+    b = PressedKV.build(H2OPress(budget=4, sinks=1, window=1), filled(8), [mass], tail=4)
+    assert b.observers == [] and b.press_obs == [mass] and tokens(b.read(1)[0], 1) == [0, 5, 6, 7]
+
+
+def test_before_compress_every_call_goes_to_the_inner_cache():
+    c = PressedKV(StreamingLLMPress(budget=5, sinks=2), NL, B, H, D, 6, torch.float32, "cpu", inner=filled(20))
+    assert tokens(c.read(1)[0], 1) == list(range(20)) and c.positions(1)[0, 1].tolist() == list(range(20))
+    c.rollback(3)
+    assert c.next_position() == 17 and c.length() == 17 and tokens(c.read(0)[0]) == list(range(17))
+    with pytest.raises(ValueError, match="^skip\\(1\\) needs n >= 0, a compressed cache and no forward in progress$"):
+        c.skip(1)
+    c.compress()
+    assert tokens(c.read(0)[0]) == [0, 1, 14, 15, 16]
+    c.skip(0)  # skipping nothing is legal and changes nothing
+    assert c.next_position() == 17 and c.compressions == 1
+    c.rollback(0)  # so is rolling back nothing
+    assert c.n_tail == 0 and c.pos.tolist() == [5, 5]
+    c.begin(1)
+    with pytest.raises(RuntimeError, match="begin\\(\\) called twice"):
+        c.begin(1)
+    with pytest.raises(ValueError, match="^skip\\(2\\) needs"):
+        c.skip(2)
+    c.abort()
+    with pytest.raises(RuntimeError, match="^append_external\\(\\) needs a compressed cache and no forward in "
+                                           "progress$"):
+        c.begin(1)
+        c.append_external([(rows(17, 1, i), rows(17, 1, i, -1.0)) for i in range(NL)])
+
+
+def test_compress_every_fills_the_tail_exactly_before_re_pressing():
+    c = PressedKV(StreamingLLMPress(budget=4, sinks=1), NL, B, H, D, 6, torch.float32, "cpu", compress_every=6)
+    forward(c, 0, 5)
+    forward(c, 5, 1)  # 5 + 1 == 6: fits, no re-press
+    assert c.compressions == 0 and c.n_tail == 6 and tokens(c.read(1)[0], 1) == list(range(6))
+    forward(c, 6, 1)  # 6 + 1 > 6: re-pressed to 4 rows first
+    assert c.compressions == 1 and tokens(c.read(0)[0]) == [0, 3, 4, 5, 6] and c.n_tail == 1
+
+
+def test_stores_are_views_of_the_kept_rows():
+    c = PressedKV.build(StreamingLLMPress(budget=5, sinks=2), filled(20), [], tail=6)
+    (st,) = c.stores[1]
+    assert tokens(st.k, 1) == [0, 1, 17, 18, 19] and tokens(-st.v, 1) == [0, 1, 17, 18, 19]
+    assert st.k.data_ptr() == c.buf[1][0].data_ptr() and st.pos[0, 0].tolist() == [0, 1, 17, 18, 19]
+
+
+@pytest.mark.parametrize("press", ["streaming", "kivi"])
+def test_buffers_hold_the_cache_dtype_and_the_bytes_reported(press):
+    """bf16: what a forward and read() return, and every buffer, are bf16; the tail/scratch bytes of memory_report
+    are the bytes allocated (direct: one buffer of kept rows + tail per layer; scratch: the tail, plus one shared
+    scratch of the largest layer's rows + the tail)."""
+    p = StreamingLLMPress(budget=5, sinks=2) if press == "streaming" else \
+        KIVIPress(k_bits=4, v_bits=2, group_size=8, residual=5)
+    c = PressedKV.build(p, filled(24, torch.bfloat16), [], tail=6)
+    row = 2 * B * H * D * 2  # K and V of one token, bf16
+    (kv0, kv1), _ = forward(c, 24, 2)
+    assert {x.dtype for x in (*kv0, *kv1, *c.read(0), *c.read(1))} == {torch.bfloat16}
+    assert tokens(kv1[0][:, :, -3:], 1) == [23, 24, 25]
+    nbytes = [b.numel() * b.element_size() for b in c.buf]
+    r = c.memory_report()
+    if press == "streaming":
+        assert c.direct == [True, True] and nbytes == [(5 + 6) * row] * NL and c.scratch is None
+        assert r["tail_bytes"] == NL * 6 * row and r["scratch_bytes"] == 0
+    else:
+        assert c.direct == [False, False] and nbytes == [6 * row] * NL == [r["tail_bytes"] // NL] * NL
+        assert c.scratch.dtype == torch.bfloat16 and r["scratch_bytes"] == (24 + 6) * row
+
+
+def test_scratch_grows_with_the_rows_and_is_kept_when_their_count_is():
+    """KIVI keeps every row (quantized groups + full-precision rest): 24 rows -> scratch of 24 + 4; after 2 more and a
+    re-press, 26 + 4 (a 3-row forward then writes rows 26..28); a re-press to the same count keeps the tensor."""
+    c = PressedKV.build(KIVIPress(k_bits=4, v_bits=2, group_size=8, residual=5), filled(24), [], tail=4)
+    assert c.scratch.shape == (2, B, H, 28, D)
+    forward(c, 24, 2)
+    c.compress()
+    s1 = c.scratch
+    assert c.n_fixed == [26, 26] and s1.shape == (2, B, H, 30, D)
+    c.compress()
+    assert c.scratch is s1
+    (kv0, kv1), _ = forward(c, 26, 3)
+    assert kv0[0].shape[2] == 29 and tokens(kv0[0][:, :, 16:]) == list(range(16, 29))
+    assert tokens(-kv1[1][:, :, 16:], 1) == list(range(16, 29))
+
+
+def test_padded_heads_on_the_second_forward_and_in_the_store():
+    """As test_padded_heads_are_masked_per_head, then a forward of one more row: it sits at view index 3 + 2 = 5. The
+    padded store keeps its valid mask (counted in its bytes: one bool per row and head)."""
+    c = PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu")
+    valid = torch.tensor([[[True, True, False], [True, True, True]]])
+    pos = torch.tensor([[[0, 5, 0], [1, 2, 5]]], dtype=torch.int32)
+    for i in range(NL):
+        c._lay_out(i, [Rows(rows(0, 3), rows(0, 3, sign=-1.0), pos, valid)])
+    c.source_len = 6
+    assert torch.equal(c.stores[0][0].valid, valid)
+    assert c.store_bytes(0) == 2 * B * H * 3 * D * 4 + B * H * 3 * 4 + B * H * 3
+    forward(c, 6, 2)
+    _, m = forward(c, 8, 1)
+    assert m.shape == (B, H, 1, 6)
+    assert m[0, 0].tolist() == [[True, True, False, True, True, True]]
+    assert m[0, 1].tolist() == [[True] * 6]
+
+
+def test_static_re_layout_without_padding_shows_every_row_again():
+    """A static layer laid out with per-head padding, then re-laid out (a re-press) with every row valid: the padding
+    mask of the first layout must not survive into the second."""
+    c = PressedKV(None, NL, B, H, D, 3, torch.float32, "cpu", static=True, fixed_cap=4)
+    valid = torch.tensor([[[True, False, True], [True, True, True]]])
+    pos = torch.tensor([[[0, 0, 2], [0, 1, 2]]], dtype=torch.int32)
+    for i in range(NL):
+        c._lay_out(i, [Rows(rows(0, 3), rows(0, 3, sign=-1.0), pos, valid)])
+    c._lay_out(0, [Rows(rows(0, 3), rows(0, 3, sign=-1.0), torch.arange(3).expand(B, H, 3).int())])
+    c.pos.fill_(3)
+    c.source_len = 3
+    c.begin(1)
+    c.update(0, rows(3, 1), rows(3, 1, sign=-1.0))
+    assert c.attn_mask[0, 0, 0].tolist() == [True, True, True, True, False, False, False]
+    c.update(1, rows(3, 1, 1), rows(3, 1, 1, -1.0))  # layer 1 keeps its padding
+    assert c.attn_mask[0, 0, 0].tolist() == [True, False, True, True, False, False, False]
+    c.end()
+
+
+def test_static_lengths_are_int32():
+    c = PressedKV.build(StreamingLLMPress(budget=5, sinks=2), filled(20), [], tail=6, static=True, fixed_cap=8)
+    c.begin(2)
+    c.update(0, rows(20, 2), rows(20, 2, sign=-1.0))
+    assert c.attn_lens.dtype == torch.int32 and c.attn_lens.tolist() == [6, 7]  # what the Triton kernel reads
+    c.abort()
+
+
+def test_memory_report_of_a_batch_of_two_static_unpressed_cache():
+    """Batch 2, no press, static buffers of 24 fixed rows for 20 tokens: 4 unused rows per layer are slack."""
+    b = 2
+    c = PressedKV.build(None, filled(20, b=b), [], tail=6, static=True, fixed_cap=24)
+    row = 2 * b * H * D * 4
+    store = 20 * row + b * H * 20 * 4
+    r = c.memory_report()
+    assert r["compressed"] is True and r["press"] is None and r["rows_kept"] == 40 and r["tokens"] == 20
+    assert (r["store_bytes"], r["store_bytes_gpu"], r["store_bytes_cpu"]) == (2 * store, 2 * store, 0)
+    assert r["tail_bytes"] == NL * 6 * row and r["scratch_bytes"] == 0 and r["static_slack_bytes"] == NL * 4 * row
+    assert r["kv_bytes"] == 2 * store + NL * 6 * row + NL * 4 * row
+    assert r["full_bytes_per_token"] == NL * row and type(r["full_bytes_per_token"]) is int
+    assert r["bytes_per_token"] == 2 * store / 20
+
+
+def test_memory_report_edges_one_token_and_none():
+    one = PressedKV.build(None, filled(1), [], tail=4)
+    assert one.bytes_per_token() == NL * (2 * B * H * D * 4 + B * H * 4)  # one token: divided by 1
+    empty = PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu")
+    r = empty.memory_report()
+    assert r["bytes_per_token"] == 0 and r["compression"] is None and r["tokens"] == 0
+    with pytest.raises(RuntimeError, match="^bytes_per_token\\(\\) before compress\\(\\): nothing is pressed yet$"):
+        PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu", inner=filled(2)).bytes_per_token()
+
+
+def test_shared_projections_are_counted_once():
+    """Two layers' low-rank stores over one (H, D, r) projection: shared_bytes counts it once, and kv_bytes adds it."""
+    from mspeckv.kv.stores import LowRank
+
+    r_ = 4
+    proj = torch.randn(H, D, r_, generator=torch.Generator().manual_seed(0))
+    c = PressedKV(None, NL, B, H, D, 4, torch.float32, "cpu")
+    pos = torch.arange(3).expand(B, H, 3)
+    for i in range(NL):
+        c._lay_out(i, [LowRank.encode(rows(0, 3, i), rows(0, 3, i, -1.0), pos, proj, None, None)])
+    c.source_len = 3
+    c._alloc_scratch()
+    store = B * H * 3 * r_ * 4 + B * H * 3 * D * 4 + B * H * 3 * 4  # V latents + K rows + int32 positions
+    row = 2 * B * H * D * 4
+    r = c.memory_report()
+    assert c.shared_bytes() == H * D * r_ * 4 == r["shared_bytes"] and c.store_bytes() == NL * store
+    assert r["scratch_bytes"] == (3 + 4) * row
+    assert r["kv_bytes"] == NL * store + H * D * r_ * 4 + NL * 4 * row + (3 + 4) * row
+
+
+def test_every_tensor_follows_the_cache_device():
+    """A cache on 'meta' (shapes only: no data, no GPU needed): every buffer, view, mask, length and position it makes
+    is on 'meta' too. A tensor made without the cache's device lands on the CPU, and shows here or fails to mix."""
+    M = "meta"
+
+    def e(n):
+        return torch.empty(B, H, n, D, device=M)
+
+    def meta_forward(c, n):
+        c.begin(n)
+        out = [t for i in range(NL) for t in (*c.update(i, e(n), e(n)), c.attn_mask, c.attn_lens) if t is not None]
+        c.end()
+        return out
+
+    # direct layout, built empty, re-pressed by compress_every
+    c = PressedKV(StreamingLLMPress(budget=4, sinks=1), NL, B, H, D, 6, torch.float32, M, compress_every=6)
+    got = meta_forward(c, 5) + meta_forward(c, 2)
+    assert c.compressions == 1
+    got += [c.pos, *c.read(0), c.positions(1), *c.buf, *(x for s in c.stores[0] for x in (s.k, s.v, s.pos))]
+    # scratch layout: KIVI over a meta source
+    src = DenseKV(NL, B, H, D, 64, torch.float32, M)
+    src.begin(24)
+    for i in range(NL):
+        src.update(i, e(24), e(24))
+    src.end()
+    q = PressedKV.build(KIVIPress(k_bits=4, v_bits=2, group_size=8, residual=5), src, [], tail=4)
+    got += meta_forward(q, 2) + [q.scratch, *q.buf, *q.read(1), q.positions(0)]
+    # per-head padding, eager and static; the static layout's lengths
+    valid = torch.ones(B, H, 3, dtype=torch.bool, device=M)
+    pos = torch.zeros(B, H, 3, dtype=torch.int32, device=M)
+    for static in (False, True):
+        p = PressedKV(None, NL, B, H, D, 3, torch.float32, M, static=static, fixed_cap=4)
+        for i in range(NL):
+            p._lay_out(i, [Rows(e(3), e(3), pos, valid)])
+        p.source_len = 3
+        p.pos.fill_(3)
+        got += meta_forward(p, 1)
+    s = PressedKV(StreamingLLMPress(budget=4, sinks=1), NL, B, H, D, 3, torch.float32, M, static=True, fixed_cap=4)
+    got += meta_forward(s, 2)
+    assert s.attn_lens is not None and {t.device.type for t in got} == {"meta"}

@@ -77,7 +77,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                         "test_compress_every_keeps_memory_bounded", "test_offloaded_pressed_stores_stream_fewer_bytes",
                         "test_bytes_per_token_by_hand")]]),
     "hf_cache": (["mspeckv/hf/cache.py"],
-                 ["tests/test_pressed_layout.py::test_hf_mask_offset_after_eviction", "tests/test_hf_cache.py"]),
+                 ["tests/test_pressed_layout.py::test_hf_mask_offset_after_eviction", "tests/test_hf_cache.py",
+                  "tests/test_hf_cache_mutants.py"]),
     "kv_quant_offload": (["mspeckv/kv/quant.py", "mspeckv/kv/offload.py", "mspeckv/kv/placement.py",
                           "mspeckv/cache.py"],
                          ["tests/test_quant.py", "tests/test_placement.py", "tests/test_cache_boundaries.py",
@@ -90,6 +91,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "stats": (["mspeckv/bench/stats.py"], ["tests/test_stats_report.py"]),
     "evals_report": (["mspeckv/evals/report.py"], ["tests/test_evals_report.py"]),
 }
+# h2o.py alone, against presses_select's tests: re-measured without re-running the other presses
+GROUPS["presses_h2o"] = (["mspeckv/presses/h2o.py"], GROUPS["presses_select"][1])
 # Not mutated: mspeckv/kv/quant_triton.py and the Triton parts of model/fused.py (GPU only: no CPU test reaches them).
 # Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
 PATTERNS: dict[str, list[str]] = {
