@@ -229,3 +229,31 @@ def test_the_package_carries_the_stamp_template():
     assert "mspeckv/COMMIT export-subst" in (pkg.parent / ".gitattributes").read_text().splitlines()
     meta = store.run_metadata()
     assert meta["commit_source"] in ("git", "stamp", "env", "unknown") and "git_dirty" in meta
+
+
+def test_check_fields_applies_each_fields_declaration():
+    """A field's type, choices and range, declared once on the field, are what ``check_fields`` enforces."""
+    from dataclasses import dataclass
+
+    from mspeckv.runs.template import check_fields, opt
+    from mspeckv.validate import ConfigError
+
+    @dataclass(frozen=True)
+    class C:
+        n: int = opt(2, "n", lo=2)
+        xs: tuple[int, ...] = opt((1,), "xs", lo=0)
+        kind: str = opt("a", "kind", choices=("a", "b"))
+        name: str | None = opt(None, "name")
+        flag: bool = opt(False, "flag")
+        free: int = opt(0, "left to the config", check=False)
+
+        def __post_init__(self):
+            check_fields(self)
+
+    C(free=-5)  # check=False: not this function's to refuse
+    for kw, msg in (({"n": 1}, "n must be an integer >= 2, got 1"), ({"n": True}, "n must be an integer"),
+                    ({"xs": (1, 1)}, "xs must be a non-empty tuple of distinct integers >= 0"),
+                    ({"xs": ()}, "xs must be a non-empty tuple"), ({"kind": "c"}, "kind must be one of a, b"),
+                    ({"name": ""}, "name must be a non-empty string"), ({"flag": 1}, "flag must be True or False")):
+        with pytest.raises(ConfigError, match=msg):
+            C(**kw)

@@ -16,38 +16,30 @@ from pathlib import Path
 
 import torch
 
-from .. import validate as v
 from ..config import GenerationConfig
 from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
 from ..model.api import load_any, parse_device
 from ..runs.harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
-from ..runs.template import opt
+from ..runs.template import check_fields, opt
 
 
 @dataclass(frozen=True)
 class DecodeBenchConfig:
     model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file, hub id or random:<shape>")
-    prompt_len: int = opt(1024, "prompt tokens")
-    gen_len: int = opt(128, "decoded tokens")
+    prompt_len: int = opt(1024, "prompt tokens", lo=1)
+    gen_len: int = opt(128, "decoded tokens", lo=1)
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
-    repeats: int = opt(3, "timed runs after one warm-up at the same shape (the median is reported)")
-    batch: int = opt(1, "sequences decoded together")
-    prefill_chunk: int = opt(4096, "tokens per prefill forward")
+    repeats: int = opt(3, "timed runs after one warm-up at the same shape (the median is reported)", lo=2)
+    batch: int = opt(1, "sequences decoded together", lo=1)
+    prefill_chunk: int = opt(4096, "tokens per prefill forward", lo=1)
     out: str | None = opt(None, "JSON path (default under results/bench/)")
-    seed: int = opt(0, "seed of the prompt")
+    seed: int = opt(0, "seed of the prompt", lo=0)
     # CUDA graphs over a static cache (CUDA only); False: eager with a DenseKV
     graphs: bool = opt(True, "eager steps instead of CUDA graphs", flag="--no-graphs", negate=True)
 
     def __post_init__(self):
-        v.text("model", self.model)
-        for k in ("prompt_len", "gen_len", "batch", "prefill_chunk"):
-            v.integer(k, getattr(self, k), lo=1)
-        v.text("device", self.device, optional=True)
-        v.integer("repeats", self.repeats, lo=2)  # the median of at least two timed runs is reported
-        v.text("out", self.out, optional=True)
-        v.integer("seed", self.seed, lo=0)
-        v.boolean("graphs", self.graphs)
+        check_fields(self)
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output path, and the model's config (not its weights)."""

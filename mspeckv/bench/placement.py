@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from .. import validate as v
 from ..cache import make_cache
 from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement
@@ -46,20 +45,21 @@ from ..runs.harness import (  # noqa: F401 (mem_available, pinned_store_bytes: t
     pick,
     pinned_store_bytes,
 )
-from ..runs.template import opt
+from ..runs.template import check_fields, opt
 from .steps import decode_ms, fill_cache, graphed_ms, step_runs
 
 
 @dataclass(frozen=True)
 class PlacementBenchConfig:
     shape: str = opt("llama-2-7b-128k", "random-weight shape", choices=sorted(RANDOM_SHAPES))
-    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "contexts (tokens in the cache)")
-    on_chip: int = opt(16, "layers whose KV stays on the GPU; the rest are offloaded")
+    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "contexts (tokens in the cache)", lo=1)
+    on_chip: int = opt(16, "layers whose KV stays on the GPU; the rest are offloaded", lo=0)
     formats: tuple[str, ...] = opt(("none", "int8", "int4"), "offloaded KV formats", choices=FORMATS)
-    residents: tuple[int, ...] = opt((0, 16), "resident-layer counts")
-    steps: int = opt(8, "timed decode steps per repeat")
-    repeats: int = opt(3, "repeats (the median is reported; each the mean of --steps)")
-    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False)
+    residents: tuple[int, ...] = opt((0, 16), "resident-layer counts", lo=0)
+    steps: int = opt(8, "timed decode steps per repeat", lo=1)
+    # the median over repeats is reported
+    repeats: int = opt(3, "repeats (the median is reported; each the mean of --steps)", lo=2)
+    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False, lo=1)
     hf_reference: bool = opt(True, "skip the transformers offloaded reference", flag="--no-hf", negate=True)
     # also time each cell on the static layout with CUDA graphs
     graphed: bool = opt(True, "skip the graphed (static-layout) timing of each cell", flag="--no-graphs", negate=True)
@@ -70,17 +70,7 @@ class PlacementBenchConfig:
     host_reserve_bytes: int = opt(4 << 30, "host memory left free", cli=False)
 
     def __post_init__(self):
-        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))
-        v.integers("contexts", self.contexts, lo=1)
-        v.integer("on_chip", self.on_chip, lo=0)
-        v.choices("formats", self.formats, FORMATS)
-        v.integers("residents", self.residents, lo=0)
-        v.integer("steps", self.steps, lo=1)
-        v.integer("repeats", self.repeats, lo=2)  # the median over repeats is reported
-        v.integer("verify_tokens", self.verify_tokens, lo=1)
-        v.boolean("hf_reference", self.hf_reference)
-        v.boolean("graphed", self.graphed)
-        v.text("out_dir", self.out_dir)
+        check_fields(self)
 
     def validate(self) -> None:
         """The output folder can be made (checked before the model is built)."""

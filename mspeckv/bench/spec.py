@@ -14,7 +14,6 @@ from functools import partial
 
 import torch
 
-from .. import validate as v
 from ..cache import make_cache
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
@@ -24,7 +23,7 @@ from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placeme
 from ..model.api import load, parse_device
 from ..runs.checks import placement_flags, refuse
 from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
-from ..runs.template import changed, opt
+from ..runs.template import changed, check_fields, opt
 
 MODES = ("ar", "vanilla", "mspeckv")
 PLACEMENT_FIELDS = ("on_chip", "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy")
@@ -35,8 +34,8 @@ class SpecBenchConfig:
     target: str = opt("qwen2.5-coder-1.5b", "target model (embedded name, HF directory, .gguf file or hub id)",
                       flag="--model")
     draft: str = opt("qwen2.5-coder-0.5b", "draft model")
-    prefills: tuple[int, ...] = opt((16384, 32768 - 512), "contexts (prompt lengths)", flag="--contexts")
-    gen_len: int = opt(128, "generated tokens per run")
+    prefills: tuple[int, ...] = opt((16384, 32768 - 512), "contexts (prompt lengths)", flag="--contexts", lo=1)
+    gen_len: int = opt(128, "generated tokens per run", lo=2)  # latency is timed after the first
     modes: tuple[str, ...] = opt(MODES, "modes to compare", choices=MODES)
     gamma: int = opt(8, "proposals per full-KV verification (level 2)")
     draft_gamma: int = opt(4, "proposals per retrieval verification (level 1)")
@@ -53,7 +52,7 @@ class SpecBenchConfig:
     greedy: bool = opt(False, "force temperature 0")
     top_p: float = opt(1.0, "nucleus sampling threshold (with --temperature > 0)")
     seed: int = opt(0, "seed of the prompts (BBC News text) and of sampling")
-    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)")
+    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)", lo=1)
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
     # the target's KV press in every mode (lossy; measured in results/quality)
     press: str | None = opt(None, "compress the target's KV after prefill, in every mode: name:k=v,... | preset | "
@@ -65,18 +64,9 @@ class SpecBenchConfig:
     def __post_init__(self):
         from ..presses import parse_press
 
+        check_fields(self)
         for k in ("press", "l1_press"):
-            v.text(k, getattr(self, k), optional=True)
             parse_press(getattr(self, k))
-        v.text("target", self.target)
-        v.text("draft", self.draft)
-        v.integers("prefills", self.prefills, lo=1)
-        v.integer("gen_len", self.gen_len, lo=2)  # latency is timed over the tokens after the first
-        v.choices("modes", self.modes, MODES)
-        v.integer("repeats", self.repeats, lo=1)
-        v.text("device", self.device, optional=True)
-        v.text("out_dir", self.out_dir)
-        v.boolean("greedy", self.greedy)
         SamplingConfig(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         if self.greedy:  # the temperature is then 0, as its default: another one is refused
             refuse(changed(self, "temperature"), "--greedy sets the temperature to 0")

@@ -37,7 +37,7 @@ from .. import validate as v
 from ..kv.placement import FORMATS, Placement
 from ..runs import checks
 from ..runs.harness import fmt
-from ..runs.template import opt
+from ..runs.template import check_fields, opt
 
 REFERENCE_KINDS = ("gpu", "gpu_graphed")
 QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_bytes=1 << 24)
@@ -46,21 +46,21 @@ QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_b
 @dataclass(frozen=True)
 class TPBenchConfig:
     shape: str = opt("llama-2-7b-128k", "random-weight shape")
-    contexts: tuple[int, ...] = opt((32768, 65536), "contexts (tokens in the cache)")
+    contexts: tuple[int, ...] = opt((32768, 65536), "contexts (tokens in the cache)", lo=1)
     formats: tuple[str, ...] = opt(("none", "int8", "int4"), "offloaded KV formats", choices=FORMATS)
-    tps: tuple[int, ...] = opt((1, 2), "tensor-parallel sizes to compare (the first is the baseline)")
-    on_chip: int = opt(16, "layers whose KV stays on the GPU in the offloaded cells")
-    steps: int = opt(8, "timed decode steps per repeat")
-    repeats: int = opt(3, "repeats (the median is reported)")
-    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False)
+    tps: tuple[int, ...] = opt((1, 2), "tensor-parallel sizes to compare (the first is the baseline)", lo=1)
+    on_chip: int = opt(16, "layers whose KV stays on the GPU in the offloaded cells", lo=0)
+    steps: int = opt(8, "timed decode steps per repeat", lo=1)
+    repeats: int = opt(3, "repeats (the median is reported)", lo=2)
+    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False, lo=1)
     # the gpu_graphed cells (NCCL all-reduces captured in the graph)
     graphs: bool = opt(True, "skip the graphed all-on-GPU cells", flag="--no-graphs", negate=True)
     device: str = opt("cuda", "cuda, or cpu: the same code on gloo ranks (a functional run; its numbers mean "
                               "nothing)", choices=("cuda", "cpu"))
     out_dir: str | None = opt(None, "output folder (default results/tp/<machine>)", aliases=("--output-dir",))
     # per copy of the bandwidth test (20 copies per measurement)
-    h2d_bytes: int = opt(1 << 30, "bytes per copy of the bandwidth test", cli=False)
-    fill_chunk: int = opt(8192, "tokens per KV fill", cli=False)
+    h2d_bytes: int = opt(1 << 30, "bytes per copy of the bandwidth test", cli=False, lo=1)
+    fill_chunk: int = opt(8192, "tokens per KV fill", cli=False, lo=1)
     host_reserve_bytes: int = opt(8 << 30, "host memory left free", cli=False)
     quick: bool = opt(False, "the tiny random shape at 256 tokens, 2 steps x 2 repeats (a functional run, e.g. with "
                              "--device cpu); flags given too win", preset=QUICK)
@@ -68,19 +68,8 @@ class TPBenchConfig:
     def __post_init__(self):
         from ..model.api import RANDOM_SHAPES
 
-        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))
-        v.integers("contexts", self.contexts, lo=1)
-        v.choices("formats", self.formats, FORMATS)
-        v.integers("tps", self.tps, lo=1)
-        v.integer("on_chip", self.on_chip, lo=0)
-        v.integer("steps", self.steps, lo=1)
-        v.integer("repeats", self.repeats, lo=2)
-        v.integer("verify_tokens", self.verify_tokens, lo=1)
-        v.boolean("graphs", self.graphs)
-        v.choice("device", self.device, ("cuda", "cpu"))
-        v.text("out_dir", self.out_dir, optional=True)
-        v.integer("h2d_bytes", self.h2d_bytes, lo=1)
-        v.boolean("quick", self.quick)
+        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))  # not a flag's choices: its own message
+        check_fields(self)
 
     @property
     def kinds(self) -> tuple[str, ...]:
