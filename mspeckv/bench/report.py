@@ -21,7 +21,7 @@ from typing import Any
 from mspeckv.bench import breakdown, registry
 from mspeckv.bench.registry import METHODS
 from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
-from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
+from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe, read_json_object
 
 METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s", "e2e_tok_per_s")
 HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False, "e2e_tok_per_s": True}
@@ -317,10 +317,7 @@ def expected_runs(dir: str | os.PathLike, records: list[dict[str, Any]]) -> set[
     """(method, x, seed) of every run the sweep's invocations planned: ``sweep.json``'s ``planned`` list, each
     record's config (its invocation's xs, seeds and methods), and the records themselves."""
     keys: set[tuple] = set()
-    try:
-        planned = json.loads((Path(dir) / "sweep.json").read_text(encoding="utf-8")).get("planned") or []
-    except (OSError, ValueError, AttributeError):
-        planned = []
+    planned = read_json_object(Path(dir) / "sweep.json").get("planned") or []
     keys |= {tuple(k) for k in planned if isinstance(k, list) and len(k) == 3}
     for r in records:
         c = r.get("config") or {}

@@ -45,18 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as v
-from ..runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
-from ..runs.template import add_flags, flag_name, from_args
+from ..runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, read_json_object, run_sweep
+from ..runs.template import add_flags, changed, flag_name, from_args
 from .registry import BY_NAME, HF_METHODS, REFERENCE_METHODS, RETRIEVAL_METHODS, SPEC_METHODS
 from .sweep_settings import CONFIGS, SWEEPS, SweepSettings, placement_for
-
-
-def _changed(a, s: SweepSettings, *names: str) -> list[str]:
-    """The flags among ``names`` given with a value other than the sweep's default (a value that only ``--quick``
-    set counts as not given)."""
-    fields = {f.name: f for f in dataclasses.fields(s)}
-    return [flag_name(fields[n]) for n in names if getattr(a, n, None) is not None and
-            getattr(s, n) != fields[n].default]
 
 
 def settings_from_args(a) -> SweepSettings:
@@ -68,7 +60,8 @@ def settings_from_args(a) -> SweepSettings:
 
     s = from_args(CONFIGS[a.sweep], a, device=parse_device(a.device).type, output_dir=a.output_dir or "")
     if a.greedy:
-        refuse(_changed(a, s, "temperature", "top_p"), "--greedy decodes greedily, so sampling settings do nothing")
+        refuse(changed(s, "temperature", "top_p", given=a),
+               "--greedy decodes greedily, so sampling settings do nothing")
         s = dataclasses.replace(s, temperature=0.0)
     return s if s.output_dir else dataclasses.replace(s, output_dir=str(Path("results") / s.sweep / default_name(s)))
 
@@ -163,14 +156,9 @@ def validate(s: SweepSettings):
 
 def check_output_dir(s: SweepSettings) -> None:
     """Refuse to resume a directory whose runs were made with different settings."""
-    f = Path(s.output_dir) / "sweep.json"
-    if not f.is_file():
+    if not (rec := read_json_object(Path(s.output_dir) / "sweep.json")):
         return
-    try:
-        old = json.loads(f.read_text(encoding="utf-8")).get("fixed", {})
-    except (OSError, ValueError, AttributeError):
-        return
-    new = json.loads(json.dumps(s.fixed()))
+    old, new = rec.get("fixed", {}), json.loads(json.dumps(s.fixed()))
     if diff := sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
         shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise ValueError(f"{s.output_dir} holds a sweep made with other settings ({shown}); pass another "
@@ -211,21 +199,21 @@ def refuse_ignored(a, s: SweepSettings) -> None:
     nothing)."""
     from ..runs.checks import refuse
 
-    changed = lambda *names: _changed(a, s, *names)
+    given = lambda *names: changed(s, *names, given=a)  # noqa: E731
     if s.target.startswith("random:"):
-        refuse(changed("dataset"), f"--target {s.target} has random weights, so its prompts are random token ids")
+        refuse(given("dataset"), f"--target {s.target} has random weights, so its prompts are random token ids")
     if not any(BY_NAME[m].quant for m in s.methods):
-        refuse(changed("kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
+        refuse(given("kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
                "only the mspeckv_kv_quant method reads them, and --methods leaves it out")
     if not any(m in RETRIEVAL_METHODS for m in s.methods):
-        refuse(changed("budget", "chunk", "draft_gamma", "l1_press"), "only the mspeckv methods read them, and "
+        refuse(given("budget", "chunk", "draft_gamma", "l1_press"), "only the mspeckv methods read them, and "
                "--methods leaves them out")
     if not any(m in SPEC_METHODS for m in s.methods):
-        refuse(changed("draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
+        refuse(given("draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
     if all(m in HF_METHODS for m in s.methods):
-        refuse(changed("press"), f"{','.join(HF_METHODS)} run transformers' own cache, which takes no press")
+        refuse(given("press"), f"{','.join(HF_METHODS)} run transformers' own cache, which takes no press")
     if s.press is not None and (ref := [m for m in s.methods if m in REFERENCE_METHODS]):
-        refuse(changed("press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
+        refuse(given("press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
                f"run them in a sweep without --press")
 
 
@@ -242,11 +230,7 @@ def cmd_sweep(a) -> int:
     specs = plan(s, s.weights)
     todo = [sp for sp in specs if not store.done(sp)]
     planned = [[sp.method, sp.x, sp.seed] for sp in specs]  # report counts these (and earlier invocations')
-    try:
-        old_planned = json.loads((out / "sweep.json").read_text(encoding="utf-8")).get("planned") or []
-    except (OSError, ValueError, AttributeError):
-        old_planned = []
-    planned += [k for k in old_planned if k not in planned]
+    planned += [k for k in read_json_object(out / "sweep.json").get("planned") or [] if k not in planned]
     fixed = {"sweep": s.sweep, "experiment": s.experiment, "weights": s.weights, "fixed": s.fixed(),
              "planned": planned}
     if todo:

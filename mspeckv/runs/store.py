@@ -67,6 +67,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object file's content; ``{}`` when the file is absent, unreadable or holds no object."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 def json_safe(obj: Any) -> Any:
     """Recursively convert to plain JSON types: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
     if isinstance(obj, float):

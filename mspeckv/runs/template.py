@@ -52,10 +52,12 @@ def flags_of(cls) -> dict[str, str]:
     return {f.name: flag_name(f) for f in cli_fields(cls)}
 
 
-def changed(cfg, *names: str) -> list[str]:
-    """The flags of the fields among ``names`` whose value differs from the field's default."""
+def changed(cfg, *names: str, given=None) -> list[str]:
+    """The flags of the fields among ``names`` whose value differs from the field's default; with ``given`` (the
+    parsed namespace), only those given on the command line (a value a preset set counts as not given)."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    return [flag_name(fields[n]) for n in names if getattr(cfg, n) != fields[n].default]
+    return [flag_name(fields[n]) for n in names if getattr(cfg, n) != fields[n].default
+            and (given is None or getattr(given, n, None) is not None)]
 
 
 def _kind(cls, f: dataclasses.Field) -> tuple[str, type, bool]:
