@@ -44,9 +44,20 @@ def short(variant: str) -> str:
     return v.replace("retain=", "").replace(",guard=0", "").replace("window=", "w")
 
 
-def _legend(ax, size: int) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=size)
+def _points(ax, pts: list[tuple], label: str, style: str = "o") -> None:
+    """(x, y, variant) points in ``style``, each labelled with its variant's short name."""
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=label)
+    for x, y, v in pts:
+        ax.annotate(short(v), (x, y), fontsize=5, alpha=0.8, xytext=(2, 2), textcoords="offset points")
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str | None = None, legend: int | None = 7) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend)
 
 
 def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
@@ -67,16 +78,10 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
                    if r["compression"] and r["ppl_delta_pct"] is not None and r["config"] != BASELINE]
             for fam in sorted({family(info.get(v, {}), v) for _, _, v in pts}):
                 fp = sorted(p for p in pts if family(info.get(p[2], {}), p[2]) == fam)
-                style = "-o" if fam not in ("preset",) and len(fp) > 1 else "o"  # presets are distinct recipes
-                ax.plot([p[0] for p in fp], [p[1] for p in fp], style, ms=4, label=fam)
-                for x, y, v in fp:
-                    ax.annotate(short(v), (x, y), fontsize=5, alpha=0.8, xytext=(2, 2), textcoords="offset points")
+                _points(ax, fp, fam, "-o" if fam != "preset" and len(fp) > 1 else "o")  # presets: distinct recipes
             ax.axhline(0, color="gray", lw=0.8)
             ax.set_yscale("symlog", linthresh=2.0)
-            ax.set_xlabel("KV compression (×, held bytes)")
-            ax.set_ylabel("PPL change vs full cache (%)")
-            ax.set_title(f"context {ctx}")
-            _legend(ax, 6)
+            _finish(ax, "KV compression (×, held bytes)", "PPL change vs full cache (%)", f"context {ctx}", 6)
         paths.append(save(fig, out / "ppl_vs_compression.png"))
 
     # accuracy: one panel per metric, one colour per context, points only (distinct configs, not a curve); GSM8K's
@@ -94,14 +99,8 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
                        for (mm, v, c), cell in by.items() if mm == m and c == ctx]
                 pts = sorted(p for p in pts if p[0] is not None)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=4,
-                            label=f"{ctx}" if ctx else f"prompts (x at {short_ctx})")
-                    for x, y, v in pts:
-                        ax.annotate(short(v), (x, y), fontsize=5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
-            ax.set_xlabel("KV compression (×)")
-            ax.set_ylabel(f"{m} accuracy (%)")
-            ax.set_title(m)
-            _legend(ax, 7)
+                    _points(ax, pts, f"{ctx}" if ctx else f"prompts (x at {short_ctx})")
+            _finish(ax, "KV compression (×)", f"{m} accuracy (%)", m)
         paths.append(save(fig, out / "accuracy_vs_compression.png"))
 
     mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
@@ -113,9 +112,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             pts = [(ctx, mb[ctx]) for ctx in mem_ctx if mb.get(ctx)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("held KV (MB)")
-        _legend(ax, 6)
+        _finish(ax, "context (tokens)", "held KV (MB)", legend=6)
         paths.append(save(fig, out / "kv_memory_vs_context.png"))
 
     sp_ctx = sorted({k[2] for k in by if k[0] == "speed"})
@@ -126,16 +123,12 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             pts = sorted((r["compression"], r["tok_per_s"], r["config"]) for r in ov.get(ctx, [])
                          if r["tok_per_s"] and r["compression"] and not r["bytes_from_ppl_prefix"])
             if pts:  # one point per variant (distinct configs, not a curve), each labelled with its name
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=f"context {ctx}")
-                for x, y, v in pts:
-                    ax.annotate(short(v), (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                _points(ax, pts, f"context {ctx}")
         graphed = {c["results"].get("graphed") for c in cells if c["metric"] == "speed"}
         how = ("graphed" if graphed == {True} else "eager" if graphed <= {False, None}
                else "graphed where the cache allows")
         ax.set_yscale("log")
-        ax.set_xlabel("KV compression (×)")
-        ax.set_ylabel(f"decode tok/s ({how})")
-        _legend(ax, 7)
+        _finish(ax, "KV compression (×)", f"decode tok/s ({how})")
         paths.append(save(fig, out / "throughput_vs_compression.png"))
 
     needle = [c for c in cells if c["metric"] == "needle"]
@@ -152,8 +145,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         for i, row in enumerate(grid):
             for j, a in enumerate(row):
                 ax.text(j, i, "–" if a != a else f"{100 * a:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("needle depth")
+        _finish(ax, "context (tokens)", "needle depth", legend=None)
         ax.set_title(f"needle retrieval: {v}", fontsize=9)
         fig.colorbar(im, ax=ax)
         paths.append(save(fig, out / f"needle_{_slug(v)}.png"))
