@@ -21,6 +21,7 @@ from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
 from ..model.api import load_any, parse_device
 from ..runs.harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
+from ..runs.tables import md_table
 from ..runs.template import check_fields, opt
 
 
@@ -141,10 +142,9 @@ def render(row: dict) -> str:
             ("decode_tok_per_s", "{:.1f}"), ("e2e_tok_per_s", "{:.1f}"),
             ("achieved_bandwidth_GBps", "{:.0f}"), ("d2d_copy_bandwidth_GBps", "{:.0f}"),
             ("bandwidth_utilisation", "{:.1%}"), ("peak_gpu_bytes", "{:,}"), ("peak_host_rss_bytes", "{:,}")]
-    lines = [f"# decode bench: {row['model']} ({row['weights']} weights) on {where}", "", "| metric | value |",
-             "|---|---:|"]
-    lines += [f"| {k} | {f.format(row[k])} |" for k, f in keys if row.get(k) is not None]
-    return "\n".join(lines) + "\n"
+    body = [[k, f.format(row[k])] for k, f in keys if row.get(k) is not None]
+    head = f"# decode bench: {row['model']} ({row['weights']} weights) on {where}"
+    return f"{head}\n\n{md_table(['metric', 'value'], body, 'lr')}\n"
 
 
 def line(row: dict) -> dict:

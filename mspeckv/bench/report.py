@@ -7,7 +7,6 @@ shown (``FAILED (3/3: OutOfMemoryError)`` or a footnote on a partially failed ce
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -22,6 +21,7 @@ from mspeckv.bench import breakdown, registry
 from mspeckv.bench.registry import METHODS
 from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
 from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe, read_json_object
+from mspeckv.runs.tables import csv_text, md_table
 
 METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s", "e2e_tok_per_s")
 HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False, "e2e_tok_per_s": True}
@@ -201,10 +201,8 @@ def _cmp_cell(a: Group | None, b: Group | None, ms: tuple[float, float], signed:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    esc = lambda cells: [str(c).replace("|", "\\|") for c in cells]  # noqa: E731
+    return md_table(esc(header), [esc(r) for r in rows])
 
 
 class _Footnotes:
@@ -374,14 +372,8 @@ CSV_COLUMNS = (
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        out = {k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS}
-        out["errors"] = ";".join(f"{k}:{v}" for k, v in r["errors"].items())
-        w.writerow(out)
-    return buf.getvalue()
+    errors = lambda r: ";".join(f"{k}:{v}" for k, v in r["errors"].items())  # noqa: E731
+    return csv_text([{**r, "errors": errors(r)} for r in rows], CSV_COLUMNS)
 
 
 def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:

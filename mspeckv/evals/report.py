@@ -17,12 +17,11 @@ folder.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
 from ..runs.store import atomic_write_json, atomic_write_text
+from ..runs.tables import csv_text, md_table
 from ..runs.template import CellStore
 from .variants import BASELINE
 
@@ -234,9 +233,7 @@ def _f(x: Any, fmt: str, scale: float = 1.0) -> str:
 
 
 def _md(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header)))
-             + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return md_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
 def overview_markdown(summary: dict) -> str:
@@ -294,13 +291,7 @@ def _needle_tables(cells: list[dict]) -> str:
 
 
 def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k) for k in keys})
-    return buf.getvalue()
+    return csv_text(rows, list(dict.fromkeys(k for r in rows for k in r)))
 
 
 def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) -> dict[str, Any]:
