@@ -376,7 +376,8 @@ class RunStore(CellFolder):
 
 
 # ---------------------------------------------------------------------------------------------------------- sweeps
-def _free_cuda_memory() -> None:
+def free_cuda_memory() -> None:
+    """Empty the CUDA caching allocator after a failed run or cell (only where the caller already uses torch)."""
     torch = sys.modules.get("torch")  # only if the caller already uses torch
     if torch is None:
         return
@@ -397,7 +398,7 @@ def run_one(spec: RunSpec, fn: Callable[[RunSpec], dict[str, Any]]) -> RunRecord
     except Exception as e:  # incl. torch.cuda.OutOfMemoryError (a RuntimeError); KeyboardInterrupt propagates
         metrics, status = {}, STATUS_FAILED
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        _free_cuda_memory()
+        free_cuda_memory()
     meta["wall_s"] = time.perf_counter() - t0
     return RunRecord(
         sweep=spec.sweep, x_name=spec.x_name, x=spec.x, method=spec.method, seed=spec.seed, status=status,
