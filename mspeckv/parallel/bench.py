@@ -32,12 +32,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .. import validate as v
+from ..bench.steps import decode_ms, fill_cache, graphed_ms
+from ..cache import make_cache
+from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement
+from ..model.api import RANDOM_SHAPES, model_config
 from ..runs import checks
-from ..runs.harness import fmt
+from ..runs.harness import fmt, free_memory, host_refusal, pinned_store_bytes, time_ms
+from ..runs.store import atomic_write_json, atomic_write_text, run_metadata
 from ..runs.template import check_fields, opt
+from . import RankFailed
+from .launch import check_world, launch
+from .tp import check_tp, no_collectives, random_tp_model, replicated_bytes, shard_config
 
 REFERENCE_KINDS = ("gpu", "gpu_graphed")
 QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_bytes=1 << 24)
@@ -66,8 +75,6 @@ class TPBenchConfig:
                              "--device cpu); flags given too win", preset=QUICK)
 
     def __post_init__(self):
-        from ..model.api import RANDOM_SHAPES
-
         v.choice("shape", self.shape, sorted(RANDOM_SHAPES))  # not a flag's choices: its own message
         check_fields(self)
 
@@ -76,15 +83,10 @@ class TPBenchConfig:
         return ("gpu", *self.formats, *(("gpu_graphed",) if self.graphs else ()))
 
     def model_config(self):
-        from ..model.api import model_config
-
         return model_config(f"random:{self.shape}")
 
     def validate(self) -> None:
         """Everything that can be refused before a rank starts (and before the output folder is made)."""
-        from .launch import check_world
-        from .tp import check_tp
-
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("bench tp times GPUs and torch sees none; pass --device cpu for a functional run on gloo "
                              "ranks (numbers from it mean nothing)")
@@ -136,12 +138,6 @@ def run(cfg: TPBenchConfig, command: str = "") -> dict:
 
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
-    from ..runs.harness import host_refusal, pinned_store_bytes
-    from ..runs.store import atomic_write_json, run_metadata
-    from . import RankFailed
-    from .launch import launch
-    from .tp import shard_config
-
     t0 = time.time()
     cells = Path(cfg.out_dir) / "cells"
     cells.mkdir(parents=True, exist_ok=True)
@@ -194,20 +190,12 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
 
 
 def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = None, **extra) -> None:
-    from ..runs.store import atomic_write_json
-
     atomic_write_json(cells / f"{cell_name(tp, ctx, kind)}.json",
                       {"tp": tp, "ctx": ctx, "kind": kind, "error": error, **extra})
 
 
 # -------------------------------------------------------------------------------------------------------- ranks
 def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, command: str) -> None:
-    import torch.distributed as dist
-
-    from ..runs.harness import free_memory
-    from ..runs.store import atomic_write_json, run_metadata
-    from .tp import random_tp_model, replicated_bytes
-
     cells = Path(cfg.out_dir) / "cells"
     marker = cells / f".running-tp{r.world}"
     torch.manual_seed(0)
@@ -260,8 +248,6 @@ def _fmt_list(xs) -> str:
 
 
 def _sync(r) -> None:
-    import torch.distributed as dist
-
     dist.barrier()
     if r.device.type == "cuda":
         torch.cuda.synchronize()
@@ -270,8 +256,6 @@ def _sync(r) -> None:
 def _h2d(r, nbytes: int, iters: int, start) -> float:
     """Pinned host -> this rank's GPU, bytes/s over ``iters`` back-to-back copies (CPU ranks: a host copy), timed
     after ``start()`` (a barrier, so that ranks measuring together start together)."""
-    from ..runs.harness import time_ms
-
     cuda = r.device.type == "cuda"
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=r.device)
@@ -280,16 +264,12 @@ def _h2d(r, nbytes: int, iters: int, start) -> float:
 
 
 def _gather(value) -> list:
-    import torch.distributed as dist
-
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
 
 
 def _links(r, cfg: TPBenchConfig, model, save) -> dict:
-    import torch.distributed as dist
-
     iters = 20
     alone = None
     for j in range(r.world):  # one rank at a time
@@ -335,53 +315,38 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
 
 def _time(r, fn, iters: int) -> float:
     """Mean ms of ``fn`` over ``iters`` calls after two warm-up calls, started together on every rank."""
-    from ..runs.harness import time_ms
-
     return time_ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
 
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
-    from ..bench.steps import decode_ms, fill_cache, graphed_ms
-    from ..cache import make_cache
-    from ..kv.dense import DenseKV
-    from .tp import no_collectives
-
+    """A decode step, a verification and (TP > 1) the step without its all-reduces, on one cache: graphed all on the
+    GPU, or eager (``gpu``: dense; a format: that much offloaded)."""
     steps, reps, vt = cfg.steps, cfg.repeats, cfg.verify_tokens
     out: dict = {"rank": r.rank}
     if kind == "gpu_graphed":
-        runs = graphed_ms(model, ctx, steps, reps)[0]
-        out["verify_runs_ms"] = graphed_ms(model, ctx, 2, reps, vt)[0]
-        if r.world > 1:
-            _sync(r)
-            with no_collectives():  # captured without the all-reduces
-                out["nocomm_runs_ms"] = graphed_ms(model, ctx, steps, reps)[0]
-            _sync(r)
+        timed = lambda n, tokens=1: graphed_ms(model, ctx, n, reps, tokens)[0]  # noqa: E731
     else:
         cap = ctx + cfg.capacity_extra
-        if kind == "gpu":
-            cache = DenseKV.for_model(model, 1, cap)
-        else:
-            cache = make_cache(model, Placement(on_chip=cfg.on_chip, kv_quant=kind), 1, cap)
+        offload = kind != "gpu"
+        cache = (make_cache(model, Placement(on_chip=cfg.on_chip, kv_quant=kind), 1, cap) if offload
+                 else DenseKV.for_model(model, 1, cap))
         with torch.inference_mode():
             fill_cache(model, cache, ctx, chunk=cfg.fill_chunk)
         _sync(r)
-        before = 0 if kind == "gpu" else cache.stats.h2d_bytes
-        runs = decode_ms(model, cache, steps, reps)
-        if kind != "gpu":
-            per_step = (cache.stats.h2d_bytes - before) // (2 + steps * reps)
-            out["h2d_bytes_per_step"] = per_step
-            out["floor_ms"] = per_step / bw * 1e3 if bw else None
-            out["memory"] = cache.memory_report()
-        out["verify_runs_ms"] = decode_ms(model, cache, 2, reps, vt)
-        if r.world > 1:
-            _sync(r)
-            with no_collectives():
-                out["nocomm_runs_ms"] = decode_ms(model, cache, steps, reps)
-            _sync(r)
-        del cache
-    out["runs_ms"] = runs
-    out["ms"] = statistics.median(runs)
-    out["verify_ms"] = statistics.median(out["verify_runs_ms"])
+        before = cache.stats.h2d_bytes if offload else 0
+        timed = lambda n, tokens=1: decode_ms(model, cache, n, reps, tokens)  # noqa: E731
+    runs = timed(steps)
+    if kind not in REFERENCE_KINDS:
+        per_step = (cache.stats.h2d_bytes - before) // (2 + steps * reps)
+        out |= {"h2d_bytes_per_step": per_step, "floor_ms": per_step / bw * 1e3 if bw else None,
+                "memory": cache.memory_report()}
+    out["verify_runs_ms"] = timed(2, vt)
+    if r.world > 1:
+        _sync(r)
+        with no_collectives():  # the graphed step captured without the all-reduces
+            out["nocomm_runs_ms"] = timed(steps)
+        _sync(r)
+    out |= {"runs_ms": runs, "ms": statistics.median(runs), "verify_ms": statistics.median(out["verify_runs_ms"])}
     if "nocomm_runs_ms" in out:
         out["nocomm_ms"] = statistics.median(out["nocomm_runs_ms"])
     if r.device.type == "cuda":
@@ -487,8 +452,6 @@ def _row_cols(row: dict, tps) -> list[str]:
 
 
 def write_summary(res: dict, out_dir: str) -> None:
-    from ..runs.store import atomic_write_json, atomic_write_text
-
     atomic_write_json(Path(out_dir) / "tp.json", res)
     atomic_write_text(Path(out_dir) / "summary.md", render(res))
 
