@@ -26,10 +26,6 @@ from mspeckv.runs.tables import csv_text, md_table
 METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s", "e2e_tok_per_s")
 HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False, "e2e_tok_per_s": True}
 REFERENCES = ("baseline", "mspeckv")
-# (column, method, reference): latency speedup of ``method`` over ``reference`` = latency[reference] / latency[method]
-# (column, method, reference) from the registry; the columns against REFERENCES always show (NA when not run), the
-# others when their reference ran
-SPEEDUP_COLUMNS = tuple(c for c in registry.SPEEDUP_COLUMNS if c[2] in REFERENCES)
 MD_TABLES = (
     ("Throughput (decode-only tok/s: tokens after the first / decode time, higher is better)", "tok_per_s"),
     ("Latency (s, lower is better)", "latency_s"),
@@ -159,17 +155,24 @@ def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, A
         for metric in METRICS:
             row.update(_ms_dict(metric, mean_std(g.values(metric).values())))
         for ref in REFERENCES:
-            rg = groups.get((x, ref))
             for metric, tag in (("tok_per_s", "tps"), ("latency_s", "latency")):
-                ms = (math.nan, math.nan)
-                if rg is not None:
-                    ms = speedup(g.values(metric), rg.values(metric), HIGHER_IS_BETTER[metric])
-                row.update(_ms_dict(f"{tag}_speedup_vs_{ref}", ms))
+                row.update(_ms_dict(f"{tag}_speedup_vs_{ref}", _vs(g, groups.get((x, ref)), metric)))
         rows.append(row)
     return rows
 
 
+def _vs(a: Group | None, b: Group | None, metric: str, cmp=speedup) -> tuple[float, float]:
+    """``a`` against ``b`` on ``metric``, paired by seed: ``speedup`` (better / worse by the metric's direction) or
+    ``delta``; NaN when either did not run."""
+    if a is None or b is None:
+        return math.nan, math.nan
+    extra = (HIGHER_IS_BETTER[metric],) if cmp is speedup else ()
+    return cmp(a.values(metric), b.values(metric), *extra)
+
+
 def _speedup_columns(methods: list[str]) -> list[tuple[str, str, str]]:
+    """(column, method, reference) from the registry: the columns against REFERENCES always show (NA when not
+    run), the others when their reference ran."""
     return [c for c in registry.SPEEDUP_COLUMNS if c[2] in REFERENCES or c[2] in methods]
 
 
@@ -179,11 +182,7 @@ def _speedup_rows(groups, xs, methods, x_name) -> list[dict[str, Any]]:
         row: dict[str, Any] = {x_name: x}
         for col, method, ref in _speedup_columns(methods):
             a, b = groups.get((x, method)), groups.get((x, ref))
-            ms = (
-                (math.nan, math.nan)
-                if a is None or b is None
-                else speedup(a.values("latency_s"), b.values("latency_s"), higher_is_better=False)
-            )
+            ms = _vs(a, b, "latency_s")
             row.update(_ms_dict(col, ms))
             row[f"{col}_text"] = _cmp_cell(a, b, ms)
         out.append(row)
@@ -235,13 +234,8 @@ def _value_cell(g: Group | None, metric: str, x_name: str, notes: _Footnotes) ->
 
 
 def _metric_table(groups, xs, methods, metric, x_name, notes: _Footnotes) -> str:
-    comparisons = [
-        (m, ref)
-        for ref in REFERENCES
-        if ref in methods
-        for m in methods
-        if m != ref and not (ref == "mspeckv" and m == "baseline")
-    ]
+    comparisons = [(m, ref) for ref in REFERENCES if ref in methods for m in methods
+                   if m != ref and not (ref == "mspeckv" and m == "baseline")]
     header = [x_name] + list(methods)
     body: list[list[str]] = []
     cmp_cols: list[list[str]] = []
@@ -249,9 +243,8 @@ def _metric_table(groups, xs, methods, metric, x_name, notes: _Footnotes) -> str
         d_col, s_col = [], []
         for x in xs:
             a, b = groups.get((x, m)), groups.get((x, ref))
-            va, vb = (a.values(metric) if a else {}), (b.values(metric) if b else {})
-            d_col.append(_cmp_cell(a, b, delta(va, vb), signed=True))
-            s_col.append(_cmp_cell(a, b, speedup(va, vb, HIGHER_IS_BETTER[metric])))
+            d_col.append(_cmp_cell(a, b, _vs(a, b, metric, delta), signed=True))
+            s_col.append(_cmp_cell(a, b, _vs(a, b, metric)))
         for name, col in ((f"Δ {m} vs {ref}", d_col), (f"× {m} vs {ref}", s_col)):
             if any(c != NA for c in col):  # e.g. 'accepted' does not exist for the baseline
                 header.append(name)
@@ -390,9 +383,8 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     meta = [r.get("meta") or {} for r in records]
     configs = [r.get("config") or {} for r in records]
     weights = sorted({str(c["weights"]) for c in configs if c.get("weights") is not None})
-    commits = sorted(
-        {f"{m['git_commit'][:12]}{' (dirty)' if m.get('git_dirty') else ''}" for m in meta if m.get("git_commit")}
-    )
+    commits = sorted({f"{m['git_commit'][:12]}{' (dirty)' if m.get('git_dirty') else ''}" for m in meta
+                      if m.get("git_commit")})
     summary: dict[str, Any] = {
         "dir": str(Path(dir)),
         "sweeps": sorted({str(r.get("sweep")) for r in records}),
@@ -456,13 +448,9 @@ def console_table(summary: dict[str, Any]) -> str:
         pm = lambda k, d=2, r=r: fmt_pm(r.get(f"{k}_mean"), r.get(f"{k}_std"), d)  # noqa: E731
         rows.append([_fmt_x(r["x"]), r["method"], ok, pm("tok_per_s"), pm("e2e_tok_per_s"), pm("latency_s", 3),
                      pm("accepted"), pm("latency_speedup_vs_baseline")])
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
-        return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    from rich.console import Console  # a dependency of the package
+    from rich.table import Table
+
     title = f"{', '.join(summary.get('sweeps', []))} (weights: {summary.get('weights', '?')})"
     if summary.get("partial"):
         title += f" PARTIAL: {runs_text(summary)}"

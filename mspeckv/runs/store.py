@@ -406,12 +406,8 @@ def run_one(spec: RunSpec, fn: Callable[[RunSpec], dict[str, Any]]) -> RunRecord
     )  # fmt: skip
 
 
-def run_sweep(
-    store: RunStore,
-    plan: Sequence[RunSpec],
-    fn: Callable[[RunSpec], dict[str, Any]],
-    progress: bool = True,
-) -> list[RunRecord]:
+def run_sweep(store: RunStore, plan: Sequence[RunSpec], fn: Callable[[RunSpec], dict[str, Any]],
+              progress: bool = True) -> list[RunRecord]:
     """Run every planned spec not already ``ok`` in ``store``; one record per spec, in plan order.
 
     Done runs are not re-run (their stored record is returned). A failure is recorded and the sweep goes on.
@@ -437,28 +433,16 @@ def run_sweep(
 
 
 class _Progress:
-    """Thin rich progress bar (ETA included); a no-op when disabled or rich is missing."""
+    """Thin rich progress bar (ETA included); a no-op when disabled (failures are then printed to stderr)."""
 
     def __init__(self, total: int, enabled: bool):
-        self._p = None
-        self._task = None
+        self._p = self._task = None
         if not enabled:
             return
-        try:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-        except ImportError:
-            return
-        self._p = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(),
-        )  # fmt: skip
+        from rich import progress as rp
+
+        self._p = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                              rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
         self._task = self._p.add_task("sweep", total=total)
 
     def __enter__(self) -> _Progress:
