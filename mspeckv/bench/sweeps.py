@@ -80,13 +80,14 @@ def default_name(s: SweepSettings) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- validation
-def _per_x(s: SweepSettings, checks) -> None:
-    """Run every ``check(x)`` for every x; identical messages are merged and name every x they hold for."""
+def _per_x(s: SweepSettings, n_layers: int, checks) -> None:
+    """Run every ``check(point)`` for every x's point; identical messages are merged and name every x they hold
+    for."""
     errs: dict[str, list[int]] = {}
     for x in s.xs:
         for check in checks:
             try:
-                check(x)
+                check(s.point(x, n_layers))
             except ValueError as e:
                 errs.setdefault(str(e), []).append(x)
     if errs:
@@ -119,8 +120,7 @@ def validate(s: SweepSettings):
 
         load_documents(s.dataset)  # missing corpus / bad path: its own clear error
 
-    def lengths(x: int) -> None:
-        p = s.point(x, tcfg.n_layers)
+    def lengths(p) -> None:
         if p.prefill < 1:
             raise ValueError("the prefill length must be >= 1")
         if p.gen_len < 2:
@@ -132,14 +132,12 @@ def validate(s: SweepSettings):
                                  f"{name}'s maximum context of {cfg.max_position}; use prefill <= "
                                  f"{cfg.max_position - p.gen_len}")
 
-    def budget(x: int) -> None:
-        p = s.point(x, tcfg.n_layers)
+    def budget(p) -> None:
         if any(m in RETRIEVAL_METHODS for m in s.methods) and s.budget >= p.prefill:
             raise ValueError(f"--budget {s.budget} is not smaller than prefill {p.prefill}: the retrieval level would "
                              f"hold the whole prompt; lower --budget")
 
-    def placements(x: int) -> None:
-        p = s.point(x, tcfg.n_layers)
+    def placements(p) -> None:
         for m in s.methods:
             pl = placement_for(s, m, p)
             if pl is not None:
@@ -150,7 +148,7 @@ def validate(s: SweepSettings):
                     hint = " for mspeckv_kv_quant (or pass --clamp-resident)" if resident else ""
                     raise ValueError(f"{e}{hint}") from None
 
-    _per_x(s, (lengths, budget, placements))
+    _per_x(s, tcfg.n_layers, (lengths, budget, placements))
     return tcfg, dcfg
 
 

@@ -17,8 +17,6 @@ medians with every run kept (``ttft_runs``, ``tpot_runs``: their spread is the r
 (``bench.harness.e2e``): ``setup_s`` builds the cache and captures graphs, ``e2e_s`` = setup + TTFT + decode (the
 median of each; the step that feeds the last token for the byte count is in none), ``e2e_tok_per_s`` the generated
 tokens over ``e2e_s``.
-(Before this, the warm-up was a 256-token prompt: the 1.5B's graphed full cache, first at each context, then showed
-0.7-1.5 s TTFTs against 0.05-0.35 s for the variants after it, at ``240aa30``.)
 """
 
 from __future__ import annotations

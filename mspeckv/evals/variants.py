@@ -5,7 +5,6 @@ press/cache API: this is the only module of ``mspeckv.evals`` that touches press
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,9 +25,6 @@ def parse_press(spec: str):
     except (KeyError, TypeError, ValueError) as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith("--press") else f"--press {spec!r}: {msg}") from e
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
 
 @dataclass(frozen=True)
@@ -56,11 +52,6 @@ class Variant:
                 q += f"/resident{p.resident_layers}"
             parts.append(q)
         return "+".join(parts)
-
-    @property
-    def slug(self) -> str:
-        """A file-name-safe form of ``name``."""
-        return _SAFE.sub("-", self.name.replace(":", "~").replace("/", "_")).strip("-") or "_"
 
     @property
     def quant(self) -> str:
