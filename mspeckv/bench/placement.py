@@ -45,6 +45,7 @@ from ..runs.harness import (  # noqa: F401 (mem_available, pinned_store_bytes: t
     pick,
     pinned_store_bytes,
 )
+from ..runs.tables import md_table
 from ..runs.template import check_fields, opt
 from .steps import decode_ms, fill_cache, graphed_ms, step_runs
 
@@ -249,58 +250,45 @@ def _f(x, fmt="{:.2f}") -> str:
 
 
 def render_placement(res: dict) -> str:
-    lines = [
-        f"# Placement benchmark ({res['shape']}, **random weights**, {res['device_name']})"
-        + ("" if res.get("complete", True) else " — INCOMPLETE (stopped early)"),
-        "",
-        f"Measured in this run: pinned H2D {res['pinned_h2d_GBps']:.1f} GB/s; device copy "
-        f"{res.get('d2d_copy_GBps', float('nan')):.0f} GB/s (read + written). Transfer floor = offloaded bytes per "
-        "step / that H2D bandwidth; GPU floor = the graphed all-on-GPU step at the same context; ratio = ms/token / "
-        "max(the two) (perfect overlap), ratio_sum = ms/token / their sum (no overlap).",
-        f"on_chip = {res['config']['on_chip']}; decode ms/token is the median over {res['config']['repeats']} "
-        f"repeats of {res['config']['steps']} steps.",
-        "",
-        "| context | kv format | resident | ms/token eager | graphed ms/token | transfer floor ms (eager / graphed) "
-        "| GPU floor ms (graphed) | ratio eager | ratio graphed | ratio_sum eager | MB streamed/step (eager / "
-        "graphed) | HF offloaded ms |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    failed = []
+    head = [f"# Placement benchmark ({res['shape']}, **random weights**, {res['device_name']})"
+            + ("" if res.get("complete", True) else " — INCOMPLETE (stopped early)"), "",
+            f"Measured in this run: pinned H2D {res['pinned_h2d_GBps']:.1f} GB/s; device copy "
+            f"{res.get('d2d_copy_GBps', float('nan')):.0f} GB/s (read + written). Transfer floor = offloaded bytes per "
+            "step / that H2D bandwidth; GPU floor = the graphed all-on-GPU step at the same context; ratio = ms/token "
+            "/ max(the two) (perfect overlap), ratio_sum = ms/token / their sum (no overlap).",
+            f"on_chip = {res['config']['on_chip']}; decode ms/token is the median over {res['config']['repeats']} "
+            f"repeats of {res['config']['steps']} steps.", ""]
+    cols = ["context", "kv format", "resident", "ms/token eager", "graphed ms/token",
+            "transfer floor ms (eager / graphed)", "GPU floor ms (graphed)", "ratio eager", "ratio graphed",
+            "ratio_sum eager", "MB streamed/step (eager / graphed)", "HF offloaded ms"]
+    rows, failed = [], [c for c in res["cells"] if c.get("error")]
     for c in res["cells"]:
         if c.get("error"):
-            failed.append(c)
-            lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | FAILED | | | | | | | | |")
+            rows.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | FAILED | | | | | | | | |")
             continue
-        hf = _get(res["hf_offloaded_ms"], c["ctx"])
         gb = c.get("graphed_h2d_bytes_per_step")
         g_tr = gb / (res["pinned_h2d_GBps"] * 1e9) * 1e3 if gb is not None else None
-        g_ms = c.get("graphed_ms")
-        g_ms = "FAILED" if g_ms is None and c.get("graphed_error") else g_ms
-        lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | {c['ms_per_token']:.2f} | {_f(g_ms)} | "
-                     f"{_f(c.get('transfer_floor_ms'))} / {_f(g_tr)} | {_f(c.get('gpu_floor_ms'))} | "
-                     f"{c['ratio']:.2f}x | {_f(c.get('graphed_ratio'), '{:.2f}x')} | "
-                     f"{_f(c.get('ratio_sum'), '{:.2f}x')} | {c['h2d_bytes_per_step'] / 1e6:.0f} / "
-                     f"{_f(gb / 1e6 if gb is not None else None, '{:.0f}')} | {_f(hf)} |")
-    lines += ["", "## All-on-GPU steps (MBU = weight + KV bytes read / time / device copy bandwidth)", "",
-              "| context | eager ms | graphed ms | MBU eager | MBU graphed |", "|---:|---:|---:|---:|---:|"]
-    for ctx, ms in res["all_on_gpu_ms"].items():
-        g = _get(res.get("all_on_gpu_graphed_ms", {}), ctx)
-        m = _get(res.get("mbu_all_on_gpu", {}), ctx) or {}
-        pct = lambda x: f"{100 * x:.0f}%" if isinstance(x, float) else "NA"
-        lines.append(f"| {ctx} | {ms:.2f} | {_f(g)} | {pct(m.get('eager'))} | {pct(m.get('graphed'))} |")
+        g_ms = "FAILED" if c.get("graphed_ms") is None and c.get("graphed_error") else c.get("graphed_ms")
+        rows.append([c["ctx"], c["fmt"], c["resident"], f"{c['ms_per_token']:.2f}", _f(g_ms),
+                     f"{_f(c.get('transfer_floor_ms'))} / {_f(g_tr)}", _f(c.get("gpu_floor_ms")), f"{c['ratio']:.2f}x",
+                     _f(c.get("graphed_ratio"), "{:.2f}x"), _f(c.get("ratio_sum"), "{:.2f}x"),
+                     f"{c['h2d_bytes_per_step'] / 1e6:.0f} / {_f(gb / 1e6 if gb is not None else None, '{:.0f}')}",
+                     _f(_get(res["hf_offloaded_ms"], c["ctx"]))])
+    pct = lambda x: f"{100 * x:.0f}%" if isinstance(x, float) else "NA"  # noqa: E731
+    mbu = [[ctx, f"{ms:.2f}", _f(_get(res.get("all_on_gpu_graphed_ms", {}), ctx)), pct(m.get("eager")),
+            pct(m.get("graphed"))] for ctx, ms in res["all_on_gpu_ms"].items()
+           for m in [_get(res.get("mbu_all_on_gpu", {}), ctx) or {}]]
     v = res["verify_ms"]
-    lines += ["", f"## One verification of {v['tokens']} tokens at {v['ctx']}", "",
-              "| KV setup | ms |", "|---|---:|"]
-    for k, val in v.items():
-        if k not in ("tokens", "ctx"):
-            lines.append(f"| {k} | {_f(val)} |")
+    lines = [*head, md_table(cols, rows, "rlrrrrrrrrrr"), "",
+             "## All-on-GPU steps (MBU = weight + KV bytes read / time / device copy bandwidth)", "",
+             md_table(["context", "eager ms", "graphed ms", "MBU eager", "MBU graphed"], mbu, "rrrrr"), "",
+             f"## One verification of {v['tokens']} tokens at {v['ctx']}", "",
+             md_table(["KV setup", "ms"], [[k, _f(x)] for k, x in v.items() if k not in ("tokens", "ctx")], "lr")]
     g_failed = [c for c in res["cells"] if c.get("graphed_error")]
-    if g_failed:
-        lines += ["", f"## Graphed timings that failed ({len(g_failed)})", ""]
-        lines += [f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c['graphed_error']}" for c in g_failed]
-    if failed:
-        lines += ["", f"## Failed or refused cells ({len(failed)})", ""]
-        lines += [f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c['error']}" for c in failed]
+    for title, cs, key in ((f"## Graphed timings that failed ({len(g_failed)})", g_failed, "graphed_error"),
+                           (f"## Failed or refused cells ({len(failed)})", failed, "error")):
+        if cs:
+            lines += ["", title, "", *(f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c[key]}" for c in cs)]
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,7 @@ from ..model.api import RANDOM_SHAPES, model_config
 from ..runs import checks
 from ..runs.harness import fmt, free_memory, host_refusal, pinned_store_bytes, time_ms
 from ..runs.store import atomic_write_json, atomic_write_text, run_metadata
+from ..runs.tables import md_table
 from ..runs.template import check_fields, opt
 from . import RankFailed
 from .launch import check_world, launch
@@ -408,30 +409,27 @@ def render(res: dict) -> str:
              f"graph. ms = median over {c['repeats']} repeats of {c['steps']} decode steps at a fixed context; "
              f"verify = one forward of {c['verify_tokens']} tokens. comm = share of the step that the all-reduces "
              f"cost (1 - the step with no-op all-reduces / the step). floor = a rank's streamed bytes per step / its "
-             f"H2D bandwidth measured with every rank copying at once.", "", "## Links", "",
-             "| TP | H2D alone GB/s (per rank) | H2D together GB/s | sum alone | sum together | all-reduces per step, "
-             "ms (T=1 eager / graphed; T=9 eager / graphed) | replicated MiB per rank |",
-             "|---|---|---|---:|---:|---|---:|"]
-    vt = c["verify_tokens"]
+             f"H2D bandwidth measured with every rank copying at once.", "", "## Links", ""]
+    vt, links = c["verify_tokens"], []
     for tp, lk in res["links"].items():
-        if not lk:
-            lines.append(f"| {tp} | missing | | | | | |")
-            continue
-        if lk.get("error") and "h2d_alone_GBps" not in lk:
-            lines.append(f"| {tp} | FAILED: {lk['error'][:120]} | | | | | |")
+        if not lk or (lk.get("error") and "h2d_alone_GBps" not in lk):
+            links.append(f"| {tp} | {'FAILED: ' + lk['error'][:120] if lk else 'missing'} | | | | | |")
             continue
         ar = lk.get("allreduce_ms_per_step", {})
         arr = " / ".join(fmt(ar.get(k), "{:.3f}") for k in ("eager_T1", "graphed_T1", f"eager_T{vt}",
                                                               f"graphed_T{vt}")) if ar else "–"
         rep = lk.get("replicated_bytes_per_rank")
-        lines.append(f"| {tp} | {_fmt_list(lk['h2d_alone_GBps'])} | {_fmt_list(lk['h2d_together_GBps'])} | "
-                     f"{lk['h2d_sum_alone_GBps']:.1f} | {lk['h2d_sum_together_GBps']:.1f} | {arr} | "
-                     f"{fmt(rep / 2**20 if rep else None, '{:.0f}')} |")
+        links.append([tp, _fmt_list(lk["h2d_alone_GBps"]), _fmt_list(lk["h2d_together_GBps"]),
+                      f"{lk['h2d_sum_alone_GBps']:.1f}", f"{lk['h2d_sum_together_GBps']:.1f}", arr,
+                      fmt(rep / 2**20 if rep else None, "{:.0f}")])
+    lines.append(md_table(["TP", "H2D alone GB/s (per rank)", "H2D together GB/s", "sum alone", "sum together",
+                           "all-reduces per step, ms (T=1 eager / graphed; T=9 eager / graphed)",
+                           "replicated MiB per rank"], links, "lllrrlr"))
     head = ["context", "KV", *(f"TP{t} ms" for t in tps), *(f"TP{t}/TP{base}" for t in tps[1:]),
             *(f"TP{t} verify ms" for t in tps), *(f"TP{t} comm" for t in tps[1:]), *(f"TP{t} floor ms" for t in tps),
             *(f"TP{t} MB/step/rank" for t in tps)]
-    lines += ["", "## Decode step and verification", "", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    lines += ["| " + " | ".join(_row_cols(row, tps)) + " |" for row in res["rows"]]
+    lines += ["", "## Decode step and verification", "",
+              md_table(head, [_row_cols(row, tps) for row in res["rows"]], "r" * len(head))]
     if res["failed"]:
         lines += ["", f"## Failed or refused cells ({len(res['failed'])})", ""]
         lines += [f"- {f['cell']}: {f['error']}" for f in res["failed"]]

@@ -7,10 +7,11 @@ import io
 
 
 def md_table(header: list, rows: list[list], align: str = "") -> str:
-    """A Markdown table; ``align``: a letter per column, ``r`` right-aligned (``---:``), else left (missing: left)."""
+    """A Markdown table; ``align``: a letter per column, ``r`` right-aligned (``---:``), else left (missing: left). A
+    row given as a string is a line already written."""
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
     seps = "|" + "|".join("---:" if a == "r" else "---" for a in align.ljust(len(header), "l")) + "|"
-    return "\n".join([line(header), seps, *map(line, rows)])
+    return "\n".join([line(header), seps, *(r if isinstance(r, str) else line(r) for r in rows)])
 
 
 def csv_text(rows: list[dict], columns) -> str:
