@@ -23,6 +23,7 @@ from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placeme
 from ..model.api import load, parse_device
 from ..runs.checks import placement_flags, refuse
 from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
+from ..runs.tables import md_table
 from ..runs.template import changed, check_fields, opt
 
 MODES = ("ar", "vanilla", "mspeckv")
@@ -177,18 +178,16 @@ def render_spec(res: dict) -> str:
              f"text (seed {c['seed']}); median of {c['repeats']} runs after a warm-up.", "",
              "decode tok/s: tokens after the first / decode time; e2e tok/s: generated tokens / the request's wall "
              "clock (setup: caches and graph capture, prefill, decode).", "",
-             "| prefill | mode | decode tok/s | e2e tok/s | ms/token | TTFT s | setup s | accepted | L1 acceptance | "
-             "agreement with AR | H2D MB / accepted token | PCIe GB/s while streaming |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        l1 = (r["levels"] or {}).get("verify_l1", {}).get("acceptance_rate")
-        mb = r.get("h2d_bytes_per_accepted_token")
-        mb = None if mb is None else mb / 1e6
-        f = lambda v, d=2: fmt(v, f"{{:.{d}f}}", na="-")  # noqa: E731
-        lines.append(f"| {r['prefill']} | {r['mode']} | {r['tok_per_s']:.1f} | {f(r.get('e2e_tok_per_s'), 1)} | "
-                     f"{r['ms_per_token']:.1f} | {r['ttft_s']:.2f} | {f(r.get('setup_s'))} | {f(r['accepted'])} | "
-                     f"{f(l1)} | {f(r['agreement_with_ar'])} | {f(mb)} | {f(r.get('h2d_GBps_streaming'), 1)} |")
-    return "\n".join(lines) + "\n"
+             ""]
+    f = lambda v, d=2: fmt(v, f"{{:.{d}f}}", na="-")  # noqa: E731
+    rows = [[r["prefill"], r["mode"], f"{r['tok_per_s']:.1f}", f(r.get("e2e_tok_per_s"), 1), f"{r['ms_per_token']:.1f}",
+             f"{r['ttft_s']:.2f}", f(r.get("setup_s")), f(r["accepted"]),
+             f((r["levels"] or {}).get("verify_l1", {}).get("acceptance_rate")), f(r["agreement_with_ar"]),
+             f(None if r.get("h2d_bytes_per_accepted_token") is None else r["h2d_bytes_per_accepted_token"] / 1e6),
+             f(r.get("h2d_GBps_streaming"), 1)] for r in res["rows"]]
+    return "\n".join(lines) + md_table(["prefill", "mode", "decode tok/s", "e2e tok/s", "ms/token", "TTFT s", "setup s",
+                                        "accepted", "L1 acceptance", "agreement with AR", "H2D MB / accepted token",
+                                        "PCIe GB/s while streaming"], rows, "rl" + "r" * 10) + "\n"
 
 
 # ------------------------------------------------------------------------------------- the bench registry's entry
