@@ -1,36 +1,23 @@
 """``mspeckv sweep {context,resident,onchip,genlen}`` and ``mspeckv report DIR``: the four end-to-end sweeps.
 
-=========  ==================  ==========================  ==========================================
-sweep      experiment          x (``x_name``)              defaults
-=========  ==================  ==========================  ==========================================
-context    A1 context length   prefill                     8192,16384,24576,32768; gen 256
-resident   A2 resident layers  resident_layers             0,8,16; prefill 16384, gen 256
-onchip     B1 on-chip layers   on_chip                     4,8,12,16,18; prefill 16384, gen 256
-genlen     B2 generation len   gen_len                     256,512,768,1024,1536,2048; prefill 8192
-=========  ==================  ==========================  ==========================================
-
-Methods (``mspeckv.bench.methods``): baseline (AR), vanilla_specdec, mspeckv (hierarchy, bf16 KV), mspeckv_kv_quant
-(hierarchy, int8 offloaded KV + resident layers), hf_assisted (transformers assisted generation), and two references
-run only when asked for: ar_gpu (AR with every layer on the GPU, CUDA-graphed) and hf_ar (transformers' plain AR with
-DynamicCache on the GPU); neither reads the sweep's placement or press. The resident value
+Each sweep (``sweep_settings.SWEEPS``: its experiment, swept knob, x values and fixed lengths) runs every method
+(``registry.REGISTRY``; ar_gpu and hf_ar only when ``--methods`` names them) per x and seed. The resident value
 (flag or swept x) applies to mspeckv_kv_quant only; every other method keeps resident 0.
 
-``--quick`` is a cheap sanity preset: budget 1024, prefill 2048 (context sweep: 2048,4096), gen 128 (genlen sweep:
-64,128), and ``--clamp-resident`` (so it runs on the 28-layer default target, where 16 on-chip layers leave only 12
-to offload). Flags given explicitly win over the preset. ``--clamp-resident`` caps the resident layers at the number
-of offloaded layers for each x (the count used is in each run's metrics, ``resident_layers``); without it a resident
-count above the offloaded layers is an error that names the x values.
+``--quick`` is a cheap sanity preset (each sweep's values: ``sweep_settings.sweep_config``), ``--clamp-resident``
+included, so it runs on the 28-layer default target where 16 on-chip layers leave only 12 to offload; flags given
+explicitly win over the preset. ``--clamp-resident`` caps the resident layers at the number of offloaded layers for
+each x (the count used is in each run's metrics, ``resident_layers``); without it a resident count above the
+offloaded layers is an error that names the x values.
 
-The flags are generated from ``SweepSettings``' fields (``runs.template``, as for ``mspeckv eval`` and ``mspeckv
-bench``): one subclass per sweep (``CONFIGS``) gives its x flag, defaults and ``--quick`` preset; ``--greedy``,
-``--no-progress``, ``--device`` (resolved) and the default ``--output-dir`` are applied by ``settings_from_args``.
-Every flag is validated (models' configs included, weights not loaded) before anything is loaded or written; each
-problem raises one ValueError that names the flag and, for per-x problems, the x values. The settings themselves
-(``SweepSettings``, ``CONFIGS``, ``Point``) live in ``sweep_settings``. Runs go through ``runs.store.run_sweep`` (one
-atomic JSON per run under ``DIR/runs``, resumable, failures recorded) and the summary through ``report.render``.
-``DIR/sweep.json`` pins the settings that shape results (a resume with different ones is refused); ``DIR/command.txt``
-collects the command lines. The exit status is 0 once the summary is written, failed runs
-included (``n_failed`` in the JSON line says how many).
+The flags are ``SweepSettings``' fields (``runs.template``, as for ``mspeckv eval`` and ``mspeckv bench``);
+``--greedy``, ``--no-progress``, ``--device`` (resolved) and the default ``--output-dir`` are applied by
+``settings_from_args``. Every flag is validated (models' configs included, weights not loaded) before anything is
+loaded or written; each problem raises one ValueError that names the flag and, for per-x problems, the x values.
+Runs go through ``runs.store.run_sweep`` (one atomic JSON per run under ``DIR/runs``, resumable, failures recorded)
+and the summary through ``report.render``. ``DIR/sweep.json`` pins the settings that shape results (a resume with
+different ones is refused); ``DIR/command.txt`` collects the command lines. The exit status is 0 once the summary is
+written, failed runs included (``n_failed`` in the JSON line says how many).
 """
 
 from __future__ import annotations

@@ -177,16 +177,9 @@ def pinned_store_bytes(model_cfg, placement, capacity: int, dtype_bytes: int = 2
 
 # ------------------------------------------------------------------------------------------------------ bandwidth
 def _copy_seconds(src: torch.Tensor, dst: torch.Tensor, iters: int, skip: int = 0) -> float:
-    """Median seconds of one ``dst.copy_(src)`` on the GPU (CUDA events), the first ``skip`` copies left out."""
-    times = []
-    for _ in range(iters + skip):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src, non_blocking=True)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(times[skip:])
+    """Median seconds of one ``dst.copy_(src)`` on the GPU (CUDA events around each), the first ``skip`` left out."""
+    copy = lambda: dst.copy_(src, non_blocking=True)  # noqa: E731
+    return statistics.median([time_ms(copy, 0, 1, cuda=True) / 1e3 for _ in range(iters + skip)][skip:])
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30, iters: int = 8) -> float:
