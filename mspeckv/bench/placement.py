@@ -80,12 +80,6 @@ class PlacementBenchConfig:
         out_dir("--out-dir", self.out_dir)
 
 
-def host_fit_error(need: int, cfg: PlacementBenchConfig, what: str) -> str | None:
-    """None if ``need`` bytes of host memory fit (MemAvailable or ``host_memory_bytes``, minus the reserve), else the
-    refusal message."""
-    return host_refusal(need, what, cfg.host_reserve_bytes, cfg.host_memory_bytes)
-
-
 def hf_offloaded_ms(shape: str, ctx: int, steps: int, repeats: int) -> float | None:
     """transformers' LlamaForCausalLM with DynamicCache(offloading=True), random weights, same shape and context."""
     from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
@@ -198,6 +192,7 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
     free_memory()
     bw, d2d, verify, cells = res["pinned_h2d_GBps"] * 1e9, res["d2d_copy_GBps"] * 1e9, res["verify_ms"], []
     dense_ms, graphed = res["all_on_gpu_ms"], res["all_on_gpu_graphed_ms"]
+    reserve = (cfg.host_reserve_bytes, cfg.host_memory_bytes)  # host memory fits MemAvailable (or the given) minus it
     for ctx in cfg.contexts:
         cap = ctx + cfg.steps * 4 + 64
         dense = DenseKV.for_model(model, 1, cap)
@@ -221,7 +216,7 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
                 p = Placement(on_chip=cfg.on_chip, kv_quant=fmt, resident_layers=min(r, nl - cfg.on_chip))
                 planned = pinned_store_bytes(model.cfg, p, cap, dtype.itemsize)
                 check = device == "cuda" or cfg.host_memory_bytes is not None  # CPU smoke runs: only when asked
-                if (refusal := host_fit_error(planned, cfg, f"the pinned {fmt} store") if check else None):
+                if check and (refusal := host_refusal(planned, f"the pinned {fmt} store", *reserve)):
                     cells.append(_failed(ctx, fmt, r, refusal, planned))
                     continue
                 cell = _attempt(_eager_cell, model, cfg, p, cap, ctx, fmt, r, bw, gpu_floor, planned, verify)
@@ -232,7 +227,7 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
                     c.graphed_error = err if err is not None else c.graphed_error
         if cfg.hf_reference and device == "cuda":  # a failed reference must not sink our own numbers
             need = model.cfg.kv_bytes_per_token(dtype.itemsize) * (ctx + 4096)
-            res["hf_offloaded_ms"][ctx] = (host_fit_error(need, cfg, "HF's offloaded DynamicCache") or
+            res["hf_offloaded_ms"][ctx] = (host_refusal(need, "HF's offloaded DynamicCache", *reserve) or
                                            _attempt(hf_offloaded_ms, cfg.shape, ctx, cfg.steps, cfg.repeats))
         res |= {"cells": [asdict(c) for c in cells], "failed_cells": sum(c.error is not None for c in cells),
                 "wall_s": time.time() - t_start, "complete": ctx == cfg.contexts[-1]}

@@ -19,7 +19,7 @@ from typing import Any
 
 from mspeckv.bench import breakdown, registry
 from mspeckv.bench.registry import METHODS
-from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
+from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, order_key, speedup
 from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe, read_json_object
 from mspeckv.runs.tables import csv_text, md_table
 
@@ -67,12 +67,6 @@ def _error_name(err: Any) -> str:
         return "unknown error"
     head = str(err).split(":", 1)[0].strip()
     return head if head and " " not in head else "error"
-
-
-def _x_key(x: Any) -> tuple:
-    if isinstance(x, int | float) and not isinstance(x, bool):
-        return (0, float(x), "")
-    return (1, 0.0, str(x))
 
 
 def _method_key(m: str) -> tuple:
@@ -140,7 +134,7 @@ def _group(records: list[dict[str, Any]]) -> dict[tuple[Any, str], Group]:
         key = (r.get("x"), str(r.get("method")))
         g = groups.setdefault(key, Group(x=key[0], method=key[1]))
         (g.ok if r.get("status") == STATUS_OK else g.failed).append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (_x_key(kv[0][0]), _method_key(kv[0][1]))))
+    return dict(sorted(groups.items(), key=lambda kv: (order_key(kv[0][0]), _method_key(kv[0][1]))))
 
 
 def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, Any]]:
@@ -377,7 +371,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     records, skipped = store.scan()
     e2e_note = end_to_end(records)
     groups = _group(records)
-    xs = sorted({x for x, _ in groups}, key=_x_key)
+    xs = sorted({x for x, _ in groups}, key=order_key)
     methods = sorted({m for _, m in groups}, key=_method_key)
     x_name = Counter(str(r.get("x_name", "x")) for r in records).most_common(1)[0][0] if records else "x"
     meta = [r.get("meta") or {} for r in records]
@@ -389,7 +383,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
         "dir": str(Path(dir)),
         "sweeps": sorted({str(r.get("sweep")) for r in records}),
         "x_name": x_name, "x_values": xs, "methods": methods,
-        "seeds": sorted({r.get("seed") for r in records}, key=_x_key),
+        "seeds": sorted({r.get("seed") for r in records}, key=order_key),
         "n_runs": len(records), "n_ok": sum(r.get("status") == STATUS_OK for r in records),
         "weights": "|".join(weights) or "unknown",
         "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
@@ -397,7 +391,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     summary["n_failed"] = summary["n_runs"] - summary["n_ok"]
     summary["e2e_note"] = e2e_note
     present = {(r["method"], r["x"], r["seed"]) for r in records if _plain(r["x"]) and _plain(r["seed"])}
-    order = lambda k: (_x_key(k[1]), _x_key(k[2]), _method_key(str(k[0])))
+    order = lambda k: (order_key(k[1]), order_key(k[2]), _method_key(str(k[0])))
     missing = sorted(expected_runs(dir, records) - present, key=order)
     summary["missing"] = [{"method": m, "x": x, "seed": s} for m, x, s in missing]
     summary["n_expected"] = summary["n_runs"] + len(missing)

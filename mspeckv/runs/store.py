@@ -240,15 +240,10 @@ def run_filename(sweep: str, method: str, x_name: str, x: Any, seed: int) -> str
     return f"{_safe(sweep)}__{_safe(method)}__{_safe(x_name)}={_safe(x)}__seed{_safe(seed)}.json"
 
 
-def _key(args: tuple) -> tuple:
-    if len(args) == 1:
-        s = args[0]
-        if isinstance(s, dict):
-            return (s["sweep"], s["method"], s["x_name"], s["x"], s["seed"])
-        return (s.sweep, s.method, s.x_name, s.x, s.seed)
-    if len(args) == 5:
-        return tuple(args)
-    raise TypeError("expected a RunSpec/RunRecord/dict or (sweep, method, x_name, x, seed)")
+def _key(run) -> tuple:
+    """(sweep, method, x_name, x, seed) of a RunSpec, RunRecord or record dict."""
+    names = ("sweep", "method", "x_name", "x", "seed")
+    return tuple(run[k] for k in names) if isinstance(run, dict) else tuple(getattr(run, k) for k in names)
 
 
 @dataclass(frozen=True)
@@ -350,18 +345,17 @@ class RunStore(CellFolder):
         self.runs_dir = self.dir / "runs"
         super().__init__(self.runs_dir)
 
-    def path_for(self, *args: Any) -> Path:
-        """``path_for(spec_or_record)`` or ``path_for(sweep, method, x_name, x, seed)``."""
-        sweep, method, x_name, x, seed = _key(args)
-        return self.runs_dir / run_filename(sweep, method, x_name, x, seed)
+    def path_for(self, run: Any) -> Path:
+        """The file of a run (a RunSpec, RunRecord or record dict)."""
+        return self.runs_dir / run_filename(*_key(run))
 
-    def load(self, *args: Any) -> dict[str, Any] | None:
+    def load(self, run: Any) -> dict[str, Any] | None:
         """The stored record of a run, or None if absent, damaged or foreign."""
-        return self.load_path(self.path_for(*args))
+        return self.load_path(self.path_for(run))
 
-    def done(self, *args: Any) -> bool:
+    def done(self, run: Any) -> bool:
         """True iff an ``ok`` record exists for this run (failed and damaged runs are run again on resume)."""
-        return self.done_path(self.path_for(*args))
+        return self.done_path(self.path_for(run))
 
     def save(self, record: RunRecord | dict[str, Any]) -> Path:
         d = record.to_dict() if isinstance(record, RunRecord) else json_safe(record)
