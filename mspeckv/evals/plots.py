@@ -60,8 +60,13 @@ def _finish(ax, xlabel: str, ylabel: str, title: str | None = None, legend: int 
         ax.legend(fontsize=legend)
 
 
+def _panels(n: int, width: float, height: float):
+    """A figure of ``n`` panels side by side, each ``width`` wide: (figure, its axes)."""
+    fig = figure_cls()(figsize=(width * n, height), dpi=110)
+    return fig, [fig.add_subplot(1, n, i + 1) for i in range(n)]
+
+
 def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
-    Figure = figure_cls()
     by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
     paths = []
 
@@ -71,9 +76,8 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
     info = {c["variant"]: c.get("variant_info", {}) for c in cells}
     ppl_ctx = [ctx for ctx, rows in ov.items() if any(r["ppl_delta_pct"] is not None for r in rows)]
     if ppl_ctx:
-        fig = Figure(figsize=(6.0 * len(ppl_ctx), 5.0), dpi=110)
-        for i, ctx in enumerate(ppl_ctx):
-            ax = fig.add_subplot(1, len(ppl_ctx), i + 1)
+        fig, axes = _panels(len(ppl_ctx), 6.0, 5.0)
+        for ax, ctx in zip(axes, ppl_ctx, strict=True):
             pts = [(r["compression"], r["ppl_delta_pct"], r["config"]) for r in ov[ctx]
                    if r["compression"] and r["ppl_delta_pct"] is not None and r["config"] != BASELINE]
             for fam in sorted({family(info.get(v, {}), v) for _, _, v in pts}):
@@ -88,11 +92,10 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
     # prompts (~850 tokens) have no compression cell of their own: its x is the compression at the shortest context
     mets = [m for m in ("needle", "ruler", "gsm8k") if any(k[0] == m for k in by)]
     if mets:
-        fig = Figure(figsize=(5.5 * len(mets), 4.5), dpi=110)
+        fig, axes = _panels(len(mets), 5.5, 4.5)
         short_ctx = min((k[2] for k in by if k[0] in ("speed", "ppl")), default=0)
         comp = {(ctx, r["config"]): r["compression"] for ctx, rows in ov.items() for r in rows}
-        for i, m in enumerate(mets):
-            ax = fig.add_subplot(1, len(mets), i + 1)
+        for ax, m in zip(axes, mets, strict=True):
             for ctx in sorted({k[2] for k in by if k[0] == m}):
                 ref = ctx or short_ctx
                 pts = [(comp.get((ref, v)), cell["results"]["accuracy"] * 100, v)
@@ -105,8 +108,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
 
     mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
     if mem_ctx:
-        fig = Figure(figsize=(7.0, 4.5), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, (ax,) = _panels(1, 7.0, 4.5)
         for v in dict.fromkeys(c["variant"] for c in cells):
             mb = {ctx: r["kv_mb"] for ctx in mem_ctx for r in ov.get(ctx, ()) if r["config"] == v}
             pts = [(ctx, mb[ctx]) for ctx in mem_ctx if mb.get(ctx)]
@@ -117,8 +119,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
 
     sp_ctx = sorted({k[2] for k in by if k[0] == "speed"})
     if sp_ctx:
-        fig = Figure(figsize=(7.0, 4.5), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, (ax,) = _panels(1, 7.0, 4.5)
         for ctx in sp_ctx:
             pts = sorted((r["compression"], r["tok_per_s"], r["config"]) for r in ov.get(ctx, [])
                          if r["tok_per_s"] and r["compression"] and not r["bytes_from_ppl_prefix"])
@@ -137,8 +138,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         depths = sorted({float(d) for c in cs for d in c["results"]["accuracy_by_depth"]})
         grid = [[next((a for d, a in c["results"]["accuracy_by_depth"].items() if float(d) == dep), float("nan"))
                  for c in cs] for dep in depths]
-        fig = Figure(figsize=(1.2 * len(cs) + 2.5, 0.5 * len(depths) + 2.0), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, (ax,) = _panels(1, 1.2 * len(cs) + 2.5, 0.5 * len(depths) + 2.0)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(cs)), [str(c["context"]) for c in cs])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
