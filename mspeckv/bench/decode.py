@@ -19,8 +19,10 @@ import torch
 from ..config import GenerationConfig
 from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
-from ..model.api import load_any, parse_device
+from ..model.api import load_any, model_config, parse_device
+from ..runs.checks import generation_fits, out_file
 from ..runs.harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
+from ..runs.store import atomic_write_json, run_metadata
 from ..runs.tables import md_table
 from ..runs.template import check_fields, opt
 
@@ -44,9 +46,6 @@ class DecodeBenchConfig:
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output path, and the model's config (not its weights)."""
-        from ..model.api import model_config
-        from ..runs.checks import generation_fits, out_file
-
         out_file("--out", self.out or "results/bench/decode.json")
         generation_fits(model_config(self.model), self.gen_len, self.prompt_len, "--gen-len", "--prompt-len")
 
@@ -116,8 +115,6 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
                    d2d_copy_bandwidth_GBps=peak / 1e9, bandwidth_utilisation=achieved / peak)
     row["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if write:
-        from ..runs.store import atomic_write_json, run_metadata
-
         out = Path(cfg.out or f"results/bench/decode-{cfg.model.replace(':', '-')}-{device.type}"
                                f"-p{cfg.prompt_len}-g{cfg.gen_len}-b{cfg.batch}.json")
         row["meta"] = run_metadata()

@@ -34,6 +34,7 @@ from ..cache import make_cache
 from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement
 from ..model.api import RANDOM_SHAPES, random_model
+from ..runs.checks import out_dir
 from ..runs.harness import (  # noqa: F401 (mem_available, pinned_store_bytes: this bench's names since it has them)
     d2d_bandwidth,
     device_name,
@@ -45,6 +46,7 @@ from ..runs.harness import (  # noqa: F401 (mem_available, pinned_store_bytes: t
     pick,
     pinned_store_bytes,
 )
+from ..runs.store import write_bench
 from ..runs.tables import md_table
 from ..runs.template import check_fields, opt
 from .steps import decode_ms, fill_cache, graphed_ms, step_runs
@@ -75,8 +77,6 @@ class PlacementBenchConfig:
 
     def validate(self) -> None:
         """The output folder can be made (checked before the model is built)."""
-        from ..runs.checks import out_dir
-
         out_dir("--out-dir", self.out_dir)
 
 
@@ -288,8 +288,6 @@ def render_placement(res: dict) -> str:
 
 
 def write_placement(res: dict, out_dir: str, command: str) -> Path:
-    from ..runs.store import write_bench
-
     write_bench(out_dir, "placement", res, render_placement, command)
     return Path(out_dir)
 

@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..model.api import load, model_config, parse_device
+from ..runs.checks import out_dir
 from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, repeat, reset_peak, wall
+from ..runs.store import write_bench
 from ..runs.template import check_fields, opt
 
 PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25", "pyramidkv:budget=0.25",
@@ -52,9 +55,6 @@ class PressBenchConfig:
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output folder, and the model's maximum context."""
-        from ..model.api import model_config
-        from ..runs.checks import out_dir
-
         out_dir("--out-dir", self.out_dir)
         check_contexts(self.contexts, self.gen_len, model_config(self.model).max_position, self.model)
 
@@ -102,7 +102,6 @@ def _cell(model, ids, press, cfg, dev) -> dict:
 
 def run_press_bench(cfg: PressBenchConfig) -> dict:
     from ..data.corpora import long_prompt
-    from ..model.api import load, parse_device
     from ..presses import parse_press
 
     dev = parse_device(cfg.device)
@@ -150,8 +149,6 @@ def render_press_bench(res: dict) -> str:
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: PressBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``presses.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from ..runs.store import write_bench
-
     cfg.validate()
     return write_bench(cfg.out_dir, "presses", run_press_bench(cfg), render_press_bench, command)
 

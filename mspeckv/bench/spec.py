@@ -20,9 +20,10 @@ from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement
-from ..model.api import load, parse_device
-from ..runs.checks import placement_flags, refuse
+from ..model.api import load, model_config, parse_device
+from ..runs.checks import out_dir, placement_flags, refuse
 from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
+from ..runs.store import write_bench
 from ..runs.tables import md_table
 from ..runs.template import changed, check_fields, opt
 
@@ -88,9 +89,6 @@ class SpecBenchConfig:
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output folder, and the target's config."""
-        from ..model.api import model_config
-        from ..runs.checks import out_dir
-
         out_dir("--out-dir", self.out_dir)
         tcfg = model_config(self.target)
         self.placement.validate(tcfg.n_layers, tcfg.head_dim)
@@ -193,8 +191,6 @@ def render_spec(res: dict) -> str:
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: SpecBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``spec.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from ..runs.store import write_bench
-
     cfg.validate()
     return write_bench(cfg.out_dir, "spec", run_spec_bench(cfg), render_spec, command)
 

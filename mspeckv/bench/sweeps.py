@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as v
+from ..runs.checks import out_dir, refuse
 from ..runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, read_json_object, run_sweep
 from ..runs.template import add_flags, changed, flag_name, from_args
 from .registry import BY_NAME, HF_METHODS, REFERENCE_METHODS, RETRIEVAL_METHODS, SPEC_METHODS
@@ -43,7 +44,6 @@ def settings_from_args(a) -> SweepSettings:
     applied), then what it cannot express: ``--device`` resolved, ``--greedy`` (temperature 0) and the default
     ``--output-dir``. No model needed."""
     from ..model.api import parse_device
-    from ..runs.checks import refuse
 
     s = from_args(CONFIGS[a.sweep], a, device=parse_device(a.device).type, output_dir=a.output_dir or "")
     if a.greedy:
@@ -182,8 +182,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def refuse_ignored(a, s: SweepSettings) -> None:
     """Flags that no chosen method reads are errors (they would be recorded in every run's config, yet change
     nothing)."""
-    from ..runs.checks import refuse
-
     given = lambda *names: changed(s, *names, given=a)  # noqa: E731
     if s.target.startswith("random:"):
         refuse(given("dataset"), f"--target {s.target} has random weights, so its prompts are random token ids")
@@ -203,8 +201,6 @@ def refuse_ignored(a, s: SweepSettings) -> None:
 
 
 def cmd_sweep(a) -> int:
-    from ..runs.checks import out_dir
-
     s = settings_from_args(a)
     refuse_ignored(a, s)
     validate(s)
@@ -240,7 +236,6 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from ..runs.checks import out_dir
     from .report import render
 
     if not Path(a.dir).is_dir():
