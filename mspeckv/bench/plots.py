@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..runs.plots import INSTALL_HINT, PlotDependencyError, figure_cls, save  # noqa: F401 (INSTALL_HINT: for callers)
+from ..runs.plots import INSTALL_HINT, PlotDependencyError, figure_cls, label, save  # noqa: F401 (INSTALL_HINT: for callers)
 
 
 def _finite(v: Any) -> bool:
@@ -47,13 +47,8 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, path: str | os.Path
         ax.set_xticks(list(range(len(xs_all))))
         ax.set_xticklabels([str(x) for x in xs_all])
     ax.minorticks_off()
-    ax.set_xlabel(x_name)
-    ax.set_ylabel(ylabel or metric)
-    if title:
-        ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    label(ax, x_name, ylabel or metric, title)
     return save(fig, path)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..runs.plots import figure_cls, save
+from ..runs.plots import figure_cls, label, save
 from .variants import BASELINE
 
 
@@ -51,15 +51,6 @@ def _points(ax, pts: list[tuple], label: str, style: str = "o") -> None:
         ax.annotate(short(v), (x, y), fontsize=5, alpha=0.8, xytext=(2, 2), textcoords="offset points")
 
 
-def _finish(ax, xlabel: str, ylabel: str, title: str | None = None, legend: int | None = 7) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=legend)
-
-
 def _panels(n: int, width: float, height: float):
     """A figure of ``n`` panels side by side, each ``width`` wide: (figure, its axes)."""
     fig = figure_cls()(figsize=(width * n, height), dpi=110)
@@ -85,7 +76,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
                 _points(ax, fp, fam, "-o" if fam != "preset" and len(fp) > 1 else "o")  # presets: distinct recipes
             ax.axhline(0, color="gray", lw=0.8)
             ax.set_yscale("symlog", linthresh=2.0)
-            _finish(ax, "KV compression (×, held bytes)", "PPL change vs full cache (%)", f"context {ctx}", 6)
+            label(ax, "KV compression (×, held bytes)", "PPL change vs full cache (%)", f"context {ctx}", 6)
         paths.append(save(fig, out / "ppl_vs_compression.png"))
 
     # accuracy: one panel per metric, one colour per context, points only (distinct configs, not a curve); GSM8K's
@@ -103,7 +94,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
                 pts = sorted(p for p in pts if p[0] is not None)
                 if pts:
                     _points(ax, pts, f"{ctx}" if ctx else f"prompts (x at {short_ctx})")
-            _finish(ax, "KV compression (×)", f"{m} accuracy (%)", m)
+            label(ax, "KV compression (×)", f"{m} accuracy (%)", m, 7)
         paths.append(save(fig, out / "accuracy_vs_compression.png"))
 
     mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
@@ -114,7 +105,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
             pts = [(ctx, mb[ctx]) for ctx in mem_ctx if mb.get(ctx)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
-        _finish(ax, "context (tokens)", "held KV (MB)", legend=6)
+        label(ax, "context (tokens)", "held KV (MB)", legend=6)
         paths.append(save(fig, out / "kv_memory_vs_context.png"))
 
     sp_ctx = sorted({k[2] for k in by if k[0] == "speed"})
@@ -129,7 +120,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         how = ("graphed" if graphed == {True} else "eager" if graphed <= {False, None}
                else "graphed where the cache allows")
         ax.set_yscale("log")
-        _finish(ax, "KV compression (×)", f"decode tok/s ({how})")
+        label(ax, "KV compression (×)", f"decode tok/s ({how})", legend=7)
         paths.append(save(fig, out / "throughput_vs_compression.png"))
 
     needle = [c for c in cells if c["metric"] == "needle"]
@@ -145,7 +136,7 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         for i, row in enumerate(grid):
             for j, a in enumerate(row):
                 ax.text(j, i, "–" if a != a else f"{100 * a:.0f}", ha="center", va="center", fontsize=8)
-        _finish(ax, "context (tokens)", "needle depth", legend=None)
+        label(ax, "context (tokens)", "needle depth")  # a heatmap: nothing labelled
         ax.set_title(f"needle retrieval: {v}", fontsize=9)
         fig.colorbar(im, ax=ax)
         paths.append(save(fig, out / f"needle_{_slug(v)}.png"))
