@@ -198,36 +198,21 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return md_table(esc(header), [esc(r) for r in rows])
 
 
-class _Footnotes:
-    def __init__(self) -> None:
-        self.n = 0
-        self.pending: list[str] = []
-
-    def add(self, text: str) -> str:
-        self.n += 1
-        self.pending.append(f"[^{self.n}]: {text}")
-        return f"[^{self.n}]"
-
-    def flush(self) -> str:
-        out, self.pending = "\n".join(self.pending), []
-        return out
-
-
-def _value_cell(g: Group | None, metric: str, x_name: str, notes: _Footnotes) -> str:
+def _value_cell(g: Group | None, metric: str, x_name: str, notes: list[str]) -> str:
+    """A group's mean ± std; a partly failed group's cell gets a footnote (appended to ``notes``, numbered on)."""
     if g is None:
         return NA
     if not g.ok:
         return f"{FAILED} ({len(g.failed)}/{g.n_total}: {g.errors_text()})"
     text = fmt_pm(*mean_std(g.values(metric).values()))
     if g.failed:
-        text += " " + notes.add(
-            f"{x_name}={_fmt_x(g.x)}, {g.method}: {len(g.failed)}/{g.n_total} runs failed ({g.errors_text()}); "
-            f"mean ± std over the {len(g.ok)} ok run(s)."
-        )
+        notes.append(f"[^{len(notes) + 1}]: {x_name}={_fmt_x(g.x)}, {g.method}: {len(g.failed)}/{g.n_total} runs "
+                     f"failed ({g.errors_text()}); mean ± std over the {len(g.ok)} ok run(s).")
+        text += f" [^{len(notes)}]"
     return text
 
 
-def _metric_table(groups, xs, methods, metric, x_name, notes: _Footnotes) -> str:
+def _metric_table(groups, xs, methods, metric, x_name, notes: list[str]) -> str:
     comparisons = [(m, ref) for ref in REFERENCES if ref in methods for m in methods
                    if m != ref and not (ref == "mspeckv" and m == "baseline")]
     header = [x_name] + list(methods)
@@ -319,14 +304,15 @@ def _plain(v: Any) -> bool:
 
 def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
     x_name = summary["x_name"]
-    notes = _Footnotes()
+    notes: list[str] = []  # every table's footnotes, numbered on; each table's shown below it
     parts = [_header(summary, records)]
     for title, metric in MD_TABLES:
+        shown = len(notes)
         parts.append(f"## {title}\n\n{_metric_table(groups, xs, methods, metric, x_name, notes)}")
         if metric == "e2e_tok_per_s" and summary.get("e2e_note"):
             parts.append(summary["e2e_note"])
-        if notes.pending:
-            parts.append(notes.flush())
+        if notes[shown:]:
+            parts.append("\n".join(notes[shown:]))
     cols = _speedup_columns(methods)
     rows = [[_fmt_x(r[x_name])] + [r[f"{c}_text"] for c, _, _ in cols] for r in summary["speedups"]]
     parts.append("## Latency speedups (paired by seed)\n\n" + _md_table([x_name] + [c for c, _, _ in cols], rows))
