@@ -201,13 +201,12 @@ def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
             continue
         for r in measured:
             i = info.get(r["config"], {})
-            q = i.get("kv_quant")
-            if q == "int8" and not i.get("press"):
-                verdict = "met" if r["ppl_delta_pct"] <= 0.1 else "MISSED"
-                out.append(f"{ctx}: int8 KV <= +0.1% PPL: {verdict} ({r['config']}: {r['ppl_delta_pct']:+.3f}%)")
-            if (q == "int2" and not i.get("press")) or _kivi_bits(i.get("press")) == (2, 2):
-                verdict = "met" if r["ppl_delta_pct"] <= 3.0 else "MISSED"
-                out.append(f"{ctx}: 2-bit within +3% PPL: {verdict} ({r['config']}: {r['ppl_delta_pct']:+.3f}%)")
+            q, press, d = i.get("kv_quant"), i.get("press"), r["ppl_delta_pct"]
+            for applies, goal, limit in ((q == "int8" and not press, "int8 KV <= +0.1% PPL", 0.1),
+                                         ((q == "int2" and not press) or _kivi_bits(press) == (2, 2),
+                                          "2-bit within +3% PPL", 3.0)):
+                if applies:
+                    out.append(f"{ctx}: {goal}: {'met' if d <= limit else 'MISSED'} ({r['config']}: {d:+.3f}%)")
         for need, limit in ((4.0, 1.0), (8.0, 3.0)):
             cand = [r for r in measured if _num(r["compression"]) and r["compression"] >= need]
             good = [r for r in cand if r["ppl_delta_pct"] <= limit]

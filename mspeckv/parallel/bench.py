@@ -229,8 +229,7 @@ def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, c
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         row = _cell(r, cfg, model, ctx, kind, bw)
-        rows = [None] * r.world
-        dist.all_gather_object(rows, row)
+        rows = _gather(row)
         if r.main:
             _write_cell(cells, r.world, ctx, kind, ranks=rows, wall_s=time.time() - t, shape=cfg.shape,
                         on_chip=cfg.on_chip if kind in FORMATS else None, weights="random",
