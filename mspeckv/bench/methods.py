@@ -42,7 +42,7 @@ import torch
 
 from ..cache import make_cache
 from ..config import GenerationConfig, SamplingConfig
-from ..decoding.autoregressive import generate, sync
+from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..runs.harness import e2e, peak_bytes, reset_peak, wall
@@ -247,12 +247,9 @@ def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted:
     def gen(n: int) -> tuple[float, int]:
         torch.manual_seed(seed)
         cache = DynamicCache(config=target.config, offloading=offload)
-        sync(ctx.device)
-        t0 = time.perf_counter()
         with torch.inference_mode():
-            out = target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw)
-        sync(ctx.device)
-        return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
+            out, secs = wall(ctx.device, lambda: target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw))
+        return secs, out.shape[1] - ids.shape[1]
 
     def run(n: int) -> tuple[float, float, int]:
         ttft, _ = gen(1)
