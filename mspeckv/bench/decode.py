@@ -9,7 +9,6 @@ cache and captures its graph inside (``setup_s``); eagerly one DenseKV is alloca
 from __future__ import annotations
 
 import resource
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
 from ..model.api import load_any, model_config, parse_device
 from ..runs.checks import generation_fits, out_file
-from ..runs.harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
+from ..runs.harness import d2d_bandwidth, device_name, median_e2e, median_of, peak_bytes, requests, wall
 from ..runs.store import atomic_write_json, run_metadata
 from ..runs.tables import md_table
 from ..runs.template import check_fields, opt
@@ -89,7 +88,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
 
     one()  # the warm-up at the same shape
     runs, walls = requests(device, one, cfg.repeats)
-    m = median_of(runs, "prefill_s", "ms_per_token", "ttft_s", "setup_s", "decode_s")
+    m = median_of(runs, "prefill_s", "ms_per_token", "ttft_s")
     prefill_s, ms_tok = m["prefill_s"], m["ms_per_token"]
     row = {
         "bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
@@ -98,7 +97,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
         "prompt_source": src, **asdict(cfg),
         "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
         "ttft_s": m["ttft_s"], "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
-        **e2e(m["setup_s"], m["ttft_s"], m["decode_s"], runs[-1].n_generated, e2e_s=statistics.median(walls)),
+        **median_e2e(runs, runs[-1].n_generated, walls),
         "model_load_s": load_s, "runs_e2e_s": walls,
         "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
         "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None,

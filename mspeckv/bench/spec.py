@@ -7,7 +7,6 @@ Each (prefill, mode) is warmed up once at the same prompt length before the time
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -22,7 +21,7 @@ from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement
 from ..model.api import load, model_config, parse_device
 from ..runs.checks import out_dir, placement_flags, refuse
-from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
+from ..runs.harness import check_contexts, device_name, fmt, median_e2e, median_of, peak_bytes, pick, requests, wall
 from ..runs.store import write_bench
 from ..runs.tables import md_table
 from ..runs.template import changed, check_fields, opt
@@ -151,11 +150,10 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
                 n = min(len(ref), len(r.tokens[0]))
                 first_diff = next((i for i in range(n) if ref[i] != r.tokens[0][i]), n)
                 agree = first_diff / n  # fraction of the output identical to AR before the first difference
-            m = median_of(runs, "tok_per_s", "ms_per_token", "ttft_s", "setup_s", "decode_s")
+            m = median_of(runs, "tok_per_s", "ms_per_token", "ttft_s")
             rows.append({
                 "prefill": prefill, "mode": mode, "tok_per_s": m["tok_per_s"], "ms_per_token": m["ms_per_token"],
-                "ttft_s": m["ttft_s"], **e2e(m["setup_s"], m["ttft_s"], m["decode_s"], r.n_generated,
-                                             e2e_s=statistics.median(walls)),
+                "ttft_s": m["ttft_s"], **median_e2e(runs, r.n_generated, walls),
                 "accepted": r.stats.get("accepted"), "levels": getattr(r, "levels", None),
                 "time_s": r.stats.get("time_s"), "agreement_with_ar": agree, "n_generated": r.n_generated,
                 "runs_tok_per_s": [x.tok_per_s for x in runs], "runs_e2e_s": walls,

@@ -105,6 +105,13 @@ def e2e(setup_s: float | None, ttft_s: float, decode_s: float, n_generated: int,
     return {"setup_s": setup_s, "e2e_s": total, "e2e_tok_per_s": n_generated / total if total > 0 else None}
 
 
+def median_e2e(runs: list, n_generated: int, walls: list[float] | None = None) -> dict[str, Any]:
+    """:func:`e2e` of the median request: the medians of the runs' ``setup_s``, ``ttft_s`` and ``decode_s``, and of
+    their measured ``walls`` (None: the sum of those parts)."""
+    m = median_of(runs, "setup_s", "ttft_s", "decode_s")
+    return e2e(m["setup_s"], m["ttft_s"], m["decode_s"], n_generated, statistics.median(walls) if walls else None)
+
+
 # --------------------------------------------------------------------------------------------------------- memory
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
