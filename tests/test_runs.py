@@ -257,3 +257,38 @@ def test_check_fields_applies_each_fields_declaration():
                     ({"name": ""}, "name must be a non-empty string"), ({"flag": 1}, "flag must be True or False")):
         with pytest.raises(ConfigError, match=msg):
             C(**kw)
+
+
+def test_md_table_aligns_columns_and_keeps_written_rows(tmp_path):
+    from mspeckv.runs.tables import csv_text, md_table
+
+    text = md_table(["a", "b", "c"], [[1, "x", None], "| raw | | |"], "rl")
+    assert text.splitlines() == ["| a | b | c |", "|---:|---|---|", "| 1 | x | None |", "| raw | | |"]
+    assert csv_text([{"a": 1, "b": None}, {"b": 2, "z": 9}], ["a", "b"]).splitlines() == ["a,b", "1,", ",2"]
+
+
+def test_read_json_object_is_empty_for_what_holds_no_object(tmp_path):
+    from mspeckv.runs.store import read_json_object
+
+    (tmp_path / "ok.json").write_text('{"planned": [1]}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "cut.json").write_text('{"planned": [')
+    assert read_json_object(tmp_path / "ok.json") == {"planned": [1]}
+    assert read_json_object(tmp_path / "list.json") == read_json_object(tmp_path / "cut.json") == {}
+    assert read_json_object(tmp_path / "absent.json") == {}
+
+
+def test_changed_with_given_counts_only_flags_on_the_command_line():
+    from argparse import Namespace
+    from dataclasses import dataclass
+
+    from mspeckv.runs.template import changed, opt
+
+    @dataclass(frozen=True)
+    class C:
+        budget: int = opt(8, "budget")
+        chunk: int = opt(4, "chunk")
+
+    cfg = C(budget=16, chunk=2)  # say --budget was typed and a preset set chunk
+    assert changed(cfg, "budget", "chunk") == ["--budget", "--chunk"]
+    assert changed(cfg, "budget", "chunk", given=Namespace(budget="16", chunk=None)) == ["--budget"]
