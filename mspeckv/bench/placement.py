@@ -26,7 +26,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -287,17 +286,13 @@ def render_placement(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_placement(res: dict, out_dir: str, command: str) -> Path:
-    write_bench(out_dir, "placement", res, render_placement, command)
-    return Path(out_dir)
-
-
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: PlacementBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; ``placement.json`` and ``summary.md`` are rewritten after each context."""
     cfg.validate()
-    res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, command))
-    write_placement(res, cfg.out_dir, command)
+    save = lambda r: write_bench(cfg.out_dir, "placement", r, render_placement, command)  # noqa: E731
+    res = run_placement_bench(cfg, on_context=save)
+    save(res)
     return res
 
 
