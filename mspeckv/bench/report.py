@@ -365,28 +365,22 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     weights = sorted({str(c["weights"]) for c in configs if c.get("weights") is not None})
     commits = sorted({f"{m['git_commit'][:12]}{' (dirty)' if m.get('git_dirty') else ''}" for m in meta
                       if m.get("git_commit")})
-    summary: dict[str, Any] = {
-        "dir": str(Path(dir)),
-        "sweeps": sorted({str(r.get("sweep")) for r in records}),
-        "x_name": x_name, "x_values": xs, "methods": methods,
-        "seeds": sorted({r.get("seed") for r in records}, key=order_key),
-        "n_runs": len(records), "n_ok": sum(r.get("status") == STATUS_OK for r in records),
-        "weights": "|".join(weights) or "unknown",
-        "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
-    }  # fmt: skip
-    summary["n_failed"] = summary["n_runs"] - summary["n_ok"]
-    summary["e2e_note"] = e2e_note
     present = {(r["method"], r["x"], r["seed"]) for r in records if _plain(r["x"]) and _plain(r["seed"])}
-    order = lambda k: (order_key(k[1]), order_key(k[2]), _method_key(str(k[0])))
+    order = lambda k: (order_key(k[1]), order_key(k[2]), _method_key(str(k[0])))  # noqa: E731
     missing = sorted(expected_runs(dir, records) - present, key=order)
-    summary["missing"] = [{"method": m, "x": x, "seed": s} for m, x, s in missing]
-    summary["n_expected"] = summary["n_runs"] + len(missing)
-    summary["partial"] = bool(missing) or any(s.damaged for s in skipped)
-    summary["warnings"] = ([f"skipped {len(skipped)} file(s) in runs/ that are not run records: "
-                            f"{'; '.join(map(str, skipped))}"] if skipped else [])
-    summary["rows"] = _rows(groups, x_name)
-    summary["speedups"] = _speedup_rows(groups, xs, methods, x_name)
-    summary["breakdown"] = breakdown.rows(groups, xs, methods, x_name)
+    n_ok = sum(r.get("status") == STATUS_OK for r in records)
+    summary: dict[str, Any] = {
+        "dir": str(Path(dir)), "sweeps": sorted({str(r.get("sweep")) for r in records}), "x_name": x_name,
+        "x_values": xs, "methods": methods, "seeds": sorted({r.get("seed") for r in records}, key=order_key),
+        "n_runs": len(records), "n_ok": n_ok, "weights": "|".join(weights) or "unknown",
+        "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
+        "n_failed": len(records) - n_ok, "e2e_note": e2e_note,
+        "missing": [{"method": m, "x": x, "seed": s} for m, x, s in missing],
+        "n_expected": len(records) + len(missing), "partial": bool(missing) or any(s.damaged for s in skipped),
+        "warnings": ([f"skipped {len(skipped)} file(s) in runs/ that are not run records: "
+                      f"{'; '.join(map(str, skipped))}"] if skipped else []),
+        "rows": _rows(groups, x_name), "speedups": _speedup_rows(groups, xs, methods, x_name),
+        "breakdown": breakdown.rows(groups, xs, methods, x_name)}
     out = Path(dir)
     files = {
         "summary_csv": str(atomic_write_text(out / "summary.csv", _csv(summary["rows"]))),
@@ -394,13 +388,11 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     }
     if plots and summary["rows"]:
         try:
-            from mspeckv.bench.plots import PlotDependencyError, plot_summary
+            from mspeckv.bench.plots import PlotDependencyError, plot_breakdown, plot_summary
 
             title = ", ".join(summary["sweeps"])
             pngs = plot_summary(summary["rows"], out, x_name=x_name, methods=methods, title=title)
             if summary["breakdown"]:
-                from mspeckv.bench.plots import plot_breakdown
-
                 pngs.append(plot_breakdown(summary["breakdown"], out / "breakdown.png", x_name=x_name,
                                            title=f"Where the decode time goes ({title})"))
             files.update({f"{p.stem}_png": str(p) for p in pngs})
