@@ -193,3 +193,13 @@ def test_committed_sweeps_render_with_the_end_to_end_table(tmp_path):
         md = (tmp_path / d / "summary.md").read_text()
         assert "## End-to-end throughput" in md and "predate the end-to-end fields" in md
         assert summary["n_ok"] > 0
+
+
+def test_median_e2e_takes_each_parts_median_and_the_measured_walls():
+    from mspeckv.runs.harness import median_e2e
+
+    parts = ((1.0, 2.0, 3.0), (3.0, 1.0, 5.0), (2.0, 9.0, 4.0))
+    runs = [{"setup_s": s, "ttft_s": t, "decode_s": d} for s, t, d in parts]
+    out = median_e2e(runs, 10)
+    assert out["setup_s"] == 2.0 and out["e2e_s"] == 2.0 + 2.0 + 4.0 and out["e2e_tok_per_s"] == 10 / 8.0
+    assert median_e2e(runs, 10, walls=[9.0, 20.0, 10.0])["e2e_s"] == 10.0

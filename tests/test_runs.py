@@ -229,3 +229,66 @@ def test_the_package_carries_the_stamp_template():
     assert "mspeckv/COMMIT export-subst" in (pkg.parent / ".gitattributes").read_text().splitlines()
     meta = store.run_metadata()
     assert meta["commit_source"] in ("git", "stamp", "env", "unknown") and "git_dirty" in meta
+
+
+def test_check_fields_applies_each_fields_declaration():
+    """A field's type, choices and range, declared once on the field, are what ``check_fields`` enforces."""
+    from dataclasses import dataclass
+
+    from mspeckv.runs.template import check_fields, opt
+    from mspeckv.validate import ConfigError
+
+    @dataclass(frozen=True)
+    class C:
+        n: int = opt(2, "n", lo=2)
+        xs: tuple[int, ...] = opt((1,), "xs", lo=0)
+        kind: str = opt("a", "kind", choices=("a", "b"))
+        name: str | None = opt(None, "name")
+        flag: bool = opt(False, "flag")
+        free: int = opt(0, "left to the config", check=False)
+
+        def __post_init__(self):
+            check_fields(self)
+
+    C(free=-5)  # check=False: not this function's to refuse
+    for kw, msg in (({"n": 1}, "n must be an integer >= 2, got 1"), ({"n": True}, "n must be an integer"),
+                    ({"xs": (1, 1)}, "xs must be a non-empty tuple of distinct integers >= 0"),
+                    ({"xs": ()}, "xs must be a non-empty tuple"), ({"kind": "c"}, "kind must be one of a, b"),
+                    ({"name": ""}, "name must be a non-empty string"), ({"flag": 1}, "flag must be True or False")):
+        with pytest.raises(ConfigError, match=msg):
+            C(**kw)
+
+
+def test_md_table_aligns_columns_and_keeps_written_rows(tmp_path):
+    from mspeckv.runs.tables import csv_text, md_table
+
+    text = md_table(["a", "b", "c"], [[1, "x", None], "| raw | | |"], "rl")
+    assert text.splitlines() == ["| a | b | c |", "|---:|---|---|", "| 1 | x | None |", "| raw | | |"]
+    assert csv_text([{"a": 1, "b": None}, {"b": 2, "z": 9}], ["a", "b"]).splitlines() == ["a,b", "1,", ",2"]
+
+
+def test_read_json_object_is_empty_for_what_holds_no_object(tmp_path):
+    from mspeckv.runs.store import read_json_object
+
+    (tmp_path / "ok.json").write_text('{"planned": [1]}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "cut.json").write_text('{"planned": [')
+    assert read_json_object(tmp_path / "ok.json") == {"planned": [1]}
+    assert read_json_object(tmp_path / "list.json") == read_json_object(tmp_path / "cut.json") == {}
+    assert read_json_object(tmp_path / "absent.json") == {}
+
+
+def test_changed_with_given_counts_only_flags_on_the_command_line():
+    from argparse import Namespace
+    from dataclasses import dataclass
+
+    from mspeckv.runs.template import changed, opt
+
+    @dataclass(frozen=True)
+    class C:
+        budget: int = opt(8, "budget")
+        chunk: int = opt(4, "chunk")
+
+    cfg = C(budget=16, chunk=2)  # say --budget was typed and a preset set chunk
+    assert changed(cfg, "budget", "chunk") == ["--budget", "--chunk"]
+    assert changed(cfg, "budget", "chunk", given=Namespace(budget="16", chunk=None)) == ["--budget"]

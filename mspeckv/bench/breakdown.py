@@ -16,6 +16,7 @@ import math
 from statistics import fmean
 from typing import Any
 
+from ..runs.tables import md_table
 from .registry import HF_METHODS
 
 LEVELS = ("draft", "verify_l1", "verify_l2")
@@ -72,16 +73,13 @@ def markdown(rows: list[dict[str, Any]], x_name: str, fmt_x) -> str:
     """The per-level table for the summary, from :func:`rows`."""
     header = [x_name, "method", "latency s", "draft s", "draft ms/token", "L1 s", "L1 ms/call", "L2 s", "L2 ms/call",
               "other s", "decode ms/token", "H2D MB/token", "resident hit"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for b in rows:
-        cells = [fmt_x(b[x_name]), b["method"], _s(b["latency_s"]), _s(b["draft_s"], b["draft_share"]),
-                 _s(b["draft_ms_per_token"], digits=1),
-                 _s(b["verify_l1_s"], b["verify_l1_share"]), _s(b["verify_l1_ms_per_call"], digits=1),
-                 _s(b["verify_l2_s"], b["verify_l2_share"]), _s(b["verify_l2_ms_per_call"], digits=1),
-                 _s(b["other_s"], b["other_share"]), _s(b["decode_ms_per_token"], digits=1),
-                 _s(b["h2d_MB_per_token"], digits=1), _s(b["resident_hit_rate"])]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    body = [[fmt_x(b[x_name]), b["method"], _s(b["latency_s"]), _s(b["draft_s"], b["draft_share"]),
+             _s(b["draft_ms_per_token"], digits=1), _s(b["verify_l1_s"], b["verify_l1_share"]),
+             _s(b["verify_l1_ms_per_call"], digits=1), _s(b["verify_l2_s"], b["verify_l2_share"]),
+             _s(b["verify_l2_ms_per_call"], digits=1), _s(b["other_s"], b["other_share"]),
+             _s(b["decode_ms_per_token"], digits=1), _s(b["h2d_MB_per_token"], digits=1), _s(b["resident_hit_rate"])]
+            for b in rows]
+    return md_table(header, body)
 
 
 def rows(groups, xs, methods, x_name: str) -> list[dict[str, Any]]:

@@ -9,51 +9,42 @@ cache and captures its graph inside (``setup_s``); eagerly one DenseKV is alloca
 from __future__ import annotations
 
 import resource
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .. import validate as v
 from ..config import GenerationConfig
 from ..decoding.autoregressive import generate
 from ..kv.dense import DenseKV
-from ..model.api import load_any, parse_device
-from ..runs.harness import d2d_bandwidth, device_name, e2e, median_of, peak_bytes, requests, wall
-from ..runs.template import opt
+from ..model.api import load_any, model_config, parse_device
+from ..runs.checks import generation_fits, out_file
+from ..runs.harness import d2d_bandwidth, device_name, median_e2e, median_of, peak_bytes, requests, wall
+from ..runs.store import atomic_write_json, run_metadata
+from ..runs.tables import md_table
+from ..runs.template import check_fields, opt
 
 
 @dataclass(frozen=True)
 class DecodeBenchConfig:
     model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file, hub id or random:<shape>")
-    prompt_len: int = opt(1024, "prompt tokens")
-    gen_len: int = opt(128, "decoded tokens")
+    prompt_len: int = opt(1024, "prompt tokens", lo=1)
+    gen_len: int = opt(128, "decoded tokens", lo=1)
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
-    repeats: int = opt(3, "timed runs after one warm-up at the same shape (the median is reported)")
-    batch: int = opt(1, "sequences decoded together")
-    prefill_chunk: int = opt(4096, "tokens per prefill forward")
+    repeats: int = opt(3, "timed runs after one warm-up at the same shape (the median is reported)", lo=2)
+    batch: int = opt(1, "sequences decoded together", lo=1)
+    prefill_chunk: int = opt(4096, "tokens per prefill forward", lo=1)
     out: str | None = opt(None, "JSON path (default under results/bench/)")
-    seed: int = opt(0, "seed of the prompt")
+    seed: int = opt(0, "seed of the prompt", lo=0)
     # CUDA graphs over a static cache (CUDA only); False: eager with a DenseKV
     graphs: bool = opt(True, "eager steps instead of CUDA graphs", flag="--no-graphs", negate=True)
 
     def __post_init__(self):
-        v.text("model", self.model)
-        for k in ("prompt_len", "gen_len", "batch", "prefill_chunk"):
-            v.integer(k, getattr(self, k), lo=1)
-        v.text("device", self.device, optional=True)
-        v.integer("repeats", self.repeats, lo=2)  # the median of at least two timed runs is reported
-        v.text("out", self.out, optional=True)
-        v.integer("seed", self.seed, lo=0)
-        v.boolean("graphs", self.graphs)
+        check_fields(self)
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output path, and the model's config (not its weights)."""
-        from ..model.api import model_config
-        from ..runs.checks import generation_fits, out_file
-
         out_file("--out", self.out or "results/bench/decode.json")
         generation_fits(model_config(self.model), self.gen_len, self.prompt_len, "--gen-len", "--prompt-len")
 
@@ -97,7 +88,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
 
     one()  # the warm-up at the same shape
     runs, walls = requests(device, one, cfg.repeats)
-    m = median_of(runs, "prefill_s", "ms_per_token", "ttft_s", "setup_s", "decode_s")
+    m = median_of(runs, "prefill_s", "ms_per_token", "ttft_s")
     prefill_s, ms_tok = m["prefill_s"], m["ms_per_token"]
     row = {
         "bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
@@ -106,7 +97,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
         "prompt_source": src, **asdict(cfg),
         "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
         "ttft_s": m["ttft_s"], "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
-        **e2e(m["setup_s"], m["ttft_s"], m["decode_s"], runs[-1].n_generated, e2e_s=statistics.median(walls)),
+        **median_e2e(runs, runs[-1].n_generated, walls),
         "model_load_s": load_s, "runs_e2e_s": walls,
         "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
         "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None,
@@ -123,8 +114,6 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
                    d2d_copy_bandwidth_GBps=peak / 1e9, bandwidth_utilisation=achieved / peak)
     row["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if write:
-        from ..runs.store import atomic_write_json, run_metadata
-
         out = Path(cfg.out or f"results/bench/decode-{cfg.model.replace(':', '-')}-{device.type}"
                                f"-p{cfg.prompt_len}-g{cfg.gen_len}-b{cfg.batch}.json")
         row["meta"] = run_metadata()
@@ -149,10 +138,9 @@ def render(row: dict) -> str:
             ("decode_tok_per_s", "{:.1f}"), ("e2e_tok_per_s", "{:.1f}"),
             ("achieved_bandwidth_GBps", "{:.0f}"), ("d2d_copy_bandwidth_GBps", "{:.0f}"),
             ("bandwidth_utilisation", "{:.1%}"), ("peak_gpu_bytes", "{:,}"), ("peak_host_rss_bytes", "{:,}")]
-    lines = [f"# decode bench: {row['model']} ({row['weights']} weights) on {where}", "", "| metric | value |",
-             "|---|---:|"]
-    lines += [f"| {k} | {f.format(row[k])} |" for k, f in keys if row.get(k) is not None]
-    return "\n".join(lines) + "\n"
+    body = [[k, f.format(row[k])] for k, f in keys if row.get(k) is not None]
+    head = f"# decode bench: {row['model']} ({row['weights']} weights) on {where}"
+    return f"{head}\n\n{md_table(['metric', 'value'], body, 'lr')}\n"
 
 
 def line(row: dict) -> dict:

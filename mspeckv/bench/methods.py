@@ -1,4 +1,5 @@
-"""The five sweep methods: ``fn(ctx, x, seed) -> metrics dict``, one timed run each.
+"""The sweep methods' runs (what each method is: ``registry.REGISTRY``): ``METHOD_FNS[name](ctx, x, seed) ->
+metrics dict``, one timed run each.
 
 Measurement conventions (every method):
 
@@ -12,17 +13,13 @@ Measurement conventions (every method):
 * ``ttft_s``: prefill + first token. ``latency_s``: decode time of the tokens after the first (prefill/TTFT
   excluded). ``tok_per_s`` = (n_generated - 1) / latency_s: the decode-only rate, tokens produced inside the latency
   window (the first token belongs to TTFT). ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1).
-* End to end (``bench.harness.e2e``): ``e2e_s`` is the wall clock of the whole timed request, device synced before
-  and after: building the caches, prefill, capturing graphs, decode. ``setup_s``: what our methods measure outside
-  prefill and decode (cache construction, pinned allocation, graph capture; ``graph_setup_s`` the capture alone),
-  so ``e2e_s >= setup_s + ttft_s + latency_s``. ``e2e_tok_per_s`` = n_generated / e2e_s. ``model_load_s``: loading
-  the models, once per sweep process (not in any request). Records written before these fields had ``e2e_s`` =
-  ttft + latency; the report reads their end to end from ``meta.wall_s`` (see ``report.end_to_end``).
+* End to end: ``runs.harness.e2e`` (``e2e_s``: the timed request's wall clock; ``graph_setup_s``: the capture part
+  of ``setup_s``). Older records' end to end: ``report.end_to_end``.
 * ``bytes_transferred``: host-to-device KV bytes of the target's cache for the whole run (prefill included; 0 when
   every layer is on the chip); ``bytes_per_token`` = that / n_generated. ``decode_bytes_per_token``: the bytes
   streamed inside the decode window (after prefill and graph capture) per token after the first: per accepted token
-  for the speculative methods. ``peak_gpu_bytes``: max allocated (weights
-  included) after a reset before the run; None on the CPU. ``resident_hit_rate``: None without resident layers.
+  for the speculative methods. ``peak_gpu_bytes``: max allocated (weights included) after a reset before the run;
+  None on the CPU. ``resident_hit_rate``: None without resident layers.
 * hf_assisted: transformers ``generate(assistant_model=...)`` with ``DynamicCache(offloading=True)`` (every layer
   offloaded, transformers' own scheme; on the CPU, where offloading has no meaning and needs CUDA, a plain
   ``DynamicCache``). TTFT is a separate 1-token ``generate`` on the same prompt (assistant included, so both
@@ -38,13 +35,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..cache import make_cache
 from ..config import GenerationConfig, SamplingConfig
-from ..decoding.autoregressive import generate, sync
+from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..runs.harness import e2e, peak_bytes, reset_peak, wall
@@ -154,8 +152,8 @@ def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str,
     }  # fmt: skip
 
 
-def _ours(ctx: SweepContext, method: str, x: int, seed: int, mode: str | None) -> dict[str, Any]:
-    """baseline (mode None), vanilla or mspeckv speculation with this method's placement."""
+def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None) -> dict[str, Any]:
+    """baseline (mode None: AR), vanilla or mspeckv speculation with this method's placement."""
     s, p = ctx.settings, ctx.point(x)
     placement = placement_for(s, method, p)
     ids, src = prompt(ctx, p.prefill, seed)
@@ -189,11 +187,6 @@ def _ours(ctx: SweepContext, method: str, x: int, seed: int, mode: str | None) -
                     placement=placement.describe(ctx.target.cfg.n_layers), resident_layers=placement.resident_layers)
 
 
-def baseline(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """Autoregressive decoding with the sweep's placement (on_chip N, bf16, no resident layers)."""
-    return _ours(ctx, "baseline", x, seed, None)
-
-
 def ar_gpu(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
     """Autoregressive decoding with every layer's KV on the GPU: on CUDA, ``generate`` replays a CUDA graph over a
     static cache. What a user whose KV fits on the GPU would run; the sweep's placement does not apply."""
@@ -205,21 +198,6 @@ def ar_gpu(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
                     prefill_s=res.prefill_s, accepted=None, levels=None, verifications=None,
                     per_level_s={"prefill": res.prefill_s, "decode": res.decode_s}, resident_hit_rate=None,
                     placement="every layer on the GPU (graphed on CUDA)", resident_layers=0)
-
-
-def vanilla_specdec(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """Draft (its own full KV) -> target with the baseline's placement."""
-    return _ours(ctx, "vanilla_specdec", x, seed, "vanilla")
-
-
-def mspeckv(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """The hierarchy (streaming draft -> retrieval target -> full target), offloaded KV in bf16."""
-    return _ours(ctx, "mspeckv", x, seed, "mspeckv")
-
-
-def mspeckv_kv_quant(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """The hierarchy with quantized offloaded KV (--kv-quant) and resident layers."""
-    return _ours(ctx, "mspeckv_kv_quant", x, seed, "mspeckv")
 
 
 # ------------------------------------------------------------------------------------------------ transformers
@@ -248,7 +226,7 @@ def _hf_model(ctx: SweepContext, role: str):
     return ctx.hf[role]
 
 
-def _hf_generate(ctx: SweepContext, method: str, x: int, seed: int, assisted: bool) -> dict[str, Any]:
+def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted: bool) -> dict[str, Any]:
     """One timed transformers ``generate`` (TTFT: a separate 1-token generate; latency: the full one minus it).
     Assisted: the draft as ``assistant_model`` over ``DynamicCache(offloading=True)`` (offloading needs CUDA; on the
     CPU a plain ``DynamicCache``). Plain: ``DynamicCache`` on the device."""
@@ -269,12 +247,9 @@ def _hf_generate(ctx: SweepContext, method: str, x: int, seed: int, assisted: bo
     def gen(n: int) -> tuple[float, int]:
         torch.manual_seed(seed)
         cache = DynamicCache(config=target.config, offloading=offload)
-        sync(ctx.device)
-        t0 = time.perf_counter()
         with torch.inference_mode():
-            out = target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw)
-        sync(ctx.device)
-        return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
+            out, secs = wall(ctx.device, lambda: target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw))
+        return secs, out.shape[1] - ids.shape[1]
 
     def run(n: int) -> tuple[float, float, int]:
         ttft, _ = gen(1)
@@ -285,22 +260,16 @@ def _hf_generate(ctx: SweepContext, method: str, x: int, seed: int, assisted: bo
     # transformers builds and fills its cache inside generate: no setup apart; end to end is the full generate
     loads = [ctx.hf_load_s[r] for r in ("target", "draft") if r in ctx.hf_load_s and (assisted or r == "target")]
     return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, None, total, model_load_s=sum(loads),
-                    accepted=None, levels=None,
-                    per_level_s=None, resident_hit_rate=None, bytes_transferred=None, bytes_per_token=None,
+                    accepted=None, levels=None, per_level_s=None, resident_hit_rate=None, bytes_transferred=None,
+                    bytes_per_token=None,
                     hf_cache=f"DynamicCache(offloading={offload})", total_s=total)
 
 
-def hf_assisted(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """transformers assisted generation (target + draft as assistant) over its offloaded DynamicCache."""
-    return _hf_generate(ctx, "hf_assisted", x, seed, assisted=True)
-
-
-def hf_ar(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """transformers' plain autoregressive ``generate`` with ``DynamicCache`` on the device (every layer on the GPU):
-    the best configuration transformers offers when the KV fits."""
-    return _hf_generate(ctx, "hf_ar", x, seed, assisted=False)
-
-
-# the run function of each registry entry is the function of the same name above (a missing one fails at import)
-METHOD_FNS: dict[str, Callable[[SweepContext, int, int], dict[str, Any]]] = {m.name: globals()[m.name]
-                                                                             for m in REGISTRY}
+OUR_MODES = {"baseline": None, "vanilla_specdec": "vanilla", "mspeckv": "mspeckv", "mspeckv_kv_quant": "mspeckv"}
+OTHERS = {"ar_gpu": ar_gpu, "hf_assisted": partial(_hf_generate, method="hf_assisted", assisted=True),
+          "hf_ar": partial(_hf_generate, method="hf_ar", assisted=False)}
+# what each method is: ``registry.REGISTRY``; its run here: our engine with its mode (baseline: AR) and placement, or
+# one of the others (a registry entry without a run fails at import)
+METHOD_FNS: dict[str, Callable[[SweepContext, int, int], dict[str, Any]]] = {
+    m.name: partial(_ours, method=m.name, mode=OUR_MODES[m.name]) if m.name in OUR_MODES else OTHERS[m.name]
+    for m in REGISTRY}

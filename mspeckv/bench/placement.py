@@ -26,15 +26,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from .. import validate as v
 from ..cache import make_cache
 from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement
 from ..model.api import RANDOM_SHAPES, random_model
+from ..runs.checks import out_dir
 from ..runs.harness import (  # noqa: F401 (mem_available, pinned_store_bytes: this bench's names since it has them)
     d2d_bandwidth,
     device_name,
@@ -46,20 +45,23 @@ from ..runs.harness import (  # noqa: F401 (mem_available, pinned_store_bytes: t
     pick,
     pinned_store_bytes,
 )
-from ..runs.template import opt
+from ..runs.store import write_bench
+from ..runs.tables import md_table
+from ..runs.template import check_fields, opt
 from .steps import decode_ms, fill_cache, graphed_ms, step_runs
 
 
 @dataclass(frozen=True)
 class PlacementBenchConfig:
     shape: str = opt("llama-2-7b-128k", "random-weight shape", choices=sorted(RANDOM_SHAPES))
-    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "contexts (tokens in the cache)")
-    on_chip: int = opt(16, "layers whose KV stays on the GPU; the rest are offloaded")
+    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "contexts (tokens in the cache)", lo=1)
+    on_chip: int = opt(16, "layers whose KV stays on the GPU; the rest are offloaded", lo=0)
     formats: tuple[str, ...] = opt(("none", "int8", "int4"), "offloaded KV formats", choices=FORMATS)
-    residents: tuple[int, ...] = opt((0, 16), "resident-layer counts")
-    steps: int = opt(8, "timed decode steps per repeat")
-    repeats: int = opt(3, "repeats (the median is reported; each the mean of --steps)")
-    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False)
+    residents: tuple[int, ...] = opt((0, 16), "resident-layer counts", lo=0)
+    steps: int = opt(8, "timed decode steps per repeat", lo=1)
+    # the median over repeats is reported
+    repeats: int = opt(3, "repeats (the median is reported; each the mean of --steps)", lo=2)
+    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False, lo=1)
     hf_reference: bool = opt(True, "skip the transformers offloaded reference", flag="--no-hf", negate=True)
     # also time each cell on the static layout with CUDA graphs
     graphed: bool = opt(True, "skip the graphed (static-layout) timing of each cell", flag="--no-graphs", negate=True)
@@ -70,29 +72,11 @@ class PlacementBenchConfig:
     host_reserve_bytes: int = opt(4 << 30, "host memory left free", cli=False)
 
     def __post_init__(self):
-        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))
-        v.integers("contexts", self.contexts, lo=1)
-        v.integer("on_chip", self.on_chip, lo=0)
-        v.choices("formats", self.formats, FORMATS)
-        v.integers("residents", self.residents, lo=0)
-        v.integer("steps", self.steps, lo=1)
-        v.integer("repeats", self.repeats, lo=2)  # the median over repeats is reported
-        v.integer("verify_tokens", self.verify_tokens, lo=1)
-        v.boolean("hf_reference", self.hf_reference)
-        v.boolean("graphed", self.graphed)
-        v.text("out_dir", self.out_dir)
+        check_fields(self)
 
     def validate(self) -> None:
         """The output folder can be made (checked before the model is built)."""
-        from ..runs.checks import out_dir
-
         out_dir("--out-dir", self.out_dir)
-
-
-def host_fit_error(need: int, cfg: PlacementBenchConfig, what: str) -> str | None:
-    """None if ``need`` bytes of host memory fit (MemAvailable or ``host_memory_bytes``, minus the reserve), else the
-    refusal message."""
-    return host_refusal(need, what, cfg.host_reserve_bytes, cfg.host_memory_bytes)
 
 
 def hf_offloaded_ms(shape: str, ctx: int, steps: int, repeats: int) -> float | None:
@@ -207,6 +191,7 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
     free_memory()
     bw, d2d, verify, cells = res["pinned_h2d_GBps"] * 1e9, res["d2d_copy_GBps"] * 1e9, res["verify_ms"], []
     dense_ms, graphed = res["all_on_gpu_ms"], res["all_on_gpu_graphed_ms"]
+    reserve = (cfg.host_reserve_bytes, cfg.host_memory_bytes)  # host memory fits MemAvailable (or the given) minus it
     for ctx in cfg.contexts:
         cap = ctx + cfg.steps * 4 + 64
         dense = DenseKV.for_model(model, 1, cap)
@@ -230,7 +215,7 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
                 p = Placement(on_chip=cfg.on_chip, kv_quant=fmt, resident_layers=min(r, nl - cfg.on_chip))
                 planned = pinned_store_bytes(model.cfg, p, cap, dtype.itemsize)
                 check = device == "cuda" or cfg.host_memory_bytes is not None  # CPU smoke runs: only when asked
-                if (refusal := host_fit_error(planned, cfg, f"the pinned {fmt} store") if check else None):
+                if check and (refusal := host_refusal(planned, f"the pinned {fmt} store", *reserve)):
                     cells.append(_failed(ctx, fmt, r, refusal, planned))
                     continue
                 cell = _attempt(_eager_cell, model, cfg, p, cap, ctx, fmt, r, bw, gpu_floor, planned, verify)
@@ -241,7 +226,7 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
                     c.graphed_error = err if err is not None else c.graphed_error
         if cfg.hf_reference and device == "cuda":  # a failed reference must not sink our own numbers
             need = model.cfg.kv_bytes_per_token(dtype.itemsize) * (ctx + 4096)
-            res["hf_offloaded_ms"][ctx] = (host_fit_error(need, cfg, "HF's offloaded DynamicCache") or
+            res["hf_offloaded_ms"][ctx] = (host_refusal(need, "HF's offloaded DynamicCache", *reserve) or
                                            _attempt(hf_offloaded_ms, cfg.shape, ctx, cfg.steps, cfg.repeats))
         res |= {"cells": [asdict(c) for c in cells], "failed_cells": sum(c.error is not None for c in cells),
                 "wall_s": time.time() - t_start, "complete": ctx == cfg.contexts[-1]}
@@ -259,74 +244,55 @@ def _f(x, fmt="{:.2f}") -> str:
 
 
 def render_placement(res: dict) -> str:
-    lines = [
-        f"# Placement benchmark ({res['shape']}, **random weights**, {res['device_name']})"
-        + ("" if res.get("complete", True) else " — INCOMPLETE (stopped early)"),
-        "",
-        f"Measured in this run: pinned H2D {res['pinned_h2d_GBps']:.1f} GB/s; device copy "
-        f"{res.get('d2d_copy_GBps', float('nan')):.0f} GB/s (read + written). Transfer floor = offloaded bytes per "
-        "step / that H2D bandwidth; GPU floor = the graphed all-on-GPU step at the same context; ratio = ms/token / "
-        "max(the two) (perfect overlap), ratio_sum = ms/token / their sum (no overlap).",
-        f"on_chip = {res['config']['on_chip']}; decode ms/token is the median over {res['config']['repeats']} "
-        f"repeats of {res['config']['steps']} steps.",
-        "",
-        "| context | kv format | resident | ms/token eager | graphed ms/token | transfer floor ms (eager / graphed) "
-        "| GPU floor ms (graphed) | ratio eager | ratio graphed | ratio_sum eager | MB streamed/step (eager / "
-        "graphed) | HF offloaded ms |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    failed = []
+    head = [f"# Placement benchmark ({res['shape']}, **random weights**, {res['device_name']})"
+            + ("" if res.get("complete", True) else " — INCOMPLETE (stopped early)"), "",
+            f"Measured in this run: pinned H2D {res['pinned_h2d_GBps']:.1f} GB/s; device copy "
+            f"{res.get('d2d_copy_GBps', float('nan')):.0f} GB/s (read + written). Transfer floor = offloaded bytes per "
+            "step / that H2D bandwidth; GPU floor = the graphed all-on-GPU step at the same context; ratio = ms/token "
+            "/ max(the two) (perfect overlap), ratio_sum = ms/token / their sum (no overlap).",
+            f"on_chip = {res['config']['on_chip']}; decode ms/token is the median over {res['config']['repeats']} "
+            f"repeats of {res['config']['steps']} steps.", ""]
+    cols = ["context", "kv format", "resident", "ms/token eager", "graphed ms/token",
+            "transfer floor ms (eager / graphed)", "GPU floor ms (graphed)", "ratio eager", "ratio graphed",
+            "ratio_sum eager", "MB streamed/step (eager / graphed)", "HF offloaded ms"]
+    rows, failed = [], [c for c in res["cells"] if c.get("error")]
     for c in res["cells"]:
         if c.get("error"):
-            failed.append(c)
-            lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | FAILED | | | | | | | | |")
+            rows.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | FAILED | | | | | | | | |")
             continue
-        hf = _get(res["hf_offloaded_ms"], c["ctx"])
         gb = c.get("graphed_h2d_bytes_per_step")
         g_tr = gb / (res["pinned_h2d_GBps"] * 1e9) * 1e3 if gb is not None else None
-        g_ms = c.get("graphed_ms")
-        g_ms = "FAILED" if g_ms is None and c.get("graphed_error") else g_ms
-        lines.append(f"| {c['ctx']} | {c['fmt']} | {c['resident']} | {c['ms_per_token']:.2f} | {_f(g_ms)} | "
-                     f"{_f(c.get('transfer_floor_ms'))} / {_f(g_tr)} | {_f(c.get('gpu_floor_ms'))} | "
-                     f"{c['ratio']:.2f}x | {_f(c.get('graphed_ratio'), '{:.2f}x')} | "
-                     f"{_f(c.get('ratio_sum'), '{:.2f}x')} | {c['h2d_bytes_per_step'] / 1e6:.0f} / "
-                     f"{_f(gb / 1e6 if gb is not None else None, '{:.0f}')} | {_f(hf)} |")
-    lines += ["", "## All-on-GPU steps (MBU = weight + KV bytes read / time / device copy bandwidth)", "",
-              "| context | eager ms | graphed ms | MBU eager | MBU graphed |", "|---:|---:|---:|---:|---:|"]
-    for ctx, ms in res["all_on_gpu_ms"].items():
-        g = _get(res.get("all_on_gpu_graphed_ms", {}), ctx)
-        m = _get(res.get("mbu_all_on_gpu", {}), ctx) or {}
-        pct = lambda x: f"{100 * x:.0f}%" if isinstance(x, float) else "NA"
-        lines.append(f"| {ctx} | {ms:.2f} | {_f(g)} | {pct(m.get('eager'))} | {pct(m.get('graphed'))} |")
+        g_ms = "FAILED" if c.get("graphed_ms") is None and c.get("graphed_error") else c.get("graphed_ms")
+        rows.append([c["ctx"], c["fmt"], c["resident"], f"{c['ms_per_token']:.2f}", _f(g_ms),
+                     f"{_f(c.get('transfer_floor_ms'))} / {_f(g_tr)}", _f(c.get("gpu_floor_ms")), f"{c['ratio']:.2f}x",
+                     _f(c.get("graphed_ratio"), "{:.2f}x"), _f(c.get("ratio_sum"), "{:.2f}x"),
+                     f"{c['h2d_bytes_per_step'] / 1e6:.0f} / {_f(gb / 1e6 if gb is not None else None, '{:.0f}')}",
+                     _f(_get(res["hf_offloaded_ms"], c["ctx"]))])
+    pct = lambda x: f"{100 * x:.0f}%" if isinstance(x, float) else "NA"  # noqa: E731
+    mbu = [[ctx, f"{ms:.2f}", _f(_get(res.get("all_on_gpu_graphed_ms", {}), ctx)), pct(m.get("eager")),
+            pct(m.get("graphed"))] for ctx, ms in res["all_on_gpu_ms"].items()
+           for m in [_get(res.get("mbu_all_on_gpu", {}), ctx) or {}]]
     v = res["verify_ms"]
-    lines += ["", f"## One verification of {v['tokens']} tokens at {v['ctx']}", "",
-              "| KV setup | ms |", "|---|---:|"]
-    for k, val in v.items():
-        if k not in ("tokens", "ctx"):
-            lines.append(f"| {k} | {_f(val)} |")
+    lines = [*head, md_table(cols, rows, "rlrrrrrrrrrr"), "",
+             "## All-on-GPU steps (MBU = weight + KV bytes read / time / device copy bandwidth)", "",
+             md_table(["context", "eager ms", "graphed ms", "MBU eager", "MBU graphed"], mbu, "rrrrr"), "",
+             f"## One verification of {v['tokens']} tokens at {v['ctx']}", "",
+             md_table(["KV setup", "ms"], [[k, _f(x)] for k, x in v.items() if k not in ("tokens", "ctx")], "lr")]
     g_failed = [c for c in res["cells"] if c.get("graphed_error")]
-    if g_failed:
-        lines += ["", f"## Graphed timings that failed ({len(g_failed)})", ""]
-        lines += [f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c['graphed_error']}" for c in g_failed]
-    if failed:
-        lines += ["", f"## Failed or refused cells ({len(failed)})", ""]
-        lines += [f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c['error']}" for c in failed]
+    for title, cs, key in ((f"## Graphed timings that failed ({len(g_failed)})", g_failed, "graphed_error"),
+                           (f"## Failed or refused cells ({len(failed)})", failed, "error")):
+        if cs:
+            lines += ["", title, "", *(f"- {c['ctx']} / {c['fmt']} / resident {c['resident']}: {c[key]}" for c in cs)]
     return "\n".join(lines) + "\n"
-
-
-def write_placement(res: dict, out_dir: str, command: str) -> Path:
-    from ..runs.store import write_bench
-
-    write_bench(out_dir, "placement", res, render_placement, command)
-    return Path(out_dir)
 
 
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: PlacementBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; ``placement.json`` and ``summary.md`` are rewritten after each context."""
     cfg.validate()
-    res = run_placement_bench(cfg, on_context=lambda r: write_placement(r, cfg.out_dir, command))
-    write_placement(res, cfg.out_dir, command)
+    save = lambda r: write_bench(cfg.out_dir, "placement", r, render_placement, command)  # noqa: E731
+    res = run_placement_bench(cfg, on_context=save)
+    save(res)
     return res
 
 

@@ -8,31 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..runs.plots import INSTALL_HINT, PlotDependencyError, figure_cls, save  # noqa: F401 (INSTALL_HINT: for callers)
-
-
-def matplotlib_available() -> bool:
-    try:
-        figure_cls()
-    except PlotDependencyError:
-        return False
-    return True
+from ..runs.plots import INSTALL_HINT, PlotDependencyError, figure_cls, label, save  # noqa: F401 (INSTALL_HINT: for callers)
 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def plot_metric(
-    rows: Sequence[dict[str, Any]],
-    metric: str,
-    path: str | os.PathLike,
-    *,
-    x_name: str = "x",
-    ylabel: str | None = None,
-    title: str | None = None,
-    methods: Sequence[str] | None = None,
-) -> Path:
+def plot_metric(rows: Sequence[dict[str, Any]], metric: str, path: str | os.PathLike, *, x_name: str = "x",
+                ylabel: str | None = None, title: str | None = None, methods: Sequence[str] | None = None) -> Path:
     """One line per method of ``row[f'{metric}_mean']`` vs ``row['x']``, error bars = ``row[f'{metric}_std']``.
 
     ``rows`` are summary rows (``x``, ``method``, ``<metric>_mean``, ``<metric>_std``); rows with no mean (all runs
@@ -63,13 +47,8 @@ def plot_metric(
         ax.set_xticks(list(range(len(xs_all))))
         ax.set_xticklabels([str(x) for x in xs_all])
     ax.minorticks_off()
-    ax.set_xlabel(x_name)
-    ax.set_ylabel(ylabel or metric)
-    if title:
-        ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    label(ax, x_name, ylabel or metric, title)
     return save(fig, path)
 
 
@@ -122,34 +101,11 @@ def plot_breakdown(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, x
     return save(fig, path)
 
 
-def plot_summary(
-    rows: Sequence[dict[str, Any]],
-    out_dir: str | os.PathLike,
-    *,
-    x_name: str = "x",
-    methods: Sequence[str] | None = None,
-    title: str = "",
-) -> list[Path]:
+def plot_summary(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, *, x_name: str = "x",
+                 methods: Sequence[str] | None = None, title: str = "") -> list[Path]:
     """``throughput.png`` (tok/s) and ``latency.png`` (s) in ``out_dir``. Raises PlotDependencyError."""
-    out = Path(out_dir)
     sfx = f" ({title})" if title else ""
-    return [
-        plot_metric(
-            rows,
-            "tok_per_s",
-            out / "throughput.png",
-            x_name=x_name,
-            ylabel="decode throughput (tok/s)",
-            title=f"Throughput vs {x_name}{sfx}",
-            methods=methods,
-        ),
-        plot_metric(
-            rows,
-            "latency_s",
-            out / "latency.png",
-            x_name=x_name,
-            ylabel="decode latency after the first token (s)",
-            title=f"Latency vs {x_name}{sfx}",
-            methods=methods,
-        ),
-    ]
+    return [plot_metric(rows, metric, Path(out_dir) / f"{name}.png", x_name=x_name, ylabel=ylabel, methods=methods,
+                        title=f"{name.capitalize()} vs {x_name}{sfx}")
+            for metric, name, ylabel in (("tok_per_s", "throughput", "decode throughput (tok/s)"),
+                                         ("latency_s", "latency", "decode latency after the first token (s)"))]

@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import validate as v
+from ..model.api import load, model_config, parse_device
+from ..runs.checks import out_dir
 from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, repeat, reset_peak, wall
-from ..runs.template import opt
+from ..runs.store import write_bench
+from ..runs.template import check_fields, opt
 
 PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25", "pyramidkv:budget=0.25",
                   "adakv:budget=0.25", "kivi:k_bits=8,v_bits=8", "kivi:k_bits=4,v_bits=4", "kivi:k_bits=2,v_bits=2",
@@ -31,21 +33,19 @@ PRESS_DEFAULTS = ("none", "streaming:budget=0.25", "snapkv:budget=0.25", "h2o:bu
 @dataclass(frozen=True)
 class PressBenchConfig:
     model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or hub id")
-    contexts: tuple[int, ...] = opt((8192, 32768 - 64), "contexts (prompt lengths)")
+    contexts: tuple[int, ...] = opt((8192, 32768 - 64), "contexts (prompt lengths)", lo=64)
     presses: tuple[str, ...] = opt(PRESS_DEFAULTS, "';'-separated press specs (default: every family and preset; "
                                                    "'none' is the uncompressed baseline)", sep=";")
-    gen_len: int = opt(64, "decoded tokens per run")
-    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)")
+    gen_len: int = opt(64, "decoded tokens per run", lo=1)
+    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)", lo=1)
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
-    prefill_chunk: int = opt(4096, "tokens per prefill forward")
+    prefill_chunk: int = opt(4096, "tokens per prefill forward", lo=1)
     out_dir: str = opt("results/presses", "output folder", aliases=("--output-dir",))
 
     def __post_init__(self):
         from ..presses import parse_press
 
-        for name in ("gen_len", "repeats", "prefill_chunk"):
-            v.integer(name, getattr(self, name), lo=1)
-        v.integers("contexts", self.contexts, lo=64)
+        check_fields(self)
         if not self.presses:
             raise ValueError("--presses is empty; give ';'-separated press specs, e.g. --presses 'none;snapkv'")
         if len(set(self.presses)) != len(self.presses):
@@ -55,9 +55,6 @@ class PressBenchConfig:
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output folder, and the model's maximum context."""
-        from ..model.api import model_config
-        from ..runs.checks import out_dir
-
         out_dir("--out-dir", self.out_dir)
         check_contexts(self.contexts, self.gen_len, model_config(self.model).max_position, self.model)
 
@@ -105,7 +102,6 @@ def _cell(model, ids, press, cfg, dev) -> dict:
 
 def run_press_bench(cfg: PressBenchConfig) -> dict:
     from ..data.corpora import long_prompt
-    from ..model.api import load, parse_device
     from ..presses import parse_press
 
     dev = parse_device(cfg.device)
@@ -153,8 +149,6 @@ def render_press_bench(res: dict) -> str:
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: PressBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``presses.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from ..runs.store import write_bench
-
     cfg.validate()
     return write_bench(cfg.out_dir, "presses", run_press_bench(cfg), render_press_bench, command)
 

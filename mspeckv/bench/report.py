@@ -7,7 +7,6 @@ shown (``FAILED (3/3: OutOfMemoryError)`` or a footnote on a partially failed ce
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -20,16 +19,13 @@ from typing import Any
 
 from mspeckv.bench import breakdown, registry
 from mspeckv.bench.registry import METHODS
-from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, speedup
-from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe
+from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, order_key, speedup
+from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe, read_json_object
+from mspeckv.runs.tables import csv_text, md_table
 
 METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s", "e2e_tok_per_s")
 HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False, "e2e_tok_per_s": True}
 REFERENCES = ("baseline", "mspeckv")
-# (column, method, reference): latency speedup of ``method`` over ``reference`` = latency[reference] / latency[method]
-# (column, method, reference) from the registry; the columns against REFERENCES always show (NA when not run), the
-# others when their reference ran
-SPEEDUP_COLUMNS = tuple(c for c in registry.SPEEDUP_COLUMNS if c[2] in REFERENCES)
 MD_TABLES = (
     ("Throughput (decode-only tok/s: tokens after the first / decode time, higher is better)", "tok_per_s"),
     ("Latency (s, lower is better)", "latency_s"),
@@ -71,12 +67,6 @@ def _error_name(err: Any) -> str:
         return "unknown error"
     head = str(err).split(":", 1)[0].strip()
     return head if head and " " not in head else "error"
-
-
-def _x_key(x: Any) -> tuple:
-    if isinstance(x, int | float) and not isinstance(x, bool):
-        return (0, float(x), "")
-    return (1, 0.0, str(x))
 
 
 def _method_key(m: str) -> tuple:
@@ -144,7 +134,7 @@ def _group(records: list[dict[str, Any]]) -> dict[tuple[Any, str], Group]:
         key = (r.get("x"), str(r.get("method")))
         g = groups.setdefault(key, Group(x=key[0], method=key[1]))
         (g.ok if r.get("status") == STATUS_OK else g.failed).append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (_x_key(kv[0][0]), _method_key(kv[0][1]))))
+    return dict(sorted(groups.items(), key=lambda kv: (order_key(kv[0][0]), _method_key(kv[0][1]))))
 
 
 def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, Any]]:
@@ -159,17 +149,24 @@ def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, A
         for metric in METRICS:
             row.update(_ms_dict(metric, mean_std(g.values(metric).values())))
         for ref in REFERENCES:
-            rg = groups.get((x, ref))
             for metric, tag in (("tok_per_s", "tps"), ("latency_s", "latency")):
-                ms = (math.nan, math.nan)
-                if rg is not None:
-                    ms = speedup(g.values(metric), rg.values(metric), HIGHER_IS_BETTER[metric])
-                row.update(_ms_dict(f"{tag}_speedup_vs_{ref}", ms))
+                row.update(_ms_dict(f"{tag}_speedup_vs_{ref}", _vs(g, groups.get((x, ref)), metric)))
         rows.append(row)
     return rows
 
 
+def _vs(a: Group | None, b: Group | None, metric: str, cmp=speedup) -> tuple[float, float]:
+    """``a`` against ``b`` on ``metric``, paired by seed: ``speedup`` (better / worse by the metric's direction) or
+    ``delta``; NaN when either did not run."""
+    if a is None or b is None:
+        return math.nan, math.nan
+    extra = (HIGHER_IS_BETTER[metric],) if cmp is speedup else ()
+    return cmp(a.values(metric), b.values(metric), *extra)
+
+
 def _speedup_columns(methods: list[str]) -> list[tuple[str, str, str]]:
+    """(column, method, reference) from the registry: the columns against REFERENCES always show (NA when not
+    run), the others when their reference ran."""
     return [c for c in registry.SPEEDUP_COLUMNS if c[2] in REFERENCES or c[2] in methods]
 
 
@@ -179,11 +176,7 @@ def _speedup_rows(groups, xs, methods, x_name) -> list[dict[str, Any]]:
         row: dict[str, Any] = {x_name: x}
         for col, method, ref in _speedup_columns(methods):
             a, b = groups.get((x, method)), groups.get((x, ref))
-            ms = (
-                (math.nan, math.nan)
-                if a is None or b is None
-                else speedup(a.values("latency_s"), b.values("latency_s"), higher_is_better=False)
-            )
+            ms = _vs(a, b, "latency_s")
             row.update(_ms_dict(col, ms))
             row[f"{col}_text"] = _cmp_cell(a, b, ms)
         out.append(row)
@@ -201,49 +194,27 @@ def _cmp_cell(a: Group | None, b: Group | None, ms: tuple[float, float], signed:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    esc = lambda cells: [str(c).replace("|", "\\|") for c in cells]  # noqa: E731
+    return md_table(esc(header), [esc(r) for r in rows])
 
 
-class _Footnotes:
-    def __init__(self) -> None:
-        self.n = 0
-        self.pending: list[str] = []
-
-    def add(self, text: str) -> str:
-        self.n += 1
-        self.pending.append(f"[^{self.n}]: {text}")
-        return f"[^{self.n}]"
-
-    def flush(self) -> str:
-        out, self.pending = "\n".join(self.pending), []
-        return out
-
-
-def _value_cell(g: Group | None, metric: str, x_name: str, notes: _Footnotes) -> str:
+def _value_cell(g: Group | None, metric: str, x_name: str, notes: list[str]) -> str:
+    """A group's mean ± std; a partly failed group's cell gets a footnote (appended to ``notes``, numbered on)."""
     if g is None:
         return NA
     if not g.ok:
         return f"{FAILED} ({len(g.failed)}/{g.n_total}: {g.errors_text()})"
     text = fmt_pm(*mean_std(g.values(metric).values()))
     if g.failed:
-        text += " " + notes.add(
-            f"{x_name}={_fmt_x(g.x)}, {g.method}: {len(g.failed)}/{g.n_total} runs failed ({g.errors_text()}); "
-            f"mean ± std over the {len(g.ok)} ok run(s)."
-        )
+        notes.append(f"[^{len(notes) + 1}]: {x_name}={_fmt_x(g.x)}, {g.method}: {len(g.failed)}/{g.n_total} runs "
+                     f"failed ({g.errors_text()}); mean ± std over the {len(g.ok)} ok run(s).")
+        text += f" [^{len(notes)}]"
     return text
 
 
-def _metric_table(groups, xs, methods, metric, x_name, notes: _Footnotes) -> str:
-    comparisons = [
-        (m, ref)
-        for ref in REFERENCES
-        if ref in methods
-        for m in methods
-        if m != ref and not (ref == "mspeckv" and m == "baseline")
-    ]
+def _metric_table(groups, xs, methods, metric, x_name, notes: list[str]) -> str:
+    comparisons = [(m, ref) for ref in REFERENCES if ref in methods for m in methods
+                   if m != ref and not (ref == "mspeckv" and m == "baseline")]
     header = [x_name] + list(methods)
     body: list[list[str]] = []
     cmp_cols: list[list[str]] = []
@@ -251,9 +222,8 @@ def _metric_table(groups, xs, methods, metric, x_name, notes: _Footnotes) -> str
         d_col, s_col = [], []
         for x in xs:
             a, b = groups.get((x, m)), groups.get((x, ref))
-            va, vb = (a.values(metric) if a else {}), (b.values(metric) if b else {})
-            d_col.append(_cmp_cell(a, b, delta(va, vb), signed=True))
-            s_col.append(_cmp_cell(a, b, speedup(va, vb, HIGHER_IS_BETTER[metric])))
+            d_col.append(_cmp_cell(a, b, _vs(a, b, metric, delta), signed=True))
+            s_col.append(_cmp_cell(a, b, _vs(a, b, metric)))
         for name, col in ((f"Δ {m} vs {ref}", d_col), (f"× {m} vs {ref}", s_col)):
             if any(c != NA for c in col):  # e.g. 'accepted' does not exist for the baseline
                 header.append(name)
@@ -317,10 +287,7 @@ def expected_runs(dir: str | os.PathLike, records: list[dict[str, Any]]) -> set[
     """(method, x, seed) of every run the sweep's invocations planned: ``sweep.json``'s ``planned`` list, each
     record's config (its invocation's xs, seeds and methods), and the records themselves."""
     keys: set[tuple] = set()
-    try:
-        planned = json.loads((Path(dir) / "sweep.json").read_text(encoding="utf-8")).get("planned") or []
-    except (OSError, ValueError, AttributeError):
-        planned = []
+    planned = read_json_object(Path(dir) / "sweep.json").get("planned") or []
     keys |= {tuple(k) for k in planned if isinstance(k, list) and len(k) == 3}
     for r in records:
         c = r.get("config") or {}
@@ -337,14 +304,15 @@ def _plain(v: Any) -> bool:
 
 def _markdown(summary: dict[str, Any], records, groups, xs, methods) -> str:
     x_name = summary["x_name"]
-    notes = _Footnotes()
+    notes: list[str] = []  # every table's footnotes, numbered on; each table's shown below it
     parts = [_header(summary, records)]
     for title, metric in MD_TABLES:
+        shown = len(notes)
         parts.append(f"## {title}\n\n{_metric_table(groups, xs, methods, metric, x_name, notes)}")
         if metric == "e2e_tok_per_s" and summary.get("e2e_note"):
             parts.append(summary["e2e_note"])
-        if notes.pending:
-            parts.append(notes.flush())
+        if notes[shown:]:
+            parts.append("\n".join(notes[shown:]))
     cols = _speedup_columns(methods)
     rows = [[_fmt_x(r[x_name])] + [r[f"{c}_text"] for c, _, _ in cols] for r in summary["speedups"]]
     parts.append("## Latency speedups (paired by seed)\n\n" + _md_table([x_name] + [c for c, _, _ in cols], rows))
@@ -377,14 +345,8 @@ CSV_COLUMNS = (
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        out = {k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS}
-        out["errors"] = ";".join(f"{k}:{v}" for k, v in r["errors"].items())
-        w.writerow(out)
-    return buf.getvalue()
+    errors = lambda r: ";".join(f"{k}:{v}" for k, v in r["errors"].items())  # noqa: E731
+    return csv_text([{**r, "errors": errors(r)} for r in rows], CSV_COLUMNS)
 
 
 def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
@@ -395,37 +357,30 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     records, skipped = store.scan()
     e2e_note = end_to_end(records)
     groups = _group(records)
-    xs = sorted({x for x, _ in groups}, key=_x_key)
+    xs = sorted({x for x, _ in groups}, key=order_key)
     methods = sorted({m for _, m in groups}, key=_method_key)
     x_name = Counter(str(r.get("x_name", "x")) for r in records).most_common(1)[0][0] if records else "x"
     meta = [r.get("meta") or {} for r in records]
     configs = [r.get("config") or {} for r in records]
     weights = sorted({str(c["weights"]) for c in configs if c.get("weights") is not None})
-    commits = sorted(
-        {f"{m['git_commit'][:12]}{' (dirty)' if m.get('git_dirty') else ''}" for m in meta if m.get("git_commit")}
-    )
-    summary: dict[str, Any] = {
-        "dir": str(Path(dir)),
-        "sweeps": sorted({str(r.get("sweep")) for r in records}),
-        "x_name": x_name, "x_values": xs, "methods": methods,
-        "seeds": sorted({r.get("seed") for r in records}, key=_x_key),
-        "n_runs": len(records), "n_ok": sum(r.get("status") == STATUS_OK for r in records),
-        "weights": "|".join(weights) or "unknown",
-        "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
-    }  # fmt: skip
-    summary["n_failed"] = summary["n_runs"] - summary["n_ok"]
-    summary["e2e_note"] = e2e_note
+    commits = sorted({f"{m['git_commit'][:12]}{' (dirty)' if m.get('git_dirty') else ''}" for m in meta
+                      if m.get("git_commit")})
     present = {(r["method"], r["x"], r["seed"]) for r in records if _plain(r["x"]) and _plain(r["seed"])}
-    order = lambda k: (_x_key(k[1]), _x_key(k[2]), _method_key(str(k[0])))
+    order = lambda k: (order_key(k[1]), order_key(k[2]), _method_key(str(k[0])))  # noqa: E731
     missing = sorted(expected_runs(dir, records) - present, key=order)
-    summary["missing"] = [{"method": m, "x": x, "seed": s} for m, x, s in missing]
-    summary["n_expected"] = summary["n_runs"] + len(missing)
-    summary["partial"] = bool(missing) or any(s.damaged for s in skipped)
-    summary["warnings"] = ([f"skipped {len(skipped)} file(s) in runs/ that are not run records: "
-                            f"{'; '.join(map(str, skipped))}"] if skipped else [])
-    summary["rows"] = _rows(groups, x_name)
-    summary["speedups"] = _speedup_rows(groups, xs, methods, x_name)
-    summary["breakdown"] = breakdown.rows(groups, xs, methods, x_name)
+    n_ok = sum(r.get("status") == STATUS_OK for r in records)
+    summary: dict[str, Any] = {
+        "dir": str(Path(dir)), "sweeps": sorted({str(r.get("sweep")) for r in records}), "x_name": x_name,
+        "x_values": xs, "methods": methods, "seeds": sorted({r.get("seed") for r in records}, key=order_key),
+        "n_runs": len(records), "n_ok": n_ok, "weights": "|".join(weights) or "unknown",
+        "gpu": sorted({str(m["gpu"]) for m in meta if m.get("gpu")}), "commit": commits,
+        "n_failed": len(records) - n_ok, "e2e_note": e2e_note,
+        "missing": [{"method": m, "x": x, "seed": s} for m, x, s in missing],
+        "n_expected": len(records) + len(missing), "partial": bool(missing) or any(s.damaged for s in skipped),
+        "warnings": ([f"skipped {len(skipped)} file(s) in runs/ that are not run records: "
+                      f"{'; '.join(map(str, skipped))}"] if skipped else []),
+        "rows": _rows(groups, x_name), "speedups": _speedup_rows(groups, xs, methods, x_name),
+        "breakdown": breakdown.rows(groups, xs, methods, x_name)}
     out = Path(dir)
     files = {
         "summary_csv": str(atomic_write_text(out / "summary.csv", _csv(summary["rows"]))),
@@ -433,13 +388,11 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     }
     if plots and summary["rows"]:
         try:
-            from mspeckv.bench.plots import PlotDependencyError, plot_summary
+            from mspeckv.bench.plots import PlotDependencyError, plot_breakdown, plot_summary
 
             title = ", ".join(summary["sweeps"])
             pngs = plot_summary(summary["rows"], out, x_name=x_name, methods=methods, title=title)
             if summary["breakdown"]:
-                from mspeckv.bench.plots import plot_breakdown
-
                 pngs.append(plot_breakdown(summary["breakdown"], out / "breakdown.png", x_name=x_name,
                                            title=f"Where the decode time goes ({title})"))
             files.update({f"{p.stem}_png": str(p) for p in pngs})
@@ -467,13 +420,9 @@ def console_table(summary: dict[str, Any]) -> str:
         pm = lambda k, d=2, r=r: fmt_pm(r.get(f"{k}_mean"), r.get(f"{k}_std"), d)  # noqa: E731
         rows.append([_fmt_x(r["x"]), r["method"], ok, pm("tok_per_s"), pm("e2e_tok_per_s"), pm("latency_s", 3),
                      pm("accepted"), pm("latency_speedup_vs_baseline")])
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
-        return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    from rich.console import Console  # a dependency of the package
+    from rich.table import Table
+
     title = f"{', '.join(summary.get('sweeps', []))} (weights: {summary.get('weights', '?')})"
     if summary.get("partial"):
         title += f" PARTIAL: {runs_text(summary)}"

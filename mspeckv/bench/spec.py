@@ -7,24 +7,24 @@ Each (prefill, mode) is warmed up once at the same prompt length before the time
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 
-from .. import validate as v
 from ..cache import make_cache
 from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
 from ..kv.placement import FORMATS, RESIDENT_FORMATS, RESIDENT_POLICIES, Placement
-from ..model.api import load, parse_device
-from ..runs.checks import placement_flags, refuse
-from ..runs.harness import check_contexts, device_name, e2e, fmt, median_of, peak_bytes, pick, requests, wall
-from ..runs.template import changed, opt
+from ..model.api import load, model_config, parse_device
+from ..runs.checks import out_dir, placement_flags, refuse
+from ..runs.harness import check_contexts, device_name, fmt, median_e2e, median_of, peak_bytes, pick, requests, wall
+from ..runs.store import write_bench
+from ..runs.tables import md_table
+from ..runs.template import changed, check_fields, opt
 
 MODES = ("ar", "vanilla", "mspeckv")
 PLACEMENT_FIELDS = ("on_chip", "kv_quant", "kv_group_size", "resident_layers", "resident_format", "resident_policy")
@@ -35,8 +35,8 @@ class SpecBenchConfig:
     target: str = opt("qwen2.5-coder-1.5b", "target model (embedded name, HF directory, .gguf file or hub id)",
                       flag="--model")
     draft: str = opt("qwen2.5-coder-0.5b", "draft model")
-    prefills: tuple[int, ...] = opt((16384, 32768 - 512), "contexts (prompt lengths)", flag="--contexts")
-    gen_len: int = opt(128, "generated tokens per run")
+    prefills: tuple[int, ...] = opt((16384, 32768 - 512), "contexts (prompt lengths)", flag="--contexts", lo=1)
+    gen_len: int = opt(128, "generated tokens per run", lo=2)  # latency is timed after the first
     modes: tuple[str, ...] = opt(MODES, "modes to compare", choices=MODES)
     gamma: int = opt(8, "proposals per full-KV verification (level 2)")
     draft_gamma: int = opt(4, "proposals per retrieval verification (level 1)")
@@ -53,7 +53,7 @@ class SpecBenchConfig:
     greedy: bool = opt(False, "force temperature 0")
     top_p: float = opt(1.0, "nucleus sampling threshold (with --temperature > 0)")
     seed: int = opt(0, "seed of the prompts (BBC News text) and of sampling")
-    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)")
+    repeats: int = opt(2, "timed runs after one warm-up (the median is reported)", lo=1)
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
     # the target's KV press in every mode (lossy; measured in results/quality)
     press: str | None = opt(None, "compress the target's KV after prefill, in every mode: name:k=v,... | preset | "
@@ -65,18 +65,9 @@ class SpecBenchConfig:
     def __post_init__(self):
         from ..presses import parse_press
 
+        check_fields(self)
         for k in ("press", "l1_press"):
-            v.text(k, getattr(self, k), optional=True)
             parse_press(getattr(self, k))
-        v.text("target", self.target)
-        v.text("draft", self.draft)
-        v.integers("prefills", self.prefills, lo=1)
-        v.integer("gen_len", self.gen_len, lo=2)  # latency is timed over the tokens after the first
-        v.choices("modes", self.modes, MODES)
-        v.integer("repeats", self.repeats, lo=1)
-        v.text("device", self.device, optional=True)
-        v.text("out_dir", self.out_dir)
-        v.boolean("greedy", self.greedy)
         SamplingConfig(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         if self.greedy:  # the temperature is then 0, as its default: another one is refused
             refuse(changed(self, "temperature"), "--greedy sets the temperature to 0")
@@ -97,9 +88,6 @@ class SpecBenchConfig:
 
     def validate(self) -> None:
         """What can be refused before the weights load: the output folder, and the target's config."""
-        from ..model.api import model_config
-        from ..runs.checks import out_dir
-
         out_dir("--out-dir", self.out_dir)
         tcfg = model_config(self.target)
         self.placement.validate(tcfg.n_layers, tcfg.head_dim)
@@ -162,11 +150,10 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict:
                 n = min(len(ref), len(r.tokens[0]))
                 first_diff = next((i for i in range(n) if ref[i] != r.tokens[0][i]), n)
                 agree = first_diff / n  # fraction of the output identical to AR before the first difference
-            m = median_of(runs, "tok_per_s", "ms_per_token", "ttft_s", "setup_s", "decode_s")
+            m = median_of(runs, "tok_per_s", "ms_per_token", "ttft_s")
             rows.append({
                 "prefill": prefill, "mode": mode, "tok_per_s": m["tok_per_s"], "ms_per_token": m["ms_per_token"],
-                "ttft_s": m["ttft_s"], **e2e(m["setup_s"], m["ttft_s"], m["decode_s"], r.n_generated,
-                                             e2e_s=statistics.median(walls)),
+                "ttft_s": m["ttft_s"], **median_e2e(runs, r.n_generated, walls),
                 "accepted": r.stats.get("accepted"), "levels": getattr(r, "levels", None),
                 "time_s": r.stats.get("time_s"), "agreement_with_ar": agree, "n_generated": r.n_generated,
                 "runs_tok_per_s": [x.tok_per_s for x in runs], "runs_e2e_s": walls,
@@ -187,25 +174,21 @@ def render_spec(res: dict) -> str:
              f"text (seed {c['seed']}); median of {c['repeats']} runs after a warm-up.", "",
              "decode tok/s: tokens after the first / decode time; e2e tok/s: generated tokens / the request's wall "
              "clock (setup: caches and graph capture, prefill, decode).", "",
-             "| prefill | mode | decode tok/s | e2e tok/s | ms/token | TTFT s | setup s | accepted | L1 acceptance | "
-             "agreement with AR | H2D MB / accepted token | PCIe GB/s while streaming |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        l1 = (r["levels"] or {}).get("verify_l1", {}).get("acceptance_rate")
-        mb = r.get("h2d_bytes_per_accepted_token")
-        mb = None if mb is None else mb / 1e6
-        f = lambda v, d=2: fmt(v, f"{{:.{d}f}}", na="-")  # noqa: E731
-        lines.append(f"| {r['prefill']} | {r['mode']} | {r['tok_per_s']:.1f} | {f(r.get('e2e_tok_per_s'), 1)} | "
-                     f"{r['ms_per_token']:.1f} | {r['ttft_s']:.2f} | {f(r.get('setup_s'))} | {f(r['accepted'])} | "
-                     f"{f(l1)} | {f(r['agreement_with_ar'])} | {f(mb)} | {f(r.get('h2d_GBps_streaming'), 1)} |")
-    return "\n".join(lines) + "\n"
+             ""]
+    f = lambda v, d=2: fmt(v, f"{{:.{d}f}}", na="-")  # noqa: E731
+    rows = [[r["prefill"], r["mode"], f"{r['tok_per_s']:.1f}", f(r.get("e2e_tok_per_s"), 1), f"{r['ms_per_token']:.1f}",
+             f"{r['ttft_s']:.2f}", f(r.get("setup_s")), f(r["accepted"]),
+             f((r["levels"] or {}).get("verify_l1", {}).get("acceptance_rate")), f(r["agreement_with_ar"]),
+             f(None if r.get("h2d_bytes_per_accepted_token") is None else r["h2d_bytes_per_accepted_token"] / 1e6),
+             f(r.get("h2d_GBps_streaming"), 1)] for r in res["rows"]]
+    return "\n".join(lines) + md_table(["prefill", "mode", "decode tok/s", "e2e tok/s", "ms/token", "TTFT s", "setup s",
+                                        "accepted", "L1 acceptance", "agreement with AR", "H2D MB / accepted token",
+                                        "PCIe GB/s while streaming"], rows, "rl" + "r" * 10) + "\n"
 
 
 # ------------------------------------------------------------------------------------- the bench registry's entry
 def run(cfg: SpecBenchConfig, command: str = "") -> dict:
     """Check every input, then measure; writes ``spec.json`` and ``summary.md`` into ``cfg.out_dir``."""
-    from ..runs.store import write_bench
-
     cfg.validate()
     return write_bench(cfg.out_dir, "spec", run_spec_bench(cfg), render_spec, command)
 

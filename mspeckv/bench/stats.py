@@ -62,11 +62,12 @@ def by_seed(runs: Paired) -> dict[Any, float]:
 def paired(a_runs: Paired, b_runs: Paired) -> list[tuple[float, float]]:
     """``[(a_i, b_i)]`` over the seeds usable on both sides (the intersection), in sorted-seed order."""
     a, b = by_seed(a_runs), by_seed(b_runs)
-    return [(a[s], b[s]) for s in sorted(set(a) & set(b), key=_seed_key)]
+    return [(a[s], b[s]) for s in sorted(set(a) & set(b), key=order_key)]
 
 
-def _seed_key(seed: Any) -> tuple[int, float, str]:
-    return (0, float(seed), "") if isinstance(seed, int | float) else (1, 0.0, str(seed))
+def order_key(v: Any) -> tuple[int, float, str]:
+    """Numbers first, in order, then anything else by its text (seeds, x values)."""
+    return (0, float(v), "") if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0.0, str(v))
 
 
 def delta(a_runs: Paired, b_runs: Paired) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import validate as v
-from ..runs.template import opt
+from ..runs.template import check_fields, opt
 from .registry import BY_NAME, DEFAULT_METHODS, METHODS
 
 DEFAULT_SEEDS = (1, 2, 3)
@@ -57,35 +57,38 @@ class SweepSettings:
     its ``--quick`` preset; the swept knob's own field is None there and not a flag. The field names are the keys
     of the ``config`` recorded in every run (a resume compares them), so they stay as they are."""
 
-    sweep: str = opt("", "the sweep", cli=False)
-    experiment: str = opt("", "the experiment (A1, A2, B1, B2)", cli=False)
-    x_name: str = opt("", "the swept knob", cli=False)
-    xs: tuple[int, ...] = opt((), "x values", cli=False)
+    sweep: str = opt("", "the sweep", cli=False, choices=tuple(SWEEPS))
+    experiment: str = opt("", "the experiment (A1, A2, B1, B2)", cli=False, check=False)
+    x_name: str = opt("", "the swept knob", cli=False, check=False)
+    xs: tuple[int, ...] = opt((), "x values", cli=False, check=False)
     target: str = opt("qwen2.5-coder-1.5b", "model reference or random:<shape>")
     draft: str = opt("qwen2.5-coder-0.5b", "model reference or random:<shape> (seed 1)")
     dataset: str | None = opt(None, "none: packaged BBC News; or a .txt/.jsonl/directory path")
-    seeds: tuple[int, ...] = opt(DEFAULT_SEEDS, "prompt + sampling seeds")
+    seeds: tuple[int, ...] = opt(DEFAULT_SEEDS, "prompt + sampling seeds", lo=0)
     methods: tuple[str, ...] = opt(DEFAULT_METHODS, f"subset of {','.join(METHODS)}", choices=METHODS)
     temperature: float = opt(0.6, "sampling temperature")
     top_p: float = opt(0.9, "nucleus sampling threshold")
-    budget: int = opt(4096, f"retrieval budget (--quick: {QUICK_BUDGET})")
-    chunk: int = opt(8, "retrieval chunk size")
-    gamma: int = opt(8, "proposals per full-KV verification")
-    draft_gamma: int = opt(4, "proposals per retrieval verification")
-    on_chip: int | None = opt(16, "layers whose KV stays on the GPU")  # None when it is the swept x
-    resident_layers: int | None = opt(16, "mspeckv_kv_quant only")  # None when it is the swept x
+    budget: int = opt(4096, f"retrieval budget (--quick: {QUICK_BUDGET})", lo=1)
+    chunk: int = opt(8, "retrieval chunk size", lo=1)
+    gamma: int = opt(8, "proposals per full-KV verification", lo=1)
+    draft_gamma: int = opt(4, "proposals per retrieval verification", lo=1)
+    # the swept knob's own value is None (these four are checked in ``__post_init__``)
+    on_chip: int | None = opt(16, "layers whose KV stays on the GPU", check=False)
+    resident_layers: int | None = opt(16, "mspeckv_kv_quant only", check=False)
     kv_quant: str = opt("int8", "mspeckv_kv_quant format: int8 | int4 | int2", choices=("int8", "int4", "int2"))
-    kv_group_size: int = opt(64, "quantization group size")
+    kv_group_size: int = opt(64, "quantization group size", lo=1)
     resident_format: str = opt("dequant", "resident copies: dequant | quant", choices=("dequant", "quant"))
     resident_policy: str = opt("lru", "which offloaded layers stay resident: lru | static", choices=("lru", "static"))
     clamp_resident: bool = opt(False, "cap resident layers at the offloaded count per x instead of refusing")
-    prefill: int | None = opt(None, "prompt tokens")  # None when it is the swept x
-    gen_len: int | None = opt(None, "generated tokens")  # None when it is the swept x
-    prefill_chunk: int = opt(1024, "prefill chunk (tokens)")
-    device: str | None = opt(None, "cpu | cuda (none: cuda if available)")  # resolved by settings_from_args
+    prefill: int | None = opt(None, "prompt tokens", check=False)
+    gen_len: int | None = opt(None, "generated tokens", check=False)
+    prefill_chunk: int = opt(1024, "prefill chunk (tokens)", lo=1)
+    # resolved by settings_from_args
+    device: str | None = opt(None, "cpu | cuda (none: cuda if available)", check=False)
     quick: bool = opt(False, f"sanity preset: budget {QUICK_BUDGET}, prefill {QUICK_PREFILL} (context: 2048,4096), "
                       f"gen {QUICK_GEN} (genlen: 64,128), --clamp-resident")
-    output_dir: str | None = opt(None, "none: results/<sweep>/<config-derived name>/")  # set by settings_from_args
+    # set by settings_from_args
+    output_dir: str | None = opt(None, "none: results/<sweep>/<config-derived name>/", check=False)
     # the target's KV press (every method of ours; lossy, measured in results/quality)
     press: str | None = opt(None, "press the target's KV after prefill in every method of ours (lossy; "
                             "name:k=v,... | preset | FILE.yaml)")
@@ -93,33 +96,20 @@ class SweepSettings:
     l1_press: str | None = opt(None, "the mspeckv methods' middle-level press (none: retrieval)")
 
     def __post_init__(self):
-        v.choice("sweep", self.sweep, tuple(SWEEPS))
+        check_fields(self)
         try:
             v.integers("xs", self.xs, lo=0)
         except v.ConfigError:
             raise v.ConfigError(f"{SWEEPS[self.sweep].x_flag if v.in_cli() else 'xs'} must be non-empty, distinct "
                                 f"integers >= 0, got {self.xs!r}") from None
-        v.text("target", self.target)
-        v.text("draft", self.draft)
-        v.text("dataset", self.dataset, optional=True)
-        v.integers("seeds", self.seeds, lo=0)
-        v.choices("methods", self.methods, METHODS)
-        for k in ("budget", "chunk", "gamma", "draft_gamma", "kv_group_size", "prefill_chunk"):
-            v.integer(k, getattr(self, k), lo=1)
         for k, lo in (("on_chip", 0), ("resident_layers", 0), ("prefill", 1), ("gen_len", 1)):
             v.integer(k, getattr(self, k), lo=lo, optional=k == self.x_name)  # the swept knob's own value is None
-        v.choice("kv_quant", self.kv_quant, ("int8", "int4", "int2"))
-        v.choice("resident_format", self.resident_format, ("dequant", "quant"))
-        v.choice("resident_policy", self.resident_policy, ("lru", "static"))
-        v.boolean("clamp_resident", self.clamp_resident)
-        v.boolean("quick", self.quick)
         v.choice("device", self.device, ("cpu", "cuda"))
         if not isinstance(self.output_dir, str):
             raise v.ConfigError(f"{v.name('output_dir')} must be a path, got {self.output_dir!r}")
         from ..presses import parse_press
 
         for k in ("press", "l1_press"):  # a bad spec fails before any model loads
-            v.text(k, getattr(self, k), optional=True)
             parse_press(getattr(self, k))
 
     def point(self, x: int, n_layers: int | None = None) -> Point:
@@ -148,14 +138,14 @@ def sweep_config(d: SweepDef) -> type[SweepSettings]:
     swept = {"prefill": d.prefill, "gen_len": d.gen_len, "on_chip": None if d.x_name == "on_chip" else 16,
              "resident_layers": None if d.x_name == "resident_layers" else 16}
     base = {f.name: f for f in dataclasses.fields(SweepSettings)}
-    knob = lambda name, default: opt(default, base[name].metadata["help"], cli=default is not None)
+    knob = lambda name, default: opt(default, base[name].metadata["help"], cli=default is not None, check=False)
     quick = {"budget": QUICK_BUDGET, "xs": d.quick_xs, "clamp_resident": True}
     quick |= {"prefill": QUICK_PREFILL} if d.prefill is not None else {}
     quick |= {"gen_len": QUICK_GEN} if d.gen_len is not None else {}
     fields = [("sweep", str, opt(d.name, "the sweep", cli=False)),
               ("experiment", str, opt(d.experiment, "the experiment", cli=False)),
               ("x_name", str, opt(d.x_name, "the swept knob", cli=False)),
-              ("xs", tuple[int, ...], opt(d.xs, f"x values ({d.x_name})", flag=d.x_flag)),
+              ("xs", tuple[int, ...], opt(d.xs, f"x values ({d.x_name})", flag=d.x_flag, check=False)),
               *((k, int | None, knob(k, x)) for k, x in swept.items()),
               ("quick", bool, opt(False, base["quick"].metadata["help"], preset=quick))]
     cls = dataclasses.make_dataclass(f"{d.name.capitalize()}SweepSettings", fields, bases=(SweepSettings,),

@@ -1,36 +1,23 @@
 """``mspeckv sweep {context,resident,onchip,genlen}`` and ``mspeckv report DIR``: the four end-to-end sweeps.
 
-=========  ==================  ==========================  ==========================================
-sweep      experiment          x (``x_name``)              defaults
-=========  ==================  ==========================  ==========================================
-context    A1 context length   prefill                     8192,16384,24576,32768; gen 256
-resident   A2 resident layers  resident_layers             0,8,16; prefill 16384, gen 256
-onchip     B1 on-chip layers   on_chip                     4,8,12,16,18; prefill 16384, gen 256
-genlen     B2 generation len   gen_len                     256,512,768,1024,1536,2048; prefill 8192
-=========  ==================  ==========================  ==========================================
-
-Methods (``mspeckv.bench.methods``): baseline (AR), vanilla_specdec, mspeckv (hierarchy, bf16 KV), mspeckv_kv_quant
-(hierarchy, int8 offloaded KV + resident layers), hf_assisted (transformers assisted generation), and two references
-run only when asked for: ar_gpu (AR with every layer on the GPU, CUDA-graphed) and hf_ar (transformers' plain AR with
-DynamicCache on the GPU); neither reads the sweep's placement or press. The resident value
+Each sweep (``sweep_settings.SWEEPS``: its experiment, swept knob, x values and fixed lengths) runs every method
+(``registry.REGISTRY``; ar_gpu and hf_ar only when ``--methods`` names them) per x and seed. The resident value
 (flag or swept x) applies to mspeckv_kv_quant only; every other method keeps resident 0.
 
-``--quick`` is a cheap sanity preset: budget 1024, prefill 2048 (context sweep: 2048,4096), gen 128 (genlen sweep:
-64,128), and ``--clamp-resident`` (so it runs on the 28-layer default target, where 16 on-chip layers leave only 12
-to offload). Flags given explicitly win over the preset. ``--clamp-resident`` caps the resident layers at the number
-of offloaded layers for each x (the count used is in each run's metrics, ``resident_layers``); without it a resident
-count above the offloaded layers is an error that names the x values.
+``--quick`` is a cheap sanity preset (each sweep's values: ``sweep_settings.sweep_config``), ``--clamp-resident``
+included, so it runs on the 28-layer default target where 16 on-chip layers leave only 12 to offload; flags given
+explicitly win over the preset. ``--clamp-resident`` caps the resident layers at the number of offloaded layers for
+each x (the count used is in each run's metrics, ``resident_layers``); without it a resident count above the
+offloaded layers is an error that names the x values.
 
-The flags are generated from ``SweepSettings``' fields (``runs.template``, as for ``mspeckv eval`` and ``mspeckv
-bench``): one subclass per sweep (``CONFIGS``) gives its x flag, defaults and ``--quick`` preset; ``--greedy``,
-``--no-progress``, ``--device`` (resolved) and the default ``--output-dir`` are applied by ``settings_from_args``.
-Every flag is validated (models' configs included, weights not loaded) before anything is loaded or written; each
-problem raises one ValueError that names the flag and, for per-x problems, the x values. The settings themselves
-(``SweepSettings``, ``CONFIGS``, ``Point``) live in ``sweep_settings``. Runs go through ``runs.store.run_sweep`` (one
-atomic JSON per run under ``DIR/runs``, resumable, failures recorded) and the summary through ``report.render``.
-``DIR/sweep.json`` pins the settings that shape results (a resume with different ones is refused); ``DIR/command.txt``
-collects the command lines. The exit status is 0 once the summary is written, failed runs
-included (``n_failed`` in the JSON line says how many).
+The flags are ``SweepSettings``' fields (``runs.template``, as for ``mspeckv eval`` and ``mspeckv bench``);
+``--greedy``, ``--no-progress``, ``--device`` (resolved) and the default ``--output-dir`` are applied by
+``settings_from_args``. Every flag is validated (models' configs included, weights not loaded) before anything is
+loaded or written; each problem raises one ValueError that names the flag and, for per-x problems, the x values.
+Runs go through ``runs.store.run_sweep`` (one atomic JSON per run under ``DIR/runs``, resumable, failures recorded)
+and the summary through ``report.render``. ``DIR/sweep.json`` pins the settings that shape results (a resume with
+different ones is refused); ``DIR/command.txt`` collects the command lines. The exit status is 0 once the summary is
+written, failed runs included (``n_failed`` in the JSON line says how many).
 """
 
 from __future__ import annotations
@@ -45,18 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as v
-from ..runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, run_sweep
-from ..runs.template import add_flags, flag_name, from_args
+from ..runs.checks import out_dir, refuse
+from ..runs.store import RunSpec, RunStore, atomic_write_json, atomic_write_text, read_json_object, run_sweep
+from ..runs.template import add_flags, changed, flag_name, from_args
 from .registry import BY_NAME, HF_METHODS, REFERENCE_METHODS, RETRIEVAL_METHODS, SPEC_METHODS
 from .sweep_settings import CONFIGS, SWEEPS, SweepSettings, placement_for
-
-
-def _changed(a, s: SweepSettings, *names: str) -> list[str]:
-    """The flags among ``names`` given with a value other than the sweep's default (a value that only ``--quick``
-    set counts as not given)."""
-    fields = {f.name: f for f in dataclasses.fields(s)}
-    return [flag_name(fields[n]) for n in names if getattr(a, n, None) is not None and
-            getattr(s, n) != fields[n].default]
 
 
 def settings_from_args(a) -> SweepSettings:
@@ -64,11 +44,11 @@ def settings_from_args(a) -> SweepSettings:
     applied), then what it cannot express: ``--device`` resolved, ``--greedy`` (temperature 0) and the default
     ``--output-dir``. No model needed."""
     from ..model.api import parse_device
-    from ..runs.checks import refuse
 
     s = from_args(CONFIGS[a.sweep], a, device=parse_device(a.device).type, output_dir=a.output_dir or "")
     if a.greedy:
-        refuse(_changed(a, s, "temperature", "top_p"), "--greedy decodes greedily, so sampling settings do nothing")
+        refuse(changed(s, "temperature", "top_p", given=a),
+               "--greedy decodes greedily, so sampling settings do nothing")
         s = dataclasses.replace(s, temperature=0.0)
     return s if s.output_dir else dataclasses.replace(s, output_dir=str(Path("results") / s.sweep / default_name(s)))
 
@@ -87,13 +67,14 @@ def default_name(s: SweepSettings) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- validation
-def _per_x(s: SweepSettings, checks) -> None:
-    """Run every ``check(x)`` for every x; identical messages are merged and name every x they hold for."""
+def _per_x(s: SweepSettings, n_layers: int, checks) -> None:
+    """Run every ``check(point)`` for every x's point; identical messages are merged and name every x they hold
+    for."""
     errs: dict[str, list[int]] = {}
     for x in s.xs:
         for check in checks:
             try:
-                check(x)
+                check(s.point(x, n_layers))
             except ValueError as e:
                 errs.setdefault(str(e), []).append(x)
     if errs:
@@ -126,8 +107,7 @@ def validate(s: SweepSettings):
 
         load_documents(s.dataset)  # missing corpus / bad path: its own clear error
 
-    def lengths(x: int) -> None:
-        p = s.point(x, tcfg.n_layers)
+    def lengths(p) -> None:
         if p.prefill < 1:
             raise ValueError("the prefill length must be >= 1")
         if p.gen_len < 2:
@@ -139,14 +119,12 @@ def validate(s: SweepSettings):
                                  f"{name}'s maximum context of {cfg.max_position}; use prefill <= "
                                  f"{cfg.max_position - p.gen_len}")
 
-    def budget(x: int) -> None:
-        p = s.point(x, tcfg.n_layers)
+    def budget(p) -> None:
         if any(m in RETRIEVAL_METHODS for m in s.methods) and s.budget >= p.prefill:
             raise ValueError(f"--budget {s.budget} is not smaller than prefill {p.prefill}: the retrieval level would "
                              f"hold the whole prompt; lower --budget")
 
-    def placements(x: int) -> None:
-        p = s.point(x, tcfg.n_layers)
+    def placements(p) -> None:
         for m in s.methods:
             pl = placement_for(s, m, p)
             if pl is not None:
@@ -157,20 +135,15 @@ def validate(s: SweepSettings):
                     hint = " for mspeckv_kv_quant (or pass --clamp-resident)" if resident else ""
                     raise ValueError(f"{e}{hint}") from None
 
-    _per_x(s, (lengths, budget, placements))
+    _per_x(s, tcfg.n_layers, (lengths, budget, placements))
     return tcfg, dcfg
 
 
 def check_output_dir(s: SweepSettings) -> None:
     """Refuse to resume a directory whose runs were made with different settings."""
-    f = Path(s.output_dir) / "sweep.json"
-    if not f.is_file():
+    if not (rec := read_json_object(Path(s.output_dir) / "sweep.json")):
         return
-    try:
-        old = json.loads(f.read_text(encoding="utf-8")).get("fixed", {})
-    except (OSError, ValueError, AttributeError):
-        return
-    new = json.loads(json.dumps(s.fixed()))
+    old, new = rec.get("fixed", {}), json.loads(json.dumps(s.fixed()))
     if diff := sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
         shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise ValueError(f"{s.output_dir} holds a sweep made with other settings ({shown}); pass another "
@@ -209,29 +182,25 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def refuse_ignored(a, s: SweepSettings) -> None:
     """Flags that no chosen method reads are errors (they would be recorded in every run's config, yet change
     nothing)."""
-    from ..runs.checks import refuse
-
-    changed = lambda *names: _changed(a, s, *names)
+    given = lambda *names: changed(s, *names, given=a)  # noqa: E731
     if s.target.startswith("random:"):
-        refuse(changed("dataset"), f"--target {s.target} has random weights, so its prompts are random token ids")
+        refuse(given("dataset"), f"--target {s.target} has random weights, so its prompts are random token ids")
     if not any(BY_NAME[m].quant for m in s.methods):
-        refuse(changed("kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
+        refuse(given("kv_quant", "resident_layers", "resident_format", "resident_policy", "clamp_resident"),
                "only the mspeckv_kv_quant method reads them, and --methods leaves it out")
     if not any(m in RETRIEVAL_METHODS for m in s.methods):
-        refuse(changed("budget", "chunk", "draft_gamma", "l1_press"), "only the mspeckv methods read them, and "
+        refuse(given("budget", "chunk", "draft_gamma", "l1_press"), "only the mspeckv methods read them, and "
                "--methods leaves them out")
     if not any(m in SPEC_METHODS for m in s.methods):
-        refuse(changed("draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
+        refuse(given("draft", "gamma"), "only the speculative methods read them, and --methods leaves them out")
     if all(m in HF_METHODS for m in s.methods):
-        refuse(changed("press"), f"{','.join(HF_METHODS)} run transformers' own cache, which takes no press")
+        refuse(given("press"), f"{','.join(HF_METHODS)} run transformers' own cache, which takes no press")
     if s.press is not None and (ref := [m for m in s.methods if m in REFERENCE_METHODS]):
-        refuse(changed("press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
+        refuse(given("press"), f"{','.join(ref)} are press-free references (every layer's full KV on the GPU); "
                f"run them in a sweep without --press")
 
 
 def cmd_sweep(a) -> int:
-    from ..runs.checks import out_dir
-
     s = settings_from_args(a)
     refuse_ignored(a, s)
     validate(s)
@@ -242,11 +211,7 @@ def cmd_sweep(a) -> int:
     specs = plan(s, s.weights)
     todo = [sp for sp in specs if not store.done(sp)]
     planned = [[sp.method, sp.x, sp.seed] for sp in specs]  # report counts these (and earlier invocations')
-    try:
-        old_planned = json.loads((out / "sweep.json").read_text(encoding="utf-8")).get("planned") or []
-    except (OSError, ValueError, AttributeError):
-        old_planned = []
-    planned += [k for k in old_planned if k not in planned]
+    planned += [k for k in read_json_object(out / "sweep.json").get("planned") or [] if k not in planned]
     fixed = {"sweep": s.sweep, "experiment": s.experiment, "weights": s.weights, "fixed": s.fixed(),
              "planned": planned}
     if todo:
@@ -271,7 +236,6 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from ..runs.checks import out_dir
     from .report import render
 
     if not Path(a.dir).is_dir():

@@ -16,12 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.runner import GraphRunner, Runner, make_runner
+from ..runs.harness import sync
 from .variants import Variant, build_cache, kv_bytes
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..runs.plots import figure_cls, save
+from ..runs.plots import figure_cls, label, save
 from .variants import BASELINE
 
 
@@ -44,13 +44,20 @@ def short(variant: str) -> str:
     return v.replace("retain=", "").replace(",guard=0", "").replace("window=", "w")
 
 
-def _legend(ax, size: int) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=size)
+def _points(ax, pts: list[tuple], label: str, style: str = "o") -> None:
+    """(x, y, variant) points in ``style``, each labelled with its variant's short name."""
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=label)
+    for x, y, v in pts:
+        ax.annotate(short(v), (x, y), fontsize=5, alpha=0.8, xytext=(2, 2), textcoords="offset points")
+
+
+def _panels(n: int, width: float, height: float):
+    """A figure of ``n`` panels side by side, each ``width`` wide: (figure, its axes)."""
+    fig = figure_cls()(figsize=(width * n, height), dpi=110)
+    return fig, [fig.add_subplot(1, n, i + 1) for i in range(n)]
 
 
 def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
-    Figure = figure_cls()
     by = {(c["metric"], c["variant"], c["context"]): c for c in cells}
     paths = []
 
@@ -60,82 +67,60 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
     info = {c["variant"]: c.get("variant_info", {}) for c in cells}
     ppl_ctx = [ctx for ctx, rows in ov.items() if any(r["ppl_delta_pct"] is not None for r in rows)]
     if ppl_ctx:
-        fig = Figure(figsize=(6.0 * len(ppl_ctx), 5.0), dpi=110)
-        for i, ctx in enumerate(ppl_ctx):
-            ax = fig.add_subplot(1, len(ppl_ctx), i + 1)
+        fig, axes = _panels(len(ppl_ctx), 6.0, 5.0)
+        for ax, ctx in zip(axes, ppl_ctx, strict=True):
             pts = [(r["compression"], r["ppl_delta_pct"], r["config"]) for r in ov[ctx]
                    if r["compression"] and r["ppl_delta_pct"] is not None and r["config"] != BASELINE]
             for fam in sorted({family(info.get(v, {}), v) for _, _, v in pts}):
                 fp = sorted(p for p in pts if family(info.get(p[2], {}), p[2]) == fam)
-                style = "-o" if fam not in ("preset",) and len(fp) > 1 else "o"  # presets are distinct recipes
-                ax.plot([p[0] for p in fp], [p[1] for p in fp], style, ms=4, label=fam)
-                for x, y, v in fp:
-                    ax.annotate(short(v), (x, y), fontsize=5, alpha=0.8, xytext=(2, 2), textcoords="offset points")
+                _points(ax, fp, fam, "-o" if fam != "preset" and len(fp) > 1 else "o")  # presets: distinct recipes
             ax.axhline(0, color="gray", lw=0.8)
             ax.set_yscale("symlog", linthresh=2.0)
-            ax.set_xlabel("KV compression (×, held bytes)")
-            ax.set_ylabel("PPL change vs full cache (%)")
-            ax.set_title(f"context {ctx}")
-            _legend(ax, 6)
+            label(ax, "KV compression (×, held bytes)", "PPL change vs full cache (%)", f"context {ctx}", 6)
         paths.append(save(fig, out / "ppl_vs_compression.png"))
 
     # accuracy: one panel per metric, one colour per context, points only (distinct configs, not a curve); GSM8K's
     # prompts (~850 tokens) have no compression cell of their own: its x is the compression at the shortest context
     mets = [m for m in ("needle", "ruler", "gsm8k") if any(k[0] == m for k in by)]
     if mets:
-        fig = Figure(figsize=(5.5 * len(mets), 4.5), dpi=110)
+        fig, axes = _panels(len(mets), 5.5, 4.5)
         short_ctx = min((k[2] for k in by if k[0] in ("speed", "ppl")), default=0)
         comp = {(ctx, r["config"]): r["compression"] for ctx, rows in ov.items() for r in rows}
-        for i, m in enumerate(mets):
-            ax = fig.add_subplot(1, len(mets), i + 1)
+        for ax, m in zip(axes, mets, strict=True):
             for ctx in sorted({k[2] for k in by if k[0] == m}):
                 ref = ctx or short_ctx
                 pts = [(comp.get((ref, v)), cell["results"]["accuracy"] * 100, v)
                        for (mm, v, c), cell in by.items() if mm == m and c == ctx]
                 pts = sorted(p for p in pts if p[0] is not None)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=4,
-                            label=f"{ctx}" if ctx else f"prompts (x at {short_ctx})")
-                    for x, y, v in pts:
-                        ax.annotate(short(v), (x, y), fontsize=5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
-            ax.set_xlabel("KV compression (×)")
-            ax.set_ylabel(f"{m} accuracy (%)")
-            ax.set_title(m)
-            _legend(ax, 7)
+                    _points(ax, pts, f"{ctx}" if ctx else f"prompts (x at {short_ctx})")
+            label(ax, "KV compression (×)", f"{m} accuracy (%)", m, 7)
         paths.append(save(fig, out / "accuracy_vs_compression.png"))
 
     mem_ctx = sorted({k[2] for k in by if k[0] in ("speed", "ppl")})
     if mem_ctx:
-        fig = Figure(figsize=(7.0, 4.5), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, (ax,) = _panels(1, 7.0, 4.5)
         for v in dict.fromkeys(c["variant"] for c in cells):
             mb = {ctx: r["kv_mb"] for ctx in mem_ctx for r in ov.get(ctx, ()) if r["config"] == v}
             pts = [(ctx, mb[ctx]) for ctx in mem_ctx if mb.get(ctx)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("held KV (MB)")
-        _legend(ax, 6)
+        label(ax, "context (tokens)", "held KV (MB)", legend=6)
         paths.append(save(fig, out / "kv_memory_vs_context.png"))
 
     sp_ctx = sorted({k[2] for k in by if k[0] == "speed"})
     if sp_ctx:
-        fig = Figure(figsize=(7.0, 4.5), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, (ax,) = _panels(1, 7.0, 4.5)
         for ctx in sp_ctx:
             pts = sorted((r["compression"], r["tok_per_s"], r["config"]) for r in ov.get(ctx, [])
                          if r["tok_per_s"] and r["compression"] and not r["bytes_from_ppl_prefix"])
             if pts:  # one point per variant (distinct configs, not a curve), each labelled with its name
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=f"context {ctx}")
-                for x, y, v in pts:
-                    ax.annotate(short(v), (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                _points(ax, pts, f"context {ctx}")
         graphed = {c["results"].get("graphed") for c in cells if c["metric"] == "speed"}
         how = ("graphed" if graphed == {True} else "eager" if graphed <= {False, None}
                else "graphed where the cache allows")
         ax.set_yscale("log")
-        ax.set_xlabel("KV compression (×)")
-        ax.set_ylabel(f"decode tok/s ({how})")
-        _legend(ax, 7)
+        label(ax, "KV compression (×)", f"decode tok/s ({how})", legend=7)
         paths.append(save(fig, out / "throughput_vs_compression.png"))
 
     needle = [c for c in cells if c["metric"] == "needle"]
@@ -144,16 +129,14 @@ def plot_all(cells: list[dict], summary: dict, out: Path) -> list[Path]:
         depths = sorted({float(d) for c in cs for d in c["results"]["accuracy_by_depth"]})
         grid = [[next((a for d, a in c["results"]["accuracy_by_depth"].items() if float(d) == dep), float("nan"))
                  for c in cs] for dep in depths]
-        fig = Figure(figsize=(1.2 * len(cs) + 2.5, 0.5 * len(depths) + 2.0), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, (ax,) = _panels(1, 1.2 * len(cs) + 2.5, 0.5 * len(depths) + 2.0)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(cs)), [str(c["context"]) for c in cs])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         for i, row in enumerate(grid):
             for j, a in enumerate(row):
                 ax.text(j, i, "–" if a != a else f"{100 * a:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("needle depth")
+        label(ax, "context (tokens)", "needle depth")  # a heatmap: nothing labelled
         ax.set_title(f"needle retrieval: {v}", fontsize=9)
         fig.colorbar(im, ax=ax)
         paths.append(save(fig, out / f"needle_{_slug(v)}.png"))

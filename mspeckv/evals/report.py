@@ -17,12 +17,11 @@ folder.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
 from ..runs.store import atomic_write_json, atomic_write_text
+from ..runs.tables import csv_text, md_table
 from ..runs.template import CellStore
 from .variants import BASELINE
 
@@ -202,13 +201,12 @@ def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
             continue
         for r in measured:
             i = info.get(r["config"], {})
-            q = i.get("kv_quant")
-            if q == "int8" and not i.get("press"):
-                verdict = "met" if r["ppl_delta_pct"] <= 0.1 else "MISSED"
-                out.append(f"{ctx}: int8 KV <= +0.1% PPL: {verdict} ({r['config']}: {r['ppl_delta_pct']:+.3f}%)")
-            if (q == "int2" and not i.get("press")) or _kivi_bits(i.get("press")) == (2, 2):
-                verdict = "met" if r["ppl_delta_pct"] <= 3.0 else "MISSED"
-                out.append(f"{ctx}: 2-bit within +3% PPL: {verdict} ({r['config']}: {r['ppl_delta_pct']:+.3f}%)")
+            q, press, d = i.get("kv_quant"), i.get("press"), r["ppl_delta_pct"]
+            for applies, goal, limit in ((q == "int8" and not press, "int8 KV <= +0.1% PPL", 0.1),
+                                         ((q == "int2" and not press) or _kivi_bits(press) == (2, 2),
+                                          "2-bit within +3% PPL", 3.0)):
+                if applies:
+                    out.append(f"{ctx}: {goal}: {'met' if d <= limit else 'MISSED'} ({r['config']}: {d:+.3f}%)")
         for need, limit in ((4.0, 1.0), (8.0, 3.0)):
             cand = [r for r in measured if _num(r["compression"]) and r["compression"] >= need]
             good = [r for r in cand if r["ppl_delta_pct"] <= limit]
@@ -234,9 +232,7 @@ def _f(x: Any, fmt: str, scale: float = 1.0) -> str:
 
 
 def _md(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header)))
-             + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return md_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
 def overview_markdown(summary: dict) -> str:
@@ -294,13 +290,7 @@ def _needle_tables(cells: list[dict]) -> str:
 
 
 def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k) for k in keys})
-    return buf.getvalue()
+    return csv_text(rows, list(dict.fromkeys(k for r in rows for k in r)))
 
 
 def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) -> dict[str, Any]:

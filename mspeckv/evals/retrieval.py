@@ -19,8 +19,9 @@ from .variants import Variant
 NEEDLE_NEW, VT_NEW = 16, GEN_MAX
 
 
-def _text(tok, ids: list[int]) -> str:
-    return tok.decode(ids, skip_special_tokens=True)
+def _answer(ev, v: Variant, ids: list[int], max_new: int) -> str:
+    """The text greedily generated after ``ids`` through the variant's cache."""
+    return ev.tok.decode(greedy(ev.model, v, ids, max_new, ev.cfg.prefill_chunk).tokens, skip_special_tokens=True)
 
 
 def run_needle(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
@@ -32,7 +33,7 @@ def run_needle(ev, variants: list[Variant], context: int) -> dict[str, dict[str,
         per_depth: dict[str, list[int]] = {}
         samples = []
         for p in prompts:
-            text = _text(ev.tok, greedy(ev.model, v, p.ids, NEEDLE_NEW, cfg.prefill_chunk).tokens)
+            text = _answer(ev, v, p.ids, NEEDLE_NEW)
             ok = score_needle(text, p.answers[0])
             per_depth.setdefault(f"{p.depth:g}", []).append(int(ok))
             samples.append({"depth": p.depth, "key": p.info["key"], "value": p.answers[0], "output": text,
@@ -55,11 +56,11 @@ def run_ruler(ev, variants: list[Variant], context: int) -> dict[str, dict[str, 
     for v in variants:
         mk_ok, vt_frac, samples = [], [], []
         for p in mk:
-            text = _text(ev.tok, greedy(ev.model, v, p.ids, NEEDLE_NEW, cfg.prefill_chunk).tokens)
+            text = _answer(ev, v, p.ids, NEEDLE_NEW)
             mk_ok.append(int(score_needle(text, p.answers[0])))
             samples.append({"task": "multikey", "answers": p.answers, "output": text, "score": mk_ok[-1]})
         for p in vt:
-            text = _text(ev.tok, greedy(ev.model, v, p.ids, VT_NEW, cfg.prefill_chunk).tokens)
+            text = _answer(ev, v, p.ids, VT_NEW)
             vt_frac.append(score_all(text, p.answers))
             samples.append({"task": "vartrack", "answers": p.answers, "output": text, "score": vt_frac[-1]})
         mk_acc = sum(mk_ok) / len(mk_ok)

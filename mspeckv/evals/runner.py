@@ -8,19 +8,9 @@ Every invocation evaluates the full-cache baseline (variant ``full``: every laye
 next to the asked variants, on the same inputs; the report gives deltas against it. Variants are the product of
 ``--press`` (none, or each spec) and ``--kv-quant`` (each format), minus the baseline.
 
-Metric families (one module each; a family's metrics come from one pass):
-
-=========  ===============================  =====================  ==========================
-family     metrics                          contexts               module
-=========  ===============================  =====================  ==========================
-lm         ppl, kl, ece, attention          ``--context``          ``evals.lm``
-recon      recon                            ``--context``          ``evals.recon``
-speed      speed (KV bytes, TTFT, TPOT)     ``--context``          ``evals.speed``
-needle     needle                           ``--needle-context``   ``evals.retrieval``
-ruler      ruler                            ``--needle-context``   ``evals.retrieval``
-gsm8k      gsm8k                            the 5-shot prompt      ``evals.gsm8k``
-accept     accept (needs ``--draft``)       ``--context``          ``evals.accept``
-=========  ===============================  =====================  ==========================
+Metric families: ``FAMILIES`` (one module each, documenting its protocol; a family's metrics come from one pass;
+its ``contexts`` names the flag that gives its contexts: ``--context``, ``--needle-context``, or none for GSM8K's
+5-shot prompts; ``accept`` needs ``--draft``).
 
 Cells: ``<output-dir>/cells/<metric>__<variant>__ctx=<n>.json``, one per (metric, variant, context), written
 atomically with the run's metadata (git commit) and the settings that shaped it; an existing cell is skipped, so an
@@ -30,7 +20,6 @@ placements, the settings of cells already in the directory) before any weights l
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 import time
@@ -38,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..runs.store import free_cuda_memory
 from ..runs.template import CellStore, Partial, check, opt
 from .variants import Variant
 
@@ -354,7 +344,7 @@ def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[st
                 except Exception as e:  # a failed cell is reported and not written; the others go on
                     if type(e).__name__ != "OutOfMemoryError" and not isinstance(e, RuntimeError | ValueError):
                         raise
-                    _free()
+                    free_cuda_memory()
                     alone = [v for v in group if not (fam.name == "lm" and v.is_baseline)]
                     if len(alone) > 1:  # retry one variant at a time, so one bad variant costs only its own cells
                         ev.progress(f"{fam.name}@{c} failed ({type(e).__name__}); retrying each variant alone")
@@ -369,16 +359,10 @@ def run_eval(cfg: EvalConfig, command: str = "", quiet: bool = False) -> dict[st
                     for v in group:
                         if v.name in per_variant and not store.done(metric, v.name, c):
                             store.save(metric, v.name, c, per_variant[v.name], cfg.settings(fam), v.describe())
-                _free()
+                free_cuda_memory()
     summary = report.render(store.dir, plots=not cfg.no_plots)
     summary["failed"] = failed
     return summary
-
-
-def _free() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _append_command(d: Path, command: str) -> None:
@@ -387,7 +371,3 @@ def _append_command(d: Path, command: str) -> None:
     d.mkdir(parents=True, exist_ok=True)
     with (d / "command.txt").open("a", encoding="utf-8") as f:
         f.write(command + "\n")
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(EvalConfig)]

@@ -17,14 +17,12 @@ medians with every run kept (``ttft_runs``, ``tpot_runs``: their spread is the r
 (``bench.harness.e2e``): ``setup_s`` builds the cache and captures graphs, ``e2e_s`` = setup + TTFT + decode (the
 median of each; the step that feeds the last token for the byte count is in none), ``e2e_tok_per_s`` the generated
 tokens over ``e2e_s``.
-(Before this, the warm-up was a 256-token prompt: the 1.5B's graphed full cache, first at each context, then showed
-0.7-1.5 s TTFTs against 0.05-0.35 s for the variants after it, at ``240aa30``.)
 """
 
 from __future__ import annotations
 
 from ..data.corpora import long_prompt
-from ..runs.harness import e2e, median_of, repeat
+from ..runs.harness import median_e2e, median_of, repeat
 from .generation import greedy
 from .variants import Variant
 
@@ -41,12 +39,12 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
         gen()  # untimed, at the exact shape
         runs = repeat(gen, cfg.speed_runs, warmup=0)
         g = runs[-1]
-        m = median_of(runs, "ttft_s", "tpot_s", "setup_s", "decode_s")
+        m = median_of(runs, "ttft_s", "tpot_s")
         ttft, tpot = m["ttft_s"], m["tpot_s"]
         out[v.name] = {"kv_bytes": g.kv_bytes_end, "bytes_per_token": g.kv_bytes_end / context,
                        "kv_bytes_prompt": g.kv_bytes, "ttft_s": ttft, "tpot_s": tpot,
                        "tok_per_s": 1.0 / tpot if tpot else None,
-                       **e2e(m["setup_s"], ttft, m["decode_s"], len(g.tokens)),
+                       **median_e2e(runs, len(g.tokens)),
                        "ttft_runs": [r.ttft_s for r in runs], "tpot_runs": [r.tpot_s for r in runs],
                        "decode_tokens": len(g.tokens) - 1, "prompt_tokens": len(ids),
                        "sequence_tokens": context, "graphed": g.graphed, "eager_steps": g.eager_steps}

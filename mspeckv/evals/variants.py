@@ -1,21 +1,10 @@
 """What one evaluated configuration is (a press and/or a KV placement), and every call the evals make into the
-press/cache API. This is the only module of ``mspeckv.evals`` that touches presses: the press plumbing lives here.
-
-The contract coded against (``mspeckv.presses``, being built in parallel)::
-
-    parse_press(spec) -> Press            # "snapkv:budget=1024", a preset name, or a .yaml file; str(press) is a spec
-    make_cache(model, placement, batch, max_len, press=press)
-    cache.compress()                      # apply the press to the committed history (no-op without a press)
-    cache.memory_report()["kv_bytes"]     # bytes of the KV tensors actually held, all layers
-    cache.read(layer), cache.positions(layer)
-
-Caches without ``compress``/``positions``/``kv_bytes`` (today's DenseKV and PlacedKV) get the obvious fallbacks
-below: nothing to compress, every committed row at its own position, bytes counted from the held rows.
+press/cache API: this is the only module of ``mspeckv.evals`` that touches presses. Caches that report no
+``kv_bytes`` (DenseKV, StaticKV, PlacedKV) have their held rows counted here (:func:`kv_bytes`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,27 +16,15 @@ if TYPE_CHECKING:  # torch and the cache modules load lazily: `mspeckv --help` a
 BASELINE = "full"
 
 
-class PressUnavailableError(ValueError):
-    """A press was asked for but this build has no ``mspeckv.presses.parse_press``."""
-
-
 def parse_press(spec: str):
     """The Press object for a spec string, preset name or YAML file (one clear ValueError when it is bad)."""
+    from ..presses import parse_press as parse
+
     try:
-        from ..presses import parse_press as _parse
-    except ImportError:
-        raise PressUnavailableError(
-            f"--press {spec!r}: this build of mspeckv has no presses yet (mspeckv.presses.parse_press is missing); "
-            "evaluate placements (--kv-quant/--on-chip) only"
-        ) from None
-    try:
-        return _parse(spec)
+        return parse(spec)
     except (KeyError, TypeError, ValueError) as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith("--press") else f"--press {spec!r}: {msg}") from e
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
 
 @dataclass(frozen=True)
@@ -75,11 +52,6 @@ class Variant:
                 q += f"/resident{p.resident_layers}"
             parts.append(q)
         return "+".join(parts)
-
-    @property
-    def slug(self) -> str:
-        """A file-name-safe form of ``name``."""
-        return _SAFE.sub("-", self.name.replace(":", "~").replace("/", "_")).strip("-") or "_"
 
     @property
     def quant(self) -> str:
@@ -126,9 +98,7 @@ def build_cache(model, variant: Variant, batch: int, max_len: int, tail: int | N
     codes and latents stay eager)."""
     from ..cache import make_cache
 
-    if variant.press is None:
-        return make_cache(model, variant.placement, batch, max_len, graphs=graphs)
-    press = parse_press(variant.press)
+    press = None if variant.press is None else parse_press(variant.press)
     return make_cache(model, variant.placement, batch, max_len, press=press, tail=tail, graphs=graphs)
 
 
@@ -179,11 +149,4 @@ def spec_config(variant: Variant, **kw):
     without a press the middle level is today's retrieval cache."""
     from ..decoding.speculative import SpecConfig
 
-    if variant.press is None:
-        return SpecConfig(mode="mspeckv", **kw)
-    try:
-        return SpecConfig(mode="mspeckv", l1_press=variant.press, **kw)
-    except TypeError:
-        raise PressUnavailableError(
-            "eval accept with --press needs SpecConfig(l1_press=...), which this build does not have yet"
-        ) from None
+    return SpecConfig(mode="mspeckv", l1_press=variant.press, **kw)

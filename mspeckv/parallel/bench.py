@@ -32,12 +32,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .. import validate as v
+from ..bench.steps import decode_ms, fill_cache, graphed_ms
+from ..cache import make_cache
+from ..kv.dense import DenseKV
 from ..kv.placement import FORMATS, Placement
+from ..model.api import RANDOM_SHAPES, model_config
 from ..runs import checks
-from ..runs.harness import fmt
-from ..runs.template import opt
+from ..runs.harness import fmt, free_memory, host_refusal, pinned_store_bytes, time_ms
+from ..runs.store import atomic_write_json, atomic_write_text, run_metadata
+from ..runs.tables import md_table
+from ..runs.template import check_fields, opt
+from . import RankFailed
+from .launch import check_world, launch
+from .tp import check_tp, no_collectives, random_tp_model, replicated_bytes, shard_config
 
 REFERENCE_KINDS = ("gpu", "gpu_graphed")
 QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_bytes=1 << 24)
@@ -46,56 +56,38 @@ QUICK = dict(shape="tiny", contexts=(256,), on_chip=2, steps=2, repeats=2, h2d_b
 @dataclass(frozen=True)
 class TPBenchConfig:
     shape: str = opt("llama-2-7b-128k", "random-weight shape")
-    contexts: tuple[int, ...] = opt((32768, 65536), "contexts (tokens in the cache)")
+    contexts: tuple[int, ...] = opt((32768, 65536), "contexts (tokens in the cache)", lo=1)
     formats: tuple[str, ...] = opt(("none", "int8", "int4"), "offloaded KV formats", choices=FORMATS)
-    tps: tuple[int, ...] = opt((1, 2), "tensor-parallel sizes to compare (the first is the baseline)")
-    on_chip: int = opt(16, "layers whose KV stays on the GPU in the offloaded cells")
-    steps: int = opt(8, "timed decode steps per repeat")
-    repeats: int = opt(3, "repeats (the median is reported)")
-    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False)
+    tps: tuple[int, ...] = opt((1, 2), "tensor-parallel sizes to compare (the first is the baseline)", lo=1)
+    on_chip: int = opt(16, "layers whose KV stays on the GPU in the offloaded cells", lo=0)
+    steps: int = opt(8, "timed decode steps per repeat", lo=1)
+    repeats: int = opt(3, "repeats (the median is reported)", lo=2)
+    verify_tokens: int = opt(9, "tokens of the timed verification", cli=False, lo=1)
     # the gpu_graphed cells (NCCL all-reduces captured in the graph)
     graphs: bool = opt(True, "skip the graphed all-on-GPU cells", flag="--no-graphs", negate=True)
     device: str = opt("cuda", "cuda, or cpu: the same code on gloo ranks (a functional run; its numbers mean "
                               "nothing)", choices=("cuda", "cpu"))
     out_dir: str | None = opt(None, "output folder (default results/tp/<machine>)", aliases=("--output-dir",))
     # per copy of the bandwidth test (20 copies per measurement)
-    h2d_bytes: int = opt(1 << 30, "bytes per copy of the bandwidth test", cli=False)
-    fill_chunk: int = opt(8192, "tokens per KV fill", cli=False)
+    h2d_bytes: int = opt(1 << 30, "bytes per copy of the bandwidth test", cli=False, lo=1)
+    fill_chunk: int = opt(8192, "tokens per KV fill", cli=False, lo=1)
     host_reserve_bytes: int = opt(8 << 30, "host memory left free", cli=False)
     quick: bool = opt(False, "the tiny random shape at 256 tokens, 2 steps x 2 repeats (a functional run, e.g. with "
                              "--device cpu); flags given too win", preset=QUICK)
 
     def __post_init__(self):
-        from ..model.api import RANDOM_SHAPES
-
-        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))
-        v.integers("contexts", self.contexts, lo=1)
-        v.choices("formats", self.formats, FORMATS)
-        v.integers("tps", self.tps, lo=1)
-        v.integer("on_chip", self.on_chip, lo=0)
-        v.integer("steps", self.steps, lo=1)
-        v.integer("repeats", self.repeats, lo=2)
-        v.integer("verify_tokens", self.verify_tokens, lo=1)
-        v.boolean("graphs", self.graphs)
-        v.choice("device", self.device, ("cuda", "cpu"))
-        v.text("out_dir", self.out_dir, optional=True)
-        v.integer("h2d_bytes", self.h2d_bytes, lo=1)
-        v.boolean("quick", self.quick)
+        v.choice("shape", self.shape, sorted(RANDOM_SHAPES))  # not a flag's choices: its own message
+        check_fields(self)
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return ("gpu", *self.formats, *(("gpu_graphed",) if self.graphs else ()))
 
     def model_config(self):
-        from ..model.api import model_config
-
         return model_config(f"random:{self.shape}")
 
     def validate(self) -> None:
         """Everything that can be refused before a rank starts (and before the output folder is made)."""
-        from .launch import check_world
-        from .tp import check_tp
-
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("bench tp times GPUs and torch sees none; pass --device cpu for a functional run on gloo "
                              "ranks (numbers from it mean nothing)")
@@ -147,12 +139,6 @@ def run(cfg: TPBenchConfig, command: str = "") -> dict:
 
 def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
     """Every TP size's launch (resuming), then the summary (``tp.json``, ``summary.md``) of what exists."""
-    from ..runs.harness import host_refusal, pinned_store_bytes
-    from ..runs.store import atomic_write_json, run_metadata
-    from . import RankFailed
-    from .launch import launch
-    from .tp import shard_config
-
     t0 = time.time()
     cells = Path(cfg.out_dir) / "cells"
     cells.mkdir(parents=True, exist_ok=True)
@@ -205,20 +191,12 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
 
 
 def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = None, **extra) -> None:
-    from ..runs.store import atomic_write_json
-
     atomic_write_json(cells / f"{cell_name(tp, ctx, kind)}.json",
                       {"tp": tp, "ctx": ctx, "kind": kind, "error": error, **extra})
 
 
 # -------------------------------------------------------------------------------------------------------- ranks
 def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, command: str) -> None:
-    import torch.distributed as dist
-
-    from ..runs.harness import free_memory
-    from ..runs.store import atomic_write_json, run_metadata
-    from .tp import random_tp_model, replicated_bytes
-
     cells = Path(cfg.out_dir) / "cells"
     marker = cells / f".running-tp{r.world}"
     torch.manual_seed(0)
@@ -251,8 +229,7 @@ def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, c
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         row = _cell(r, cfg, model, ctx, kind, bw)
-        rows = [None] * r.world
-        dist.all_gather_object(rows, row)
+        rows = _gather(row)
         if r.main:
             _write_cell(cells, r.world, ctx, kind, ranks=rows, wall_s=time.time() - t, shape=cfg.shape,
                         on_chip=cfg.on_chip if kind in FORMATS else None, weights="random",
@@ -271,8 +248,6 @@ def _fmt_list(xs) -> str:
 
 
 def _sync(r) -> None:
-    import torch.distributed as dist
-
     dist.barrier()
     if r.device.type == "cuda":
         torch.cuda.synchronize()
@@ -281,8 +256,6 @@ def _sync(r) -> None:
 def _h2d(r, nbytes: int, iters: int, start) -> float:
     """Pinned host -> this rank's GPU, bytes/s over ``iters`` back-to-back copies (CPU ranks: a host copy), timed
     after ``start()`` (a barrier, so that ranks measuring together start together)."""
-    from ..runs.harness import time_ms
-
     cuda = r.device.type == "cuda"
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=r.device)
@@ -291,16 +264,12 @@ def _h2d(r, nbytes: int, iters: int, start) -> float:
 
 
 def _gather(value) -> list:
-    import torch.distributed as dist
-
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
 
 
 def _links(r, cfg: TPBenchConfig, model, save) -> dict:
-    import torch.distributed as dist
-
     iters = 20
     alone = None
     for j in range(r.world):  # one rank at a time
@@ -346,53 +315,38 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
 
 def _time(r, fn, iters: int) -> float:
     """Mean ms of ``fn`` over ``iters`` calls after two warm-up calls, started together on every rank."""
-    from ..runs.harness import time_ms
-
     return time_ms(fn, 2, iters, cuda=r.device.type == "cuda", before=lambda: _sync(r))
 
 
 def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -> dict:
-    from ..bench.steps import decode_ms, fill_cache, graphed_ms
-    from ..cache import make_cache
-    from ..kv.dense import DenseKV
-    from .tp import no_collectives
-
+    """A decode step, a verification and (TP > 1) the step without its all-reduces, on one cache: graphed all on the
+    GPU, or eager (``gpu``: dense; a format: that much offloaded)."""
     steps, reps, vt = cfg.steps, cfg.repeats, cfg.verify_tokens
     out: dict = {"rank": r.rank}
     if kind == "gpu_graphed":
-        runs = graphed_ms(model, ctx, steps, reps)[0]
-        out["verify_runs_ms"] = graphed_ms(model, ctx, 2, reps, vt)[0]
-        if r.world > 1:
-            _sync(r)
-            with no_collectives():  # captured without the all-reduces
-                out["nocomm_runs_ms"] = graphed_ms(model, ctx, steps, reps)[0]
-            _sync(r)
+        timed = lambda n, tokens=1: graphed_ms(model, ctx, n, reps, tokens)[0]  # noqa: E731
     else:
         cap = ctx + cfg.capacity_extra
-        if kind == "gpu":
-            cache = DenseKV.for_model(model, 1, cap)
-        else:
-            cache = make_cache(model, Placement(on_chip=cfg.on_chip, kv_quant=kind), 1, cap)
+        offload = kind != "gpu"
+        cache = (make_cache(model, Placement(on_chip=cfg.on_chip, kv_quant=kind), 1, cap) if offload
+                 else DenseKV.for_model(model, 1, cap))
         with torch.inference_mode():
             fill_cache(model, cache, ctx, chunk=cfg.fill_chunk)
         _sync(r)
-        before = 0 if kind == "gpu" else cache.stats.h2d_bytes
-        runs = decode_ms(model, cache, steps, reps)
-        if kind != "gpu":
-            per_step = (cache.stats.h2d_bytes - before) // (2 + steps * reps)
-            out["h2d_bytes_per_step"] = per_step
-            out["floor_ms"] = per_step / bw * 1e3 if bw else None
-            out["memory"] = cache.memory_report()
-        out["verify_runs_ms"] = decode_ms(model, cache, 2, reps, vt)
-        if r.world > 1:
-            _sync(r)
-            with no_collectives():
-                out["nocomm_runs_ms"] = decode_ms(model, cache, steps, reps)
-            _sync(r)
-        del cache
-    out["runs_ms"] = runs
-    out["ms"] = statistics.median(runs)
-    out["verify_ms"] = statistics.median(out["verify_runs_ms"])
+        before = cache.stats.h2d_bytes if offload else 0
+        timed = lambda n, tokens=1: decode_ms(model, cache, n, reps, tokens)  # noqa: E731
+    runs = timed(steps)
+    if kind not in REFERENCE_KINDS:
+        per_step = (cache.stats.h2d_bytes - before) // (2 + steps * reps)
+        out |= {"h2d_bytes_per_step": per_step, "floor_ms": per_step / bw * 1e3 if bw else None,
+                "memory": cache.memory_report()}
+    out["verify_runs_ms"] = timed(2, vt)
+    if r.world > 1:
+        _sync(r)
+        with no_collectives():  # the graphed step captured without the all-reduces
+            out["nocomm_runs_ms"] = timed(steps)
+        _sync(r)
+    out |= {"runs_ms": runs, "ms": statistics.median(runs), "verify_ms": statistics.median(out["verify_runs_ms"])}
     if "nocomm_runs_ms" in out:
         out["nocomm_ms"] = statistics.median(out["nocomm_runs_ms"])
     if r.device.type == "cuda":
@@ -454,30 +408,27 @@ def render(res: dict) -> str:
              f"graph. ms = median over {c['repeats']} repeats of {c['steps']} decode steps at a fixed context; "
              f"verify = one forward of {c['verify_tokens']} tokens. comm = share of the step that the all-reduces "
              f"cost (1 - the step with no-op all-reduces / the step). floor = a rank's streamed bytes per step / its "
-             f"H2D bandwidth measured with every rank copying at once.", "", "## Links", "",
-             "| TP | H2D alone GB/s (per rank) | H2D together GB/s | sum alone | sum together | all-reduces per step, "
-             "ms (T=1 eager / graphed; T=9 eager / graphed) | replicated MiB per rank |",
-             "|---|---|---|---:|---:|---|---:|"]
-    vt = c["verify_tokens"]
+             f"H2D bandwidth measured with every rank copying at once.", "", "## Links", ""]
+    vt, links = c["verify_tokens"], []
     for tp, lk in res["links"].items():
-        if not lk:
-            lines.append(f"| {tp} | missing | | | | | |")
-            continue
-        if lk.get("error") and "h2d_alone_GBps" not in lk:
-            lines.append(f"| {tp} | FAILED: {lk['error'][:120]} | | | | | |")
+        if not lk or (lk.get("error") and "h2d_alone_GBps" not in lk):
+            links.append(f"| {tp} | {'FAILED: ' + lk['error'][:120] if lk else 'missing'} | | | | | |")
             continue
         ar = lk.get("allreduce_ms_per_step", {})
         arr = " / ".join(fmt(ar.get(k), "{:.3f}") for k in ("eager_T1", "graphed_T1", f"eager_T{vt}",
                                                               f"graphed_T{vt}")) if ar else "–"
         rep = lk.get("replicated_bytes_per_rank")
-        lines.append(f"| {tp} | {_fmt_list(lk['h2d_alone_GBps'])} | {_fmt_list(lk['h2d_together_GBps'])} | "
-                     f"{lk['h2d_sum_alone_GBps']:.1f} | {lk['h2d_sum_together_GBps']:.1f} | {arr} | "
-                     f"{fmt(rep / 2**20 if rep else None, '{:.0f}')} |")
+        links.append([tp, _fmt_list(lk["h2d_alone_GBps"]), _fmt_list(lk["h2d_together_GBps"]),
+                      f"{lk['h2d_sum_alone_GBps']:.1f}", f"{lk['h2d_sum_together_GBps']:.1f}", arr,
+                      fmt(rep / 2**20 if rep else None, "{:.0f}")])
+    lines.append(md_table(["TP", "H2D alone GB/s (per rank)", "H2D together GB/s", "sum alone", "sum together",
+                           "all-reduces per step, ms (T=1 eager / graphed; T=9 eager / graphed)",
+                           "replicated MiB per rank"], links, "lllrrlr"))
     head = ["context", "KV", *(f"TP{t} ms" for t in tps), *(f"TP{t}/TP{base}" for t in tps[1:]),
             *(f"TP{t} verify ms" for t in tps), *(f"TP{t} comm" for t in tps[1:]), *(f"TP{t} floor ms" for t in tps),
             *(f"TP{t} MB/step/rank" for t in tps)]
-    lines += ["", "## Decode step and verification", "", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    lines += ["| " + " | ".join(_row_cols(row, tps)) + " |" for row in res["rows"]]
+    lines += ["", "## Decode step and verification", "",
+              md_table(head, [_row_cols(row, tps) for row in res["rows"]], "r" * len(head))]
     if res["failed"]:
         lines += ["", f"## Failed or refused cells ({len(res['failed'])})", ""]
         lines += [f"- {f['cell']}: {f['error']}" for f in res["failed"]]
@@ -498,8 +449,6 @@ def _row_cols(row: dict, tps) -> list[str]:
 
 
 def write_summary(res: dict, out_dir: str) -> None:
-    from ..runs.store import atomic_write_json, atomic_write_text
-
     atomic_write_json(Path(out_dir) / "tp.json", res)
     atomic_write_text(Path(out_dir) / "summary.md", render(res))
 

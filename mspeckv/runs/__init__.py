@@ -6,5 +6,5 @@
 - ``template``: a config dataclass -> CLI flags (``opt``, ``add_flags``, ``from_args``, ``check``), the evals'
   ``CellStore`` and per-item checkpoints;
 - ``checks``: output locations, flags that would be ignored, generation length against a model's context;
-- ``plots``: matplotlib imported lazily, figures written atomically.
+- ``plots``: matplotlib imported lazily, figures written atomically; ``tables``: Markdown and CSV text.
 """

@@ -105,6 +105,13 @@ def e2e(setup_s: float | None, ttft_s: float, decode_s: float, n_generated: int,
     return {"setup_s": setup_s, "e2e_s": total, "e2e_tok_per_s": n_generated / total if total > 0 else None}
 
 
+def median_e2e(runs: list, n_generated: int, walls: list[float] | None = None) -> dict[str, Any]:
+    """:func:`e2e` of the median request: the medians of the runs' ``setup_s``, ``ttft_s`` and ``decode_s``, and of
+    their measured ``walls`` (None: the sum of those parts)."""
+    m = median_of(runs, "setup_s", "ttft_s", "decode_s")
+    return e2e(m["setup_s"], m["ttft_s"], m["decode_s"], n_generated, statistics.median(walls) if walls else None)
+
+
 # --------------------------------------------------------------------------------------------------------- memory
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
@@ -177,16 +184,9 @@ def pinned_store_bytes(model_cfg, placement, capacity: int, dtype_bytes: int = 2
 
 # ------------------------------------------------------------------------------------------------------ bandwidth
 def _copy_seconds(src: torch.Tensor, dst: torch.Tensor, iters: int, skip: int = 0) -> float:
-    """Median seconds of one ``dst.copy_(src)`` on the GPU (CUDA events), the first ``skip`` copies left out."""
-    times = []
-    for _ in range(iters + skip):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src, non_blocking=True)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(times[skip:])
+    """Median seconds of one ``dst.copy_(src)`` on the GPU (CUDA events around each), the first ``skip`` left out."""
+    copy = lambda: dst.copy_(src, non_blocking=True)  # noqa: E731
+    return statistics.median([time_ms(copy, 0, 1, cuda=True) / 1e3 for _ in range(iters + skip)][skip:])
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30, iters: int = 8) -> float:

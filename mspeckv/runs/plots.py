@@ -23,6 +23,17 @@ def figure_cls() -> Any:
     return Figure
 
 
+def label(ax: Any, xlabel: str, ylabel: str, title: str | None = None, legend: int | None = None) -> None:
+    """Axis labels, the title if any, and a legend (of ``legend`` points; None: the default size) when something is
+    labelled."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend)
+
+
 def save(fig: Any, path: str | os.PathLike) -> Path:
     """Lay out and write a figure atomically (temp file + rename), readable by all like any tool's output."""
     fig.tight_layout()

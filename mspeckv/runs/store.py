@@ -67,6 +67,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object file's content; ``{}`` when the file is absent, unreadable or holds no object."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 def json_safe(obj: Any) -> Any:
     """Recursively convert to plain JSON types: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
     if isinstance(obj, float):
@@ -231,15 +240,10 @@ def run_filename(sweep: str, method: str, x_name: str, x: Any, seed: int) -> str
     return f"{_safe(sweep)}__{_safe(method)}__{_safe(x_name)}={_safe(x)}__seed{_safe(seed)}.json"
 
 
-def _key(args: tuple) -> tuple:
-    if len(args) == 1:
-        s = args[0]
-        if isinstance(s, dict):
-            return (s["sweep"], s["method"], s["x_name"], s["x"], s["seed"])
-        return (s.sweep, s.method, s.x_name, s.x, s.seed)
-    if len(args) == 5:
-        return tuple(args)
-    raise TypeError("expected a RunSpec/RunRecord/dict or (sweep, method, x_name, x, seed)")
+def _key(run) -> tuple:
+    """(sweep, method, x_name, x, seed) of a RunSpec, RunRecord or record dict."""
+    names = ("sweep", "method", "x_name", "x", "seed")
+    return tuple(run[k] for k in names) if isinstance(run, dict) else tuple(getattr(run, k) for k in names)
 
 
 @dataclass(frozen=True)
@@ -341,18 +345,17 @@ class RunStore(CellFolder):
         self.runs_dir = self.dir / "runs"
         super().__init__(self.runs_dir)
 
-    def path_for(self, *args: Any) -> Path:
-        """``path_for(spec_or_record)`` or ``path_for(sweep, method, x_name, x, seed)``."""
-        sweep, method, x_name, x, seed = _key(args)
-        return self.runs_dir / run_filename(sweep, method, x_name, x, seed)
+    def path_for(self, run: Any) -> Path:
+        """The file of a run (a RunSpec, RunRecord or record dict)."""
+        return self.runs_dir / run_filename(*_key(run))
 
-    def load(self, *args: Any) -> dict[str, Any] | None:
+    def load(self, run: Any) -> dict[str, Any] | None:
         """The stored record of a run, or None if absent, damaged or foreign."""
-        return self.load_path(self.path_for(*args))
+        return self.load_path(self.path_for(run))
 
-    def done(self, *args: Any) -> bool:
+    def done(self, run: Any) -> bool:
         """True iff an ``ok`` record exists for this run (failed and damaged runs are run again on resume)."""
-        return self.done_path(self.path_for(*args))
+        return self.done_path(self.path_for(run))
 
     def save(self, record: RunRecord | dict[str, Any]) -> Path:
         d = record.to_dict() if isinstance(record, RunRecord) else json_safe(record)
@@ -367,7 +370,8 @@ class RunStore(CellFolder):
 
 
 # ---------------------------------------------------------------------------------------------------------- sweeps
-def _free_cuda_memory() -> None:
+def free_cuda_memory() -> None:
+    """Empty the CUDA caching allocator after a failed run or cell (only where the caller already uses torch)."""
     torch = sys.modules.get("torch")  # only if the caller already uses torch
     if torch is None:
         return
@@ -388,7 +392,7 @@ def run_one(spec: RunSpec, fn: Callable[[RunSpec], dict[str, Any]]) -> RunRecord
     except Exception as e:  # incl. torch.cuda.OutOfMemoryError (a RuntimeError); KeyboardInterrupt propagates
         metrics, status = {}, STATUS_FAILED
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        _free_cuda_memory()
+        free_cuda_memory()
     meta["wall_s"] = time.perf_counter() - t0
     return RunRecord(
         sweep=spec.sweep, x_name=spec.x_name, x=spec.x, method=spec.method, seed=spec.seed, status=status,
@@ -396,12 +400,8 @@ def run_one(spec: RunSpec, fn: Callable[[RunSpec], dict[str, Any]]) -> RunRecord
     )  # fmt: skip
 
 
-def run_sweep(
-    store: RunStore,
-    plan: Sequence[RunSpec],
-    fn: Callable[[RunSpec], dict[str, Any]],
-    progress: bool = True,
-) -> list[RunRecord]:
+def run_sweep(store: RunStore, plan: Sequence[RunSpec], fn: Callable[[RunSpec], dict[str, Any]],
+              progress: bool = True) -> list[RunRecord]:
     """Run every planned spec not already ``ok`` in ``store``; one record per spec, in plan order.
 
     Done runs are not re-run (their stored record is returned). A failure is recorded and the sweep goes on.
@@ -427,28 +427,16 @@ def run_sweep(
 
 
 class _Progress:
-    """Thin rich progress bar (ETA included); a no-op when disabled or rich is missing."""
+    """Thin rich progress bar (ETA included); a no-op when disabled (failures are then printed to stderr)."""
 
     def __init__(self, total: int, enabled: bool):
-        self._p = None
-        self._task = None
+        self._p = self._task = None
         if not enabled:
             return
-        try:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-        except ImportError:
-            return
-        self._p = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(),
-        )  # fmt: skip
+        from rich import progress as rp
+
+        self._p = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                              rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
         self._task = self._p.add_task("sweep", total=total)
 
     def __enter__(self) -> _Progress:

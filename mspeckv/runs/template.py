@@ -31,7 +31,8 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
     given as separate words instead of comma-separated), ``sep`` (a list's separator, default ``,``), ``flag``
     (override the flag name), ``aliases`` (more flag names), ``negate=True`` (a bool field whose flag, e.g.
     ``--no-hf``, sets it False), ``preset`` (a bool field whose flag gives other fields these values unless they are
-    given too, e.g. ``--quick``), ``cli=False`` (not a flag)."""
+    given too, e.g. ``--quick``), ``cli=False`` (not a flag), ``lo``/``hi`` (an int's, or each int item's, range,
+    checked by :func:`check_fields`), ``check=False`` (left to the config's own ``__post_init__``)."""
     if isinstance(default, list | dict):
         raise TypeError("use tuples for list defaults")
     return dataclasses.field(default=default, metadata={"help": help, **meta})
@@ -51,10 +52,12 @@ def flags_of(cls) -> dict[str, str]:
     return {f.name: flag_name(f) for f in cli_fields(cls)}
 
 
-def changed(cfg, *names: str) -> list[str]:
-    """The flags of the fields among ``names`` whose value differs from the field's default."""
+def changed(cfg, *names: str, given=None) -> list[str]:
+    """The flags of the fields among ``names`` whose value differs from the field's default; with ``given`` (the
+    parsed namespace), only those given on the command line (a value a preset set counts as not given)."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    return [flag_name(fields[n]) for n in names if getattr(cfg, n) != fields[n].default]
+    return [flag_name(fields[n]) for n in names if getattr(cfg, n) != fields[n].default
+            and (given is None or getattr(given, n, None) is not None)]
 
 
 def _kind(cls, f: dataclasses.Field) -> tuple[str, type, bool]:
@@ -139,6 +142,30 @@ def from_args(cls, ns, **fixed: Any):
         if kw.get(f.name) is True and "preset" in f.metadata:
             kw = {**f.metadata["preset"], **kw}
     return cls(**kw)
+
+
+def check_fields(cfg) -> None:
+    """Each field's declaration, checked with ``mspeckv.validate`` in field order (the first bad one raises): its type
+    (bool, int, float, str: non-empty; ``X | None``: None allowed too), ``choices``, and ``lo``/``hi`` for ints; a
+    tuple of ints is non-empty and distinct, one of strings with ``choices`` too. Fields with ``check=False``, and
+    tuples of other items, are the config's own to check."""
+    from .. import validate as v
+
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("check", True):
+            continue
+        kind, typ, optional = _kind(type(cfg), f)
+        x, lo, hi, choices = getattr(cfg, f.name), f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("choices")
+        if kind == "bool":
+            v.boolean(f.name, x, optional)
+        elif kind == "list" and (choices or typ is int):
+            v.choices(f.name, x, choices) if choices else v.integers(f.name, x, lo, hi)
+        elif kind == "scalar" and typ is int:
+            v.integer(f.name, x, lo, hi, optional)
+        elif kind == "scalar" and typ is float and not (optional and x is None):
+            v.number(f.name, x)
+        elif kind == "scalar" and typ is str:
+            v.choice(f.name, x, choices, optional) if choices else v.text(f.name, x, optional)
 
 
 def check(cond: bool, flag: str, message: str) -> None:
