@@ -45,7 +45,7 @@ from ..config import GenerationConfig, SamplingConfig
 from ..decoding.autoregressive import generate
 from ..decoding.runner import use_graphs
 from ..decoding.speculative import SpecConfig, check_pair, speculative_generate
-from ..runs.harness import e2e, peak_bytes, reset_peak, wall
+from ..runs.harness import e2e, peak_bytes, reset_peak, sync, wall
 from .registry import REGISTRY
 from .sweep_settings import Point, SweepSettings, placement_for
 
@@ -227,10 +227,24 @@ def _hf_model(ctx: SweepContext, role: str):
 
 
 def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted: bool) -> dict[str, Any]:
-    """One timed transformers ``generate`` (TTFT: a separate 1-token generate; latency: the full one minus it).
-    Assisted: the draft as ``assistant_model`` over ``DynamicCache(offloading=True)`` (offloading needs CUDA; on the
-    CPU a plain ``DynamicCache``). Plain: ``DynamicCache`` on the device."""
+    """One timed transformers ``generate``: TTFT is when its streamer receives the first generated token (the same
+    call, so latency = total - TTFT is never negative), latency the rest. Assisted: the draft as ``assistant_model``
+    over ``DynamicCache(offloading=True)`` (offloading needs CUDA; on the CPU a plain ``DynamicCache``). Plain:
+    ``DynamicCache`` on the device."""
     from transformers import DynamicCache
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):  # generate puts the prompt first, then each new token (moved to the host)
+        def __init__(self):
+            self.puts, self.t = 0, None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                self.t = time.perf_counter()
+
+        def end(self):
+            pass
 
     s, p = ctx.settings, ctx.point(x)
     target = _hf_model(ctx, "target")
@@ -244,19 +258,18 @@ def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted:
     if assisted:
         kw["assistant_model"] = _hf_model(ctx, "draft")
 
-    def gen(n: int) -> tuple[float, int]:
-        torch.manual_seed(seed)
-        cache = DynamicCache(config=target.config, offloading=offload)
-        with torch.inference_mode():
-            out, secs = wall(ctx.device, lambda: target.generate(ids, past_key_values=cache, max_new_tokens=n, **kw))
-        return secs, out.shape[1] - ids.shape[1]
-
     def run(n: int) -> tuple[float, float, int]:
-        ttft, _ = gen(1)
-        total, made = gen(n)
-        return ttft, total, made
+        torch.manual_seed(seed)
+        cache, first = DynamicCache(config=target.config, offloading=offload), FirstToken()
+        sync(ctx.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = target.generate(ids, past_key_values=cache, max_new_tokens=n, streamer=first, **kw)
+        sync(ctx.device)
+        total = time.perf_counter() - t0
+        return first.t - t0, total, out.shape[1] - ids.shape[1]
 
-    (ttft, total, n), peak, _ = _timed(ctx, method, x, run, p.gen_len)  # the wall holds the separate TTFT run too
+    (ttft, total, n), peak, _ = _timed(ctx, method, x, run, p.gen_len)
     # transformers builds and fills its cache inside generate: no setup apart; end to end is the full generate
     loads = [ctx.hf_load_s[r] for r in ("target", "draft") if r in ctx.hf_load_s and (assisted or r == "target")]
     return _metrics(ttft, total - ttft, n, peak, src, ids.shape[1], None, None, total, model_load_s=sum(loads),
