@@ -133,6 +133,8 @@ def test_bench_batch_cells_resume_and_refuse_what_does_not_fit(tmp_path, capsys)
 @pytest.mark.parametrize("kw,match", [
     ({"ragged": "40-8"}, "lo <= hi"), ({"ragged": "x"}, "give a range"), ({"hf": ("32by3",)}, "CONTEXTxBATCH"),
     ({"seeds": 1}, "seeds"), ({"gpu_memory": 0}, "gpu_memory"), ({"batches": (0,)}, "contexts/batches"),
+    ({"spec": ("fast:4@32x2",)}, "MODE:GAMMA@CONTEXTxBATCH"), ({"spec": ("self:0@32x2",)}, "GAMMA >= 1"),
+    ({"spec": ("self:2@32",)}, "CONTEXTxBATCH"),
 ])
 def test_bench_batch_refuses_bad_settings(kw, match):
     from mspeckv.bench.batch import BatchBenchConfig
@@ -173,3 +175,16 @@ def test_plan_takes_the_whole_run_budget(capsys):
     assert main(["plan", "--model", "random:qwen2.5-1.5b", "--context", "32768", "--gpu-memory", "24",
                  "--gpu-kv-budget", "8"]) != 0
     assert "not both" in capsys.readouterr().err
+
+
+def test_bench_batch_speculation_cells(tmp_path):
+    from mspeckv.bench.batch import BatchBenchConfig, run
+
+    cfg = BatchBenchConfig(model="random:tiny", draft="random:tiny", contexts=(24,), batches=(2,), gen_len=6,
+                           seeds=2, ragged="", spec=("self:3@24x3", "vanilla:2@24x2"), window=8, device="cpu",
+                           out=str(tmp_path / "bs"))
+    rows = {r["cell"]: r for r in run(cfg, "cmd")["rows"] if r["method"] == "spec"}
+    assert set(rows) == {"self:3@24x3", "vanilla:2@24x2"} and all(r["runs"] == 2 for r in rows.values())
+    assert 0 <= rows["self:3@24x3"]["acceptance"] <= 1 and rows["self:3@24x3"]["batch"] == 3
+    assert 1 <= rows["vanilla:2@24x2"]["tokens_per_round"] <= 3
+    assert "window 8" in rows["self:3@24x3"]["engine"]

@@ -45,6 +45,11 @@ class BatchBenchConfig:
     presses: tuple[str, ...] = opt((), "compress-to-fit AR: PRESS@CONTEXTxBATCH cells (a press spec or preset, e.g. "
                                    "kivi:bits=4@32768x32)", sep=";")
     offload_gen_len: int = opt(32, "tokens generated per sequence in the offload and press cells")
+    spec: tuple[str, ...] = opt((), "speculation at batch: MODE:GAMMA@CONTEXTxBATCH cells, MODE self or vanilla "
+                                "(e.g. self:4@32768x32)")
+    draft: str = opt("qwen2.5-coder-0.5b", "the draft model of vanilla cells")
+    window: int = opt(2048, "self cells: the newest rows each draft step reads")
+    sinks: int = opt(4, "self cells: the first rows each draft step reads")
     gpu_memory: float | None = opt(None, "GB the run may allocate on the GPU (weights, KV, workspace)")
     prefill_chunk: int = opt(4096, "tokens per prefill forward")
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
@@ -65,6 +70,10 @@ class BatchBenchConfig:
             hf_cell(c)
         for c in self.presses:
             press_cell(c)
+        for c in self.spec:
+            spec_cell(c)
+        v.integer("window", self.window, lo=1)
+        v.integer("sinks", self.sinks, lo=0)
         if self.offload and self.gpu_memory is None:
             raise v.ConfigError("--offload cells stream what does not fit --gpu-memory: give --gpu-memory GB")
         v.integer("offload_gen_len", self.offload_gen_len, lo=2)
@@ -107,6 +116,18 @@ def press_cell(text: str) -> tuple[str, int, int]:
     return (spec, *hf_cell(cell))
 
 
+def spec_cell(text: str) -> tuple[str, int, int, int]:
+    """MODE:GAMMA@CONTEXTxBATCH -> (mode, gamma, context, batch)."""
+    from ..decoding.batch_spec import MODES
+
+    head, _, cell = text.rpartition("@")
+    mode, _, gamma = head.partition(":")
+    if mode not in MODES or not gamma.isdigit() or int(gamma) < 1:
+        raise v.ConfigError(f"--spec {text!r}: give MODE:GAMMA@CONTEXTxBATCH with MODE one of {', '.join(MODES)} and "
+                            f"GAMMA >= 1, e.g. self:4@32768x32")
+    return (mode, int(gamma), *hf_cell(cell))
+
+
 def offload_placement(model_cfg, weight_bytes: int, batch: int, capacity: int, dtype_bytes: int, budget_gb: float):
     """The most on-chip layers that fit the budget beside the weights, the workspace and two bf16 staging layers; the
     rest streamed in bf16 from pinned memory (lossless)."""
@@ -145,6 +166,7 @@ class Bench:
         self.copy_bw = d2d_bandwidth(1 << 30, 10) if self.device.type == "cuda" else None
         self.hf_model = None
         self.h2d_bw = None  # pinned host-to-device bandwidth, measured at the first offload cell
+        self.draft = None  # loaded at the first vanilla cell
 
     def prompts(self, lens: list[int], seed: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(seed)
@@ -166,6 +188,8 @@ class Bench:
         lens = prompt_lengths(spec.method, ctx, batch, self.cfg, spec.seed)
         if spec.method in ("offload", "press"):
             return self.uniform_generate(spec, ctx, batch)
+        if spec.method == "spec":
+            return self.speculate(spec, ctx, batch)
         if spec.method != "hf":  # refused before it allocates
             check_gpu_memory(self.model.cfg, len(lens), max(lens) + self.cfg.gen_len, self.model.dtype.itemsize,
                              self.cfg.gpu_memory)
@@ -223,6 +247,36 @@ class Bench:
                        transfer_floor_ms=per_step / self.h2d_bw * 1e3,
                        vs_transfer_floor=r.ms_per_token / (per_step / self.h2d_bw * 1e3) if per_step else None)
         return out
+
+    def speculate(self, spec: RunSpec, ctx: int, batch: int) -> dict:
+        """Speculation at batch (``decoding/batch_spec.py``), eager, on uniform prompts."""
+        from ..decoding.batch_spec import BatchSpecConfig, generate_batch_spec
+        from ..model.api import load_any
+
+        mode, gamma = spec.config["mode"], spec.config["gamma"]
+        check_gpu_memory(self.model.cfg, batch, ctx + self.cfg.gen_len + gamma + 1, self.model.dtype.itemsize,
+                         self.cfg.gpu_memory)
+        if mode == "vanilla" and self.draft is None:
+            self.draft = load_any(self.cfg.draft, self.device)[0]
+        free_memory()
+        reset_peak(self.device)
+        ps = self.prompts([ctx] * batch, spec.seed)
+        gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
+                               prefill_chunk=self.cfg.prefill_chunk)
+        sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=self.cfg.window)
+        t0 = time.perf_counter()
+        r = generate_batch_spec(self.model, self.draft if mode == "vanilla" else None, ps, gen, sc)
+        sync(self.device)
+        wall = time.perf_counter() - t0
+        st = r.summary()
+        return {k: st[k] for k in ("setup_s", "prefill_s", "decode_s", "decode_steps", "n_generated",
+                                   "acceptance", "tokens_per_round", "rounds")} | {
+            "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall, "capture_s": None,
+            "engine": f"BatchSpecEngine {mode} γ={gamma}" + (f" (window {sc.window}, sinks {sc.sinks})"
+                                                            if mode == "self" else f" (draft {self.cfg.draft})"),
+            "batch": batch, "total_prompt_tokens": ctx * batch, "step_ms": None,
+            "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
+            "model_load_s": self.load_s, "prompts": "random token ids"}
 
     def ours(self, ps, gen) -> dict:
         from ..decoding.batch import generate_batch
@@ -297,6 +351,10 @@ def plan(cfg: BatchBenchConfig) -> list[RunSpec]:
     settings = {k: x for k, x in asdict(cfg).items() if k != "out"}
     specs = [RunSpec("batch", m, "cell", cfg.ragged if m in ("ragged", "uniform") else f"{c}x{b}", s,
                      {"context": c, "batch": b, **settings}) for m, c, b in cells for s in range(cfg.seeds)]
+    for text in cfg.spec:
+        mode, gamma, c, b = spec_cell(text)
+        specs += [RunSpec("batch", "spec", "cell", text, s, {"context": c, "batch": b, "mode": mode, "gamma": gamma,
+                                                             **settings}) for s in range(cfg.seeds)]
     for text in cfg.presses:
         press, c, b = press_cell(text)
         specs += [RunSpec("batch", "press", "cell", f"{press}@{c}x{b}", s, {"context": c, "batch": b, "press": press,
@@ -316,7 +374,8 @@ def summarize(records: list[dict]) -> list[dict]:
         if ok:
             for k in ("decode_tok_per_s", "step_ms", "mbu", "floor_ms", "e2e_s", "e2e_tok_per_s", "setup_s",
                       "capture_s", "prefill_s", "decode_s", "peak_gpu_bytes", "batch", "total_prompt_tokens",
-                      "transfer_floor_ms", "vs_transfer_floor", "h2d_bytes_per_step"):
+                      "transfer_floor_ms", "vs_transfer_floor", "h2d_bytes_per_step", "acceptance",
+                      "tokens_per_round"):
                 xs = [m.get(k) for m in ok if m.get(k) is not None]
                 row[k] = statistics.median(xs) if xs else None
                 if k == "decode_tok_per_s" and len(xs) > 1:
@@ -341,7 +400,8 @@ def render(res: dict) -> str:
     cols = [("method", "{}"), ("cell", "{}"), ("runs", "{}"), ("decode_tok_per_s", "{:.0f}"), ("step_ms", "{:.2f}"),
             ("floor_ms", "{:.2f}"), ("mbu", "{:.1%}"), ("transfer_floor_ms", "{:.1f}"), ("vs_transfer_floor", "{:.2f}"),
             ("setup_s", "{:.2f}"), ("capture_s", "{:.2f}"),
-            ("prefill_s", "{:.2f}"), ("decode_s", "{:.2f}"), ("e2e_s", "{:.2f}"), ("e2e_tok_per_s", "{:.0f}")]
+            ("prefill_s", "{:.2f}"), ("decode_s", "{:.2f}"), ("e2e_s", "{:.2f}"), ("e2e_tok_per_s", "{:.0f}"),
+            ("acceptance", "{:.2f}")]
     lines = [f"# bench batch: {res['config']['model']} on {res['device_name']} (copy bandwidth "
              f"{fmt(res['copy_GBps'], '{:.0f}')} GB/s)", "",
              "| " + " | ".join(c for c, _ in cols) + " | engine / error |", "|" + "---|" * (len(cols) + 1)]
