@@ -27,41 +27,36 @@ from ..cache import check_gpu_memory
 from ..config import GenerationConfig
 from ..runs.harness import d2d_bandwidth, device_name, fmt, free_memory, peak_bytes, reset_peak, sync
 from ..runs.store import RunSpec, RunStore, run_sweep, write_bench
-from ..runs.template import opt
+from ..runs.template import check_fields, opt
 
 
 @dataclass(frozen=True)
 class BatchBenchConfig:
     model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or random:<shape>")
-    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "prompt tokens per sequence (comma list)")
-    batches: tuple[int, ...] = opt((1, 8, 32, 64), "sequences in flight (comma list)")
-    gen_len: int = opt(128, "tokens generated per sequence")
-    seeds: int = opt(3, "runs per cell, each with other prompts (the median is reported)")
-    ragged: str = opt("4096-32768", "length range lo-hi of the ragged cell's prompts ('' skips it)")
-    ragged_batch: int = opt(32, "sequences of the ragged cell and its uniform twin")
+    contexts: tuple[int, ...] = opt((8192, 16384, 32768), "prompt tokens per sequence (comma list)", lo=1)
+    batches: tuple[int, ...] = opt((1, 8, 32, 64), "sequences in flight (comma list)", lo=1)
+    gen_len: int = opt(128, "tokens generated per sequence", lo=1)
+    seeds: int = opt(3, "runs per cell, each with other prompts (the median is reported)", lo=2)
+    ragged: str = opt("4096-32768", "length range lo-hi of the ragged cell's prompts ('' skips it)", check=False)
+    ragged_batch: int = opt(32, "sequences of the ragged cell and its uniform twin", lo=1)
     hf: tuple[str, ...] = opt((), "CONTEXTxBATCH cells for transformers' batched generate (comma list)")
     offload: tuple[str, ...] = opt((), "CONTEXTxBATCH cells of offloaded AR under --gpu-memory (bf16 KV streamed from "
                                    "pinned memory; uniform lengths)")
     presses: tuple[str, ...] = opt((), "compress-to-fit AR: PRESS@CONTEXTxBATCH cells (a press spec or preset, e.g. "
-                                   "kivi:bits=4@32768x32)", sep=";")
-    offload_gen_len: int = opt(32, "tokens generated per sequence in the offload and press cells")
+                                   "kivi:k_bits=4,v_bits=4@32768x32)", sep=";")
+    offload_gen_len: int = opt(32, "tokens generated per sequence in the offload and press cells", lo=2)
     spec: tuple[str, ...] = opt((), "speculation at batch: MODE:GAMMA@CONTEXTxBATCH cells, MODE self or vanilla "
                                 "(e.g. self:4@32768x32)")
     draft: str = opt("qwen2.5-coder-0.5b", "the draft model of vanilla cells")
-    window: int = opt(2048, "self cells: the newest rows each draft step reads")
-    sinks: int = opt(4, "self cells: the first rows each draft step reads")
+    window: int = opt(2048, "self cells: the newest rows each draft step reads", lo=1)
+    sinks: int = opt(4, "self cells: the first rows each draft step reads", lo=0)
     gpu_memory: float | None = opt(None, "GB the run may allocate on the GPU (weights, KV, workspace)")
-    prefill_chunk: int = opt(4096, "tokens per prefill forward")
+    prefill_chunk: int = opt(4096, "tokens per prefill forward", lo=1)
     device: str | None = opt(None, "cpu | cuda (default: cuda if available)")
     out: str = opt("results/bench/batch", "output folder (resumable: done cells are kept)")
 
     def __post_init__(self):
-        v.text("model", self.model)
-        for c in self.contexts + self.batches:
-            v.integer("contexts/batches", c, lo=1)
-        for k in ("gen_len", "ragged_batch", "prefill_chunk"):
-            v.integer(k, getattr(self, k), lo=1)
-        v.integer("seeds", self.seeds, lo=2)  # the median of at least two runs
+        check_fields(self)  # each field's declaration above; then what spans fields or parses text
         if self.ragged:
             lo, hi = ragged_range(self.ragged)
             if not 1 <= lo <= hi:
@@ -72,14 +67,10 @@ class BatchBenchConfig:
             press_cell(c)
         for c in self.spec:
             spec_cell(c)
-        v.integer("window", self.window, lo=1)
-        v.integer("sinks", self.sinks, lo=0)
         if self.offload and self.gpu_memory is None:
             raise v.ConfigError("--offload cells stream what does not fit --gpu-memory: give --gpu-memory GB")
-        v.integer("offload_gen_len", self.offload_gen_len, lo=2)
         if self.gpu_memory is not None:
             v.number("gpu_memory", self.gpu_memory, lo=0, lo_open=True)
-        v.text("device", self.device, optional=True)
 
     def validate(self) -> None:
         from ..model.api import model_config
