@@ -24,6 +24,18 @@ from torch import Tensor
 from .base import CacheFullError, KVCache, check_shape
 
 
+def check_focus(first: int, n: int, slots: int) -> None:
+    if not (0 <= first and n >= 1 and first + n <= slots):
+        raise ValueError(f"slots [{first}, {first + n}) outside this cache's {slots} slots")
+
+
+def first_free(free: list[int], slots: int) -> int:
+    """The slot a joining sequence takes: the lowest free one."""
+    if not free:
+        raise CacheFullError(f"all {slots} slots hold a sequence; one must leave before another joins")
+    return free[0]
+
+
 class BatchKV(KVCache):
     graphable = True
     ragged = True  # per-sequence lengths: positions come from token_positions(), not from one pos0
@@ -54,16 +66,12 @@ class BatchKV(KVCache):
         """The slots ``[first, first + n)`` the next forwards (and ``rollback``/``length``) cover."""
         if self._n is not None:
             raise RuntimeError("focus() inside a forward (between begin and end)")
-        if not (0 <= first and n >= 1 and first + n <= self.slots):
-            raise ValueError(f"slots [{first}, {first + n}) outside this cache's {self.slots} slots")
+        check_focus(first, n, self.slots)
         self.first, self.batch = first, n
 
     def join(self) -> int:
         """Take the lowest free slot for a new sequence (length 0) -> its index."""
-        free = self.free_slots()
-        if not free:
-            raise CacheFullError(f"all {self.slots} slots hold a sequence; one must leave before another joins")
-        s = free[0]
+        s = first_free(self.free_slots(), self.slots)
         self.host_live[s], self.host_lens[s] = True, 0
         self.live[s], self.lens[s] = 1, 0
         return s

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import CacheFullError, KVCache
+from .base import KVCache
+from .batch import check_focus, first_free
 
 
 class SeqStackKV(KVCache):
@@ -36,20 +37,17 @@ class SeqStackKV(KVCache):
 
     # ------------------------------------------------------------------------------------------------- slots
     def focus(self, first: int, n: int) -> None:
-        if not (0 <= first and n >= 1 and first + n <= self.slots):
-            raise ValueError(f"slots [{first}, {first + n}) outside this cache's {self.slots} slots")
+        check_focus(first, n, self.slots)
         self.first, self.batch = first, n
 
     def join(self) -> int:
-        free = self.free_slots()
-        if not free:
-            raise CacheFullError(f"all {self.slots} slots hold a sequence; one must leave before another joins")
+        s = first_free(self.free_slots(), self.slots)
         c = self.factory()
         if getattr(c, "batch", 1) not in (None, 1):
             raise ValueError(f"the factory must build batch-1 caches, got batch {c.batch}")
-        self.caches[free[0]] = c
+        self.caches[s] = c
         self.n_layers = c.n_layers
-        return free[0]
+        return s
 
     def leave(self, slot: int) -> None:
         if self.caches[slot] is None:
