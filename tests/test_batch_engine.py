@@ -250,3 +250,48 @@ def test_seq_stack_leave_drops_the_sequences_bytes_and_rolls_back_per_sequence()
         st.rollback([1])
     with pytest.raises(ValueError, match="focus\\(slot, 1\\) first"):
         st.read(0)
+
+
+def test_seq_stack_with_a_free_slot_inside_the_batch_and_limits_per_sequence():
+    """Sequences leave at different steps, so later forwards cover a free slot between live ones (computed, never
+    attended); each sequence still equals its run alone."""
+    m = tiny_model("llama")
+    ps = prompts((20, 9, 31, 14), seed=8)
+    pl = Placement(on_chip=1, kv_quant="int8", kv_group_size=16)
+    gen = GenerationConfig(max_new_tokens=9, stop_on_eos=False)
+    eng = BatchEngine(m, 4, 40, gen, cache=batch_cache(m, 4, 40, pl))
+    r = eng.run(ps, max_new=[2, 9, 3, 6])
+    for p, s, n in zip(ps, r.seqs, (2, 9, 3, 6), strict=True):
+        want = generate(m, torch.tensor([p]), GenerationConfig(max_new_tokens=n, stop_on_eos=False),
+                        cache=make_cache(m, pl, 1, len(p) + n))
+        assert s.tokens == want.tokens[0] and s.finish == "length"
+
+
+def test_result_records_by_hand():
+    from mspeckv.decoding.batch import BatchResult, Sequence
+
+    s = Sequence(3, [5, 6, 7], 4, slot=1, tokens=[9, 8], finish="eos", ttft_s=0.5, done_s=1.5)
+    assert s.to_dict() == {"index": 3, "prompt_len": 3, "tokens": [9, 8], "n_generated": 2, "finish_reason": "eos",
+                           "ttft_s": 0.5, "latency_s": 1.5}
+    t = Sequence(4, [1], 2, tokens=[2, 3, 4])
+    r = BatchResult([s, t], 2, 0.5, 1.0, 2.0, 3, stats={"mode": "ar"})
+    assert r.n_generated == 5 and r.tok_per_s == (5 - 2) / 2.0 and r.e2e_s == 3.5 and r.e2e_tok_per_s == 5 / 3.5
+    assert r.summary() == {"sequences": 2, "max_batch": 2, "n_generated": 5, "setup_s": 0.5, "prefill_s": 1.0,
+                           "decode_s": 2.0, "decode_steps": 3, "tok_per_s": 1.5, "e2e_s": 3.5,
+                           "e2e_tok_per_s": 5 / 3.5, "mode": "ar"}
+    empty = BatchResult([t], 1, 0.0, 0.0, 0.0, 0)
+    assert empty.tok_per_s != empty.tok_per_s and empty.e2e_tok_per_s != empty.e2e_tok_per_s  # nan, not a division
+
+
+def test_engine_counts_and_memory_report():
+    m = tiny_model("llama")
+    gen = GenerationConfig(max_new_tokens=5, stop_on_eos=False)
+    eng = BatchEngine(m, 2, 30, gen, check_every=2)
+    assert eng.every == 2 and eng.max_batch == 2 and not eng.graphs and eng.eos == set()
+    r = eng.run(prompts((7, 12)))
+    assert r.decode_steps == 4  # one forward per token after the first, the two sequences together
+    assert r.stats["kv_bytes_allocated"] == kv_bytes(m.cfg, 2, 30, 4) and r.stats["slots"] == 2
+    assert r.stats["capacity"] == 30 and r.stats["rows_held"] == 0 and r.stats["graphs"] is False
+    assert r.prefill_s > 0 and r.decode_s > 0 and r.setup_s >= 0
+    eos_eng = BatchEngine(m, 1, 30, GenerationConfig(max_new_tokens=5), eos_ids=[7, 9])
+    assert eos_eng.eos == {7, 9} and eos_eng.every == 1

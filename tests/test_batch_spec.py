@@ -101,3 +101,21 @@ def test_bad_configs():
         BatchSpecEngine(m, None, 1, 8, gen, BatchSpecConfig("self", 3)).run([[5] * 6])
     with pytest.raises(ValueError, match="no prompts"):
         generate_batch_spec(m, None, [], gen, BatchSpecConfig())
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "self"])
+def test_sampling_with_top_k_1_is_greedy_through_the_sampled_path(mode):
+    """top_k = 1 makes every distribution one-hot: the sampled path (draft probs, draws, rejection sampling) must then
+    give greedy AR's tokens exactly, and the counters count what ran."""
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
+    ps = prompts((12, 30, 7), seed=6)
+    samp = SamplingConfig(temperature=0.7, top_k=1, seed=0)
+    gen = GenerationConfig(max_new_tokens=9, stop_on_eos=False, sampling=samp)
+    eng = BatchSpecEngine(m, draft, 3, 40, gen, BatchSpecConfig(mode, 3, sinks=1, window=6))
+    r = eng.run(ps)
+    greedy = GenerationConfig(max_new_tokens=9, stop_on_eos=False)
+    for p, s in zip(ps, r.seqs, strict=True):
+        assert s.tokens == generate(m, torch.tensor([p]), greedy).tokens[0]
+    assert r.decode_steps == eng.rounds == eng.steps >= 2 and eng.seq_rounds >= eng.rounds
+    assert r.decode_s > 0 and r.prefill_s > 0 and eng.accepted <= eng.seq_rounds * 3

@@ -99,7 +99,9 @@ GROUPS["batch"] = (["mspeckv/kv/batch.py", "mspeckv/kv/stack.py", "mspeckv/decod
                    ["tests/test_batch_engine.py",
                     *[f"tests/test_batch_spec.py::{t}" for t in ("test_greedy_at_batch_equals_each_prompt_alone",
                                                                    "test_leave_at_eos_and_join_during_speculation",
-                                                                   "test_bad_configs")],
+                                                                   "test_bad_configs",
+                                                                   "test_sampling_with_top_k_1_is_greedy_through_the_"
+                                                                   "sampled_path")],
                     "tests/test_batch_cli.py::test_gpu_memory_budget_counts_weights_kv_and_workspace"])
 # Not mutated: mspeckv/kv/quant_triton.py and the Triton parts of model/fused.py (GPU only: no CPU test reaches them).
 # Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
