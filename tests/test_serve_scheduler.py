@@ -19,7 +19,10 @@ def prompts(lens, seed=0):
     return [torch.randint(3, 97, (n,), generator=g).tolist() for n in lens]
 
 
-def solo(m, p, n, sampling=SamplingConfig()):
+GREEDY = SamplingConfig()
+
+
+def solo(m, p, n, sampling=GREEDY):
     return generate(m, torch.tensor([p]), GenerationConfig(max_new_tokens=n, sampling=sampling)).tokens[0]
 
 
