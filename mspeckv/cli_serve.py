@@ -78,19 +78,14 @@ def check(a):
 
 
 def cmd_serve(a) -> int:
-    from .decoding.batch import batch_cache
-    from .model.api import load
-    from .serve.app import Served, serve_forever
-    from .serve.scheduler import Scheduler, SchedulerConfig
+    from .serve.app import build_served, serve_forever
+    from .serve.scheduler import SchedulerConfig
 
     _, p, cap = check(a)
     cfg = SchedulerConfig(max_batch=a.max_batch, capacity=cap, queue=a.queue, timeout_s=a.timeout,
                           prefill_chunk=a.prefill_chunk, interleave=not a.no_interleave)
-    model, tok, _ = load(a.model, a.device)
-    cache = batch_cache(model, a.max_batch, cap, p, a.press)
-    sch = Scheduler(model, lambda ids: tok.decode(ids, skip_special_tokens=True), cfg, cache=cache)
-    served = Served(a.served_model_name or a.model, tok, sch, a.api_key)
-    print(f"mspeckv serve: {served.name} on {model.device}, {a.max_batch} slots of {cap} tokens, "
+    served = build_served(a.model, cfg, a.device, a.served_model_name, a.api_key, p, a.press)
+    print(f"mspeckv serve: {served.name} on {served.scheduler.model.device}, {a.max_batch} slots of {cap} tokens, "
           f"http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
     serve_forever(served, a.host, a.port, a.shutdown_timeout)
     return 0

@@ -350,6 +350,19 @@ def create_app(served: Served) -> FastAPI:
 
 
 # ---------------------------------------------------------------------------------------------------- running it
+def build_served(model_ref: str, cfg, device=None, name: str | None = None, api_key: str | None = None,
+                 placement=None, press=None) -> Served:
+    """Load ``model_ref`` and its tokenizer, allocate the batched KV (``cfg.max_batch`` slots of ``cfg.capacity``
+    rows; placed or pressed per sequence with ``placement``/``press``) and build the scheduler (not started)."""
+    from ..decoding.batch import batch_cache
+    from ..model.api import load
+
+    model, tok, _ = load(model_ref, device)
+    cache = batch_cache(model, cfg.max_batch, cfg.capacity, placement, press)
+    sch = Scheduler(model, lambda ids: tok.decode(ids, skip_special_tokens=True), cfg, cache=cache)
+    return Served(name or model_ref, tok, sch, api_key)
+
+
 def serve_forever(served: Served, host: str = "127.0.0.1", port: int = 8000, grace_s: float = 30.0,
                   log_level: str = "info", ready=None) -> None:
     """Run the app under uvicorn until SIGTERM or SIGINT, then shut down gracefully: the scheduler takes no new
