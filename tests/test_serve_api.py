@@ -140,8 +140,14 @@ def test_openai_client_every_endpoint(live, model_dir, capsys):
     m = httpx.get(live.url + "/metrics")
     assert m.status_code == 200 and "text/plain" in m.headers["content-type"]
     for name in ("mspeckv_running_sequences", "mspeckv_queued_requests", "mspeckv_tokens_per_second",
-                 "mspeckv_kv_bytes_held", "mspeckv_kv_bytes_allocated", "mspeckv_generated_tokens_total"):
+                 "mspeckv_kv_bytes_held", "mspeckv_kv_bytes_allocated", "mspeckv_generated_tokens_total",
+                 'mspeckv_kv_report_bytes{key="kv_bytes_allocated"}', 'mspeckv_requests_finished_total{how="stop"}'):
         assert name in m.text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in m.text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["mspeckv_generated_tokens_total"] >= 6 * 8  # at least the tokens of the requests above
+    assert values["mspeckv_prompt_tokens_total"] >= 6 * len(prompt)
+    assert values["mspeckv_kv_bytes_allocated"] == live.sch.engine.cache.nbytes() > 0
 
 
 def test_64_concurrent_streams_with_cancellations(live):

@@ -209,6 +209,11 @@ class Metrics:
         for name, doc in (("generated_tokens", "tokens generated"), ("prompt_tokens", "prompt tokens prefilled"),
                           ("decode_steps", "batched decode forwards"), ("rounds", "scheduler rounds")):
             yield CounterMetricFamily(f"mspeckv_{name}", doc, value=st[name])
+        g = GaugeMetricFamily("mspeckv_kv_report_bytes", "the KV cache's own byte counts (memory_report), by key",
+                              labels=["key"])
+        for key, x in sorted(st["kv_report"].items()):
+            g.add_metric([key], x)
+        yield g
         c = CounterMetricFamily("mspeckv_requests_finished", "requests finished, by how", labels=["how"])
         for how, x in st["finished"].items():
             c.add_metric([how], x)

@@ -191,6 +191,9 @@ class Scheduler:
                 "running": len(self.active), "queued": len(self.inbox) + len(self.waiting),
                 "tokens_per_s": sum(n for _, n in recent) / window if window > 0 else 0.0,
                 "kv_bytes_held": kv.get("kv_bytes_held", 0), "kv_bytes_allocated": kv.get("kv_bytes_allocated", 0),
+                # every byte count of the cache's own report (a placed cache: GPU, pinned host, streamed H2D)
+                "kv_report": {k: x for k, x in kv.items() if isinstance(x, int | float) and not isinstance(x, bool)
+                              and "bytes" in k},
                 "slots": self.cfg.max_batch, "capacity": self.cfg.capacity}
 
     # ------------------------------------------------------------------------------------------------ the thread
