@@ -134,10 +134,11 @@ def test_stop_string_cuts_the_text_and_frees_the_slot():
 
 def test_cancel_and_timeout_leave_their_slots():
     m = tiny_model("llama")
-    sch = Scheduler(m, text, SchedulerConfig(max_batch=2, capacity=300, timeout_s=0.5)).start()
+    slow = lambda ids: (time.sleep(0.005), text(ids))[1]  # noqa: E731  (>= 5 ms a round: 400 tokens take > 2 s)
+    sch = Scheduler(m, slow, SchedulerConfig(max_batch=2, capacity=500, timeout_s=0.5)).start()
     ev = [[], [], []]
     try:
-        reqs = [Request(p, 250, emit=ev[i].append) for i, p in enumerate(prompts((5, 6, 7)))]
+        reqs = [Request(p, 400, emit=ev[i].append) for i, p in enumerate(prompts((5, 6, 7)))]
         for r in reqs:
             sch.submit(r)
         t = time.time()

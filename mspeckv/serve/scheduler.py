@@ -91,6 +91,10 @@ class Request:
     seq: Sequence | None = None
     submitted: float = 0.0
     text: str = ""  # the text so far (cut at a stop string)
+    raw: str = ""  # the text of tokens [0, read)
+    ctx: int = 0  # tokens [ctx, read) are decoded again as the context of the new ones
+    read: int = 0
+    searched: int = 0  # characters of ``raw`` searched for stop strings
     sent: int = 0  # characters of ``text`` emitted
     counted: int = 0  # tokens counted in the metrics
     finished: bool = False
@@ -277,22 +281,31 @@ class Scheduler:
             self.recent.popleft()
 
     def advance(self, r: Request) -> None:
-        """Decode ``r``'s tokens to text; cut at the first stop string; emit what can no longer change."""
+        """Decode ``r``'s new tokens to text; cut at the first stop string; emit what can no longer change.
+
+        Incremental: only the tokens since the last complete text are decoded, after the few before them (their
+        context, e.g. a leading space), so a round costs the new tokens, not the whole output. Text that ends in an
+        incomplete character waits for the next token."""
         s = r.seq
-        text = self.decode(s.tokens)
+        head = self.decode(s.tokens[r.ctx:r.read])
+        tail = self.decode(s.tokens[r.ctx:])
+        if len(tail) > len(head) and (not tail.endswith("\ufffd") or s.finish is not None):
+            r.raw += tail[len(head):]
+            r.ctx, r.read = r.read, len(s.tokens)
         finish = {"eos": "stop", "length": "length"}.get(s.finish)
+        text = r.raw
         if r.stop:
-            hits = [i for i in (text.find(x) for x in r.stop) if i >= 0]
+            start = max(0, r.searched - max(map(len, r.stop)))
+            hits = [i for i in (text.find(x, start) for x in r.stop) if i >= 0]
             if hits:
                 text, finish = text[:min(hits)], "stop"
+            r.searched = len(text)
         r.text = text
         if finish is not None:
             self.finish(r, finish)
             return
         hold = max((len(x) for x in r.stop), default=1) - 1  # a stop string may be starting at the end
         upto = len(text) - hold
-        while upto > r.sent and text[upto - 1] == "\ufffd":  # an incomplete character: wait for its next token
-            upto -= 1
         if upto > r.sent:
             r.emit(Event("text", text[r.sent:upto]))
             r.sent = upto
