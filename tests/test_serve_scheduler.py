@@ -196,3 +196,29 @@ def test_interleaving_keeps_running_streams_flowing(interleave):
         assert between >= 8, log  # 200 tokens in chunks of 16: 13 rounds, a decode step in each
     else:
         assert between <= 2, log
+
+
+def test_a_failed_round_fails_its_requests_and_the_loop_goes_on(monkeypatch):
+    m = tiny_model("llama")
+    sch = Scheduler(m, text, SchedulerConfig(max_batch=2, capacity=64)).start()
+    ev = [[], []]
+    try:
+        real = sch.engine.decode_segment
+        calls = {"n": 0}
+
+        def boom(t):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("planted failure")
+            return real(t)
+
+        monkeypatch.setattr(sch.engine, "decode_segment", boom)
+        sch.submit(Request(prompts((5,))[0], 10, emit=ev[0].append))
+        wait(ev, 1)
+        p = prompts((7,), seed=3)[0]
+        sch.submit(Request(p, 6, emit=ev[1].append))
+        wait(ev, 2)
+    finally:
+        sch.stop()
+    assert ev[0][-1].kind == "error" and ev[0][-1].code == "internal" and "planted failure" in ev[0][-1].error
+    assert ev[1][-1].kind == "done" and joined(ev[1]) == text(solo(m, p, 6))

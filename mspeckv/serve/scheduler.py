@@ -343,6 +343,7 @@ class Scheduler:
             self.inbox.clear()
         for r in [*self.waiting, *self.active]:
             self.finish(r, how, error=message, code=code)
+        self.engine.cache.abort()  # a forward that raised between begin and end
         for s in self.engine.slot_seq:  # a failed round may leave a slot behind
             if s is not None:
                 self.engine.retire(s, how)
