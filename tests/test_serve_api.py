@@ -148,6 +148,8 @@ def test_openai_client_every_endpoint(live, model_dir, capsys):
     assert values["mspeckv_generated_tokens_total"] >= 6 * 8  # at least the tokens of the requests above
     assert values["mspeckv_prompt_tokens_total"] >= 6 * len(prompt)
     assert values["mspeckv_kv_bytes_allocated"] == live.sch.engine.cache.nbytes() > 0
+    assert values["mspeckv_time_to_first_token_seconds_count"] >= 6
+    assert values["mspeckv_time_to_first_token_seconds_sum"] > 0
 
 
 def test_64_concurrent_streams_with_cancellations(live):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from ..config import SamplingConfig
 from .scheduler import Closed, Event, QueueFull, Scheduler
@@ -214,6 +214,8 @@ class Metrics:
         for key, x in sorted(st["kv_report"].items()):
             g.add_metric([key], x)
         yield g
+        yield SummaryMetricFamily("mspeckv_time_to_first_token_seconds", "arrival to first token (queue + prefill) "
+                                  "of the completed requests", count_value=st["ttft_count"], sum_value=st["ttft_sum_s"])
         c = CounterMetricFamily("mspeckv_requests_finished", "requests finished, by how", labels=["how"])
         for how, x in st["finished"].items():
             c.add_metric([how], x)

@@ -125,7 +125,8 @@ class Scheduler:
         self.t0 = time.perf_counter()
         # counters read by the metrics endpoint (written by the scheduler thread only)
         self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "decode_steps": 0, "rounds": 0,
-                      "finished": {"stop": 0, "length": 0, "cancelled": 0, "timeout": 0, "error": 0, "shutdown": 0}}
+                      "finished": {"stop": 0, "length": 0, "cancelled": 0, "timeout": 0, "error": 0, "shutdown": 0},
+                      "ttft_count": 0, "ttft_sum_s": 0.0}
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last rounds, for tokens/s
 
     # ------------------------------------------------------------------------------------------------ any thread
@@ -330,6 +331,9 @@ class Scheduler:
             if error is not None:
                 r.emit(Event("error", error=error, code=code))
             elif how != "cancelled":
+                if r.seq is not None and r.seq.ttft_s is not None:  # arrival -> first token (queue + prefill)
+                    self.stats["ttft_count"] += 1
+                    self.stats["ttft_sum_s"] += r.seq.ttft_s
                 if len(r.text) > r.sent:
                     r.emit(Event("text", r.text[r.sent:]))
                     r.sent = len(r.text)
