@@ -378,6 +378,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .cli_eval import add_eval_parser
 
     add_eval_parser(sub)  # mspeckv eval ... and mspeckv data ...
+    from .cli_serve import add_serve_parser
+
+    add_serve_parser(sub)  # mspeckv serve
     checks.record_defaults(ap)
     record_applies(ap)
     return ap

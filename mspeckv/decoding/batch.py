@@ -13,19 +13,26 @@ One loop, three parts (nano-vllm's shape: a scheduler, a cache of slots, a runne
 
 Greedy output per sequence equals that prompt decoded alone (``tests/test_batch_engine.py``): sequences share
 forwards but never attend to each other. Sampled output draws from one generator for the whole batch, so a sampled
-sequence depends on what else is in the batch (per-request seeds are the server's).
+sequence depends on what else is in the batch, unless the sequence brings its own sampling and generator
+(``Sequence.sampling``/``generator``): then its draws are its own, one per token as ``generate`` draws them alone.
+
+The server (``serve/scheduler.py``) drives the same pieces one at a time: ``start`` takes a slot, ``feed`` prefills
+one chunk of the prompt into it (the last chunk gives the first token), and ``decode_segment`` advances every slot
+whose prompt is complete while a slot still being prefilled sits the segment out (``holding``); ``retire`` frees a
+slot early (a stop string, a cancelled request).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, SamplingConfig
 from ..kv.batch import BatchKV
 from .runner import Runner, make_runner, use_graphs
 from .sampling import make_generator, next_token
@@ -55,6 +62,13 @@ class Sequence:
     finish: str | None = None  # "eos" | "length" once it left
     ttft_s: float | None = None  # run start -> first token (queueing + prefill)
     done_s: float | None = None  # run start -> last token on the host
+    sampling: SamplingConfig | None = None  # its own sampling (None: the engine's)
+    generator: torch.Generator | None = None  # its own draws (with ``sampling``)
+    fed: int = 0  # prompt tokens in its slot so far
+
+    @property
+    def prefilled(self) -> bool:
+        return self.fed == len(self.prompt)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "prompt_len": len(self.prompt), "tokens": self.tokens,
@@ -139,20 +153,51 @@ class BatchEngine:
     # ------------------------------------------------------------------------------------------------ the loop
     def admit(self, seq: Sequence, t_run: float) -> None:
         """Prefill ``seq`` alone into a free slot; its first token."""
+        self.start(seq)
+        while not self.feed(seq, self.gen.prefill_chunk, t_run):
+            pass
+
+    def start(self, seq: Sequence) -> None:
+        """Give ``seq`` a free slot, nothing prefilled yet."""
+        slot = self.cache.join()
+        seq.slot, seq.fed, self.slot_seq[slot] = slot, 0, seq
+
+    def feed(self, seq: Sequence, n: int, t_run: float) -> bool:
+        """Prefill the next ``n`` (at most) prompt tokens of ``seq`` into its slot in one forward; the last chunk
+        samples its first token (then True)."""
         sync(self.device)
         t0 = time.perf_counter()
-        slot = self.cache.join()
-        seq.slot, self.slot_seq[slot] = slot, seq
-        self.cache.focus(slot, 1)
-        ids = torch.tensor([seq.prompt], device=self.device)
-        logits = self.model.prefill(ids, self.cache, chunk=self.gen.prefill_chunk)  # (1, V)
+        self.cache.focus(seq.slot, 1)
+        ids = torch.tensor([seq.prompt[seq.fed:seq.fed + n]], device=self.device)
+        logits = self.model(ids, self.cache, num_logits=1)[:, -1]  # (1, V), as model.prefill's chunks
+        seq.fed += ids.shape[1]
+        if not seq.prefilled:
+            self.prefill_s += time.perf_counter() - t0
+            return False
         self.cache.compress()  # a press (per-sequence caches) runs after its prefill, inside TTFT
-        tok = next_token(logits, self.gen.sampling, self.g)
-        self.last[slot] = tok[0]
+        tok = self.sample(logits, [seq])
+        self.last[seq.slot] = tok[0]
         t = tok.item()  # one sync per admission: the first token decides whether the sequence is already done
         self.prefill_s += time.perf_counter() - t0
         seq.ttft_s = time.perf_counter() - t_run
         self.append(seq, [t], t_run)
+        return True
+
+    def sample(self, logits: Tensor, rows: list[Sequence | None]) -> Tensor:
+        """logits (B, V) -> (B,) tokens: row b by ``rows[b]``'s own sampling and generator where it has them, else by
+        the engine's (a free slot's row: the engine's, thrown away)."""
+        own = [b for b, s in enumerate(rows) if s is not None and s.sampling is not None]
+        if not own:
+            return next_token(logits, self.gen.sampling, self.g)
+        engine_rows = any(s is not None and s.sampling is None for s in rows)
+        if engine_rows and not self.gen.sampling.greedy:
+            tok = next_token(logits, self.gen.sampling, self.g)
+        else:  # greedy, or throwaway rows only (free slots)
+            tok = logits.argmax(-1)
+        for b in own:  # one draw of its own per token, as generate() draws for that prompt alone
+            if not rows[b].sampling.greedy:
+                tok[b] = next_token(logits[b:b + 1], rows[b].sampling, rows[b].generator)[0]
+        return tok
 
     def append(self, seq: Sequence, toks: list[int], t_run: float) -> None:
         """Give ``seq`` its new tokens up to its EOS or limit; it leaves when it is done."""
@@ -163,28 +208,42 @@ class BatchEngine:
                 break
         if seq.finish is not None:
             seq.done_s = time.perf_counter() - t_run
+            self.retire(seq, seq.finish)
+
+    def retire(self, seq: Sequence, finish: str) -> None:
+        """``seq`` leaves its slot now (done, stopped or cancelled); the slot is free for the next."""
+        seq.finish = seq.finish or finish
+        if seq.slot is not None and self.slot_seq[seq.slot] is seq:
             self.cache.leave(seq.slot)
             self.slot_seq[seq.slot] = None
 
     def decode_segment(self, t_run: float) -> None:
-        live = [s for s in self.slot_seq if s is not None]
-        n = min(self.every, min(s.max_new - len(s.tokens) for s in live))
+        """Up to ``check_every`` decode steps of every slot whose prompt is complete (a slot still being prefilled
+        sits them out); nothing when there is none."""
+        live = [s for s in self.slot_seq if s is not None and s.prefilled]
+        if not live:
+            return
+        held = [s for s in self.slot_seq if s is not None and not s.prefilled]
+        n = min(self.every, min(s.max_new - len(s.tokens) for s in live),
+                *(self.cache.capacity() - s.fed for s in held))  # a held slot's capacity check counts the steps
         bucket = next(b for b in buckets(self.max_batch) if b > max(s.slot for s in live))
+        rows = [s if s is not None and s.prefilled else None for s in self.slot_seq[:bucket]]
         self.cache.focus(0, bucket)
         sync(self.device)
         t0 = time.perf_counter()
         out = []
-        for _ in range(n):
-            self.runner.n = self.cache.length()
-            logits = self.runner.step(self.last[:bucket, None])[:, -1]  # (bucket, V)
-            tok = next_token(logits, self.gen.sampling, self.g)
-            self.last[:bucket] = tok
-            out.append(tok)
-        rows = torch.stack(out, 1).tolist()  # (bucket, n): the segment's one sync
+        with holding(self.cache, [s.slot for s in held if s.slot < bucket]):
+            for _ in range(n):
+                self.runner.n = self.cache.length()
+                logits = self.runner.step(self.last[:bucket, None])[:, -1]  # (bucket, V)
+                tok = self.sample(logits, rows)
+                self.last[:bucket] = tok
+                out.append(tok)
+            toks = torch.stack(out, 1).tolist()  # (bucket, n): the segment's one sync
         self.decode_s += time.perf_counter() - t0
         self.steps += n
         for s in live:
-            self.append(s, rows[s.slot], t_run)
+            self.append(s, toks[s.slot], t_run)
 
     def run(self, prompts: list[list[int]], max_new: list[int] | None = None) -> BatchResult:
         """Decode every prompt (lists of token ids); results in input order."""
@@ -215,6 +274,37 @@ class BatchEngine:
                            self.steps, stats={"mode": "ar", "capture_s": cs, "graphs": self.graphs,
                                               "eager_steps": e, "captures": c,
                                               **self.cache.memory_report()})
+
+
+@contextmanager
+def holding(cache, slots: list[int]):
+    """The slots of sequences still being prefilled sit out the decode forwards that cover them: their rows and
+    lengths stay as they are. Each forward computes a throwaway row for such a slot, as for a free one: a ``BatchKV``
+    slot is marked not live on the device (its length does not advance; the row lands in the first row past its
+    prompt so far, which its next prefill chunk overwrites) and its host length is restored after; a ``SeqStackKV``
+    slot's own cache is set aside for the segment."""
+    if not slots:
+        yield
+        return
+    if isinstance(cache, BatchKV):
+        lens = [cache.host_lens[s] for s in slots]
+        for s in slots:
+            cache.live[s] = 0
+        try:
+            yield
+        finally:
+            for s, n in zip(slots, lens, strict=True):
+                cache.live[s] = 1
+                cache.host_lens[s] = n
+        return
+    kept = [cache.caches[s] for s in slots]
+    for s in slots:
+        cache.caches[s] = None
+    try:
+        yield
+    finally:
+        for s, c in zip(slots, kept, strict=True):
+            cache.caches[s] = c
 
 
 def batch_cache(model, slots: int, capacity: int, placement=None, press=None):

@@ -1,0 +1,91 @@
+"""``mspeckv serve``: the OpenAI-compatible server (``mspeckv/serve/``) from the command line. CLI only: every flag is
+checked before the weights load."""
+
+from __future__ import annotations
+
+import sys
+
+from . import cli_checks as checks
+from .cli_common import add_placement, check_flags, placement
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (AR)",
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health, /metrics. Requests join the running batch between rounds; their prefill "
+                                   "is chunked and interleaved with decoding. Needs the serve extra "
+                                   "(pip install -e '.[serve]').")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="embedded name, HF directory, .gguf file or hub id")
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: --model)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots)")
+    p.add_argument("--max-context", type=int, default=None, help="KV rows per slot: a request's prompt + max_tokens "
+                   "(default: the model's context, at most 4096)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward, and per round "
+                   "while others decode")
+    p.add_argument("--no-interleave", action="store_true", help="prefill each joining prompt whole before the next "
+                   "decode step (for comparison: running streams stall meanwhile)")
+    p.add_argument("--queue", type=int, default=64, help="requests waiting for a slot; more get HTTP 429")
+    p.add_argument("--timeout", type=float, default=None, help="seconds a request may take, from its arrival "
+                   "(default: none)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish "
+                   "after SIGTERM")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    add_placement(p)
+    p.set_defaults(fn=cmd_serve, mode="ar", drafter="model", tp=1, backend="ours")
+
+
+def check(a):
+    """Everything that can be refused before the weights load -> (model config, placement, capacity)."""
+    from . import validate as v
+    from .model.api import parse_device
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"mspeckv serve needs the serve extra ({e.name} is missing): "
+                         f"pip install -e '.[serve]'") from None
+    v.integer("max_batch", a.max_batch, lo=1)
+    v.integer("prefill_chunk", a.prefill_chunk, lo=1)
+    v.integer("queue", a.queue, lo=1)
+    v.integer("port", a.port, lo=0, hi=65535)
+    if a.timeout is not None:
+        v.number("timeout", a.timeout, lo=0, lo_open=True)
+    v.number("shutdown_timeout", a.shutdown_timeout, lo=0)
+    if a.api_key is not None and not a.api_key.strip():
+        raise ValueError("--api-key is empty: give a key, or drop the flag to serve without one")
+    if not a.host:
+        raise ValueError("--host is empty: give an address to bind (127.0.0.1 keeps the server local)")
+    if a.press_every is not None:
+        raise ValueError("--press-every is not supported by mspeckv serve (the batched engine presses once, after each "
+                         "prefill): drop it")
+    parse_device(a.device)
+    p = placement(a)
+    check_flags(a)
+    cfg = checks.model_config(a.model)
+    p.validate(cfg.n_layers, cfg.head_dim)
+    check_flags(a, cfg.n_layers)
+    cap = min(cfg.max_position, 4096) if a.max_context is None else a.max_context
+    v.integer("max_context", cap, lo=2)
+    if cap > cfg.max_position:
+        raise ValueError(f"--max-context {cap} is beyond {a.model}'s context of {cfg.max_position} tokens; give "
+                         f"at most {cfg.max_position}")
+    return cfg, p, cap
+
+
+def cmd_serve(a) -> int:
+    from .serve.app import build_served, serve_forever
+    from .serve.scheduler import SchedulerConfig
+
+    _, p, cap = check(a)
+    cfg = SchedulerConfig(max_batch=a.max_batch, capacity=cap, queue=a.queue, timeout_s=a.timeout,
+                          prefill_chunk=a.prefill_chunk, interleave=not a.no_interleave)
+    served = build_served(a.model, cfg, a.device, a.served_model_name, a.api_key, p, a.press)
+    print(f"mspeckv serve: {served.name} on {served.scheduler.model.device}, {a.max_batch} slots of {cap} tokens, "
+          f"http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+    serve_forever(served, a.host, a.port, a.shutdown_timeout)
+    return 0
