@@ -165,7 +165,7 @@ BIN = b"\xff\xfe\x00binary"
     (["demo", "--mode", "ar"], "demo compares AR with a speculative mode"),
     (["report", "{tmp}/nowhere"], "nowhere is not a folder, so there is no run directory"),
     (["models", "list", "--force"], "--force would be ignored"),
-    (["generate"], "one of the arguments --prompt --prompt-file is required"),
+    (["generate"], "one of the arguments --prompt --prompt-file --prompts is required"),
 ])
 def test_cli_refuses_before_loading(argv, match, tmp_path, capsys, no_load):
     (tmp_path / "empty.txt").write_bytes(b"")
