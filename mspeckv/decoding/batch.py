@@ -18,15 +18,14 @@ sequence depends on what else is in the batch, unless the sequence brings its ow
 
 The server (``serve/scheduler.py``) drives the same pieces one at a time: ``start`` takes a slot, ``feed`` prefills
 one chunk of the prompt into it (the last chunk gives the first token), and ``decode_segment`` advances every slot
-whose prompt is complete while a slot still being prefilled sits the segment out (``holding``); ``retire`` frees a
-slot early (a stop string, a cancelled request).
+whose prompt is complete while a slot still being prefilled sits the segment out (the cache's ``held``); ``retire``
+frees a slot early (a stop string, a cancelled request).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -232,7 +231,7 @@ class BatchEngine:
         sync(self.device)
         t0 = time.perf_counter()
         out = []
-        with holding(self.cache, [s.slot for s in held if s.slot < bucket]):
+        with self.cache.held([s.slot for s in held if s.slot < bucket]):
             for _ in range(n):
                 self.runner.n = self.cache.length()
                 logits = self.runner.step(self.last[:bucket, None])[:, -1]  # (bucket, V)
@@ -259,7 +258,7 @@ class BatchEngine:
                                  f"{f' + {self.slack} rows of drafts' if self.slack else ''} exceed the cache's "
                                  f"{self.cache.capacity()} rows per sequence")
             self.model.check_context(len(s.prompt) + s.max_new)
-        self.model.check_prompt(torch.tensor([max(seqs, key=lambda s: len(s.prompt)).prompt]))
+        self.model.check_prompt(torch.tensor([[t for s in seqs for t in s.prompt]]))  # every prompt's ids at once
         self.capture(min(len(seqs), self.max_batch))
         queue = deque(seqs)
         t_run = time.perf_counter()
@@ -274,37 +273,6 @@ class BatchEngine:
                            self.steps, stats={"mode": "ar", "capture_s": cs, "graphs": self.graphs,
                                               "eager_steps": e, "captures": c,
                                               **self.cache.memory_report()})
-
-
-@contextmanager
-def holding(cache, slots: list[int]):
-    """The slots of sequences still being prefilled sit out the decode forwards that cover them: their rows and
-    lengths stay as they are. Each forward computes a throwaway row for such a slot, as for a free one: a ``BatchKV``
-    slot is marked not live on the device (its length does not advance; the row lands in the first row past its
-    prompt so far, which its next prefill chunk overwrites) and its host length is restored after; a ``SeqStackKV``
-    slot's own cache is set aside for the segment."""
-    if not slots:
-        yield
-        return
-    if isinstance(cache, BatchKV):
-        lens = [cache.host_lens[s] for s in slots]
-        for s in slots:
-            cache.live[s] = 0
-        try:
-            yield
-        finally:
-            for s, n in zip(slots, lens, strict=True):
-                cache.live[s] = 1
-                cache.host_lens[s] = n
-        return
-    kept = [cache.caches[s] for s in slots]
-    for s in slots:
-        cache.caches[s] = None
-    try:
-        yield
-    finally:
-        for s, c in zip(slots, kept, strict=True):
-            cache.caches[s] = c
 
 
 def batch_cache(model, slots: int, capacity: int, placement=None, press=None):

@@ -18,6 +18,8 @@ reusable).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -82,6 +84,21 @@ class BatchKV(KVCache):
             raise ValueError(f"slot {slot} holds no sequence")
         self.host_live[slot], self.host_lens[slot] = False, 0
         self.live[slot], self.lens[slot] = 0, 0
+
+    @contextmanager
+    def held(self, slots: list[int]):
+        """The sequences in ``slots`` (still being prefilled) sit out the forwards inside: each such forward computes a
+        throwaway row for them, as for a free slot (not live on the device, so the length does not advance; the row
+        lands past the prompt so far, where the next prefill chunk writes), and their host lengths are restored."""
+        lens = [self.host_lens[s] for s in slots]
+        for s in slots:
+            self.live[s] = 0
+        try:
+            yield
+        finally:
+            for s, n in zip(slots, lens, strict=True):
+                self.live[s] = 1
+                self.host_lens[s] = n
 
     def free_slots(self) -> list[int]:
         return [s for s in range(self.slots) if not self.host_live[s]]

@@ -13,6 +13,7 @@ It runs eagerly (no CUDA graphs): ``BatchKV`` is the graphed fast path for dense
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,19 @@ class SeqStackKV(KVCache):
         if self.caches[slot] is None:
             raise ValueError(f"slot {slot} holds no sequence")
         self.caches[slot] = None  # its buffers (GPU and pinned) go with it
+
+    @contextmanager
+    def held(self, slots: list[int]):
+        """The sequences in ``slots`` (still being prefilled) sit out the forwards inside: their caches are set aside
+        (the forwards see free slots there) and put back after."""
+        kept = [self.caches[s] for s in slots]
+        for s in slots:
+            self.caches[s] = None
+        try:
+            yield
+        finally:
+            for s, c in zip(slots, kept, strict=True):
+                self.caches[s] = c
 
     def free_slots(self) -> list[int]:
         return [s for s in range(self.slots) if self.caches[s] is None]
