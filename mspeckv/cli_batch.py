@@ -7,7 +7,7 @@ import json
 import sys
 
 from . import cli_checks as checks
-from .cli_common import check_flags, encode, placement, sampling
+from .cli_common import encode, model_and_placement, sampling
 
 # the generate flags that apply to --prompts; every other one, changed from its default, is refused
 APPLIES = {"model", "prompts", "batch", "out", "gpu_memory", "chat", "max_new_tokens", "prefill_chunk", "device",
@@ -19,7 +19,6 @@ def check(a) -> list:
     """Everything that can be refused before the weights load; returns the prompt lines."""
     from .config import GenerationConfig
     from .data.prompts import read_prompts
-    from .model.api import parse_device
 
     extra = [f for f in checks.changed(a, *getattr(a, "_defaults", {})) if f[2:].replace("-", "_") not in APPLIES]
     checks.refuse(extra, "--prompts runs batched autoregressive decoding (speculation at batch is not in this command "
@@ -30,12 +29,7 @@ def check(a) -> list:
         raise ValueError(f"--gpu-memory must be > 0 GB, got {a.gpu_memory}")
     GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling(a), prefill_chunk=a.prefill_chunk)
     lines = read_prompts(a.prompts)
-    parse_device(a.device)
-    p = placement(a)
-    check_flags(a)
-    cfg = checks.model_config(a.model)
-    p.validate(cfg.n_layers, cfg.head_dim)
-    check_flags(a, cfg.n_layers)
+    cfg, p = model_and_placement(a)
     if a.gpu_memory is not None and (a.press is not None or p.n_on_chip(cfg.n_layers) < cfg.n_layers):
         raise ValueError("--gpu-memory budgets the dense batched KV; with --on-chip or --press each sequence's cache "
                          "is placed or pressed on its own: drop --gpu-memory (or the placement)")

@@ -169,24 +169,32 @@ def encode(tok, text: str, chat: bool) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- before any weights
-def preflight(a):
-    """What can be checked before the weights load: the flags alone, then against the models' configs. Returns the
-    target's ModelConfig."""
-    from .config import GenerationConfig
+def model_and_placement(a):
+    """The placement and the device, checked against the flags alone, then against the model's config (no weights
+    load): (ModelConfig, Placement)."""
     from .model.api import parse_device
 
-    if getattr(a, "backend", "ours") == "hf" and a.mode != "ar":
-        raise ValueError("--backend hf runs transformers' own generate: use --mode ar (speculative modes run on "
-                         "--backend ours)")
-    GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling(a), prefill_chunk=a.prefill_chunk)
     p = placement(a)
-    if a.mode != "ar":
-        spec(a)
     check_flags(a)
     parse_device(a.device)
     cfg = checks.model_config(a.model)
     p.validate(cfg.n_layers, cfg.head_dim)
     check_flags(a, cfg.n_layers)
+    return cfg, p
+
+
+def preflight(a):
+    """What can be checked before the weights load: the flags alone, then against the models' configs. Returns the
+    target's ModelConfig."""
+    from .config import GenerationConfig
+
+    if getattr(a, "backend", "ours") == "hf" and a.mode != "ar":
+        raise ValueError("--backend hf runs transformers' own generate: use --mode ar (speculative modes run on "
+                         "--backend ours)")
+    GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling(a), prefill_chunk=a.prefill_chunk)
+    if a.mode != "ar":
+        spec(a)
+    cfg, _ = model_and_placement(a)
     checks.generation_fits(cfg, a.max_new_tokens)
     if getattr(a, "backend", "ours") == "hf" and a.press is not None:
         from .presses import parse_press

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from . import cli_checks as checks
-from .cli_common import add_placement, check_flags, placement
+from .cli_common import add_placement, model_and_placement
 
 
 def add_serve_parser(sub) -> None:
@@ -40,7 +39,6 @@ def add_serve_parser(sub) -> None:
 def check(a):
     """Everything that can be refused before the weights load -> (model config, placement, capacity)."""
     from . import validate as v
-    from .model.api import parse_device
 
     try:
         import fastapi  # noqa: F401
@@ -63,12 +61,7 @@ def check(a):
     if a.press_every is not None:
         raise ValueError("--press-every is not supported by mspeckv serve (the batched engine presses once, after each "
                          "prefill): drop it")
-    parse_device(a.device)
-    p = placement(a)
-    check_flags(a)
-    cfg = checks.model_config(a.model)
-    p.validate(cfg.n_layers, cfg.head_dim)
-    check_flags(a, cfg.n_layers)
+    cfg, p = model_and_placement(a)
     cap = min(cfg.max_position, 4096) if a.max_context is None else a.max_context
     v.integer("max_context", cap, lo=2)
     if cap > cfg.max_position:
