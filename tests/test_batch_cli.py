@@ -188,3 +188,23 @@ def test_bench_batch_speculation_cells(tmp_path):
     assert 0 <= rows["self:3@24x3"]["acceptance"] <= 1 and rows["self:3@24x3"]["batch"] == 3
     assert 1 <= rows["vanilla:2@24x2"]["tokens_per_round"] <= 3
     assert "window 8" in rows["self:3@24x3"]["engine"]
+
+
+def test_bench_batch_offload_and_press_cells(tmp_path):
+    """Offloaded AR under --gpu-memory (the on-chip layers chosen to fit) and compress-to-fit press cells run and say
+    what they ran; a budget that cannot hold the weights refuses the offload cell."""
+    from mspeckv.bench.batch import BatchBenchConfig, offload_placement, run
+    from mspeckv.model.api import model_config
+
+    cfg = BatchBenchConfig(model="random:tiny", contexts=(24,), batches=(2,), gen_len=4, seeds=2, ragged="",
+                           offload=("24x2",), presses=("kivi:group_size=16@24x2", "streaming:budget=8,sinks=2@24x2"),
+                           offload_gen_len=3, gpu_memory=2.2, device="cpu", out=str(tmp_path / "bo"))
+    rows = {(r["method"], r["cell"]): r for r in run(cfg, "cmd")["rows"]}
+    off = rows[("offload", "24x2")]
+    assert off["runs"] == 2 and "layers on chip, the rest bf16" in off["engine"] and off["decode_tok_per_s"] > 0
+    assert rows[("press", "kivi:group_size=16@24x2")]["runs"] == 2
+    assert "PressedKV (streaming:budget=8,sinks=2)" in rows[("press", "streaming:budget=8,sinks=2@24x2")]["engine"]
+    with pytest.raises(ValueError, match="cannot hold the weights"):
+        offload_placement(model_config("random:qwen2.5-1.5b"), 3_087_428_608, 32, 32896, 2, 4)
+    with pytest.raises(ValueError, match="give --gpu-memory"):
+        BatchBenchConfig(model="random:tiny", offload=("24x2",))

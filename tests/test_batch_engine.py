@@ -178,6 +178,8 @@ def test_bad_input_gets_one_clear_error():
         BatchEngine(m, 1, 6, gen).run([[5, 6, 7]])
     with pytest.raises(ValueError, match="outside this model's vocabulary"):
         generate_batch(m, [[5, 600]], gen)
+    with pytest.raises(ValueError, match="token id 600 is outside"):  # a short prompt is checked as well as the longest
+        generate_batch(m, [[5, 6, 7, 8], [600]], gen)
     with pytest.raises(ValueError, match="maximum context of 512"):
         generate_batch(m, [[5] * 510], gen)
 

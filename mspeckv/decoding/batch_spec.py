@@ -158,8 +158,8 @@ class BatchSpecEngine(BatchEngine):
         else:
             n, nxt = speculative_accept(torch.stack(qs, 1), logits_to_probs(logits, samp), d, self.g)
         self.last[:bucket] = nxt
-        n_host = n.tolist()  # the round's sync: rollback counts and tokens
-        rows = torch.cat([d, nxt[:, None]], 1).tolist()
+        rows = torch.cat([d, nxt[:, None], n[:, None]], 1).tolist()  # the round's one sync: tokens and counts
+        n_host = [r.pop() for r in rows]  # rows: d1..dγ, next
         back = [g - k for k in n_host]
         self.cache.rollback(back)
         if self.draft is not None:
