@@ -119,3 +119,85 @@ def test_sampling_with_top_k_1_is_greedy_through_the_sampled_path(mode):
         assert s.tokens == generate(m, torch.tensor([p]), greedy).tokens[0]
     assert r.decode_steps == eng.rounds == eng.steps >= 2 and eng.seq_rounds >= eng.rounds
     assert r.decode_s > 0 and r.prefill_s > 0 and eng.accepted <= eng.seq_rounds * 3
+
+
+# ------------------------------------------------------------------------------------------------ window and cost
+def test_window_kv_hands_the_kernel_the_mask_it_applies():
+    """WindowKV's ``Window`` (what the GPU kernel reads) and its mask (what the torch paths apply) say the same thing:
+    row (b, t) sees j < lens, and j < sinks or j >= starts."""
+    from mspeckv.decoding.batch_spec import WindowKV
+    from mspeckv.kv.batch import BatchKV
+
+    base = BatchKV(1, 3, 1, 4, 64, torch.float32, "cpu")
+    for s, n in ((0, 20), (1, 3), (2, 50)):
+        base.join()
+        base.host_lens[s] = n
+        base.lens[s] = n
+    w = WindowKV(base, sinks=2, window=5)
+    w.begin(3)
+    j = torch.arange(base.hi)
+    want = (j < w.attn_lens[:, :, None]) & ((j < 2) | (j >= w.attn_window.starts[:, :, None]))  # (B, T, S)
+    assert torch.equal(w.attn_mask[:, 0], want)
+    assert w.attn_window.sinks == 2 and w.attn_window.span == 7
+    assert w.attn_mask[2, 0, 0].nonzero().flatten().tolist() == [0, 1, 46, 47, 48, 49, 50]  # sinks, newest 5
+    assert w.graph_key(1) == ("window", base.graph_key(1))
+    w.abort()
+
+
+def test_cost_model_arithmetic_and_choices():
+    from mspeckv.decoding.cost import CostModel, expected_tokens
+
+    assert expected_tokens(0.5, 0) == 1 and expected_tokens(1.0, 4) == 5
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    cm = CostModel(t_ar=10e-3, t_draft=2e-3, t_verify={2: 11e-3, 4: 12e-3}, prior=0.9)
+    assert cm.round_s(4) == pytest.approx(4 * 2e-3 + 12e-3) and cm.round_s(0) == 10e-3
+    assert cm.rate(4) == pytest.approx(expected_tokens(0.9, 4) / 20e-3)
+    assert cm.best() == 4  # Ω(0.9, 4) = 4.1 tokens per 20 ms beats 1 per 10 ms
+    cm.observe(4, [0, 0, 0, 1])  # α drops to 1 / (1 + 4)
+    assert cm.alpha == pytest.approx(0.2) and cm.best() == 0
+    picks = [cm.pick() for _ in range(4)]
+    assert picks == [0, 0, 0, 0] and cm.since_probe == 4
+    cm.probe_every = 5
+    assert cm.pick() == 2 and cm.since_probe == 0  # the probe: the best speculation round at this α
+    assert cm.picks == {0: 4, 2: 1}
+    vanilla = CostModel(10e-3, 2e-3, {4: 12e-3}, draft_extra=1)
+    assert vanilla.round_s(4) == pytest.approx(5 * 2e-3 + 12e-3) and vanilla.round_s(0) == pytest.approx(12e-3)
+    rec = cm.record()
+    assert rec["alpha"] == pytest.approx(0.2) and rec["rounds_per_gamma"] == {0: 4, 2: 1}
+    assert rec["expected_speedup_vs_ar"][0] == 1 and "AR" in rec["reason"]
+    with pytest.raises(ValueError, match="outside"):
+        cm.observe(2, [3])
+    with pytest.raises(ValueError, match="t_draft"):
+        CostModel(1e-3, 0.0, {2: 1e-3})
+    with pytest.raises(ValueError, match="at least one"):
+        CostModel(1e-3, 1e-3, {})
+
+
+@pytest.mark.parametrize("mode", ["self", "vanilla"])
+@pytest.mark.parametrize("force", [None, "ar", "spec"])
+def test_auto_gamma_keeps_greedy_output_whatever_it_picks(mode, force):
+    """With ``auto`` the cost model picks γ (or AR) per round; whatever it picks, greedy output per sequence equals
+    AR alone. ``force`` plants costs that make AR (or, with free drafts, the longest γ) win, so both paths run."""
+    from mspeckv.decoding.cost import CostModel
+
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
+    ps = prompts((40, 17, 9), seed=3)
+    gen = GenerationConfig(max_new_tokens=14, stop_on_eos=False)
+    spec = BatchSpecConfig(mode, 4, sinks=1, window=6, auto=True)
+    assert spec.gammas() == [1, 2, 4] and BatchSpecConfig(mode, 3).gammas() == [3]
+    eng = BatchSpecEngine(m, draft, 3, 54, gen, spec)
+    if force is not None:
+        t_ar = 1e-3 if force == "ar" else 1.0
+        eng.costs[3] = CostModel(t_ar, 1e-9 if force == "spec" else 1e-3, {g: 1e-3 for g in spec.gammas()},
+                                 prior=0.5, probe_every=3, draft_extra=int(mode == "vanilla"))
+    r = eng.run(ps)
+    for p, s in zip(ps, r.seqs, strict=True):
+        assert s.tokens == generate(m, torch.tensor([p]), gen).tokens[0]
+    cm = eng.costs[3]
+    if force == "ar":
+        assert cm.picks[0] >= 2 and set(cm.picks) <= {0, 1, 2, 4}
+    if force == "spec":  # AR never wins (the γ depends on the acceptance seen)
+        assert 0 not in cm.picks and sum(cm.picks.values()) == eng.rounds
+    if force is None:  # timed here: every cost measured, positive
+        assert cm.t_ar > 0 and cm.t_draft > 0 and sorted(cm.t_verify) == [1, 2, 4] and eng.calib_s > 0

@@ -250,3 +250,29 @@ def test_triton_bound_per_sequence_every_format(fmt, T):
         _check(got[b:b + 1], da.decode_attention_torch(q[b:b + 1], kb, vb, lens=lens[b]), fmt)
     with pytest.raises(ValueError, match="per-sequence lens must be"):
         da.decode_attention_triton(q, kk, vv, lens=lens[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("sinks,window", [(0, 40), (4, 100), (70, 1)])
+def test_triton_window_reads_sinks_and_newest_keys(T, sinks, window):
+    """A StreamingLLM draft over a ragged batch (``Window``): row (b, t) sees keys j < sinks or j >= starts[b, t],
+    within its lens; against the reference with that mask, one sequence at a time. The sequences' lengths put the
+    window inside the sinks (short), straddling a block edge, and far from them (long)."""
+    from mspeckv.kv.base import Window
+
+    gen = torch.Generator(device="cuda").manual_seed(11 + T)
+    B, S = 4, 1500
+    q, k, v = make(B, 2, 6, T, S, 64, torch.float32, "cuda", gen)
+    base = torch.tensor([2, 1400, 97, 600], device="cuda")
+    lens = (base[:, None] + torch.arange(T, device="cuda") + 1).int()  # (B, T)
+    starts = lens - window  # row sees its newest `window` keys
+    got = da.decode_attention_triton(q, k, v, lens=lens, window=Window(sinks, starts, sinks + window))
+    j = torch.arange(S, device="cuda")
+    for b in range(B):
+        m = (j[None, :] < lens[b, :, None]) & ((j[None, :] < sinks) | (j[None, :] >= starts[b, :, None]))  # (T, S)
+        _check(got[b:b + 1], da.decode_attention_torch(q[b:b + 1], k[b:b + 1], v[b:b + 1], m), "fp32")
+    with pytest.raises(ValueError, match="a window reads dense K/V"):
+        da.decode_attention_triton(q, k, v, lens=lens[0], window=Window(sinks, starts, sinks + window))
+    with pytest.raises(ValueError, match="window starts must be"):
+        da.decode_attention_triton(q, k, v, lens=lens, window=Window(sinks, starts[:2], sinks + window))

@@ -342,3 +342,26 @@ def test_graphed_batch_engine_matches_each_prompt_alone(dtype):
         if dtype == torch.float32:
             assert s.tokens == solo
     print(f"batch engine vs alone, {dtype}: token agreement {agree}")
+
+
+@pytest.mark.parametrize("mode,auto", [("self", False), ("self", True), ("vanilla", False), ("vanilla", True)])
+def test_graphed_batch_speculation_equals_each_prompt_alone_fp32(mode, auto):
+    """Speculation at batch with every forward graphed (the self draft through the kernel's window): greedy output
+    per sequence equals that prompt's AR alone in fp32, ragged prompts, leave and join; nothing ran eagerly."""
+    from mspeckv.config import GenerationConfig
+    from mspeckv.decoding.autoregressive import generate
+    from mspeckv.decoding.batch_spec import BatchSpecConfig, generate_batch_spec
+
+    m = cuda_model(4, torch.float32)
+    draft = cuda_model(2, torch.float32) if mode == "vanilla" else None
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (300, 17, 1200, 64, 800)]
+    gen = GenerationConfig(max_new_tokens=24, stop_on_eos=False, prefill_chunk=256)
+    spec = BatchSpecConfig(mode, 4, sinks=4, window=64, auto=auto)
+    r = generate_batch_spec(m, draft, ps, gen, spec, max_batch=3, graphs=True)
+    st = r.stats
+    assert st["eager_steps"] == 0 and st["draft_eager_steps"] == 0 and st["draft_captures"] >= 1
+    assert (st["cost_model"] is not None) == auto
+    for p, s in zip(ps, r.seqs, strict=True):
+        assert s.tokens == generate(m, torch.tensor([p], device="cuda"), gen, graphs=True).tokens[0]
+    print(f"graphed batch speculation {mode} auto={auto}: acceptance {st['acceptance']}, cost {st['cost_model']}")

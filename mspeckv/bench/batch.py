@@ -45,8 +45,9 @@ class BatchBenchConfig:
     presses: tuple[str, ...] = opt((), "compress-to-fit AR: PRESS@CONTEXTxBATCH cells (a press spec or preset, e.g. "
                                    "kivi:k_bits=4,v_bits=4@32768x32)", sep=";")
     offload_gen_len: int = opt(32, "tokens generated per sequence in the offload and press cells", lo=2)
-    spec: tuple[str, ...] = opt((), "speculation at batch: MODE:GAMMA@CONTEXTxBATCH cells, MODE self or vanilla "
-                                "(e.g. self:4@32768x32)")
+    spec: tuple[str, ...] = opt((), "speculation at batch: MODE:GAMMA@CONTEXTxBATCH cells, MODE self or vanilla, "
+                                "GAMMA a number or autoN (the cost model picks γ <= N, or AR, per round), e.g. "
+                                "self:4@32768x32,self:auto8@32768x32")
     draft: str = opt("qwen2.5-coder-0.5b", "the draft model of vanilla cells")
     window: int = opt(2048, "self cells: the newest rows each draft step reads", lo=1)
     sinks: int = opt(4, "self cells: the first rows each draft step reads", lo=0)
@@ -107,16 +108,18 @@ def press_cell(text: str) -> tuple[str, int, int]:
     return (spec, *hf_cell(cell))
 
 
-def spec_cell(text: str) -> tuple[str, int, int, int]:
-    """MODE:GAMMA@CONTEXTxBATCH -> (mode, gamma, context, batch)."""
+def spec_cell(text: str) -> tuple[str, int, bool, int, int]:
+    """MODE:GAMMA@CONTEXTxBATCH -> (mode, gamma, auto, context, batch); GAMMA is N or autoN."""
     from ..decoding.batch_spec import MODES
 
     head, _, cell = text.rpartition("@")
     mode, _, gamma = head.partition(":")
+    auto = gamma.startswith("auto")
+    gamma = gamma.removeprefix("auto")
     if mode not in MODES or not gamma.isdigit() or int(gamma) < 1:
         raise v.ConfigError(f"--spec {text!r}: give MODE:GAMMA@CONTEXTxBATCH with MODE one of {', '.join(MODES)} and "
-                            f"GAMMA >= 1, e.g. self:4@32768x32")
-    return (mode, int(gamma), *hf_cell(cell))
+                            f"GAMMA >= 1 or autoN, e.g. self:4@32768x32 or self:auto8@32768x32")
+    return (mode, int(gamma), auto, *hf_cell(cell))
 
 
 def offload_placement(model_cfg, weight_bytes: int, batch: int, capacity: int, dtype_bytes: int, budget_gb: float):
@@ -240,7 +243,7 @@ class Bench:
         return out
 
     def speculate(self, spec: RunSpec, ctx: int, batch: int) -> dict:
-        """Speculation at batch (``decoding/batch_spec.py``), eager, on uniform prompts."""
+        """Speculation at batch (``decoding/batch_spec.py``, graphed on CUDA), on uniform prompts."""
         from ..decoding.batch_spec import BatchSpecConfig, generate_batch_spec
         from ..model.api import load_any
 
@@ -254,18 +257,22 @@ class Bench:
         ps = self.prompts([ctx] * batch, spec.seed)
         gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
                                prefill_chunk=self.cfg.prefill_chunk)
-        sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=self.cfg.window)
+        sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=self.cfg.window,
+                             auto=spec.config.get("auto", False))
         t0 = time.perf_counter()
         r = generate_batch_spec(self.model, self.draft if mode == "vanilla" else None, ps, gen, sc)
         sync(self.device)
         wall = time.perf_counter() - t0
         st = r.summary()
         return {k: st[k] for k in ("setup_s", "prefill_s", "decode_s", "decode_steps", "n_generated",
-                                   "acceptance", "tokens_per_round", "rounds")} | {
-            "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall, "capture_s": None,
-            "engine": f"BatchSpecEngine {mode} γ={gamma}" + (f" (window {sc.window}, sinks {sc.sinks})"
-                                                            if mode == "self" else f" (draft {self.cfg.draft})"),
-            "batch": batch, "total_prompt_tokens": ctx * batch, "step_ms": None,
+                                   "acceptance", "tokens_per_round", "rounds", "capture_s", "calibration_s",
+                                   "cost_model", "eager_steps", "draft_eager_steps")} | {
+            "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall,
+            "engine": f"BatchSpecEngine {mode} γ={'auto≤' if sc.auto else ''}{gamma}"
+                      + (f" (window {sc.window}, sinks {sc.sinks})" if mode == "self" else f" (draft {self.cfg.draft})")
+                      + (", CUDA graphs" if st["graphs"] else ", eager"),
+            "batch": batch, "total_prompt_tokens": ctx * batch, "round_ms": st["decode_s"] / st["rounds"] * 1e3
+            if st["rounds"] else None, "step_ms": None,
             "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
             "model_load_s": self.load_s, "prompts": "random token ids"}
 
@@ -345,9 +352,9 @@ def plan(cfg: BatchBenchConfig) -> list[RunSpec]:
     specs = [RunSpec("batch", m, "cell", cfg.ragged if m in ("ragged", "uniform") else f"{c}x{b}", s,
                      {"context": c, "batch": b, **settings}) for m, c, b in cells for s in range(cfg.seeds)]
     for text in cfg.spec:
-        mode, gamma, c, b = spec_cell(text)
+        mode, gamma, auto, c, b = spec_cell(text)
         specs += [RunSpec("batch", "spec", "cell", text, s, {"context": c, "batch": b, "mode": mode, "gamma": gamma,
-                                                             **settings}) for s in range(cfg.seeds)]
+                                                             "auto": auto, **settings}) for s in range(cfg.seeds)]
     for text in cfg.presses:
         press, c, b = press_cell(text)
         specs += [RunSpec("batch", "press", "cell", f"{press}@{c}x{b}", s, {"context": c, "batch": b, "press": press,
@@ -376,6 +383,12 @@ def summarize(records: list[dict]) -> list[dict]:
             row["engine"] = ok[0]["engine"]
             row["device_name"] = ok[0]["device_name"]
         rows.append(row)
+    ar = {r["cell"]: r for r in rows if r["method"] == "ar"}
+    for r in rows:  # speculation against AR at its cell, both measured in this run: decode-only and end to end
+        base = ar.get(str(r["cell"]).rpartition("@")[2]) if r["method"] == "spec" else None
+        if base is not None and r.get("decode_tok_per_s") and base.get("decode_tok_per_s"):
+            r["vs_ar_decode"] = r["decode_tok_per_s"] / base["decode_tok_per_s"]
+            r["vs_ar_e2e"] = r["e2e_tok_per_s"] / base["e2e_tok_per_s"]
     return rows
 
 
@@ -394,7 +407,8 @@ def render(res: dict) -> str:
             ("floor_ms", "{:.2f}"), ("mbu", "{:.1%}"), ("transfer_floor_ms", "{:.1f}"), ("vs_transfer_floor", "{:.2f}"),
             ("setup_s", "{:.2f}"), ("capture_s", "{:.2f}"),
             ("prefill_s", "{:.2f}"), ("decode_s", "{:.2f}"), ("e2e_s", "{:.2f}"), ("e2e_tok_per_s", "{:.0f}"),
-            ("acceptance", "{:.2f}")]
+            ("acceptance", "{:.2f}"), ("tokens_per_round", "{:.2f}"), ("vs_ar_decode", "{:.2f}"),
+            ("vs_ar_e2e", "{:.2f}")]
     lines = [f"# bench batch: {res['config']['model']} on {res['device_name']} (copy bandwidth "
              f"{fmt(res['copy_GBps'], '{:.0f}')} GB/s)", "",
              "| " + " | ".join(c for c, _ in cols) + " | engine / error |", "|" + "---|" * (len(cols) + 1)]
@@ -406,4 +420,5 @@ def render(res: dict) -> str:
 
 def line(res: dict) -> dict:
     return {"bench": "batch", "device_name": res["device_name"], "rows": [
-        {k: r.get(k) for k in ("method", "cell", "decode_tok_per_s", "mbu", "e2e_tok_per_s")} for r in res["rows"]]}
+        {k: r.get(k) for k in ("method", "cell", "decode_tok_per_s", "mbu", "e2e_tok_per_s", "vs_ar_decode")}
+        for r in res["rows"]]}

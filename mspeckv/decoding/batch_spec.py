@@ -9,12 +9,19 @@ One round over the slots ``[0, bucket)`` of the engine (``decoding/batch.py``), 
   length and are forgotten before the verification, which writes the target's own rows there.
 
 Per round (B sequences, γ drafts):
-    draft  γ+1 forwards of 1 token: [last, d1 .. dγ]  -> proposals d1..dγ (and q_i when sampling); the last forward
-           only gives the draft its row for dγ, so every sequence's draft KV is complete whatever it accepts
+    draft  γ forwards of 1 token: [last, d1 .. dγ-1] -> proposals d1..dγ (and q_i when sampling); vanilla runs one
+           more, [dγ], which only gives the draft its row for dγ, so its KV is complete whatever is accepted
     verify 1 forward of γ+1 tokens: [last, d1 .. dγ]  -> p_0..p_γ
     accept n_b in [0, γ] per sequence, next_b from the target; emit d1..d_nb, next_b
-    rollback the target by γ - n_b rows, the draft by γ - n_b (vanilla) or γ + 1 (self: its rows were scratch)
+    rollback the target by γ - n_b rows, the draft by γ - n_b (vanilla) or γ before the verification (self: its rows
+           were scratch)
 One host sync per round: the rollback counts (and the tokens, for EOS and the limits).
+
+On CUDA every forward replays a graph captured per batch bucket: the draft step (1 token), the verification (γ+1)
+and, with ``auto``, the AR step. The self draft's graph reads only each sequence's sinks and window: ``WindowKV``
+hands the attention kernel a ``Window`` (``kv/base.py``), so its step costs the window, not the context.
+With ``auto`` the cost model (``decoding/cost.py``) picks γ, or AR, per round, from the draft, verification and AR
+steps timed on the running batch (once per bucket, charged to setup) and the acceptance seen so far.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.base import KVCache
+from ..kv.base import KVCache, Window
 from ..kv.batch import BatchKV
 from .accept import greedy_accept, speculative_accept
 from .batch import BatchEngine, BatchResult, Sequence, buckets, sync
+from .cost import CostModel
+from .runner import Runner, make_runner
 from .sampling import logits_to_probs, sample
 
 MODES = ("vanilla", "self")
@@ -36,9 +45,10 @@ MODES = ("vanilla", "self")
 @dataclass(frozen=True)
 class BatchSpecConfig:
     mode: str = "self"
-    gamma: int = 4  # drafted tokens per round
+    gamma: int = 4  # drafted tokens per round (with auto: the most)
     sinks: int = 4  # self: the first rows every draft step reads
     window: int = 256  # self: the newest rows every draft step reads
+    auto: bool = False  # the cost model picks γ in gammas(), or AR, per round
 
     def __post_init__(self):
         from .. import validate as v
@@ -48,12 +58,18 @@ class BatchSpecConfig:
         v.integer("sinks", self.sinks, lo=0)
         v.integer("window", self.window, lo=1)
 
+    def gammas(self) -> list[int]:
+        """The γ a round may use: ``gamma``, or with ``auto`` also 1, 2, 4, 8 below it."""
+        return sorted({self.gamma} | ({g for g in (1, 2, 4, 8) if g < self.gamma} if self.auto else set()))
+
 
 class WindowKV(KVCache):
     """The target's ``BatchKV`` seen through a StreamingLLM window: a forward writes its rows there like any forward,
-    and each query row attends to keys ``j < sinks`` or ``pos - window < j <= pos`` of its own sequence."""
+    and each query row attends to keys ``j < sinks`` or ``pos - window < j <= pos`` of its own sequence (a mask for
+    the torch paths, a ``Window`` for the kernel, which then reads those keys alone)."""
 
     ragged = True
+    graphable = True
 
     def __init__(self, base: BatchKV, sinks: int, window: int):
         super().__init__()
@@ -70,16 +86,26 @@ class WindowKV(KVCache):
     def capacity(self) -> int:
         return self.base.capacity()
 
+    def graph_key(self, n_new: int):
+        return ("window", self.base.graph_key(n_new))
+
     def token_positions(self, n_new: int):
         return self.base.token_positions(n_new)
+
+    def prepare(self, n_new: int) -> None:
+        self.base.prepare(n_new)
+
+    def commit(self, n: int) -> None:
+        self.base.commit(n)
 
     def begin(self, n_new: int) -> None:
         self.base.begin(n_new)
         rows = self.base.token_positions(n_new)  # (B, T)
+        starts = rows - (self.window - 1)  # row (b, t) sees its newest `window` keys: j >= pos - window + 1
         cols = self.base.cols[None, None, None, :self.base.hi]
-        near = cols > rows[:, None, :, None] - self.window
-        self.attn_mask = self.base.attn_mask & ((cols < self.sinks) | near)  # (B, 1, T, S)
-        self.attn_lens = None  # not a prefix any more: the mask says it
+        self.attn_mask = self.base.attn_mask & ((cols < self.sinks) | (cols >= starts[:, None, :, None]))
+        self.attn_lens = self.base.attn_lens  # (B, T): with the window, the kernel's bound
+        self.attn_window = Window(self.sinks, starts, self.sinks + self.window)
 
     def update(self, layer, k, v):
         return self.base.update(layer, k, v)
@@ -94,18 +120,62 @@ class WindowKV(KVCache):
         self.base.rollback(n)
 
 
+def timed(device, fn, reps: int = 3) -> float:
+    """Median seconds of ``fn()`` (CUDA events on the GPU, after one warm-up call)."""
+    fn()
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return sorted(out)[len(out) // 2]
+
+
 class BatchSpecEngine(BatchEngine):
     """``BatchEngine`` whose decode is speculation rounds; ``draft`` is the draft model (vanilla) or None (self)."""
 
-    def __init__(self, model, draft, max_batch: int, capacity: int, gen, spec: BatchSpecConfig, eos_ids=None):
+    def __init__(self, model, draft, max_batch: int, capacity: int, gen, spec: BatchSpecConfig, eos_ids=None,
+                 graphs: bool | None = None):
         if (spec.mode == "vanilla") != (draft is not None):
             raise ValueError("mode 'vanilla' needs a draft model and 'self' none")
         self.slack = spec.gamma + 1
-        super().__init__(model, max_batch, capacity + self.slack, gen, graphs=False, eos_ids=eos_ids)
+        super().__init__(model, max_batch, capacity + self.slack, gen, graphs=graphs, eos_ids=eos_ids)
         self.spec, self.draft = spec, draft
         self.dcache = BatchKV.for_model(draft, self.max_batch, capacity + self.slack) if draft is not None else \
             WindowKV(self.cache, spec.sinks, spec.window)
+        dmodel = draft if draft is not None else model
+        self.drunner = make_runner(dmodel, self.dcache) if self.graphs else Runner(dmodel, self.dcache)
         self.rounds = self.seq_rounds = self.accepted = 0
+        self.drafted = 0  # drafts proposed to live sequences (every round's γ, per sequence)
+        self.costs: dict[int, CostModel] = {}  # bucket -> its measured costs and acceptance (auto)
+        self.calib_s = 0.0
+
+    def capture(self, up_to: int) -> None:
+        """The draft step's and each γ's verification graph (and with auto, the AR step's) of every bucket up to the
+        one holding ``up_to`` sequences."""
+        if not self.graphs:
+            return
+        sync(self.device)
+        t0 = time.perf_counter()
+        shapes = [(g + 1, g + 1) for g in self.spec.gammas()] + ([(1, 1)] if self.spec.auto else [])
+        for b in buckets(self.max_batch):
+            self.cache.focus(0, b)
+            self.runner.precapture(shapes, batch=b)
+            if self.draft is not None:
+                self.dcache.focus(0, b)
+            self.drunner.precapture([(1, 1)], batch=b)
+            if b >= up_to:
+                break
+        sync(self.device)
+        self.capture_s += time.perf_counter() - t0
 
     def admit(self, seq: Sequence, t_run: float) -> None:
         if self.draft is not None:  # the draft's own KV of the prompt, in the slot the target will take
@@ -124,39 +194,90 @@ class BatchSpecEngine(BatchEngine):
         if seq.finish is not None and self.draft is not None:
             self.dcache.leave(seq.slot)
 
+    # ------------------------------------------------------------------------------------------------ one round
+    def draft_tokens(self, bucket: int, g: int, probs: bool):
+        """γ proposals per sequence (B, γ), and their distributions (B, γ, V) when ``probs``; the draft's KV then
+        holds the round's rows (vanilla: γ+1 of them; self: none, its scratch rows are forgotten here)."""
+        cur, drafts, qs = self.last[:bucket], [], []
+        self.drunner.n = self.dcache.length()
+        for i in range(g + (self.draft is not None)):  # vanilla's last forward only writes dγ's row
+            logits = self.drunner.step(cur[:, None])[:, -1]  # (B, V)
+            if i == g:
+                break
+            if probs:
+                q = logits_to_probs(logits, self.gen.sampling)
+                cur = sample(q, self.g)
+                qs.append(q)
+            else:
+                cur = logits.argmax(-1)
+            drafts.append(cur)
+        if self.draft is None:
+            self.cache.rollback(g)  # the draft's rows were scratch in the target's buffer
+        if not drafts:  # γ = 0: vanilla's draft only took the token's row
+            return cur.new_zeros(cur.shape[0], 0), None
+        return torch.stack(drafts, 1), (torch.stack(qs, 1) if probs else None)
+
+    def verify(self, bucket: int, d, q):
+        """(B, γ+1) target logits over [last, d1 .. dγ] -> accepted counts (B,) and next tokens (B,)."""
+        g = d.shape[1]
+        self.runner.n = self.cache.length()
+        logits = self.runner.step(torch.cat([self.last[:bucket, None], d], 1), num_logits=g + 1)  # (B, γ+1, V)
+        if q is None:
+            return greedy_accept(d, logits)
+        return speculative_accept(q, logits_to_probs(logits, self.gen.sampling), d, self.g)
+
+    def cost_model(self, bucket: int) -> CostModel:
+        """This bucket's costs, timed on the running batch the first time it decodes (each timed forward is rolled
+        back, so the sequences are untouched); the time is setup's."""
+        if bucket not in self.costs:
+            sync(self.device)
+            t0 = time.perf_counter()
+            last = self.last[:bucket, None]
+
+            def ar():
+                self.runner.n = self.cache.length()
+                self.runner.step(last)
+                self.cache.rollback(1)
+
+            def draft():
+                self.drunner.n = self.dcache.length()
+                self.drunner.step(last)
+                self.dcache.rollback(1)
+
+            def verify(g):
+                self.runner.n = self.cache.length()
+                self.runner.step(last.expand(-1, g + 1), num_logits=g + 1)
+                self.cache.rollback(g + 1)
+
+            with torch.inference_mode():
+                self.costs[bucket] = CostModel(timed(self.device, ar), timed(self.device, draft),
+                                               {g: timed(self.device, lambda g=g: verify(g))
+                                                for g in self.spec.gammas()},
+                                               draft_extra=int(self.draft is not None))
+            sync(self.device)
+            self.calib_s += time.perf_counter() - t0
+        return self.costs[bucket]
+
     def decode_segment(self, t_run: float) -> None:
-        """One speculation round over every live sequence."""
+        """One speculation round over every live sequence (with auto: or an AR segment, as the cost model says)."""
         live = [s for s in self.slot_seq if s is not None]
         bucket = next(b for b in buckets(self.max_batch) if b > max(s.slot for s in live))
-        g, samp = self.spec.gamma, self.gen.sampling
         self.cache.focus(0, bucket)
         if self.draft is not None:
             self.dcache.focus(0, bucket)
-        dmodel = self.draft if self.draft is not None else self.model
+        cm = self.cost_model(bucket) if self.spec.auto else None
+        g = cm.pick() if cm is not None else self.spec.gamma
+        if g == 0 and self.draft is None:  # AR segments, the target's KV alone
+            return super().decode_segment(t_run)
         sync(self.device)
         t0 = time.perf_counter()
-        cur = self.last[:bucket]
-        drafts, qs = [], []
-        for i in range(g + 1):  # the last forward only writes dγ's row
-            logits = dmodel(cur[:, None], self.dcache)[:, -1]  # (B, V)
-            if i == g:
-                break
-            if samp.greedy:
-                cur = logits.argmax(-1)
-            else:
-                q = logits_to_probs(logits, samp)
-                cur = sample(q, self.g)
-                qs.append(q)
-            drafts.append(cur)
-        d = torch.stack(drafts, 1)  # (B, γ)
-        if self.draft is None:
-            self.cache.rollback(g + 1)  # the draft's rows were scratch in the target's buffer
-        ids = torch.cat([self.last[:bucket, None], d], 1)  # (B, γ+1)
-        logits = self.model(ids, self.cache, num_logits=None)  # (B, γ+1, V)
-        if samp.greedy:
-            n, nxt = greedy_accept(d, logits)
+        if g == 0:  # one AR step, and the draft's forward of the same token: its KV keeps up with the target's
+            d, q = self.draft_tokens(bucket, 0, False)
+            nxt = self.sample(self.runner.step(self.last[:bucket, None])[:, -1], self.slot_seq[:bucket])
+            n = torch.zeros_like(nxt)
         else:
-            n, nxt = speculative_accept(torch.stack(qs, 1), logits_to_probs(logits, samp), d, self.g)
+            d, q = self.draft_tokens(bucket, g, not self.gen.sampling.greedy)
+            n, nxt = self.verify(bucket, d, q)
         self.last[:bucket] = nxt
         rows = torch.cat([d, nxt[:, None], n[:, None]], 1).tolist()  # the round's one sync: tokens and counts
         n_host = [r.pop() for r in rows]  # rows: d1..dγ, next
@@ -167,26 +288,35 @@ class BatchSpecEngine(BatchEngine):
         self.decode_s += time.perf_counter() - t0
         self.steps += 1
         self.rounds += 1
+        if cm is not None:
+            cm.observe(g, [n_host[s.slot] for s in live])
         for s in live:
             k = n_host[s.slot]
             self.seq_rounds += 1
             self.accepted += k
+            self.drafted += g
             self.append(s, rows[s.slot][:k] + rows[s.slot][g:], t_run)  # d1..dk, then the target's next
 
 
 def generate_batch_spec(model, draft, prompts, gen, spec: BatchSpecConfig, max_batch: int | None = None,
-                        eos_ids=None) -> BatchResult:
+                        eos_ids=None, graphs: bool | None = None) -> BatchResult:
     """Speculative decoding over many prompts of any lengths, ``max_batch`` in flight; results in input order, with
-    the acceptance in ``stats``."""
+    the acceptance (and with auto, the cost model's record) in ``stats``."""
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("no prompts: give at least one")
     slots = min(max_batch or len(prompts), len(prompts))
     cap = max(len(p) for p in prompts) + gen.max_new_tokens
-    eng = BatchSpecEngine(model, draft, slots, cap, gen, spec, eos_ids)
+    eng = BatchSpecEngine(model, draft, slots, cap, gen, spec, eos_ids, graphs)
     res = eng.run(prompts)
     sr = eng.seq_rounds  # one per live sequence per round
-    res.stats.update(mode=spec.mode, gamma=spec.gamma, rounds=eng.rounds, sequence_rounds=sr,
-                     acceptance=eng.accepted / (sr * spec.gamma) if sr else None,
-                     tokens_per_round=(eng.accepted + sr) / sr if sr else None)  # per sequence, before limits cut
+    e, c, cs = eng.drunner.graph_counts()
+    res.setup_s += eng.calib_s
+    res.stats.update(mode=spec.mode, gamma=spec.gamma, auto=spec.auto, rounds=eng.rounds, sequence_rounds=sr,
+                     acceptance=eng.accepted / eng.drafted if eng.drafted else None,
+                     tokens_per_round=(eng.accepted + sr) / sr if sr else None,  # per sequence, before limits cut
+                     calibration_s=eng.calib_s, draft_captures=c, draft_capture_s=cs, draft_eager_steps=e,
+                     cost_model={b: cm.record() for b, cm in eng.costs.items()} or None)
+    res.stats["captures"] += c
+    res.stats["capture_s"] += cs
     return res

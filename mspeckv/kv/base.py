@@ -31,8 +31,21 @@ attached with ``cache.observers.append(obs)`` and see every forward through ``on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Window:
+    """A StreamingLLM read of a cache with per-sequence lengths: on top of its ``attn_lens`` bound, row (b, t) sees
+    key j only if ``j < sinks`` or ``j >= starts[b, t]``. The decode kernel then reads those keys alone, so a draft
+    step over a 32K-row sequence costs its ``span`` keys, not 32K."""
+
+    sinks: int
+    starts: Tensor  # (B, T) int, on the device (graph safe)
+    span: int  # the most keys any row reads (sinks + window): sizes the kernel's split of the key axis
 
 
 class Observer:
@@ -59,6 +72,7 @@ class KVCache:
     # set with attn_mask when that mask is each row's prefix: (T,) int32, row t sees keys j < attn_lens[t]. The
     # attention kernel then bounds each row by it and loads no mask (model/decode_attention.py)
     attn_lens: Tensor | None = None
+    attn_window: Window | None = None  # with attn_lens (B, T): each row reads its sinks and a window (see Window)
     graphable: bool = False  # a static layout (fixed buffers, device-side length): forwards can replay CUDA graphs
     ragged: bool = False  # a length per sequence: the model takes positions from token_positions() (kv/batch.py)
 

@@ -11,7 +11,9 @@ Hkv = Hq / G heads, ``softmax(q k^T / sqrt(D) + mask) v`` -> (B, Hq, T, D) in q'
   and every launch has host-independent shapes (CUDA-graph safe).
 * **Masking**: ``mask`` (T, S) bool (True = visible) is applied exactly; ``lens`` (T,) int gives each row's visible
   prefix (row t sees keys j < lens[t]); ``causal=True`` is the bottom-right causal mask among the new rows (row t
-  sees j <= S - T + t) without any mask tensor. They combine (logical and).
+  sees j <= S - T + t) without any mask tensor. They combine (logical and). ``window`` (``kv.base.Window``, dense
+  K/V with per-sequence ``lens`` (B, T)): row (b, t) also needs j < sinks or j >= starts[b, t], and the programs
+  read only those keys (a StreamingLLM draft over the target's own buffer costs its window, not the sequence).
 * **KV formats**: dense bf16/fp16/fp32 tensors of any strides (e.g. a prefix view or a whole static buffer), or
   KIVI ``QTensor`` codes (``mspeckv.kv.quant``: keys per channel grouped along tokens, values per token grouped
   along channels, int8/int4/int2, scale+zero) dequantized inside the kernel: the codes are read, never expanded.
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kv.base import Window
 from ..kv.quant import QTensor, unpack_codes
 from ..kv.triton_flag import HAS_TRITON, tl, triton  # one optional Triton import for every kernel module
 
@@ -204,6 +207,7 @@ if HAS_TRITON:
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,  # K/V: dense tensors, or codes + scale + zero
         kt_ptr, vt_ptr,  # dense tail (TAIL)
         lens_ptr, mask_ptr,  # lens (T,) or (B, T) [+ a flag at [T]: mask is not a prefix mask]; mask (T, S) uint8
+        start_ptr, n_sinks,  # WINDOW: row (b, t) also needs key j < n_sinks or j >= start[b, t] (start (B, T))
         op_ptr, ml_ptr,  # partials: (BH, NS, M, D) fp32, (BH, NS, M, 2) fp32
         Hkv, S_main, S_tail, n_split, sm_scale,
         s_qb, s_qh, s_qt, s_qd,
@@ -221,6 +225,7 @@ if HAS_TRITON:
         IEEE: tl.constexpr, F16: tl.constexpr,  # F16: quantized K/V with fp16 scales, dots in fp16
         PREFETCH: tl.constexpr,  # quantized: load block i+1's codes by hand while block i is computed
         KFOLD: tl.constexpr,  # quantized keys (F16): fold the group's scale/zero into q instead of dequantizing
+        WINDOW: tl.constexpr,  # dense K/V only: read keys [0, n_sinks) and [start, end) of each row, skip the rest
     ):
         M: tl.constexpr = G * T
         pid_s = tl.program_id(0)
@@ -258,9 +263,16 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, D), tl.float32)
 
         L = tl.minimum(hi, S_main)
-        nblk = tl.cdiv(tl.cdiv(L, BLOCK_N), n_split)
+        skip = 0
+        if WINDOW:  # the program reads [0, n_sinks) and [wlo, L): key u of that list is u, or u + skip past the sinks
+            row_start = tl.load(start_ptr + b * s_lb + rt, mask=rv, other=0).to(tl.int32)
+            row_start = tl.where(rv, row_start, S_tot)  # padding rows do not lower the program's start
+            wlo = tl.minimum(tl.maximum(tl.min(row_start, 0), n_sinks), L)
+            skip = tl.maximum(wlo - n_sinks, 0)
+        Lv = L - skip
+        nblk = tl.cdiv(tl.cdiv(Lv, BLOCK_N), n_split)
         lo = pid_s * nblk * BLOCK_N
-        hi_s = tl.minimum(lo + nblk * BLOCK_N, L)
+        hi_s = tl.minimum(lo + nblk * BLOCK_N, Lv)
         k_base = k_ptr + b * s_kb + h * s_kh
         v_base = v_ptr + b * s_vb + h * s_vh
         ks_base = ks_ptr + b * s_ksb + h * s_ksh
@@ -279,6 +291,8 @@ if HAS_TRITON:
         for n0 in range(lo, hi_s, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nv = n < hi_s
+            if WINDOW:  # list index -> key index (dense K/V: each key's address is its own)
+                n = tl.where(n >= n_sinks, n + skip, n)
             if KBITS > 0:
                 if PREFETCH:
                     kb, ksc, kzr = kq_b, kq_s, kq_z
@@ -320,6 +334,8 @@ if HAS_TRITON:
                 else:
                     s = tl.dot(qv, kk)
             vis = (n[None, :] < row_end[:, None]) & nv[None, :]
+            if WINDOW:
+                vis = vis & ((n[None, :] < n_sinks) | (n[None, :] >= row_start[:, None]))
             if HAS_MASK:
                 if mflag != 0:
                     mk = tl.load(mask_ptr + rt[:, None] * s_mt + n[None, :] * s_mn, mask=rv[:, None] & nv[None, :],
@@ -475,7 +491,7 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
                             num_splits: int | None = None, block_n: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
                             prefetch: bool | None = None, kfold: bool | None = None,
-                            f16: bool | None = None) -> Tensor:
+                            f16: bool | None = None, window: Window | None = None) -> Tensor:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -520,7 +536,14 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     # a bound per sequence (a ragged batch): the key axis is the longest sequence's, so short ones leave most splits
     # idle; four times as many splits keep the busy programs many and small (the SMs stay balanced)
     per_sm = (4.0 if kq or vq else 2.0) * (4 if lens is not None and lens.dim() == 2 else 1)
-    ns = num_splits or default_splits(S_main, BLOCK_N, B * Hkv, M, _sm_count(q.device), per_sm)
+    n_keys = S_main
+    if window is not None:
+        if kq or vq or k_tail is not None or mask is not None or lens is None or lens.dim() != 2:
+            raise ValueError("a window reads dense K/V with per-sequence lens (B, T), no tail and no mask")
+        if tuple(window.starts.shape) != (B, T):
+            raise ValueError(f"window starts must be ({B}, {T}), got {tuple(window.starts.shape)}")
+        n_keys = min(S_main, window.span)  # the most keys a row reads: the splits cover that, not the capacity
+    ns = num_splits or default_splits(n_keys, BLOCK_N, B * Hkv, M, _sm_count(q.device), per_sm)
     tail = S_tail > 0
     NS = ns + int(tail)
     dev = q.device
@@ -563,12 +586,14 @@ def decode_attention_triton(q: Tensor, k: KV, v: KV, mask: Tensor | None = None,
     if num_stages is None:
         num_stages = 3
     _split_kernel[(NS, B * Hkv)](
-        q, kt, vt, ks, kz, vs, vz, kt_t, vt_t, q if lens is None else lens, m_arg, op, ml,
+        q, kt, vt, ks, kz, vs, vz, kt_t, vt_t, q if lens is None else lens, m_arg,
+        q if window is None else window.starts.to(dtype=torch.int32).contiguous(),
+        0 if window is None else window.sinks, op, ml,
         Hkv, S_main, S_tail, ns, D ** -0.5,
         *q.stride(), *s_k, *s_ks, *s_v, *s_vs, *s_kt, *s_vt, *s_m, s_lb,
         T=T, G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KBITS=kbits, VBITS=vbits, VG=vg, KG=kg,
         HAS_LENS=lens is not None, HAS_MASK=mask is not None, CAUSAL=causal, TAIL=tail,
-        IEEE=q.dtype == torch.float32, F16=f16, PREFETCH=prefetch, KFOLD=kfold,
+        IEEE=q.dtype == torch.float32, F16=f16, PREFETCH=prefetch, KFOLD=kfold, WINDOW=window is not None,
         num_warps=nw, num_stages=num_stages,
     )  # fmt: skip
     # written (B, T, Hq, D) in memory, so the caller's transpose(1, 2).reshape(B, T, Hq * D) for o_proj is a view

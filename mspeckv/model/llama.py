@@ -100,11 +100,13 @@ def causal_mask(t: int, s: int, device) -> Tensor:
 FOLD_MAX = 64  # query rows (G * T) up to which decode/verify attention folds GQA groups into the query axis
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor | None = None,
+              window=None) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (T, S) bool, or (B, Hkv, T, S) when each KV head keeps different rows
     (per-head padded stores), or (B, 1, T, S) when each sequence has its own length, or None (= no masking)
     -> (B, Hq, T, D). ``lens`` (T,) or (B, T), when given, says the mask is each row's prefix [0, lens[t]): the
-    Triton kernel then takes the bound alone and loads no mask (the torch paths use the mask).
+    Triton kernel then takes the bound alone and loads no mask (the torch paths use the mask); ``window``
+    (``kv.base.Window``, with lens (B, T)) narrows each row to its sinks and newest keys, which the kernel alone reads.
 
     Few query rows (decode, verification): fold each KV head's G query heads into the query axis, so K/V are read
     once with no copy. On CUDA this is the split-K Triton kernel of ``model/decode_attention.py`` (GQA folded, the
@@ -120,7 +122,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lens: Tensor
         from .decode_attention import decode_attention_triton, triton_supported, use_triton
 
         if lens is not None and use_triton(q) and triton_supported(q, k, v):
-            return decode_attention_triton(q, k, v, lens=lens)
+            return decode_attention_triton(q, k, v, lens=lens, window=window)
         if use_triton(q) and triton_supported(q, k, v, mask):
             return decode_attention_triton(q, k, v, mask)
     if G * T <= FOLD_MAX:
@@ -212,7 +214,7 @@ class Attention(nn.Module):
             if mask is None:
                 mask = masks[S] = causal_mask(T, S, x.device)
         cache.on_update(layer, k, v, k_all, mask)
-        y = attention(q, k_all, v_all, mask, cache.attn_lens)  # (B, Hq, T, D)
+        y = attention(q, k_all, v_all, mask, cache.attn_lens, cache.attn_window)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
 
