@@ -219,3 +219,23 @@ def test_bench_batch_offload_and_press_cells(tmp_path):
         offload_placement(model_config("random:qwen2.5-1.5b"), 3_087_428_608, 32, 32896, 2, 4)
     with pytest.raises(ValueError, match="give --gpu-memory"):
         BatchBenchConfig(model="random:tiny", offload=("24x2",))
+
+
+def test_bench_batch_prompts_from_a_corpus(target, tmp_path):
+    """--dataset: each sequence's prompt is real text from the corpus (here the standard library's code), named in
+    the record with what its text depends on; a random model has no tokenizer and is refused before loading."""
+    from mspeckv.bench.batch import BatchBenchConfig, Bench, run
+    from mspeckv.data.corpora import long_prompt
+
+    cfg = BatchBenchConfig(model=target, contexts=(20,), batches=(2,), gen_len=3, seeds=2, ragged="",
+                           dataset="pycode", spec=("self:2@20x2",), window=4, device="cpu", out=str(tmp_path / "b"))
+    res = run(cfg, "cmd")
+    assert {r["method"] for r in res["rows"]} == {"ar", "spec"} and all(r["runs"] == 2 for r in res["rows"])
+    recs = [json.loads(f.read_text()) for f in (tmp_path / "b").rglob("*.json")]
+    sources = {r["metrics"]["prompts"] for r in recs if r.get("metrics", {}).get("prompts")}
+    assert sources and all(s.startswith("corpus pycode (python ") for s in sources)
+    b = Bench(cfg)
+    ps = b.prompts([20, 20], 1)
+    assert ps[1] == long_prompt(b.tok, 20, 1001, "pycode") and ps[0] != ps[1]
+    with pytest.raises(ValueError, match="needs a real model's tokenizer"):
+        BatchBenchConfig(model="random:tiny", dataset="pycode").validate()

@@ -49,6 +49,9 @@ class BatchBenchConfig:
                                 "GAMMA a number or autoN (the cost model picks γ <= N, or AR, per round), e.g. "
                                 "self:4@32768x32,self:auto8@32768x32")
     draft: str = opt("qwen2.5-coder-0.5b", "the draft model of vanilla cells")
+    dataset: str | None = opt(None, "prompts from this corpus (e.g. pycode, the Python standard library's modules; "
+                                    "a real model's tokenizer) instead of random token ids; speculation's acceptance "
+                                    "needs real text", check=False)
     window: int = opt(2048, "self cells: the newest rows each draft step reads", lo=1)
     sinks: int = opt(4, "self cells: the first rows each draft step reads", lo=0)
     gpu_memory: float | None = opt(None, "GB the run may allocate on the GPU (weights, KV, workspace)")
@@ -76,6 +79,14 @@ class BatchBenchConfig:
     def validate(self) -> None:
         from ..model.api import model_config
         from ..runs.checks import generation_fits, out_dir
+
+        if self.dataset is not None:
+            from ..data.corpora import load_documents
+
+            if self.model.startswith("random:"):
+                raise v.ConfigError(f"--dataset {self.dataset!r} needs a real model's tokenizer; {self.model} has "
+                                    f"none: drop --dataset (random token ids) or give a real model")
+            load_documents(self.dataset)  # a missing corpus fails here, before any weights load
 
         out_dir("--out", self.out)
         longest = max(self.contexts + ((ragged_range(self.ragged)[1],) if self.ragged else ()))
@@ -163,8 +174,21 @@ class Bench:
         self.draft = None  # loaded at the first vanilla cell
 
     def prompts(self, lens: list[int], seed: int) -> list[list[int]]:
+        """Random token ids, or with --dataset real text: sequence i of seed s is ``long_prompt`` of seed 1000 s + i."""
+        if self.cfg.dataset is not None:
+            from ..data.corpora import long_prompt
+
+            return [long_prompt(self.tok, n, 1000 * seed + i, self.cfg.dataset) for i, n in enumerate(lens)]
         g = torch.Generator().manual_seed(seed)
         return [torch.randint(10, self.model.cfg.vocab_size - 10, (n,), generator=g).tolist() for n in lens]
+
+    def prompt_source(self) -> str:
+        from ..data.corpora import corpus_version
+
+        if self.cfg.dataset is None:
+            return "random token ids"
+        return f"corpus {self.cfg.dataset}" + (f" ({corpus_version(self.cfg.dataset)})"
+                                                if corpus_version(self.cfg.dataset) else "")
 
     def floor(self, lens: list[int], step_s: float) -> dict:
         """Bytes a step reads (weights + the mean KV over the decode) and what that is of the copy bandwidth."""
@@ -197,7 +221,7 @@ class Bench:
         return {**m, "prompt_lens": lens if spec.method == "ragged" else None, "total_prompt_tokens": sum(lens),
                 "batch": len(lens), "step_ms": step_s * 1e3, **self.floor(lens, step_s),
                 "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
-                "model_load_s": self.load_s, "prompts": "random token ids"}
+                "model_load_s": self.load_s, "prompts": self.prompt_source()}
 
     def uniform_generate(self, spec: RunSpec, ctx: int, batch: int) -> dict:
         """Offloaded or pressed AR at batch (uniform prompt lengths: ``decoding.autoregressive.generate``)."""
@@ -231,7 +255,7 @@ class Bench:
                "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall,
                "engine": what, "batch": batch, "total_prompt_tokens": ctx * batch, "step_ms": r.ms_per_token,
                "peak_gpu_bytes": peak_bytes(dev), "device_name": device_name(dev), "model_load_s": self.load_s,
-               "prompts": "random token ids", "memory": rep}
+               "prompts": self.prompt_source(), "memory": rep}
         h2d0 = r.stats.get("h2d_bytes_before_decode")
         if h2d0 is not None and rep.get("h2d_bytes_total") is not None and dev.type == "cuda":
             per_step = (rep["h2d_bytes_total"] - h2d0) / max(steps, 1)
@@ -274,7 +298,7 @@ class Bench:
             "batch": batch, "total_prompt_tokens": ctx * batch, "round_ms": st["decode_s"] / st["rounds"] * 1e3
             if st["rounds"] else None, "step_ms": None,
             "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
-            "model_load_s": self.load_s, "prompts": "random token ids"}
+            "model_load_s": self.load_s, "prompts": self.prompt_source()}
 
     def ours(self, ps, gen) -> dict:
         from ..decoding.batch import generate_batch

