@@ -79,6 +79,9 @@ def cmd_generate(a) -> int:
 
         return generate_many(a)
     checks.refuse(checks.changed(a, "batch", "out", "gpu_memory"), "they go with --prompts FILE.jsonl")
+    if a.mode == "self" or a.auto_gamma:
+        raise ValueError("--mode self and --auto-gamma run speculation at batch: give --prompts FILE.jsonl (one prompt "
+                         "per line; a file of one line runs one prompt)")
     text = checks.prompt_text(a)
     if a.tp != 1 or under_torchrun():  # tensor parallel: spawned ranks, or one torchrun rank
         from .parallel.cli import generate_tp

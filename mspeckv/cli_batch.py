@@ -1,5 +1,6 @@
-"""``mspeckv generate --prompts FILE.jsonl``: many prompts through the batched engine (``decoding/batch.py``), one
-JSON line out per prompt, in input order. CLI only."""
+"""``mspeckv generate --prompts FILE.jsonl``: many prompts through the batched engine (``decoding/batch.py``; with
+``--mode self|vanilla`` speculation at batch, ``decoding/batch_spec.py``), one JSON line out per prompt, in input
+order. CLI only."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from .cli_common import encode, model_and_placement, sampling
 # the generate flags that apply to --prompts; every other one, changed from its default, is refused
 APPLIES = {"model", "prompts", "batch", "out", "gpu_memory", "chat", "max_new_tokens", "prefill_chunk", "device",
            "temperature", "top_p", "top_k", "seed", "greedy", "on_chip", "kv_quant", "kv_group_size", "resident_layers",
-           "resident_format", "resident_policy", "press"}
+           "resident_format", "resident_policy", "press", "mode", "gamma", "draft", "self_window", "self_sinks",
+           "auto_gamma"}
 
 
 def check(a) -> list:
@@ -21,8 +23,21 @@ def check(a) -> list:
     from .data.prompts import read_prompts
 
     extra = [f for f in checks.changed(a, *getattr(a, "_defaults", {})) if f[2:].replace("-", "_") not in APPLIES]
-    checks.refuse(extra, "--prompts runs batched autoregressive decoding (speculation at batch is not in this command "
-                         "yet)")
+    checks.refuse(extra, "--prompts runs batched decoding: --mode ar, or speculation at batch with --mode self or "
+                         "vanilla (--gamma, --draft, --self-window, --self-sinks, --auto-gamma)")
+    if a.mode == "mspeckv":
+        raise ValueError("--prompts runs --mode ar, self or vanilla; the three-level mspeckv mode runs one prompt at a "
+                         "time (--prompt)")
+    if a.mode != "ar":
+        from .decoding.batch_spec import BatchSpecConfig
+
+        BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma)
+        if a.press is not None or a.on_chip is not None:
+            raise ValueError(f"--mode {a.mode} at batch runs over the dense batched KV on the GPU: drop --press and "
+                             f"--on-chip, or use --mode ar")
+        if a.mode == "vanilla" and a.gpu_memory is not None:
+            raise ValueError("--gpu-memory does not count a draft model's weights and KV yet: drop it with --mode "
+                             "vanilla")
     if a.batch is not None and a.batch < 1:
         raise ValueError(f"--batch must be >= 1 (sequences in flight), got {a.batch}")
     if a.gpu_memory is not None and not a.gpu_memory > 0:
@@ -35,6 +50,11 @@ def check(a) -> list:
                          "is placed or pressed on its own: drop --gpu-memory (or the placement)")
     longest = max(x.max_new_tokens or a.max_new_tokens for x in lines)
     checks.generation_fits(cfg, longest)
+    if a.mode == "vanilla":
+        dcfg = checks.model_config(a.draft)
+        if dcfg.vocab_size != cfg.vocab_size:
+            raise ValueError(f"--draft {a.draft} has a vocabulary of {dcfg.vocab_size}, the model {a.model} one of "
+                             f"{cfg.vocab_size}; pick a draft from the same model family")
     if a.gpu_memory is not None:  # before the weights load, prompts count one token each (a lower bound); the exact
         from .cache import check_gpu_memory  # check follows the tokenizer, before the KV allocates
 
@@ -63,7 +83,18 @@ def generate_many(a) -> int:
         from .cache import check_gpu_memory
 
         check_gpu_memory(model.cfg, batch, cap, model.dtype.itemsize, a.gpu_memory)
-    eng = BatchEngine(model, batch, cap, gen, cache=batch_cache(model, batch, cap, p, a.press))
+    if a.mode == "ar":
+        eng = BatchEngine(model, batch, cap, gen, cache=batch_cache(model, batch, cap, p, a.press))
+    else:
+        from .decoding.batch_spec import BatchSpecConfig, BatchSpecEngine
+        from .decoding.speculative import check_pair
+
+        draft = None
+        if a.mode == "vanilla":
+            draft, dtok, _ = load(a.draft, a.device)
+            check_pair(model, draft, tok, dtok)
+        spec = BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma)
+        eng = BatchSpecEngine(model, draft, batch, cap, gen, spec)
     res = eng.run(ids, max_new)
     rows = []
     for x, s in zip(lines, res.seqs, strict=True):
@@ -77,7 +108,13 @@ def generate_many(a) -> int:
     else:
         sys.stdout.write(text)
     s = res.summary()
-    print(f"[batched ar | {model.cfg.family} on {model.device}] {len(ids)} prompts, {batch} in flight | "
+    if a.mode != "ar":
+        acc = eng.accepted / eng.drafted if eng.drafted else float("nan")
+        per_round = (eng.accepted + eng.seq_rounds) / max(1, eng.seq_rounds)
+        why = "".join(f" | cost model, batch {b}: {cm.record()['reason']}" for b, cm in eng.costs.items())
+        print(f"[speculation at batch | {a.mode}, γ {'≤ ' if a.auto_gamma else ''}{a.gamma}] {eng.rounds} rounds | "
+              f"acceptance {acc:.2f} | tokens per sequence-round {per_round:.2f}{why}", file=sys.stderr)
+    print(f"[batched {a.mode} | {model.cfg.family} on {model.device}] {len(ids)} prompts, {batch} in flight | "
           f"prefill {s['prefill_s']:.2f} s | decode {s['tok_per_s']:.1f} tok/s | end to end {s['e2e_tok_per_s']:.1f} "
           f"tok/s | setup {s['setup_s']:.2f} s", file=sys.stderr)
     return 0

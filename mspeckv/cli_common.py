@@ -15,7 +15,7 @@ import argparse
 from . import cli_checks as checks
 from . import validate as v
 
-SPEC_MODES = ("vanilla", "mspeckv")
+SPEC_MODES = ("vanilla", "mspeckv", "self")  # self: speculation at batch only (generate --prompts)
 MODES = ("ar", *SPEC_MODES)
 BACKENDS = ("ours", "hf")
 OFFLOADED = {"kv": ("offloaded",)}
@@ -124,6 +124,13 @@ def add_spec(p, budget: int = 4096, gamma: int = 8, mode: str = "ar") -> None:
     add(g, "--draft-window", type=int, default=None, help="default 256 - sinks - gamma",
         applies={**hier, "drafter": ("model",)})
     add(g, "--refresh-every", type=int, default=None, help="rebuild retrieval every N tokens", applies=hier)
+    batch = {"mode": ("vanilla", "self")}
+    add(g, "--self-window", type=int, default=256, help="--mode self: the newest rows each draft step reads",
+        applies={"mode": ("self",)})
+    add(g, "--self-sinks", type=int, default=4, help="--mode self: the first rows each draft step reads",
+        applies={"mode": ("self",)})
+    add(g, "--auto-gamma", action="store_true", help="--prompts: the cost model picks γ <= --gamma, or AR, per "
+        "round from steps timed on the running batch", applies=batch)
     add(g, "--l1-press", default=None, help="the middle level's press (lossless: the full KV verifies); default "
         "retrieval:budget=BUDGET,chunk=CHUNK", applies={**hier, "tp": (1,)})
 

@@ -2,6 +2,7 @@
 bad files and flags get one error before any weights load; ``--gpu-memory`` refuses what does not fit."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +70,11 @@ def test_reader_skips_blank_lines_and_keeps_fields(tmp_path):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--mode", "vanilla"], "--mode would be ignored"),
+    (["--mode", "mspeckv"], "the three-level mspeckv mode runs one prompt"),
+    (["--mode", "self", "--press", "streaming:budget=8"], "over the dense batched KV on the GPU"),
+    (["--mode", "vanilla", "--gpu-memory", "30"], "does not count a draft model"),
+    (["--mode", "self", "--gamma", "0"], "gamma"),
+    (["--self-window", "9"], "--self-window would be ignored"),
     (["--drafter", "ngram"], "--drafter would be ignored"),
     (["--on-chip", "1", "--gpu-memory", "30"], "--gpu-memory budgets the dense batched KV"),
     (["--press", "nope"], "unknown press 'nope'"),
@@ -239,3 +244,23 @@ def test_bench_batch_prompts_from_a_corpus(target, tmp_path):
     assert ps[1] == long_prompt(b.tok, 20, 1001, "pycode") and ps[0] != ps[1]
     with pytest.raises(ValueError, match="needs a real model's tokenizer"):
         BatchBenchConfig(model="random:tiny", dataset="pycode").validate()
+
+
+@pytest.mark.parametrize("mode", ["self", "vanilla"])
+def test_prompts_with_speculation_give_each_prompts_greedy_ar_output(target, tmp_path, capsys, mode):
+    """generate --prompts --mode self|vanilla: speculation at batch, each line's tokens equal to --mode ar's (greedy,
+    the tiny models in fp32), and the acceptance said on stderr; --mode self without --prompts is refused."""
+    draft = str(Path(target).parent / "draft")
+    f = write(tmp_path, *[json.dumps({"prompt": t}) for t in ("def add(a, b):", "x = [1, 2", "class A:\n  def")])
+    common = ["generate", "--model", target, "--prompts", f, "--device", "cpu", "--max-new-tokens", "9", "--greedy",
+              "--batch", "2"]
+    assert main([*common, "--out", str(tmp_path / "ar.jsonl")]) == 0
+    extra = ["--self-window", "4", "--self-sinks", "1"] if mode == "self" else ["--draft", draft]
+    assert main([*common, "--mode", mode, "--gamma", "3", "--auto-gamma", *extra,
+                 "--out", str(tmp_path / "spec.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert f"[speculation at batch | {mode}, γ ≤ 3]" in err and "cost model, batch 2" in err
+    rows = lambda n: [json.loads(x)["tokens"] for x in (tmp_path / n).read_text().splitlines()]
+    assert rows("spec.jsonl") == rows("ar.jsonl")
+    assert main(["generate", "--model", target, "--prompt", "x", "--mode", "self", "--device", "cpu"]) != 0
+    assert "give --prompts FILE.jsonl" in capsys.readouterr().err
