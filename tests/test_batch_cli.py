@@ -186,15 +186,16 @@ def test_bench_batch_speculation_cells(tmp_path):
     from mspeckv.bench.batch import BatchBenchConfig, run
 
     cfg = BatchBenchConfig(model="random:tiny", draft="random:tiny", contexts=(24,), batches=(2,), gen_len=6,
-                           seeds=2, ragged="", spec=("self:3@24x3", "vanilla:2@24x2", "self:auto4@24x2"), window=8,
+                           seeds=2, ragged="", spec=("self:3@24x3", "vanilla:2@24x2", "self:auto4:w6@24x2"), window=8,
                            device="cpu", out=str(tmp_path / "bs"))
     res = run(cfg, "cmd")
     rows = {r["cell"]: r for r in res["rows"] if r["method"] == "spec"}
-    assert set(rows) == {"self:3@24x3", "vanilla:2@24x2", "self:auto4@24x2"}
+    assert set(rows) == {"self:3@24x3", "vanilla:2@24x2", "self:auto4:w6@24x2"}
     assert all(r["runs"] == 2 for r in rows.values())
     assert 0 <= rows["self:3@24x3"]["acceptance"] <= 1 and rows["self:3@24x3"]["batch"] == 3
     assert 1 <= rows["vanilla:2@24x2"]["tokens_per_round"] <= 3
-    assert "window 8" in rows["self:3@24x3"]["engine"] and "auto≤4" in rows["self:auto4@24x2"]["engine"]
+    assert "window 8" in rows["self:3@24x3"]["engine"] and "auto≤4" in rows["self:auto4:w6@24x2"]["engine"]
+    assert "window 6" in rows["self:auto4:w6@24x2"]["engine"]
     ar = next(r for r in res["rows"] if r["method"] == "ar")
     assert rows["vanilla:2@24x2"]["vs_ar_decode"] == pytest.approx(
         rows["vanilla:2@24x2"]["decode_tok_per_s"] / ar["decode_tok_per_s"])
@@ -202,8 +203,9 @@ def test_bench_batch_speculation_cells(tmp_path):
     recs = [json.loads(line) for f in (tmp_path / "bs").rglob("*.json") for line in [f.read_text()]
             if '"auto": true' in line]
     assert any(r.get("metrics", {}).get("cost_model") for r in recs)
-    with pytest.raises(ValueError, match="autoN"):
-        BatchBenchConfig(spec=("self:autoX@24x2",))
+    for bad in ("self:autoX@24x2", "vanilla:2:w8@24x2", "self:2:8@24x2", "self:2:w0@24x2"):
+        with pytest.raises(ValueError, match="autoN"):
+            BatchBenchConfig(spec=(bad,))
 
 
 def test_bench_batch_offload_and_press_cells(tmp_path):

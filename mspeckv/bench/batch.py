@@ -46,8 +46,8 @@ class BatchBenchConfig:
                                    "kivi:k_bits=4,v_bits=4@32768x32)", sep=";")
     offload_gen_len: int = opt(32, "tokens generated per sequence in the offload and press cells", lo=2)
     spec: tuple[str, ...] = opt((), "speculation at batch: MODE:GAMMA@CONTEXTxBATCH cells, MODE self or vanilla, "
-                                "GAMMA a number or autoN (the cost model picks γ <= N, or AR, per round), e.g. "
-                                "self:4@32768x32,self:auto8@32768x32")
+                                "GAMMA a number or autoN (the cost model picks γ <= N, or AR, per round), an optional "
+                                ":wWINDOW for self, e.g. self:4@32768x32,self:auto8:w512@32768x32")
     draft: str = opt("qwen2.5-coder-0.5b", "the draft model of vanilla cells")
     dataset: str | None = opt(None, "prompts from this corpus (e.g. pycode, the Python standard library's modules; "
                                     "a real model's tokenizer) instead of random token ids; speculation's acceptance "
@@ -119,18 +119,23 @@ def press_cell(text: str) -> tuple[str, int, int]:
     return (spec, *hf_cell(cell))
 
 
-def spec_cell(text: str) -> tuple[str, int, bool, int, int]:
-    """MODE:GAMMA@CONTEXTxBATCH -> (mode, gamma, auto, context, batch); GAMMA is N or autoN."""
+def spec_cell(text: str) -> tuple[str, int, bool, int | None, int, int]:
+    """MODE:GAMMA[:wWINDOW]@CONTEXTxBATCH -> (mode, gamma, auto, window or None, context, batch); GAMMA is N or
+    autoN; wWINDOW (self) overrides --window for this cell."""
     from ..decoding.batch_spec import MODES
 
     head, _, cell = text.rpartition("@")
-    mode, _, gamma = head.partition(":")
+    mode, _, rest = head.partition(":")
+    gamma, _, win = rest.partition(":")
     auto = gamma.startswith("auto")
     gamma = gamma.removeprefix("auto")
-    if mode not in MODES or not gamma.isdigit() or int(gamma) < 1:
-        raise v.ConfigError(f"--spec {text!r}: give MODE:GAMMA@CONTEXTxBATCH with MODE one of {', '.join(MODES)} and "
-                            f"GAMMA >= 1 or autoN, e.g. self:4@32768x32 or self:auto8@32768x32")
-    return (mode, int(gamma), auto, *hf_cell(cell))
+    window = win.removeprefix("w")
+    if mode not in MODES or not gamma.isdigit() or int(gamma) < 1 or (win and (mode != "self" or not win.startswith(
+            "w") or not window.isdigit() or int(window) < 1)):
+        raise v.ConfigError(f"--spec {text!r}: give MODE:GAMMA[:wWINDOW]@CONTEXTxBATCH with MODE one of "
+                            f"{', '.join(MODES)}, GAMMA >= 1 or autoN, and wWINDOW (self only) >= 1, e.g. "
+                            f"self:4@32768x32, self:auto8:w512@32768x32")
+    return (mode, int(gamma), auto, int(window) if win else None, *hf_cell(cell))
 
 
 def offload_placement(model_cfg, weight_bytes: int, batch: int, capacity: int, dtype_bytes: int, budget_gb: float):
@@ -281,7 +286,7 @@ class Bench:
         ps = self.prompts([ctx] * batch, spec.seed)
         gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
                                prefill_chunk=self.cfg.prefill_chunk)
-        sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=self.cfg.window,
+        sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=spec.config["window"],
                              auto=spec.config.get("auto", False))
         t0 = time.perf_counter()
         r = generate_batch_spec(self.model, self.draft if mode == "vanilla" else None, ps, gen, sc)
@@ -376,9 +381,11 @@ def plan(cfg: BatchBenchConfig) -> list[RunSpec]:
     specs = [RunSpec("batch", m, "cell", cfg.ragged if m in ("ragged", "uniform") else f"{c}x{b}", s,
                      {"context": c, "batch": b, **settings}) for m, c, b in cells for s in range(cfg.seeds)]
     for text in cfg.spec:
-        mode, gamma, auto, c, b = spec_cell(text)
-        specs += [RunSpec("batch", "spec", "cell", text, s, {"context": c, "batch": b, "mode": mode, "gamma": gamma,
-                                                             "auto": auto, **settings}) for s in range(cfg.seeds)]
+        mode, gamma, auto, window, c, b = spec_cell(text)
+        specs += [RunSpec("batch", "spec", "cell", text, s, {**settings, "context": c, "batch": b, "mode": mode,
+                                                             "gamma": gamma, "auto": auto,
+                                                             "window": window or cfg.window})
+                  for s in range(cfg.seeds)]
     for text in cfg.presses:
         press, c, b = press_cell(text)
         specs += [RunSpec("batch", "press", "cell", f"{press}@{c}x{b}", s, {"context": c, "batch": b, "press": press,
