@@ -27,6 +27,7 @@ steps timed on the running batch (once per bucket, charged to setup) and the acc
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -177,54 +178,74 @@ class BatchSpecEngine(BatchEngine):
         sync(self.device)
         self.capture_s += time.perf_counter() - t0
 
-    def admit(self, seq: Sequence, t_run: float) -> None:
-        if self.draft is not None:  # the draft's own KV of the prompt, in the slot the target will take
-            slot = self.cache.free_slots()[0]
-            assert self.dcache.join() == slot
-            self.dcache.focus(slot, 1)
+    # ------------------------------------------------------------------------------------------------ slots
+    def start(self, seq: Sequence) -> None:
+        super().start(seq)
+        if self.draft is not None:  # the draft's KV takes the same slot
+            if self.dcache.join() != seq.slot:
+                raise RuntimeError(f"the draft's KV and the target's disagree on the free slot ({seq.slot})")
+
+    def feed(self, seq: Sequence, n: int, t_run: float) -> bool:
+        """The next prompt chunk into the target's slot, and into the draft's (vanilla) first."""
+        if self.draft is not None:
             sync(self.device)
             t0 = time.perf_counter()
-            self.draft.prefill(torch.tensor([seq.prompt], device=self.device), self.dcache,
-                               chunk=self.gen.prefill_chunk)
+            self.dcache.focus(seq.slot, 1)
+            self.draft(torch.tensor([seq.prompt[seq.fed:seq.fed + n]], device=self.device), self.dcache,
+                       num_logits=1)
             self.prefill_s += time.perf_counter() - t0
-        super().admit(seq, t_run)
+        return super().feed(seq, n, t_run)
 
-    def append(self, seq: Sequence, toks: list[int], t_run: float) -> None:
-        super().append(seq, toks, t_run)
-        if seq.finish is not None and self.draft is not None:
+    def retire(self, seq: Sequence, finish: str) -> None:
+        if self.draft is not None and seq.slot is not None and self.slot_seq[seq.slot] is seq:
             self.dcache.leave(seq.slot)
+        super().retire(seq, finish)
 
     # ------------------------------------------------------------------------------------------------ one round
-    def draft_tokens(self, bucket: int, g: int, probs: bool):
-        """γ proposals per sequence (B, γ), and their distributions (B, γ, V) when ``probs``; the draft's KV then
-        holds the round's rows (vanilla: γ+1 of them; self: none, its scratch rows are forgotten here)."""
-        cur, drafts, qs = self.last[:bucket], [], []
+    def probs(self, logits, rows: list[Sequence | None]):
+        """logits (B, ..., V) -> probabilities, row b by ``rows[b]``'s own sampling where it has one (a greedy row: a
+        one-hot, which rejection sampling then accepts exactly when greedy would), else the engine's."""
+        p = logits_to_probs(logits, self.gen.sampling)
+        for b, s in enumerate(rows):
+            if s is not None and s.sampling is not None:
+                p[b] = logits_to_probs(logits[b], s.sampling)
+        return p
+
+    def draft_tokens(self, g: int, rows: list[Sequence | None] | None, active: list[int]):
+        """γ proposals per sequence (B, γ), and their distributions (B, γ, V) when sampling (``rows``: whose sampling
+        each row follows; None: every row greedy); the draft's KV then holds the round's rows (vanilla: γ+1 of them;
+        self: none, its scratch rows are forgotten here). ``active``: 1 per slot that advances, 0 per held one."""
+        cur, drafts, qs = self.last[:len(active)], [], []
         self.drunner.n = self.dcache.length()
         for i in range(g + (self.draft is not None)):  # vanilla's last forward only writes dγ's row
             logits = self.drunner.step(cur[:, None])[:, -1]  # (B, V)
             if i == g:
                 break
-            if probs:
-                q = logits_to_probs(logits, self.gen.sampling)
+            if rows is not None:
+                q = self.probs(logits, rows)
                 cur = sample(q, self.g)
                 qs.append(q)
             else:
                 cur = logits.argmax(-1)
             drafts.append(cur)
         if self.draft is None:
-            self.cache.rollback(g)  # the draft's rows were scratch in the target's buffer
+            self.cache.rollback([g * a for a in active])  # the draft's rows were scratch in the target's buffer
         if not drafts:  # γ = 0: vanilla's draft only took the token's row
             return cur.new_zeros(cur.shape[0], 0), None
-        return torch.stack(drafts, 1), (torch.stack(qs, 1) if probs else None)
+        return torch.stack(drafts, 1), (torch.stack(qs, 1) if rows is not None else None)
 
-    def verify(self, bucket: int, d, q):
+    def verify(self, d, q, rows: list[Sequence | None] | None):
         """(B, γ+1) target logits over [last, d1 .. dγ] -> accepted counts (B,) and next tokens (B,)."""
         g = d.shape[1]
         self.runner.n = self.cache.length()
-        logits = self.runner.step(torch.cat([self.last[:bucket, None], d], 1), num_logits=g + 1)  # (B, γ+1, V)
+        logits = self.runner.step(torch.cat([self.last[:d.shape[0], None], d], 1), num_logits=g + 1)  # (B, γ+1, V)
         if q is None:
             return greedy_accept(d, logits)
-        return speculative_accept(q, logits_to_probs(logits, self.gen.sampling), d, self.g)
+        return speculative_accept(q, self.probs(logits, rows), d, self.g)
+
+    def held_draft(self, slots: list[int]):
+        """The draft's KV sits the held slots out too (vanilla); self's draft KV is the target's."""
+        return self.dcache.held(slots) if self.draft is not None else nullcontext()
 
     def cost_model(self, bucket: int) -> CostModel:
         """This bucket's costs, timed on the running batch the first time it decodes (each timed forward is rolled
@@ -259,32 +280,41 @@ class BatchSpecEngine(BatchEngine):
         return self.costs[bucket]
 
     def decode_segment(self, t_run: float) -> None:
-        """One speculation round over every live sequence (with auto: or an AR segment, as the cost model says)."""
-        live = [s for s in self.slot_seq if s is not None]
+        """One speculation round over every sequence whose prompt is complete (with auto: or an AR segment, as the
+        cost model says); a slot still being prefilled (the server's chunked prefill) sits the round out."""
+        live = [s for s in self.slot_seq if s is not None and s.prefilled]
+        if not live:
+            return
+        held = [s.slot for s in self.slot_seq if s is not None and not s.prefilled]
         bucket = next(b for b in buckets(self.max_batch) if b > max(s.slot for s in live))
         self.cache.focus(0, bucket)
         if self.draft is not None:
             self.dcache.focus(0, bucket)
-        cm = self.cost_model(bucket) if self.spec.auto else None
+        cm = self.cost_model(bucket) if self.spec.auto and not held else self.costs.get(bucket)
         g = cm.pick() if cm is not None else self.spec.gamma
         if g == 0 and self.draft is None:  # AR segments, the target's KV alone
             return super().decode_segment(t_run)
+        rows = [s if s is not None and s.prefilled else None for s in self.slot_seq[:bucket]]
+        active = [int(s is not None) for s in rows]
+        sampled = not self.gen.sampling.greedy or any(s.sampling is not None and not s.sampling.greedy for s in live)
         sync(self.device)
         t0 = time.perf_counter()
-        if g == 0:  # one AR step, and the draft's forward of the same token: its KV keeps up with the target's
-            d, q = self.draft_tokens(bucket, 0, False)
-            nxt = self.sample(self.runner.step(self.last[:bucket, None])[:, -1], self.slot_seq[:bucket])
-            n = torch.zeros_like(nxt)
-        else:
-            d, q = self.draft_tokens(bucket, g, not self.gen.sampling.greedy)
-            n, nxt = self.verify(bucket, d, q)
-        self.last[:bucket] = nxt
-        rows = torch.cat([d, nxt[:, None], n[:, None]], 1).tolist()  # the round's one sync: tokens and counts
-        n_host = [r.pop() for r in rows]  # rows: d1..dγ, next
-        back = [g - k for k in n_host]
-        self.cache.rollback(back)
-        if self.draft is not None:
-            self.dcache.rollback(back)
+        with self.cache.held([h for h in held if h < bucket]), self.held_draft([h for h in held if h < bucket]):
+            if g == 0:  # one AR step, and the draft's forward of the same token: its KV keeps up with the target's
+                d, q = self.draft_tokens(0, None, active)
+                nxt = self.sample(self.runner.step(self.last[:bucket, None])[:, -1], rows)
+                n = torch.zeros_like(nxt)
+            else:
+                d, q = self.draft_tokens(g, rows if sampled else None, active)
+                n, nxt = self.verify(d, q, rows if sampled else None)
+            self.last[:bucket] = torch.where(torch.tensor(active, device=nxt.device, dtype=torch.bool), nxt,
+                                             self.last[:bucket])
+            out = torch.cat([d, nxt[:, None], n[:, None]], 1).tolist()  # the round's one sync: tokens and counts
+            n_host = [r.pop() for r in out]  # out: d1..dγ, next
+            back = [(g - k) * a for k, a in zip(n_host, active, strict=True)]
+            self.cache.rollback(back)
+            if self.draft is not None:
+                self.dcache.rollback(back)
         self.decode_s += time.perf_counter() - t0
         self.steps += 1
         self.rounds += 1
@@ -295,7 +325,7 @@ class BatchSpecEngine(BatchEngine):
             self.seq_rounds += 1
             self.accepted += k
             self.drafted += g
-            self.append(s, rows[s.slot][:k] + rows[s.slot][g:], t_run)  # d1..dk, then the target's next
+            self.append(s, out[s.slot][:k] + out[s.slot][g:], t_run)  # d1..dk, then the target's next
 
 
 def generate_batch_spec(model, draft, prompts, gen, spec: BatchSpecConfig, max_batch: int | None = None,
