@@ -9,7 +9,7 @@ from .cli_common import add_placement, model_and_placement
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (AR)",
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (AR or speculation)",
                        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
                                    "/health, /metrics. Requests join the running batch between rounds; their prefill "
                                    "is chunked and interleaved with decoding. Needs the serve extra "
@@ -32,8 +32,16 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--mode", default="ar", choices=["ar", "self", "vanilla"], help="ar, or speculation at batch: "
+                   "self (the model over a StreamingLLM window drafts for itself) or vanilla (a --draft model)")
+    p.add_argument("--draft", default=None, help="--mode vanilla: the draft model (same vocabulary)")
+    p.add_argument("--gamma", type=int, default=4, help="speculation: drafted tokens per round (the most with "
+                   "--auto-gamma)")
+    p.add_argument("--auto-gamma", action="store_true", help="speculation: the cost model picks γ, or AR, per round")
+    p.add_argument("--self-window", type=int, default=256, help="--mode self: the newest rows each draft step reads")
+    p.add_argument("--self-sinks", type=int, default=4, help="--mode self: the first rows each draft step reads")
     add_placement(p)
-    p.set_defaults(fn=cmd_serve, mode="ar", drafter="model", tp=1, backend="ours")
+    p.set_defaults(fn=cmd_serve, drafter="model", tp=1, backend="ours")
 
 
 def check(a):
@@ -61,23 +69,51 @@ def check(a):
     if a.press_every is not None:
         raise ValueError("--press-every is not supported by mspeckv serve (the batched engine presses once, after each "
                          "prefill): drop it")
+    spec = speculation(a)
     cfg, p = model_and_placement(a)
+    if spec is not None and (a.press is not None or a.on_chip is not None):
+        raise ValueError(f"--mode {a.mode} runs over the dense batched KV on the GPU: drop --press and --on-chip, or "
+                         f"serve with --mode ar")
+    if a.mode == "vanilla":
+        from .cli_checks import model_config
+
+        dcfg = model_config(a.draft)
+        if dcfg.vocab_size != cfg.vocab_size:
+            raise ValueError(f"--draft {a.draft} has a vocabulary of {dcfg.vocab_size}, the model {a.model} one of "
+                             f"{cfg.vocab_size}; pick a draft from the same model family")
     cap = min(cfg.max_position, 4096) if a.max_context is None else a.max_context
     v.integer("max_context", cap, lo=2)
     if cap > cfg.max_position:
         raise ValueError(f"--max-context {cap} is beyond {a.model}'s context of {cfg.max_position} tokens; give "
                          f"at most {cfg.max_position}")
-    return cfg, p, cap
+    return cfg, p, cap, spec
+
+
+def speculation(a):
+    """The BatchSpecConfig of --mode self|vanilla (None for ar); refuses a speculation flag under ar."""
+    from .decoding.batch_spec import BatchSpecConfig
+
+    if a.mode == "ar":
+        given = [f for f, x, d in (("--draft", a.draft, None), ("--gamma", a.gamma, 4), ("--auto-gamma", a.auto_gamma,
+                 False), ("--self-window", a.self_window, 256), ("--self-sinks", a.self_sinks, 4)) if x != d]
+        if given:
+            raise ValueError(f"{', '.join(given)} would be ignored: they go with --mode self or vanilla")
+        return None
+    if (a.mode == "vanilla") != (a.draft is not None):
+        raise ValueError("--mode vanilla needs --draft MODEL, and --draft goes with --mode vanilla only")
+    if a.mode == "vanilla" and (a.self_window, a.self_sinks) != (256, 4):
+        raise ValueError("--self-window and --self-sinks would be ignored: they go with --mode self")
+    return BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma)
 
 
 def cmd_serve(a) -> int:
     from .serve.app import build_served, serve_forever
     from .serve.scheduler import SchedulerConfig
 
-    _, p, cap = check(a)
+    _, p, cap, spec = check(a)
     cfg = SchedulerConfig(max_batch=a.max_batch, capacity=cap, queue=a.queue, timeout_s=a.timeout,
                           prefill_chunk=a.prefill_chunk, interleave=not a.no_interleave)
-    served = build_served(a.model, cfg, a.device, a.served_model_name, a.api_key, p, a.press)
+    served = build_served(a.model, cfg, a.device, a.served_model_name, a.api_key, p, a.press, spec, a.draft)
     print(f"mspeckv serve: {served.name} on {served.scheduler.model.device}, {a.max_batch} slots of {cap} tokens, "
           f"http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
     serve_forever(served, a.host, a.port, a.shutdown_timeout)

@@ -37,9 +37,10 @@ def wait(events, n, limit=30.0):
     assert all(e and e[-1].kind in ("done", "error") for e in events[:n]), "requests did not finish in time"
 
 
-def run(m, reqs, **cfg):
+def run(m, reqs, spec=None, draft=None, **cfg):
     """Submit (prompt, max_tokens, kwargs) requests; their events."""
-    sch = Scheduler(m, text, SchedulerConfig(**{"max_batch": 3, "capacity": 128, "prefill_chunk": 8, **cfg})).start()
+    sch = Scheduler(m, text, SchedulerConfig(**{"max_batch": 3, "capacity": 128, "prefill_chunk": 8, **cfg}),
+                    spec=spec, draft=draft).start()
     events = [[] for _ in reqs]
     try:
         for i, (p, n, kw) in enumerate(reqs):
@@ -222,3 +223,28 @@ def test_a_failed_round_fails_its_requests_and_the_loop_goes_on(monkeypatch):
         sch.stop()
     assert ev[0][-1].kind == "error" and ev[0][-1].code == "internal" and "planted failure" in ev[0][-1].error
     assert ev[1][-1].kind == "done" and joined(ev[1]) == text(solo(m, p, 6))
+
+
+# ------------------------------------------------------------------------------------------------ speculation
+@pytest.mark.parametrize("mode", ["self", "vanilla"])
+def test_speculation_in_the_server_decodes_each_request_as_alone(mode):
+    """--mode self|vanilla: requests join over time, their prompts chunked and interleaved with speculation rounds
+    (a prefilling slot sits the round out); greedy requests give each prompt's AR output, a sampled one among them
+    runs through the same rounds; a seeded sampled request is refused (not reproducible under a shared generator)."""
+    from mspeckv.decoding.batch_spec import BatchSpecConfig
+
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
+    spec = BatchSpecConfig(mode, 3, sinks=1, window=6)
+    ps = prompts((5, 40, 9, 70, 3), seed=2)
+    reqs = [(p, 10, {}) for p in ps] + [(ps[0], 6, {"sampling": SamplingConfig(temperature=0.8)})]
+    events, sch = run(m, reqs, spec=spec, draft=draft)
+    for p, ev in zip(ps, events[:-1], strict=True):
+        assert joined(ev) == text(solo(m, p, 10)) and ev[-1].kind == "done"
+    assert events[-1][-1].kind == "done" and events[-1][-1].usage["completion_tokens"] == 6
+    snap = sch.snapshot()
+    assert snap["spec_rounds"] >= 3 and 0 <= snap["spec_accepted"] <= snap["spec_drafted"]
+    if draft is not None:
+        assert sch.engine.dcache.live_slots() == []
+    with pytest.raises(ValueError, match="not reproducible under speculation"):
+        sch.submit(Request(ps[0], 4, emit=lambda e: None, sampling=SamplingConfig(temperature=0.7, seed=3)))

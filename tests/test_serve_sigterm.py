@@ -44,6 +44,12 @@ def free_port() -> int:
     (["--press-every", "4", "--press", "streaming"], "--press-every"),
     (["--api-key", " "], "--api-key"),
     (["--kv-quant", "int8"], "--kv-quant"),  # a placement flag where nothing is offloaded
+    (["--gamma", "3"], "--gamma would be ignored: they go with --mode self or vanilla"),
+    (["--mode", "vanilla"], "--mode vanilla needs --draft"),
+    (["--mode", "self", "--draft", "x"], "--draft goes with --mode vanilla only"),
+    (["--mode", "vanilla", "--draft", "d", "--self-window", "9"], "--self-window and --self-sinks would be ignored"),
+    (["--mode", "self", "--gamma", "0"], "gamma"),
+    (["--mode", "self", "--press", "streaming"], "runs over the dense batched KV"),
 ])
 def test_bad_flags_one_error_before_weights(model_dir, monkeypatch, capsys, flags, msg):
     target = model_dir

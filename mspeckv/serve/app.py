@@ -207,7 +207,10 @@ class Metrics:
         for name, (doc, x) in gauges.items():
             yield GaugeMetricFamily(f"mspeckv_{name}", doc, value=x)
         for name, doc in (("generated_tokens", "tokens generated"), ("prompt_tokens", "prompt tokens prefilled"),
-                          ("decode_steps", "batched decode forwards"), ("rounds", "scheduler rounds")):
+                          ("decode_steps", "batched decode forwards"), ("rounds", "scheduler rounds"),
+                          ("spec_rounds", "speculation rounds (0 with --mode ar)"),
+                          ("spec_drafted", "draft tokens proposed to running sequences"),
+                          ("spec_accepted", "draft tokens the target accepted (over spec_drafted: the acceptance)")):
             yield CounterMetricFamily(f"mspeckv_{name}", doc, value=st[name])
         g = GaugeMetricFamily("mspeckv_kv_report_bytes", "the KV cache's own byte counts (memory_report), by key",
                               labels=["key"])
@@ -358,15 +361,24 @@ def create_app(served: Served) -> FastAPI:
 
 # ---------------------------------------------------------------------------------------------------- running it
 def build_served(model_ref: str, cfg, device=None, name: str | None = None, api_key: str | None = None,
-                 placement=None, press=None) -> Served:
+                 placement=None, press=None, spec=None, draft_ref: str | None = None) -> Served:
     """Load ``model_ref`` and its tokenizer, allocate the batched KV (``cfg.max_batch`` slots of ``cfg.capacity``
-    rows; placed or pressed per sequence with ``placement``/``press``) and build the scheduler (not started)."""
+    rows; placed or pressed per sequence with ``placement``/``press``) and build the scheduler (not started). With
+    ``spec`` (a ``BatchSpecConfig``) the scheduler runs speculation at batch, drafting with ``draft_ref``
+    (vanilla) or the model itself over a window (self)."""
     from ..decoding.batch import batch_cache
     from ..model.api import load
 
     model, tok, _ = load(model_ref, device)
-    cache = batch_cache(model, cfg.max_batch, cfg.capacity, placement, press)
-    sch = Scheduler(model, lambda ids: tok.decode(ids, skip_special_tokens=True), cfg, cache=cache)
+    draft = None
+    if spec is not None and spec.mode == "vanilla":
+        from ..decoding.speculative import check_pair
+
+        draft, dtok, _ = load(draft_ref, device)
+        check_pair(model, draft, tok, dtok)
+    cache = None if spec is not None else batch_cache(model, cfg.max_batch, cfg.capacity, placement, press)
+    sch = Scheduler(model, lambda ids: tok.decode(ids, skip_special_tokens=True), cfg, cache=cache, spec=spec,
+                    draft=draft)
     return Served(name or model_ref, tok, sch, api_key)
 
 

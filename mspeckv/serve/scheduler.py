@@ -109,11 +109,20 @@ class Request:
 class Scheduler:
     """Continuous batching over a ``BatchEngine``. ``start()``, then ``submit(request)`` from any thread."""
 
-    def __init__(self, model, decode: Callable[[list[int]], str], cfg: SchedulerConfig, cache=None, eos_ids=None):
+    def __init__(self, model, decode: Callable[[list[int]], str], cfg: SchedulerConfig, cache=None, eos_ids=None,
+                 spec=None, draft=None):
         self.model, self.decode, self.cfg = model, decode, cfg
         gen = GenerationConfig(max_new_tokens=cfg.capacity - 1, prefill_chunk=cfg.prefill_chunk)
-        self.engine = BatchEngine(model, cfg.max_batch, cfg.capacity, gen, eos_ids=eos_ids,
-                                  check_every=cfg.check_every, cache=cache)
+        self.spec = spec  # a BatchSpecConfig: rounds of speculation at batch (decoding/batch_spec.py)
+        if spec is not None:
+            from ..decoding.batch_spec import BatchSpecEngine
+
+            if cache is not None:
+                raise ValueError("speculation at batch runs over the dense batched KV: no placed or pressed cache")
+            self.engine = BatchSpecEngine(model, draft, cfg.max_batch, cfg.capacity, gen, spec, eos_ids=eos_ids)
+        else:
+            self.engine = BatchEngine(model, cfg.max_batch, cfg.capacity, gen, eos_ids=eos_ids,
+                                      check_every=cfg.check_every, cache=cache)
         self.engine.capture(cfg.max_batch)  # every bucket's graph now, not inside a request (CUDA only)
         self.cv = threading.Condition()
         self.inbox: deque[Request] = deque()
@@ -147,6 +156,9 @@ class Scheduler:
 
     def submit(self, req: Request) -> None:
         self.check(len(req.prompt), req.max_tokens)
+        if self.spec is not None and req.sampling.seed is not None and not req.sampling.greedy:
+            raise ValueError("seed: a sampled request's draws are not reproducible under speculation at batch (the "
+                             "batch shares one generator); drop seed, use temperature 0, or serve with --mode ar")
         if req.sampling.seed is not None:
             req_gen = make_generator(self.engine.device, req.sampling.seed)
         elif not req.sampling.greedy:  # its own draws, from a fresh random seed
@@ -199,7 +211,9 @@ class Scheduler:
                 # every byte count of the cache's own report (a placed cache: GPU, pinned host, streamed H2D)
                 "kv_report": {k: x for k, x in kv.items() if isinstance(x, int | float) and not isinstance(x, bool)
                               and "bytes" in k},
-                "slots": self.cfg.max_batch, "capacity": self.cfg.capacity}
+                "slots": self.cfg.max_batch, "capacity": self.cfg.capacity,
+                "spec_rounds": getattr(self.engine, "rounds", 0), "spec_drafted": getattr(self.engine, "drafted", 0),
+                "spec_accepted": getattr(self.engine, "accepted", 0)}
 
     # ------------------------------------------------------------------------------------------------ the thread
     def idle(self) -> bool:
