@@ -201,3 +201,27 @@ def test_auto_gamma_keeps_greedy_output_whatever_it_picks(mode, force):
         assert 0 not in cm.picks and sum(cm.picks.values()) == eng.rounds
     if force is None:  # timed here: every cost measured, positive
         assert cm.t_ar > 0 and cm.t_draft > 0 and sorted(cm.t_verify) == [1, 2, 4] and eng.calib_s > 0
+
+
+@pytest.mark.parametrize("mode", ["self", "vanilla"])
+def test_each_rows_own_sampling_is_applied(mode):
+    """Rows with their own sampling (the server's requests) beside the engine's: rows whose own top_k = 1 decode as
+    greedy AR although the engine samples at temperature 1; a greedy row rides the sampled path as a one-hot."""
+    from mspeckv.decoding.batch import Sequence
+
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
+    ps = prompts((12, 30, 7), seed=8)
+    gen = GenerationConfig(max_new_tokens=8, stop_on_eos=False, sampling=SamplingConfig(temperature=1.0, seed=0))
+    eng = BatchSpecEngine(m, draft, 3, 40, gen, BatchSpecConfig(mode, 3, sinks=1, window=6))
+    own = [SamplingConfig(temperature=0.7, top_k=1), SamplingConfig(), None]  # one-hot, greedy, the engine's
+    seqs = [Sequence(i, p, 8, sampling=s) for i, (p, s) in enumerate(zip(ps, own, strict=True))]
+    with torch.inference_mode():
+        for s in seqs:
+            eng.admit(s, 0.0)
+        while any(eng.slot_seq):
+            eng.decode_segment(0.0)
+    greedy = GenerationConfig(max_new_tokens=8, stop_on_eos=False)
+    for s in seqs[:2]:
+        assert s.tokens == generate(m, torch.tensor([s.prompt]), greedy).tokens[0]
+    assert len(seqs[2].tokens) == 8 and eng.rounds >= 2
