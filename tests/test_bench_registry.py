@@ -47,7 +47,7 @@ def _kind(cls, f: dataclasses.Field) -> tuple[type, type | None]:
 
 
 def test_registry_names_its_functions():
-    assert NAMES == ["decode", "placement", "spec", "presses", "hf", "batch", "tp"]
+    assert NAMES == ["decode", "placement", "spec", "presses", "hf", "batch", "serve", "tp"]
     for b in BENCHES:
         assert dataclasses.is_dataclass(b.load("config"))
         assert all(callable(b.load(k)) for k in ("run", "render", "line", *(("ok",) if b.ok else ())))

@@ -100,6 +100,8 @@ BENCHES: tuple[Bench, ...] = (
            "mspeckv.hf.bench", "HFBenchConfig"),
     _bench("batch", "batched AR over batch x context (ragged prompts too) against the copy floor and transformers' "
            "batched generate", "mspeckv.bench.batch", "BatchBenchConfig"),
+    _bench("serve", "a load generator (openai client, streaming) against the real server at request rates from "
+           "light to saturating: throughput, TTFT, TPOT, latency", "mspeckv.serve.load", "LoadConfig"),
     _bench("tp", "TP=1 against TP=N (random weights): H2D per rank, decode and verification per KV format",
            "mspeckv.parallel.bench", "TPBenchConfig", ok="complete"),
 )
