@@ -20,14 +20,15 @@ def prompts(lens, seed=0, vocab=97):
 
 
 SPECS = [("vanilla", BatchSpecConfig("vanilla", 3)), ("self-window", BatchSpecConfig("self", 4, sinks=2, window=12)),
-         ("self-full", BatchSpecConfig("self", 2, sinks=0, window=10_000))]
+         ("self-full", BatchSpecConfig("self", 2, sinks=0, window=10_000)),
+         ("mspeckv", BatchSpecConfig("mspeckv", 5, sinks=2, window=12, draft_gamma=2))]
 
 
 @pytest.mark.parametrize("name,spec", SPECS, ids=[n for n, _ in SPECS])
 @pytest.mark.parametrize("max_batch", [1, 3, 5])
 def test_greedy_at_batch_equals_each_prompt_alone(name, spec, max_batch):
     m = tiny_model("llama")
-    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if spec.mode == "vanilla" else None
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if spec.mode != "self" else None
     ps = prompts((40, 17, 90, 64, 5))
     gen = GenerationConfig(max_new_tokens=15, stop_on_eos=False, prefill_chunk=32)
     r = generate_batch_spec(m, draft, ps, gen, spec, max_batch=max_batch)
@@ -37,6 +38,8 @@ def test_greedy_at_batch_equals_each_prompt_alone(name, spec, max_batch):
     assert st["mode"] == spec.mode and st["rounds"] >= 1 and 1 <= st["tokens_per_round"] <= spec.gamma + 1
     if name == "self-full":  # a window over everything: the draft is the target, every draft is accepted
         assert st["acceptance"] == 1.0 and st["tokens_per_round"] == spec.gamma + 1
+    if name == "mspeckv":  # the middle level ran at least γ+1 runs... of the draft's tokens, per round
+        assert st["l1_runs"] >= st["rounds"] and 0 <= st["l1_acceptance"] <= 1
 
 
 def test_leave_at_eos_and_join_during_speculation():
@@ -55,11 +58,13 @@ def test_leave_at_eos_and_join_during_speculation():
     assert set(finishes) == {"eos", "length"}
 
 
-def test_sampled_tokens_follow_the_target_per_sequence():
+@pytest.mark.parametrize("mode", ["vanilla", "mspeckv"])
+def test_sampled_tokens_follow_the_target_per_sequence(mode):
     """Two prompts of different lengths, 512 copies each in one batch, 3 runs: the first token (admission) and the
     second (drawn by a speculation round: an accepted draft, the correction at a rejection, or the bonus) follow the
-    target's conditional distribution, per prompt. Vocabulary 4, so that CI affords the samples: each χ² asserts a
-    power >= 0.99 against an error of 0.1 in total variation (the project's other χ² tests use 0.05)."""
+    target's conditional distribution, per prompt (mspeckv: the middle level's probabilities are the full level's
+    proposal distribution, so this checks the composition). Vocabulary 4, so that CI affords the samples: each χ²
+    asserts a power >= 0.99 against an error of 0.1 in total variation (the project's other χ² tests use 0.05)."""
     V = 4
     m = tiny_model("llama", vocab_size=V, seed=3)
     draft = tiny_model("llama", vocab_size=V, seed=5, num_hidden_layers=1)
@@ -74,7 +79,8 @@ def test_sampled_tokens_follow_the_target_per_sequence():
     for run in range(3):
         gen = GenerationConfig(max_new_tokens=2, stop_on_eos=False,
                                sampling=SamplingConfig(temperature=1.0, seed=run))
-        res = BatchSpecEngine(m, draft, 1024, 16, gen, BatchSpecConfig("vanilla", 2)).run(
+        spec = BatchSpecConfig(mode, 2, sinks=1, window=3, draft_gamma=2)  # mspeckv: the window's output is q
+        res = BatchSpecEngine(m, draft, 1024, 16, gen, spec).run(
             [ps[j % 2] for j in range(1024)])
         for j, s in enumerate(res.seqs):
             samples[j % 2].append(s.tokens)
@@ -103,12 +109,12 @@ def test_bad_configs():
         generate_batch_spec(m, None, [], gen, BatchSpecConfig())
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "self"])
+@pytest.mark.parametrize("mode", ["vanilla", "self", "mspeckv"])
 def test_sampling_with_top_k_1_is_greedy_through_the_sampled_path(mode):
     """top_k = 1 makes every distribution one-hot: the sampled path (draft probs, draws, rejection sampling) must then
     give greedy AR's tokens exactly, and the counters count what ran."""
     m = tiny_model("llama")
-    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode != "self" else None
     ps = prompts((12, 30, 7), seed=6)
     samp = SamplingConfig(temperature=0.7, top_k=1, seed=0)
     gen = GenerationConfig(max_new_tokens=9, stop_on_eos=False, sampling=samp)

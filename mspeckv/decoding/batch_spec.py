@@ -40,16 +40,17 @@ from .cost import CostModel
 from .runner import Runner, make_runner
 from .sampling import logits_to_probs, sample
 
-MODES = ("vanilla", "self")
+MODES = ("vanilla", "self", "mspeckv")
 
 
 @dataclass(frozen=True)
 class BatchSpecConfig:
     mode: str = "self"
-    gamma: int = 4  # drafted tokens per round (with auto: the most)
-    sinks: int = 4  # self: the first rows every draft step reads
-    window: int = 256  # self: the newest rows every draft step reads
-    auto: bool = False  # the cost model picks γ in gammas(), or AR, per round
+    gamma: int = 4  # drafted tokens per round (with auto: the most); mspeckv: tokens the full KV verifies per round
+    sinks: int = 4  # self, mspeckv: the first rows every windowed step reads
+    window: int = 256  # self, mspeckv: the newest rows every windowed step reads
+    auto: bool = False  # the cost model picks γ in gammas(), or AR, per round (self, vanilla)
+    draft_gamma: int = 4  # mspeckv: the draft's tokens per windowed verification
 
     def __post_init__(self):
         from .. import validate as v
@@ -58,6 +59,18 @@ class BatchSpecConfig:
         v.integer("gamma", self.gamma, lo=1)
         v.integer("sinks", self.sinks, lo=0)
         v.integer("window", self.window, lo=1)
+        v.integer("draft_gamma", self.draft_gamma, lo=1)
+        if self.auto and self.mode == "mspeckv":
+            raise v.ConfigError("auto (the cost model's γ) runs modes self and vanilla; mspeckv takes a fixed gamma "
+                                "and draft_gamma")
+
+    @property
+    def slack(self) -> int:
+        """Rows a sequence may hold past its kept tokens within a round: γ+1 drafts; mspeckv: the windowed level's
+        tokens (it runs until every sequence has γ+1, each run adding at most draft_gamma+1) and one more run's."""
+        if self.mode != "mspeckv":
+            return self.gamma + 1
+        return (self.gamma + 2) * (self.draft_gamma + 1)
 
     def gammas(self) -> list[int]:
         """The γ a round may use: ``gamma``, or with ``auto`` also 1, 2, 4, 8 below it."""
@@ -145,15 +158,21 @@ class BatchSpecEngine(BatchEngine):
 
     def __init__(self, model, draft, max_batch: int, capacity: int, gen, spec: BatchSpecConfig, eos_ids=None,
                  graphs: bool | None = None):
-        if (spec.mode == "vanilla") != (draft is not None):
-            raise ValueError("mode 'vanilla' needs a draft model and 'self' none")
-        self.slack = spec.gamma + 1
+        if (spec.mode == "self") != (draft is None):
+            raise ValueError(f"mode {spec.mode!r} needs a draft model" if draft is None else
+                             "mode 'self' drafts with the model itself: no draft model")
+        self.slack = spec.slack
         super().__init__(model, max_batch, capacity + self.slack, gen, graphs=graphs, eos_ids=eos_ids)
         self.spec, self.draft = spec, draft
         self.dcache = BatchKV.for_model(draft, self.max_batch, capacity + self.slack) if draft is not None else \
             WindowKV(self.cache, spec.sinks, spec.window)
         dmodel = draft if draft is not None else model
         self.drunner = make_runner(dmodel, self.dcache) if self.graphs else Runner(dmodel, self.dcache)
+        self.wrunner = None  # mspeckv: the target over a window of its own KV, the middle level
+        if spec.mode == "mspeckv":
+            wkv = WindowKV(self.cache, spec.sinks, spec.window)
+            self.wrunner = make_runner(model, wkv) if self.graphs else Runner(model, wkv)
+        self.l1_rounds = self.l1_drafted = self.l1_accepted = 0
         self.rounds = self.seq_rounds = self.accepted = 0
         self.drafted = 0  # drafts proposed to live sequences (every round's γ, per sequence)
         self.costs: dict[int, CostModel] = {}  # bucket -> its measured costs and acceptance (auto)
@@ -170,6 +189,9 @@ class BatchSpecEngine(BatchEngine):
         for b in buckets(self.max_batch):
             self.cache.focus(0, b)
             self.runner.precapture(shapes, batch=b)
+            if self.wrunner is not None:
+                k = self.spec.draft_gamma + 1
+                self.wrunner.precapture([(k, k)], batch=b)
             if self.draft is not None:
                 self.dcache.focus(0, b)
             self.drunner.precapture([(1, 1)], batch=b)
@@ -211,11 +233,12 @@ class BatchSpecEngine(BatchEngine):
                 p[b] = logits_to_probs(logits[b], s.sampling)
         return p
 
-    def draft_tokens(self, g: int, rows: list[Sequence | None] | None, active: list[int]):
+    def draft_tokens(self, g: int, rows: list[Sequence | None] | None, active: list[int], last=None):
         """γ proposals per sequence (B, γ), and their distributions (B, γ, V) when sampling (``rows``: whose sampling
-        each row follows; None: every row greedy); the draft's KV then holds the round's rows (vanilla: γ+1 of them;
-        self: none, its scratch rows are forgotten here). ``active``: 1 per slot that advances, 0 per held one."""
-        cur, drafts, qs = self.last[:len(active)], [], []
+        each row follows; None: every row greedy); the draft's KV then holds the round's rows (a draft model: γ+1 of
+        them; self: none, its scratch rows are forgotten here). ``active``: 1 per slot that advances, 0 per held one;
+        ``last``: each slot's token before the drafts (default: the newest kept one)."""
+        cur, drafts, qs = self.last[:len(active)] if last is None else last, [], []
         self.drunner.n = self.dcache.length()
         for i in range(g + (self.draft is not None)):  # vanilla's last forward only writes dγ's row
             logits = self.drunner.step(cur[:, None])[:, -1]  # (B, V)
@@ -234,14 +257,18 @@ class BatchSpecEngine(BatchEngine):
             return cur.new_zeros(cur.shape[0], 0), None
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if rows is not None else None)
 
-    def verify(self, d, q, rows: list[Sequence | None] | None):
-        """(B, γ+1) target logits over [last, d1 .. dγ] -> accepted counts (B,) and next tokens (B,)."""
+    def verify(self, d, q, rows: list[Sequence | None] | None, runner=None, last=None, keep_p: bool = False):
+        """(B, γ+1) logits of the target (``runner``: over its full KV by default, or the window) over [last, d1 ..
+        dγ] -> accepted counts (B,), next tokens (B,) [and the verifier's probabilities (B, γ+1, V) with keep_p]."""
+        runner = runner or self.runner
         g = d.shape[1]
-        self.runner.n = self.cache.length()
-        logits = self.runner.step(torch.cat([self.last[:d.shape[0], None], d], 1), num_logits=g + 1)  # (B, γ+1, V)
+        runner.n = self.cache.length()
+        last = self.last[:d.shape[0]] if last is None else last
+        logits = runner.step(torch.cat([last[:, None], d], 1), num_logits=g + 1)  # (B, γ+1, V)
         if q is None:
-            return greedy_accept(d, logits)
-        return speculative_accept(q, self.probs(logits, rows), d, self.g)
+            return (*greedy_accept(d, logits), None)
+        p = self.probs(logits, rows)
+        return (*speculative_accept(q, p, d, self.g), p if keep_p else None)
 
     def held_draft(self, slots: list[int]):
         """The draft's KV sits the held slots out too (vanilla); self's draft KV is the target's."""
@@ -279,6 +306,70 @@ class BatchSpecEngine(BatchEngine):
             self.calib_s += time.perf_counter() - t0
         return self.costs[bucket]
 
+    def hier_round(self, live: list[Sequence], held: list[int], bucket: int, t_run: float) -> None:
+        """One mspeckv round: the draft model proposes ``draft_gamma`` tokens to the target over a window of its KV
+        (the middle level), run after run, until every sequence has γ+1 tokens the middle level accepted; then the
+        target over its full KV verifies the first γ of each, and each sequence keeps its accepted prefix.
+
+        Every cache holds the kept tokens but the newest (``last``) at the round's start and end. During the middle
+        runs the target's rows past that are scratch (computed over the window); they are forgotten before the full
+        verification, which writes its own. The middle level's output is distributed as the target over the window,
+        so its probabilities are the full level's proposal distribution when sampling."""
+        g1, g2 = self.spec.draft_gamma, self.spec.gamma
+        rows = [s if s is not None and s.prefilled else None for s in self.slot_seq[:bucket]]
+        active = [int(s is not None) for s in rows]
+        sampled = not self.gen.sampling.greedy or any(s.sampling is not None and not s.sampling.greedy for s in live)
+        samp_rows = rows if sampled else None
+        acc = [[] for _ in range(bucket)]  # the middle level's tokens per slot this round
+        p1 = [[] for _ in range(bucket)]  # and its distribution at each (sampling)
+        last0 = self.last[:bucket].clone()
+        sync(self.device)
+        t0 = time.perf_counter()
+        hold = [h for h in held if h < bucket]
+        with self.cache.held(hold), self.held_draft(hold):
+            cur = last0
+            while min(len(acc[s.slot]) for s in live) < g2 + 1:  # the middle level: draft -> target over the window
+                d, q = self.draft_tokens(g1, samp_rows, active, last=cur)
+                n, nxt, p = self.verify(d, q, samp_rows, runner=self.wrunner, last=cur, keep_p=sampled)
+                out = torch.cat([d, nxt[:, None], n[:, None]], 1).tolist()  # one sync per middle run
+                back = [(g1 - r[-1]) * a for r, a in zip(out, active, strict=True)]
+                self.cache.rollback(back)
+                self.dcache.rollback(back)
+                for s in live:
+                    k = out[s.slot][-1]
+                    acc[s.slot] += out[s.slot][:k] + [out[s.slot][g1]]
+                    if sampled:
+                        p1[s.slot] += list(p[s.slot, :k + 1])
+                    self.l1_drafted += g1
+                    self.l1_accepted += k
+                self.l1_rounds += 1
+                cur = nxt
+            c = [len(acc[b]) if active[b] else 0 for b in range(bucket)]
+            self.cache.rollback(c)  # the middle level's rows were scratch: back to the kept tokens
+            d2 = torch.tensor([acc[b][:g2] if active[b] else [0] * g2 for b in range(bucket)], device=self.device)
+            q2 = None
+            if sampled:  # free or held rows: any distribution (their output is dropped)
+                V = p.shape[-1]
+                q2 = torch.stack([torch.stack(p1[b][:g2]) if active[b] else torch.full((g2, V), 1.0 / V,
+                                                                                         device=self.device)
+                                  for b in range(bucket)])
+            n2, nxt2, _ = self.verify(d2, q2, samp_rows, last=last0)
+            self.last[:bucket] = torch.where(torch.tensor(active, device=nxt2.device, dtype=torch.bool), nxt2,
+                                             self.last[:bucket])
+            out = torch.cat([nxt2[:, None], n2[:, None]], 1).tolist()
+            m = [r[1] for r in out]
+            self.cache.rollback([(g2 - m[b]) * active[b] for b in range(bucket)])
+            self.dcache.rollback([(c[b] - m[b] - 1) * active[b] for b in range(bucket)])
+        self.decode_s += time.perf_counter() - t0
+        self.steps += 1
+        self.rounds += 1
+        for s in live:
+            k = m[s.slot]
+            self.seq_rounds += 1
+            self.accepted += k
+            self.drafted += g2
+            self.append(s, acc[s.slot][:k] + [out[s.slot][0]], t_run)
+
     def decode_segment(self, t_run: float) -> None:
         """One speculation round over every sequence whose prompt is complete (with auto: or an AR segment, as the
         cost model says); a slot still being prefilled (the server's chunked prefill) sits the round out."""
@@ -292,6 +383,8 @@ class BatchSpecEngine(BatchEngine):
             self.dcache.focus(0, bucket)
         cm = self.cost_model(bucket) if self.spec.auto and not held else self.costs.get(bucket)
         g = cm.pick() if cm is not None else self.spec.gamma
+        if self.wrunner is not None:
+            return self.hier_round(live, held, bucket, t_run)
         if g == 0 and self.draft is None:  # AR segments, the target's KV alone
             return super().decode_segment(t_run)
         rows = [s if s is not None and s.prefilled else None for s in self.slot_seq[:bucket]]
@@ -306,7 +399,7 @@ class BatchSpecEngine(BatchEngine):
                 n = torch.zeros_like(nxt)
             else:
                 d, q = self.draft_tokens(g, rows if sampled else None, active)
-                n, nxt = self.verify(d, q, rows if sampled else None)
+                n, nxt, _ = self.verify(d, q, rows if sampled else None)
             self.last[:bucket] = torch.where(torch.tensor(active, device=nxt.device, dtype=torch.bool), nxt,
                                              self.last[:bucket])
             out = torch.cat([d, nxt[:, None], n[:, None]], 1).tolist()  # the round's one sync: tokens and counts
@@ -342,6 +435,9 @@ def generate_batch_spec(model, draft, prompts, gen, spec: BatchSpecConfig, max_b
     sr = eng.seq_rounds  # one per live sequence per round
     e, c, cs = eng.drunner.graph_counts()
     res.setup_s += eng.calib_s
+    if spec.mode == "mspeckv":  # the middle level: its runs and acceptance of the draft model's tokens
+        res.stats.update(draft_gamma=spec.draft_gamma, l1_runs=eng.l1_rounds,
+                         l1_acceptance=eng.l1_accepted / eng.l1_drafted if eng.l1_drafted else None)
     res.stats.update(mode=spec.mode, gamma=spec.gamma, auto=spec.auto, rounds=eng.rounds, sequence_rounds=sr,
                      acceptance=eng.accepted / eng.drafted if eng.drafted else None,
                      tokens_per_round=(eng.accepted + sr) / sr if sr else None,  # per sequence, before limits cut
