@@ -79,6 +79,9 @@ def cmd_generate(a) -> int:
 
         return generate_many(a)
     checks.refuse(checks.changed(a, "batch", "out", "gpu_memory"), "they go with --prompts FILE.jsonl")
+    if a.mode == "mspeckv" and (a.self_window, a.self_sinks) != (256, 4):
+        raise ValueError("--self-window and --self-sinks would be ignored: one prompt's mspeckv mode drafts over a "
+                         "retrieval middle level (--budget, --chunk); the window goes with --prompts")
     if a.mode == "self" or a.auto_gamma:
         raise ValueError("--mode self and --auto-gamma run speculation at batch: give --prompts FILE.jsonl (one prompt "
                          "per line; a file of one line runs one prompt)")

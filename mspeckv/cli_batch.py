@@ -14,7 +14,7 @@ from .cli_common import encode, model_and_placement, sampling
 APPLIES = {"model", "prompts", "batch", "out", "gpu_memory", "chat", "max_new_tokens", "prefill_chunk", "device",
            "temperature", "top_p", "top_k", "seed", "greedy", "on_chip", "kv_quant", "kv_group_size", "resident_layers",
            "resident_format", "resident_policy", "press", "mode", "gamma", "draft", "self_window", "self_sinks",
-           "auto_gamma"}
+           "auto_gamma", "draft_gamma"}
 
 
 def check(a) -> list:
@@ -23,21 +23,17 @@ def check(a) -> list:
     from .data.prompts import read_prompts
 
     extra = [f for f in checks.changed(a, *getattr(a, "_defaults", {})) if f[2:].replace("-", "_") not in APPLIES]
-    checks.refuse(extra, "--prompts runs batched decoding: --mode ar, or speculation at batch with --mode self or "
-                         "vanilla (--gamma, --draft, --self-window, --self-sinks, --auto-gamma)")
-    if a.mode == "mspeckv":
-        raise ValueError("--prompts runs --mode ar, self or vanilla; the three-level mspeckv mode runs one prompt at a "
-                         "time (--prompt)")
+    checks.refuse(extra, "--prompts runs batched decoding: --mode ar, or speculation at batch with --mode self, "
+                         "vanilla or mspeckv (--gamma, --draft, --draft-gamma, --self-window, --self-sinks, "
+                         "--auto-gamma)")
     if a.mode != "ar":
-        from .decoding.batch_spec import BatchSpecConfig
-
-        BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma)
+        spec_config(a)
         if a.press is not None or a.on_chip is not None:
             raise ValueError(f"--mode {a.mode} at batch runs over the dense batched KV on the GPU: drop --press and "
                              f"--on-chip, or use --mode ar")
-        if a.mode == "vanilla" and a.gpu_memory is not None:
-            raise ValueError("--gpu-memory does not count a draft model's weights and KV yet: drop it with --mode "
-                             "vanilla")
+        if a.mode in ("vanilla", "mspeckv") and a.gpu_memory is not None:
+            raise ValueError(f"--gpu-memory does not count a draft model's weights and KV yet: drop it with --mode "
+                             f"{a.mode}")
     if a.batch is not None and a.batch < 1:
         raise ValueError(f"--batch must be >= 1 (sequences in flight), got {a.batch}")
     if a.gpu_memory is not None and not a.gpu_memory > 0:
@@ -50,7 +46,7 @@ def check(a) -> list:
                          "is placed or pressed on its own: drop --gpu-memory (or the placement)")
     longest = max(x.max_new_tokens or a.max_new_tokens for x in lines)
     checks.generation_fits(cfg, longest)
-    if a.mode == "vanilla":
+    if a.mode in ("vanilla", "mspeckv"):
         dcfg = checks.model_config(a.draft)
         if dcfg.vocab_size != cfg.vocab_size:
             raise ValueError(f"--draft {a.draft} has a vocabulary of {dcfg.vocab_size}, the model {a.model} one of "
@@ -64,6 +60,13 @@ def check(a) -> list:
 
         out_file("--out", a.out)
     return lines, p
+
+
+def spec_config(a):
+    from .decoding.batch_spec import BatchSpecConfig
+
+    return BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma,
+                           draft_gamma=a.draft_gamma)
 
 
 def generate_many(a) -> int:
@@ -86,15 +89,14 @@ def generate_many(a) -> int:
     if a.mode == "ar":
         eng = BatchEngine(model, batch, cap, gen, cache=batch_cache(model, batch, cap, p, a.press))
     else:
-        from .decoding.batch_spec import BatchSpecConfig, BatchSpecEngine
+        from .decoding.batch_spec import BatchSpecEngine
         from .decoding.speculative import check_pair
 
         draft = None
-        if a.mode == "vanilla":
+        if a.mode != "self":
             draft, dtok, _ = load(a.draft, a.device)
             check_pair(model, draft, tok, dtok)
-        spec = BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma)
-        eng = BatchSpecEngine(model, draft, batch, cap, gen, spec)
+        eng = BatchSpecEngine(model, draft, batch, cap, gen, spec_config(a))
     res = eng.run(ids, max_new)
     rows = []
     for x, s in zip(lines, res.seqs, strict=True):

@@ -125,10 +125,11 @@ def add_spec(p, budget: int = 4096, gamma: int = 8, mode: str = "ar") -> None:
         applies={**hier, "drafter": ("model",)})
     add(g, "--refresh-every", type=int, default=None, help="rebuild retrieval every N tokens", applies=hier)
     batch = {"mode": ("vanilla", "self")}
-    add(g, "--self-window", type=int, default=256, help="--mode self: the newest rows each draft step reads",
-        applies={"mode": ("self",)})
-    add(g, "--self-sinks", type=int, default=4, help="--mode self: the first rows each draft step reads",
-        applies={"mode": ("self",)})
+    windowed = {"mode": ("self", "mspeckv")}
+    add(g, "--self-window", type=int, default=256, help="--mode self, and mspeckv with --prompts: the newest rows "
+        "each step of the target over its window reads", applies=windowed)
+    add(g, "--self-sinks", type=int, default=4, help="--mode self, and mspeckv with --prompts: the first rows each "
+        "windowed step reads", applies=windowed)
     add(g, "--auto-gamma", action="store_true", help="--prompts: the cost model picks γ <= --gamma, or AR, per "
         "round from steps timed on the running batch", applies=batch)
     add(g, "--l1-press", default=None, help="the middle level's press (lossless: the full KV verifies); default "

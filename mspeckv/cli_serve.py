@@ -32,9 +32,12 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--mode", default="ar", choices=["ar", "self", "vanilla"], help="ar, or speculation at batch: "
-                   "self (the model over a StreamingLLM window drafts for itself) or vanilla (a --draft model)")
-    p.add_argument("--draft", default=None, help="--mode vanilla: the draft model (same vocabulary)")
+    p.add_argument("--mode", default="ar", choices=["ar", "self", "vanilla", "mspeckv"], help="ar, or speculation "
+                   "at batch: self (the model over a StreamingLLM window drafts for itself), vanilla (a --draft "
+                   "model), mspeckv (--draft -> the model over its window -> the model over its full KV)")
+    p.add_argument("--draft", default=None, help="--mode vanilla, mspeckv: the draft model (same vocabulary)")
+    p.add_argument("--draft-gamma", type=int, default=4, help="--mode mspeckv: the draft's tokens per windowed "
+                   "verification")
     p.add_argument("--gamma", type=int, default=4, help="speculation: drafted tokens per round (the most with "
                    "--auto-gamma)")
     p.add_argument("--auto-gamma", action="store_true", help="speculation: the cost model picks γ, or AR, per round")
@@ -74,7 +77,7 @@ def check(a):
     if spec is not None and (a.press is not None or a.on_chip is not None):
         raise ValueError(f"--mode {a.mode} runs over the dense batched KV on the GPU: drop --press and --on-chip, or "
                          f"serve with --mode ar")
-    if a.mode == "vanilla":
+    if a.mode in ("vanilla", "mspeckv"):
         from .cli_checks import model_config
 
         dcfg = model_config(a.draft)
@@ -95,15 +98,20 @@ def speculation(a):
 
     if a.mode == "ar":
         given = [f for f, x, d in (("--draft", a.draft, None), ("--gamma", a.gamma, 4), ("--auto-gamma", a.auto_gamma,
-                 False), ("--self-window", a.self_window, 256), ("--self-sinks", a.self_sinks, 4)) if x != d]
+                 False), ("--self-window", a.self_window, 256), ("--self-sinks", a.self_sinks, 4),
+                 ("--draft-gamma", a.draft_gamma, 4)) if x != d]
         if given:
-            raise ValueError(f"{', '.join(given)} would be ignored: they go with --mode self or vanilla")
+            raise ValueError(f"{', '.join(given)} would be ignored: they go with --mode self, vanilla or mspeckv")
         return None
-    if (a.mode == "vanilla") != (a.draft is not None):
-        raise ValueError("--mode vanilla needs --draft MODEL, and --draft goes with --mode vanilla only")
+    if (a.mode == "self") != (a.draft is None):
+        raise ValueError(f"--mode {a.mode} needs --draft MODEL" if a.draft is None else
+                         "--draft goes with --mode vanilla or mspeckv only")
     if a.mode == "vanilla" and (a.self_window, a.self_sinks) != (256, 4):
-        raise ValueError("--self-window and --self-sinks would be ignored: they go with --mode self")
-    return BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma)
+        raise ValueError("--self-window and --self-sinks would be ignored: they go with --mode self or mspeckv")
+    if a.mode != "mspeckv" and a.draft_gamma != 4:
+        raise ValueError("--draft-gamma would be ignored: it goes with --mode mspeckv")
+    return BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma,
+                           draft_gamma=a.draft_gamma)
 
 
 def cmd_serve(a) -> int:

@@ -70,7 +70,8 @@ def test_reader_skips_blank_lines_and_keeps_fields(tmp_path):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--mode", "mspeckv"], "the three-level mspeckv mode runs one prompt"),
+    (["--mode", "mspeckv", "--budget", "64"], "--budget would be ignored"),
+    (["--mode", "mspeckv", "--gpu-memory", "30"], "does not count a draft model"),
     (["--mode", "self", "--press", "streaming:budget=8"], "over the dense batched KV on the GPU"),
     (["--mode", "vanilla", "--gpu-memory", "30"], "does not count a draft model"),
     (["--mode", "self", "--gamma", "0"], "gamma"),
@@ -248,7 +249,7 @@ def test_bench_batch_prompts_from_a_corpus(target, tmp_path):
         BatchBenchConfig(model="random:tiny", dataset="pycode").validate()
 
 
-@pytest.mark.parametrize("mode", ["self", "vanilla"])
+@pytest.mark.parametrize("mode", ["self", "vanilla", "mspeckv"])
 def test_prompts_with_speculation_give_each_prompts_greedy_ar_output(target, tmp_path, capsys, mode):
     """generate --prompts --mode self|vanilla: speculation at batch, each line's tokens equal to --mode ar's (greedy,
     the tiny models in fp32), and the acceptance said on stderr; --mode self without --prompts is refused."""
@@ -257,11 +258,15 @@ def test_prompts_with_speculation_give_each_prompts_greedy_ar_output(target, tmp
     common = ["generate", "--model", target, "--prompts", f, "--device", "cpu", "--max-new-tokens", "9", "--greedy",
               "--batch", "2"]
     assert main([*common, "--out", str(tmp_path / "ar.jsonl")]) == 0
-    extra = ["--self-window", "4", "--self-sinks", "1"] if mode == "self" else ["--draft", draft]
-    assert main([*common, "--mode", mode, "--gamma", "3", "--auto-gamma", *extra,
-                 "--out", str(tmp_path / "spec.jsonl")]) == 0
+    extra = {"self": ["--self-window", "4", "--self-sinks", "1", "--auto-gamma"],
+             "vanilla": ["--draft", draft, "--auto-gamma"],
+             "mspeckv": ["--draft", draft, "--draft-gamma", "2", "--self-window", "4"]}[mode]
+    assert main([*common, "--mode", mode, "--gamma", "3", *extra, "--out", str(tmp_path / "spec.jsonl")]) == 0
     err = capsys.readouterr().err
-    assert f"[speculation at batch | {mode}, γ ≤ 3]" in err and "cost model, batch 2" in err
+    if mode == "mspeckv":
+        assert "[speculation at batch | mspeckv, γ 3]" in err
+    else:
+        assert f"[speculation at batch | {mode}, γ ≤ 3]" in err and "cost model, batch 2" in err
     rows = lambda n: [json.loads(x)["tokens"] for x in (tmp_path / n).read_text().splitlines()]
     assert rows("spec.jsonl") == rows("ar.jsonl")
     assert main(["generate", "--model", target, "--prompt", "x", "--mode", "self", "--device", "cpu"]) != 0

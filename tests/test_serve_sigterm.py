@@ -44,9 +44,11 @@ def free_port() -> int:
     (["--press-every", "4", "--press", "streaming"], "--press-every"),
     (["--api-key", " "], "--api-key"),
     (["--kv-quant", "int8"], "--kv-quant"),  # a placement flag where nothing is offloaded
-    (["--gamma", "3"], "--gamma would be ignored: they go with --mode self or vanilla"),
+    (["--gamma", "3"], "--gamma would be ignored: they go with --mode self, vanilla or mspeckv"),
     (["--mode", "vanilla"], "--mode vanilla needs --draft"),
-    (["--mode", "self", "--draft", "x"], "--draft goes with --mode vanilla only"),
+    (["--mode", "self", "--draft", "x"], "--draft goes with --mode vanilla or mspeckv only"),
+    (["--mode", "mspeckv"], "--mode mspeckv needs --draft"),
+    (["--mode", "self", "--draft-gamma", "2"], "--draft-gamma would be ignored"),
     (["--mode", "vanilla", "--draft", "d", "--self-window", "9"], "--self-window and --self-sinks would be ignored"),
     (["--mode", "self", "--gamma", "0"], "gamma"),
     (["--mode", "self", "--press", "streaming"], "runs over the dense batched KV"),

@@ -48,7 +48,9 @@ class BatchBenchConfig:
     spec: tuple[str, ...] = opt((), "speculation at batch: MODE:GAMMA@CONTEXTxBATCH cells, MODE self or vanilla, "
                                 "GAMMA a number or autoN (the cost model picks γ <= N, or AR, per round), an optional "
                                 ":wWINDOW for self, e.g. self:4@32768x32,self:auto8:w512@32768x32")
-    draft: str = opt("qwen2.5-coder-0.5b", "the draft model of vanilla cells")
+    draft: str = opt("qwen2.5-coder-0.5b", "the draft model of vanilla and mspeckv cells")
+    draft_gamma: int = opt(4, "mspeckv cells: the draft's tokens per verification by the target over its window",
+                           lo=1)
     dataset: str | None = opt(None, "prompts from this corpus (e.g. pycode, the Python standard library's modules; "
                                     "a real model's tokenizer) instead of random token ids; speculation's acceptance "
                                     "needs real text", check=False)
@@ -130,10 +132,10 @@ def spec_cell(text: str) -> tuple[str, int, bool, int | None, int, int]:
     auto = gamma.startswith("auto")
     gamma = gamma.removeprefix("auto")
     window = win.removeprefix("w")
-    if mode not in MODES or not gamma.isdigit() or int(gamma) < 1 or (win and (mode != "self" or not win.startswith(
+    if mode not in MODES or not gamma.isdigit() or int(gamma) < 1 or (win and (mode == "vanilla" or not win.startswith(
             "w") or not window.isdigit() or int(window) < 1)):
         raise v.ConfigError(f"--spec {text!r}: give MODE:GAMMA[:wWINDOW]@CONTEXTxBATCH with MODE one of "
-                            f"{', '.join(MODES)}, GAMMA >= 1 or autoN, and wWINDOW (self only) >= 1, e.g. "
+                            f"{', '.join(MODES)}, GAMMA >= 1 or autoN, and wWINDOW (self, mspeckv) >= 1, e.g. "
                             f"self:4@32768x32, self:auto8:w512@32768x32")
     return (mode, int(gamma), auto, int(window) if win else None, *hf_cell(cell))
 
@@ -279,7 +281,7 @@ class Bench:
         mode, gamma = spec.config["mode"], spec.config["gamma"]
         check_gpu_memory(self.model.cfg, batch, ctx + self.cfg.gen_len + gamma + 1, self.model.dtype.itemsize,
                          self.cfg.gpu_memory)
-        if mode == "vanilla" and self.draft is None:
+        if mode != "self" and self.draft is None:
             self.draft = load_any(self.cfg.draft, self.device)[0]
         free_memory()
         reset_peak(self.device)
@@ -287,18 +289,21 @@ class Bench:
         gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
                                prefill_chunk=self.cfg.prefill_chunk)
         sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=spec.config["window"],
-                             auto=spec.config.get("auto", False))
+                             auto=spec.config.get("auto", False), draft_gamma=self.cfg.draft_gamma)
         t0 = time.perf_counter()
-        r = generate_batch_spec(self.model, self.draft if mode == "vanilla" else None, ps, gen, sc)
+        r = generate_batch_spec(self.model, self.draft if mode != "self" else None, ps, gen, sc)
         sync(self.device)
         wall = time.perf_counter() - t0
         st = r.summary()
         return {k: st[k] for k in ("setup_s", "prefill_s", "decode_s", "decode_steps", "n_generated",
                                    "acceptance", "tokens_per_round", "rounds", "capture_s", "calibration_s",
                                    "cost_model", "eager_steps", "draft_eager_steps")} | {
+            "l1_acceptance": st.get("l1_acceptance"), "l1_runs": st.get("l1_runs"),
             "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall,
             "engine": f"BatchSpecEngine {mode} γ={'auto≤' if sc.auto else ''}{gamma}"
-                      + (f" (window {sc.window}, sinks {sc.sinks})" if mode == "self" else f" (draft {self.cfg.draft})")
+                      + {"self": f" (window {sc.window}, sinks {sc.sinks})", "vanilla": f" (draft {self.cfg.draft})",
+                         "mspeckv": f" (draft {self.cfg.draft} -> window {sc.window}, sinks {sc.sinks}, draft γ "
+                                    f"{sc.draft_gamma} -> full KV)"}[mode]
                       + (", CUDA graphs" if st["graphs"] else ", eager"),
             "batch": batch, "total_prompt_tokens": ctx * batch, "round_ms": st["decode_s"] / st["rounds"] * 1e3
             if st["rounds"] else None, "step_ms": None,

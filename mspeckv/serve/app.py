@@ -371,7 +371,7 @@ def build_served(model_ref: str, cfg, device=None, name: str | None = None, api_
 
     model, tok, _ = load(model_ref, device)
     draft = None
-    if spec is not None and spec.mode == "vanilla":
+    if spec is not None and spec.mode != "self":
         from ..decoding.speculative import check_pair
 
         draft, dtok, _ = load(draft_ref, device)

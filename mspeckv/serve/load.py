@@ -26,14 +26,15 @@ from dataclasses import asdict, dataclass
 from .. import validate as v
 from ..runs.template import check_fields, opt
 
-MODES = ("ar", "self", "vanilla")
+MODES = ("ar", "self", "vanilla", "mspeckv")
 
 
 @dataclass(frozen=True)
 class LoadConfig:
     model: str = opt("qwen2.5-coder-1.5b", "embedded name, HF directory, .gguf file or random:<shape>")
-    mode: str = opt("ar", "ar, or speculation at batch: self | vanilla", choices=MODES)
-    draft: str | None = opt(None, "--mode vanilla: the draft model", check=False)
+    mode: str = opt("ar", "ar, or speculation at batch: self | vanilla | mspeckv", choices=MODES)
+    draft: str | None = opt(None, "--mode vanilla, mspeckv: the draft model", check=False)
+    draft_gamma: int = opt(4, "--mode mspeckv: the draft's tokens per windowed verification", lo=1)
     gamma: int = opt(4, "speculation: drafted tokens per round", lo=1)
     auto_gamma: bool = opt(False, "speculation: the cost model picks γ, or AR, per round")
     self_window: int = opt(256, "--mode self: the newest rows each draft step reads", lo=1)
@@ -58,8 +59,8 @@ class LoadConfig:
         for r in self.rates:
             v.number("rates", r, lo=0)
         v.number("timeout", self.timeout, lo=0, lo_open=True)
-        if (self.mode == "vanilla") != (self.draft is not None):
-            raise v.ConfigError("--mode vanilla needs --draft MODEL, and --draft goes with --mode vanilla only")
+        if (self.mode in ("vanilla", "mspeckv")) != (self.draft is not None):
+            raise v.ConfigError("--mode vanilla and mspeckv need --draft MODEL, and --draft goes with them only")
 
     def validate(self) -> None:
         from ..model.api import model_config
@@ -187,10 +188,10 @@ def run(cfg: LoadConfig, command: str = "") -> dict:
     cfg.validate()
     t0 = time.perf_counter()
     model, tok, _ = load_any(cfg.model, cfg.device)
-    draft = load_any(cfg.draft, cfg.device)[0] if cfg.mode == "vanilla" else None
+    draft = load_any(cfg.draft, cfg.device)[0] if cfg.draft is not None else None
     load_s = time.perf_counter() - t0
     spec = None if cfg.mode == "ar" else BatchSpecConfig(cfg.mode, cfg.gamma, window=cfg.self_window,
-                                                         auto=cfg.auto_gamma)
+                                                         auto=cfg.auto_gamma, draft_gamma=cfg.draft_gamma)
     if cfg.dataset is not None:
         from ..data.corpora import long_prompt
 
