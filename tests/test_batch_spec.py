@@ -231,3 +231,16 @@ def test_each_rows_own_sampling_is_applied(mode):
     for s in seqs[:2]:
         assert s.tokens == generate(m, torch.tensor([s.prompt]), greedy).tokens[0]
     assert len(seqs[2].tokens) == 8 and eng.rounds >= 2
+
+
+def test_a_new_buckets_cost_model_starts_from_the_acceptance_seen():
+    """When the batch shrinks into a smaller bucket, its cost model is timed anew but keeps the acceptance measured
+    so far (a fresh prior would pick AR for a batch whose drafts are mostly accepted)."""
+    from mspeckv.decoding.cost import CostModel
+
+    m = tiny_model("llama")
+    eng = BatchSpecEngine(m, None, 4, 40, GenerationConfig(max_new_tokens=4), BatchSpecConfig("self", 2, auto=True))
+    eng.costs[4] = CostModel(1e-3, 1e-3, {1: 1e-3, 2: 1e-3}, accepted=90, rejected=10)
+    eng.cache.focus(0, 2)
+    cm = eng.cost_model(2)
+    assert cm.accepted == 90 and cm.rejected == 10 and cm.alpha == 0.9 and cm.t_ar > 0

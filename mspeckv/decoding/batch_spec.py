@@ -298,10 +298,13 @@ class BatchSpecEngine(BatchEngine):
                 self.cache.rollback(g + 1)
 
             with torch.inference_mode():
-                self.costs[bucket] = CostModel(timed(self.device, ar), timed(self.device, draft),
-                                               {g: timed(self.device, lambda g=g: verify(g))
-                                                for g in self.spec.gammas()},
-                                               draft_extra=int(self.draft is not None))
+                cm = CostModel(timed(self.device, ar), timed(self.device, draft),
+                               {g: timed(self.device, lambda g=g: verify(g)) for g in self.spec.gammas()},
+                               draft_extra=int(self.draft is not None))
+            # the acceptance is the sequences', not the bucket's: a new bucket starts from what was seen so far
+            cm.accepted = sum(c.accepted for c in self.costs.values())
+            cm.rejected = sum(c.rejected for c in self.costs.values())
+            self.costs[bucket] = cm
             sync(self.device)
             self.calib_s += time.perf_counter() - t0
         return self.costs[bucket]
