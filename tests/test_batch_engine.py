@@ -297,3 +297,47 @@ def test_engine_counts_and_memory_report():
     assert r.prefill_s > 0 and r.decode_s > 0 and r.setup_s >= 0
     eos_eng = BatchEngine(m, 1, 30, GenerationConfig(max_new_tokens=5), eos_ids=[7, 9])
     assert eos_eng.eos == {7, 9} and eos_eng.every == 1
+
+
+def test_move_copies_a_sequence_to_a_free_slot():
+    m = tiny_model("llama")
+    c = BatchKV.for_model(m, 3, 32)
+    for _ in range(3):
+        c.join()
+    c.focus(2, 1)
+    m(torch.tensor([[5, 6, 7, 8]]), c)
+    c.leave(0)
+    k2 = [t[2, :, :4].clone() for t in c.k + c.v]
+    c.move(2, 0)
+    assert c.host_lens == [4, 0, 0] and c.host_live == [True, True, False] and c.lens.tolist() == [4, 0, 0]
+    assert c.live.tolist() == [1, 1, 0] and all(torch.equal(t[0, :, :4], x) for t, x in zip(c.k + c.v, k2))
+    with pytest.raises(ValueError, match="a sequence in slot 2 and slot 0 free"):
+        c.move(2, 0)  # slot 2 is empty now, slot 0 taken
+    with pytest.raises(ValueError, match="a sequence in slot 0 and slot 1 free"):
+        c.move(0, 1)  # slot 1 holds a sequence
+    st = SeqStackKV(lambda: make_cache(m, None, 1, 32), 2, 32, "cpu")
+    st.join()
+    first = st.caches[0]
+    st.move(0, 1)
+    assert st.caches == [None, first]
+    with pytest.raises(ValueError, match="move needs"):
+        st.move(0, 1)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_stragglers_move_to_low_slots_and_the_bucket_shrinks(graphs, monkeypatch):
+    """Sequences of different token limits: as the early ones leave, the ones left in high slots move down, so the
+    forwards cover a smaller bucket; every output still equals its prompt alone."""
+    m = tiny_model("llama")
+    ps = [torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 14, 7, 21, 5)]
+    limits = [3, 4, 2, 12, 3]
+    gen = GenerationConfig(max_new_tokens=12, stop_on_eos=False)
+    eng = BatchEngine(m, 5, 40, gen, graphs=graphs, check_every=2)
+    focused = []
+    real_focus = eng.cache.focus
+    monkeypatch.setattr(eng.cache, "focus", lambda first, n: (focused.append(n), real_focus(first, n))[1])
+    res = eng.run(ps, limits)
+    for p, n, s in zip(ps, limits, res.seqs, strict=True):
+        assert s.tokens == generate(m, torch.tensor([p]), GenerationConfig(max_new_tokens=n,
+                                                                          stop_on_eos=False)).tokens[0]
+    assert focused[-1] == 1 and res.seqs[3].slot == 0  # the last straggler ran alone in slot 0

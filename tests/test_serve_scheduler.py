@@ -241,7 +241,7 @@ def test_speculation_in_the_server_decodes_each_request_as_alone(mode):
     events, sch = run(m, reqs, spec=spec, draft=draft)
     for p, ev in zip(ps, events[:-1], strict=True):
         assert joined(ev) == text(solo(m, p, 10)) and ev[-1].kind == "done"
-    assert events[-1][-1].kind == "done" and events[-1][-1].usage["completion_tokens"] == 6
+    assert events[-1][-1].kind == "done" and 1 <= events[-1][-1].usage["completion_tokens"] <= 6  # EOS may come
     snap = sch.snapshot()
     assert snap["spec_rounds"] >= 3 and 0 <= snap["spec_accepted"] <= snap["spec_drafted"]
     if draft is not None:

@@ -216,9 +216,31 @@ class BatchEngine:
             self.cache.leave(seq.slot)
             self.slot_seq[seq.slot] = None
 
+    def compact(self) -> None:
+        """Move the sequences in the highest slots into free low ones when that lets a smaller bucket cover them all:
+        a forward covers slots [0, bucket) with the bucket set by the highest occupied slot, so without this a batch
+        whose early slots finished keeps paying for the whole bucket while its stragglers run."""
+        used = [s for s in range(self.max_batch) if self.slot_seq[s] is not None]
+        if not used:
+            return
+        target = next(b for b in buckets(self.max_batch) if b >= len(used))
+        if target >= next(b for b in buckets(self.max_batch) if b > used[-1]):
+            return  # no smaller bucket to gain
+        free = [s for s in range(target) if self.slot_seq[s] is None]
+        for src, dst in zip([s for s in used if s >= target], free, strict=False):
+            self.move(src, dst)
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot ``src``'s sequence to the free slot ``dst``: its KV, its newest token, its record."""
+        self.cache.move(src, dst)
+        self.last[dst] = self.last[src]
+        seq = self.slot_seq[src]
+        self.slot_seq[dst], self.slot_seq[src], seq.slot = seq, None, dst
+
     def decode_segment(self, t_run: float) -> None:
         """Up to ``check_every`` decode steps of every slot whose prompt is complete (a slot still being prefilled
         sits them out); nothing when there is none."""
+        self.compact()
         live = [s for s in self.slot_seq if s is not None and s.prefilled]
         if not live:
             return

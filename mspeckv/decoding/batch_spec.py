@@ -218,6 +218,11 @@ class BatchSpecEngine(BatchEngine):
             self.prefill_s += time.perf_counter() - t0
         return super().feed(seq, n, t_run)
 
+    def move(self, src: int, dst: int) -> None:
+        super().move(src, dst)
+        if self.draft is not None:  # the draft's KV follows (self's draft KV is the target's)
+            self.dcache.move(src, dst)
+
     def retire(self, seq: Sequence, finish: str) -> None:
         if self.draft is not None and seq.slot is not None and self.slot_seq[seq.slot] is seq:
             self.dcache.leave(seq.slot)
@@ -376,6 +381,7 @@ class BatchSpecEngine(BatchEngine):
     def decode_segment(self, t_run: float) -> None:
         """One speculation round over every sequence whose prompt is complete (with auto: or an AR segment, as the
         cost model says); a slot still being prefilled (the server's chunked prefill) sits the round out."""
+        self.compact()
         live = [s for s in self.slot_seq if s is not None and s.prefilled]
         if not live:
             return

@@ -85,6 +85,22 @@ class BatchKV(KVCache):
         self.host_live[slot], self.host_lens[slot] = False, 0
         self.live[slot], self.lens[slot] = 0, 0
 
+    def move(self, src: int, dst: int) -> None:
+        """Move slot ``src``'s sequence (its rows and length) to the free slot ``dst``; ``src`` becomes free. A copy of
+        the rows it holds, every layer (``compact`` in ``decoding/batch.py``: stragglers into the low slots, so the
+        decode bucket shrinks with the batch)."""
+        if self._n is not None:
+            raise RuntimeError("move() inside a forward (between begin and end)")
+        if not self.host_live[src] or self.host_live[dst]:
+            raise ValueError(f"move needs a sequence in slot {src} and slot {dst} free")
+        n = self.host_lens[src]
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+        self.lens[dst], self.live[dst] = self.lens[src], 1
+        self.lens[src], self.live[src] = 0, 0
+        self.host_lens[dst], self.host_live[dst] = n, True
+        self.host_lens[src], self.host_live[src] = 0, False
+
     @contextmanager
     def held(self, slots: list[int]):
         """The sequences in ``slots`` (still being prefilled) sit out the forwards inside: each such forward computes a

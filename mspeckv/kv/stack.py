@@ -68,6 +68,12 @@ class SeqStackKV(KVCache):
             for s, c in zip(slots, kept, strict=True):
                 self.caches[s] = c
 
+    def move(self, src: int, dst: int) -> None:
+        """Move slot ``src``'s cache to the free slot ``dst`` (the object itself: nothing is copied)."""
+        if self.caches[src] is None or self.caches[dst] is not None:
+            raise ValueError(f"move needs a sequence in slot {src} and slot {dst} free")
+        self.caches[dst], self.caches[src] = self.caches[src], None
+
     def free_slots(self) -> list[int]:
         return [s for s in range(self.slots) if self.caches[s] is None]
 
