@@ -310,7 +310,7 @@ def test_move_copies_a_sequence_to_a_free_slot():
     k2 = [t[2, :, :4].clone() for t in c.k + c.v]
     c.move(2, 0)
     assert c.host_lens == [4, 0, 0] and c.host_live == [True, True, False] and c.lens.tolist() == [4, 0, 0]
-    assert c.live.tolist() == [1, 1, 0] and all(torch.equal(t[0, :, :4], x) for t, x in zip(c.k + c.v, k2))
+    assert c.live.tolist() == [1, 1, 0] and all(torch.equal(t[0, :, :4], x) for t, x in zip(c.k + c.v, k2, strict=True))
     with pytest.raises(ValueError, match="a sequence in slot 2 and slot 0 free"):
         c.move(2, 0)  # slot 2 is empty now, slot 0 taken
     with pytest.raises(ValueError, match="a sequence in slot 0 and slot 1 free"):
