@@ -196,6 +196,8 @@ class BatchEngine:
         for b in own:  # one draw of its own per token, as generate() draws for that prompt alone
             if not rows[b].sampling.greedy:
                 tok[b] = next_token(logits[b:b + 1], rows[b].sampling, rows[b].generator)[0]
+            elif engine_rows and not self.gen.sampling.greedy:  # a greedy row among engine-sampled ones
+                tok[b] = logits[b].argmax()
         return tok
 
     def append(self, seq: Sequence, toks: list[int], t_run: float) -> None:
