@@ -14,6 +14,7 @@ import torch
 
 import mspeckv.decoding.batch as batch_mod
 import mspeckv.decoding.batch_spec as spec_mod
+import mspeckv.decoding.runner as runner_mod
 from mspeckv.config import GenerationConfig
 from mspeckv.decoding.autoregressive import generate
 from mspeckv.decoding.batch import BatchEngine, generate_batch
@@ -53,6 +54,7 @@ def clock(monkeypatch):
     fake = SimpleNamespace(perf_counter=c)
     monkeypatch.setattr(batch_mod, "time", fake)
     monkeypatch.setattr(spec_mod, "time", fake)
+    monkeypatch.setattr(runner_mod, "time", SimpleNamespace(perf_counter=Clock()))  # each capture: 1 s
     return c
 
 
@@ -421,6 +423,7 @@ def test_engine_graphed_on_the_cpu_captures_each_bucket_once(clock):
     assert len(eng.runner.graphs) == 3 and eng.capture_s == 2.0
     r = eng.run(prompts((3, 6)))
     assert r.setup_s == 1.0 + 3.0 and r.stats["captures"] == 3 and r.stats["graphs"] is True
+    assert r.stats["capture_s"] == 3.0  # the runner's own count: one second per capture
     r = generate_batch(m, prompts((3, 6)), gen, graphs=True)
     assert r.stats["graphs"] is True and r.stats["captures"] == 2 and r.setup_s == 2.0
     plain = BatchEngine(m, 2, 20, gen, graphs=False)
@@ -549,6 +552,16 @@ def test_spec_engine_layout_and_captures(mode, clock):
     assert plain.capture_s == 0.0
 
 
+def test_spec_run_with_no_round_and_no_prompt():
+    m = tiny_model("llama")
+    gen = GenerationConfig(max_new_tokens=1, stop_on_eos=False)
+    r = generate_batch_spec(m, None, prompts((4, 6)), gen, BatchSpecConfig("self", 2))
+    assert r.stats["rounds"] == r.stats["sequence_rounds"] == 0 and r.stats["acceptance"] is None
+    assert r.stats["tokens_per_round"] is None and all(len(s.tokens) == 1 for s in r.seqs)
+    with pytest.raises(ValueError, match=exact("no prompts: give at least one")):
+        generate_batch_spec(m, None, [], gen, BatchSpecConfig())
+
+
 def test_spec_engine_needs_the_draft_its_mode_names():
     m = tiny_model("llama")
     gen = GenerationConfig(max_new_tokens=4)
@@ -586,7 +599,7 @@ def test_spec_counters_by_hand_when_every_draft_is_accepted(clock):
     assert st["acceptance"] == 1.0 and st["tokens_per_round"] == 3.0
     assert (st["mode"], st["gamma"], st["auto"], st["cost_model"]) == ("self", 2, False, None)
     assert st["calibration_s"] == 0.0 and st["draft_captures"] == 2 and st["captures"] == 4
-    assert st["draft_eager_steps"] == 0 and st["draft_capture_s"] > 0 and st["capture_s"] > st["draft_capture_s"]
+    assert st["draft_eager_steps"] == 0 and st["draft_capture_s"] == 2.0 and st["capture_s"] == 4.0
     assert r.setup_s == 2.0  # alloc and capture, one tick each; no calibration
     r = generate_batch_spec(m, None, ps, gen, BatchSpecConfig("self", 2, sinks=0, window=10_000), max_batch=1)
     assert r.max_batch == 1 and r.stats["rounds"] == 4 and r.stats["captures"] == 0
@@ -595,14 +608,25 @@ def test_spec_counters_by_hand_when_every_draft_is_accepted(clock):
 
 
 @pytest.mark.parametrize("mode", ["self", "vanilla"])
-def test_spec_cost_model_is_timed_once_per_bucket_without_moving_a_sequence(mode):
+def test_spec_cost_model_is_timed_once_per_bucket_without_moving_a_sequence(mode, clock):
+    """Each step is timed with the shape it runs with (the graphs captured for the round: none is captured here),
+    a warm-up and 3 reps each, and rolled back; with the counting clock every rep takes 1 s and the calibration
+    6 reads per timed step + 1."""
     m = tiny_model("llama")
     draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
     gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False)
-    eng = BatchSpecEngine(m, draft, 2, 30, gen, BatchSpecConfig(mode, 2, sinks=1, window=4, auto=True))
+    eng = BatchSpecEngine(m, draft, 2, 30, gen, BatchSpecConfig(mode, 2, sinks=1, window=4, auto=True), graphs=True)
+    eng.capture(2)
+    graphs = (sorted(eng.runner.graphs, key=str), sorted(eng.drunner.graphs, key=str))
     t = 0.0
     for p in prompts((7, 4)):
         eng.admit(batch_mod.Sequence(0, p, 6), t)
+    calls = []
+    for name, r in (("target", eng.runner), ("draft", eng.drunner)):
+        def step(ids, num_logits=1, eager=False, f=r.step, name=name):
+            calls.append((name, ids.shape[1], num_logits))
+            return f(ids, num_logits, eager)
+        r.step = step
     eng.cache.focus(0, 2)
     if draft is not None:
         eng.dcache.focus(0, 2)
@@ -610,9 +634,16 @@ def test_spec_cost_model_is_timed_once_per_bucket_without_moving_a_sequence(mode
     cm = eng.cost_model(2)
     after = (eng.cache.lengths(), eng.cache.lens.tolist(), eng.dcache.length(), eng.dcache.token_positions(1))
     assert after[:3] == before[:3] and torch.equal(after[3], before[3])
-    assert sorted(cm.t_verify) == [1, 2] and cm.draft_extra == (mode == "vanilla") and eng.calib_s > 0
-    calib = eng.calib_s
-    assert eng.cost_model(2) is cm and eng.calib_s == calib and list(eng.costs) == [2]
+    assert calls == [("target", 1, 1)] * 4 + [("draft", 1, 1)] * 4 + [("target", 2, 2)] * 4 + [("target", 3, 3)] * 4
+    assert (sorted(eng.runner.graphs, key=str), sorted(eng.drunner.graphs, key=str)) == graphs
+    assert cm.t_ar == cm.t_draft == 1.0 and cm.t_verify == {1: 1.0, 2: 1.0} and cm.draft_extra == (mode == "vanilla")
+    assert eng.calib_s == 6 * 4 + 1
+    assert eng.cost_model(2) is cm and eng.calib_s == 25 and list(eng.costs) == [2]
+    eng.cache.focus(0, 1)
+    if draft is not None:
+        eng.dcache.focus(0, 1)
+    eng.cost_model(1)
+    assert eng.calib_s == 50 and sorted(eng.costs) == [1, 2]
 
 
 def test_auto_record_and_setup_include_the_calibration():
@@ -803,3 +834,52 @@ def test_auto_observes_every_accepted_draft():
     assert cm.rejected == 0 and cm.accepted == eng.accepted == eng.drafted and cm.alpha == 1.0
     assert sum(cm.picks.values()) == eng.rounds and eng.seq_rounds == 2 * eng.rounds
     assert r.decode_steps == eng.rounds and all(len(s.tokens) == 9 for s in r.seqs)
+
+
+def test_sampled_speculation_draws_from_the_engines_generator_and_rejection_samples():
+    """Sampled rounds draw from the engine's seeded generator only (the global RNG does not matter), and accept by
+    rejection sampling: 8 copies of one prompt do not all continue greedily after their first token (greedy
+    acceptance would make each continuation the argmax path)."""
+    from mspeckv.config import SamplingConfig
+
+    m = tiny_model("llama")
+    p = prompts((7,), seed=12)[0]
+    gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False, sampling=SamplingConfig(temperature=1.0, seed=5))
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        eng = BatchSpecEngine(m, None, 8, 20, gen, BatchSpecConfig("self", 3, sinks=1, window=6))
+        runs.append([s.tokens for s in eng.run([p] * 8).seqs])
+    assert runs[0] == runs[1]
+    greedy = GenerationConfig(max_new_tokens=5, stop_on_eos=False)
+    conts = [generate(m, torch.tensor([p + t[:1]]), greedy).tokens[0] for t in runs[0]]
+    assert sum(t[1:] == c for t, c in zip(runs[0], conts, strict=True)) < 8
+
+
+@pytest.mark.parametrize("mode", ["self", "vanilla"])
+def test_an_ar_round_under_auto_by_hand(mode):
+    """When the cost model picks AR: self runs the engine's AR segment on the target's KV alone (no round counted);
+    vanilla runs one AR step and the draft's forward of the same token, so the draft's KV keeps up (a round of γ = 0).
+    Two sequences in a bucket of 2 of 4 slots."""
+    from mspeckv.decoding.batch import Sequence
+
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
+    gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False)
+    eng = BatchSpecEngine(m, draft, 4, 30, gen, BatchSpecConfig(mode, 2, sinks=1, window=4, auto=True))
+    eng.costs[2] = CostModel(1e-3, 1.0, {1: 1.0, 2: 1.0}, probe_every=100, draft_extra=int(mode == "vanilla"))
+    ps = prompts((7, 4), seed=13)
+    seqs = [Sequence(i, p, 6) for i, p in enumerate(ps)]
+    for s in seqs:
+        eng.admit(s, 0.0)
+    eng.decode_segment(0.0)
+    assert eng.costs[2].picks == {0: 1} and eng.steps == 1 and all(len(s.tokens) == 2 for s in seqs)
+    assert eng.cache.host_lens[:2] == [8, 5]
+    if mode == "vanilla":
+        assert eng.dcache.host_lens[:2] == [8, 5] and eng.rounds == eng.seq_rounds // 2 == 1 and eng.drafted == 0
+    else:
+        assert eng.rounds == eng.seq_rounds == 0
+    while any(s.finish is None for s in seqs):
+        eng.decode_segment(0.0)
+    for p, s in zip(ps, seqs, strict=True):
+        assert s.tokens == generate(m, torch.tensor([p]), gen).tokens[0]
