@@ -579,9 +579,15 @@ def test_vanilla_draft_cache_follows_the_target_slots(clock):
     gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False, prefill_chunk=4)
     eng = BatchSpecEngine(m, draft, 2, 20, gen, BatchSpecConfig("vanilla", 2))
     seq = batch_mod.Sequence(0, prompts((9,))[0], 6)
+    forwards = []
+    hook = draft.register_forward_hook(lambda mod, args, out: forwards.append(args[0].shape[1]))
     eng.admit(seq, clock())
+    hook.remove()
+    assert forwards == [4, 4, 1]  # the draft's prefill in the generation's chunks too
     assert eng.dcache.live_slots() == [0] and eng.dcache.host_lens[0] == 9 and eng.cache.host_lens[0] == 9
     assert eng.prefill_s == 1.0 + 3.0  # the draft's prefill, then the target's three chunks
+    eng.admit(batch_mod.Sequence(1, [5, 6], 6), clock())
+    assert eng.prefill_s == 4.0 + 1.0 + 1.0 and eng.dcache.live_slots() == [0, 1]
     r = eng.run(prompts((5, 8, 3), seed=2))
     assert eng.dcache.live_slots() == [] and eng.cache.live_slots() == []  # the admitted one decoded with them
     assert all(len(s.tokens) == 6 for s in [seq, *r.seqs])
@@ -883,3 +889,29 @@ def test_an_ar_round_under_auto_by_hand(mode):
         eng.decode_segment(0.0)
     for p, s in zip(ps, seqs, strict=True):
         assert s.tokens == generate(m, torch.tensor([p]), gen).tokens[0]
+
+
+def test_own_sampling_rows_draw_their_own_tokens_even_when_held():
+    """Sequences that bring their own sampling and generator draw one token of their own per token, as generate()
+    draws for that prompt alone, whatever the engine samples and whether they sat a segment out (held)."""
+    from mspeckv.config import SamplingConfig
+    from mspeckv.decoding.batch import Sequence
+    from mspeckv.decoding.sampling import make_generator
+
+    m = tiny_model("llama")
+    pa, pb = prompts((5, 12), seed=14)
+    eng = BatchEngine(m, 2, 24, GenerationConfig(max_new_tokens=6, stop_on_eos=False), check_every=3)
+    samp = {0: SamplingConfig(temperature=1.0, seed=3), 1: SamplingConfig(temperature=0.8, top_k=20, seed=4)}
+    seqs = [Sequence(i, p, 6, sampling=samp[i], generator=make_generator("cpu", samp[i].seed))
+            for i, p in enumerate((pa, pb))]
+    a, b = seqs
+    eng.start(a), eng.feed(a, 100, 0.0)
+    eng.start(b), eng.feed(b, 6, 0.0)
+    eng.decode_segment(0.0)  # b held: its generator untouched
+    eng.feed(b, 100, 0.0)
+    while any(s.finish is None for s in seqs):
+        eng.decode_segment(0.0)
+    for p, s in zip((pa, pb), seqs, strict=True):
+        want = generate(m, torch.tensor([p]), GenerationConfig(max_new_tokens=6, stop_on_eos=False,
+                                                               sampling=s.sampling)).tokens[0]
+        assert s.tokens == want
