@@ -789,8 +789,12 @@ def test_start_feed_hold_and_retire():
     assert eng.feed(a, 100, 0.0) and a.prefilled and len(a.tokens) == 1 and eng.prefill_s > 0
     eng.start(b)
     assert (b.slot, b.fed) == (1, 0) and eng.slot_seq == [a, b]
+    outs = []
+    hook = m.register_forward_hook(lambda mod, args, out: outs.append(tuple(out.shape)))
     assert not eng.feed(b, 8, 0.0) and b.fed == 8 and b.tokens == [] and b.ttft_s is None
     assert not eng.feed(b, 6, 0.0) and b.fed == 14
+    hook.remove()
+    assert outs == [(1, 1, 97), (1, 1, 97)]  # each chunk one forward, the last position's logits only
     eng.decode_segment(0.0)  # b holds 14 of 24 rows: 24 - 14 = 10 > a's 5 left: a finishes, b sits out
     assert eng.steps == 5 and a.finish == "length" and eng.cache.host_lens[1] == 14 and int(eng.cache.lens[1]) == 14
     assert int(eng.cache.live[1]) == 1 and eng.slot_seq == [None, b]
