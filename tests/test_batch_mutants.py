@@ -909,9 +909,10 @@ def test_own_sampling_rows_draw_their_own_tokens_even_when_held():
     seqs = [Sequence(i, p, 6, sampling=samp[i], generator=make_generator("cpu", samp[i].seed))
             for i, p in enumerate((pa, pb))]
     a, b = seqs
+    eng.start(b), eng.feed(b, 6, 0.0)  # b takes slot 0, half prefilled
     eng.start(a), eng.feed(a, 100, 0.0)
-    eng.start(b), eng.feed(b, 6, 0.0)
-    eng.decode_segment(0.0)  # b held: its generator untouched
+    eng.decode_segment(0.0)  # bucket 2: b's row is a throwaway inside it (held), its generator untouched
+    assert (a.slot, b.slot, len(a.tokens), b.tokens) == (1, 0, 4, [])
     eng.feed(b, 100, 0.0)
     while any(s.finish is None for s in seqs):
         eng.decode_segment(0.0)
