@@ -93,15 +93,20 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
 }
 # h2o.py alone, against presses_select's tests: re-measured without re-running the other presses
 GROUPS["presses_h2o"] = (["mspeckv/presses/h2o.py"], GROUPS["presses_select"][1])
-# issue 25/26: the batched engine's caches and loops, against their fast CPU tests
+# issue 25/26: the batched engine's caches and loops and the cost model of speculation at batch, against their fast
+# CPU tests and the hand-computed ones (test_batch_mutants.py)
 GROUPS["batch"] = (["mspeckv/kv/batch.py", "mspeckv/kv/stack.py", "mspeckv/decoding/batch.py",
-                    "mspeckv/decoding/batch_spec.py"],
-                   ["tests/test_batch_engine.py",
+                    "mspeckv/decoding/batch_spec.py", "mspeckv/decoding/cost.py"],
+                   ["tests/test_batch_engine.py", "tests/test_batch_mutants.py",
                     *[f"tests/test_batch_spec.py::{t}" for t in ("test_greedy_at_batch_equals_each_prompt_alone",
                                                                    "test_leave_at_eos_and_join_during_speculation",
                                                                    "test_bad_configs",
                                                                    "test_sampling_with_top_k_1_is_greedy_through_the_"
-                                                                   "sampled_path")],
+                                                                   "sampled_path",
+                                                                   "test_window_kv_hands_the_kernel_the_mask_it_applies",
+                                                                   "test_cost_model_arithmetic_and_choices",
+                                                                   "test_auto_gamma_keeps_greedy_output_whatever_it_"
+                                                                   "picks")],
                     "tests/test_batch_cli.py::test_gpu_memory_budget_counts_weights_kv_and_workspace"])
 # Not mutated: mspeckv/kv/quant_triton.py and the Triton parts of model/fused.py (GPU only: no CPU test reaches them).
 # Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
