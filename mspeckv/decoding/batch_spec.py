@@ -419,12 +419,12 @@ class BatchSpecEngine(BatchEngine):
                 self.dcache.rollback(back)
         self.decode_s += time.perf_counter() - t0
         self.steps += 1
-        self.rounds += 1
-        if cm is not None:
+        self.rounds += g > 0  # an AR step (vanilla's γ = 0) is no speculation round, as self's AR segments are not
+        if cm is not None and g > 0:
             cm.observe(g, [n_host[s.slot] for s in live])
         for s in live:
             k = n_host[s.slot]
-            self.seq_rounds += 1
+            self.seq_rounds += g > 0
             self.accepted += k
             self.drafted += g
             self.append(s, out[s.slot][:k] + out[s.slot][g:], t_run)  # d1..dk, then the target's next
