@@ -442,7 +442,8 @@ def test_attn_lens_describes_attn_mask_exactly(monkeypatch):
     seen = {"lens": 0, "mask only": 0}
     inner = llama.attention
 
-    def checked(q, k, v, mask, lens=None):
+    def checked(q, k, v, mask, lens=None, window=None):
+        assert window is None  # no StreamingLLM read of a batched cache here
         if lens is not None:
             assert mask is not None and mask.dim() == 2 and lens.dtype == torch.int32
             cols = torch.arange(mask.shape[1])
@@ -450,7 +451,7 @@ def test_attn_lens_describes_attn_mask_exactly(monkeypatch):
             seen["lens"] += 1
         elif mask is not None:
             seen["mask only"] += 1
-        return inner(q, k, v, mask, lens)
+        return inner(q, k, v, mask, lens, window)
 
     monkeypatch.setattr(llama, "attention", checked)
     m = tiny_model("llama", seed=0, num_hidden_layers=2)
