@@ -27,10 +27,10 @@ def ppl_delta_interval(nll: Sequence[float], nll_base: Sequence[float], seed: in
                        resamples: int = RESAMPLES) -> tuple[float, float]:
     """95% interval of the PPL Δ in % (``100 (ppl / ppl_base - 1)``), from each window's mean NLL of the variant and
     of the full cache, paired by window (same windows, same order)."""
-    d = np.asarray(nll, float) - np.asarray(nll_base, float)
-    if d.ndim != 1 or len(nll) != len(nll_base) or len(d) < 2:
+    if len(nll) != len(nll_base) or len(nll) < 2:
         raise ValueError(f"a paired interval needs the same >= 2 windows on both sides, got {len(nll)} and "
                          f"{len(nll_base)}")
+    d = np.asarray(nll, float) - np.asarray(nll_base, float)
     idx = np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))
     boot = 100 * np.expm1(d[idx].mean(1))
     lo, hi = np.percentile(boot, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])

@@ -205,15 +205,15 @@ def overview_markdown(summary: dict) -> str:
                         + ([", ".join(Path(x).name for x in r.get("sources", []))] if with_src else []))
         where = "the GSM8K prompts" if ctx == "0" else f"{ctx} tokens"
         parts.append(f"### Compression overview at {where}\n\n" + _md(cols, body))
-        parts += [_sensitivity_line(x) for (_, c), x in sens.items() if str(c) == ctx]
+        parts += [_sensitivity_line(x, with_src) for (_, c), x in sens.items() if str(c) == ctx]
     if any(r["bytes_from_ppl_prefix"] for rows in summary["overview"].values() for r in rows):
         parts.append("† no speed cell at this context: bytes held after the ppl prefix (context − scored span).")
     return "\n\n".join(parts) if parts else "(no cells)"
 
 
-def _sensitivity_line(s: dict) -> str:
+def _sensitivity_line(s: dict, with_src: bool) -> str:
     """The context-sensitivity row of one folder at one context, in words."""
-    where = f" ({Path(s['source']).name})" if s["source"] else ""
+    where = f" ({Path(s['source']).name})" if with_src and s["source"] else ""
     head = f"**Context sensitivity{where}:** corpus `{s['dataset'] or 'bbc'}` ({s['corpus']}), {s['windows']} windows"
     if s["floor"]:
         ci = f" [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]" if s["ci"] else ""
