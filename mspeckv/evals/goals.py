@@ -69,6 +69,7 @@ class Sensitivity:
     context: int
     source: str | None
     dataset: str | None
+    split: str  # all | select | confirm (data.corpora.doc_split)
     corpus: str  # data.corpora.corpus_label
     floor: int  # prefix tokens the floor keeps (0: none measured)
     windows: int
@@ -110,8 +111,8 @@ def sensitivity(cells: list[dict]) -> dict[tuple[str | None, int], Sensitivity]:
                    f"{NOISE_MULTIPLE:g}x its noise: this corpus cannot judge a press at this context")
         else:
             why = ""
-        out[(src, ctx)] = Sensitivity(ctx, src, dataset, label, floor if fc else 0, int(res.get("windows") or 0),
-                                      res.get("ppl"), ppl_f, gap, ci, not why, why)
+        out[(src, ctx)] = Sensitivity(ctx, src, dataset, st.get("split", "all"), label, floor if fc else 0,
+                                      int(res.get("windows") or 0), res.get("ppl"), ppl_f, gap, ci, not why, why)
     return out
 
 

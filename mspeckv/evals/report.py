@@ -216,7 +216,9 @@ def overview_markdown(summary: dict) -> str:
 def _sensitivity_line(s: dict, with_src: bool) -> str:
     """The context-sensitivity row of one folder at one context, in words."""
     where = f" ({Path(s['source']).name})" if with_src and s["source"] else ""
-    head = f"**Context sensitivity{where}:** corpus `{s['dataset'] or 'bbc'}` ({s['corpus']}), {s['windows']} windows"
+    half = "" if s["split"] == "all" else f", {s['split']} documents"
+    head = (f"**Context sensitivity{where}:** corpus `{s['dataset'] or 'bbc'}` ({s['corpus']}{half}), "
+            f"{s['windows']} windows")
     if s["floor"]:
         ci = f" [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]" if s["ci"] else ""
         head += (f"; full cache PPL {s['ppl_full']:.3f}, floor (last {s['floor']} prefix tokens) "
