@@ -33,7 +33,7 @@ from ..runs.template import CellStore, Partial, check, opt
 from .variants import FLOOR_SINKS, Variant, floor_spec
 
 FORMATS = ("none", "int8", "int4", "int2")
-CONFIRM_SEEDS = 500  # the confirm split's needle/RULER seeds are seed * 1000 + 500 + i: no select run uses them
+CONFIRM_SEEDS = 500  # the confirm split's needle/RULER/accept seeds are seed * 1000 + 500 + i: no select run's
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ FAMILIES = (
            ("dataset", "split", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk",
             "floor"),
            "context", shared_pass=True),
-    Family("recon", ("recon",), "recon", "run", ("dataset", "seed", "prefill_chunk"), "context", shared_pass=True),
-    Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen", "speed_graphs",
-                                              "speed_runs"),
-           "context"),
+    Family("recon", ("recon",), "recon", "run", ("dataset", "split", "seed", "prefill_chunk"), "context",
+           shared_pass=True),
+    Family("speed", ("speed",), "speed", "run",
+           ("dataset", "split", "seed", "prefill_chunk", "speed_gen", "speed_graphs", "speed_runs"), "context"),
     Family("needle", ("needle",), "retrieval", "run_needle",
            ("dataset", "split", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"),
            "needle_context"),
@@ -67,8 +67,8 @@ FAMILIES = (
     Family("gsm8k", ("gsm8k",), "gsm8k", "run", ("gsm8k_items", "gsm8k_max_new", "gsm8k_graphs", "prefill_chunk"),
            None),
     Family("accept", ("accept",), "accept", "run",
-           ("dataset", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma"),
-           "context", needs_draft=True),
+           ("dataset", "split", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma",
+            "draft_gamma"), "context", needs_draft=True),
 )
 METRICS = tuple(m for f in FAMILIES for m in f.metrics)
 FAMILY_OF = {m: f for f in FAMILIES for m in f.metrics}
@@ -95,9 +95,10 @@ class EvalConfig:
                                     "standard library, one module per document), pypackages (one stdlib package per "
                                     "document: for 32K windows), shakespeare (one play per document), or a "
                                     ".txt/.jsonl/directory path")
-    split: str = opt("all", "held-out data: 'select' or 'confirm' uses only the documents of that half (by a hash of "
-                            "their names) and, for confirm, needle/RULER seeds no select run uses; its own output "
-                            "folder by default (results/quality/<model>-<split>)", choices=SPLITS)
+    split: str = opt("all", "held-out data: 'select' or 'confirm' takes every family's text from the documents of that "
+                            "half only (by a hash of their names) and, for confirm, needle/RULER/accept seeds no "
+                            "select run uses; its own output folder by default (results/quality/<model>-<split>)",
+                     choices=SPLITS)
     seed: int = opt(0, "seed of the text windows and synthetic prompts")
     windows: int = opt(8, "ppl: windows per context (each inside one document; the PPL Δ interval resamples them)")
     stride: int | None = opt(None, "ppl: tokens between the starts of one document's windows (default: the window: "
@@ -161,7 +162,7 @@ class EvalConfig:
               f"must be K,N with 0 <= K < N, got {','.join(map(str, self.gsm8k_shard))}")
         check(self.kv_residual >= 0, "--kv-residual", f"must be >= 0, got {self.kv_residual}")
         check(self.floor >= 0, "--floor", f"must be >= 0, got {self.floor}")
-        for name in ("needle_trials", "ruler_samples"):
+        for name in ("needle_trials", "ruler_samples", "accept_prompts"):
             check(getattr(self, name) <= CONFIRM_SEEDS, "--" + name.replace("_", "-"),
                   f"must be <= {CONFIRM_SEEDS} (the confirm split's seeds start {CONFIRM_SEEDS} further on)")
         check(self.stride is None or self.stride >= 1, "--stride", f"must be >= 1, got {self.stride}")
@@ -209,7 +210,8 @@ class EvalConfig:
         return out
 
     def task_seed(self, i: int) -> int:
-        """The seed of the i-th needle/RULER prompt: ``seed * 1000 + i``, plus CONFIRM_SEEDS in the confirm split."""
+        """The seed of the i-th needle/RULER/accept prompt: ``seed * 1000 + i``, plus CONFIRM_SEEDS in the confirm
+        split."""
         return self.seed * 1000 + i + (CONFIRM_SEEDS if self.split == "confirm" else 0)
 
     def out_dir(self) -> Path:
