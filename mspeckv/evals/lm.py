@@ -5,14 +5,15 @@ Protocol at context ``C`` with scored span ``S`` (``--scored``), ``W`` windows (
 (``--stride``):
 
 - Windows of ``C + 1`` token ids of real text (``--dataset``, ``--seed``, from the documents of ``--split``). On a
-  corpus of long documents (pycode, shakespeare, a path) every window lies inside ONE document
+  corpus of long documents (pycode, pypackages, shakespeare, a path) every window lies inside ONE document
   (``data.corpora.doc_windows``: spread over as many documents as there are, windows of one document ``R`` apart,
   default ``C + 1``); each cell names them (``window_docs``: ``name@offset``). BBC and newsgroups are short,
   unrelated articles (``data.corpora.unrelated``): there a window is ``stream[w*R : w*R + C + 1]`` of
   ``long_prompt``'s concatenation (default ``R = C``), it spans several articles, and the report judges no goal on it.
-- The context floor: unless ``--floor 0``, the pass also scores ``variants.floor_variant(F)``, StreamingLLM keeping
-  only the last ``F`` prefix tokens (and the press's 4 sinks). How much worse it is than the full cache says how much
-  the scored text depends on the prefix beyond its last ``F`` tokens: the report's context-sensitivity row.
+- The context floor: unless ``--floor 0``, the pass also scores ``variants.floor_spec(F)``, StreamingLLM keeping
+  only the last ``F`` prefix tokens (and the press's 4 sinks), at contexts whose prefix is longer than that. How much
+  worse it is than the full cache says how much the scored text depends on the prefix beyond its last ``F`` tokens:
+  the report's context-sensitivity row.
 - The prefix ``window[0 : C-S]`` is prefilled into the variant's cache (chunks of ``--prefill-chunk``), then
   ``cache.compress()`` applies the press (placements need nothing: their quantization happens as rows are stored).
 - The scored segment ``window[C-S : C]`` is fed through that cache in chunks of ``--score-chunk`` tokens with

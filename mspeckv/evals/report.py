@@ -207,18 +207,22 @@ def overview_markdown(summary: dict) -> str:
                         + ([", ".join(Path(x).name for x in r.get("sources", []))] if with_src else []))
         where = "the GSM8K prompts" if ctx == "0" else f"{ctx} tokens"
         parts.append(f"### Compression overview at {where}\n\n" + _md(cols, body))
-        parts += [_sensitivity_line(x, with_src) for (_, c), x in sens.items() if str(c) == ctx]
+        lines: dict[str, list[str]] = {}  # folders whose line reads the same share it
+        for (src, c), x in sens.items():
+            if str(c) == ctx:
+                lines.setdefault(_sensitivity_line(x), []).append(Path(src).name if src else "")
+        for line, folders in lines.items():
+            where = f" ({', '.join(folders)})" if with_src else ""
+            parts.append(f"**Context sensitivity{where}:** {line}")
     if any(r["bytes_from_ppl_prefix"] for rows in summary["overview"].values() for r in rows):
         parts.append("† no speed cell at this context: bytes held after the ppl prefix (context − scored span).")
     return "\n\n".join(parts) if parts else "(no cells)"
 
 
-def _sensitivity_line(s: dict, with_src: bool) -> str:
+def _sensitivity_line(s: dict) -> str:
     """The context-sensitivity row of one folder at one context, in words."""
-    where = f" ({Path(s['source']).name})" if with_src and s["source"] else ""
     half = "" if s["split"] == "all" else f", {s['split']} documents"
-    head = (f"**Context sensitivity{where}:** corpus `{s['dataset'] or 'bbc'}` ({s['corpus']}{half}), "
-            f"{s['windows']} windows")
+    head = f"corpus `{s['dataset'] or 'bbc'}` ({s['corpus']}{half}), {s['windows']} windows"
     if s["floor"]:
         ci = f" [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]" if s["ci"] else ""
         head += (f"; full cache PPL {s['ppl_full']:.3f}, floor (last {s['floor']} prefix tokens) "
