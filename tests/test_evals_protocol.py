@@ -136,6 +136,8 @@ def test_confirm_split_runs_on_other_documents_and_seeds_into_its_own_folder(tin
     used = {x.rpartition("@")[0] for x in cells[("ppl", "full")]["results"]["window_docs"]}
     assert used == {w for w in WORDS if doc_split(w) == "confirm"}
     assert cells[("ppl", "full")]["settings"]["split"] == "confirm"
+    assert "Held-out confirmation: the cells of `m-confirm` use only the confirm half's documents" in \
+        (out / "summary.md").read_text()
     # the select half into the confirm folder is refused before anything loads
     assert cli.main(_args(tiny, out, "--split", "select", "--windows", str(n_conf))) == 2
     assert "other settings (split: stored 'confirm' vs asked 'select')" in capsys.readouterr().err

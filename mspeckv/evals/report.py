@@ -280,6 +280,7 @@ def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) 
     shown = [c for c in cells if not c["_shadowed"]]
     commits = sorted({str(c.get("meta", {}).get("git_commit")) for c in shown})
     commands = (d / "command.txt").read_text(encoding="utf-8").splitlines() if (d / "command.txt").exists() else []
+    held = sorted({Path(c["_source"]).name for c in shown if c.get("settings", {}).get("split") == "confirm"})
     summary: dict[str, Any] = {"dir": str(d), "n_cells": len(shown), "git_commits": commits, "commands": commands,
                                "include": [str(x) for x in include], "rows": rows, "overview": overview(cells),
                                "plots": [], "plot_error": None, **damage([d, *include]),
@@ -302,6 +303,9 @@ def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) 
           *([f"> **Missing:** {'; '.join(summary['missing'])}", ""] if summary["missing"] else []),
           *([f"> **Warning:** {len(summary['skipped'])} file(s) in cells/ hold no cell (not counted): "
              f"{'; '.join(summary['skipped'])}", ""] if summary["skipped"] else []),
+          *([f"Held-out confirmation: the cells of {', '.join(f'`{x}`' for x in held)} use only the confirm half's "
+             "documents and needle/RULER/accept seeds that no select run uses (`--split confirm`).", ""]
+            if held else []),
           *([f"Also read (`--include`; deltas are against each folder's own baseline): "
              f"{', '.join(f'`{x}`' for x in include)}", ""] if include else []),
           overview_markdown(summary), "", "## Goals (issue 10)", "",

@@ -16,6 +16,12 @@ Cells: ``<output-dir>/cells/<metric>__<variant>__ctx=<n>.json``, one per (metric
 atomically with the run's metadata (git commit) and the settings that shaped it; an existing cell is skipped, so an
 interrupted evaluation resumes where it stopped. Every input is checked (model config, contexts, data, presses,
 placements, the settings of cells already in the directory) before any weights load and before anything is written.
+
+Held-out confirmation (``--split``): choose a configuration from a grid run with ``--split select``, then run that
+configuration alone with ``--split confirm``. The two halves share no document (``data.corpora.doc_split``, by a hash
+of each document's name, the same at every seed), confirm's needle/RULER/accept prompts use seeds 500 further on
+(:meth:`EvalConfig.task_seed`), and each half writes its own folder (``results/quality/<model>-<split>``; the split is
+a recorded setting, so the other half's cells are refused in it).
 """
 
 from __future__ import annotations
