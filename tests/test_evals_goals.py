@@ -116,8 +116,15 @@ def test_a_floor_within_twice_its_noise_refuses_the_goals():
     cells = _folder({"c": ([0.01] * 8, None, "int8", 500.0)}, floor=[0.31, -0.29] * 4)
     s = sensitivity(cells)[("A", 8192)]
     assert not s.judge and s.gap_pct == pytest.approx(100 * (math.exp(0.01) - 1)) and s.gap_pct < 2 * s.noise
+    # noise is the bootstrap standard error of the paired gap: about the windows' spread over sqrt(windows)
+    spread = np.std([100 * math.expm1(x) for x in [0.31, -0.29] * 4], ddof=1) / math.sqrt(8)
+    assert s.noise == pytest.approx(spread, rel=0.15)
     _, lines = _goals(cells)
     assert len(lines) == 1 and "cannot judge a press at this context" in lines[0]
+    # a floor +10.5% that swings +-10% between windows: noise about 3.7, so 2x noise is under the gap and the
+    # context may judge (twice the 95% half-width, about 15, would not)
+    s = sensitivity(_folder({}, floor=[0.2, 0.0] * 4))[("A", 8192)]
+    assert s.judge and 2 * s.noise < s.gap_pct < s.ci[1] - s.ci[0]
     # without a floor cell: not judged either
     _, lines = _goals([c for c in cells if c["variant"] != FLOOR])
     assert len(lines) == 1 and "no context floor was measured" in lines[0]

@@ -3,8 +3,9 @@ judged from a 95% interval (``evals.intervals``).
 
 **Context sensitivity** (per folder and context). The lm pass also scores the context floor: the same windows with
 only the last ``F`` prefix tokens kept (``--floor``, ``variants.floor_spec``). The floor's *gap* is its PPL Δ against
-the full cache; the *noise* is the half-width of that Δ's paired bootstrap 95% interval (how much the full cache's
-advantage varies from window to window). A context may judge a press only when the gap exceeds 2 × the noise:
+the full cache; the *noise* is that Δ's bootstrap standard error, paired by window (how much the full cache's
+advantage varies from window to window, over the square root of the windows). A context may judge a press only when
+the gap exceeds 2 × the noise (about: the gap's 95% interval lies above zero):
 otherwise its continuations barely depend on the prefix beyond the last ``F`` tokens, and dropping context costs
 little whatever a press keeps. No goal is judged there, nor on short unrelated articles (bbc, newsgroups:
 ``data.corpora.unrelated``), nor where no floor was measured. Each variant's *gap kept* is
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.corpora import corpus_label, unrelated
-from .intervals import at_least, at_most, ppl_delta_interval, wilson
+from .intervals import at_least, at_most, ppl_delta_interval, ppl_delta_noise, wilson
 from .variants import BASELINE, floor_spec
 
 NEEDLE_SHARE = 0.95
@@ -53,15 +54,21 @@ def baseline_cell(by: dict, base: dict, metric: str, ctx: int, cell: dict | None
     return base.get((metric, ctx, src)) or by.get((metric, BASELINE, ctx)) or {}
 
 
-def paired_interval(cell: dict | None, base_cell: dict) -> tuple[float, float] | None:
-    """95% interval of a ppl cell's Δ% against its baseline cell, when both scored the same >= 2 windows."""
+def _paired(cell: dict | None, base_cell: dict) -> tuple[list[float], list[float]] | None:
+    """(the cell's window NLLs, its baseline's) when both scored the same >= 2 windows."""
     if not cell or not base_cell:
         return None
     r, b = cell.get("results", {}), base_cell.get("results", {})
     v, f = r.get("window_nll"), b.get("window_nll")
     if not v or not f or len(v) != len(f) or len(v) < 2 or r.get("window_docs") != b.get("window_docs"):
         return None
-    return ppl_delta_interval(v, f)
+    return v, f
+
+
+def paired_interval(cell: dict | None, base_cell: dict) -> tuple[float, float] | None:
+    """95% interval of a ppl cell's Δ% against its baseline cell, when both scored the same >= 2 windows."""
+    pair = _paired(cell, base_cell)
+    return ppl_delta_interval(*pair) if pair else None
 
 
 @dataclass(frozen=True)
@@ -77,12 +84,9 @@ class Sensitivity:
     ppl_floor: float | None
     gap_pct: float | None
     ci: tuple[float, float] | None
+    noise: float | None  # the gap's bootstrap standard error (% points)
     judge: bool
     why: str  # why no goal is judged here ("" when one may be)
-
-    @property
-    def noise(self) -> float | None:
-        return (self.ci[1] - self.ci[0]) / 2 if self.ci else None
 
 
 def sensitivity(cells: list[dict]) -> dict[tuple[str | None, int], Sensitivity]:
@@ -98,6 +102,7 @@ def sensitivity(cells: list[dict]) -> dict[tuple[str | None, int], Sensitivity]:
         ppl_f = fc["results"].get("ppl") if fc else None
         gap = 100 * (ppl_f / res["ppl"] - 1) if _num(ppl_f) and _num(res.get("ppl")) else None
         ci = paired_interval(fc, full)
+        noise = ppl_delta_noise(*_paired(fc, full)) if ci else None
         label = corpus_label(dataset)
         if unrelated(dataset):
             why = f"{dataset or 'bbc'} is {label}: a window spans several of them, so no goal is judged on it"
@@ -106,13 +111,15 @@ def sensitivity(cells: list[dict]) -> dict[tuple[str | None, int], Sensitivity]:
                    "before the floor)")
         elif ci is None:
             why = "the floor and the full cache lack >= 2 paired windows (cells from before per-window NLL)"
-        elif gap <= NOISE_MULTIPLE * (ci[1] - ci[0]) / 2:
+        elif gap <= NOISE_MULTIPLE * noise:
             why = (f"the floor (last {floor} tokens) is only {gap:+.2f}% [{ci[0]:+.2f}, {ci[1]:+.2f}], within "
-                   f"{NOISE_MULTIPLE:g}x its noise: this corpus cannot judge a press at this context")
+                   f"{NOISE_MULTIPLE:g}x its noise (standard error {noise:.2f}): this corpus cannot judge a press at "
+                   "this context")
         else:
             why = ""
         out[(src, ctx)] = Sensitivity(ctx, src, dataset, st.get("split", "all"), label, floor if fc else 0,
-                                      int(res.get("windows") or 0), res.get("ppl"), ppl_f, gap, ci, not why, why)
+                                      int(res.get("windows") or 0), res.get("ppl"), ppl_f, gap, ci, noise, not why,
+                                      why)
     return out
 
 

@@ -23,18 +23,27 @@ RESAMPLES = 10_000
 Z = NormalDist().inv_cdf(0.5 + LEVEL / 2)  # 1.96
 
 
-def ppl_delta_interval(nll: Sequence[float], nll_base: Sequence[float], seed: int = 0,
-                       resamples: int = RESAMPLES) -> tuple[float, float]:
-    """95% interval of the PPL Δ in % (``100 (ppl / ppl_base - 1)``), from each window's mean NLL of the variant and
-    of the full cache, paired by window (same windows, same order)."""
+def ppl_delta_bootstrap(nll: Sequence[float], nll_base: Sequence[float], seed: int = 0,
+                        resamples: int = RESAMPLES) -> np.ndarray:
+    """``resamples`` bootstrap draws of the PPL Δ in % (``100 (ppl / ppl_base - 1)``), from each window's mean NLL of
+    the variant and of the full cache, paired by window (same windows, same order)."""
     if len(nll) != len(nll_base) or len(nll) < 2:
         raise ValueError(f"a paired interval needs the same >= 2 windows on both sides, got {len(nll)} and "
                          f"{len(nll_base)}")
     d = np.asarray(nll, float) - np.asarray(nll_base, float)
     idx = np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))
-    boot = 100 * np.expm1(d[idx].mean(1))
-    lo, hi = np.percentile(boot, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
+    return 100 * np.expm1(d[idx].mean(1))
+
+
+def ppl_delta_interval(nll: Sequence[float], nll_base: Sequence[float], seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the paired PPL Δ in % (:func:`ppl_delta_bootstrap`)."""
+    lo, hi = np.percentile(ppl_delta_bootstrap(nll, nll_base, seed), [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
     return float(lo), float(hi)
+
+
+def ppl_delta_noise(nll: Sequence[float], nll_base: Sequence[float], seed: int = 0) -> float:
+    """The paired PPL Δ's noise: its bootstrap standard error, in % points."""
+    return float(ppl_delta_bootstrap(nll, nll_base, seed).std(ddof=1))
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:

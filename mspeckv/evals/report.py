@@ -224,7 +224,7 @@ def _sensitivity_line(s: dict) -> str:
     half = "" if s["split"] == "all" else f", {s['split']} documents"
     head = f"corpus `{s['dataset'] or 'bbc'}` ({s['corpus']}{half}), {s['windows']} windows"
     if s["floor"]:
-        ci = f" [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]" if s["ci"] else ""
+        ci = f" [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}], noise (standard error) {s['noise']:.2f}" if s["ci"] else ""
         head += (f"; full cache PPL {s['ppl_full']:.3f}, floor (last {s['floor']} prefix tokens) "
                  f"{s['ppl_floor']:.3f}: gap {s['gap_pct']:+.2f}%{ci}")
     return head + (". This context can judge a press." if s["judge"] else f". **No goal judged:** {s['why']}.")
