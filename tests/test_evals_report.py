@@ -42,7 +42,9 @@ def test_render_from_fixture_cells(rendered):
     assert over[INT8]["kv_mb"] == pytest.approx(over["full"]["kv_mb"] / over[INT8]["compression"])
     assert over[INT8]["bytes_per_token"] == pytest.approx(over[INT8]["kv_mb"] * 2**20 / 128)
     assert over[INT8]["gsm8k_acc"] == 0.5 and over[INT8]["needle_acc"] is None  # needle ran at 560/700 only
-    assert "128: int8 KV <= +0.1% PPL: met (kv=int8/g16/res16/onchip0: -0.004%)" in s["goals"]
+    # the fixture's corpus is BBC (dataset null): short, unrelated articles, on which no goal is judged
+    assert s["goals"] == ["128: not judged (1 variant(s)): bbc is short, unrelated articles: a window spans several "
+                          "of them, so no goal is judged on it"]
     md = (d / "summary.md").read_text()
     assert "## Goals (issue 10)" in md
     assert "| config | compression | KV MB @ctx | bytes/token | decode tok/s | TTFT s | TPOT ms | PPL (Δ%) |" in md
@@ -101,42 +103,6 @@ def test_flags_come_from_the_config_fields():
 def test_config_errors_name_the_flag(argv, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("'", "'")):
         _parse(*argv)
-
-
-def test_two_bit_goal_concerns_two_bit_configs_only():
-    """KIVI at 4 or 8 bits is not judged against the 2-bit goal; KIVI 2/2 and the int2 placement are."""
-    def cell(variant, press, q="none"):
-        return {"variant": variant, "metric": "ppl", "context": 8192,
-                "variant_info": {"press": press, "kv_quant": q}}
-
-    names = {"k4": "kivi:k_bits=4,v_bits=4", "k2": "kivi:k_bits=2,v_bits=2", "q2": "kv=int2/g64/res64/onchip0"}
-    cells = [cell(names["k4"], names["k4"]), cell(names["k2"], names["k2"]), cell(names["q2"], None, "int2")]
-    ov = {"8192": [{"config": n, "ppl_delta_pct": 1.0, "compression": 2.0} for n in names.values()]}
-    lines = [g for g in report.goals(cells, ov) if "2-bit" in g]
-    assert len(lines) == 2 and all(names["k4"] not in g for g in lines)
-
-
-@pytest.mark.parametrize("hits, verdict", [((29, 28, 28), "met"), ((29, 27, 28), "MISSED")])
-def test_eight_x_goal_judges_needles_against_the_variants_own_folder(hits, verdict):
-    """">= 8x at <= +3% PPL with needle >= 95% of full at 8K-32K": the variant's needle accuracy at every far
-    context is compared with the full cache of ITS folder (same invocation), not with the shown full cache, and
-    a single context under 95% fails the goal. 28/29 = 96.6% passes, 27/29 = 93.1% does not."""
-    h = "hybrid:retain=0.25"
-    info = {"press": h, "kv_quant": "none"}
-
-    def needle(variant, ctx, acc, src):
-        return {"metric": "needle", "variant": variant, "context": ctx, "results": {"accuracy": acc},
-                "variant_info": info if variant != "full" else {}, "_source": src}
-
-    cells = [{"metric": "ppl", "variant": h, "context": 8192, "variant_info": info, "_source": "B"}]
-    for ctx, hit in zip((8192, 16384, 32768), hits, strict=True):
-        cells.append(needle("full", ctx, 1.0, "A"))  # the shown full cache (another folder): 100% everywhere
-        cells.append({**needle("full", ctx, 29 / 30, "B"), "_shadowed": True})  # B's own full cache: 29 of 30
-        cells.append(needle(h, ctx, hit / 30, "B"))
-    ov = {"8192": [{"config": h, "ppl_delta_pct": 0.7, "compression": 10.0}]}
-    line = next(g for g in report.goals(cells, ov) if ">= 8x" in g)
-    assert line.startswith(f"8192: >= 8x at <= +3% PPL and needle >= 95% of full at 8K-32K: {verdict}")
-    assert "vs full 96.7%" in line  # B's full cache (29/30), not A's 100%
 
 
 def test_accept_only_folder_renders_its_rows_in_the_overview(tmp_path):

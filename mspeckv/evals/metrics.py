@@ -100,11 +100,12 @@ class Accumulator:
     cos_sum: list[float] = field(default_factory=list)
     cos_n: int = 0
 
-    def add_tokens(self, logits: Tensor, targets: Tensor, ref_logits: Tensor | None) -> None:
+    def add_tokens(self, logits: Tensor, targets: Tensor, ref_logits: Tensor | None) -> float:
         """logits (N, V) of this config, targets (N,), ref_logits (N, V) of the full cache (None for the full cache
-        itself: KL 0 and agreement 1 by definition)."""
+        itself: KL 0 and agreement 1 by definition). Returns these tokens' NLL sum."""
         self.n += int(targets.numel())
-        self.nll_sum += float(token_nll(logits, targets).double().sum())
+        nll = float(token_nll(logits, targets).double().sum())
+        self.nll_sum += nll
         conf, arg = top1(logits)
         c, s, a = ece_bins(conf, arg == targets)
         self.ece_count = [x + y for x, y in zip(self.ece_count, c, strict=True)]
@@ -115,6 +116,7 @@ class Accumulator:
         else:
             self.kl_sum += float(kl_divergence(ref_logits, logits).double().sum())
             self.agree += int((ref_logits.argmax(-1) == arg).sum())
+        return nll
 
     def add_cosines(self, per_layer: list[Tensor]) -> None:
         """per_layer: one (N,) tensor of cosines per layer, for the same N sampled positions."""

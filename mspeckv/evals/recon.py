@@ -19,7 +19,8 @@ from .variants import Variant, build_cache, held
 def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     model = ev.model
     model.check_context(context)
-    ids = torch.tensor([long_prompt(ev.tok, context, seed=ev.cfg.seed, dataset=ev.cfg.dataset)], device=model.device)
+    ids = torch.tensor([long_prompt(ev.tok, context, seed=ev.cfg.seed, dataset=ev.cfg.dataset, split=ev.cfg.split)],
+                       device=model.device)
     full = build_cache(model, Variant(), 1, context)
     model.prefill(ids, full, chunk=ev.cfg.prefill_chunk)
     out = {}

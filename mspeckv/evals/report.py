@@ -5,8 +5,10 @@ context and the delta (``delta_pct`` for ppl and speed). The compression overvie
 config | compression | KV MB @ctx | bytes/token | decode tok/s | TTFT | TPOT | PPL (Δ%) | KL | needle % | RULER % |
 GSM8K %, plus accept L1 % (the middle level's acceptance rate) when the folder has ``accept`` cells. Compression is
 the baseline's held KV bytes over the variant's at that context, from the ``speed`` cell (bytes held after the whole
-prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †). The goal lines are checked
-only at contexts with measured PPL rows.
+prompt); without one, from the ``ppl`` cell (bytes held after the ppl prefix, marked †). Cells with per-window NLL
+add two columns after PPL: the Δ's 95% interval and the share of the full-vs-floor gap kept; each table is followed by
+its context-sensitivity line. The goal lines (``evals.goals``) are checked only at contexts with measured PPL rows,
+and only where that line says the corpus can judge a press.
 
 ``render(dir, include=[...])`` (``eval report --include DIR``) also reads the cells of other evaluation folders, to
 put a model's results into one overview: a (metric, variant, context) already shown by the folder itself, or by an
@@ -17,12 +19,15 @@ folder.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..runs.store import atomic_write_json, atomic_write_text
 from ..runs.tables import csv_text, md_table
 from ..runs.template import CellStore
+from .goals import baseline_cell, floor_names, goals, index_cells, paired_interval, sensitivity
+from .intervals import gap_kept, wilson
 from .variants import BASELINE
 
 # metric -> (headline field, delta kind: pct | abs, extra fields shown in the per-metric table)
@@ -41,6 +46,8 @@ HEADLINE = {
 ORDER = tuple(HEADLINE)
 OVERVIEW_COLS = ("config", "compression", "KV MB @ctx", "bytes/token", "decode tok/s", "TTFT s", "TPOT ms",
                  "PPL (Δ%)", "KL", "needle %", "RULER %", "GSM8K %")
+CI_COL = "PPL Δ 95% CI"  # paired bootstrap over windows (evals.intervals)
+GAP_COL = "gap kept %"  # of the full-vs-floor gap (evals.goals)
 ACCEPT_COL = "accept L1 %"  # shown only when some row has an accept cell
 E2E_COL = "e2e tok/s"  # shown only when some speed cell has end-to-end time (cells written since it is recorded)
 
@@ -77,21 +84,8 @@ def damage(dirs: list[str | Path]) -> dict[str, Any]:
     return {"partial": bool(missing or damaged), "missing": missing, "skipped": skipped, "n_damaged": damaged}
 
 
-def _index(cells: list[dict]) -> tuple[dict, dict]:
-    """(the shown cells by (metric, variant, context), every baseline cell by (metric, context, source))."""
-    by = {(c["metric"], c["variant"], c["context"]): c for c in cells if not c.get("_shadowed")}
-    base = {(c["metric"], c["context"], c.get("_source")): c for c in cells if c["variant"] == BASELINE}
-    return by, base
-
-
-def _base_of(by: dict, base: dict, metric: str, ctx: int, cell: dict | None) -> dict:
-    """The baseline cell a variant's cell is compared with: its own folder's, else the shown one."""
-    src = cell.get("_source") if cell else None
-    return base.get((metric, ctx, src)) or by.get((metric, BASELINE, ctx)) or {}
-
-
 def rows_from_cells(cells: list[dict]) -> list[dict]:
-    by, bases = _index(cells)
+    by, bases = index_cells(cells)
     rows = []
     for (metric, variant, ctx), c in sorted(by.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER
                                                                          else 99, kv[0][2], kv[0][1] != BASELINE,
@@ -99,7 +93,7 @@ def rows_from_cells(cells: list[dict]) -> list[dict]:
         field, kind, extra = HEADLINE.get(metric, (None, "abs", ()))
         res = c.get("results", {})
         value = res.get(field) if field else None
-        base = _base_of(by, bases, metric, ctx, c).get("results", {}).get(field) if field else None
+        base = baseline_cell(by, bases, metric, ctx, c).get("results", {}).get(field) if field else None
         row = {"metric": metric, "variant": variant, "context": ctx, "field": field, "value": value,
                "baseline": base, "delta": None, "delta_pct": None,
                **{k: res.get(k) for k in extra}, "git_commit": c.get("meta", {}).get("git_commit"),
@@ -124,7 +118,9 @@ def _bytes_cell(by: dict, variant: str, ctx: int) -> tuple[float | None, bool, d
 
 
 def overview(cells: list[dict]) -> dict[str, list[dict]]:
-    by, bases = _index(cells)
+    by, bases = index_cells(cells)
+    sens = sensitivity(cells)
+    floors = floor_names(sens)
     variants = list(dict.fromkeys([BASELINE] + [c["variant"] for c in cells]))
     contexts = (sorted({c["context"] for c in cells if c["metric"] in ("ppl", "speed", "kl", "accept")})
                 or sorted({c["context"] for c in cells if c["metric"] in ("needle", "ruler")})
@@ -138,11 +134,14 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
                     (("gsm8k", v, 0) not in by):
                 continue
             nb, from_prefix, bcell = _bytes_cell(by, v, ctx)
-            bres = _base_of(by, bases, bcell["metric"] if bcell else "ppl", ctx, bcell).get("results", {})
+            bres = baseline_cell(by, bases, bcell["metric"] if bcell else "ppl", ctx, bcell).get("results", {})
             base_bytes = bres.get("kv_bytes_prefix" if from_prefix else "kv_bytes")
             prefix_tokens = g("ppl", v, ctx, "prefix_tokens")
             ppl = g("ppl", v, ctx, "ppl")
-            ppl_base = _base_of(by, bases, "ppl", ctx, by.get(("ppl", v, ctx))).get("results", {}).get("ppl")
+            pcell = by.get(("ppl", v, ctx))
+            pbase = baseline_cell(by, bases, "ppl", ctx, pcell)
+            ppl_base = pbase.get("results", {}).get("ppl")
+            s = sens.get((pcell.get("_source") if pcell else None, ctx))
             sources = sorted({by[k].get("_source") for k in by if k[1] == v and k[2] in (ctx, 0)} - {None})
             rows.append({
                 "config": v, "context": ctx, "sources": sources,
@@ -155,75 +154,15 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
                 "tpot_s": g("speed", v, ctx, "tpot_s"), "e2e_tok_per_s": g("speed", v, ctx, "e2e_tok_per_s"),
                 "ppl": ppl,
                 "ppl_delta_pct": 100 * (ppl / ppl_base - 1) if _num(ppl) and _num(ppl_base) else None,
+                "ppl_delta_ci": paired_interval(pcell, pbase) if v != BASELINE else None,
+                "gap_kept": gap_kept(ppl, s.ppl_full, s.ppl_floor) if s and _num(ppl) and _num(s.ppl_floor) else None,
+                "floor": v in floors,
                 "kl": g("kl", v, ctx, "kl_mean"), "top1_agreement": g("kl", v, ctx, "top1_agreement"),
                 "needle_acc": g("needle", v, ctx, "accuracy"), "ruler_acc": g("ruler", v, ctx, "accuracy"),
                 "gsm8k_acc": g("gsm8k", v, 0, "accuracy"),
                 "accept_l1": g("accept", v, ctx, "l1_acceptance_rate"),
             })
         out[str(ctx)] = rows
-    return out
-
-
-def _kivi_bits(spec) -> tuple[int, int] | None:
-    """(k_bits, v_bits) of a kivi press spec, else None (the 2-bit goal concerns 2-bit keys and values only)."""
-    if not spec or not str(spec).startswith("kivi"):
-        return None
-    from ..presses import parse_press
-
-    try:
-        p = parse_press(str(spec))
-    except (ValueError, FileNotFoundError):
-        return None
-    return p.k_bits, p.v_bits
-
-
-def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
-    """The issue's quality goals, checked against the measured cells (one line per goal and context)."""
-    info = {c["variant"]: c.get("variant_info", {}) for c in cells}
-    by, bases = _index(cells)
-    needle = {(v, ctx): c["results"]["accuracy"] for (m, v, ctx), c in by.items() if m == "needle"}
-    far = sorted({ctx for _, ctx in needle if 8192 <= ctx <= 32768})
-    out = []
-
-    def full_needle(v: str, ctx: int) -> float | None:
-        return _base_of(by, bases, "needle", ctx, by.get(("needle", v, ctx))).get("results", {}).get("accuracy")
-
-    def needle_ok(v: str) -> tuple[bool | None, str]:
-        pairs = [(needle.get((v, c)), full_needle(v, c)) for c in far]
-        if not far or any(a is None or b is None for a, b in pairs):
-            return None, "needle at 8K-32K not measured"
-        ok = all(a >= 0.95 * b for a, b in pairs)
-        return ok, "needle " + ", ".join(f"{a:.1%} vs full {b:.1%}" for a, b in pairs)
-
-    for ctx, rows in ov.items():
-        measured = [r for r in rows if _num(r["ppl_delta_pct"]) and r["config"] != BASELINE]
-        if not measured:  # no PPL here (e.g. GSM8K or accept only): nothing to judge, not "no variant reaches"
-            continue
-        for r in measured:
-            i = info.get(r["config"], {})
-            q, press, d = i.get("kv_quant"), i.get("press"), r["ppl_delta_pct"]
-            for applies, goal, limit in ((q == "int8" and not press, "int8 KV <= +0.1% PPL", 0.1),
-                                         ((q == "int2" and not press) or _kivi_bits(press) == (2, 2),
-                                          "2-bit within +3% PPL", 3.0)):
-                if applies:
-                    out.append(f"{ctx}: {goal}: {'met' if d <= limit else 'MISSED'} ({r['config']}: {d:+.3f}%)")
-        for need, limit in ((4.0, 1.0), (8.0, 3.0)):
-            cand = [r for r in measured if _num(r["compression"]) and r["compression"] >= need]
-            good = [r for r in cand if r["ppl_delta_pct"] <= limit]
-            if need == 8.0:
-                good = [r for r in good if needle_ok(r["config"])[0]]
-            best = min(cand, key=lambda r: r["ppl_delta_pct"], default=None)
-            what = f">= {need:g}x at <= +{limit:g}% PPL" + (" and needle >= 95% of full at 8K-32K" if need == 8 else "")
-            if good:
-                names = "; ".join(f"{r['config']} ({r['compression']:.1f}x, {r['ppl_delta_pct']:+.2f}%"
-                                  + (f", {needle_ok(r['config'])[1]}" if need == 8 else "") + ")" for r in good)
-                out.append(f"{ctx}: {what}: met by {names}")
-            elif best is not None:
-                extra = f", {needle_ok(best['config'])[1]}" if need == 8 else ""
-                out.append(f"{ctx}: {what}: MISSED; closest {best['config']} ({best['compression']:.1f}x, "
-                           f"{best['ppl_delta_pct']:+.2f}%{extra})")
-            else:
-                out.append(f"{ctx}: {what}: no variant reaches {need:g}x here")
     return out
 
 
@@ -240,26 +179,67 @@ def overview_markdown(summary: dict) -> str:
     with_accept = any(_num(r.get("accept_l1")) for rows in summary["overview"].values() for r in rows)
     with_src = bool(summary.get("include"))
     with_e2e = any(_num(r.get("e2e_tok_per_s")) for rows in summary["overview"].values() for r in rows)
-    cols = (list(OVERVIEW_COLS) + ([ACCEPT_COL] if with_accept else []) + ([E2E_COL] if with_e2e else [])
-            + (["folder"] if with_src else []))
+    # shown when some row has them (cells since intervals and the floor are recorded)
+    with_ci = any(r.get("ppl_delta_ci") for rows in summary["overview"].values() for r in rows)
+    with_gap = any(_num(r.get("gap_kept")) for rows in summary["overview"].values() for r in rows)
+    cols = list(OVERVIEW_COLS)
+    at = cols.index("PPL (Δ%)") + 1
+    cols[at:at] = ([CI_COL] if with_ci else []) + ([GAP_COL] if with_gap else [])
+    cols += (([ACCEPT_COL] if with_accept else []) + ([E2E_COL] if with_e2e else [])
+             + (["folder"] if with_src else []))
+    sens = {(s["source"], s["context"]): s for s in summary.get("sensitivity", [])}
     for ctx, rows in summary["overview"].items():
         body = []
         for r in rows:
             comp = _f(r["compression"], ".2f") + ("×" if _num(r["compression"]) else "")
             ppl = "–" if not _num(r["ppl"]) else f"{r['ppl']:.3f} ({_f(r['ppl_delta_pct'], '+.2f')}%)"
             dag = " †" if r["bytes_from_ppl_prefix"] else ""
-            body.append([r["config"], comp + dag, _f(r["kv_mb"], ".1f"), _f(r["bytes_per_token"], ".0f"),
-                         _f(r["tok_per_s"], ".1f"), _f(r["ttft_s"], ".3f"), _f(r["tpot_s"], ".1f", 1e3), ppl,
-                         _f(r["kl"], ".4f"), _f(r["needle_acc"], ".1f", 100), _f(r["ruler_acc"], ".1f", 100),
-                         _f(r["gsm8k_acc"], ".1f", 100)]
+            ci = r.get("ppl_delta_ci")
+            body.append([r["config"] + (" (context floor)" if r.get("floor") else ""), comp + dag,
+                         _f(r["kv_mb"], ".1f"), _f(r["bytes_per_token"], ".0f"),
+                         _f(r["tok_per_s"], ".1f"), _f(r["ttft_s"], ".3f"), _f(r["tpot_s"], ".1f", 1e3), ppl]
+                        + ([f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "–"] if with_ci else [])
+                        + ([_f(r.get("gap_kept"), ".1f", 100)] if with_gap else [])
+                        + [_f(r["kl"], ".4f"), _f(r["needle_acc"], ".1f", 100), _f(r["ruler_acc"], ".1f", 100),
+                           _f(r["gsm8k_acc"], ".1f", 100)]
                         + ([_f(r.get("accept_l1"), ".1f", 100)] if with_accept else [])
                         + ([_f(r.get("e2e_tok_per_s"), ".1f")] if with_e2e else [])
                         + ([", ".join(Path(x).name for x in r.get("sources", []))] if with_src else []))
         where = "the GSM8K prompts" if ctx == "0" else f"{ctx} tokens"
         parts.append(f"### Compression overview at {where}\n\n" + _md(cols, body))
+        lines: dict[str, list[str]] = {}  # folders whose line reads the same share it
+        for (src, c), x in sens.items():
+            if str(c) == ctx:
+                lines.setdefault(_sensitivity_line(x), []).append(Path(src).name if src else "")
+        for line, folders in lines.items():
+            where = f" ({', '.join(folders)})" if with_src else ""
+            parts.append(f"**Context sensitivity{where}:** {line}")
     if any(r["bytes_from_ppl_prefix"] for rows in summary["overview"].values() for r in rows):
         parts.append("† no speed cell at this context: bytes held after the ppl prefix (context − scored span).")
     return "\n\n".join(parts) if parts else "(no cells)"
+
+
+def _sensitivity_line(s: dict) -> str:
+    """The context-sensitivity row of one folder at one context, in words."""
+    half = "" if s["split"] == "all" else f", {s['split']} documents"
+    head = f"corpus `{s['dataset'] or 'bbc'}` ({s['corpus']}{half}), {s['windows']} windows"
+    if s["floor"]:
+        ci = f" [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}], noise (standard error) {s['noise']:.2f}" if s["ci"] else ""
+        head += (f"; full cache PPL {s['ppl_full']:.3f}, floor (last {s['floor']} prefix tokens) "
+                 f"{s['ppl_floor']:.3f}: gap {s['gap_pct']:+.2f}%{ci}")
+    return head + (". This context can judge a press." if s["judge"] else f". **No goal judged:** {s['why']}.")
+
+
+def _needle_intervals(cells: list[dict]) -> str:
+    """Needle accuracy per (variant, context) with its 95% Wilson interval."""
+    body = []
+    for c in sorted((c for c in cells if c["metric"] == "needle"), key=lambda c: (c["context"], c["variant"])):
+        r = c["results"]
+        k = r.get("hits", round(r["accuracy"] * r["n"]))
+        lo, hi = wilson(k, r["n"])
+        body.append([c["variant"], str(c["context"]), f"{k}/{r['n']}", f"{100 * k / r['n']:.1f}",
+                     f"[{100 * lo:.1f}, {100 * hi:.1f}]"])
+    return _md(["variant", "context", "hits", "needle %", "95% Wilson"], body) if body else ""
 
 
 def _metric_tables(rows: list[dict]) -> str:
@@ -300,9 +280,11 @@ def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) 
     shown = [c for c in cells if not c["_shadowed"]]
     commits = sorted({str(c.get("meta", {}).get("git_commit")) for c in shown})
     commands = (d / "command.txt").read_text(encoding="utf-8").splitlines() if (d / "command.txt").exists() else []
+    held = sorted({Path(c["_source"]).name for c in shown if c.get("settings", {}).get("split") == "confirm"})
     summary: dict[str, Any] = {"dir": str(d), "n_cells": len(shown), "git_commits": commits, "commands": commands,
                                "include": [str(x) for x in include], "rows": rows, "overview": overview(cells),
-                               "plots": [], "plot_error": None, **damage([d, *include])}
+                               "plots": [], "plot_error": None, **damage([d, *include]),
+                               "sensitivity": [asdict(s) for s in sensitivity(cells).values()]}
     summary["goals"] = goals(cells, summary["overview"])
     if plots and cells:
         from . import plots as P
@@ -321,14 +303,20 @@ def render(dir: str | Path, plots: bool = True, include: list[str | Path] = ()) 
           *([f"> **Missing:** {'; '.join(summary['missing'])}", ""] if summary["missing"] else []),
           *([f"> **Warning:** {len(summary['skipped'])} file(s) in cells/ hold no cell (not counted): "
              f"{'; '.join(summary['skipped'])}", ""] if summary["skipped"] else []),
+          *([f"Held-out confirmation: the cells of {', '.join(f'`{x}`' for x in held)} use only the confirm half's "
+             "documents and needle/RULER/accept seeds that no select run uses (`--split confirm`).", ""]
+            if held else []),
           *([f"Also read (`--include`; deltas are against each folder's own baseline): "
              f"{', '.join(f'`{x}`' for x in include)}", ""] if include else []),
           overview_markdown(summary), "", "## Goals (issue 10)", "",
+          "Judged only where the context floor shows the corpus depends on its prefix, never on short unrelated "
+          "articles; met or MISSED only when the 95% interval lies wholly on one side (`mspeckv/evals/goals.py`).",
+          "",
           *([f"- {g}" for g in summary["goals"]] or ["- (no ppl cells)"]), "",
           "## Per metric", "", _metric_tables(rows), ""]
     nt = _needle_tables(shown)
     if nt:
-        md += ["## Needle grid", "", nt, ""]
+        md += ["## Needle grid", "", _needle_intervals(shown), "", nt, ""]
     if summary["plots"]:
         md += ["## Plots", ""] + [f"![{p}]({p})" for p in summary["plots"]] + [""]
     if commands:

@@ -3,9 +3,11 @@ from greedy outputs generated through each variant's cache (``evals.generation.g
 prompt minus its last token, so every generated token reads the compressed history).
 
 - The prompts have ``context - 48`` tokens (``synth.GEN_MAX``), so prompt + generated tokens fit in ``context``.
-- needle: for each depth in ``--needle-depths``, ``--needle-trials`` prompts (seeds ``seed*1000 + trial``) with
-  ``--needle-count`` distinct needles; correct = the first 7-digit number in the output is the asked needle's value
-  (``synth.score_needle``). Output: accuracy per depth and overall.
+- needle: for each depth in ``--needle-depths``, ``--needle-trials`` prompts (seeds ``EvalConfig.task_seed(trial)``:
+  ``seed*1000 + trial``, 500 further on in the confirm split) with ``--needle-count`` distinct needles; correct = the
+  first 7-digit number in the output is the asked needle's value (``synth.score_needle``). Output: accuracy per depth
+  and overall, with its 95% Wilson interval (``ci95``; 50 needles per cell by default).
+- The haystacks come from the documents of ``--split`` (``data.corpora.doc_split``).
 - ruler: ``--ruler-samples`` prompts per task; multikey is scored like the needle; vartrack by the fraction of the
   chain's variable names present in the output (``synth.score_all``), and exact when all are.
 """
@@ -13,6 +15,7 @@ prompt minus its last token, so every generated token reads the compressed histo
 from __future__ import annotations
 
 from .generation import greedy
+from .intervals import wilson
 from .synth import GEN_MAX, multikey_prompt, needle_prompt, score_all, score_needle, vartrack_prompt
 from .variants import Variant
 
@@ -26,8 +29,9 @@ def _answer(ev, v: Variant, ids: list[int], max_new: int) -> str:
 
 def run_needle(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     cfg = ev.cfg
-    prompts = [needle_prompt(ev.tok, context - GEN_MAX, d, seed=cfg.seed * 1000 + t, n_needles=cfg.needle_count,
-                             dataset=cfg.dataset) for d in cfg.needle_depths for t in range(cfg.needle_trials)]
+    prompts = [needle_prompt(ev.tok, context - GEN_MAX, d, seed=cfg.task_seed(t), n_needles=cfg.needle_count,
+                             dataset=cfg.dataset, split=cfg.split)
+               for d in cfg.needle_depths for t in range(cfg.needle_trials)]
     out = {}
     for v in variants:
         per_depth: dict[str, list[int]] = {}
@@ -39,7 +43,9 @@ def run_needle(ev, variants: list[Variant], context: int) -> dict[str, dict[str,
             samples.append({"depth": p.depth, "key": p.info["key"], "value": p.answers[0], "output": text,
                             "correct": ok})
         n = sum(len(x) for x in per_depth.values())
-        out[v.name] = {"accuracy": sum(sum(x) for x in per_depth.values()) / n, "n": n,
+        hits = sum(sum(x) for x in per_depth.values())
+        out[v.name] = {"accuracy": hits / n, "n": n, "hits": hits, "ci95": wilson(hits, n), "split": cfg.split,
+                       "seeds": sorted({cfg.task_seed(t) for t in range(cfg.needle_trials)}),
                        "accuracy_by_depth": {d: sum(x) / len(x) for d, x in per_depth.items()}, "samples": samples}
         ev.progress(f"needle ctx={context} {v.name}: {out[v.name]['accuracy']:.2f}")
     return {"needle": out}
@@ -48,9 +54,9 @@ def run_needle(ev, variants: list[Variant], context: int) -> dict[str, dict[str,
 def run_ruler(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     cfg = ev.cfg
     n = context - GEN_MAX
-    mk = [multikey_prompt(ev.tok, n, seed=cfg.seed * 1000 + i, n_keys=cfg.ruler_keys, dataset=cfg.dataset)
-          for i in range(cfg.ruler_samples)]
-    vt = [vartrack_prompt(ev.tok, n, seed=cfg.seed * 1000 + i, hops=cfg.vt_hops, dataset=cfg.dataset)
+    mk = [multikey_prompt(ev.tok, n, seed=cfg.task_seed(i), n_keys=cfg.ruler_keys, dataset=cfg.dataset,
+                          split=cfg.split) for i in range(cfg.ruler_samples)]
+    vt = [vartrack_prompt(ev.tok, n, seed=cfg.task_seed(i), hops=cfg.vt_hops, dataset=cfg.dataset, split=cfg.split)
           for i in range(cfg.ruler_samples)]
     out = {}
     for v in variants:

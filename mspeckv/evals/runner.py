@@ -16,6 +16,12 @@ Cells: ``<output-dir>/cells/<metric>__<variant>__ctx=<n>.json``, one per (metric
 atomically with the run's metadata (git commit) and the settings that shaped it; an existing cell is skipped, so an
 interrupted evaluation resumes where it stopped. Every input is checked (model config, contexts, data, presses,
 placements, the settings of cells already in the directory) before any weights load and before anything is written.
+
+Held-out confirmation (``--split``): choose a configuration from a grid run with ``--split select``, then run that
+configuration alone with ``--split confirm``. The two halves share no document (``data.corpora.doc_split``, by a hash
+of each document's name, the same at every seed), confirm's needle/RULER/accept prompts use seeds 500 further on
+(:meth:`EvalConfig.task_seed`), and each half writes its own folder (``results/quality/<model>-<split>``; the split is
+a recorded setting, so the other half's cells are refused in it).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.corpora import SPLITS
 from ..runs.store import free_cuda_memory
 from ..runs.template import CellStore, Partial, check, opt
-from .variants import Variant
+from .variants import FLOOR_SINKS, Variant, floor_spec
 
 FORMATS = ("none", "int8", "int4", "int2")
+CONFIRM_SEEDS = 500  # the confirm split's needle/RULER/accept seeds are seed * 1000 + 500 + i: no select run's
 
 
 @dataclass(frozen=True)
@@ -50,21 +58,23 @@ class Family:
 
 FAMILIES = (
     Family("lm", ("ppl", "kl", "ece", "attention"), "lm", "run",
-           ("dataset", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk"),
+           ("dataset", "split", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk",
+            "floor"),
            "context", shared_pass=True),
-    Family("recon", ("recon",), "recon", "run", ("dataset", "seed", "prefill_chunk"), "context", shared_pass=True),
-    Family("speed", ("speed",), "speed", "run", ("dataset", "seed", "prefill_chunk", "speed_gen", "speed_graphs",
-                                              "speed_runs"),
-           "context"),
+    Family("recon", ("recon",), "recon", "run", ("dataset", "split", "seed", "prefill_chunk"), "context",
+           shared_pass=True),
+    Family("speed", ("speed",), "speed", "run",
+           ("dataset", "split", "seed", "prefill_chunk", "speed_gen", "speed_graphs", "speed_runs"), "context"),
     Family("needle", ("needle",), "retrieval", "run_needle",
-           ("dataset", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
+           ("dataset", "split", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"),
+           "needle_context"),
     Family("ruler", ("ruler",), "retrieval", "run_ruler",
-           ("dataset", "seed", "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
+           ("dataset", "split", "seed", "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
     Family("gsm8k", ("gsm8k",), "gsm8k", "run", ("gsm8k_items", "gsm8k_max_new", "gsm8k_graphs", "prefill_chunk"),
            None),
     Family("accept", ("accept",), "accept", "run",
-           ("dataset", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma", "draft_gamma"),
-           "context", needs_draft=True),
+           ("dataset", "split", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma",
+            "draft_gamma"), "context", needs_draft=True),
 )
 METRICS = tuple(m for f in FAMILIES for m in f.metrics)
 FAMILY_OF = {m: f for f in FAMILIES for m in f.metrics}
@@ -87,16 +97,27 @@ class EvalConfig:
     resident_layers: int = opt(0, "offloaded layers also kept resident on the device (static policy)")
     context: tuple[int, ...] = opt((2048, 8192, 32768), "contexts for ppl/kl/ece/attention/recon/speed/accept")
     needle_context: tuple[int, ...] = opt((4096, 8192, 16384, 32768), "contexts for needle and ruler")
-    dataset: str | None = opt(None, "bbc (default), shakespeare, or a .txt/.jsonl/directory path")
+    dataset: str | None = opt(None, "bbc (default; short, unrelated articles: no goal is judged on it), pycode (the "
+                                    "standard library, one module per document), pypackages (one stdlib package per "
+                                    "document: for 32K windows), shakespeare (one play per document), or a "
+                                    ".txt/.jsonl/directory path")
+    split: str = opt("all", "held-out data: 'select' or 'confirm' takes every family's text from the documents of that "
+                            "half only (by a hash of their names) and, for confirm, needle/RULER/accept seeds no "
+                            "select run uses; its own output folder by default (results/quality/<model>-<split>)",
+                     choices=SPLITS)
     seed: int = opt(0, "seed of the text windows and synthetic prompts")
-    windows: int = opt(4, "ppl: windows per context")
-    stride: int | None = opt(None, "ppl: tokens between window starts (default: the context: no overlap)")
+    windows: int = opt(8, "ppl: windows per context (each inside one document; the PPL Δ interval resamples them)")
+    stride: int | None = opt(None, "ppl: tokens between the starts of one document's windows (default: the window: "
+                                   "no overlap)")
+    floor: int = opt(256, "ppl: also score keeping only the last N prefix tokens (streaming, with its 4 sinks): the "
+                          "context-sensitivity row, at contexts whose prefix is longer; 0 leaves it out, and then "
+                          "no goal is judged")
     scored: int = opt(256, "ppl: scored span at the end of each window")
     score_chunk: int = opt(32, "ppl: tokens per forward when feeding the scored span through the cache")
     attn_queries: int = opt(64, "attention: sampled scored positions per window")
     prefill_chunk: int = opt(1024, "tokens per prefill forward")
     needle_depths: tuple[float, ...] = opt((0.0, 0.25, 0.5, 0.75, 1.0), "needle: depths (0 = start, 1 = end)")
-    needle_trials: int = opt(2, "needle: prompts per (context, depth)")
+    needle_trials: int = opt(10, "needle: prompts per (context, depth) (10 x 5 depths: 50 needles per cell)")
     needle_count: int = opt(4, "needle: distinct needles per haystack (one is asked for)")
     ruler_samples: int = opt(8, "ruler: prompts per task and context")
     ruler_keys: int = opt(8, "ruler: needles in the multi-key task")
@@ -146,6 +167,10 @@ class EvalConfig:
         check(len(self.gsm8k_shard) == 2 and 0 <= self.gsm8k_shard[0] < self.gsm8k_shard[1], "--gsm8k-shard",
               f"must be K,N with 0 <= K < N, got {','.join(map(str, self.gsm8k_shard))}")
         check(self.kv_residual >= 0, "--kv-residual", f"must be >= 0, got {self.kv_residual}")
+        check(self.floor >= 0, "--floor", f"must be >= 0, got {self.floor}")
+        for name in ("needle_trials", "ruler_samples", "accept_prompts"):
+            check(getattr(self, name) <= CONFIRM_SEEDS, "--" + name.replace("_", "-"),
+                  f"must be <= {CONFIRM_SEEDS} (the confirm split's seeds start {CONFIRM_SEEDS} further on)")
         check(self.stride is None or self.stride >= 1, "--stride", f"must be >= 1, got {self.stride}")
         if any(FAMILY_OF[m].name == "lm" for m in self.metrics):
             short = [c for c in self.context if c <= self.scored]
@@ -181,11 +206,25 @@ class EvalConfig:
                     out.append(v)
         return out
 
+    def family_variants(self, fam: Family, context: int) -> list[Variant]:
+        """The variants a family runs at a context: ``variants()``, and for the lm family the context floor where
+        the prefix is longer than what the floor keeps."""
+        out = self.variants()
+        if fam.name == "lm" and self.floor and context - self.scored > self.floor + FLOOR_SINKS:
+            floor = Variant(floor_spec(self.floor))
+            out += [floor] if floor not in out else []
+        return out
+
+    def task_seed(self, i: int) -> int:
+        """The seed of the i-th needle/RULER/accept prompt: ``seed * 1000 + i``, plus CONFIRM_SEEDS in the confirm
+        split."""
+        return self.seed * 1000 + i + (CONFIRM_SEEDS if self.split == "confirm" else 0)
+
     def out_dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
         tag = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(self.model.replace(":", "-")).name)
-        return Path("results/quality") / (tag or "model")
+        return Path("results/quality") / ((tag or "model") + ("" if self.split == "all" else f"-{self.split}"))
 
     def contexts(self, fam: Family) -> tuple[int, ...]:
         return (0,) if fam.contexts is None else getattr(self, fam.contexts)
@@ -223,10 +262,10 @@ def plan(cfg: EvalConfig, store: CellStore) -> list[tuple[Family, int, list[Vari
     """(family, context, variants to run) for every cell not yet stored. The lm family always reruns the baseline
     first (KL and agreement need its logits in memory)."""
     todo = []
-    variants = cfg.variants()
     for fam in families(cfg.metrics):
         asked = [m for m in fam.metrics if m in cfg.metrics]
         for c in cfg.contexts(fam):
+            variants = cfg.family_variants(fam, c)
             missing = [v for v in variants if any(not store.done(m, v.name, c) for m in asked)
                        and not (cfg.no_baseline and v.is_baseline)]
             if fam.name == "lm" and missing and not missing[0].is_baseline:
@@ -238,8 +277,9 @@ def plan(cfg: EvalConfig, store: CellStore) -> list[tuple[Family, int, list[Vari
 
 def asked(cfg: EvalConfig) -> list[tuple[str, str, int]]:
     """Every (metric, variant, context) cell the config asks for (what ``plan`` runs when it is not stored)."""
-    return [(m, v.name, c) for fam in families(cfg.metrics) for c in cfg.contexts(fam) for v in cfg.variants()
-            if not (cfg.no_baseline and v.is_baseline) for m in fam.metrics if m in cfg.metrics]
+    return [(m, v.name, c) for fam in families(cfg.metrics) for c in cfg.contexts(fam)
+            for v in cfg.family_variants(fam, c) if not (cfg.no_baseline and v.is_baseline)
+            for m in fam.metrics if m in cfg.metrics]
 
 
 def validate(cfg: EvalConfig, store: CellStore) -> None:
@@ -264,9 +304,11 @@ def validate(cfg: EvalConfig, store: CellStore) -> None:
     for v in cfg.variants():
         v.validate(mc.n_layers, mc.head_dim)
     if any(f.name != "gsm8k" for f in families(cfg.metrics)):
-        from ..data.corpora import load_documents
+        from ..data.corpora import load_documents, split_documents, unrelated
 
-        load_documents(cfg.dataset)
+        split_documents(load_documents(cfg.dataset), cfg.split)
+        if "lm" in [f.name for f in families(cfg.metrics)] and not unrelated(cfg.dataset):
+            _check_windows(cfg)
     if "gsm8k" in cfg.metrics:
         from ..data.datasets import load_gsm8k
         from .gsm8k import split
@@ -283,6 +325,21 @@ def validate(cfg: EvalConfig, store: CellStore) -> None:
         _check_prompts(cfg, mc)
 
 
+def _check_windows(cfg: EvalConfig) -> None:
+    """Cut every context's PPL windows with the model's tokenizer (no weights): a corpus without enough windows
+    inside one document fails here, saying what to change."""
+    from ..data.corpora import doc_windows
+    from ..model.api import load_tokenizer
+    from ..model.loading import resolve
+
+    tok = load_tokenizer(resolve(cfg.model))
+    for c in cfg.context:
+        try:
+            doc_windows(tok, c + 1, cfg.windows, cfg.seed, cfg.dataset, cfg.split, cfg.stride)
+        except ValueError as e:
+            raise ValueError(f"--context {c}: {e}") from None
+
+
 def _check_prompts(cfg: EvalConfig, mc) -> None:
     """Build the shortest synthetic prompts and measure the longest GSM8K prompt with the model's tokenizer (no
     weights): a context too short for the task, or a prompt past the model's positions, fails here."""
@@ -294,10 +351,11 @@ def _check_prompts(cfg: EvalConfig, mc) -> None:
     c = min(cfg.needle_context) - synth.GEN_MAX
     try:
         if "needle" in cfg.metrics:
-            synth.needle_prompt(tok, c, 0.5, seed=cfg.seed, n_needles=cfg.needle_count, dataset=cfg.dataset)
+            synth.needle_prompt(tok, c, 0.5, seed=cfg.seed, n_needles=cfg.needle_count, dataset=cfg.dataset,
+                                split=cfg.split)
         if "ruler" in cfg.metrics:
-            synth.multikey_prompt(tok, c, seed=cfg.seed, n_keys=cfg.ruler_keys, dataset=cfg.dataset)
-            synth.vartrack_prompt(tok, c, seed=cfg.seed, hops=cfg.vt_hops, dataset=cfg.dataset)
+            synth.multikey_prompt(tok, c, seed=cfg.seed, n_keys=cfg.ruler_keys, dataset=cfg.dataset, split=cfg.split)
+            synth.vartrack_prompt(tok, c, seed=cfg.seed, hops=cfg.vt_hops, dataset=cfg.dataset, split=cfg.split)
     except ValueError as e:
         raise ValueError(f"--needle-context {c + synth.GEN_MAX}: prompts have context - {synth.GEN_MAX} tokens, "
                          f"and {e}") from None

@@ -29,7 +29,8 @@ from .variants import Variant
 
 def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     cfg, model = ev.cfg, ev.model
-    ids = long_prompt(ev.tok, context - cfg.speed_gen, seed=cfg.seed + 1000, dataset=cfg.dataset)
+    ids = long_prompt(ev.tok, context - cfg.speed_gen, seed=cfg.seed + 1000, dataset=cfg.dataset,
+                      split=cfg.split)
     out = {}
     for v in variants:
         def gen(v=v):

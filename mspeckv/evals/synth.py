@@ -58,7 +58,7 @@ def _seven_digits(rng: random.Random, n: int) -> list[str]:
 
 
 def _assemble(tok, context: int, header: str, question: str, pieces: list[tuple[float, str]], seed: int,
-              dataset) -> tuple[list[int], list[tuple[int, int]]]:
+              dataset, split: str = "all") -> tuple[list[int], list[tuple[int, int]]]:
     """header + haystack (with each piece inserted at its depth) + question, exactly ``context`` tokens."""
     head, tail = encode(tok, header), encode(tok, question)
     enc = [encode(tok, "\n" + text + "\n") for _, text in pieces]
@@ -66,7 +66,7 @@ def _assemble(tok, context: int, header: str, question: str, pieces: list[tuple[
     if n_hay < 1:
         raise ValueError(f"a {context}-token prompt is too short for the task's header, question and needles "
                          f"({context - n_hay + 1} tokens needed)")
-    hay = long_prompt(tok, n_hay, seed=seed, dataset=dataset)
+    hay = long_prompt(tok, n_hay, seed=seed, dataset=dataset, split=split)
     at = [round(d * n_hay) for d, _ in pieces]
     order = sorted(range(len(pieces)), key=lambda i: (at[i], i))
     out, spans, prev = list(head), [None] * len(pieces), 0
@@ -80,7 +80,8 @@ def _assemble(tok, context: int, header: str, question: str, pieces: list[tuple[
     return out, spans
 
 
-def needle_prompt(tok, context: int, depth: float, seed: int = 0, n_needles: int = 4, dataset=None) -> Prompt:
+def needle_prompt(tok, context: int, depth: float, seed: int = 0, n_needles: int = 4, dataset=None,
+                  split: str = "all") -> Prompt:
     """A haystack of ``context`` tokens with ``n_needles`` distinct needles; the asked one sits at ``depth`` (0 =
     start of the haystack, 1 = end), the others at seeded random depths."""
     if not 0.0 <= depth <= 1.0:
@@ -93,15 +94,16 @@ def needle_prompt(tok, context: int, depth: float, seed: int = 0, n_needles: int
     depths = [depth] + [rng.random() for _ in range(n_needles - 1)]
     pieces = [(d, NEEDLE.format(key=k, value=v)) for d, k, v in zip(depths, keys, values, strict=True)]
     ids, spans = _assemble(tok, context, HEADER, NEEDLE_QUESTION.format(key=keys[0]), pieces,
-                           _rng("hay", seed, context, depth).randrange(2**31), dataset)
+                           _rng("hay", seed, context, depth).randrange(2**31), dataset, split)
     return Prompt(ids, [values[0]], "needle", context, depth, spans, {"key": keys[0], "keys": keys})
 
 
-def multikey_prompt(tok, context: int, seed: int = 0, n_keys: int = 8, dataset=None) -> Prompt:
+def multikey_prompt(tok, context: int, seed: int = 0, n_keys: int = 8, dataset=None, split: str = "all") -> Prompt:
     """RULER-style multi-key needle: ``n_keys`` needles at random depths, one of them asked for."""
     rng = _rng("mk", seed, context)
     depth = rng.random()
-    p = needle_prompt(tok, context, round(depth, 6), seed=rng.randrange(2**31), n_needles=n_keys, dataset=dataset)
+    p = needle_prompt(tok, context, round(depth, 6), seed=rng.randrange(2**31), n_needles=n_keys, dataset=dataset,
+                      split=split)
     p.task = "multikey"
     return p
 
@@ -114,7 +116,7 @@ def _var_name(rng: random.Random, taken: set[str]) -> str:
             return name
 
 
-def vartrack_prompt(tok, context: int, seed: int = 0, hops: int = 4, dataset=None) -> Prompt:
+def vartrack_prompt(tok, context: int, seed: int = 0, hops: int = 4, dataset=None, split: str = "all") -> Prompt:
     """RULER-style variable tracking: ``VAR A = 12345``, then ``VAR B = VAR A``, ... (``hops`` assignments after the
     first) at increasing random depths; the answer is every variable in the chain."""
     if hops < 1:
@@ -127,7 +129,7 @@ def vartrack_prompt(tok, context: int, seed: int = 0, hops: int = 4, dataset=Non
     depths = sorted(rng.random() for _ in lines)
     ids, spans = _assemble(tok, context, VT_HEADER, VT_QUESTION.format(value=value), list(zip(depths, lines,
                                                                                               strict=True)),
-                           rng.randrange(2**31), dataset)
+                           rng.randrange(2**31), dataset, split)
     return Prompt(ids, names, "vartrack", context, None, spans, {"value": value, "depths": depths})
 
 

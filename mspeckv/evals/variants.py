@@ -81,6 +81,14 @@ class Variant:
                                      f"`mspeckv presses calibrate --model MODEL --out {calib}`")
 
 
+FLOOR_SINKS = 4  # StreamingLLMPress's default sinks
+
+
+def floor_spec(keep: int) -> str:
+    """The context floor's press: StreamingLLM keeping the last ``keep`` prefix tokens plus its sinks."""
+    return f"streaming:budget={keep + FLOOR_SINKS},sinks={FLOOR_SINKS}"
+
+
 def _default(p) -> bool:
     """No placement, or one that keeps every layer's KV dense on the device."""
     if p is None:
