@@ -94,7 +94,7 @@ def cmd_generate(a) -> int:
     from .evals.lossy import quality_note
 
     for what in ({"kv_quant": a.kv_quant}, {"press": a.press}):
-        if note := quality_note(**what):
+        if note := quality_note(**what, model=a.model):
             print(note, file=sys.stderr)
     res = run_generation(a, model, tok, draft, ids, a.mode)
     print(tok.decode(res.tokens[0], skip_special_tokens=True))

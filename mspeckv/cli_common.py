@@ -99,6 +99,8 @@ def add_placement(p) -> None:
     resident = {**OFFLOADED, "resident": ("some",)}
     add(g, "--on-chip", type=int, default=None, help="layers whose KV stays on the GPU (default: all)")
     add(g, "--kv-quant", default="none", choices=["none", "int8", "int4", "int2"], applies=OFFLOADED)
+    add(g, "--allow-lossy", action="store_true", help="run --kv-quant int2, which is refused without it (it changes "
+        "the output a lot: the refusal names the cost measured for the model)", applies=OFFLOADED)
     add(g, "--kv-group-size", type=int, default=64, applies=OFFLOADED)
     add(g, "--resident-layers", type=int, default=0, applies=OFFLOADED)
     add(g, "--resident-format", default="dequant", choices=["dequant", "quant"], applies=resident)
@@ -174,8 +176,11 @@ def model_and_placement(a):
     load): (ModelConfig, Placement)."""
     from .model.api import parse_device
 
+    from .evals.lossy import check_lossy
+
     p = placement(a)
     check_flags(a)
+    check_lossy(a.kv_quant, a.model, getattr(a, "allow_lossy", False))  # --kv-quant int2 needs --allow-lossy
     parse_device(a.device)
     cfg = checks.model_config(a.model)
     p.validate(cfg.n_layers, cfg.head_dim)

@@ -44,6 +44,7 @@ def free_port() -> int:
     (["--press-every", "4", "--press", "streaming"], "--press-every"),
     (["--api-key", " "], "--api-key"),
     (["--kv-quant", "int8"], "--kv-quant"),  # a placement flag where nothing is offloaded
+    (["--on-chip", "1", "--kv-quant", "int2", "--kv-group-size", "16"], "Pass --allow-lossy to run it anyway"),
 ])
 def test_bad_flags_one_error_before_weights(model_dir, monkeypatch, capsys, flags, msg):
     target = model_dir
