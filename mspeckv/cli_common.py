@@ -174,9 +174,8 @@ def encode(tok, text: str, chat: bool) -> list[int]:
 def model_and_placement(a):
     """The placement and the device, checked against the flags alone, then against the model's config (no weights
     load): (ModelConfig, Placement)."""
-    from .model.api import parse_device
-
     from .evals.lossy import check_lossy
+    from .model.api import parse_device
 
     p = placement(a)
     check_flags(a)
