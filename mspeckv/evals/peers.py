@@ -190,7 +190,7 @@ def _cache(peer: Peer | None, model):
                           residual_length=kw.get("residual", 128))
 
 
-def _score(model, peer: Peer | None, window, S: int, chunk: int, prefill_chunk: int):
+def score_window(model, peer: Peer | None, window, S: int, chunk: int, prefill_chunk: int):
     """-> (logits (S, V) fp32, targets (S,), the cache's rows after the prefix, mean over layers)."""
     import contextlib
 
@@ -240,7 +240,7 @@ def worker(job_path: str, out_path: str) -> None:
     with torch.inference_mode():
         for ids in job["windows"]:
             window = torch.tensor([ids])
-            ref, targets, h = _score(model, None, window, S, chunk, pchunk)
+            ref, targets, h = score_window(model, None, window, S, chunk, pchunk)
             acc["full"].add_tokens(ref, targets, None)
             held["full"].append(h)
             for p in peers:
@@ -250,7 +250,7 @@ def worker(job_path: str, out_path: str) -> None:
                 try:
                     if eager:
                         model.set_attn_implementation("eager")
-                    logits, _, h = _score(model, p, window, S, chunk, pchunk)
+                    logits, _, h = score_window(model, p, window, S, chunk, pchunk)
                 except Exception as e:  # a peer that cannot run here is a row with its error, not a crash
                     errors[p.spec] = f"{type(e).__name__}: {e}"
                     continue
