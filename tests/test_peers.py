@@ -124,3 +124,23 @@ def test_kvpress_streaming_matches_ours_and_keep_all_is_the_full_cache(setup):
     assert rows["full"]["ppl"] == pytest.approx(ours["full"], rel=1e-4)
     assert half["ppl"] == pytest.approx(ours["streaming:budget=0.5"], rel=1e-4)
     assert rows["kvpress:snapkv:keep=0.5,window_size=8"]["rows_per_layer_after_prefix"] == (CTX - SCORED) // 2
+
+
+def test_our_rows_and_the_side_by_side_table(tmp_path):
+    from mspeckv.evals.peers import our_rows, table
+    from mspeckv.runs.template import CellStore
+
+    store, s = CellStore(tmp_path / "ours"), {"model": "m", "dataset": "pycode", "windows": 2}
+    store.save("ppl", "full", 2048, {"ppl": 10.0, "windows": 2}, s)
+    store.save("ppl", "snapkv:budget=0.25", 2048, {"ppl": 12.5, "windows": 2}, s)
+    store.save("kl", "snapkv:budget=0.25", 2048, {"kl_mean": 0.3, "top1_agreement": 0.7}, s)
+    store.save("ppl", "streaming:budget=0.25", 4096, {"ppl": 30.0, "windows": 2}, s)  # no baseline at 4096: no row
+    rows = {r["peer"]: r for r in our_rows(tmp_path / "ours")}
+    assert set(rows) == {"full", "snapkv:budget=0.25"}
+    assert rows["snapkv:budget=0.25"]["ppl_delta_pct"] == pytest.approx(25.0)
+    peer = {"peer": "kvpress:quanto", "library": "hf-quant", "context": 2048, "windows": 2, "status": "error",
+            "error": "ImportError: no quanto"}
+    md = table([*rows.values(), peer]).splitlines()
+    assert md[0].startswith("| library | configuration |") and len(md) == 5
+    assert "| mspeckv | snapkv:budget=0.25 | 2048 | 2 | 12.500 | 10.000 | +25.00 | 0.3000 | 0.700 |" in md
+    assert "error: ImportError: no quanto" in md[-1]

@@ -167,6 +167,46 @@ def run_peers(cfg: PeersConfig) -> dict:
     return out
 
 
+def our_rows(folder: str | Path) -> list[dict]:
+    """Our eval's ``ppl`` and ``kl`` cells of one folder as rows like the peers' (PPL Δ against the folder's own full
+    cache at the same context)."""
+    from ..runs.template import CellStore
+    from .variants import BASELINE
+
+    cells = CellStore(Path(folder)).all()
+    get = {(c["metric"], c["variant"], c["context"]): c for c in cells}
+    rows = []
+    for (metric, variant, ctx), c in sorted(get.items()):
+        base = get.get(("ppl", BASELINE, ctx))
+        if metric != "ppl" or base is None:
+            continue
+        kl = get.get(("kl", variant, ctx), {}).get("results", {})
+        r, s = c["results"], c["settings"]
+        rows.append({"peer": variant, "library": "mspeckv", "model": s.get("model"), "dataset": s.get("dataset"),
+                     "context": ctx, "windows": r.get("windows"), "status": "ok", "ppl": r["ppl"],
+                     "baseline_ppl": base["results"]["ppl"], "ppl_delta_pct": 100.0 * (r["ppl"] / base["results"]["ppl"]
+                                                                                       - 1.0),
+                     "kl_mean": kl.get("kl_mean"), "top1_agreement": kl.get("top1_agreement"),
+                     "source": str(folder)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """One Markdown table of peers' and our rows (each row's Δ and KL against its own run's full cache)."""
+    from ..runs.tables import md_table
+
+    def f(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    body = [[r["library"], r["peer"], r.get("context"), r.get("windows"),
+             f(r.get("ppl"), ".3f"), f(r.get("baseline_ppl"), ".3f"), f(r.get("ppl_delta_pct"), "+.2f"),
+             f(r.get("kl_mean"), ".4f"), f(r.get("top1_agreement"), ".3f")] if r["status"] == "ok"
+            else [r["library"], r["peer"], r.get("context"), r.get("windows"), f"error: {r['error']}", "", "", "", ""]
+            for r in rows]
+    return md_table(["library", "configuration", "context", "windows", "PPL", "full-cache PPL", "PPL Δ %",
+                     "KL (nats/token)", "top-1 agreement"], body, "llrrrrrrr")
+
+
 # ------------------------------------------------------------------------------------------ the worker (peers' env)
 def _press(peer: Peer):
     import kvpress
