@@ -17,8 +17,9 @@ Peers (``parse_peer``):
   ``adakv-snapkv``) with ``compression_ratio = 1 - F``; other ``k=v`` go to the press's constructor (e.g.
   ``window_size=32`` as our SnapKV's ``obs_window``). It is applied as kvpress applies it: its context manager around
   one forward of the whole prefix (kvpress compresses during that prefill only), the segment outside it;
-- ``hf-quant:<quanto|hqq>:nbits=N[,group=G,residual=R]``: transformers' ``QuantizedCache``; the prefix goes in
-  chunks of ``prefill_chunk`` as ours does.
+- ``hf-quant:<quanto|hqq>:nbits=N[,group=G,residual=R,axis_key=A,axis_value=A]``: transformers' ``QuantizedCache``
+  (its defaults where not given: group 64, residual 128, axes 0); the prefix goes in chunks of ``prefill_chunk`` as
+  ours does.
 
 Two processes, because kvpress pins another transformers than ours: :func:`run_peers` (our environment) builds the
 windows and a job file, runs ``PYTHON -m mspeckv.evals.peers JOB OUT`` with the peers' interpreter (a virtual
@@ -42,6 +43,9 @@ KVPRESS = {"snapkv": "SnapKVPress", "streaming": "StreamingLLMPress", "observed"
            "pyramidkv": "PyramidKVPress", "adakv-snapkv": "SnapKVPress"}  # adakv-*: AdaKVPress around that press
 QUANT_BACKENDS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}  # backend -> nbits it supports
 LIBRARIES = ("kvpress", "hf-quant")
+# hf-quant settings -> QuantizedCache's argument and its default there (group 64, residual 128, axes 0)
+QUANT_SETTINGS = {"nbits": "nbits", "group": "q_group_size", "residual": "residual_length", "axis_key": "axis_key",
+                  "axis_value": "axis_value"}
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,10 @@ def parse_peer(spec: str) -> Peer:
             raise ValueError(f"--peer {spec!r}: backend {name!r} is not one of {', '.join(QUANT_BACKENDS)}")
         if params.get("nbits") not in QUANT_BACKENDS[name]:
             raise ValueError(f"--peer {spec!r}: give nbits=N with N one of {QUANT_BACKENDS[name]} for {name}")
-        extra = set(params) - {"nbits", "group", "residual"}
+        extra = set(params) - set(QUANT_SETTINGS)
         if extra:
             raise ValueError(f"--peer {spec!r}: unknown setting(s) {', '.join(sorted(extra))}; "
-                             f"hf-quant takes nbits, group, residual")
+                             f"hf-quant takes {', '.join(QUANT_SETTINGS)}")
     return Peer(spec, lib, name, tuple(sorted(params.items())))
 
 
@@ -225,9 +229,7 @@ def _cache(peer: Peer | None, model):
         return DynamicCache()
     from transformers import QuantizedCache
 
-    kw = peer.kw
-    return QuantizedCache(backend=peer.name, config=model.config, nbits=kw["nbits"], q_group_size=kw.get("group", 64),
-                          residual_length=kw.get("residual", 128))
+    return QuantizedCache(backend=peer.name, config=model.config, **{QUANT_SETTINGS[k]: x for k, x in peer.params})
 
 
 def score_window(model, peer: Peer | None, window, S: int, chunk: int, prefill_chunk: int):
