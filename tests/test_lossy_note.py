@@ -35,6 +35,7 @@ def root(tmp_path):
     _cell(tmp_path, "b", "ppl", INT2, 4096, 9.0, model="m-big")
     _cell(tmp_path, "b", "kl", INT2, 4096, 0.9, model="m-big")
     _cell(tmp_path, "b", "kl", INT8, 4096, 0.02, model="m-big")
+    _cell(tmp_path, "c/nested", "kl", "kv=int4/g64/res64/onchip0", 2048, 0.004, model="m-big")  # a folder's subfolder
     return tmp_path
 
 
@@ -51,6 +52,8 @@ def test_note_cites_the_running_models_worst_cell_with_corpus_and_context(root):
 def test_note_below_threshold_none_and_unmeasured(root):
     assert quality_note("int8", model="m-small", root=root) is None  # measured on it, below the note
     assert "KL 0.020" in quality_note("int8", model="m-big", root=root)  # measured above it on the other model
+    assert "KL 0.004" in quality_note("int4", model="m-big", root=root) and "results/quality/c/nested" in \
+        quality_note("int4", model="m-big", root=root)
     assert quality_note("none", model="m-small", root=root) is None
     note = quality_note("int4", model="m-small", root=root)  # never measured: says so, guesses nothing
     assert "no quality measurement of it exists for m-small" in note and "%" not in note

@@ -1,9 +1,10 @@
 """What the committed quality results say about a lossy KV format or press, for the model being run (never guessed,
 never another model's number).
 
-The measurements are the ``ppl`` and ``kl`` cells in ``results/quality/*/cells/`` of this checkout. Each cell names
-its model and corpus (``settings.model``, ``settings.dataset``); a variant's PPL Δ is taken against the full-cache
-``ppl`` cell of the same folder, model, corpus, seed, windows and context (the baseline that ran beside it).
+The measurements are the ``ppl`` and ``kl`` cells in every ``cells/`` folder under ``results/quality/`` of this
+checkout. Each cell names its model and corpus (``settings.model``, ``settings.dataset``); a variant's PPL Δ is taken
+against the full-cache ``ppl`` cell of the same folder, model, corpus, seed, windows and context (the baseline that
+ran beside it).
 
 - :func:`measurements` lists them for one model and one format (``kv=<fmt>/...`` variants: every layer stored that
   way) or press spec.
@@ -82,7 +83,7 @@ def measurements(model: str, kv_quant: str | None = None, press: str | None = No
     ``model`` (the reference exactly as the eval was given it, e.g. ``qwen2.5-coder-1.5b``)."""
     kv_quant = None if kv_quant == "none" else kv_quant
     out = []
-    for folder in sorted(p for p in Path(root).glob("*") if (p / "cells").is_dir()):
+    for folder in sorted(c.parent for c in Path(root).rglob("cells") if c.is_dir()):  # nested folders too
         ppl = {(_key(c), c["variant"]): c["results"].get("ppl") for c in _cells(folder, "ppl")}
         for c in _cells(folder, "kl"):
             s, kl = c["settings"], c["results"].get("kl_mean")
@@ -91,7 +92,7 @@ def measurements(model: str, kv_quant: str | None = None, press: str | None = No
             mine, base = ppl.get((_key(c), c["variant"])), ppl.get((_key(c), BASELINE))
             delta = None if not (mine and base) else 100.0 * (mine / base - 1.0)
             out.append(Measurement(model, s.get("dataset") or DEFAULT_CORPUS, c["context"], s.get("windows"),
-                                   c["variant"], float(kl), delta, folder.name))
+                                   c["variant"], float(kl), delta, folder.relative_to(root).as_posix()))
     return out
 
 
