@@ -78,13 +78,11 @@ def cmd_generate(a) -> int:
         from .cli_batch import generate_many
 
         return generate_many(a)
-    checks.refuse(checks.changed(a, "batch", "out", "gpu_memory"), "they go with --prompts FILE.jsonl")
-    if a.mode == "mspeckv" and (a.self_window, a.self_sinks) != (256, 4):
-        raise ValueError("--self-window and --self-sinks would be ignored: one prompt's mspeckv mode drafts over a "
-                         "retrieval middle level (--budget, --chunk); the window goes with --prompts")
-    if a.mode == "self" or a.auto_gamma:
-        raise ValueError("--mode self and --auto-gamma run speculation at batch: give --prompts FILE.jsonl (one prompt "
-                         "per line; a file of one line runs one prompt)")
+    checks.refuse(checks.changed(a, "batch", "out", "gpu_memory", "self_window", "self_sinks", "auto_gamma"),
+                  "they go with --prompts FILE.jsonl")
+    if a.mode == "self":
+        raise ValueError("--mode self runs speculation at batch: give --prompts FILE.jsonl (one prompt per line; a file "
+                         "of one line runs one prompt)")
     text = checks.prompt_text(a)
     if a.tp != 1 or under_torchrun():  # tensor parallel: spawned ranks, or one torchrun rank
         from .parallel.cli import generate_tp
@@ -100,7 +98,7 @@ def cmd_generate(a) -> int:
     from .evals.lossy import quality_note
 
     for what in ({"kv_quant": a.kv_quant}, {"press": a.press}):
-        if note := quality_note(**what):
+        if note := quality_note(**what, model=a.model):
             print(note, file=sys.stderr)
     res = run_generation(a, model, tok, draft, ids, a.mode)
     print(tok.decode(res.tokens[0], skip_special_tokens=True))

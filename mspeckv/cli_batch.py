@@ -13,8 +13,8 @@ from .cli_common import encode, model_and_placement, sampling
 # the generate flags that apply to --prompts; every other one, changed from its default, is refused
 APPLIES = {"model", "prompts", "batch", "out", "gpu_memory", "chat", "max_new_tokens", "prefill_chunk", "device",
            "temperature", "top_p", "top_k", "seed", "greedy", "on_chip", "kv_quant", "kv_group_size", "resident_layers",
-           "resident_format", "resident_policy", "press", "mode", "gamma", "draft", "self_window", "self_sinks",
-           "auto_gamma", "draft_gamma"}
+           "resident_format", "resident_policy", "press", "allow_lossy", "mode", "gamma", "draft", "self_window",
+           "self_sinks", "auto_gamma", "draft_gamma"}
 
 
 def check(a) -> list:

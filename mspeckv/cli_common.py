@@ -99,6 +99,8 @@ def add_placement(p) -> None:
     resident = {**OFFLOADED, "resident": ("some",)}
     add(g, "--on-chip", type=int, default=None, help="layers whose KV stays on the GPU (default: all)")
     add(g, "--kv-quant", default="none", choices=["none", "int8", "int4", "int2"], applies=OFFLOADED)
+    add(g, "--allow-lossy", action="store_true", help="run --kv-quant int2, which is refused without it (it changes "
+        "the output a lot: the refusal names the cost measured for the model)", applies=OFFLOADED)
     add(g, "--kv-group-size", type=int, default=64, applies=OFFLOADED)
     add(g, "--resident-layers", type=int, default=0, applies=OFFLOADED)
     add(g, "--resident-format", default="dequant", choices=["dequant", "quant"], applies=resident)
@@ -180,10 +182,12 @@ def encode(tok, text: str, chat: bool) -> list[int]:
 def model_and_placement(a):
     """The placement and the device, checked against the flags alone, then against the model's config (no weights
     load): (ModelConfig, Placement)."""
+    from .evals.lossy import check_lossy
     from .model.api import parse_device
 
     p = placement(a)
     check_flags(a)
+    check_lossy(a.kv_quant, a.model, getattr(a, "allow_lossy", False))  # --kv-quant int2 needs --allow-lossy
     parse_device(a.device)
     cfg = checks.model_config(a.model)
     p.validate(cfg.n_layers, cfg.head_dim)

@@ -82,6 +82,8 @@ def test_reader_skips_blank_lines_and_keeps_fields(tmp_path):
     (["--batch", "0"], "--batch must be >= 1"),
     (["--gpu-memory", "0"], "--gpu-memory must be > 0"),
     (["--gpu-memory", "0.000001"], "--gpu-memory 1e-06 GB is too small"),
+    (["--on-chip", "1", "--kv-quant", "int2"], "--kv-quant int2 changes the model's output a lot: none is measured "
+     "for random:qwen2.5-1.5b"),
 ])
 def test_bad_flags_with_prompts_fail_before_loading(tmp_path, extra, match, monkeypatch, capsys):
     import mspeckv.model.api as api

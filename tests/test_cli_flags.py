@@ -30,6 +30,7 @@ ROWS = {
     "--on-chip": ("1", [], ALL, BOTH),
     "--kv-quant": ("int8", [*OFF, "--kv-group-size", "16"], ALL, BOTH),  # the tiny model's head_dim is 16
     "--kv-group-size": ("16", OFF, ALL, BOTH),
+    "--allow-lossy": (None, [*OFF, "--kv-quant", "int2", "--kv-group-size", "16"], ALL, BOTH),
     "--resident-layers": ("1", OFF, ALL, BOTH),
     "--resident-format": ("quant", [*OFF, "--resident-layers", "1", "--kv-quant", "int8", "--kv-group-size", "16"], ALL,
                           BOTH),
@@ -50,8 +51,12 @@ ROWS = {
     "--batch": ("2", [], set(), set()),
     "--out": ("x.jsonl", [], set(), set()),
     "--gpu-memory": ("24", [], set(), set()),
+    # speculation at batch's own flags (--mode self and the window of mspeckv at batch): refused with --prompt
+    "--self-window": ("9", [], set(), set()),
+    "--self-sinks": ("2", [], set(), set()),
+    "--auto-gamma": (None, [], set(), set()),
 }
-PROMPTS_ONLY = {"--batch", "--out", "--gpu-memory"}
+PROMPTS_ONLY = {"--batch", "--out", "--gpu-memory", "--self-window", "--self-sinks", "--auto-gamma"}
 # set per case
 FIXED = {"-h", "--model", "--prompt", "--prompt-file", "--prompts", "--device", "--backend", "--mode", "--tp"}
 
@@ -123,6 +128,11 @@ def test_flag_acts_or_is_refused_before_weights(flag, mode, backend, pair, capsy
     (["--mode", "vanilla", "--draft", "{draft}", "--press", "streaming", "--press-every", "4"],
      "--press-every would be ignored: --mode vanilla"),
     (["--press-every", "4"], "--press-every N needs --press"),
+    (["--on-chip", "1", "--kv-quant", "int2", "--kv-group-size", "16"], "--kv-quant int2 changes the model's output a "
+     "lot: none is measured for {target}"),
+    (["--on-chip", "1", "--kv-quant", "int8", "--kv-group-size", "16", "--allow-lossy"],
+     "--allow-lossy only unlocks --kv-quant int2"),
+    (["--allow-lossy"], "--allow-lossy would be ignored"),
 ])
 def test_generate_combinations_refused_before_weights(argv, match, pair, capsys, stop_at_weights):
     target, draft = pair
@@ -130,7 +140,7 @@ def test_generate_combinations_refused_before_weights(argv, match, pair, capsys,
             *[x.replace("{draft}", draft) for x in argv]]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert match in err and err.count("\n") == 1, err
+    assert match.replace("{target}", target) in err and err.count("\n") == 1, err
 
 
 def test_paths_refused_before_weights(pair, tmp_path, capsys, stop_at_weights):

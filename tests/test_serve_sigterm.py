@@ -52,6 +52,7 @@ def free_port() -> int:
     (["--mode", "vanilla", "--draft", "d", "--self-window", "9"], "--self-window and --self-sinks would be ignored"),
     (["--mode", "self", "--gamma", "0"], "gamma"),
     (["--mode", "self", "--press", "streaming"], "runs over the dense batched KV"),
+    (["--on-chip", "1", "--kv-quant", "int2", "--kv-group-size", "16"], "Pass --allow-lossy to run it anyway"),
 ])
 def test_bad_flags_one_error_before_weights(model_dir, monkeypatch, capsys, flags, msg):
     target = model_dir

@@ -46,7 +46,8 @@ def generate_tp(a, text: str) -> int:
 
     kind = check_generate_tp(a)
     preflight(a)
-    if (note := quality_note(kv_quant=a.kv_quant)) and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
+    note = quality_note(kv_quant=a.kv_quant, model=a.model)
+    if note and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
         print(note, file=sys.stderr)
     launch(_generate_rank, a.tp, (a, text), device_type=kind)
     return 0
