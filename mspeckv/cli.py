@@ -81,8 +81,8 @@ def cmd_generate(a) -> int:
     checks.refuse(checks.changed(a, "batch", "out", "gpu_memory", "self_window", "self_sinks", "auto_gamma"),
                   "they go with --prompts FILE.jsonl")
     if a.mode == "self":
-        raise ValueError("--mode self runs speculation at batch: give --prompts FILE.jsonl (one prompt per line; a file "
-                         "of one line runs one prompt)")
+        raise ValueError("--mode self runs speculation at batch: give --prompts FILE.jsonl (one prompt per line; a "
+                         "file of one line runs one prompt)")
     text = checks.prompt_text(a)
     if a.tp != 1 or under_torchrun():  # tensor parallel: spawned ranks, or one torchrun rank
         from .parallel.cli import generate_tp
