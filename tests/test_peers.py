@@ -43,7 +43,7 @@ def _ours(target, corpus, press=None):
 
     model, tok, _ = load(target, "cpu")
     cfg = SimpleNamespace(scored=SCORED, stride=None, windows=2, seed=0, dataset=corpus, score_chunk=4,
-                          prefill_chunk=16, attn_queries=0)
+                          prefill_chunk=16, attn_queries=0, split="all", floor=0)
     ev = SimpleNamespace(cfg=cfg, model=model, tok=tok, progress=lambda msg: None)
     vs = [Variant()] + ([Variant(press=press)] if press else [])
     return {name: r["ppl"] for name, r in lm.run(ev, vs, CTX)["ppl"].items()}, tok

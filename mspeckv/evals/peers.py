@@ -109,7 +109,7 @@ class PeersConfig:
     peers: tuple[str, ...] = opt(("kvpress:snapkv:keep=0.25",), "peer specs (see mspeckv/evals/peers.py)",
                                  nargs=True, check=False)
     context: int = opt(2048, "tokens per window (prefix + scored span)", lo=2)
-    windows: int = opt(2, "windows (stride = context)", lo=1)
+    windows: int = opt(2, "windows, as eval --windows (each inside one document)", lo=1)
     scored: int = opt(256, "scored span per window", lo=1)
     score_chunk: int = opt(32, "scored tokens per forward", lo=1)
     prefill_chunk: int = opt(1024, "prefix tokens per forward (the quantized caches; a press takes one forward)",
@@ -131,12 +131,14 @@ class PeersConfig:
 
 
 def windows(tok, cfg: PeersConfig) -> list[list[int]]:
-    """The token windows our eval scores (``evals/lm.py``: stride = context)."""
-    from ..data.corpora import long_prompt
+    """The token windows our eval scores: ``evals/lm.windows`` itself (inside one document each, every document of
+    the corpus; the default stride), so the peers and our eval never disagree on the text."""
+    from types import SimpleNamespace
 
-    C = cfg.context
-    ids = long_prompt(tok, C + 1 + (cfg.windows - 1) * C, seed=cfg.seed, dataset=cfg.dataset)
-    return [ids[w * C:w * C + C + 1] for w in range(cfg.windows)]
+    from .lm import windows as eval_windows
+
+    ev = SimpleNamespace(dataset=cfg.dataset, windows=cfg.windows, seed=cfg.seed, split="all", stride=None)
+    return [w.ids for w in eval_windows(tok, ev, cfg.context)]
 
 
 def run_peers(cfg: PeersConfig) -> dict:
