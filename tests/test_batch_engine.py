@@ -341,3 +341,21 @@ def test_stragglers_move_to_low_slots_and_the_bucket_shrinks(graphs, monkeypatch
         assert s.tokens == generate(m, torch.tensor([p]), GenerationConfig(max_new_tokens=n,
                                                                           stop_on_eos=False)).tokens[0]
     assert focused[-1] == 1 and res.seqs[3].slot == 0  # the last straggler ran alone in slot 0
+
+
+def test_uniform_rollback_forgets_only_what_advanced():
+    """rollback(n) subtracts n where the device advanced (live slots), like end() added it: a held slot (still being
+    prefilled) and a free one keep their lengths; no per-slot list crosses to the device."""
+    m = tiny_model("llama")
+    c = BatchKV.for_model(m, 3, 32)
+    for _ in range(2):
+        c.join()
+    for s, ids in ((0, [5, 6, 7]), (1, [8, 9])):
+        c.focus(s, 1)
+        m(torch.tensor([ids]), c)
+    c.focus(0, 3)
+    with c.held([1]):
+        m(torch.tensor([[3], [4], [5]]), c)
+        m(torch.tensor([[3], [4], [5]]), c)
+        c.rollback(2)
+    assert c.lens.tolist() == [3, 2, 0] and c.host_lens == [3, 2, 0]

@@ -33,13 +33,9 @@ from torch import Tensor
 
 from ..config import GenerationConfig, SamplingConfig
 from ..kv.batch import BatchKV
+from ..runs.harness import sync
 from .runner import Runner, make_runner, use_graphs
 from .sampling import make_generator, next_token
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def buckets(max_batch: int) -> list[int]:

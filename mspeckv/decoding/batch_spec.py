@@ -256,8 +256,8 @@ class BatchSpecEngine(BatchEngine):
             else:
                 cur = logits.argmax(-1)
             drafts.append(cur)
-        if self.draft is None:
-            self.cache.rollback([g * a for a in active])  # the draft's rows were scratch in the target's buffer
+        if self.draft is None:  # the draft's rows were scratch in the target's buffer (held slots did not advance)
+            self.cache.rollback(g)
         if not drafts:  # γ = 0: vanilla's draft only took the token's row
             return cur.new_zeros(cur.shape[0], 0), None
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if rows is not None else None)

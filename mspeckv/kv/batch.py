@@ -201,9 +201,12 @@ class BatchKV(KVCache):
             s = self.first + b
             if self.host_live[s] and not 0 <= c <= self.host_lens[s]:
                 raise ValueError(f"rollback({c}) of slot {s} outside [0, {self.host_lens[s]}]")
-        dev = torch.tensor([c if self.host_live[self.first + b] else 0 for b, c in enumerate(counts)],
-                           device=self.lens.device)
-        self.lens[self._range()] -= dev
+        r = self._range()
+        if isinstance(n, int):  # as end() advanced them: the slots live on the device (a held one did not advance);
+            self.lens[r] -= n * self.live[r]  # no host-to-device copy, so no sync inside a round
+        else:
+            self.lens[r] -= torch.tensor([c if self.host_live[self.first + b] else 0 for b, c in enumerate(counts)],
+                                         device=self.lens.device)
         for b, c in enumerate(counts):
             if self.host_live[self.first + b]:
                 self.host_lens[self.first + b] -= c
