@@ -50,3 +50,13 @@ def test_arrivals_and_summaries():
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         LoadConfig(**kw)
+
+
+def test_a_request_past_its_timeout_fails_alone(tmp_path):
+    """The client's timeout bounds each request: past it the request counts as failed and the run still writes its
+    results (nothing hangs, nothing is lost)."""
+    cfg = LoadConfig(model="random:tiny", context=20, gen_len=4, requests=3, rates=(0.0,), max_batch=2,
+                     prefill_chunk=8, device="cpu", timeout=1e-4, out=str(tmp_path / "t"))
+    r = run(cfg, "cmd")["rows"][0]
+    assert r["requests"] == 3 and r["ok"] + r["failed"] == 3 and r["failed"] >= 1 and r["errors"]
+    assert (tmp_path / "t" / "serve.json").exists()
