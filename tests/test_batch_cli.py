@@ -203,12 +203,37 @@ def test_bench_batch_speculation_cells(tmp_path):
     assert rows["vanilla:2@24x2"]["vs_ar_decode"] == pytest.approx(
         rows["vanilla:2@24x2"]["decode_tok_per_s"] / ar["decode_tok_per_s"])
     assert "vs_ar_decode" not in rows["self:3@24x3"]  # no AR cell at 24x3 in this run: no ratio
+    # fp32 greedy: every sequence equals AR's on the same prompts, per seed (no AR at 24x3: no agreement there)
+    for c in ("vanilla:2@24x2", "self:auto4:w6@24x2"):
+        assert (rows[c]["agree_seqs"], rows[c]["agree_share"], rows[c]["agree_n"]) == (1.0, 1.0, 4)
+    assert "agree_seqs" not in rows["self:3@24x3"]
     recs = [json.loads(line) for f in (tmp_path / "bs").rglob("*.json") for line in [f.read_text()]
             if '"auto": true' in line]
     assert any(r.get("metrics", {}).get("cost_model") for r in recs)
     for bad in ("self:autoX@24x2", "vanilla:2:w8@24x2", "self:2:8@24x2", "self:2:w0@24x2"):
         with pytest.raises(ValueError, match="autoN"):
             BatchBenchConfig(spec=(bad,))
+
+
+def test_agreement_counts_identical_sequences_and_the_share_before_divergence():
+    from mspeckv.bench.batch import agree_with_ar, agreement
+
+    assert agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3, 4], [5, 9, 7, 8]]) == (1, (1 + 1 / 4) / 2)
+    assert agreement([[1, 2]], [[1, 2, 3, 4]]) == (0, 2 / 4)  # stopped early: shorter is not identical
+    with pytest.raises(ValueError):
+        agreement([[1]], [[1], [2]])  # a sequence missing
+
+    def rec(method, x, seed, outs, status="ok"):
+        return {"method": method, "x": x, "seed": seed, "status": status, "metrics": {"outputs": outs}}
+
+    recs = [rec("ar", "8x2", 0, [[1, 2], [3, 4]]), rec("ar", "8x2", 1, [[5, 6], [7, 8]]),
+            rec("spec", "self:2@8x2", 0, [[1, 2], [3, 9]]), rec("spec", "self:2@8x2", 1, [[5, 6], [7, 8]]),
+            rec("spec", "self:2@8x2", 2, [[0, 0], [0, 0]]),  # no AR run at seed 2: not paired
+            rec("spec", "self:4@8x2", 0, [[1, 2], [3, 4]], status="failed"), rec("spec", "self:2@9x2", 0, [[1, 1]])]
+    got = agree_with_ar(recs)
+    assert set(got) == {"self:2@8x2"}
+    assert got["self:2@8x2"][:2] == (3, 4)
+    assert got["self:2@8x2"][2] == pytest.approx(((1 + 0.5) / 2 + 1) / 2)
 
 
 def test_bench_batch_offload_and_press_cells(tmp_path):

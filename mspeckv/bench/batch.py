@@ -308,7 +308,7 @@ class Bench:
             "batch": batch, "total_prompt_tokens": ctx * batch, "round_ms": st["decode_s"] / st["rounds"] * 1e3
             if st["rounds"] else None, "step_ms": None,
             "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
-            "model_load_s": self.load_s, "prompts": self.prompt_source()}
+            "model_load_s": self.load_s, "prompts": self.prompt_source(), "outputs": [q.tokens for q in r.seqs]}
 
     def ours(self, ps, gen) -> dict:
         from ..decoding.batch import generate_batch
@@ -322,7 +322,7 @@ class Bench:
                                   "kv_bytes_allocated")} | {
             "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall,
             "engine": "mspeckv BatchEngine (BatchKV, CUDA graphs per batch bucket)" if r.stats["graphs"]
-            else "mspeckv BatchEngine (eager)"}
+            else "mspeckv BatchEngine (eager)", "outputs": [q.tokens for q in r.seqs]}
 
     def hf(self, ps, gen) -> dict:
         """transformers' generate over the same prompts (uniform lengths: one (B, T) tensor, no padding)."""
@@ -398,6 +398,32 @@ def plan(cfg: BatchBenchConfig) -> list[RunSpec]:
     return specs
 
 
+def agreement(outs: list[list[int]], ref: list[list[int]]) -> tuple[int, float]:
+    """Sequences identical to the reference's, and the mean share of each sequence before its first divergence."""
+    same, share = 0, 0.0
+    for a, b in zip(outs, ref, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        same += a == b
+        share += k / max(len(b), 1)
+    return same, share / len(ref)
+
+
+def agree_with_ar(records: list[dict]) -> dict:
+    """Per speculation cell: its outputs against AR's at the same cell and seed (same prompts), over every seed that
+    has both: {cell: (identical sequences, sequences, mean share before the first divergence)}."""
+    ar = {(r["x"], r["seed"]): r["metrics"].get("outputs") for r in records
+          if r["method"] == "ar" and r["status"] == "ok"}
+    acc = {}
+    for r in records:
+        ref = ar.get((str(r["x"]).rpartition("@")[2], r["seed"])) if r["method"] == "spec" else None
+        outs = r["metrics"].get("outputs") if r["status"] == "ok" else None
+        if ref and outs:
+            same, share = agreement(outs, ref)
+            n, m, sh = acc.get(r["x"], (0, 0, []))
+            acc[r["x"]] = (n + same, m + len(ref), sh + [share])
+    return {x: (n, m, statistics.mean(sh)) for x, (n, m, sh) in acc.items()}
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per cell: medians over its seeds, with the spread."""
     by = {}
@@ -420,7 +446,12 @@ def summarize(records: list[dict]) -> list[dict]:
             row["device_name"] = ok[0]["device_name"]
         rows.append(row)
     ar = {r["cell"]: r for r in rows if r["method"] == "ar"}
-    for r in rows:  # speculation against AR at its cell, both measured in this run: decode-only and end to end
+    agree = agree_with_ar(records)
+    for r in rows:
+        if r["cell"] in agree and r["method"] == "spec":  # per sequence, against AR's outputs on the same prompts
+            n, m, share = agree[r["cell"]]
+            r.update(agree_seqs=n / m, agree_share=share, agree_n=m)
+        # speculation against AR at its cell, both measured in this run: decode-only and end to end
         base = ar.get(str(r["cell"]).rpartition("@")[2]) if r["method"] == "spec" else None
         if base is not None and r.get("decode_tok_per_s") and base.get("decode_tok_per_s"):
             r["vs_ar_decode"] = r["decode_tok_per_s"] / base["decode_tok_per_s"]
@@ -444,7 +475,7 @@ def render(res: dict) -> str:
             ("setup_s", "{:.2f}"), ("capture_s", "{:.2f}"),
             ("prefill_s", "{:.2f}"), ("decode_s", "{:.2f}"), ("e2e_s", "{:.2f}"), ("e2e_tok_per_s", "{:.0f}"),
             ("acceptance", "{:.2f}"), ("tokens_per_round", "{:.2f}"), ("vs_ar_decode", "{:.2f}"),
-            ("vs_ar_e2e", "{:.2f}")]
+            ("vs_ar_e2e", "{:.2f}"), ("agree_seqs", "{:.0%}"), ("agree_share", "{:.0%}")]
     lines = [f"# bench batch: {res['config']['model']} on {res['device_name']} (copy bandwidth "
              f"{fmt(res['copy_GBps'], '{:.0f}')} GB/s)", "",
              "| " + " | ".join(c for c, _ in cols) + " | engine / error |", "|" + "---|" * (len(cols) + 1)]
