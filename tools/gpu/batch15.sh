@@ -47,6 +47,12 @@ stage() {
              python -m mspeckv bench serve --model "$M" --mode $mode --gamma 4 --self-window $W --max-batch $B32 \
                --context $SC --gen-len 256 --rates 4,0 --requests $N $DS $DEV --out "$RES/serve-$mode" || return 1
            done ;;
+    # where each level's time goes (CUDA events per forward against the decode's wall time), one cell per mode
+    profile) mkdir -p "$RES/profile" && for mode in ar self vanilla mspeckv; do
+               python tools/profile_batch_spec.py --model "$M" $DS --context $C32 --batch $B32 --mode $mode --gamma 4 \
+                 --window $W --gen-len 128 $([[ $mode == vanilla || $mode == mspeckv ]] && echo --draft "$D") $DEV \
+                 --out "$RES/profile/$mode.json" || return 1
+             done ;;
     hf) bench --contexts $C8 --batches $B32 --gen-len 128 --seeds 2 --hf ${C8}x$B32,${C32}x$B32 --out "$RES/hf" ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
