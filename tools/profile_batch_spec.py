@@ -5,9 +5,10 @@ the idle gaps between forwards (acceptance, rollback, the round's one sync, Pyth
     python tools/profile_batch_spec.py --model qwen2.5-coder-1.5b --dataset pycode --context 32256 --batch 32 \
         --mode self --gamma 4 --window 2048 --gen-len 128 --out profile.json
 
-Levels: ``draft`` (the draft model's, or self's windowed, one-token steps), ``middle`` (mspeckv: the target over its
-window verifying the draft), ``verify`` (the target over its full KV, γ+1 tokens), ``ar`` (one-token steps of the
-target: AR, or a γ = 0 round). Prefill is not a level (it runs before the decode and is reported apart). Fixed γ only:
+Levels, each per bucket (``level @rows``: sequences that finish leave, and compaction shrinks the forwards):
+``draft`` (the draft model's, or self's windowed, one-token steps), ``middle`` (mspeckv: the target over its window
+verifying the draft), ``verify`` (the target over its full KV, γ+1 tokens), ``ar`` (one-token steps of the target:
+AR, or a γ = 0 round). Prefill is not a level (it runs before the decode and is reported apart). Fixed γ only:
 the cost model's calibration would time forwards of its own. Prints a table, then one JSON line.
 """
 
@@ -40,7 +41,7 @@ def timed_steps(runner, level, log: list, dev, on: list) -> None:
         a.record()
         out = inner(ids, num_logits, eager)
         b.record()
-        log.append((level(ids.shape[1]), a, b))
+        log.append((f"{level(ids.shape[1])} @{ids.shape[0]}", a, b))  # per level and bucket (rows of the forward)
         return out
 
     runner.step = step

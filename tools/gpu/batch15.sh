@@ -16,7 +16,7 @@ if [[ ${DRY:-0} == 1 ]]; then  # the same commands at toy sizes
   M=random:tiny D=random:tiny C32=40 C16=24 C8=16 B32=2 B64=3 B128=4 G=8 W=8 DEV="--device cpu" S3=2 N=6 SC=32
 else
   M=qwen2.5-coder-1.5b D=qwen2.5-coder-0.5b C32=32256 C16=16384 C8=8192 B32=32 B64=64 B128=128 G=512 W=2048 DEV=""
-  S3=3 N=48 SC=8192
+  S3=3 N=32 SC=8192
 fi
 DS="--dataset pycode"
 [[ $M == random:* ]] && DS=""
@@ -43,9 +43,13 @@ stage() {
             --spec vanilla:4@${C32}x$B32,mspeckv:4:w$W@${C32}x$B32 --out "$RES/goal" ;;
     mid16) bench --contexts $C16 --batches $B64 --gen-len $G --seeds 2 --spec self:4:w$W@${C16}x$B64 --out "$RES/mid16" ;;
     mid8) bench --contexts $C8 --batches $B128 --gen-len $G --seeds 2 --spec self:4:w$W@${C8}x$B128 --out "$RES/mid8" ;;
+    # the server under load (needs the serve wheels on the device: fastapi, starlette, uvicorn, pydantic(-core),
+    # openai, httpx2, httpcore2, truststore, jiter, opentelemetry-api, ...): light to saturating rates, with and
+    # without the prefill interleaved
     serve) for mode in ar self; do
              python -m mspeckv bench serve --model "$M" --mode $mode --gamma 4 --self-window $W --max-batch $B32 \
-               --context $SC --gen-len 256 --rates 4,0 --requests $N $DS $DEV --out "$RES/serve-$mode" || return 1
+               --context $SC --gen-len 256 --rates 2,8,0 --requests $N --no-interleave-too $DS $DEV \
+               --out "$RES/serve-$mode" || return 1
            done ;;
     # where each level's time goes (CUDA events per forward against the decode's wall time), one cell per mode
     profile) mkdir -p "$RES/profile" && for mode in ar self vanilla mspeckv; do
@@ -61,5 +65,6 @@ stage() {
 for s in "$@"; do
   echo "$(date -u +%T) start $s" >> "$RES/logs/stages.txt"
   stage "$s" > "$RES/logs/$s.log" 2>&1
-  echo "$(date -u +%T) end $s rc=$?" >> "$RES/logs/stages.txt"
+  rc=$?  # before anything else resets it
+  echo "$(date -u +%T) end $s rc=$rc" >> "$RES/logs/stages.txt"
 done
