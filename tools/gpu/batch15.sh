@@ -18,6 +18,9 @@ else
   M=qwen2.5-coder-1.5b D=qwen2.5-coder-0.5b C32=32256 C16=16384 C8=8192 B32=32 B64=64 B128=128 G=512 W=2048 DEV=""
   S3=3 N=32 SC=8192
 fi
+if [[ ${SM:-0} == 1 ]]; then  # the server with SmolLM2-135M (3 transfer calls instead of 20): context <= 8192
+  M=smollm2-135m B32=32 W=1024 N=32 SC=7000
+fi
 DS="--dataset pycode"
 [[ $M == random:* ]] && DS=""
 bench() { python -m mspeckv bench batch --model "$M" $DS --ragged '' $DEV "$@"; }
@@ -28,6 +31,9 @@ stage() {
               && rm ~/m/q15.gguf && touch ~/m/prep15.ok ;;
     prep05) cat ~/m/q05.[0-9][0-9] > ~/m/q05.gguf && python -m mspeckv models prepare qwen2.5-coder-0.5b --gguf ~/m/q05.gguf \
               && rm ~/m/q05.gguf && touch ~/m/prep05.ok ;;
+    prepsm) cat ~/m/sm.[0-9][0-9] > ~/m/sm.gguf && python -m mspeckv models prepare smollm2-135m --gguf ~/m/sm.gguf ;;
+    # AR at the server's cell, on the same card: what the saturated server is compared with
+    arserve) bench --contexts $SC --batches $B32 --gen-len 256 --seeds 2 --out "$RES/ar-serve-cell" ;;
     wait15|wait05) for _ in $(seq 600); do [[ -f ~/m/prep${1#wait}.ok ]] && return 0; sleep 1; done; return 1 ;;
     tests) python -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_gpu.py \
              -k "window or per_sequence or batch" ;;
