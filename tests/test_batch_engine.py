@@ -359,3 +359,38 @@ def test_uniform_rollback_forgets_only_what_advanced():
         m(torch.tensor([[3], [4], [5]]), c)
         c.rollback(2)
     assert c.lens.tolist() == [3, 2, 0] and c.host_lens == [3, 2, 0]
+
+
+@pytest.mark.parametrize("mode", ["ar", "vanilla"])
+def test_prefill_time_counts_every_chunks_device_work(monkeypatch, mode):
+    """On a GPU a forward returns before its work is done; the work is paid at the next sync. Every prefill chunk's
+    work must land in ``prefill_s``. A fake device on a virtual clock: each prefill forward leaves 1 s of work
+    pending, which ``sync`` pays (the clock moves only then)."""
+    import mspeckv.decoding.batch as batch_mod
+    import mspeckv.decoding.batch_spec as spec_mod
+    from mspeckv.decoding.batch_spec import BatchSpecConfig, generate_batch_spec
+
+    clock, pending = [0.0], [0.0]
+
+    def fake_sync(device):
+        clock[0] += pending[0]
+        pending[0] = 0.0
+
+    m, d = tiny_model("llama"), tiny_model("llama", seed=1)
+    for model in (m, d):
+        def slow(ids, *a, _fwd=model.forward, **k):
+            pending[0] += ids.shape[0] == 1  # a prefill chunk (one sequence); decode forwards cover the batch
+            return _fwd(ids, *a, **k)
+
+        monkeypatch.setattr(model, "forward", slow)
+    monkeypatch.setattr(batch_mod, "sync", fake_sync)
+    monkeypatch.setattr(spec_mod, "sync", fake_sync)
+    monkeypatch.setattr(batch_mod.time, "perf_counter", lambda: clock[0])
+    gen = GenerationConfig(max_new_tokens=2, stop_on_eos=False, prefill_chunk=4)
+    ps = prompts((13, 9))  # 4 + 3 chunks: 5 are not the last of their prompt
+    if mode == "ar":
+        r = generate_batch(m, ps, gen, graphs=False)
+        assert r.prefill_s == 5  # a prompt's last chunk is paid by its first token's .item() on a GPU, not here
+    else:
+        r = generate_batch_spec(m, d, ps, gen, BatchSpecConfig("vanilla", 2), graphs=False)
+        assert r.prefill_s == 5 + 7  # and every chunk of the draft's prefill

@@ -167,6 +167,7 @@ class BatchEngine:
         logits = self.model(ids, self.cache, num_logits=1)[:, -1]  # (1, V), as model.prefill's chunks
         seq.fed += ids.shape[1]
         if not seq.prefilled:
+            sync(self.device)  # this chunk's GPU time is prefill's (not the next chunk's wait before its clock starts)
             self.prefill_s += time.perf_counter() - t0
             return False
         self.cache.compress()  # a press (per-sequence caches) runs after its prefill, inside TTFT

@@ -215,6 +215,7 @@ class BatchSpecEngine(BatchEngine):
             self.dcache.focus(seq.slot, 1)
             self.draft(torch.tensor([seq.prompt[seq.fed:seq.fed + n]], device=self.device), self.dcache,
                        num_logits=1)
+            sync(self.device)  # the draft's chunk is prefill's time, not a wait inside the target's chunk
             self.prefill_s += time.perf_counter() - t0
         return super().feed(seq, n, t_run)
 

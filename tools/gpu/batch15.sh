@@ -19,7 +19,7 @@ else
   S3=3 N=32 SC=8192
 fi
 if [[ ${SM:-0} == 1 ]]; then  # the server with SmolLM2-135M (3 transfer calls instead of 20): context <= 8192
-  M=smollm2-135m B32=32 W=1024 N=32 SC=7000
+  M=smollm2-135m B32=32 W=1024 N=32 SC=7000 RATES=4,0
 fi
 DS="--dataset pycode"
 [[ $M == random:* ]] && DS=""
@@ -54,7 +54,7 @@ stage() {
     # without the prefill interleaved
     serve) for mode in ar self; do
              python -m mspeckv bench serve --model "$M" --mode $mode --gamma 4 --self-window $W --max-batch $B32 \
-               --context $SC --gen-len 256 --rates 2,8,0 --requests $N --no-interleave-too $DS $DEV \
+               --context $SC --gen-len 256 --rates ${RATES:-2,8,0} --requests $N --no-interleave-too $DS $DEV \
                --out "$RES/serve-$mode" || return 1
            done ;;
     # where each level's time goes (CUDA events per forward against the decode's wall time), one cell per mode
