@@ -43,6 +43,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--auto-gamma", action="store_true", help="speculation: the cost model picks γ, or AR, per round")
     p.add_argument("--self-window", type=int, default=256, help="--mode self: the newest rows each draft step reads")
     p.add_argument("--self-sinks", type=int, default=4, help="--mode self: the first rows each draft step reads")
+    p.add_argument("--draft-window", type=int, default=None, help="--mode vanilla, mspeckv: the draft model's steps "
+                   "read --self-sinks + its newest N rows (StreamingLLM over its own KV); default its full KV")
     add_placement(p)
     p.set_defaults(fn=cmd_serve, drafter="model", tp=1, backend="ours")
 
@@ -99,19 +101,23 @@ def speculation(a):
     if a.mode == "ar":
         given = [f for f, x, d in (("--draft", a.draft, None), ("--gamma", a.gamma, 4), ("--auto-gamma", a.auto_gamma,
                  False), ("--self-window", a.self_window, 256), ("--self-sinks", a.self_sinks, 4),
-                 ("--draft-gamma", a.draft_gamma, 4)) if x != d]
+                 ("--draft-gamma", a.draft_gamma, 4), ("--draft-window", a.draft_window, None)) if x != d]
         if given:
             raise ValueError(f"{', '.join(given)} would be ignored: they go with --mode self, vanilla or mspeckv")
         return None
     if (a.mode == "self") != (a.draft is None):
         raise ValueError(f"--mode {a.mode} needs --draft MODEL" if a.draft is None else
                          "--draft goes with --mode vanilla or mspeckv only")
-    if a.mode == "vanilla" and (a.self_window, a.self_sinks) != (256, 4):
-        raise ValueError("--self-window and --self-sinks would be ignored: they go with --mode self or mspeckv")
+    if a.mode == "vanilla" and a.self_window != 256:
+        raise ValueError("--self-window would be ignored: it goes with --mode self or mspeckv")
+    if a.mode == "vanilla" and a.self_sinks != 4 and a.draft_window is None:
+        raise ValueError("--self-sinks would be ignored: it goes with --mode self, mspeckv or --draft-window")
+    if a.mode == "self" and a.draft_window is not None:
+        raise ValueError("--draft-window would be ignored: --mode self drafts over --self-window")
     if a.mode != "mspeckv" and a.draft_gamma != 4:
         raise ValueError("--draft-gamma would be ignored: it goes with --mode mspeckv")
     return BatchSpecConfig(a.mode, a.gamma, sinks=a.self_sinks, window=a.self_window, auto=a.auto_gamma,
-                           draft_gamma=a.draft_gamma)
+                           draft_gamma=a.draft_gamma, draft_window=a.draft_window, draft_sinks=a.self_sinks)
 
 
 def cmd_serve(a) -> int:

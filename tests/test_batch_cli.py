@@ -190,7 +190,7 @@ def test_bench_batch_speculation_cells(tmp_path):
 
     cfg = BatchBenchConfig(model="random:tiny", draft="random:tiny", contexts=(24,), batches=(2,), gen_len=6,
                            seeds=2, ragged="", spec=("self:3@24x3", "vanilla:2@24x2", "self:auto4:w6@24x2"), window=8,
-                           device="cpu", out=str(tmp_path / "bs"))
+                           draft_window=5, device="cpu", out=str(tmp_path / "bs"))
     res = run(cfg, "cmd")
     rows = {r["cell"]: r for r in res["rows"] if r["method"] == "spec"}
     assert set(rows) == {"self:3@24x3", "vanilla:2@24x2", "self:auto4:w6@24x2"}
@@ -199,6 +199,7 @@ def test_bench_batch_speculation_cells(tmp_path):
     assert 1 <= rows["vanilla:2@24x2"]["tokens_per_round"] <= 3
     assert "window 8" in rows["self:3@24x3"]["engine"] and "auto≤4" in rows["self:auto4:w6@24x2"]["engine"]
     assert "window 6" in rows["self:auto4:w6@24x2"]["engine"]
+    assert "random:tiny over a window of 5 (sinks 4)" in rows["vanilla:2@24x2"]["engine"]
     ar = next(r for r in res["rows"] if r["method"] == "ar")
     assert rows["vanilla:2@24x2"]["vs_ar_decode"] == pytest.approx(
         rows["vanilla:2@24x2"]["decode_tok_per_s"] / ar["decode_tok_per_s"])

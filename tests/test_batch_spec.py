@@ -21,7 +21,10 @@ def prompts(lens, seed=0, vocab=97):
 
 SPECS = [("vanilla", BatchSpecConfig("vanilla", 3)), ("self-window", BatchSpecConfig("self", 4, sinks=2, window=12)),
          ("self-full", BatchSpecConfig("self", 2, sinks=0, window=10_000)),
-         ("mspeckv", BatchSpecConfig("mspeckv", 5, sinks=2, window=12, draft_gamma=2))]
+         ("mspeckv", BatchSpecConfig("mspeckv", 5, sinks=2, window=12, draft_gamma=2)),
+         ("vanilla-draft-window", BatchSpecConfig("vanilla", 3, draft_window=8, draft_sinks=2)),
+         ("mspeckv-draft-window", BatchSpecConfig("mspeckv", 5, sinks=2, window=12, draft_gamma=2, draft_window=6,
+                                                  draft_sinks=1))]
 
 
 @pytest.mark.parametrize("name,spec", SPECS, ids=[n for n, _ in SPECS])
@@ -38,7 +41,7 @@ def test_greedy_at_batch_equals_each_prompt_alone(name, spec, max_batch):
     assert st["mode"] == spec.mode and st["rounds"] >= 1 and 1 <= st["tokens_per_round"] <= spec.gamma + 1
     if name == "self-full":  # a window over everything: the draft is the target, every draft is accepted
         assert st["acceptance"] == 1.0 and st["tokens_per_round"] == spec.gamma + 1
-    if name == "mspeckv":  # the middle level ran at least γ+1 runs... of the draft's tokens, per round
+    if name.startswith("mspeckv"):  # the middle level ran at least γ+1 runs... of the draft's tokens, per round
         assert st["l1_runs"] >= st["rounds"] and 0 <= st["l1_acceptance"] <= 1
 
 
@@ -107,6 +110,26 @@ def test_bad_configs():
         BatchSpecEngine(m, None, 1, 8, gen, BatchSpecConfig("self", 3)).run([[5] * 6])
     with pytest.raises(ValueError, match="no prompts"):
         generate_batch_spec(m, None, [], gen, BatchSpecConfig())
+    with pytest.raises(ValueError, match="draft model's window"):
+        BatchSpecConfig("self", draft_window=8)
+    for bad in ({"draft_window": 0}, {"draft_sinks": -1}):
+        with pytest.raises(ValueError, match="draft_"):
+            BatchSpecConfig("vanilla", **bad)
+
+
+def test_the_draft_model_reads_its_window_only():
+    """A draft identical to the target is always accepted over its full KV; over a window of 4 rows of long prompts
+    it sees other context and is not (a window that were ignored would keep acceptance at 1)."""
+    m = tiny_model("llama")
+    ps = prompts((60, 75, 90))
+    gen = GenerationConfig(max_new_tokens=12, stop_on_eos=False, prefill_chunk=32)
+    full = generate_batch_spec(m, m, ps, gen, BatchSpecConfig("vanilla", 3))
+    win = generate_batch_spec(m, m, ps, gen, BatchSpecConfig("vanilla", 3, draft_window=4, draft_sinks=0))
+    assert full.stats["acceptance"] == 1.0 and win.stats["acceptance"] < 1.0
+    assert [s.tokens for s in win.seqs] == [s.tokens for s in full.seqs]  # lossless either way
+    eng = BatchSpecEngine(m, m, 2, 64, gen, BatchSpecConfig("vanilla", 3, draft_window=5, draft_sinks=2))
+    view = eng.drunner.cache
+    assert view.base is eng.dcache and (view.window, view.sinks) == (5, 2)
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "self", "mspeckv"])

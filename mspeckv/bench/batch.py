@@ -54,6 +54,8 @@ class BatchBenchConfig:
     dataset: str | None = opt(None, "prompts from this corpus (e.g. pycode, the Python standard library's modules; "
                                     "a real model's tokenizer) instead of random token ids; speculation's acceptance "
                                     "needs real text", check=False)
+    draft_window: int | None = opt(None, "vanilla and mspeckv cells: the draft model's steps read --sinks + its "
+                                         "newest N rows (StreamingLLM over its own KV); default its full KV")
     window: int = opt(2048, "self cells: the newest rows each draft step reads", lo=1)
     sinks: int = opt(4, "self cells: the first rows each draft step reads", lo=0)
     gpu_memory: float | None = opt(None, "GB the run may allocate on the GPU (weights, KV, workspace)")
@@ -289,20 +291,23 @@ class Bench:
         gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
                                prefill_chunk=self.cfg.prefill_chunk)
         sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=spec.config["window"],
-                             auto=spec.config.get("auto", False), draft_gamma=self.cfg.draft_gamma)
+                             auto=spec.config.get("auto", False), draft_gamma=self.cfg.draft_gamma,
+                             draft_window=self.cfg.draft_window if mode != "self" else None, draft_sinks=self.cfg.sinks)
         t0 = time.perf_counter()
         r = generate_batch_spec(self.model, self.draft if mode != "self" else None, ps, gen, sc)
         sync(self.device)
         wall = time.perf_counter() - t0
         st = r.summary()
+        dw = "" if sc.draft_window is None else f" over a window of {sc.draft_window} (sinks {sc.draft_sinks})"
         return {k: st[k] for k in ("setup_s", "prefill_s", "decode_s", "decode_steps", "n_generated",
                                    "acceptance", "tokens_per_round", "rounds", "capture_s", "calibration_s",
                                    "cost_model", "eager_steps", "draft_eager_steps")} | {
             "l1_acceptance": st.get("l1_acceptance"), "l1_runs": st.get("l1_runs"),
             "decode_tok_per_s": r.tok_per_s, "e2e_s": wall, "e2e_tok_per_s": r.n_generated / wall,
             "engine": f"BatchSpecEngine {mode} γ={'auto≤' if sc.auto else ''}{gamma}"
-                      + {"self": f" (window {sc.window}, sinks {sc.sinks})", "vanilla": f" (draft {self.cfg.draft})",
-                         "mspeckv": f" (draft {self.cfg.draft} -> window {sc.window}, sinks {sc.sinks}, draft γ "
+                      + {"self": f" (window {sc.window}, sinks {sc.sinks})",
+                         "vanilla": f" (draft {self.cfg.draft}{dw})",
+                         "mspeckv": f" (draft {self.cfg.draft}{dw} -> window {sc.window}, sinks {sc.sinks}, draft γ "
                                     f"{sc.draft_gamma} -> full KV)"}[mode]
                       + (", CUDA graphs" if st["graphs"] else ", eager"),
             "batch": batch, "total_prompt_tokens": ctx * batch, "round_ms": st["decode_s"] / st["rounds"] * 1e3

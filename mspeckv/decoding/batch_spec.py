@@ -51,6 +51,8 @@ class BatchSpecConfig:
     window: int = 256  # self, mspeckv: the newest rows every windowed step reads
     auto: bool = False  # the cost model picks γ in gammas(), or AR, per round (self, vanilla)
     draft_gamma: int = 4  # mspeckv: the draft's tokens per windowed verification
+    draft_window: int | None = None  # vanilla, mspeckv: the draft model's steps read draft_sinks + its newest rows
+    draft_sinks: int = 4  # (StreamingLLM over the draft's own KV, which still holds every row); None: its full KV
 
     def __post_init__(self):
         from .. import validate as v
@@ -60,6 +62,12 @@ class BatchSpecConfig:
         v.integer("sinks", self.sinks, lo=0)
         v.integer("window", self.window, lo=1)
         v.integer("draft_gamma", self.draft_gamma, lo=1)
+        v.integer("draft_sinks", self.draft_sinks, lo=0)
+        if self.draft_window is not None:
+            v.integer("draft_window", self.draft_window, lo=1)
+            if self.mode == "self":
+                raise v.ConfigError("draft_window is the draft model's window (vanilla, mspeckv); self drafts over "
+                                    "window")
         if self.auto and self.mode == "mspeckv":
             raise v.ConfigError("auto (the cost model's γ) runs modes self and vanilla; mspeckv takes a fixed gamma "
                                 "and draft_gamma")
@@ -78,7 +86,8 @@ class BatchSpecConfig:
 
 
 class WindowKV(KVCache):
-    """The target's ``BatchKV`` seen through a StreamingLLM window: a forward writes its rows there like any forward,
+    """A ``BatchKV`` (the target's for self and the middle level, the draft model's with ``draft_window``) seen
+    through a StreamingLLM window: a forward writes its rows there like any forward,
     and each query row attends to keys ``j < sinks`` or ``pos - window < j <= pos`` of its own sequence (a mask for
     the torch paths, a ``Window`` for the kernel, which then reads those keys alone)."""
 
@@ -164,10 +173,16 @@ class BatchSpecEngine(BatchEngine):
         self.slack = spec.slack
         super().__init__(model, max_batch, capacity + self.slack, gen, graphs=graphs, eos_ids=eos_ids)
         self.spec, self.draft = spec, draft
-        self.dcache = BatchKV.for_model(draft, self.max_batch, capacity + self.slack) if draft is not None else \
-            WindowKV(self.cache, spec.sinks, spec.window)
+        # the draft's KV (slots, lengths, rollback) and the view its steps read: self reads a window of the target's
+        # KV; a draft model its own KV, whole or (draft_window) a window of it, which it still fills in full
+        if draft is not None:
+            self.dcache = BatchKV.for_model(draft, self.max_batch, capacity + self.slack)
+            dview = self.dcache if spec.draft_window is None else WindowKV(self.dcache, spec.draft_sinks,
+                                                                           spec.draft_window)
+        else:
+            self.dcache = dview = WindowKV(self.cache, spec.sinks, spec.window)
         dmodel = draft if draft is not None else model
-        self.drunner = make_runner(dmodel, self.dcache) if self.graphs else Runner(dmodel, self.dcache)
+        self.drunner = make_runner(dmodel, dview) if self.graphs else Runner(dmodel, dview)
         self.wrunner = None  # mspeckv: the target over a window of its own KV, the middle level
         if spec.mode == "mspeckv":
             wkv = WindowKV(self.cache, spec.sinks, spec.window)

@@ -38,6 +38,8 @@ class LoadConfig:
     gamma: int = opt(4, "speculation: drafted tokens per round", lo=1)
     auto_gamma: bool = opt(False, "speculation: the cost model picks γ, or AR, per round")
     self_window: int = opt(256, "--mode self: the newest rows each draft step reads", lo=1)
+    draft_window: int | None = opt(None, "--mode vanilla, mspeckv: the draft model's steps read 4 sinks + its newest "
+                                         "N rows; default its full KV")
     max_batch: int = opt(32, "the server's KV slots (sequences decoded together)", lo=1)
     context: int = opt(8192, "prompt tokens per request", lo=1)
     gen_len: int = opt(128, "completion tokens per request (EOS off)", lo=1)
@@ -61,6 +63,8 @@ class LoadConfig:
         v.number("timeout", self.timeout, lo=0, lo_open=True)
         if (self.mode in ("vanilla", "mspeckv")) != (self.draft is not None):
             raise v.ConfigError("--mode vanilla and mspeckv need --draft MODEL, and --draft goes with them only")
+        if self.draft_window is not None and self.draft is None:
+            raise v.ConfigError("--draft-window is the draft model's window: it goes with --mode vanilla or mspeckv")
 
     def validate(self) -> None:
         from ..model.api import model_config
@@ -191,7 +195,8 @@ def run(cfg: LoadConfig, command: str = "") -> dict:
     draft = load_any(cfg.draft, cfg.device)[0] if cfg.draft is not None else None
     load_s = time.perf_counter() - t0
     spec = None if cfg.mode == "ar" else BatchSpecConfig(cfg.mode, cfg.gamma, window=cfg.self_window,
-                                                         auto=cfg.auto_gamma, draft_gamma=cfg.draft_gamma)
+                                                         auto=cfg.auto_gamma, draft_gamma=cfg.draft_gamma,
+                                                         draft_window=cfg.draft_window)
     if cfg.dataset is not None:
         from ..data.corpora import long_prompt
 
