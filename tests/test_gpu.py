@@ -344,8 +344,10 @@ def test_graphed_batch_engine_matches_each_prompt_alone(dtype):
     print(f"batch engine vs alone, {dtype}: token agreement {agree}")
 
 
-@pytest.mark.parametrize("mode,auto", [("self", False), ("self", True), ("vanilla", False), ("vanilla", True)])
-def test_graphed_batch_speculation_equals_each_prompt_alone_fp32(mode, auto):
+@pytest.mark.parametrize("mode,auto,draft_window", [("self", False, None), ("self", True, None),
+                                                    ("vanilla", False, None), ("vanilla", True, None),
+                                                    ("vanilla", False, 48), ("mspeckv", False, 48)])
+def test_graphed_batch_speculation_equals_each_prompt_alone_fp32(mode, auto, draft_window):
     """Speculation at batch with every forward graphed (the self draft through the kernel's window): greedy output
     per sequence equals that prompt's AR alone in fp32, ragged prompts, leave and join; nothing ran eagerly."""
     from mspeckv.config import GenerationConfig
@@ -353,11 +355,11 @@ def test_graphed_batch_speculation_equals_each_prompt_alone_fp32(mode, auto):
     from mspeckv.decoding.batch_spec import BatchSpecConfig, generate_batch_spec
 
     m = cuda_model(4, torch.float32)
-    draft = cuda_model(2, torch.float32) if mode == "vanilla" else None
+    draft = cuda_model(2, torch.float32) if mode != "self" else None
     g = torch.Generator().manual_seed(2)
     ps = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (300, 17, 1200, 64, 800)]
     gen = GenerationConfig(max_new_tokens=24, stop_on_eos=False, prefill_chunk=256)
-    spec = BatchSpecConfig(mode, 4, sinks=4, window=64, auto=auto)
+    spec = BatchSpecConfig(mode, 4, sinks=4, window=64, auto=auto, draft_window=draft_window)  # the draft's too
     r = generate_batch_spec(m, draft, ps, gen, spec, max_batch=3, graphs=True)
     st = r.stats
     assert st["eager_steps"] == 0 and st["draft_eager_steps"] == 0 and st["draft_captures"] >= 1

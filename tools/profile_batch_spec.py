@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--draft-gamma", type=int, default=4)
     ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--draft-window", type=int, default=None, help="vanilla / mspeckv: the draft model's window")
+    ap.add_argument("--draft-sinks", type=int, default=4)
     ap.add_argument("--context", type=int, default=32256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=128)
@@ -82,7 +84,8 @@ def main() -> None:
         eng = BatchEngine(model, a.batch, cap, gen)
     else:
         eng = BatchSpecEngine(model, draft, a.batch, cap, gen,
-                              BatchSpecConfig(a.mode, a.gamma, window=a.window, draft_gamma=a.draft_gamma))
+                              BatchSpecConfig(a.mode, a.gamma, window=a.window, draft_gamma=a.draft_gamma,
+                                              draft_window=a.draft_window, draft_sinks=a.draft_sinks))
     log: list = []
     on: list = []  # non-empty from the first decode segment on (captures and warm-ups before it are not the decode's)
     timed_steps(eng.runner, lambda t: "ar" if t == 1 else "verify", log, dev, on)
