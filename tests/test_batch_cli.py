@@ -299,3 +299,27 @@ def test_prompts_with_speculation_give_each_prompts_greedy_ar_output(target, tmp
     assert rows("spec.jsonl") == rows("ar.jsonl")
     assert main(["generate", "--model", target, "--prompt", "x", "--mode", "self", "--device", "cpu"]) != 0
     assert "give --prompts FILE.jsonl" in capsys.readouterr().err
+
+
+def test_bench_batch_waves_keep_the_batch_in_flight_and_label_the_cells(tmp_path):
+    """--waves 2: B x 2 prompts through B slots (the KV allocated for B, not 2B), labelled CxB/w2, their
+    speculation compared with AR's of the same waves, per sequence."""
+    from mspeckv.bench.batch import BatchBenchConfig, run
+
+    kw = dict(model="random:tiny", contexts=(16,), batches=(2,), gen_len=4, seeds=2, ragged="",
+              spec=("self:2:w8@16x2",), device="cpu")
+    run(BatchBenchConfig(**kw, out=str(tmp_path / "w1")), "cmd")
+    two = run(BatchBenchConfig(**kw, waves=2, out=str(tmp_path / "w2")), "cmd")
+    assert {r["cell"] for r in two["rows"]} == {"16x2/w2", "self:2:w8@16x2/w2"}
+    spec = next(r for r in two["rows"] if r["method"] == "spec")
+    assert spec["agree_n"] == 2 * 4 and spec["vs_ar_decode"] is not None and spec["batch"] == 2
+
+    def rec(folder, method):
+        return json.loads(next((tmp_path / folder / "runs").glob(f"batch__{method}__*seed0.json")).read_text())
+
+    ar1, ar2 = rec("w1", "ar")["metrics"], rec("w2", "ar")["metrics"]
+    assert (ar2["batch"], ar2["sequences"], len(ar2["outputs"])) == (2, 4, 4)
+    assert ar2["kv_bytes_allocated"] == ar1["kv_bytes_allocated"]  # 2 slots either way
+    assert ar2["outputs"][:2] == ar1["outputs"]  # the first wave is the one-wave run's prompts
+    sp = rec("w2", "spec")["metrics"]
+    assert (sp["sequences"], sp["total_prompt_tokens"]) == (4, 64)

@@ -44,6 +44,9 @@ class BatchBenchConfig:
                                    "pinned memory; uniform lengths)")
     presses: tuple[str, ...] = opt((), "compress-to-fit AR: PRESS@CONTEXTxBATCH cells (a press spec or preset, e.g. "
                                    "kivi:k_bits=4,v_bits=4@32768x32)", sep=";")
+    waves: int = opt(1, "prompts per slot in the ar and speculation cells: CxB decodes B x WAVES prompts, B in "
+                        "flight, a freed slot taking the next prompt (continuous batching: the batch's tail comes "
+                        "once, at the end); its cells are labelled CxB/wWAVES", lo=1)
     offload_gen_len: int = opt(32, "tokens generated per sequence in the offload and press cells", lo=2)
     spec: tuple[str, ...] = opt((), "speculation at batch: MODE:GAMMA@CONTEXTxBATCH cells, MODE self or vanilla, "
                                 "GAMMA a number or autoN (the cost model picks γ <= N, or AR, per round), an optional "
@@ -163,7 +166,7 @@ def prompt_lengths(method: str, ctx: int, batch: int, cfg: BatchBenchConfig, see
         g = torch.Generator().manual_seed(1000 + seed)
         lens = torch.randint(lo, hi + 1, (cfg.ragged_batch,), generator=g).tolist()
         return lens if method == "ragged" else [sum(lens) // len(lens)] * len(lens)
-    return [ctx] * batch
+    return [ctx] * batch * (cfg.waves if method in ("ar", "spec") else 1)
 
 
 class Bench:
@@ -217,18 +220,20 @@ class Bench:
             return self.uniform_generate(spec, ctx, batch)
         if spec.method == "spec":
             return self.speculate(spec, ctx, batch)
+        slots = min(len(lens), batch) if spec.method == "ar" else len(lens)  # waves: batch in flight
         if spec.method != "hf":  # refused before it allocates
-            check_gpu_memory(self.model.cfg, len(lens), max(lens) + self.cfg.gen_len, self.model.dtype.itemsize,
+            check_gpu_memory(self.model.cfg, slots, max(lens) + self.cfg.gen_len, self.model.dtype.itemsize,
                              self.cfg.gpu_memory)
         free_memory()
         reset_peak(self.device)
         ps = self.prompts(lens, spec.seed)
         gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
                                prefill_chunk=self.cfg.prefill_chunk)
-        m = self.hf(ps, gen) if spec.method == "hf" else self.ours(ps, gen)
+        m = self.hf(ps, gen) if spec.method == "hf" else self.ours(ps, gen, slots)
         step_s = m["decode_s"] / max(m["decode_steps"], 1)
         return {**m, "prompt_lens": lens if spec.method == "ragged" else None, "total_prompt_tokens": sum(lens),
-                "batch": len(lens), "step_ms": step_s * 1e3, **self.floor(lens, step_s),
+                "batch": slots, "sequences": len(lens), "step_ms": step_s * 1e3,
+                **self.floor(lens[:slots], step_s),
                 "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
                 "model_load_s": self.load_s, "prompts": self.prompt_source()}
 
@@ -287,14 +292,14 @@ class Bench:
             self.draft = load_any(self.cfg.draft, self.device)[0]
         free_memory()
         reset_peak(self.device)
-        ps = self.prompts([ctx] * batch, spec.seed)
+        ps = self.prompts([ctx] * batch * self.cfg.waves, spec.seed)
         gen = GenerationConfig(max_new_tokens=self.cfg.gen_len, stop_on_eos=False,
                                prefill_chunk=self.cfg.prefill_chunk)
         sc = BatchSpecConfig(mode, gamma, sinks=self.cfg.sinks, window=spec.config["window"],
                              auto=spec.config.get("auto", False), draft_gamma=self.cfg.draft_gamma,
                              draft_window=self.cfg.draft_window if mode != "self" else None, draft_sinks=self.cfg.sinks)
         t0 = time.perf_counter()
-        r = generate_batch_spec(self.model, self.draft if mode != "self" else None, ps, gen, sc)
+        r = generate_batch_spec(self.model, self.draft if mode != "self" else None, ps, gen, sc, max_batch=batch)
         sync(self.device)
         wall = time.perf_counter() - t0
         st = r.summary()
@@ -310,16 +315,16 @@ class Bench:
                          "mspeckv": f" (draft {self.cfg.draft}{dw} -> window {sc.window}, sinks {sc.sinks}, draft γ "
                                     f"{sc.draft_gamma} -> full KV)"}[mode]
                       + (", CUDA graphs" if st["graphs"] else ", eager"),
-            "batch": batch, "total_prompt_tokens": ctx * batch, "round_ms": st["decode_s"] / st["rounds"] * 1e3
-            if st["rounds"] else None, "step_ms": None,
+            "batch": batch, "sequences": len(ps), "total_prompt_tokens": ctx * len(ps),
+            "round_ms": st["decode_s"] / st["rounds"] * 1e3 if st["rounds"] else None, "step_ms": None,
             "peak_gpu_bytes": peak_bytes(self.device), "device_name": device_name(self.device),
             "model_load_s": self.load_s, "prompts": self.prompt_source(), "outputs": [q.tokens for q in r.seqs]}
 
-    def ours(self, ps, gen) -> dict:
+    def ours(self, ps, gen, slots: int) -> dict:
         from ..decoding.batch import generate_batch
 
         t0 = time.perf_counter()
-        r = generate_batch(self.model, ps, gen)
+        r = generate_batch(self.model, ps, gen, max_batch=slots)
         sync(self.device)
         wall = time.perf_counter() - t0
         s = r.summary()
@@ -388,11 +393,12 @@ def plan(cfg: BatchBenchConfig) -> list[RunSpec]:
     cells += [("hf", *hf_cell(c)) for c in cfg.hf]
     cells += [("offload", *hf_cell(c)) for c in cfg.offload]
     settings = {k: x for k, x in asdict(cfg).items() if k != "out"}
-    specs = [RunSpec("batch", m, "cell", cfg.ragged if m in ("ragged", "uniform") else f"{c}x{b}", s,
+    w = "" if cfg.waves == 1 else f"/w{cfg.waves}"  # another --waves is another cell (and another run file)
+    specs = [RunSpec("batch", m, "cell", cfg.ragged if m in ("ragged", "uniform") else f"{c}x{b}{w * (m == 'ar')}", s,
                      {"context": c, "batch": b, **settings}) for m, c, b in cells for s in range(cfg.seeds)]
     for text in cfg.spec:
         mode, gamma, auto, window, c, b = spec_cell(text)
-        specs += [RunSpec("batch", "spec", "cell", text, s, {**settings, "context": c, "batch": b, "mode": mode,
+        specs += [RunSpec("batch", "spec", "cell", text + w, s, {**settings, "context": c, "batch": b, "mode": mode,
                                                              "gamma": gamma, "auto": auto,
                                                              "window": window or cfg.window})
                   for s in range(cfg.seeds)]
