@@ -96,10 +96,6 @@ def measurements(model: str, kv_quant: str | None = None, press: str | None = No
     return out
 
 
-def _what(kv_quant: str | None, press: str | None) -> str:
-    return f"--press {press}" if press is not None else f"--kv-quant {kv_quant}"
-
-
 def _measure_cmd(model: str, kv_quant: str | None, press: str | None) -> str:
     what = f"--press {press}" if press is not None else f"--kv-quant {kv_quant} --on-chip 0"
     return f"mspeckv eval ppl,kl --model {model} {what}"
@@ -111,7 +107,7 @@ def quality_note(kv_quant: str | None = None, press: str | None = None, *, model
     if (kv_quant in (None, "none")) and press is None:
         return None
     kv_quant = None if kv_quant == "none" else kv_quant
-    what = _what(kv_quant, press)
+    what = f"--press {press}" if press is not None else f"--kv-quant {kv_quant}"
     found = measurements(model, kv_quant, press, root)
     if not found:
         return (f"note: {what} is lossy, and no quality measurement of it exists for {model} in "

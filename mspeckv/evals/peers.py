@@ -201,9 +201,7 @@ def table(rows: list[dict]) -> str:
     """One Markdown table of peers' and our rows (each row's Δ and KL against its own run's full cache)."""
     from ..runs.tables import md_table
 
-    def f(x, fmt):
-        return "" if x is None else format(x, fmt)
-
+    f = lambda x, spec: "" if x is None else format(x, spec)
     body = [[r["library"], r["peer"], r.get("context"), r.get("windows"),
              f(r.get("ppl"), ".3f"), f(r.get("baseline_ppl"), ".3f"), f(r.get("ppl_delta_pct"), "+.2f"),
              f(r.get("kl_mean"), ".4f"), f(r.get("top1_agreement"), ".3f")] if r["status"] == "ok"
