@@ -1,31 +1,26 @@
 """The sweep methods' runs (what each method is: ``registry.REGISTRY``): ``METHOD_FNS[name](ctx, x, seed) ->
-metrics dict``, one timed run each.
+metrics dict``, one timed run each. Conventions (every method):
 
-Measurement conventions (every method):
-
-* Prompt: ``long_prompt(tokenizer, prefill, seed, dataset)`` (real text) for real targets; for random-weight targets
-  uniform random ids drawn from ``(seed, prefill)`` (``prompt_source: random-ids``). Same (seed, prefill) -> same
-  prompt for every method. The sampling seed is the run's seed.
-* Every run generates exactly ``gen_len`` tokens: EOS does not stop generation (``stop_on_eos=False``; transformers:
-  ``eos_token_id=None``), since throughput comparisons need equal lengths.
+* Prompt: real text (``long_prompt(tokenizer, prefill, seed, dataset)``) for real targets, else uniform random ids
+  drawn from ``(seed, prefill)`` (``prompt_source: random-ids``): the same for every method. Sampling seed: the run's.
+* Exactly ``gen_len`` tokens: EOS does not stop generation (transformers: ``eos_token_id=None``), so throughputs
+  compare equal lengths.
 * Warm-up: before the first timed run of each (method, x) in a process, one untimed run at the same prefill length
-  with ``WARMUP_TOKENS`` new tokens, so one-time costs (allocator growth, kernel selection) stay out of the numbers.
-* ``ttft_s``: prefill + first token. ``latency_s``: decode time of the tokens after the first (prefill/TTFT
-  excluded). ``tok_per_s`` = (n_generated - 1) / latency_s: the decode-only rate, tokens produced inside the latency
-  window (the first token belongs to TTFT). ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1).
-* End to end: ``runs.harness.e2e`` (``e2e_s``: the timed request's wall clock; ``graph_setup_s``: the capture part
-  of ``setup_s``). Older records' end to end: ``report.end_to_end``.
-* ``bytes_transferred``: host-to-device KV bytes of the target's cache for the whole run (prefill included; 0 when
-  every layer is on the chip); ``bytes_per_token`` = that / n_generated. ``decode_bytes_per_token``: the bytes
-  streamed inside the decode window (after prefill and graph capture) per token after the first: per accepted token
-  for the speculative methods. ``peak_gpu_bytes``: max allocated (weights included) after a reset before the run;
-  None on the CPU. ``resident_hit_rate``: None without resident layers.
-* hf_assisted: transformers ``generate(assistant_model=...)`` with ``DynamicCache(offloading=True)`` (every layer
-  offloaded, transformers' own scheme; on the CPU, where offloading has no meaning and needs CUDA, a plain
-  ``DynamicCache``). TTFT is a separate 1-token ``generate`` on the same prompt (assistant included, so both
-  prefills count); ``latency_s`` = total time of the full ``generate`` - that TTFT. ``accepted`` and transfer bytes
-  are not exposed by transformers: None. Both HF models are loaded once per sweep, lazily; for random-weight models
-  they are built from the config and given our models' weights.
+  with ``WARMUP_TOKENS`` new tokens (one-time costs such as allocator growth stay out of the numbers).
+* ``ttft_s``: prefill + first token; ``latency_s``: the decode of the tokens after the first; ``tok_per_s`` =
+  (n_generated - 1) / latency_s (decode only); ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1). End to
+  end: ``runs.harness.e2e`` (``graph_setup_s``: the capture part of ``setup_s``; older records:
+  ``report.end_to_end``).
+* ``bytes_transferred``: the target cache's host-to-device KV bytes over the run (prefill included; 0 when every
+  layer is on the chip), ``bytes_per_token`` that / n_generated; ``decode_bytes_per_token``: the bytes streamed in
+  the decode window (after prefill and graph capture) per token after the first, i.e. per accepted token when
+  speculating. ``peak_gpu_bytes``: max allocated (weights included) after a reset before the run, None on the CPU;
+  ``resident_hit_rate``: None without resident layers.
+* transformers: ``hf_assisted`` runs ``generate(assistant_model=draft)`` over ``DynamicCache(offloading=True)`` (a
+  plain ``DynamicCache`` on the CPU, where offloading needs CUDA), ``hf_ar`` plain ``generate`` with a
+  ``DynamicCache`` on the device. TTFT: when its streamer receives the first generated token; ``latency_s``: the
+  rest of the same call. Acceptance and transfer bytes are not exposed: None. Both models load once per sweep,
+  lazily (random weights: built from the config and given our models' weights).
 """
 
 from __future__ import annotations

@@ -105,11 +105,11 @@ class Cell:
     ctx: int
     fmt: str
     resident: int
-    ms_per_token: float | None
-    runs_ms: list
-    h2d_bytes_per_step: int | None
-    floor_ms: float | None  # max(transfer floor, graphed GPU floor)
-    ratio: float | None  # ms_per_token / floor_ms
+    ms_per_token: float | None = None
+    runs_ms: list = field(default_factory=list)
+    h2d_bytes_per_step: int | None = None
+    floor_ms: float | None = None  # max(transfer floor, graphed GPU floor)
+    ratio: float | None = None  # ms_per_token / floor_ms
     transfer_floor_ms: float | None = None
     gpu_floor_ms: float | None = None  # graphed all-on-GPU step at this context
     ratio_sum: float | None = None  # ms_per_token / (transfer floor + GPU floor)
@@ -122,10 +122,6 @@ class Cell:
     graphed_floor_ms: float | None = None  # max(graphed transfer floor, GPU floor)
     graphed_ratio: float | None = None  # graphed_ms / graphed_floor_ms
     graphed_error: str | None = None
-
-
-def _failed(ctx: int, fmt: str, r: int, error: str, planned: int | None) -> Cell:
-    return Cell(ctx, fmt, r, None, [], None, None, None, pinned_bytes_planned=planned, error=error)
 
 
 def _attempt(fn, *args):
@@ -215,15 +211,14 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
                 p = Placement(on_chip=cfg.on_chip, kv_quant=fmt, resident_layers=min(r, nl - cfg.on_chip))
                 planned = pinned_store_bytes(model.cfg, p, cap, dtype.itemsize)
                 check = device == "cuda" or cfg.host_memory_bytes is not None  # CPU smoke runs: only when asked
-                if check and (refusal := host_refusal(planned, f"the pinned {fmt} store", *reserve)):
-                    cells.append(_failed(ctx, fmt, r, refusal, planned))
+                refusal = host_refusal(planned, f"the pinned {fmt} store", *reserve) if check else None
+                cell = refusal or _attempt(_eager_cell, model, cfg, p, cap, ctx, fmt, r, bw, gpu_floor, planned, verify)
+                if isinstance(cell, str):  # refused or failed: recorded, and the run goes on
+                    cells.append(Cell(ctx, fmt, r, pinned_bytes_planned=planned, error=cell))
                     continue
-                cell = _attempt(_eager_cell, model, cfg, p, cap, ctx, fmt, r, bw, gpu_floor, planned, verify)
-                cells.append(_failed(ctx, fmt, r, cell, planned) if isinstance(cell, str) else cell)
-                if cfg.graphed and cells[-1].error is None:  # recorded beside the eager numbers, never fatal
-                    c = cells[-1]
-                    err = _attempt(_graphed_cell, model, cfg, c, p, cap, bw, verify)
-                    c.graphed_error = err if err is not None else c.graphed_error
+                cells.append(cell)
+                if cfg.graphed:  # recorded beside the eager numbers, never fatal
+                    cell.graphed_error = _attempt(_graphed_cell, model, cfg, cell, p, cap, bw, verify)
         if cfg.hf_reference and device == "cuda":  # a failed reference must not sink our own numbers
             need = model.cfg.kv_bytes_per_token(dtype.itemsize) * (ctx + 4096)
             res["hf_offloaded_ms"][ctx] = (host_refusal(need, "HF's offloaded DynamicCache", *reserve) or

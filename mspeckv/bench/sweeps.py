@@ -87,15 +87,11 @@ def validate(s: SweepSettings):
     from ..decoding.speculative import SpecConfig
     from ..model.api import model_config
 
-    SamplingConfig(temperature=s.temperature, top_p=s.top_p)
-    if s.prefill_chunk < 1:
-        raise ValueError(f"--prefill-chunk must be >= 1, got {s.prefill_chunk}")
+    SamplingConfig(temperature=s.temperature, top_p=s.top_p)  # the fields' own types and ranges: __post_init__
     if any(m in RETRIEVAL_METHODS for m in s.methods):
         SpecConfig(mode="mspeckv", gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk)
     elif "vanilla_specdec" in s.methods:
         SpecConfig(mode="vanilla", gamma=s.gamma, draft_gamma=s.draft_gamma)
-    if s.kv_quant not in ("int8", "int4", "int2"):
-        raise ValueError(f"--kv-quant must be int8, int4 or int2 (the mspeckv_kv_quant format), got '{s.kv_quant}'")
     tcfg = model_config(s.target)
     dcfg = model_config(s.draft) if any(m in SPEC_METHODS for m in s.methods) else None
     if dcfg is not None and dcfg.vocab_size != tcfg.vocab_size:
