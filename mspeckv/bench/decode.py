@@ -2,7 +2,7 @@
 
 Achieved bandwidth = (weight bytes + KV bytes read per decode step) / step time, compared with a device-to-device copy
 bandwidth (bytes read + written) measured in the same run. Warm-up runs at the exact measured shape first.
-End to end (``bench.harness``): ``e2e_s`` is the wall clock of one ``generate``; with graphs it builds its static
+End to end (``runs.harness``): ``e2e_s`` is the wall clock of one ``generate``; with graphs it builds its static
 cache and captures its graph inside (``setup_s``); eagerly one DenseKV is allocated before the runs and reused.
 """
 
@@ -59,6 +59,7 @@ def weight_bytes_per_step(model) -> int:
 
 
 def prompt_ids(tok, n: int, batch: int, vocab: int, seed: int) -> tuple[torch.Tensor, str]:
+    src = "random-ids"
     if tok is not None:
         try:
             from ..data.corpora import long_prompt
@@ -66,8 +67,6 @@ def prompt_ids(tok, n: int, batch: int, vocab: int, seed: int) -> tuple[torch.Te
             return torch.tensor([long_prompt(tok, n, seed + b) for b in range(batch)]), "bbc-news"
         except Exception as e:  # no corpus installed: fall back to random ids, and say so in the results
             src = f"random-ids ({type(e).__name__})"
-    else:
-        src = "random-ids"
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (batch, n), generator=g), src
 
@@ -116,8 +115,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
     if write:
         out = Path(cfg.out or f"results/bench/decode-{cfg.model.replace(':', '-')}-{device.type}"
                                f"-p{cfg.prompt_len}-g{cfg.gen_len}-b{cfg.batch}.json")
-        row["meta"] = run_metadata()
-        row["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        row |= {"meta": run_metadata(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(out, row)
         row["out"] = str(out)
     return row

@@ -10,7 +10,7 @@ Per (context, press), after one warm-up of the same shape, median of ``repeats``
   everything the cache holds after compress (stores, tail buffer, scratch), and the peak GPU memory of the cell.
 - end to end: ``setup_s`` builds the cache, ``e2e_s`` = setup + prefill + compress + decode, ``e2e_tok_s`` the
   decoded tokens over it (beside ``decode_tok_s``, the decode alone).
-Times are wall clock around CUDA-synchronised regions (each region is milliseconds or more; ``bench.harness.wall``).
+Times are wall clock around CUDA-synchronised regions (``runs.harness.wall``).
 """
 
 from __future__ import annotations

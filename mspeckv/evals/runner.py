@@ -1,27 +1,22 @@
 """``mspeckv eval {ppl,kl,attention,ece,needle,ruler,recon,gsm8k,accept,speed,all,report}`` (or a comma list such
-as ``ppl,recon,speed``).
-
-One template (``runs.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
--> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one final JSON line.
+as ``ppl,recon,speed``), on the run layer's template: :class:`EvalConfig` (its fields are the CLI flags, validated
+in ``__post_init__``) -> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one JSON line.
 
 Every invocation evaluates the full-cache baseline (variant ``full``: every layer's KV dense on the device, no press)
-next to the asked variants, on the same inputs; the report gives deltas against it. Variants are the product of
-``--press`` (none, or each spec) and ``--kv-quant`` (each format), minus the baseline.
-
-Metric families: ``FAMILIES`` (one module each, documenting its protocol; a family's metrics come from one pass;
-its ``contexts`` names the flag that gives its contexts: ``--context``, ``--needle-context``, or none for GSM8K's
-5-shot prompts; ``accept`` needs ``--draft``).
+next to the asked variants, on the same inputs. Variants are the product of ``--press`` (none, or each spec) and
+``--kv-quant`` (each format), minus the baseline. Metric families: ``FAMILIES`` (one module each, documenting its
+protocol; ``accept`` needs ``--draft``).
 
 Cells: ``<output-dir>/cells/<metric>__<variant>__ctx=<n>.json``, one per (metric, variant, context), written
-atomically with the run's metadata (git commit) and the settings that shaped it; an existing cell is skipped, so an
-interrupted evaluation resumes where it stopped. Every input is checked (model config, contexts, data, presses,
-placements, the settings of cells already in the directory) before any weights load and before anything is written.
+atomically with the run's metadata and the settings that shaped it; an existing cell is skipped, so an interrupted
+evaluation resumes where it stopped. Every input (model config, contexts, data, presses, placements, the settings
+of cells already in the directory) is checked before any weights load and before anything is written.
 
-Held-out confirmation (``--split``): choose a configuration from a grid run with ``--split select``, then run that
-configuration alone with ``--split confirm``. The two halves share no document (``data.corpora.doc_split``, by a hash
-of each document's name, the same at every seed), confirm's needle/RULER/accept prompts use seeds 500 further on
-(:meth:`EvalConfig.task_seed`), and each half writes its own folder (``results/quality/<model>-<split>``; the split is
-a recorded setting, so the other half's cells are refused in it).
+Held-out confirmation (``--split``): choose a configuration from a grid run with ``--split select``, then run it
+alone with ``--split confirm``. The halves share no document (``data.corpora.doc_split``, by a hash of each
+document's name), confirm's needle/RULER/accept prompts use seeds 500 further on (:meth:`EvalConfig.task_seed`),
+and each half writes its own folder (``results/quality/<model>-<split>``; the split is a recorded setting, so the
+other half's cells are refused in it).
 """
 
 from __future__ import annotations
