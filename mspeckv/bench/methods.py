@@ -148,7 +148,9 @@ def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str,
 
 
 def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None) -> dict[str, Any]:
-    """baseline (mode None: AR), vanilla or mspeckv speculation with this method's placement."""
+    """Our engine: AR (mode None) or vanilla or mspeckv speculation, with the method's placement. ar_gpu has none:
+    every layer's KV on the GPU, as ``generate`` builds it (on CUDA it replays a CUDA graph over a static cache),
+    what a user whose KV fits on the GPU would run."""
     s, p = ctx.settings, ctx.point(x)
     placement = placement_for(s, method, p)
     ids, src = prompt(ctx, p.prefill, seed)
@@ -156,6 +158,8 @@ def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None
 
     def run(n: int):
         gen = _gen(ctx, n, seed)
+        if placement is None:
+            return generate(ctx.target, ids, gen)
         if mode is None:  # the factory decides the layout: graphed when nothing is offloaded or pressed, as in spec
             cache, build_s = wall(ctx.device, lambda: make_cache(ctx.target, placement, 1, p.prefill + n,
                                                                  press=s.press, graphs=use_graphs(ctx.target)))
@@ -174,25 +178,13 @@ def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None
     else:
         mem, per_level = res.stats.get("memory"), res.stats.get("time_s")
     hit = mem.get("resident_hit_rate") if mem and placement.resident_layers else None
+    where = placement.describe(ctx.target.cfg.n_layers) if placement else "every layer on the GPU (graphed on CUDA)"
     return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, mem, res.setup_s, secs,
                     graph_setup_s=res.stats.get("capture_s", res.stats.get("graph_setup_s")), model_load_s=ctx.load_s,
                     h2d_bytes_before_decode=res.stats.get("h2d_bytes_before_decode"),
                     prefill_s=res.prefill_s, accepted=res.stats.get("accepted"), levels=getattr(res, "levels", None),
                     verifications=res.stats.get("verifications"), per_level_s=per_level, resident_hit_rate=hit,
-                    placement=placement.describe(ctx.target.cfg.n_layers), resident_layers=placement.resident_layers)
-
-
-def ar_gpu(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """Autoregressive decoding with every layer's KV on the GPU: on CUDA, ``generate`` replays a CUDA graph over a
-    static cache. What a user whose KV fits on the GPU would run; the sweep's placement does not apply."""
-    p = ctx.point(x)
-    ids, src = prompt(ctx, p.prefill, seed)
-    res, peak, secs = _timed(ctx, "ar_gpu", x, lambda n: generate(ctx.target, ids, _gen(ctx, n, seed)), p.gen_len)
-    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, None, res.setup_s, secs,
-                    graph_setup_s=res.stats.get("capture_s"), model_load_s=ctx.load_s,
-                    prefill_s=res.prefill_s, accepted=None, levels=None, verifications=None,
-                    per_level_s={"prefill": res.prefill_s, "decode": res.decode_s}, resident_hit_rate=None,
-                    placement="every layer on the GPU (graphed on CUDA)", resident_layers=0)
+                    placement=where, resident_layers=placement.resident_layers if placement else 0)
 
 
 # ------------------------------------------------------------------------------------------------ transformers
@@ -230,13 +222,11 @@ def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted:
     from transformers.generation.streamers import BaseStreamer
 
     class FirstToken(BaseStreamer):  # generate puts the prompt first, then each new token (moved to the host)
-        def __init__(self):
-            self.puts, self.t = 0, None
+        puts, t = 0, None
 
         def put(self, value):
             self.puts += 1
-            if self.puts == 2:
-                self.t = time.perf_counter()
+            self.t = time.perf_counter() if self.puts == 2 else self.t
 
         def end(self):
             pass
@@ -273,8 +263,9 @@ def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted:
                     hf_cache=f"DynamicCache(offloading={offload})", total_s=total)
 
 
-OUR_MODES = {"baseline": None, "vanilla_specdec": "vanilla", "mspeckv": "mspeckv", "mspeckv_kv_quant": "mspeckv"}
-OTHERS = {"ar_gpu": ar_gpu, "hf_assisted": partial(_hf_generate, method="hf_assisted", assisted=True),
+OUR_MODES = {"baseline": None, "vanilla_specdec": "vanilla", "mspeckv": "mspeckv", "mspeckv_kv_quant": "mspeckv",
+             "ar_gpu": None}
+OTHERS = {"hf_assisted": partial(_hf_generate, method="hf_assisted", assisted=True),
           "hf_ar": partial(_hf_generate, method="hf_ar", assisted=False)}
 # what each method is: ``registry.REGISTRY``; its run here: our engine with its mode (baseline: AR) and placement, or
 # one of the others (a registry entry without a run fails at import)
