@@ -6,19 +6,19 @@ For each (context, kv format, resident layers) cell:
                      ``decoding.autoregressive`` runs it; eager on the CPU)
     ratio          = measured ms/token / max(transfer floor, GPU floor)   (perfect overlap of copies and compute)
     ratio_sum      = measured ms/token / (transfer floor + GPU floor)      (no overlap at all)
-Each cell is timed twice: eagerly (``make_cache(p)``, the host drives every layer) and graphed (``make_cache(p,
-graphs=True)``: the static PlacedKV layout, one CUDA graph per step, ``kv/offload.py``), each on a freshly filled
-cache; ``graphed_ratio`` is the graphed step over the same floor. The graphed step copies the store's rows rounded
-up to the copy bucket (``COPY_BLOCK`` tokens): its transfer floor counts those bytes.
-The all-on-GPU steps (eager and graphed) also report their MBU: (weight bytes + KV bytes read) / time against the
-device-to-device copy bandwidth measured in the same run (bytes read + written).
-Host memory: pinned memory is freed between cells, and a cell whose pinned store (or HF's offloaded cache) would not
-fit in MemAvailable (/proc/meminfo, or ``host_memory_bytes``) is refused up front and recorded as a failed cell, as
-is a cell that raises; the run goes on with the next cell.
-Random bf16 weights at a named shape (default: Llama-2-7B-128K): pure transfer and kernel timing, labelled so.
-The KV is filled through the cache's own write path with random K/V (the placement code paths are the real ones).
-The same command times transformers' ``DynamicCache(offloading=True)`` as the "what a user has today" reference,
-and one 9-token verification (gamma=8) at the longest context.
+Each cell is timed eagerly (``make_cache(p)``: the host drives every layer) and graphed (``make_cache(p,
+graphs=True)``: the static PlacedKV layout, one CUDA graph per step), each on a freshly filled cache;
+``graphed_ratio`` is the graphed step over the same floor, whose transfer part counts the store's rows rounded up to
+the copy bucket (``COPY_BLOCK`` tokens) as the graphed step copies them. The all-on-GPU steps (eager and graphed)
+also report their MBU: (weight bytes + KV bytes read) / time against the device copy bandwidth measured in the same
+run (bytes read + written).
+Host memory: pinned memory is freed between cells; a cell whose pinned store (or HF's offloaded cache) would not fit
+in MemAvailable (or ``host_memory_bytes``) is refused up front, and a cell that raises is recorded as failed too;
+the run goes on with the next cell.
+Random bf16 weights at a named shape (default: Llama-2-7B-128K), KV filled with random K/V through the cache's own
+write path: pure transfer and kernel timing on the real placement code, labelled so. The same command times
+transformers' ``DynamicCache(offloading=True)`` (what a user has today) and one 9-token verification (gamma=8) at
+the longest context.
 """
 
 from __future__ import annotations

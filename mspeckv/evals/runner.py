@@ -167,13 +167,13 @@ class EvalConfig:
             check(getattr(self, name) <= CONFIRM_SEEDS, "--" + name.replace("_", "-"),
                   f"must be <= {CONFIRM_SEEDS} (the confirm split's seeds start {CONFIRM_SEEDS} further on)")
         check(self.stride is None or self.stride >= 1, "--stride", f"must be >= 1, got {self.stride}")
-        if any(FAMILY_OF[m].name == "lm" for m in self.metrics):
+        lm = [m for m in self.metrics if FAMILY_OF[m].name == "lm"]
+        if lm:
             short = [c for c in self.context if c <= self.scored]
             check(not short, "--scored", f"{self.scored} must be shorter than every --context (not: "
                                          f"{','.join(map(str, short))})")
         check(self.needle_count <= 32, "--needle-count", "must be <= 32 (distinct keys)")
         check(self.ruler_keys <= 32, "--ruler-keys", "must be <= 32 (distinct keys)")
-        lm = [m for m in self.metrics if FAMILY_OF[m].name == "lm"]
         check(not (self.no_baseline and lm), "--no-baseline", f"cannot be used with {','.join(lm)}: those compare "
               f"with the baseline's logits in the same pass; run them without it")
         check(len(set(self.press)) == len(self.press), "--press", "names a spec twice")
