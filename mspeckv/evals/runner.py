@@ -51,25 +51,21 @@ class Family:
     shared_pass: bool = False
 
 
+TEXT = ("dataset", "split", "seed")  # the settings of every family that reads real text
 FAMILIES = (
-    Family("lm", ("ppl", "kl", "ece", "attention"), "lm", "run",
-           ("dataset", "split", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk",
-            "floor"),
-           "context", shared_pass=True),
-    Family("recon", ("recon",), "recon", "run", ("dataset", "split", "seed", "prefill_chunk"), "context",
-           shared_pass=True),
-    Family("speed", ("speed",), "speed", "run",
-           ("dataset", "split", "seed", "prefill_chunk", "speed_gen", "speed_graphs", "speed_runs"), "context"),
+    Family("lm", ("ppl", "kl", "ece", "attention"), "lm", "run", (*TEXT, "windows", "stride", "scored", "score_chunk",
+           "attn_queries", "prefill_chunk", "floor"), "context", shared_pass=True),
+    Family("recon", ("recon",), "recon", "run", (*TEXT, "prefill_chunk"), "context", shared_pass=True),
+    Family("speed", ("speed",), "speed", "run", (*TEXT, "prefill_chunk", "speed_gen", "speed_graphs", "speed_runs"),
+           "context"),
     Family("needle", ("needle",), "retrieval", "run_needle",
-           ("dataset", "split", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"),
-           "needle_context"),
+           (*TEXT, "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
     Family("ruler", ("ruler",), "retrieval", "run_ruler",
-           ("dataset", "split", "seed", "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
+           (*TEXT, "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
     Family("gsm8k", ("gsm8k",), "gsm8k", "run", ("gsm8k_items", "gsm8k_max_new", "gsm8k_graphs", "prefill_chunk"),
            None),
-    Family("accept", ("accept",), "accept", "run",
-           ("dataset", "split", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma",
-            "draft_gamma"), "context", needs_draft=True),
+    Family("accept", ("accept",), "accept", "run", (*TEXT, "draft", "accept_prompts", "accept_gen", "accept_budget",
+           "gamma", "draft_gamma"), "context", needs_draft=True),
 )
 METRICS = tuple(m for f in FAMILIES for m in f.metrics)
 FAMILY_OF = {m: f for f in FAMILIES for m in f.metrics}
