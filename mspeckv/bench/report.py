@@ -140,12 +140,10 @@ def _group(records: list[dict[str, Any]]) -> dict[tuple[Any, str], Group]:
 def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, Any]]:
     rows = []
     for (x, method), g in groups.items():
-        row: dict[str, Any] = {
-            "x_name": x_name, "x": x, "method": method, "n_ok": len(g.ok), "n_failed": len(g.failed),
-            "errors": dict(sorted(g.errors().items())),
-            "error_examples": sorted({str(r.get("error"))[:300] for r in g.failed}),
-            "seeds_ok": sorted(r.get("seed") for r in g.ok),
-        }  # fmt: skip
+        row: dict[str, Any] = {"x_name": x_name, "x": x, "method": method, "n_ok": len(g.ok), "n_failed": len(g.failed),
+                               "errors": dict(sorted(g.errors().items())),
+                               "error_examples": sorted({str(r.get("error"))[:300] for r in g.failed}),
+                               "seeds_ok": sorted(r.get("seed") for r in g.ok)}
         for metric in METRICS:
             row.update(_ms_dict(metric, mean_std(g.values(metric).values())))
         for ref in REFERENCES:
