@@ -89,18 +89,14 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
     runs, walls = requests(device, one, cfg.repeats)
     m = median_of(runs, "prefill_s", "ms_per_token", "ttft_s")
     prefill_s, ms_tok = m["prefill_s"], m["ms_per_token"]
-    row = {
-        "bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
-        "family": model.cfg.family, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
-        "cuda_graphs": graphs,
-        "prompt_source": src, **asdict(cfg),
-        "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
-        "ttft_s": m["ttft_s"], "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
-        **median_e2e(runs, runs[-1].n_generated, walls),
-        "model_load_s": load_s, "runs_e2e_s": walls,
-        "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
-        "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None,
-    }
+    row = {"bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
+           "family": model.cfg.family, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+           "cuda_graphs": graphs, "prompt_source": src, **asdict(cfg),
+           "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
+           "ttft_s": m["ttft_s"], "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
+           **median_e2e(runs, runs[-1].n_generated, walls), "model_load_s": load_s, "runs_e2e_s": walls,
+           "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
+           "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None}
     if device.type == "cuda":
         row["device_name"] = device_name(device)
         row["peak_gpu_bytes"] = peak_bytes(device)
