@@ -133,18 +133,16 @@ def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str,
     h2d = (mem or {}).get("h2d_bytes_total", 0)
     h2d0 = extra.pop("h2d_bytes_before_decode", None)
     dec = h2d - h2d0 if (h2d is not None and h2d0 is not None) else None
-    return {
-        "ttft_s": ttft, "latency_s": latency, **e2e(setup_s, ttft, latency, n, e2e_s=wall_s),
-        "tok_per_s": (n - 1) / latency if latency > 0 else None,
-        "decode_ms_per_token": 1e3 * latency / max(n - 1, 1),
-        "n_generated": n, "prompt_len": prompt_len, "prompt_source": source,
-        "bytes_transferred": h2d, "bytes_per_token": h2d / n if (h2d is not None and n) else None,
-        "decode_bytes_per_token": dec / max(n - 1, 1) if dec is not None else None,
-        # every generated token is an accepted one, so bytes_per_token is the bytes per accepted token; the PCIe rate
-        # is the H2D bytes over the copy stream's busy time (CUDA events around each fetch): GB/s while streaming
-        "h2d_GBps_streaming": (mem or {}).get("h2d_achieved_GBps"), "h2d_busy_s": (mem or {}).get("h2d_busy_s"),
-        "peak_gpu_bytes": peak, **extra,
-    }  # fmt: skip
+    # every generated token is an accepted one, so bytes_per_token is the bytes per accepted token; the PCIe rate is
+    # the H2D bytes over the copy stream's busy time (CUDA events around each fetch): GB/s while streaming
+    return {"ttft_s": ttft, "latency_s": latency, **e2e(setup_s, ttft, latency, n, e2e_s=wall_s),
+            "tok_per_s": (n - 1) / latency if latency > 0 else None,
+            "decode_ms_per_token": 1e3 * latency / max(n - 1, 1), "n_generated": n, "prompt_len": prompt_len,
+            "prompt_source": source, "bytes_transferred": h2d,
+            "bytes_per_token": h2d / n if (h2d is not None and n) else None,
+            "decode_bytes_per_token": dec / max(n - 1, 1) if dec is not None else None,
+            "h2d_GBps_streaming": (mem or {}).get("h2d_achieved_GBps"), "h2d_busy_s": (mem or {}).get("h2d_busy_s"),
+            "peak_gpu_bytes": peak, **extra}
 
 
 def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None) -> dict[str, Any]:
