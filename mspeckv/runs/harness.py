@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .tables import fmt  # noqa: F401 (a table cell, as the benches format it: here since they time and format)
+from .tables import fmt  # noqa: F401 (the benches, bench/batch.py and serve.load import it from here)
 
 
 def sync(device: torch.device) -> None:
