@@ -85,9 +85,5 @@ def markdown(rows: list[dict[str, Any]], x_name: str, fmt_x) -> str:
 def rows(groups, xs, methods, x_name: str) -> list[dict[str, Any]]:
     """One row per (x, method) with ok runs (``groups``: ``{(x, method): Group}`` as in :mod:`report`); transformers
     exposes no per-level times, so hf_assisted has none."""
-    return [
-        {x_name: x, "method": m, **group_breakdown(g.ok)}
-        for x in xs
-        for m in methods
-        if (g := groups.get((x, m))) is not None and g.ok and m not in HF_METHODS
-    ]
+    return [{x_name: x, "method": m, **group_breakdown(g.ok)} for x in xs for m in methods
+            if (g := groups.get((x, m))) is not None and g.ok and m not in HF_METHODS]

@@ -2,7 +2,7 @@
 
 Achieved bandwidth = (weight bytes + KV bytes read per decode step) / step time, compared with a device-to-device copy
 bandwidth (bytes read + written) measured in the same run. Warm-up runs at the exact measured shape first.
-End to end (``bench.harness``): ``e2e_s`` is the wall clock of one ``generate``; with graphs it builds its static
+End to end (``runs.harness``): ``e2e_s`` is the wall clock of one ``generate``; with graphs it builds its static
 cache and captures its graph inside (``setup_s``); eagerly one DenseKV is allocated before the runs and reused.
 """
 
@@ -59,6 +59,7 @@ def weight_bytes_per_step(model) -> int:
 
 
 def prompt_ids(tok, n: int, batch: int, vocab: int, seed: int) -> tuple[torch.Tensor, str]:
+    src = "random-ids"
     if tok is not None:
         try:
             from ..data.corpora import long_prompt
@@ -66,8 +67,6 @@ def prompt_ids(tok, n: int, batch: int, vocab: int, seed: int) -> tuple[torch.Te
             return torch.tensor([long_prompt(tok, n, seed + b) for b in range(batch)]), "bbc-news"
         except Exception as e:  # no corpus installed: fall back to random ids, and say so in the results
             src = f"random-ids ({type(e).__name__})"
-    else:
-        src = "random-ids"
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (batch, n), generator=g), src
 
@@ -90,18 +89,14 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
     runs, walls = requests(device, one, cfg.repeats)
     m = median_of(runs, "prefill_s", "ms_per_token", "ttft_s")
     prefill_s, ms_tok = m["prefill_s"], m["ms_per_token"]
-    row = {
-        "bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
-        "family": model.cfg.family, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
-        "cuda_graphs": graphs,
-        "prompt_source": src, **asdict(cfg),
-        "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
-        "ttft_s": m["ttft_s"], "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
-        **median_e2e(runs, runs[-1].n_generated, walls),
-        "model_load_s": load_s, "runs_e2e_s": walls,
-        "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
-        "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None,
-    }
+    row = {"bench": "decode", "model": cfg.model, "weights": "random" if cfg.model.startswith("random:") else "real",
+           "family": model.cfg.family, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+           "cuda_graphs": graphs, "prompt_source": src, **asdict(cfg),
+           "prefill_tok_per_s": cfg.batch * cfg.prompt_len / prefill_s, "prefill_s": prefill_s,
+           "ttft_s": m["ttft_s"], "decode_ms_per_token": ms_tok, "decode_tok_per_s": cfg.batch * 1e3 / ms_tok,
+           **median_e2e(runs, runs[-1].n_generated, walls), "model_load_s": load_s, "runs_e2e_s": walls,
+           "runs_ms_per_token": [r.ms_per_token for r in runs], "runs_prefill_s": [r.prefill_s for r in runs],
+           "sample_text": tok.decode(runs[-1].tokens[0][:48]) if tok is not None else None}
     if device.type == "cuda":
         row["device_name"] = device_name(device)
         row["peak_gpu_bytes"] = peak_bytes(device)
@@ -116,8 +111,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, write: bool = True) -> dict:
     if write:
         out = Path(cfg.out or f"results/bench/decode-{cfg.model.replace(':', '-')}-{device.type}"
                                f"-p{cfg.prompt_len}-g{cfg.gen_len}-b{cfg.batch}.json")
-        row["meta"] = run_metadata()
-        row["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        row |= {"meta": run_metadata(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(out, row)
         row["out"] = str(out)
     return row

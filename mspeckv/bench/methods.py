@@ -1,31 +1,26 @@
 """The sweep methods' runs (what each method is: ``registry.REGISTRY``): ``METHOD_FNS[name](ctx, x, seed) ->
-metrics dict``, one timed run each.
+metrics dict``, one timed run each. Conventions (every method):
 
-Measurement conventions (every method):
-
-* Prompt: ``long_prompt(tokenizer, prefill, seed, dataset)`` (real text) for real targets; for random-weight targets
-  uniform random ids drawn from ``(seed, prefill)`` (``prompt_source: random-ids``). Same (seed, prefill) -> same
-  prompt for every method. The sampling seed is the run's seed.
-* Every run generates exactly ``gen_len`` tokens: EOS does not stop generation (``stop_on_eos=False``; transformers:
-  ``eos_token_id=None``), since throughput comparisons need equal lengths.
+* Prompt: real text (``long_prompt(tokenizer, prefill, seed, dataset)``) for real targets, else uniform random ids
+  drawn from ``(seed, prefill)`` (``prompt_source: random-ids``): the same for every method. Sampling seed: the run's.
+* Exactly ``gen_len`` tokens: EOS does not stop generation (transformers: ``eos_token_id=None``), so throughputs
+  compare equal lengths.
 * Warm-up: before the first timed run of each (method, x) in a process, one untimed run at the same prefill length
-  with ``WARMUP_TOKENS`` new tokens, so one-time costs (allocator growth, kernel selection) stay out of the numbers.
-* ``ttft_s``: prefill + first token. ``latency_s``: decode time of the tokens after the first (prefill/TTFT
-  excluded). ``tok_per_s`` = (n_generated - 1) / latency_s: the decode-only rate, tokens produced inside the latency
-  window (the first token belongs to TTFT). ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1).
-* End to end: ``runs.harness.e2e`` (``e2e_s``: the timed request's wall clock; ``graph_setup_s``: the capture part
-  of ``setup_s``). Older records' end to end: ``report.end_to_end``.
-* ``bytes_transferred``: host-to-device KV bytes of the target's cache for the whole run (prefill included; 0 when
-  every layer is on the chip); ``bytes_per_token`` = that / n_generated. ``decode_bytes_per_token``: the bytes
-  streamed inside the decode window (after prefill and graph capture) per token after the first: per accepted token
-  for the speculative methods. ``peak_gpu_bytes``: max allocated (weights included) after a reset before the run;
-  None on the CPU. ``resident_hit_rate``: None without resident layers.
-* hf_assisted: transformers ``generate(assistant_model=...)`` with ``DynamicCache(offloading=True)`` (every layer
-  offloaded, transformers' own scheme; on the CPU, where offloading has no meaning and needs CUDA, a plain
-  ``DynamicCache``). TTFT is a separate 1-token ``generate`` on the same prompt (assistant included, so both
-  prefills count); ``latency_s`` = total time of the full ``generate`` - that TTFT. ``accepted`` and transfer bytes
-  are not exposed by transformers: None. Both HF models are loaded once per sweep, lazily; for random-weight models
-  they are built from the config and given our models' weights.
+  with ``WARMUP_TOKENS`` new tokens (one-time costs such as allocator growth stay out of the numbers).
+* ``ttft_s``: prefill + first token; ``latency_s``: the decode of the tokens after the first; ``tok_per_s`` =
+  (n_generated - 1) / latency_s (decode only); ``decode_ms_per_token`` = 1e3 * latency / (n_generated - 1). End to
+  end: ``runs.harness.e2e`` (``graph_setup_s``: the capture part of ``setup_s``; older records:
+  ``report.end_to_end``).
+* ``bytes_transferred``: the target cache's host-to-device KV bytes over the run (prefill included; 0 when every
+  layer is on the chip), ``bytes_per_token`` that / n_generated; ``decode_bytes_per_token``: the bytes streamed in
+  the decode window (after prefill and graph capture) per token after the first, i.e. per accepted token when
+  speculating. ``peak_gpu_bytes``: max allocated (weights included) after a reset before the run, None on the CPU;
+  ``resident_hit_rate``: None without resident layers.
+* transformers: ``hf_assisted`` runs ``generate(assistant_model=draft)`` over ``DynamicCache(offloading=True)`` (a
+  plain ``DynamicCache`` on the CPU, where offloading needs CUDA), ``hf_ar`` plain ``generate`` with a
+  ``DynamicCache`` on the device. TTFT: when its streamer receives the first generated token; ``latency_s``: the
+  rest of the same call. Acceptance and transfer bytes are not exposed: None. Both models load once per sweep,
+  lazily (random weights: built from the config and given our models' weights).
 """
 
 from __future__ import annotations
@@ -138,22 +133,22 @@ def _metrics(ttft: float, latency: float, n: int, peak: int | None, source: str,
     h2d = (mem or {}).get("h2d_bytes_total", 0)
     h2d0 = extra.pop("h2d_bytes_before_decode", None)
     dec = h2d - h2d0 if (h2d is not None and h2d0 is not None) else None
-    return {
-        "ttft_s": ttft, "latency_s": latency, **e2e(setup_s, ttft, latency, n, e2e_s=wall_s),
-        "tok_per_s": (n - 1) / latency if latency > 0 else None,
-        "decode_ms_per_token": 1e3 * latency / max(n - 1, 1),
-        "n_generated": n, "prompt_len": prompt_len, "prompt_source": source,
-        "bytes_transferred": h2d, "bytes_per_token": h2d / n if (h2d is not None and n) else None,
-        "decode_bytes_per_token": dec / max(n - 1, 1) if dec is not None else None,
-        # every generated token is an accepted one, so bytes_per_token is the bytes per accepted token; the PCIe rate
-        # is the H2D bytes over the copy stream's busy time (CUDA events around each fetch): GB/s while streaming
-        "h2d_GBps_streaming": (mem or {}).get("h2d_achieved_GBps"), "h2d_busy_s": (mem or {}).get("h2d_busy_s"),
-        "peak_gpu_bytes": peak, **extra,
-    }  # fmt: skip
+    # every generated token is an accepted one, so bytes_per_token is the bytes per accepted token; the PCIe rate is
+    # the H2D bytes over the copy stream's busy time (CUDA events around each fetch): GB/s while streaming
+    return {"ttft_s": ttft, "latency_s": latency, **e2e(setup_s, ttft, latency, n, e2e_s=wall_s),
+            "tok_per_s": (n - 1) / latency if latency > 0 else None,
+            "decode_ms_per_token": 1e3 * latency / max(n - 1, 1), "n_generated": n, "prompt_len": prompt_len,
+            "prompt_source": source, "bytes_transferred": h2d,
+            "bytes_per_token": h2d / n if (h2d is not None and n) else None,
+            "decode_bytes_per_token": dec / max(n - 1, 1) if dec is not None else None,
+            "h2d_GBps_streaming": (mem or {}).get("h2d_achieved_GBps"), "h2d_busy_s": (mem or {}).get("h2d_busy_s"),
+            "peak_gpu_bytes": peak, **extra}
 
 
 def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None) -> dict[str, Any]:
-    """baseline (mode None: AR), vanilla or mspeckv speculation with this method's placement."""
+    """Our engine: AR (mode None) or vanilla or mspeckv speculation, with the method's placement. ar_gpu has none:
+    every layer's KV on the GPU, as ``generate`` builds it (on CUDA it replays a CUDA graph over a static cache),
+    what a user whose KV fits on the GPU would run."""
     s, p = ctx.settings, ctx.point(x)
     placement = placement_for(s, method, p)
     ids, src = prompt(ctx, p.prefill, seed)
@@ -161,6 +156,8 @@ def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None
 
     def run(n: int):
         gen = _gen(ctx, n, seed)
+        if placement is None:
+            return generate(ctx.target, ids, gen)
         if mode is None:  # the factory decides the layout: graphed when nothing is offloaded or pressed, as in spec
             cache, build_s = wall(ctx.device, lambda: make_cache(ctx.target, placement, 1, p.prefill + n,
                                                                  press=s.press, graphs=use_graphs(ctx.target)))
@@ -179,25 +176,13 @@ def _ours(ctx: SweepContext, x: int, seed: int, *, method: str, mode: str | None
     else:
         mem, per_level = res.stats.get("memory"), res.stats.get("time_s")
     hit = mem.get("resident_hit_rate") if mem and placement.resident_layers else None
+    where = placement.describe(ctx.target.cfg.n_layers) if placement else "every layer on the GPU (graphed on CUDA)"
     return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, mem, res.setup_s, secs,
                     graph_setup_s=res.stats.get("capture_s", res.stats.get("graph_setup_s")), model_load_s=ctx.load_s,
                     h2d_bytes_before_decode=res.stats.get("h2d_bytes_before_decode"),
                     prefill_s=res.prefill_s, accepted=res.stats.get("accepted"), levels=getattr(res, "levels", None),
                     verifications=res.stats.get("verifications"), per_level_s=per_level, resident_hit_rate=hit,
-                    placement=placement.describe(ctx.target.cfg.n_layers), resident_layers=placement.resident_layers)
-
-
-def ar_gpu(ctx: SweepContext, x: int, seed: int) -> dict[str, Any]:
-    """Autoregressive decoding with every layer's KV on the GPU: on CUDA, ``generate`` replays a CUDA graph over a
-    static cache. What a user whose KV fits on the GPU would run; the sweep's placement does not apply."""
-    p = ctx.point(x)
-    ids, src = prompt(ctx, p.prefill, seed)
-    res, peak, secs = _timed(ctx, "ar_gpu", x, lambda n: generate(ctx.target, ids, _gen(ctx, n, seed)), p.gen_len)
-    return _metrics(res.ttft_s, res.decode_s, res.n_generated, peak, src, res.prompt_len, None, res.setup_s, secs,
-                    graph_setup_s=res.stats.get("capture_s"), model_load_s=ctx.load_s,
-                    prefill_s=res.prefill_s, accepted=None, levels=None, verifications=None,
-                    per_level_s={"prefill": res.prefill_s, "decode": res.decode_s}, resident_hit_rate=None,
-                    placement="every layer on the GPU (graphed on CUDA)", resident_layers=0)
+                    placement=where, resident_layers=placement.resident_layers if placement else 0)
 
 
 # ------------------------------------------------------------------------------------------------ transformers
@@ -235,13 +220,11 @@ def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted:
     from transformers.generation.streamers import BaseStreamer
 
     class FirstToken(BaseStreamer):  # generate puts the prompt first, then each new token (moved to the host)
-        def __init__(self):
-            self.puts, self.t = 0, None
+        puts, t = 0, None
 
         def put(self, value):
             self.puts += 1
-            if self.puts == 2:
-                self.t = time.perf_counter()
+            self.t = time.perf_counter() if self.puts == 2 else self.t
 
         def end(self):
             pass
@@ -278,8 +261,9 @@ def _hf_generate(ctx: SweepContext, x: int, seed: int, *, method: str, assisted:
                     hf_cache=f"DynamicCache(offloading={offload})", total_s=total)
 
 
-OUR_MODES = {"baseline": None, "vanilla_specdec": "vanilla", "mspeckv": "mspeckv", "mspeckv_kv_quant": "mspeckv"}
-OTHERS = {"ar_gpu": ar_gpu, "hf_assisted": partial(_hf_generate, method="hf_assisted", assisted=True),
+OUR_MODES = {"baseline": None, "vanilla_specdec": "vanilla", "mspeckv": "mspeckv", "mspeckv_kv_quant": "mspeckv",
+             "ar_gpu": None}
+OTHERS = {"hf_assisted": partial(_hf_generate, method="hf_assisted", assisted=True),
           "hf_ar": partial(_hf_generate, method="hf_ar", assisted=False)}
 # what each method is: ``registry.REGISTRY``; its run here: our engine with its mode (baseline: AR) and placement, or
 # one of the others (a registry entry without a run fails at import)

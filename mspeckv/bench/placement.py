@@ -6,19 +6,19 @@ For each (context, kv format, resident layers) cell:
                      ``decoding.autoregressive`` runs it; eager on the CPU)
     ratio          = measured ms/token / max(transfer floor, GPU floor)   (perfect overlap of copies and compute)
     ratio_sum      = measured ms/token / (transfer floor + GPU floor)      (no overlap at all)
-Each cell is timed twice: eagerly (``make_cache(p)``, the host drives every layer) and graphed (``make_cache(p,
-graphs=True)``: the static PlacedKV layout, one CUDA graph per step, ``kv/offload.py``), each on a freshly filled
-cache; ``graphed_ratio`` is the graphed step over the same floor. The graphed step copies the store's rows rounded
-up to the copy bucket (``COPY_BLOCK`` tokens): its transfer floor counts those bytes.
-The all-on-GPU steps (eager and graphed) also report their MBU: (weight bytes + KV bytes read) / time against the
-device-to-device copy bandwidth measured in the same run (bytes read + written).
-Host memory: pinned memory is freed between cells, and a cell whose pinned store (or HF's offloaded cache) would not
-fit in MemAvailable (/proc/meminfo, or ``host_memory_bytes``) is refused up front and recorded as a failed cell, as
-is a cell that raises; the run goes on with the next cell.
-Random bf16 weights at a named shape (default: Llama-2-7B-128K): pure transfer and kernel timing, labelled so.
-The KV is filled through the cache's own write path with random K/V (the placement code paths are the real ones).
-The same command times transformers' ``DynamicCache(offloading=True)`` as the "what a user has today" reference,
-and one 9-token verification (gamma=8) at the longest context.
+Each cell is timed eagerly (``make_cache(p)``: the host drives every layer) and graphed (``make_cache(p,
+graphs=True)``: the static PlacedKV layout, one CUDA graph per step), each on a freshly filled cache;
+``graphed_ratio`` is the graphed step over the same floor, whose transfer part counts the store's rows rounded up to
+the copy bucket (``COPY_BLOCK`` tokens) as the graphed step copies them. The all-on-GPU steps (eager and graphed)
+also report their MBU: (weight bytes + KV bytes read) / time against the device copy bandwidth measured in the same
+run (bytes read + written).
+Host memory: pinned memory is freed between cells; a cell whose pinned store (or HF's offloaded cache) would not fit
+in MemAvailable (or ``host_memory_bytes``) is refused up front, and a cell that raises is recorded as failed too;
+the run goes on with the next cell.
+Random bf16 weights at a named shape (default: Llama-2-7B-128K), KV filled with random K/V through the cache's own
+write path: pure transfer and kernel timing on the real placement code, labelled so. The same command times
+transformers' ``DynamicCache(offloading=True)`` (what a user has today) and one 9-token verification (gamma=8) at
+the longest context.
 """
 
 from __future__ import annotations
@@ -105,11 +105,11 @@ class Cell:
     ctx: int
     fmt: str
     resident: int
-    ms_per_token: float | None
-    runs_ms: list
-    h2d_bytes_per_step: int | None
-    floor_ms: float | None  # max(transfer floor, graphed GPU floor)
-    ratio: float | None  # ms_per_token / floor_ms
+    ms_per_token: float | None = None
+    runs_ms: list = field(default_factory=list)
+    h2d_bytes_per_step: int | None = None
+    floor_ms: float | None = None  # max(transfer floor, graphed GPU floor)
+    ratio: float | None = None  # ms_per_token / floor_ms
     transfer_floor_ms: float | None = None
     gpu_floor_ms: float | None = None  # graphed all-on-GPU step at this context
     ratio_sum: float | None = None  # ms_per_token / (transfer floor + GPU floor)
@@ -122,10 +122,6 @@ class Cell:
     graphed_floor_ms: float | None = None  # max(graphed transfer floor, GPU floor)
     graphed_ratio: float | None = None  # graphed_ms / graphed_floor_ms
     graphed_error: str | None = None
-
-
-def _failed(ctx: int, fmt: str, r: int, error: str, planned: int | None) -> Cell:
-    return Cell(ctx, fmt, r, None, [], None, None, None, pinned_bytes_planned=planned, error=error)
 
 
 def _attempt(fn, *args):
@@ -215,15 +211,14 @@ def run_placement_bench(cfg: PlacementBenchConfig, device: str = "cuda", on_cont
                 p = Placement(on_chip=cfg.on_chip, kv_quant=fmt, resident_layers=min(r, nl - cfg.on_chip))
                 planned = pinned_store_bytes(model.cfg, p, cap, dtype.itemsize)
                 check = device == "cuda" or cfg.host_memory_bytes is not None  # CPU smoke runs: only when asked
-                if check and (refusal := host_refusal(planned, f"the pinned {fmt} store", *reserve)):
-                    cells.append(_failed(ctx, fmt, r, refusal, planned))
+                refusal = host_refusal(planned, f"the pinned {fmt} store", *reserve) if check else None
+                cell = refusal or _attempt(_eager_cell, model, cfg, p, cap, ctx, fmt, r, bw, gpu_floor, planned, verify)
+                if isinstance(cell, str):  # refused or failed: recorded, and the run goes on
+                    cells.append(Cell(ctx, fmt, r, pinned_bytes_planned=planned, error=cell))
                     continue
-                cell = _attempt(_eager_cell, model, cfg, p, cap, ctx, fmt, r, bw, gpu_floor, planned, verify)
-                cells.append(_failed(ctx, fmt, r, cell, planned) if isinstance(cell, str) else cell)
-                if cfg.graphed and cells[-1].error is None:  # recorded beside the eager numbers, never fatal
-                    c = cells[-1]
-                    err = _attempt(_graphed_cell, model, cfg, c, p, cap, bw, verify)
-                    c.graphed_error = err if err is not None else c.graphed_error
+                cells.append(cell)
+                if cfg.graphed:  # recorded beside the eager numbers, never fatal
+                    cell.graphed_error = _attempt(_graphed_cell, model, cfg, cell, p, cap, bw, verify)
         if cfg.hf_reference and device == "cuda":  # a failed reference must not sink our own numbers
             need = model.cfg.kv_bytes_per_token(dtype.itemsize) * (ctx + 4096)
             res["hf_offloaded_ms"][ctx] = (host_refusal(need, "HF's offloaded DynamicCache", *reserve) or

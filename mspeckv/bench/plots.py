@@ -40,12 +40,8 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, path: str | os.Path
         ax.errorbar([pos[r["x"]] for r in pts], ys, yerr=es, marker="o", capsize=3, label=method)
     if numeric and xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 4:
         ax.set_xscale("log", base=2)
-    if numeric:
-        ax.set_xticks(sorted(xs_all))
-        ax.set_xticklabels([f"{x:g}" for x in sorted(xs_all)])
-    else:
-        ax.set_xticks(list(range(len(xs_all))))
-        ax.set_xticklabels([str(x) for x in xs_all])
+    ticks = sorted(xs_all) if numeric else xs_all
+    ax.set_xticks([pos[x] for x in ticks], [f"{x:g}" if numeric else str(x) for x in ticks])
     ax.minorticks_off()
     ax.grid(True, alpha=0.3)
     label(ax, x_name, ylabel or metric, title)
@@ -78,22 +74,18 @@ def plot_breakdown(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, x
             for key, v in parts:
                 if not _finite(v) or v <= 0:
                     continue
-                label = dict(SEGMENTS).get(key, "AR decode")
+                name = dict(SEGMENTS).get(key, "AR decode")
                 ax.bar(pos, v, width * 0.9, bottom=bottom, color=colors.get(key, "0.6"),
-                       label=None if label in labelled else label)
-                labelled.add(label)
+                       label=None if name in labelled else name)
+                labelled.add(name)
                 bottom += v
             ax.text(pos, bottom, m.replace("mspeckv_", "").replace("_specdec", ""), rotation=90, ha="center",
                     va="bottom", fontsize=7)
-    ax.set_xticks(list(range(len(xs))))
-    ax.set_xticklabels([f"{x:g}" if _finite(x) else str(x) for x in xs])
-    ax.set_xlabel(x_name)
-    ax.set_ylabel("decode seconds (mean over seeds)")
+    ax.set_xticks(range(len(xs)), [f"{x:g}" if _finite(x) else str(x) for x in xs])
     ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the bar labels
-    if title:
-        ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
-    if labelled:
+    label(ax, x_name, "decode seconds (mean over seeds)", title)
+    if labelled:  # the legend in the segments' order
         order = ["AR decode"] + [name for _, name in SEGMENTS]
         handles, labels = ax.get_legend_handles_labels()
         pairs = sorted(zip(handles, labels, strict=True), key=lambda hl: order.index(hl[1]))

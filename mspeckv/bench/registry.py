@@ -1,10 +1,8 @@
 """The registries of benchmarking: the sweep methods, and the ``mspeckv bench`` commands.
 
 - **Methods** (``REGISTRY``): what each sweep method is, which models and settings it reads, and how the report
-  compares it. The run functions live in ``bench.methods`` (``METHOD_FNS``, checked against this table at import);
-  every other module (``results``, ``sweeps``, ``report``, ``breakdown``) reads the properties from here.
-- **Benches** (``BENCHES``): one entry per ``mspeckv bench <name>``, on the results template of ``runs.template``: a
-  config dataclass (its fields are the flags) -> ``run(cfg, command)`` -> result -> ``render`` -> one JSON ``line``.
+  compares it; their runs are ``bench.methods.METHOD_FNS`` (checked against this table at import).
+- **Benches** (``BENCHES``): one entry per ``mspeckv bench <name>`` (see :class:`Bench`).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from mspeckv.bench.stats import NA, delta, fmt_pm, mean_std, order_key, speedup
 from mspeckv.runs.store import STATUS_OK, RunStore, atomic_write_json, atomic_write_text, json_safe, read_json_object
 from mspeckv.runs.tables import csv_text, md_table
 
-METRICS = ("tok_per_s", "latency_s", "accepted", "ttft_s", "e2e_tok_per_s")
 HIGHER_IS_BETTER = {"tok_per_s": True, "latency_s": False, "accepted": True, "ttft_s": False, "e2e_tok_per_s": True}
+METRICS = tuple(HIGHER_IS_BETTER)
 REFERENCES = ("baseline", "mspeckv")
 MD_TABLES = (
     ("Throughput (decode-only tok/s: tokens after the first / decode time, higher is better)", "tok_per_s"),
@@ -140,12 +140,10 @@ def _group(records: list[dict[str, Any]]) -> dict[tuple[Any, str], Group]:
 def _rows(groups: dict[tuple[Any, str], Group], x_name: str) -> list[dict[str, Any]]:
     rows = []
     for (x, method), g in groups.items():
-        row: dict[str, Any] = {
-            "x_name": x_name, "x": x, "method": method, "n_ok": len(g.ok), "n_failed": len(g.failed),
-            "errors": dict(sorted(g.errors().items())),
-            "error_examples": sorted({str(r.get("error"))[:300] for r in g.failed}),
-            "seeds_ok": sorted(r.get("seed") for r in g.ok),
-        }  # fmt: skip
+        row: dict[str, Any] = {"x_name": x_name, "x": x, "method": method, "n_ok": len(g.ok), "n_failed": len(g.failed),
+                               "errors": dict(sorted(g.errors().items())),
+                               "error_examples": sorted({str(r.get("error"))[:300] for r in g.failed}),
+                               "seeds_ok": sorted(r.get("seed") for r in g.ok)}
         for metric in METRICS:
             row.update(_ms_dict(metric, mean_std(g.values(metric).values())))
         for ref in REFERENCES:
@@ -215,22 +213,17 @@ def _value_cell(g: Group | None, metric: str, x_name: str, notes: list[str]) -> 
 def _metric_table(groups, xs, methods, metric, x_name, notes: list[str]) -> str:
     comparisons = [(m, ref) for ref in REFERENCES if ref in methods for m in methods
                    if m != ref and not (ref == "mspeckv" and m == "baseline")]
-    header = [x_name] + list(methods)
-    body: list[list[str]] = []
-    cmp_cols: list[list[str]] = []
+    header, cmp_cols = [x_name, *methods], []
     for m, ref in comparisons:
-        d_col, s_col = [], []
-        for x in xs:
-            a, b = groups.get((x, m)), groups.get((x, ref))
-            d_col.append(_cmp_cell(a, b, _vs(a, b, metric, delta), signed=True))
-            s_col.append(_cmp_cell(a, b, _vs(a, b, metric)))
+        pairs = [(groups.get((x, m)), groups.get((x, ref))) for x in xs]
+        d_col = [_cmp_cell(a, b, _vs(a, b, metric, delta), signed=True) for a, b in pairs]
+        s_col = [_cmp_cell(a, b, _vs(a, b, metric)) for a, b in pairs]
         for name, col in ((f"Δ {m} vs {ref}", d_col), (f"× {m} vs {ref}", s_col)):
             if any(c != NA for c in col):  # e.g. 'accepted' does not exist for the baseline
                 header.append(name)
                 cmp_cols.append(col)
-    for i, x in enumerate(xs):
-        cells = [_fmt_x(x)] + [_value_cell(groups.get((x, m)), metric, x_name, notes) for m in methods]
-        body.append(cells + [col[i] for col in cmp_cols])
+    body = [[_fmt_x(x), *(_value_cell(groups.get((x, m)), metric, x_name, notes) for m in methods),
+             *(col[i] for col in cmp_cols)] for i, x in enumerate(xs)]
     return _md_table(header, body)
 
 
@@ -250,17 +243,11 @@ def _common_config(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[
 def _header(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     common, varying = _common_config(records)
     partial = f" (PARTIAL: {summary['n_runs']} of {summary['n_expected']} runs)" if summary["partial"] else ""
-    lines = [
-        f"# Sweep {', '.join(summary['sweeps']) or '?'}: {summary['x_name']}{partial}",
-        "",
-        f"- weights: {summary['weights']}",
-        f"- GPU: {', '.join(summary['gpu']) or 'none recorded'}",
-        f"- commit: {', '.join(summary['commit']) or 'unknown'}",
-        f"- seeds: {', '.join(str(s) for s in summary['seeds']) or 'none'}",
-        f"- methods: {', '.join(summary['methods'])}",
-        f"- runs: {runs_text(summary)}",
-        "- config:",
-    ]
+    lines = [f"# Sweep {', '.join(summary['sweeps']) or '?'}: {summary['x_name']}{partial}", "",
+             f"- weights: {summary['weights']}", f"- GPU: {', '.join(summary['gpu']) or 'none recorded'}",
+             f"- commit: {', '.join(summary['commit']) or 'unknown'}",
+             f"- seeds: {', '.join(str(s) for s in summary['seeds']) or 'none'}",
+             f"- methods: {', '.join(summary['methods'])}", f"- runs: {runs_text(summary)}", "- config:"]
     for w in summary["warnings"]:
         lines.insert(1, f"\n> **Warning:** {w}\n")
     if "random" in summary["weights"]:
@@ -286,9 +273,8 @@ def runs_text(summary: dict[str, Any]) -> str:
 def expected_runs(dir: str | os.PathLike, records: list[dict[str, Any]]) -> set[tuple]:
     """(method, x, seed) of every run the sweep's invocations planned: ``sweep.json``'s ``planned`` list, each
     record's config (its invocation's xs, seeds and methods), and the records themselves."""
-    keys: set[tuple] = set()
     planned = read_json_object(Path(dir) / "sweep.json").get("planned") or []
-    keys |= {tuple(k) for k in planned if isinstance(k, list) and len(k) == 3}
+    keys = {tuple(k) for k in planned if isinstance(k, list) and len(k) == 3}
     for r in records:
         c = r.get("config") or {}
         xs, seeds, methods = c.get("xs"), c.get("seeds"), c.get("methods")
@@ -382,10 +368,9 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
         "rows": _rows(groups, x_name), "speedups": _speedup_rows(groups, xs, methods, x_name),
         "breakdown": breakdown.rows(groups, xs, methods, x_name)}
     out = Path(dir)
-    files = {
-        "summary_csv": str(atomic_write_text(out / "summary.csv", _csv(summary["rows"]))),
-        "summary_md": str(atomic_write_text(out / "summary.md", _markdown(summary, records, groups, xs, methods))),
-    }
+    md = _markdown(summary, records, groups, xs, methods)
+    files = {"summary_csv": str(atomic_write_text(out / "summary.csv", _csv(summary["rows"]))),
+             "summary_md": str(atomic_write_text(out / "summary.md", md))}
     if plots and summary["rows"]:
         try:
             from mspeckv.bench.plots import PlotDependencyError, plot_breakdown, plot_summary
@@ -402,8 +387,7 @@ def render(dir: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
             summary["warnings"].append(f"plots failed: {type(e).__name__}: {e}")
         for w in summary["warnings"]:
             warnings.warn(w, stacklevel=2)
-    files["summary_json"] = str(out / "summary.json")
-    summary["files"] = files
+    summary["files"] = {**files, "summary_json": str(out / "summary.json")}
     summary = json_safe(summary)
     atomic_write_json(out / "summary.json", summary)
     return summary
@@ -414,12 +398,6 @@ def console_table(summary: dict[str, Any]) -> str:
     """A compact text table of the summary rows (rich if available, else plain)."""
     x_name = summary.get("x_name", "x")
     header = [x_name, "method", "ok/total", "tok/s", "e2e tok/s", "latency (s)", "accepted", "× latency vs baseline"]
-    rows = []
-    for r in summary.get("rows", []):
-        ok = f"{r['n_ok']}/{r['n_ok'] + r['n_failed']}" + (f" ({', '.join(r['errors'])})" if r["errors"] else "")
-        pm = lambda k, d=2, r=r: fmt_pm(r.get(f"{k}_mean"), r.get(f"{k}_std"), d)  # noqa: E731
-        rows.append([_fmt_x(r["x"]), r["method"], ok, pm("tok_per_s"), pm("e2e_tok_per_s"), pm("latency_s", 3),
-                     pm("accepted"), pm("latency_speedup_vs_baseline")])
     from rich.console import Console  # a dependency of the package
     from rich.table import Table
 
@@ -429,8 +407,11 @@ def console_table(summary: dict[str, Any]) -> str:
     table = Table(title=title)
     for h in header:
         table.add_column(h, justify="left" if h in (x_name, "method") else "right")
-    for r in rows:
-        table.add_row(*r)
+    for r in summary.get("rows", []):
+        ok = f"{r['n_ok']}/{r['n_ok'] + r['n_failed']}" + (f" ({', '.join(r['errors'])})" if r["errors"] else "")
+        pm = lambda k, d=2, r=r: fmt_pm(r.get(f"{k}_mean"), r.get(f"{k}_std"), d)  # noqa: E731
+        table.add_row(_fmt_x(r["x"]), r["method"], ok, pm("tok_per_s"), pm("e2e_tok_per_s"), pm("latency_s", 3),
+                      pm("accepted"), pm("latency_speedup_vs_baseline"))
     buf = io.StringIO()
     Console(file=buf, width=160, force_terminal=False, color_system=None).print(table)
     return buf.getvalue().rstrip("\n")

@@ -1,18 +1,11 @@
 """Small statistics over repeated runs (one value per seed).
 
-Conventions
------------
-* Missing values are ignored: ``None``, NaN and +-inf (a failed run has no metric), so results are NaN-free
-  whenever at least one value remains.
-* ``std`` is the sample standard deviation (ddof=1); with a single value it is ``0.0``.
-* With no value left, functions return ``(nan, nan)``, which :func:`fmt_pm` renders as ``NA``.
-
-Pairing by seed
----------------
-:func:`delta` and :func:`speedup` compare two methods *per seed* (same seed -> same prompt), then aggregate the
-per-seed differences / ratios. Their inputs are ``{seed: value}`` mappings or iterables of ``(seed, value)``
-pairs. Only seeds present (with a usable value) on *both* sides are used: the intersection. Seeds that appear on
-one side only are dropped; if the intersection is empty the result is ``(nan, nan)`` -> ``NA``.
+* Missing values (``None``, NaN, ±inf: a failed run has no metric) are ignored, so results are NaN-free whenever a
+  value remains; with none left, functions return ``(nan, nan)``, which :func:`fmt_pm` renders as ``NA``.
+* ``std`` is the sample standard deviation (ddof=1), ``0.0`` for a single value.
+* :func:`delta` and :func:`speedup` compare two methods *per seed* (same seed -> same prompt), then aggregate the
+  per-seed differences / ratios. Inputs: ``{seed: value}`` or ``(seed, value)`` pairs; only the seeds usable on
+  *both* sides count (an empty intersection gives ``(nan, nan)`` -> ``NA``).
 """
 
 from __future__ import annotations

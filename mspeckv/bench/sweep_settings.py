@@ -29,15 +29,12 @@ class SweepDef:
     gen_len: int | None = 256  # fixed generation length (None: gen_len is the x)
 
 
-SWEEPS = {
-    d.name: d
-    for d in (
-        SweepDef("context", "A1", "prefill", "--prefill-lengths", (8192, 16384, 24576, 32768), (2048, 4096)),
-        SweepDef("resident", "A2", "resident_layers", "--resident-layers-values", (0, 8, 16), (0, 8, 16), 16384),
-        SweepDef("onchip", "B1", "on_chip", "--on-chip-layers", (4, 8, 12, 16, 18), (4, 8, 12, 16, 18), 16384),
-        SweepDef("genlen", "B2", "gen_len", "--gen-lens", (256, 512, 768, 1024, 1536, 2048), (64, 128), 8192, None),
-    )
-}
+SWEEPS = {d.name: d for d in (
+    SweepDef("context", "A1", "prefill", "--prefill-lengths", (8192, 16384, 24576, 32768), (2048, 4096)),
+    SweepDef("resident", "A2", "resident_layers", "--resident-layers-values", (0, 8, 16), (0, 8, 16), 16384),
+    SweepDef("onchip", "B1", "on_chip", "--on-chip-layers", (4, 8, 12, 16, 18), (4, 8, 12, 16, 18), 16384),
+    SweepDef("genlen", "B2", "gen_len", "--gen-lens", (256, 512, 768, 1024, 1536, 2048), (64, 128), 8192, None),
+)}
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,18 @@ Each sweep (``sweep_settings.SWEEPS``: its experiment, swept knob, x values and 
 (``registry.REGISTRY``; ar_gpu and hf_ar only when ``--methods`` names them) per x and seed. The resident value
 (flag or swept x) applies to mspeckv_kv_quant only; every other method keeps resident 0.
 
-``--quick`` is a cheap sanity preset (each sweep's values: ``sweep_settings.sweep_config``), ``--clamp-resident``
-included, so it runs on the 28-layer default target where 16 on-chip layers leave only 12 to offload; flags given
-explicitly win over the preset. ``--clamp-resident`` caps the resident layers at the number of offloaded layers for
-each x (the count used is in each run's metrics, ``resident_layers``); without it a resident count above the
-offloaded layers is an error that names the x values.
+``--quick`` is a cheap sanity preset (``sweep_settings.sweep_config``), ``--clamp-resident`` included, so it runs on
+the 28-layer default target where 16 on-chip layers leave only 12 to offload; flags given explicitly win over it.
+``--clamp-resident`` caps the resident layers at the offloaded ones for each x (the count used is each run's
+``resident_layers``); without it a resident count above the offloaded layers is an error that names the x values.
 
-The flags are ``SweepSettings``' fields (``runs.template``, as for ``mspeckv eval`` and ``mspeckv bench``);
-``--greedy``, ``--no-progress``, ``--device`` (resolved) and the default ``--output-dir`` are applied by
-``settings_from_args``. Every flag is validated (models' configs included, weights not loaded) before anything is
-loaded or written; each problem raises one ValueError that names the flag and, for per-x problems, the x values.
-Runs go through ``runs.store.run_sweep`` (one atomic JSON per run under ``DIR/runs``, resumable, failures recorded)
-and the summary through ``report.render``. ``DIR/sweep.json`` pins the settings that shape results (a resume with
-different ones is refused); ``DIR/command.txt`` collects the command lines. The exit status is 0 once the summary is
-written, failed runs included (``n_failed`` in the JSON line says how many).
+The flags are ``SweepSettings``' fields (``runs.template``); ``--greedy``, ``--no-progress``, ``--device``
+(resolved) and the default ``--output-dir`` are applied by ``settings_from_args``. Every flag is validated (models'
+configs included) before anything is loaded or written, each problem one ValueError naming the flag (and the x
+values, for per-x problems). Runs go through ``runs.store.run_sweep`` (one atomic JSON per run under ``DIR/runs``,
+resumable, failures recorded), the summary through ``report.render``. ``DIR/sweep.json`` pins the settings that
+shape results (a resume with others is refused); ``DIR/command.txt`` collects the command lines. The exit status is
+0 once the summary is written, failed runs included (``n_failed`` in the JSON line says how many).
 """
 
 from __future__ import annotations
@@ -87,15 +85,11 @@ def validate(s: SweepSettings):
     from ..decoding.speculative import SpecConfig
     from ..model.api import model_config
 
-    SamplingConfig(temperature=s.temperature, top_p=s.top_p)
-    if s.prefill_chunk < 1:
-        raise ValueError(f"--prefill-chunk must be >= 1, got {s.prefill_chunk}")
+    SamplingConfig(temperature=s.temperature, top_p=s.top_p)  # the fields' own types and ranges: __post_init__
     if any(m in RETRIEVAL_METHODS for m in s.methods):
         SpecConfig(mode="mspeckv", gamma=s.gamma, draft_gamma=s.draft_gamma, budget=s.budget, chunk=s.chunk)
     elif "vanilla_specdec" in s.methods:
         SpecConfig(mode="vanilla", gamma=s.gamma, draft_gamma=s.draft_gamma)
-    if s.kv_quant not in ("int8", "int4", "int2"):
-        raise ValueError(f"--kv-quant must be int8, int4 or int2 (the mspeckv_kv_quant format), got '{s.kv_quant}'")
     tcfg = model_config(s.target)
     dcfg = model_config(s.draft) if any(m in SPEC_METHODS for m in s.methods) else None
     if dcfg is not None and dcfg.vocab_size != tcfg.vocab_size:

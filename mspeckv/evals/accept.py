@@ -18,6 +18,11 @@ from ..data.corpora import long_prompt
 from .variants import Variant, spec_config
 
 
+def _pooled(runs: list, level: str, key: str) -> int:
+    """``key`` of ``level`` summed over the prompts' results (0 where a run has no such level)."""
+    return sum((r.levels.get(level) or {}).get(key, 0) for r in runs)
+
+
 def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]:
     from ..decoding.speculative import speculative_generate
 
@@ -30,22 +35,15 @@ def run(ev, variants: list[Variant], context: int) -> dict[str, dict[str, dict]]
     out = {}
     for v in variants:
         spec = spec_config(v, gamma=cfg.gamma, draft_gamma=cfg.draft_gamma, budget=cfg.accept_budget, chunk=8)
-        l1 = {"accepted": 0, "proposed": 0}
-        l2 = {"accepted": 0, "rounds": 0}
-        tps = []
+        runs = []
         for i, ids in enumerate(prompts):
             ev.progress(f"accept ctx={context} {v.name}: prompt {i + 1}/{len(prompts)}")  # a long run shows where
-            res = speculative_generate(ev.model, ev.draft, torch.tensor([ids]), gen, spec, placement=v.placement)
-            lv1 = res.levels.get("verify_l1")
-            if lv1 is not None:
-                l1["accepted"] += lv1["accepted"]
-                l1["proposed"] += lv1["proposed"]
-            l2["accepted"] += res.levels["verify_l2"]["accepted"]
-            l2["rounds"] += res.levels["verify_l2"]["rounds"]
-            tps.append(res.tok_per_s)
-        out[v.name] = {"l1_acceptance_rate": l1["accepted"] / l1["proposed"] if l1["proposed"] else None,
-                       "l1_proposed": l1["proposed"], "l1_accepted": l1["accepted"],
-                       "l2_accepted_per_round": l2["accepted"] / l2["rounds"] if l2["rounds"] else None,
-                       "tok_per_s_mean": sum(tps) / len(tps), "prompts": len(prompts), "gen": cfg.accept_gen}
+            runs.append(speculative_generate(ev.model, ev.draft, torch.tensor([ids]), gen, spec, placement=v.placement))
+        l1, proposed = _pooled(runs, "verify_l1", "accepted"), _pooled(runs, "verify_l1", "proposed")
+        l2, rounds = _pooled(runs, "verify_l2", "accepted"), _pooled(runs, "verify_l2", "rounds")
+        out[v.name] = {"l1_acceptance_rate": l1 / proposed if proposed else None, "l1_proposed": proposed,
+                       "l1_accepted": l1, "l2_accepted_per_round": l2 / rounds if rounds else None,
+                       "tok_per_s_mean": sum(r.tok_per_s for r in runs) / len(runs), "prompts": len(prompts),
+                       "gen": cfg.accept_gen}
         ev.progress(f"accept ctx={context} {v.name}: {out[v.name]['l1_acceptance_rate']}")
     return {"accept": out}

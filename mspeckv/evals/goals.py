@@ -26,9 +26,9 @@ wrong side, "not resolved" otherwise:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..data.corpora import corpus_label, unrelated
+from ..runs.tables import number
 from .intervals import at_least, at_most, ppl_delta_interval, ppl_delta_noise, wilson
 from .variants import BASELINE, floor_spec
 
@@ -37,8 +37,9 @@ FAR = (8192, 32768)  # the needle goal's contexts
 NOISE_MULTIPLE = 2.0
 
 
-def _num(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+def needle_hits(results: dict) -> int:
+    """A needle cell's hits (cells from before ``hits`` was recorded: from its accuracy)."""
+    return results.get("hits", round(results["accuracy"] * results["n"]))
 
 
 def index_cells(cells: list[dict]) -> tuple[dict, dict]:
@@ -100,7 +101,7 @@ def sensitivity(cells: list[dict]) -> dict[tuple[str | None, int], Sensitivity]:
         dataset, floor = st.get("dataset"), int(st.get("floor") or 0)
         fc = own.get(("ppl", floor_spec(floor), ctx, src)) if floor else None
         ppl_f = fc["results"].get("ppl") if fc else None
-        gap = 100 * (ppl_f / res["ppl"] - 1) if _num(ppl_f) and _num(res.get("ppl")) else None
+        gap = 100 * (ppl_f / res["ppl"] - 1) if number(ppl_f) and number(res.get("ppl")) else None
         ci = paired_interval(fc, full)
         noise = ppl_delta_noise(*_paired(fc, full)) if ci else None
         label = corpus_label(dataset)
@@ -138,12 +139,8 @@ def _needle(by: dict, base: dict, v: str) -> tuple[str, str]:
         full = baseline_cell(by, base, "needle", ctx, cell).get("results")
         if not full:
             return "not resolved", f"no full-cache needle cell at {ctx}"
-        for res, add in ((cell["results"], True), (full, False)):
-            hits = res.get("hits", round(res["accuracy"] * res["n"]))
-            if add:
-                k, n = k + hits, n + res["n"]
-            else:
-                fk, fn = fk + hits, fn + res["n"]
+        k, n = k + needle_hits(cell["results"]), n + cell["results"]["n"]
+        fk, fn = fk + needle_hits(full), fn + full["n"]
     lo, hi = wilson(k, n)
     target = NEEDLE_SHARE * fk / fn
     return at_least(lo, hi, target), (f"needle {k}/{n} = {k / n:.1%} [{lo:.1%}, {hi:.1%}] vs {NEEDLE_SHARE:.0%} of "
@@ -179,7 +176,7 @@ def _show(verdict: str) -> str:
 def _desc(r: dict, extra: str = "") -> str:
     ci = r.get("ppl_delta_ci")
     iv = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval)"
-    comp = f"{r['compression']:.1f}x, " if _num(r.get("compression")) else ""
+    comp = f"{r['compression']:.1f}x, " if number(r.get("compression")) else ""
     return f"{r['config']} ({comp}{r['ppl_delta_pct']:+.3f}%{iv}{', ' + extra if extra else ''})"
 
 
@@ -191,7 +188,7 @@ def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
     sens = sensitivity(cells)
     out = []
     for ctx, rows in ov.items():
-        measured = [r for r in rows if _num(r["ppl_delta_pct"]) and r["config"] != BASELINE and not r.get("floor")]
+        measured = [r for r in rows if number(r["ppl_delta_pct"]) and r["config"] != BASELINE and not r.get("floor")]
         judged, refused = [], {}
         for r in measured:
             cell = by.get(("ppl", r["config"], int(ctx)))
@@ -215,7 +212,7 @@ def goals(cells: list[dict], ov: dict[str, list[dict]]) -> list[str]:
             continue
         for need, limit in ((4.0, 1.0), (8.0, 3.0)):
             what = f">= {need:g}x at <= +{limit:g}% PPL" + (" and needle >= 95% of full at 8K-32K" if need == 8 else "")
-            cand = [r for r in judged if _num(r["compression"]) and r["compression"] >= need]
+            cand = [r for r in judged if number(r["compression"]) and r["compression"] >= need]
             if not cand:
                 out.append(f"{ctx}: {what}: no judged variant reaches {need:g}x here")
                 continue

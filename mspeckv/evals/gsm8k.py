@@ -49,10 +49,7 @@ def extract_strict(output: str) -> str | None:
 
 def extract_flexible(output: str) -> str | None:
     found = FLEXIBLE.findall(output)
-    if not found:
-        return None
-    last = found[-1]
-    return normalize(last[0] or last[1])
+    return normalize(found[-1][0] or found[-1][1]) if found else None
 
 
 def cut(output: str) -> str:

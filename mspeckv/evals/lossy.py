@@ -2,19 +2,14 @@
 never another model's number).
 
 The measurements are the ``ppl`` and ``kl`` cells in every ``cells/`` folder under ``results/quality/`` of this
-checkout. Each cell names its model and corpus (``settings.model``, ``settings.dataset``); a variant's PPL Δ is taken
-against the full-cache ``ppl`` cell of the same folder, model, corpus, seed, windows and context (the baseline that
-ran beside it).
+checkout (installed copies without it find none, and their notes say so). Each cell names its model and corpus; a
+variant's PPL Δ is against the full-cache ``ppl`` cell of the same folder, model, corpus, seed, windows and context.
 
-- :func:`measurements` lists them for one model and one format (``kv=<fmt>/...`` variants: every layer stored that
-  way) or press spec.
-- :func:`quality_note` is the line ``generate`` prints: the worst measured cell of this model (largest KL from the
-  full cache, with its corpus, context and PPL Δ) when that KL is at least ``KL_NOTE`` nats per token; a line saying
-  that none exists for this model when nothing was measured on it; None when the measured cost is below the note.
-- :func:`check_lossy` refuses a format of ``REFUSED_FORMATS`` (``--kv-quant int2``) unless ``--allow-lossy`` is
-  given, naming this model's measured Δ or saying that none is measured.
-
-Installed copies without the results folder find no measurement: their notes say so.
+- :func:`measurements`: those of one model and one format (``kv=<fmt>/...`` variants) or press spec;
+- :func:`quality_note`: the line ``generate`` prints: this model's worst measured cell (largest KL, with its corpus,
+  context and PPL Δ) when that KL is at least ``KL_NOTE`` nats per token, or that none exists for this model;
+- :func:`check_lossy`: refuses a format of ``REFUSED_FORMATS`` without ``--allow-lossy``, naming this model's
+  measured cost or saying that none is measured.
 """
 
 from __future__ import annotations
@@ -96,10 +91,6 @@ def measurements(model: str, kv_quant: str | None = None, press: str | None = No
     return out
 
 
-def _what(kv_quant: str | None, press: str | None) -> str:
-    return f"--press {press}" if press is not None else f"--kv-quant {kv_quant}"
-
-
 def _measure_cmd(model: str, kv_quant: str | None, press: str | None) -> str:
     what = f"--press {press}" if press is not None else f"--kv-quant {kv_quant} --on-chip 0"
     return f"mspeckv eval ppl,kl --model {model} {what}"
@@ -111,7 +102,7 @@ def quality_note(kv_quant: str | None = None, press: str | None = None, *, model
     if (kv_quant in (None, "none")) and press is None:
         return None
     kv_quant = None if kv_quant == "none" else kv_quant
-    what = _what(kv_quant, press)
+    what = f"--press {press}" if press is not None else f"--kv-quant {kv_quant}"
     found = measurements(model, kv_quant, press, root)
     if not found:
         return (f"note: {what} is lossy, and no quality measurement of it exists for {model} in "

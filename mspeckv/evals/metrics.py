@@ -63,9 +63,7 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, n_bins: int 
 
 def top1(logits: Tensor) -> tuple[Tensor, Tensor]:
     """(top-1 probability, argmax) per row."""
-    p = torch.softmax(logits.float(), -1)
-    conf, arg = p.max(-1)
-    return conf, arg
+    return tuple(torch.softmax(logits.float(), -1).max(-1))
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -1,10 +1,10 @@
 """Peers side by side: NVIDIA kvpress presses and transformers' quantized caches on the same model, text and protocol
 as ``mspeckv eval ppl,kl`` (``evals/lm.py``), so their rows sit beside ours.
 
-Protocol at context ``C``, scored span ``S``, ``W`` windows (stride ``C``), as in ``evals/lm.py``:
+Protocol at context ``C``, scored span ``S``, ``W`` windows, as in ``evals/lm.py``:
 
-- the stream is ``long_prompt(tok, C + 1 + (W - 1) * C, seed, dataset)`` with our tokenizer; window ``w`` is
-  ``ids[w*C : w*C + C + 1]`` (the same ids our eval scores with the same ``--seed`` and ``--dataset``);
+- the windows are ``evals/lm.windows`` itself with our tokenizer (the ids our eval scores with the same ``--seed``
+  and ``--dataset``, its default stride);
 - the prefix ``window[:C-S]`` goes into the peer's cache, then the scored segment ``window[C-S:C]`` is fed through
   that cache in chunks of ``score_chunk`` tokens, at its true positions (``position_ids`` ``C-S+s ...``, so an
   evicted cache is not shifted), and its logits are scored against ``window[C-S+1:C+1]``;
@@ -201,9 +201,7 @@ def table(rows: list[dict]) -> str:
     """One Markdown table of peers' and our rows (each row's Δ and KL against its own run's full cache)."""
     from ..runs.tables import md_table
 
-    def f(x, fmt):
-        return "" if x is None else format(x, fmt)
-
+    f = lambda x, spec: "" if x is None else format(x, spec)
     body = [[r["library"], r["peer"], r.get("context"), r.get("windows"),
              f(r.get("ppl"), ".3f"), f(r.get("baseline_ppl"), ".3f"), f(r.get("ppl_delta_pct"), "+.2f"),
              f(r.get("kl_mean"), ".4f"), f(r.get("top1_agreement"), ".3f")] if r["status"] == "ok"

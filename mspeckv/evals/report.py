@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..runs.store import atomic_write_json, atomic_write_text
-from ..runs.tables import csv_text, md_table
+from ..runs.tables import csv_text, md_table, number
 from ..runs.template import CellStore
-from .goals import baseline_cell, floor_names, goals, index_cells, paired_interval, sensitivity
+from .goals import baseline_cell, floor_names, goals, index_cells, needle_hits, paired_interval, sensitivity
 from .intervals import gap_kept, wilson
 from .variants import BASELINE
 
@@ -50,10 +50,6 @@ CI_COL = "PPL Δ 95% CI"  # paired bootstrap over windows (evals.intervals)
 GAP_COL = "gap kept %"  # of the full-vs-floor gap (evals.goals)
 ACCEPT_COL = "accept L1 %"  # shown only when some row has an accept cell
 E2E_COL = "e2e tok/s"  # shown only when some speed cell has end-to-end time (cells written since it is recorded)
-
-
-def _num(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def load_cells(dir: str | Path, include: list[str | Path] = ()) -> list[dict]:
@@ -98,7 +94,7 @@ def rows_from_cells(cells: list[dict]) -> list[dict]:
                "baseline": base, "delta": None, "delta_pct": None,
                **{k: res.get(k) for k in extra}, "git_commit": c.get("meta", {}).get("git_commit"),
                "source": c.get("_source")}
-        if _num(value) and _num(base):
+        if number(value) and number(base):
             row["delta"] = value - base
             if kind == "pct" and base:
                 row["delta_pct"] = 100.0 * (value / base - 1.0)
@@ -145,17 +141,18 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
             sources = sorted({by[k].get("_source") for k in by if k[1] == v and k[2] in (ctx, 0)} - {None})
             rows.append({
                 "config": v, "context": ctx, "sources": sources,
-                "compression": base_bytes / nb if _num(base_bytes) and _num(nb) and nb else None,
-                "kv_mb": nb / 2**20 if _num(nb) else None,
-                "bytes_per_token": (nb / (prefix_tokens if from_prefix else ctx)) if _num(nb) and
+                "compression": base_bytes / nb if number(base_bytes) and number(nb) and nb else None,
+                "kv_mb": nb / 2**20 if number(nb) else None,
+                "bytes_per_token": (nb / (prefix_tokens if from_prefix else ctx)) if number(nb) and
                 (not from_prefix or prefix_tokens) else None,
                 "bytes_from_ppl_prefix": from_prefix,
                 "tok_per_s": g("speed", v, ctx, "tok_per_s"), "ttft_s": g("speed", v, ctx, "ttft_s"),
                 "tpot_s": g("speed", v, ctx, "tpot_s"), "e2e_tok_per_s": g("speed", v, ctx, "e2e_tok_per_s"),
                 "ppl": ppl,
-                "ppl_delta_pct": 100 * (ppl / ppl_base - 1) if _num(ppl) and _num(ppl_base) else None,
+                "ppl_delta_pct": 100 * (ppl / ppl_base - 1) if number(ppl) and number(ppl_base) else None,
                 "ppl_delta_ci": paired_interval(pcell, pbase) if v != BASELINE else None,
-                "gap_kept": gap_kept(ppl, s.ppl_full, s.ppl_floor) if s and _num(ppl) and _num(s.ppl_floor) else None,
+                "gap_kept": gap_kept(ppl, s.ppl_full, s.ppl_floor) if s and number(ppl) and number(s.ppl_floor)
+                else None,
                 "floor": v in floors,
                 "kl": g("kl", v, ctx, "kl_mean"), "top1_agreement": g("kl", v, ctx, "top1_agreement"),
                 "needle_acc": g("needle", v, ctx, "accuracy"), "ruler_acc": g("ruler", v, ctx, "accuracy"),
@@ -167,7 +164,7 @@ def overview(cells: list[dict]) -> dict[str, list[dict]]:
 
 
 def _f(x: Any, fmt: str, scale: float = 1.0) -> str:
-    return "–" if not _num(x) else format(x * scale, fmt)
+    return "–" if not number(x) else format(x * scale, fmt)
 
 
 def _md(header: list[str], rows: list[list[str]]) -> str:
@@ -176,12 +173,12 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 
 def overview_markdown(summary: dict) -> str:
     parts = []
-    with_accept = any(_num(r.get("accept_l1")) for rows in summary["overview"].values() for r in rows)
+    with_accept = any(number(r.get("accept_l1")) for rows in summary["overview"].values() for r in rows)
     with_src = bool(summary.get("include"))
-    with_e2e = any(_num(r.get("e2e_tok_per_s")) for rows in summary["overview"].values() for r in rows)
+    with_e2e = any(number(r.get("e2e_tok_per_s")) for rows in summary["overview"].values() for r in rows)
     # shown when some row has them (cells since intervals and the floor are recorded)
     with_ci = any(r.get("ppl_delta_ci") for rows in summary["overview"].values() for r in rows)
-    with_gap = any(_num(r.get("gap_kept")) for rows in summary["overview"].values() for r in rows)
+    with_gap = any(number(r.get("gap_kept")) for rows in summary["overview"].values() for r in rows)
     cols = list(OVERVIEW_COLS)
     at = cols.index("PPL (Δ%)") + 1
     cols[at:at] = ([CI_COL] if with_ci else []) + ([GAP_COL] if with_gap else [])
@@ -191,8 +188,8 @@ def overview_markdown(summary: dict) -> str:
     for ctx, rows in summary["overview"].items():
         body = []
         for r in rows:
-            comp = _f(r["compression"], ".2f") + ("×" if _num(r["compression"]) else "")
-            ppl = "–" if not _num(r["ppl"]) else f"{r['ppl']:.3f} ({_f(r['ppl_delta_pct'], '+.2f')}%)"
+            comp = _f(r["compression"], ".2f") + ("×" if number(r["compression"]) else "")
+            ppl = "–" if not number(r["ppl"]) else f"{r['ppl']:.3f} ({_f(r['ppl_delta_pct'], '+.2f')}%)"
             dag = " †" if r["bytes_from_ppl_prefix"] else ""
             ci = r.get("ppl_delta_ci")
             body.append([r["config"] + (" (context floor)" if r.get("floor") else ""), comp + dag,
@@ -235,7 +232,7 @@ def _needle_intervals(cells: list[dict]) -> str:
     body = []
     for c in sorted((c for c in cells if c["metric"] == "needle"), key=lambda c: (c["context"], c["variant"])):
         r = c["results"]
-        k = r.get("hits", round(r["accuracy"] * r["n"]))
+        k = needle_hits(r)
         lo, hi = wilson(k, r["n"])
         body.append([c["variant"], str(c["context"]), f"{k}/{r['n']}", f"{100 * k / r['n']:.1f}",
                      f"[{100 * lo:.1f}, {100 * hi:.1f}]"])

@@ -1,27 +1,22 @@
 """``mspeckv eval {ppl,kl,attention,ece,needle,ruler,recon,gsm8k,accept,speed,all,report}`` (or a comma list such
-as ``ppl,recon,speed``).
-
-One template (``runs.template``): :class:`EvalConfig` (its fields are the CLI flags; validated in ``__post_init__``)
--> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one final JSON line.
+as ``ppl,recon,speed``), on the run layer's template: :class:`EvalConfig` (its fields are the CLI flags, validated
+in ``__post_init__``) -> :func:`run_eval` (cells, resumable) -> rows -> ``evals.report.render`` -> one JSON line.
 
 Every invocation evaluates the full-cache baseline (variant ``full``: every layer's KV dense on the device, no press)
-next to the asked variants, on the same inputs; the report gives deltas against it. Variants are the product of
-``--press`` (none, or each spec) and ``--kv-quant`` (each format), minus the baseline.
-
-Metric families: ``FAMILIES`` (one module each, documenting its protocol; a family's metrics come from one pass;
-its ``contexts`` names the flag that gives its contexts: ``--context``, ``--needle-context``, or none for GSM8K's
-5-shot prompts; ``accept`` needs ``--draft``).
+next to the asked variants, on the same inputs. Variants are the product of ``--press`` (none, or each spec) and
+``--kv-quant`` (each format), minus the baseline. Metric families: ``FAMILIES`` (one module each, documenting its
+protocol; ``accept`` needs ``--draft``).
 
 Cells: ``<output-dir>/cells/<metric>__<variant>__ctx=<n>.json``, one per (metric, variant, context), written
-atomically with the run's metadata (git commit) and the settings that shaped it; an existing cell is skipped, so an
-interrupted evaluation resumes where it stopped. Every input is checked (model config, contexts, data, presses,
-placements, the settings of cells already in the directory) before any weights load and before anything is written.
+atomically with the run's metadata and the settings that shaped it; an existing cell is skipped, so an interrupted
+evaluation resumes where it stopped. Every input (model config, contexts, data, presses, placements, the settings
+of cells already in the directory) is checked before any weights load and before anything is written.
 
-Held-out confirmation (``--split``): choose a configuration from a grid run with ``--split select``, then run that
-configuration alone with ``--split confirm``. The two halves share no document (``data.corpora.doc_split``, by a hash
-of each document's name, the same at every seed), confirm's needle/RULER/accept prompts use seeds 500 further on
-(:meth:`EvalConfig.task_seed`), and each half writes its own folder (``results/quality/<model>-<split>``; the split is
-a recorded setting, so the other half's cells are refused in it).
+Held-out confirmation (``--split``): choose a configuration from a grid run with ``--split select``, then run it
+alone with ``--split confirm``. The halves share no document (``data.corpora.doc_split``, by a hash of each
+document's name), confirm's needle/RULER/accept prompts use seeds 500 further on (:meth:`EvalConfig.task_seed`),
+and each half writes its own folder (``results/quality/<model>-<split>``; the split is a recorded setting, so the
+other half's cells are refused in it).
 """
 
 from __future__ import annotations
@@ -56,25 +51,21 @@ class Family:
     shared_pass: bool = False
 
 
+TEXT = ("dataset", "split", "seed")  # the settings of every family that reads real text
 FAMILIES = (
-    Family("lm", ("ppl", "kl", "ece", "attention"), "lm", "run",
-           ("dataset", "split", "seed", "windows", "stride", "scored", "score_chunk", "attn_queries", "prefill_chunk",
-            "floor"),
-           "context", shared_pass=True),
-    Family("recon", ("recon",), "recon", "run", ("dataset", "split", "seed", "prefill_chunk"), "context",
-           shared_pass=True),
-    Family("speed", ("speed",), "speed", "run",
-           ("dataset", "split", "seed", "prefill_chunk", "speed_gen", "speed_graphs", "speed_runs"), "context"),
+    Family("lm", ("ppl", "kl", "ece", "attention"), "lm", "run", (*TEXT, "windows", "stride", "scored", "score_chunk",
+           "attn_queries", "prefill_chunk", "floor"), "context", shared_pass=True),
+    Family("recon", ("recon",), "recon", "run", (*TEXT, "prefill_chunk"), "context", shared_pass=True),
+    Family("speed", ("speed",), "speed", "run", (*TEXT, "prefill_chunk", "speed_gen", "speed_graphs", "speed_runs"),
+           "context"),
     Family("needle", ("needle",), "retrieval", "run_needle",
-           ("dataset", "split", "seed", "needle_depths", "needle_trials", "needle_count", "prefill_chunk"),
-           "needle_context"),
+           (*TEXT, "needle_depths", "needle_trials", "needle_count", "prefill_chunk"), "needle_context"),
     Family("ruler", ("ruler",), "retrieval", "run_ruler",
-           ("dataset", "split", "seed", "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
+           (*TEXT, "ruler_samples", "ruler_keys", "vt_hops", "prefill_chunk"), "needle_context"),
     Family("gsm8k", ("gsm8k",), "gsm8k", "run", ("gsm8k_items", "gsm8k_max_new", "gsm8k_graphs", "prefill_chunk"),
            None),
-    Family("accept", ("accept",), "accept", "run",
-           ("dataset", "split", "seed", "draft", "accept_prompts", "accept_gen", "accept_budget", "gamma",
-            "draft_gamma"), "context", needs_draft=True),
+    Family("accept", ("accept",), "accept", "run", (*TEXT, "draft", "accept_prompts", "accept_gen", "accept_budget",
+           "gamma", "draft_gamma"), "context", needs_draft=True),
 )
 METRICS = tuple(m for f in FAMILIES for m in f.metrics)
 FAMILY_OF = {m: f for f in FAMILIES for m in f.metrics}
@@ -172,13 +163,13 @@ class EvalConfig:
             check(getattr(self, name) <= CONFIRM_SEEDS, "--" + name.replace("_", "-"),
                   f"must be <= {CONFIRM_SEEDS} (the confirm split's seeds start {CONFIRM_SEEDS} further on)")
         check(self.stride is None or self.stride >= 1, "--stride", f"must be >= 1, got {self.stride}")
-        if any(FAMILY_OF[m].name == "lm" for m in self.metrics):
+        lm = [m for m in self.metrics if FAMILY_OF[m].name == "lm"]
+        if lm:
             short = [c for c in self.context if c <= self.scored]
             check(not short, "--scored", f"{self.scored} must be shorter than every --context (not: "
                                          f"{','.join(map(str, short))})")
         check(self.needle_count <= 32, "--needle-count", "must be <= 32 (distinct keys)")
         check(self.ruler_keys <= 32, "--ruler-keys", "must be <= 32 (distinct keys)")
-        lm = [m for m in self.metrics if FAMILY_OF[m].name == "lm"]
         check(not (self.no_baseline and lm), "--no-baseline", f"cannot be used with {','.join(lm)}: those compare "
               f"with the baseline's logits in the same pass; run them without it")
         check(len(set(self.press)) == len(self.press), "--press", "names a spec twice")

@@ -53,11 +53,6 @@ class Variant:
             parts.append(q)
         return "+".join(parts)
 
-    @property
-    def quant(self) -> str:
-        """The quantization setting of the placement (for 'one line per quantization setting' plots)."""
-        return "none" if self.placement is None else self.placement.kv_quant
-
     def describe(self) -> dict:
         from ..kv.placement import Placement
 

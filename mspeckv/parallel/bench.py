@@ -171,13 +171,12 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
             except RankFailed as e:
                 what = marker.read_text().strip() if marker.exists() else None
                 _say(f"tp {tp}: {e}")
+                stamp = {"tp": tp, "meta": run_metadata(), "command": command}
                 if what is None:  # the ranks could not even build the model: nothing else will run
-                    atomic_write_json(cells / f"tp{tp}-setup.json", {"tp": tp, "error": str(e), "meta": run_metadata(),
-                                                                     "command": command})
+                    atomic_write_json(cells / f"tp{tp}-setup.json", {**stamp, "error": str(e)})
                     break
                 if what == "links":  # keep what was measured before the failure (saved as it went)
-                    kept = json.loads(links.read_text()) if links.exists() else {"tp": tp, "meta": run_metadata(),
-                                                                                 "command": command}
+                    kept = json.loads(links.read_text()) if links.exists() else stamp
                     atomic_write_json(links, {**kept, "error": str(e)})
                     continue
                 ctx, k = what.split(" ")
@@ -185,9 +184,7 @@ def run_tp_bench(cfg: TPBenchConfig, command: str) -> dict:
             finally:
                 marker.unlink(missing_ok=True)
         write_summary(collect(cfg, command, time.time() - t0), cfg.out_dir)  # a cut run still leaves a summary
-    res = collect(cfg, command, time.time() - t0)
-    write_summary(res, cfg.out_dir)
-    return res
+    return write_summary(collect(cfg, command, time.time() - t0), cfg.out_dir)
 
 
 def _write_cell(cells: Path, tp: int, ctx: int, kind: str, error: str | None = None, **extra) -> None:
@@ -207,14 +204,14 @@ def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, c
         _say(f"tp {r.world}: rank model built in {time.time() - t:.1f} s")
     meta = run_metadata() if r.main else None
     links_path = cells / f"tp{r.world}-links.json"
+    save = lambda d: atomic_write_json(links_path, {**d, "meta": meta, "command": command}) if r.main else None  # noqa: E731
     if need_links:
         if r.main:
             marker.write_text("links")
-        links = _links(r, cfg, model, lambda d: atomic_write_json(links_path, {**d, "meta": meta, "command": command})
-                       if r.main else None)
+        links = _links(r, cfg, model, save)
         links["replicated_bytes_per_rank"] = replicated_bytes(model)
+        save(links)
         if r.main:
-            atomic_write_json(links_path, {**links, "meta": meta, "command": command})
             _say(f"tp {r.world}: H2D GB/s alone {_fmt_list(links['h2d_alone_GBps'])}, together "
                  f"{_fmt_list(links['h2d_together_GBps'])}")
     else:
@@ -234,9 +231,8 @@ def _rank_main(r, cfg: TPBenchConfig, model_cfg, todo: list, need_links: bool, c
             _write_cell(cells, r.world, ctx, kind, ranks=rows, wall_s=time.time() - t, shape=cfg.shape,
                         on_chip=cfg.on_chip if kind in FORMATS else None, weights="random",
                         config=asdict(cfg), meta=meta, command=command)
-            vms = row.get("verify_ms")
             _say(f"tp {r.world}: {i + 1}/{len(todo)} ctx {ctx} {kind}: {row['ms']:.2f} ms/step, verify "
-                 f"{vms:.2f} ms ({time.time() - t:.0f} s)")
+                 f"{row['verify_ms']:.2f} ms ({time.time() - t:.0f} s)")
         free_memory()
         dist.barrier()
     if r.main:
@@ -286,19 +282,14 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
     save(out)
     if r.world == 1:
         return out
-    n = 2 * model.cfg.n_layers  # one all-reduce per block half
-    for T in (1, cfg.verify_tokens):
-        x = torch.zeros(1, T, model.cfg.dim, dtype=model.dtype, device=r.device)
-
-        def step(x=x):
-            for _ in range(n):
-                dist.all_reduce(x)
-
-        out["allreduce_ms_per_step"][f"eager_T{T}"] = _time(r, step, iters=10)
+    xs = {T: torch.zeros(1, T, model.cfg.dim, dtype=model.dtype, device=r.device) for T in (1, cfg.verify_tokens)}
+    reduce = lambda x: [dist.all_reduce(x) for _ in range(2 * model.cfg.n_layers)]  # noqa: E731 (one per block half)
+    ms = out["allreduce_ms_per_step"]
+    for T, x in xs.items():
+        ms[f"eager_T{T}"] = _time(r, lambda x=x: reduce(x), iters=10)
         save(out)
     if r.device.type == "cuda" and cfg.graphs:  # last: a failed capture loses nothing measured above
-        for T in (1, cfg.verify_tokens):
-            x = torch.zeros(1, T, model.cfg.dim, dtype=model.dtype, device=r.device)
+        for T, x in xs.items():
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -306,9 +297,8 @@ def _links(r, cfg: TPBenchConfig, model, save) -> dict:
             torch.cuda.current_stream().wait_stream(s)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                for _ in range(n):
-                    dist.all_reduce(x)
-            out["allreduce_ms_per_step"][f"graphed_T{T}"] = _time(r, g.replay, iters=10)
+                reduce(x)
+            ms[f"graphed_T{T}"] = _time(r, g.replay, iters=10)
             save(out)
     return out
 
@@ -345,10 +335,9 @@ def _cell(r, cfg: TPBenchConfig, model, ctx: int, kind: str, bw: float | None) -
         _sync(r)
         with no_collectives():  # the graphed step captured without the all-reduces
             out["nocomm_runs_ms"] = timed(steps)
+        out["nocomm_ms"] = statistics.median(out["nocomm_runs_ms"])
         _sync(r)
     out |= {"runs_ms": runs, "ms": statistics.median(runs), "verify_ms": statistics.median(out["verify_runs_ms"])}
-    if "nocomm_runs_ms" in out:
-        out["nocomm_ms"] = statistics.median(out["nocomm_runs_ms"])
     if r.device.type == "cuda":
         out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -448,9 +437,10 @@ def _row_cols(row: dict, tps) -> list[str]:
             *(_fmt_list(at(t).get("h2d_MB_per_step_per_rank") or []) or "–" for t in tps)]
 
 
-def write_summary(res: dict, out_dir: str) -> None:
+def write_summary(res: dict, out_dir: str) -> dict:
     atomic_write_json(Path(out_dir) / "tp.json", res)
     atomic_write_text(Path(out_dir) / "summary.md", render(res))
+    return res
 
 
 def line(res: dict) -> dict:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .tables import fmt  # noqa: F401 (the benches, bench/batch.py and serve.load import it from here)
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -220,11 +222,6 @@ def check_contexts(contexts, gen_len: int, limit: int, model: str, flag: str = "
 def pick(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """The ``keys`` of every row (a bench's JSON line); None where a row lacks one."""
     return [{k: r.get(k) for k in keys} for r in rows]
-
-
-def fmt(x: Any, spec: str = "{:.2f}", na: str = "–") -> str:
-    """A number formatted for a table cell; anything else (None, a failure text) as ``na``."""
-    return spec.format(x) if isinstance(x, int | float) and not isinstance(x, bool) else na
 
 
 def failure(e: BaseException) -> str:

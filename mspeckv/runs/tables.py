@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import Any
+
+
+def number(x: Any) -> bool:
+    """An int or float, not a bool: what a table cell formats as a number."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def fmt(x: Any, spec: str = "{:.2f}", na: str = "–") -> str:
+    """A number formatted for a table cell; anything else (None, a failure text) as ``na``."""
+    return spec.format(x) if number(x) else na
 
 
 def md_table(header: list, rows: list[list], align: str = "") -> str:
