@@ -47,6 +47,11 @@ stage() {
     # runs at this cell are the goal folder's (same prompts per seed): the folders are summarized together
     hier) bench --contexts $C32 --batches $B32 --gen-len $G --seeds 2 --draft "$D" --draft-gamma 4 \
             --spec vanilla:4@${C32}x$B32,mspeckv:4:w$W@${C32}x$B32 --out "$RES/goal" ;;
+    # next: the batch kept full (continuous batching: 4 prompts per slot), and the draft model over its own window
+    goalw) bench --contexts $C32 --batches $B32 --gen-len $G --seeds 2 --waves 4 \
+             --spec self:4:w$W@${C32}x$B32,self:auto8:w$W@${C32}x$B32 --out "$RES/goalw" ;;
+    hierdw) bench --contexts $C32 --batches $B32 --gen-len $G --seeds 2 --draft "$D" --draft-gamma 4 --draft-window 256 \
+              --spec vanilla:4@${C32}x$B32,vanilla:auto8@${C32}x$B32,mspeckv:4:w$W@${C32}x$B32 --out "$RES/hierdw" ;;
     mid16) bench --contexts $C16 --batches $B64 --gen-len $G --seeds 2 --spec self:4:w$W@${C16}x$B64 --out "$RES/mid16" ;;
     mid8) bench --contexts $C8 --batches $B128 --gen-len $G --seeds 2 --spec self:4:w$W@${C8}x$B128 --out "$RES/mid8" ;;
     # the server under load (needs the serve wheels on the device: fastapi, starlette, uvicorn, pydantic(-core),
