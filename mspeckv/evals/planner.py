@@ -36,11 +36,13 @@ import math
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from .. import validate as v
 from ..cache import WORKSPACE, batch_memory, offload_placement, plan_placement, weight_bytes
 from ..data.corpora import unrelated
+from ..runs.tables import md_table
 from .goals import paired_interval
 
 CONTEXT_NEAR = 1.25  # a cell predicts a request at the same batch whose context is within this ratio
@@ -200,6 +202,22 @@ def load_speed(root: str | Path) -> list[SpeedCell]:
     return out
 
 
+@cache
+def shape(model: str) -> tuple | None:
+    """A model's shape (what a decode step's bytes and FLOPs depend on), from its config alone; None if unknown."""
+    from ..model.api import model_config
+
+    try:
+        c = model_config(model)
+    except (ValueError, OSError):
+        return None
+    return c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.dim, c.intermediate, c.vocab_size
+
+
+def same_shape(a: str, b: str) -> bool:
+    return shape(a) is not None and shape(a) == shape(b)
+
+
 def placed_key(kv_quant: str, on_chip, resident: int) -> str:
     return f"kv={kv_quant} on_chip={on_chip} resident={resident}"
 
@@ -258,7 +276,7 @@ def quality_for(req: PlanRequest, key: str, quality: list[QualityCell]) -> tuple
 
 
 def plan(req: PlanRequest, model_cfg, speed: list[SpeedCell], quality: list[QualityCell],
-         same_shape: Callable[[str, str], bool] = lambda a, b: False, draft_cfg=None) -> PlanResult:
+         same_shape: Callable[[str, str], bool] = same_shape, draft_cfg=None) -> PlanResult:
     """Every candidate, admitted or excluded with why, the admitted ranked by predicted tok/s."""
     from ..decoding.batch_spec import BatchSpecConfig
 
@@ -369,6 +387,24 @@ def check_commands(res: PlanResult, out: str = "results/bench/plan-check") -> li
                                 x.quality.dataset or "pycode", "--context", str(x.quality.context), "--windows", "8",
                                 "--press", x.name, "--output-dir", f"results/quality/plan-check-{x.quality.context}"]))
     return cmds
+
+
+def render(res: PlanResult) -> str:
+    """The ranked table, then each excluded configuration with why (Markdown)."""
+    r = res.request
+    rule = "lossless only" if r.lossless else f"PPL Δ upper end <= {r.max_ppl_delta:g}%" \
+        if r.max_ppl_delta is not None else "no quality rule"
+    body = [[str(i + 1), x.name, f"{x.gpu_bytes / 1e9:.2f}", speed_text(x), quality_text(x)]
+            for i, x in enumerate(res.ranked)]
+    top = res.top
+    head = (f"{r.model} at {r.context} x {r.batch} (+{r.gen_len} new tokens), {r.gpu_memory:g} GB, {rule}, card "
+            f"{r.card}: " + (f"top choice {top.name}, {top.speed.tok_per_s:,.0f} decode tok/s as measured in its "
+                             "cell (a prediction for this request, not a run of it)" if top else
+                             "no admitted configuration has a measurement"))
+    lines = [head, "", md_table(["#", "configuration", "GPU GB (predicted)", "decode tok/s (source cell)",
+                                 "quality (source cell)"], body, "llrll"), ""]
+    lines += ["Excluded:"] + [f"- {x.name}: {x.why}" for x in res.excluded] if res.excluded else []
+    return "\n".join(lines)
 
 
 def to_json(res: PlanResult) -> dict:
