@@ -281,6 +281,7 @@ def plan(req: PlanRequest, model_cfg, speed: list[SpeedCell], quality: list[Qual
     from ..decoding.batch_spec import BatchSpecConfig
 
     c, B, cap, gb = model_cfg, req.batch, req.context + req.gen_len, req.gpu_memory
+    budget = round(gb * 1e9)  # whole bytes
     w = weight_bytes(c, DTYPE_BYTES)
     ar = batch_memory(c, B, cap, DTYPE_BYTES)
     rows: list[tuple] = []  # (kind, key, name, bytes, note, quality cell, why no quality cell, why it cannot run)
@@ -297,7 +298,7 @@ def plan(req: PlanRequest, model_cfg, speed: list[SpeedCell], quality: list[Qual
         extra = 0 if mode == "self" else batch_memory(draft_cfg, B, cap + sc.slack, DTYPE_BYTES)["total"] - WORKSPACE
         rows.append(("spec", key, key, m + extra, f"AR at capacity + {sc.slack} slack rows" +
                      (f" + draft {req.draft} weights and KV {extra / 1e9:.2f} GB" if extra else ""), None, "", ""))
-    if ar["total"] > gb * 1e9:
+    if ar["total"] > budget:
         try:
             p = offload_placement(c, w, B, cap, DTYPE_BYTES, gb)
             layer = ar["kv"] // c.n_layers
@@ -307,9 +308,9 @@ def plan(req: PlanRequest, model_cfg, speed: list[SpeedCell], quality: list[Qual
                          f"{(c.n_layers - n) * layer / 1e9:.2f} GB pinned host memory", None, "", ""))
         except ValueError as e:
             rows.append(("offload", "", "offload (bf16 streamed)", 0, "", None, "", str(e)))
-        if gb * 1e9 - w - WORKSPACE > 0:
+        if budget - w - WORKSPACE > 0:
             try:
-                pl = plan_placement(c, cap, int(gb * 1e9 - w - WORKSPACE), batch=B)
+                pl = plan_placement(c, cap, budget - w - WORKSPACE, batch=B)
                 p = pl.placement
                 key = placed_key(p.kv_quant, p.n_on_chip(c.n_layers), p.resident_layers)
                 q, why = quality_for(req, f"kv={p.kv_quant}", quality)
@@ -338,7 +339,7 @@ def plan(req: PlanRequest, model_cfg, speed: list[SpeedCell], quality: list[Qual
                            if q.ci[1] > req.max_ppl_delta else "")
         else:
             why = ""  # lossless, or no quality rule: admitted, its quality shown
-        if not why and nbytes > gb * 1e9:
+        if not why and nbytes > budget:
             why = f"needs {nbytes / 1e9:.2f} GB > {gb:g} GB ({note})"
         cand = Candidate(kind, key, name, not lossy, nbytes, note, nearest_speed(req, kind, key, speed, same_shape),
                          q, why)
