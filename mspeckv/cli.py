@@ -226,7 +226,7 @@ def cmd_plan(a) -> int:
     from . import validate as v
     from .cache import plan_placement
 
-    if a.lossless or a.max_ppl_delta is not None or a.json or a.check:
+    if a.lossless or a.max_ppl_delta is not None or a.json or a.check or a.verify:
         return plan_quality(a)
     v.integer("context", a.context, lo=1)
     v.integer("batch", a.batch, lo=1)
@@ -285,7 +285,8 @@ def plan_quality(a) -> int:
     from .evals import planner as P
 
     if not a.lossless and a.max_ppl_delta is None:
-        raise ValueError("--json and --check print the quality-aware plan: give --lossless or --max-ppl-delta X")
+        raise ValueError("--json, --check and --verify read the quality-aware plan: give --lossless or "
+                         "--max-ppl-delta X")
     for flag, given in (("--gpu-kv-budget", a.gpu_kv_budget is not None), ("--tp", a.tp != 1)):
         if given:
             raise ValueError(f"{flag} is not read by the quality-aware plan (one GPU, the whole run's --gpu-memory): "
@@ -303,14 +304,20 @@ def plan_quality(a) -> int:
     if not (root / "bench").is_dir() and not (root / "quality").is_dir():
         raise ValueError(f"--results {a.results}: no bench/ or quality/ folder there; run from the repository root "
                          f"or name the results folder")
+    if a.verify and not Path(a.verify).is_dir():
+        raise ValueError(f"--verify {a.verify}: no such folder (give the folder the check commands wrote)")
     res = P.plan(req, cfg, P.load_speed(root), P.load_quality(root), draft_cfg=dcfg)
     row = P.to_json(res)
+    if a.verify:
+        row["verify"] = P.verify(res, a.verify)
     if not a.json:
         print(P.render(res))
         if a.check:
             print("\nTo measure the top choice (a GPU run; not run here):" if row["check"] else
                   "\nNo bench command measures the top choice (none, or a quantized placement).")
             print("\n".join(f"  {c}" for c in row["check"]))
+        if a.verify:
+            print("\nVerified against " + a.verify + ": " + ", ".join(f"{k} {x}" for k, x in row["verify"].items()))
     print(json.dumps(row))
     return 0
 
@@ -421,6 +428,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print only the JSON line")
     q.add_argument("--check", action="store_true", help="also print the bench command that would measure the top "
                    "choice")
+    q.add_argument("--verify", default=None, metavar="DIR", help="compare the top choice's prediction with the run "
+                   "of its check commands under DIR (tok/s within 15%%; a press's PPL Δ inside its interval)")
     p.set_defaults(fn=cmd_plan)
 
     words = [x for x in argv if not x.startswith("-")] if argv is not None else None

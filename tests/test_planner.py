@@ -263,3 +263,38 @@ def test_cli_plan_needs_gpu_memory_and_results(tmp_path, capsys):
     assert main(["plan", "--model", M, "--context", "100", "--lossless", "--gpu-memory", "8",
                  "--results", str(tmp_path / "none")]) == 2
     assert "no bench/ or quality/ folder" in capsys.readouterr().err
+
+
+def test_verify_against_a_check_run(results, tmp_path_factory):
+    res = run_plan(results, lossless=True)  # top: self:3:w8 at 1500 tok/s
+    runs = tmp_path_factory.mktemp("runs")
+    assert P.verify(res, runs)["speed"].startswith("no run of it")
+    batch_json(runs, "near", M, [{"method": "spec", "cell": f"self:3@{CTX}x{B}", "decode_tok_per_s": 1400.0},
+                                 {"method": "spec", "cell": f"self:3@{CTX}x{B * 2}", "decode_tok_per_s": 1500.0}])
+    v = P.verify(res, runs)
+    assert v["speed"] == "met" and v["measured_tok_per_s"] == 1400.0 and v["ratio"] == pytest.approx(1500 / 1400)
+    assert v["quality"].startswith("lossless")
+    batch_json(runs, "later", M, [{"method": "spec", "cell": f"self:3@{CTX}x{B}", "decode_tok_per_s": 1250.0}],
+               when="2026-12-09T00:00:00+00:00")  # the newest run decides: 1500 / 1250 = 1.2
+    assert P.verify(res, runs)["speed"] == "MISSED"
+    with pytest.raises(ValueError, match="nothing to verify"):
+        P.verify(P.plan(req(lossless=True), CFG, [], [], draft_cfg=CFG), runs)
+    # a press: its new PPL Δ must fall inside the interval it was admitted by
+    top = run_plan(results, max_ppl_delta=1.0)
+    lo, hi = top.top.quality.ci
+    q = tmp_path_factory.mktemp("q")
+    press_pair(q, "in", "kivi:k_bits=4,v_bits=4", 0.001)  # +0.4%: inside
+    assert P.verify(top, q)["quality"].startswith("met") and lo < 0.4 < hi
+    q2 = tmp_path_factory.mktemp("q2")
+    press_pair(q2, "out", "kivi:k_bits=4,v_bits=4", 0.05)  # +5%: outside
+    assert P.verify(top, q2)["quality"].startswith("MISSED")
+
+
+def test_cli_verify(results, tmp_path_factory, capsys):
+    runs = tmp_path_factory.mktemp("runs")
+    batch_json(runs, "r", M, [{"method": "spec", "cell": f"self:3@{CTX}x{B}", "decode_tok_per_s": 1450.0}])
+    assert cli(results, "--lossless", "--verify", str(runs)) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1])["verify"]["speed"] == "met" and any(x.startswith("Verified against") for x in out)
+    assert cli(results, "--lossless", "--verify", str(runs / "missing")) == 2
+    assert "no such folder" in capsys.readouterr().err

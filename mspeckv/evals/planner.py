@@ -51,6 +51,7 @@ DTYPE_BYTES = 2  # bf16 weights and KV, as the benches ran
 LOSSLESS = ("ar", "spec", "offload")
 DEFAULT_PRESSES = ("kivi:k_bits=4,v_bits=4", "kivi:k_bits=8,v_bits=8")
 DEFAULT_SPEC = ("self:4:w2048", "vanilla:4", "mspeckv:4:w2048")
+TOLERANCE = 0.15  # a check run confirms a prediction within this share of the measured tok/s
 BENCH_WINDOW = 2048  # bench batch's --window (a self/mspeckv cell without :wN ran with the run's window)
 
 
@@ -406,6 +407,31 @@ def render(res: PlanResult) -> str:
                                  "quality (source cell)"], body, "llrll"), ""]
     lines += ["Excluded:"] + [f"- {x.name}: {x.why}" for x in res.excluded] if res.excluded else []
     return "\n".join(lines)
+
+
+def verify(res: PlanResult, measured: str | Path) -> dict:
+    """The top choice's prediction against the run of its check commands (their output under ``measured``): decode
+    tok/s within ``TOLERANCE`` of the measured, and a lossy choice's new PPL Δ inside the interval it was chosen by."""
+    x, r = res.top, res.request
+    if x is None:
+        raise ValueError("no top choice with a measurement: nothing to verify")
+    runs = [c for c in load_speed(measured) if (c.model, c.kind, c.key, c.context, c.batch) ==
+            (r.model, x.kind, x.key, r.context, r.batch)]
+    out = {"choice": x.name, "predicted_tok_per_s": x.speed.tok_per_s, "predicted_from": x.speed.cell.source,
+           "measured_tok_per_s": None, "measured_in": None, "ratio": None, "speed": f"no run of it under {measured}",
+           "quality": "lossless: no PPL Δ to check" if x.lossless else "no new ppl cell"}
+    if runs:
+        run = max(runs, key=lambda c: c.when)
+        ratio = x.speed.tok_per_s / run.tok_per_s
+        out.update(measured_tok_per_s=run.tok_per_s, measured_in=f"{run.source}: {run.cell}", ratio=ratio,
+                   speed="met" if abs(ratio - 1) <= TOLERANCE else "MISSED")
+    q = x.quality
+    new = [n for n in load_quality(measured) if n.model == r.model and n.key == x.key] if q and q.ci else []
+    if new:
+        n = min(new, key=lambda n: abs(n.context - q.context))
+        out["quality"] = (f"{'met' if q.ci[0] <= n.delta_pct <= q.ci[1] else 'MISSED'}: PPL {n.delta_pct:+.2f}% "
+                          f"({n.source}) vs [{q.ci[0]:+.2f}, {q.ci[1]:+.2f}] ({q.source})")
+    return out
 
 
 def to_json(res: PlanResult) -> dict:
