@@ -299,7 +299,10 @@ def plan_quality(a) -> int:
     if a.context + a.gen_len > cfg.max_position:
         raise ValueError(f"--context {a.context} + --gen-len {a.gen_len} is beyond {a.model}'s {cfg.max_position} "
                          f"positions: shorten one")
-    dcfg = checks.model_config(a.draft)
+    try:
+        dcfg = checks.model_config(a.draft)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--draft {a.draft} (the draft of vanilla and mspeckv): {e}") from None
     root = Path(a.results)
     if not (root / "bench").is_dir() and not (root / "quality").is_dir():
         raise ValueError(f"--results {a.results}: no bench/ or quality/ folder there; run from the repository root "
