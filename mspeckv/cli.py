@@ -228,6 +228,8 @@ def cmd_plan(a) -> int:
 
     if a.lossless or a.max_ppl_delta is not None or a.json or a.check or a.verify:
         return plan_quality(a)
+    checks.refuse(checks.changed(a, "gen_len", "card", "draft", "results"), "the placement plan reads them only with "
+                  "--lossless or --max-ppl-delta X (the quality-aware plan)")
     v.integer("context", a.context, lo=1)
     v.integer("batch", a.batch, lo=1)
     v.integer("kv_group_size", a.kv_group_size, lo=1)
@@ -287,10 +289,8 @@ def plan_quality(a) -> int:
     if not a.lossless and a.max_ppl_delta is None:
         raise ValueError("--json, --check and --verify read the quality-aware plan: give --lossless or "
                          "--max-ppl-delta X")
-    for flag, given in (("--gpu-kv-budget", a.gpu_kv_budget is not None), ("--tp", a.tp != 1)):
-        if given:
-            raise ValueError(f"{flag} is not read by the quality-aware plan (one GPU, the whole run's --gpu-memory): "
-                             f"drop it, or drop --lossless/--max-ppl-delta for the placement plan")
+    checks.refuse(checks.changed(a, "gpu_kv_budget", "tp", "kv_group_size"), "the quality-aware plan is for one GPU "
+                  "and the whole run's --gpu-memory, with the library's default group size")
     if a.gpu_memory is None:
         raise ValueError("the quality-aware plan needs --gpu-memory GB (what the whole run may allocate on the GPU)")
     req = P.PlanRequest(a.model, a.context, a.batch, a.gpu_memory, a.gen_len, a.max_ppl_delta, a.lossless, a.card,

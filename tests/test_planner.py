@@ -243,7 +243,8 @@ def test_cli_plan_table_json_and_check(results, capsys):
     (["--json"], "give --lossless or --max-ppl-delta"),
     (["--lossless", "--model", "random:nope"], "unknown random shape"),
     (["--lossless", "--draft", "random:nope"], "unknown random shape"),
-    (["--lossless", "--gpu-kv-budget", "1"], "--gpu-kv-budget is not read"),
+    (["--lossless", "--gpu-kv-budget", "1"], "--gpu-kv-budget would be ignored"),
+    (["--lossless", "--tp", "2"], "--tp would be ignored"),
     (["--lossless", "--gen-len", "5000"], "positions"),
 ])
 def test_cli_plan_errors_before_loading(results, capsys, monkeypatch, flags, msg):
@@ -255,6 +256,12 @@ def test_cli_plan_errors_before_loading(results, capsys, monkeypatch, flags, msg
     assert cli(results, *flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("mspeckv: error:") and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_placement_plan_refuses_the_quality_flags(capsys):
+    assert main(["plan", "--model", M, "--context", "1000", "--gpu-kv-budget", "0.003", "--gen-len", "64",
+                 "--card", "H200"]) == 2
+    assert "--gen-len, --card would be ignored" in capsys.readouterr().err
 
 
 def test_cli_plan_needs_gpu_memory_and_results(tmp_path, capsys):
