@@ -109,6 +109,18 @@ def check_gpu_memory(model_cfg, slots: int, capacity: int, dtype_bytes: int, bud
     return m
 
 
+def offload_placement(model_cfg, weight_bytes: int, batch: int, capacity: int, dtype_bytes: int, budget_gb: float):
+    """The most on-chip layers that fit the budget beside the weights, the workspace and two bf16 staging layers; the
+    rest streamed in bf16 from pinned memory (lossless)."""
+    layer = 2 * batch * capacity * model_cfg.n_kv_heads * model_cfg.head_dim * dtype_bytes
+    free = budget_gb * 1e9 - weight_bytes - WORKSPACE - 2 * layer
+    on_chip = int(max(0, min(model_cfg.n_layers - 1, free // layer)))
+    if free < 0:
+        raise ValueError(f"--gpu-memory {budget_gb:g} GB cannot hold the weights, the workspace and two staging layers "
+                         f"({2 * layer / 1e9:.1f} GB) at {batch} x {capacity}")
+    return Placement(on_chip=on_chip)
+
+
 # ------------------------------------------------------------------------------------------------------- planner
 @dataclass(frozen=True)
 class Plan:

@@ -226,6 +226,10 @@ def cmd_plan(a) -> int:
     from . import validate as v
     from .cache import plan_placement
 
+    if a.lossless or a.max_ppl_delta is not None or a.json or a.check or a.verify:
+        return plan_quality(a)
+    checks.refuse(checks.changed(a, "gen_len", "card", "draft", "results"), "the placement plan reads them only with "
+                  "--lossless or --max-ppl-delta X (the quality-aware plan)")
     v.integer("context", a.context, lo=1)
     v.integer("batch", a.batch, lo=1)
     v.integer("kv_group_size", a.kv_group_size, lo=1)
@@ -271,6 +275,52 @@ def cmd_plan(a) -> int:
     print(f"  {p.describe(cfg.n_layers)}")
     print(f"  predicted: {plan.gpu_kv_bytes / 2**30:.2f} GiB KV on the GPU, {plan.pinned_bytes / 2**30:.2f} GiB "
           f"pinned, {plan.h2d_bytes_per_token / 2**20:.1f} MiB streamed per decoded token ({plan.note})")
+    print(json.dumps(row))
+    return 0
+
+
+def plan_quality(a) -> int:
+    """``plan --lossless | --max-ppl-delta X``: every configuration ranked from the committed tables
+    (``evals.planner``); every flag checked before any result is read."""
+    from pathlib import Path
+
+    from .evals import planner as P
+
+    if not a.lossless and a.max_ppl_delta is None:
+        raise ValueError("--json, --check and --verify read the quality-aware plan: give --lossless or "
+                         "--max-ppl-delta X")
+    checks.refuse(checks.changed(a, "gpu_kv_budget", "tp", "kv_group_size"), "the quality-aware plan is for one GPU "
+                  "and the whole run's --gpu-memory, with the library's default group size")
+    if a.gpu_memory is None:
+        raise ValueError("the quality-aware plan needs --gpu-memory GB (what the whole run may allocate on the GPU)")
+    req = P.PlanRequest(a.model, a.context, a.batch, a.gpu_memory, a.gen_len, a.max_ppl_delta, a.lossless, a.card,
+                        a.draft)
+    cfg = checks.model_config(a.model)
+    if a.context + a.gen_len > cfg.max_position:
+        raise ValueError(f"--context {a.context} + --gen-len {a.gen_len} is beyond {a.model}'s {cfg.max_position} "
+                         f"positions: shorten one")
+    try:
+        dcfg = checks.model_config(a.draft)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--draft {a.draft} (the draft of vanilla and mspeckv): {e}") from None
+    root = Path(a.results)
+    if not (root / "bench").is_dir() and not (root / "quality").is_dir():
+        raise ValueError(f"--results {a.results}: no bench/ or quality/ folder there; run from the repository root "
+                         f"or name the results folder")
+    if a.verify and not Path(a.verify).is_dir():
+        raise ValueError(f"--verify {a.verify}: no such folder (give the folder the check commands wrote)")
+    res = P.plan(req, cfg, P.load_speed(root), P.load_quality(root), draft_cfg=dcfg)
+    row = P.to_json(res)
+    if a.verify:
+        row["verify"] = P.verify(res, a.verify)
+    if not a.json:
+        print(P.render(res))
+        if a.check:
+            print("\nTo measure the top choice (a GPU run; not run here):" if row["check"] else
+                  "\nNo bench command measures the top choice (none, or a quantized placement).")
+            print("\n".join(f"  {c}" for c in row["check"]))
+        if a.verify:
+            print("\nVerified against " + a.verify + ": " + ", ".join(f"{k} {x}" for k, x in row["verify"].items()))
     print(json.dumps(row))
     return 0
 
@@ -368,6 +418,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--tp", type=int, default=1, help="plan one rank of N tensor-parallel ranks (budget per GPU)")
+    q = p.add_argument_group("quality-aware plan (with --gpu-memory): placements, presses and speculation ranked by "
+                             "the decode tok/s of the committed result tables")
+    q.add_argument("--lossless", action="store_true", help="admit only lossless configurations (AR, bf16 offload, "
+                   "speculation)")
+    q.add_argument("--max-ppl-delta", type=float, default=None, help="admit a press or quantized placement only when "
+                   "the upper end of its measured PPL Δ 95%% interval (non-BBC corpus) is at most X %%")
+    q.add_argument("--gen-len", type=int, default=128, help="new tokens per sequence")
+    q.add_argument("--card", default="H100", help="prefer cells measured on this card (part of the device name)")
+    q.add_argument("--draft", default="qwen2.5-coder-0.5b", help="the draft model of vanilla and mspeckv")
+    q.add_argument("--results", default="results", help="the results folder read (bench/, quality/)")
+    q.add_argument("--json", action="store_true", help="print only the JSON line")
+    q.add_argument("--check", action="store_true", help="also print the bench command that would measure the top "
+                   "choice")
+    q.add_argument("--verify", default=None, metavar="DIR", help="compare the top choice's prediction with the run "
+                   "of its check commands under DIR (tok/s within 15%%; a press's PPL Δ inside its interval)")
     p.set_defaults(fn=cmd_plan)
 
     words = [x for x in argv if not x.startswith("-")] if argv is not None else None

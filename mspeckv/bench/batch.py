@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import validate as v
-from ..cache import check_gpu_memory
+from ..cache import check_gpu_memory, offload_placement
 from ..config import GenerationConfig
 from ..runs.harness import d2d_bandwidth, device_name, fmt, free_memory, peak_bytes, reset_peak, sync
 from ..runs.store import RunSpec, RunStore, run_sweep, write_bench
@@ -143,21 +143,6 @@ def spec_cell(text: str) -> tuple[str, int, bool, int | None, int, int]:
                             f"{', '.join(MODES)}, GAMMA >= 1 or autoN, and wWINDOW (self, mspeckv) >= 1, e.g. "
                             f"self:4@32768x32, self:auto8:w512@32768x32")
     return (mode, int(gamma), auto, int(window) if win else None, *hf_cell(cell))
-
-
-def offload_placement(model_cfg, weight_bytes: int, batch: int, capacity: int, dtype_bytes: int, budget_gb: float):
-    """The most on-chip layers that fit the budget beside the weights, the workspace and two bf16 staging layers; the
-    rest streamed in bf16 from pinned memory (lossless)."""
-    from ..cache import WORKSPACE
-    from ..kv.placement import Placement
-
-    layer = 2 * batch * capacity * model_cfg.n_kv_heads * model_cfg.head_dim * dtype_bytes
-    free = budget_gb * 1e9 - weight_bytes - WORKSPACE - 2 * layer
-    on_chip = int(max(0, min(model_cfg.n_layers - 1, free // layer)))
-    if free < 0:
-        raise ValueError(f"--gpu-memory {budget_gb:g} GB cannot hold the weights, the workspace and two staging layers "
-                         f"({2 * layer / 1e9:.1f} GB) at {batch} x {capacity}")
-    return Placement(on_chip=on_chip)
 
 
 def prompt_lengths(method: str, ctx: int, batch: int, cfg: BatchBenchConfig, seed: int) -> list[int]:
