@@ -17,6 +17,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--out", help="also write the table here")
+    ap.add_argument("--rewrite", action="store_true", help="one folder: replace its batch.json rows by these (the "
+                    "file keeps its device metadata and command, and says that its rows were summarized again)")
     a = ap.parse_args()
     recs = [json.loads(f.read_text()) for d in a.folders for f in sorted(Path(d, "runs").glob("*.json"))]
     if not recs:
@@ -28,6 +30,16 @@ def main() -> None:
     print(text)
     if a.out:
         Path(a.out).write_text(text)
+    if a.rewrite:
+        if len(a.folders) != 1:
+            raise SystemExit("--rewrite takes one folder")
+        from mspeckv.runs.store import atomic_write_json
+
+        f = Path(a.folders[0], "batch.json")
+        old = json.loads(f.read_text())
+        old.update(rows=res["rows"], rows_summarized_again="every record under runs/, by tools/batch_summary.py "
+                   "--rewrite: the folder's later invocations wrote this file for their own cells only")
+        atomic_write_json(f, old)
 
 
 if __name__ == "__main__":
