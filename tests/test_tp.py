@@ -106,6 +106,31 @@ def test_greedy_equals_tp1_exactly(runs, model, what):
 
 
 @pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("what", ["batch_ar", "batch_ar_streaming", "batch_ar_snapkv",
+                                  *[f"batch_{n}" for n in tp_workers.BATCH_SPECS]])
+def test_batch_every_mode_equals_tp1_per_sequence(runs, model, what):
+    """At batch (ragged prompts, 2 slots for 3 prompts): each rank's tokens equal TP=1's, sequence by sequence;
+    speculation equals batched AR (lossless, fp64), and its acceptance agrees across ranks."""
+    ref, ranks = runs
+    if what not in ("batch_ar_streaming", "batch_ar_snapkv"):  # a press changes the model: against TP=1's only
+        assert ref[model][what] == ref[model]["batch_ar"]
+    for r in ranks:
+        assert r[model][what] == ref[model][what]
+        if f"{what}_acceptance" in ref[model]:
+            assert r[model][f"{what}_acceptance"] == ref[model][f"{what}_acceptance"]
+
+
+def test_batch_cost_model_is_refused_under_tp(monkeypatch):
+    from mspeckv.decoding.batch_spec import BatchSpecConfig
+    from mspeckv.parallel import tp
+
+    monkeypatch.setattr(tp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tp.dist, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="auto"):
+        tp.tp_generate_batch_spec(None, None, [[1, 2]], None, BatchSpecConfig("self", 4, auto=True))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("what", ["vanilla_greedy", "mspeckv_greedy", "vanilla_sampled", "mspeckv_sampled"])
 def test_speculation_accepts_and_rejects_the_same_on_every_rank(runs, model, what):
     ref, ranks = runs

@@ -13,11 +13,19 @@ import torch.distributed as dist
 
 from mspeckv.cache import make_cache
 from mspeckv.config import GenerationConfig, SamplingConfig
+from mspeckv.decoding.batch_spec import BatchSpecConfig
 from mspeckv.decoding.speculative import SpecConfig
 from mspeckv.kv.dense import DenseKV
 from mspeckv.kv.placement import Placement
 from mspeckv.parallel import RanksDiverged
-from mspeckv.parallel.tp import check_ranks_agree, shard_model, tp_generate, tp_speculative_generate
+from mspeckv.parallel.tp import (
+    check_ranks_agree,
+    shard_model,
+    tp_generate,
+    tp_generate_batch,
+    tp_generate_batch_spec,
+    tp_speculative_generate,
+)
 
 # small groups and slack so that a 40-token prompt flushes (and quantizes) several groups to the CPU store
 PLACEMENTS = {
@@ -43,6 +51,28 @@ def logits(m, ids: torch.Tensor) -> dict:
     return out
 
 
+# batched decoding: ragged prompts (cut from the test's ids), fewer slots than prompts (a sequence joins when one
+# leaves), every mode; a press per sequence on each rank's KV heads
+BATCH_SPECS = {"self": BatchSpecConfig("self", 3, sinks=2, window=12),
+               "vanilla": BatchSpecConfig("vanilla", 3),
+               "vanilla_window": BatchSpecConfig("vanilla", 3, draft_window=10, draft_sinks=2),
+               "mspeckv": BatchSpecConfig("mspeckv", 4, sinks=2, window=12, draft_gamma=2)}
+
+
+def batch_scenarios(m, draft, ids: torch.Tensor) -> dict:
+    ps = [ids[0, :n].tolist() for n in (40, 23, 31)]
+    out = {"batch_ar": [s.tokens for s in tp_generate_batch(m, ps, GREEDY, max_batch=2).seqs],
+           "batch_ar_streaming": [s.tokens for s in tp_generate_batch(m, ps, GREEDY, max_batch=2,
+                                                                      press="streaming:budget=16,sinks=2").seqs],
+           # SnapKV scores each KV head over its own query-head group, which a rank holds whole: TP=1's rows
+           "batch_ar_snapkv": [s.tokens for s in tp_generate_batch(m, ps, GREEDY, max_batch=2,
+                                                                   press="snapkv:budget=16,obs_window=8").seqs]}
+    for name, spec in BATCH_SPECS.items():
+        res = tp_generate_batch_spec(m, draft if spec.mode != "self" else None, ps, GREEDY, spec, max_batch=2)
+        out[f"batch_{name}"], out[f"batch_{name}_acceptance"] = [s.tokens for s in res.seqs], res.stats["acceptance"]
+    return out
+
+
 def scenarios(m, draft, ids: torch.Tensor) -> dict:
     """Everything compared between TP=1 and TP=2 for one (already sharded) model and its (replicated) draft."""
     warnings.filterwarnings("ignore", "the draft .* is not smaller")
@@ -64,6 +94,7 @@ def scenarios(m, draft, ids: torch.Tensor) -> dict:
         out[f"{name}_sampled"], out[f"{name}_sampled_accepted"] = res.tokens, res.stats["accepted"]
         placed = tp_speculative_generate(m, draft, ids, GREEDY, spec, placement=PLACEMENTS["int8"])
         out[f"{name}_greedy_int8"] = placed.tokens
+    out.update(batch_scenarios(m, draft, ids))
     return out
 
 

@@ -314,3 +314,29 @@ def tp_speculative_generate(target, draft, prompt: Tensor, gen, spec, **kw):
     check_ranks_agree({"tokens": res.tokens, "accepted": {k: v["accepted"] for k, v in res.levels.items()}},
                       "generated tokens and accept counts")
     return res
+
+
+def tp_generate_batch(model, prompts, gen, **kw):
+    """``decoding.batch.generate_batch`` (many prompts, a length each) on every rank over its shard, then the check
+    that all ranks produced the same tokens for every sequence."""
+    from ..decoding.batch import generate_batch
+
+    res = generate_batch(model, prompts, gen, **kw)
+    check_ranks_agree([s.tokens for s in res.seqs], "generated tokens")
+    return res
+
+
+def tp_generate_batch_spec(target, draft, prompts, gen, spec, **kw):
+    """``decoding.batch_spec.generate_batch_spec`` on every rank (the target sharded, a draft model replicated; self
+    drafts with the rank's shard over a window of its own KV heads), then the check that all ranks generated and
+    accepted the same. The cost model (``spec.auto``) is refused: each rank would time its own forwards and could pick
+    another γ, and ranks whose forwards differ in shape cannot meet in an all-reduce."""
+    from ..decoding.batch_spec import generate_batch_spec
+
+    if spec.auto and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("the cost model's γ (auto) is not supported under tensor parallelism yet: each rank would "
+                         "pick from its own timings; give a fixed gamma")
+    res = generate_batch_spec(target, draft, prompts, gen, spec, **kw)
+    check_ranks_agree({"tokens": [s.tokens for s in res.seqs], "accepted": res.stats["acceptance"]},
+                      "generated tokens and acceptance")
+    return res
