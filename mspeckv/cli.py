@@ -75,6 +75,10 @@ def _load_pair(a, dtype=None):
 
 def cmd_generate(a) -> int:
     if a.prompts is not None:
+        if a.tp != 1 or under_torchrun():  # the batched engine on tensor-parallel ranks
+            from .parallel.cli import generate_many_tp
+
+            return generate_many_tp(a)
         from .cli_batch import generate_many
 
         return generate_many(a)

@@ -14,7 +14,7 @@ from .cli_common import encode, model_and_placement, sampling
 APPLIES = {"model", "prompts", "batch", "out", "gpu_memory", "chat", "max_new_tokens", "prefill_chunk", "device",
            "temperature", "top_p", "top_k", "seed", "greedy", "on_chip", "kv_quant", "kv_group_size", "resident_layers",
            "resident_format", "resident_policy", "press", "allow_lossy", "mode", "gamma", "draft", "self_window",
-           "self_sinks", "auto_gamma", "draft_gamma"}
+           "self_sinks", "auto_gamma", "draft_gamma", "tp"}
 
 
 def check(a) -> list:
@@ -70,13 +70,26 @@ def spec_config(a):
 
 
 def generate_many(a) -> int:
-    from .config import GenerationConfig
-    from .decoding.batch import BatchEngine, batch_cache
     from .model.api import load
-    from .runs.store import atomic_write_text
 
     lines, p = check(a)
     model, tok, _ = load(a.model, a.device)
+    draft = None
+    if a.mode in ("vanilla", "mspeckv"):
+        from .decoding.speculative import check_pair
+
+        draft, dtok, _ = load(a.draft, a.device)
+        check_pair(model, draft, tok, dtok)
+    eng, res = run_many(a, lines, p, model, tok, draft)
+    report_many(a, lines, eng, res, tok)
+    return 0
+
+
+def run_many(a, lines, p, model, tok, draft):
+    """Encode the prompt lines, build the engine (AR or speculation at batch), decode them all -> (engine, result)."""
+    from .config import GenerationConfig
+    from .decoding.batch import BatchEngine, batch_cache
+
     ids = [encode(tok, x.prompt, a.chat) for x in lines]
     max_new = [x.max_new_tokens or a.max_new_tokens for x in lines]
     gen = GenerationConfig(max_new_tokens=max(max_new), sampling=sampling(a), prefill_chunk=a.prefill_chunk)
@@ -90,14 +103,15 @@ def generate_many(a) -> int:
         eng = BatchEngine(model, batch, cap, gen, cache=batch_cache(model, batch, cap, p, a.press))
     else:
         from .decoding.batch_spec import BatchSpecEngine
-        from .decoding.speculative import check_pair
 
-        draft = None
-        if a.mode != "self":
-            draft, dtok, _ = load(a.draft, a.device)
-            check_pair(model, draft, tok, dtok)
         eng = BatchSpecEngine(model, draft, batch, cap, gen, spec_config(a))
-    res = eng.run(ids, max_new)
+    return eng, eng.run(ids, max_new)
+
+
+def report_many(a, lines, eng, res, tok, where: str = "") -> None:
+    """One JSON line per prompt (to --out or stdout), then the run's summary on stderr."""
+    from .runs.store import atomic_write_text
+
     rows = []
     for x, s in zip(lines, res.seqs, strict=True):
         d = {"index": s.index, **({"id": x.id} if x.id is not None else {}), "prompt_tokens": len(s.prompt),
@@ -116,7 +130,6 @@ def generate_many(a) -> int:
         why = "".join(f" | cost model, batch {b}: {cm.record()['reason']}" for b, cm in eng.costs.items())
         print(f"[speculation at batch | {a.mode}, γ {'≤ ' if a.auto_gamma else ''}{a.gamma}] {eng.rounds} rounds | "
               f"acceptance {acc:.2f} | tokens per sequence-round {per_round:.2f}{why}", file=sys.stderr)
-    print(f"[batched {a.mode} | {model.cfg.family} on {model.device}] {len(ids)} prompts, {batch} in flight | "
-          f"prefill {s['prefill_s']:.2f} s | decode {s['tok_per_s']:.1f} tok/s | end to end {s['e2e_tok_per_s']:.1f} "
-          f"tok/s | setup {s['setup_s']:.2f} s", file=sys.stderr)
-    return 0
+    print(f"[batched {a.mode} | {eng.model.cfg.family} on {eng.model.device}{where}] {len(lines)} prompts, "
+          f"{eng.max_batch} in flight | prefill {s['prefill_s']:.2f} s | decode {s['tok_per_s']:.1f} tok/s | end to "
+          f"end {s['e2e_tok_per_s']:.1f} tok/s | setup {s['setup_s']:.2f} s", file=sys.stderr)

@@ -138,3 +138,38 @@ def test_bench_tp_bad_input_writes_nothing(tmp_path, capfd, extra, message):
     _, err = capfd.readouterr()
     assert rc == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["ar", "vanilla", "self"])
+def test_generate_prompts_tp2_writes_the_tp1_lines(dirs, tmp_path, capfd, mode):
+    """--prompts at --tp 2: the batched engine on two gloo ranks (2 slots for 3 prompts); rank 0 writes the same
+    lines as --tp 1, token for token."""
+    t, d = dirs
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": PROMPT[:n]}) + "\n" for n in (80, 40, 60)))
+    spec = {"ar": [], "vanilla": ["--mode", "vanilla", "--draft", d, "--gamma", "3"],
+            "self": ["--mode", "self", "--gamma", "3", "--self-window", "16"]}[mode]
+    base = ["generate", "--model", t, "--prompts", str(f), "--max-new-tokens", "8", "--batch", "2", "--device", "cpu",
+            *spec]
+    outs = []
+    for tp in ("1", "2"):
+        out = tmp_path / f"out{tp}.jsonl"
+        assert main(base + ["--tp", tp, "--out", str(out)]) == 0
+        outs.append([json.loads(x)["tokens"] for x in out.read_text().splitlines()])
+        err = capfd.readouterr().err
+    assert outs[0] == outs[1] and len(outs[0]) == 3 and all(outs[0])
+    assert "| tp 2]" in err and err.count("prompts,") == 1  # rank 0 alone reported
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mode", "self", "--auto-gamma"], "--auto-gamma is not supported with --tp"),
+    (["--gpu-memory", "8"], "drop it"),
+    (["--press", "snapkv"], "--press would be ignored: --tp 2 does not support it"),
+])
+def test_generate_prompts_tp_refusals(dirs, tmp_path, capfd, extra, message):
+    t, _ = dirs
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    rc = main(["generate", "--model", t, "--prompts", str(f), "--device", "cpu", "--tp", "2", *extra])
+    _, err = capfd.readouterr()
+    assert rc == 2 and message in err and err.count("\n") == 1, err

@@ -96,3 +96,43 @@ def _generate_rank(r, a, text: str) -> dict:
               f"{s['ttft_s']:.3f} s | {s['ms_per_token']:.1f} ms/token | {s['tok_per_s']:.2f} tok/s | "
               f"{s['n_generated']} tokens{extra}", file=sys.stderr)
     return {"tokens": res.tokens}
+
+
+def generate_many_tp(a) -> int:
+    """``generate --prompts --tp N``: the batched engine on N ranks, each over its shard of the target (a draft model
+    replicated); rank 0 writes the lines. The cost model is refused (ranks would time their own forwards), and so is
+    --gpu-memory (it budgets one GPU's whole KV)."""
+    from ..cli_batch import check
+    from .launch import launch
+
+    lines, placement = check(a)
+    kind = check_generate_tp(a)
+    if a.auto_gamma:
+        raise ValueError("--auto-gamma is not supported with --tp yet: each rank would pick γ from its own timings; "
+                         "give a fixed --gamma")
+    if a.gpu_memory is not None:
+        raise ValueError("--gpu-memory budgets one GPU's whole KV; with --tp each rank holds a share: drop it")
+    launch(_generate_many_rank, a.tp, (a, lines, placement), device_type=kind)
+    return 0
+
+
+def _generate_many_rank(r, a, lines, placement) -> None:
+    from ..cli_batch import report_many, run_many
+    from ..decoding.speculative import check_pair
+    from ..model.api import load, load_tokenizer
+    from .tp import check_ranks_agree, load_tp
+
+    target_dir = _resolve(a.model, r)
+    draft_dir = _resolve(a.draft, r) if a.mode in ("vanilla", "mspeckv") else None
+    if target_dir.startswith("random:"):
+        raise ValueError("generate needs a tokenizer; random:<shape> models have none (use bench tp to time them)")
+    model = load_tp(target_dir, r.rank, r.world, r.device)
+    tok = load_tokenizer(target_dir)
+    draft = None
+    if draft_dir is not None:
+        draft, dtok, _ = load(draft_dir, r.device, progress=False)  # replicated: the whole draft on every rank
+        check_pair(model, draft, tok, dtok)
+    eng, res = run_many(a, lines, placement, model, tok, draft)
+    check_ranks_agree([s.tokens for s in res.seqs], "generated tokens")
+    if r.main:
+        report_many(a, lines, eng, res, tok, where=f" | tp {r.world}")
