@@ -1222,3 +1222,22 @@ def test_compact_by_hand():
     eng.retire(seqs[1], "stop")
     eng.compact()  # no sequence: nothing
     assert eng.slot_seq == [None] * 5
+
+
+def test_throwaway_rows_beside_own_sampling_rows_draw_nothing_from_the_engine():
+    """Only rows with their own sampling and free slots: the free slots' rows (thrown away) take the argmax, and the
+    engine's generator is not drawn from."""
+    from mspeckv.config import SamplingConfig
+    from mspeckv.decoding.batch import Sequence
+    from mspeckv.decoding.sampling import make_generator, next_token
+
+    m = tiny_model("llama")
+    logits = torch.randn(3, 97, generator=torch.Generator().manual_seed(1)) * 3
+    hot = SamplingConfig(temperature=1.0, seed=7)
+    eng = BatchEngine(m, 3, 16, GenerationConfig(max_new_tokens=2, sampling=hot))
+    state = eng.g.get_state().clone()
+    rows = [None, Sequence(1, [1], 4, sampling=hot, generator=make_generator("cpu", 5)), None]
+    tok = eng.sample(logits, rows)
+    assert torch.equal(eng.g.get_state(), state)
+    assert tok.tolist() == [int(logits[0].argmax()), int(next_token(logits[1:2], hot, make_generator("cpu", 5))[0]),
+                            int(logits[2].argmax())]
