@@ -950,6 +950,7 @@ def test_mspeckv_engine_layout_and_captures(clock):
     assert eng.l1_rounds == eng.l1_drafted == eng.l1_accepted == 0
     eng.capture(2)
     assert sorted(eng.wrunner.graphs) == [(3, 3, ("window", ("slots", 0, b))) for b in (1, 2)]
+    assert [tuple(g.ids.shape) for _, g in sorted(eng.wrunner.graphs.items())] == [(1, 3), (2, 3)]  # each bucket's rows
     assert sorted(eng.drunner.graphs) == [(1, 1, ("slots", 0, b)) for b in (1, 2)]
     plain = BatchSpecEngine(m, draft, 2, 20, gen, BatchSpecConfig("mspeckv", 2), graphs=False)
     assert type(plain.wrunner) is Runner and plain.wrunner.model is m
