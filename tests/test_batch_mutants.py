@@ -920,3 +920,325 @@ def test_own_sampling_rows_draw_their_own_tokens_even_when_held():
         want = generate(m, torch.tensor([p]), GenerationConfig(max_new_tokens=6, stop_on_eos=False,
                                                                sampling=s.sampling)).tokens[0]
         assert s.tokens == want
+
+
+# ------------------------------------------------------------------------ mspeckv at batch (hier_round), compaction
+def test_mspeckv_config_draft_gamma_slack_and_auto_refusal():
+    with pytest.raises(ValueError, match=exact("draft_gamma must be an integer >= 1, got 0")):
+        BatchSpecConfig("mspeckv", draft_gamma=0)
+    with pytest.raises(ValueError, match=exact("auto (the cost model's γ) runs modes self and vanilla; mspeckv takes "
+                                               "a fixed gamma and draft_gamma")):
+        BatchSpecConfig("mspeckv", auto=True)
+    c = BatchSpecConfig("mspeckv", 3, draft_gamma=1)
+    assert c.draft_gamma == 1 and BatchSpecConfig().draft_gamma == 4
+    assert c.slack == (3 + 2) * (1 + 1) and BatchSpecConfig("mspeckv", 2, draft_gamma=4).slack == 4 * 5
+    assert BatchSpecConfig("self", 3, draft_gamma=1).slack == 4 == BatchSpecConfig("vanilla", 3).slack
+
+
+def test_mspeckv_engine_layout_and_captures(clock):
+    """The middle level is the target over a window of its own KV: one graph per bucket for its draft_gamma + 1
+    tokens; the draft model runs over its own KV, one token a step."""
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1)
+    gen = GenerationConfig(max_new_tokens=5, stop_on_eos=False)
+    eng = BatchSpecEngine(m, draft, 3, 20, gen, BatchSpecConfig("mspeckv", 2, sinks=1, window=6, draft_gamma=2),
+                          graphs=True)
+    assert eng.slack == 4 * 3 and eng.cache.capacity() == 32 and eng.dcache.capacity() == 32
+    assert isinstance(eng.dcache, BatchKV) and eng.drunner.model is draft and type(eng.wrunner) is GraphRunner
+    assert eng.wrunner.model is m and isinstance(eng.wrunner.cache, WindowKV) and eng.wrunner.cache.base is eng.cache
+    assert (eng.wrunner.cache.sinks, eng.wrunner.cache.window) == (1, 6)
+    assert eng.l1_rounds == eng.l1_drafted == eng.l1_accepted == 0
+    eng.capture(2)
+    assert sorted(eng.wrunner.graphs) == [(3, 3, ("window", ("slots", 0, b))) for b in (1, 2)]
+    assert [tuple(g.ids.shape) for _, g in sorted(eng.wrunner.graphs.items())] == [(1, 3), (2, 3)]  # each bucket's rows
+    assert sorted(eng.drunner.graphs) == [(1, 1, ("slots", 0, b)) for b in (1, 2)]
+    plain = BatchSpecEngine(m, draft, 2, 20, gen, BatchSpecConfig("mspeckv", 2), graphs=False)
+    assert type(plain.wrunner) is Runner and plain.wrunner.model is m
+    assert BatchSpecEngine(m, None, 2, 20, gen, BatchSpecConfig("self", 2)).wrunner is None
+
+
+def spy_steps(eng, calls):
+    """Record (runner, tokens, num_logits) of every step of the draft (d), middle (w) and full (t) runners."""
+    for name, r in (("t", eng.runner), ("d", eng.drunner), ("w", eng.wrunner)):
+        def step(ids, num_logits=1, eager=False, f=r.step, name=name):
+            calls.append((name, ids.shape[1], num_logits))
+            return f(ids, num_logits, eager)
+        r.step = step
+
+
+def test_mspeckv_round_by_hand_when_every_level_accepts(clock):
+    """Draft = target and a window over everything: every draft is accepted at both levels. With draft_gamma 1 and
+    gamma 3, a round is two middle runs (2 tokens each: exactly γ + 1 = 4), then one full verification of 3 drafts
+    that keeps all of them: 4 tokens per sequence per round. Every cache then holds the kept tokens but the newest."""
+    m = tiny_model("llama")
+    draft = tiny_model("llama")  # the same weights
+    gen = GenerationConfig(max_new_tokens=9, stop_on_eos=False)
+    spec = BatchSpecConfig("mspeckv", 3, sinks=0, window=10_000, draft_gamma=1)
+    eng = BatchSpecEngine(m, draft, 2, 20, gen, spec)
+    ps = prompts((9, 5), seed=15)
+    seqs = [batch_mod.Sequence(i, p, 9) for i, p in enumerate(ps)]
+    for s in seqs:
+        eng.admit(s, 0.0)
+    calls = []
+    spy_steps(eng, calls)
+    eng.decode_segment(0.0)
+    assert calls == ([("d", 1, 1)] * 2 + [("w", 2, 2)]) * 2 + [("t", 4, 4)]
+    assert [len(s.tokens) for s in seqs] == [5, 5]
+    assert eng.cache.host_lens[:2] == [9 + 4, 5 + 4] == eng.dcache.host_lens[:2]
+    assert eng.cache.lens.tolist()[:2] == [13, 9] == eng.dcache.lens.tolist()[:2]
+    assert (eng.l1_rounds, eng.l1_drafted, eng.l1_accepted) == (2, 4, 4)
+    assert (eng.rounds, eng.steps, eng.seq_rounds, eng.accepted, eng.drafted) == (1, 1, 2, 6, 6)
+    assert eng.decode_s == 1.0  # one read before the round, one after
+    eng.decode_segment(0.0)
+    assert all(s.finish == "length" for s in seqs) and eng.decode_s == 2.0
+    assert (eng.l1_rounds, eng.l1_drafted, eng.l1_accepted) == (4, 8, 8)
+    assert (eng.rounds, eng.seq_rounds, eng.accepted, eng.drafted) == (2, 4, 12, 12)
+    for p, s in zip(ps, seqs, strict=True):
+        assert s.tokens == generate(m, torch.tensor([p]), gen).tokens[0]
+    r = generate_batch_spec(m, draft, ps, gen, spec)
+    st = r.stats
+    assert (st["draft_gamma"], st["l1_runs"], st["l1_acceptance"]) == (1, 4, 1.0)
+    assert (st["rounds"], st["sequence_rounds"], st["acceptance"], st["tokens_per_round"]) == (2, 4, 1.0, 4.0)
+    one = generate_batch_spec(m, draft, ps, GenerationConfig(max_new_tokens=1, stop_on_eos=False), spec)
+    assert (one.stats["draft_gamma"], one.stats["l1_runs"], one.stats["l1_acceptance"]) == (1, 0, None)
+
+
+@pytest.mark.parametrize("mode", ["self", "vanilla", "mspeckv"])
+@pytest.mark.parametrize("temperature", [None, 1.0])
+def test_a_slot_still_prefilling_sits_a_draft_round_out(mode, temperature):
+    """A sequence half prefilled (its slot held) inside the bucket of a round: neither its target KV nor its draft KV
+    moves, on the host or the device; it then decodes as alone (greedy) or by its own length (sampled)."""
+    from mspeckv.config import SamplingConfig
+
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode != "self" else None
+    samp = SamplingConfig(temperature=temperature, seed=0) if temperature else SamplingConfig()
+    gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False, sampling=samp)
+    eng = BatchSpecEngine(m, draft, 2, 30, gen, BatchSpecConfig(mode, 3, sinks=1, window=4, draft_gamma=1))
+    pa, pb = prompts((5, 15), seed=16)
+    a, b = batch_mod.Sequence(0, pa, 6), batch_mod.Sequence(1, pb, 6)
+    with torch.inference_mode():
+        eng.start(b), eng.feed(b, 8, 0.0)  # b in slot 0, held inside the bucket that a in slot 1 sets
+        eng.start(a), eng.feed(a, 100, 0.0)
+        eng.decode_segment(0.0)
+        assert b.tokens == [] and len(a.tokens) > 1 and (a.slot, b.slot) == (1, 0)
+        for c in (eng.cache, eng.dcache) if mode != "self" else (eng.cache,):  # self: its draft KV is the target's
+            assert c.host_lens[0] == 8 == int(c.lens[0]) and int(c.live[0]) == 1
+            assert c.host_lens[1] == 5 + len(a.tokens) - 1 == int(c.lens[1])
+        eng.feed(b, 100, 0.0)
+        while any(s.finish is None for s in (a, b)):
+            eng.decode_segment(0.0)
+    assert len(a.tokens) == len(b.tokens) == 6
+    if temperature is None:
+        for p, s in ((pa, a), (pb, b)):
+            assert s.tokens == generate(m, torch.tensor([p]), gen).tokens[0]
+
+
+def spy_verify(eng, rec):
+    orig = eng.verify
+
+    def verify(d, q, rows, runner=None, last=None, keep_p=False):
+        out = orig(d, q, rows, runner=runner, last=last, keep_p=keep_p)
+        rec.append(SimpleNamespace(d=d.clone(), q=None if q is None else q.clone(), runner=runner,
+                                   last=None if last is None else last.clone(), keep_p=keep_p, n=out[0].tolist(),
+                                   nxt=out[1].tolist(), p=out[2]))
+        return out
+    eng.verify = verify
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_mspeckv_sampled_round_proposes_the_middle_levels_distributions(own):
+    """Sampling (the engine's, or one row's own in a greedy engine): each middle run is verified by rejection sampling
+    over the window (its probabilities kept), the next run starts from its last token, and the full level is given,
+    per sequence, the first γ tokens the middle runs produced (accepted drafts, then the run's own token) with the
+    middle level's distribution at each as the proposal; each sequence keeps its accepted prefix and the full level's
+    token."""
+    from mspeckv.config import SamplingConfig
+
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1)
+    samp = SamplingConfig() if own else SamplingConfig(temperature=1.0, seed=0)
+    gen = GenerationConfig(max_new_tokens=12, stop_on_eos=False, sampling=samp)
+    eng = BatchSpecEngine(m, draft, 2, 40, gen, BatchSpecConfig("mspeckv", 3, sinks=1, window=4, draft_gamma=1))
+    ps = prompts((9, 6), seed=17)
+    seqs = [batch_mod.Sequence(i, p, 12) for i, p in enumerate(ps)]
+    if own:  # row 0 samples with its own settings; row 1 follows the greedy engine
+        mine = SamplingConfig(temperature=1.0, seed=3)
+        seqs[0] = batch_mod.Sequence(0, ps[0], 12, sampling=mine, generator=torch.Generator().manual_seed(3))
+    for s in seqs:
+        eng.admit(s, 0.0)
+    rec = []
+    spy_verify(eng, rec)
+    rounds = 0
+    while any(s.finish is None for s in seqs):
+        eng.compact()  # as the round begins: a sequence left alone in slot 1 moves to slot 0
+        live = sorted((s for s in seqs if s.finish is None), key=lambda s: s.slot)
+        start = {s.slot: len(s.tokens) for s in live}
+        last0 = eng.last[:len(live)].tolist()
+        sampled = not own or seqs[0].finish is None  # a greedy row alone in a greedy engine: greedy rounds
+        rec.clear()
+        eng.decode_segment(0.0)
+        rounds += 1
+        *mid, full = rec
+        toks, probs, mins = {b: [] for b in start}, {b: [] for b in start}, []
+        cur = last0
+        for r in mid:
+            assert r.runner is eng.wrunner and r.keep_p == sampled == (r.q is not None) and r.last.tolist() == cur
+            for b in start:
+                k = r.n[b]
+                toks[b] += r.d[b, :k].tolist() + [r.nxt[b]]
+                probs[b] += list(r.p[b, :k + 1]) if sampled else []
+            cur = r.nxt
+            mins.append(min(len(t) for t in toks.values()))
+        assert mins[-1] >= 4 and all(n < 4 for n in mins[:-1])  # the middle runs stop once each has γ + 1
+        assert full.runner is None and full.d.tolist() == [toks[b][:3] for b in start]
+        for b, s in zip(start, live, strict=True):
+            assert full.q is None if not sampled else torch.equal(full.q[b], torch.stack(probs[b][:3]))
+            k = full.n[b]
+            assert s.tokens[start[b]:] == (toks[b][:k] + [full.nxt[b]])[:12 - start[b]]
+        if own and len(live) == 2:  # row 0's proposals are its own temperature-1 distributions, row 1's one-hots
+            assert full.q[0].max() < 1 and torch.equal(full.q[1].max(-1).values, torch.ones(3))
+    assert rounds >= 3
+    if own:
+        greedy = GenerationConfig(max_new_tokens=12, stop_on_eos=False)
+        assert seqs[1].tokens == generate(m, torch.tensor([ps[1]]), greedy).tokens[0]
+
+
+def test_move_is_refused_inside_a_forward_and_between_empty_slots():
+    c = BatchKV(1, 2, 1, 2, 8, torch.float32, "cpu")
+    c.join()
+    c.focus(0, 1)
+    c.begin(1)
+    with pytest.raises(RuntimeError, match=exact("move() inside a forward (between begin and end)")):
+        c.move(0, 1)
+    c.abort()
+    st = SeqStackKV(lambda: BatchKV(1, 1, 1, 2, 8, torch.float32, "cpu"), 2, 8, "cpu")
+    with pytest.raises(ValueError, match=exact("move needs a sequence in slot 1 and slot 0 free")):
+        st.move(1, 0)  # both slots free: nothing to move
+    assert st.caches == [None, None]
+
+
+def test_spec_engine_start_checks_the_draft_slot_and_retire_keeps_the_reason():
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1)
+    gen = GenerationConfig(max_new_tokens=4, stop_on_eos=False)
+    eng = BatchSpecEngine(m, draft, 2, 20, gen, BatchSpecConfig("vanilla", 2))
+    eng.dcache.join()  # the draft's KV out of step: its first free slot is 1
+    with pytest.raises(RuntimeError, match=exact("the draft's KV and the target's disagree on the free slot (0)")):
+        eng.start(batch_mod.Sequence(0, [5, 6, 7], 4))
+    eng = BatchSpecEngine(m, draft, 2, 20, gen, BatchSpecConfig("vanilla", 2))
+    seq = batch_mod.Sequence(0, [5, 6, 7], 4)
+    eng.admit(seq, 0.0)
+    eng.retire(seq, "cancelled")
+    assert seq.finish == "cancelled" and eng.cache.free_slots() == [0, 1] == eng.dcache.free_slots()
+
+
+def test_auto_with_a_held_slot_follows_the_buckets_cost_model():
+    """A held slot skips the timing of a new cost model (its row would be timed as a live one), but a bucket that has
+    one still picks by it: here AR."""
+    m = tiny_model("llama")
+    gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False)
+    eng = BatchSpecEngine(m, None, 2, 40, gen, BatchSpecConfig("self", 2, sinks=1, window=4, auto=True))
+    eng.costs[2] = CostModel(1e-3, 1.0, {1: 1.0, 2: 1.0}, probe_every=100)
+    pa, pb = prompts((5, 15), seed=18)
+    a, b = batch_mod.Sequence(0, pa, 6), batch_mod.Sequence(1, pb, 6)
+    eng.start(b), eng.feed(b, 8, 0.0)  # b in slot 0, held: a in slot 1 sets the bucket of 2
+    eng.start(a), eng.feed(a, 100, 0.0)
+    eng.decode_segment(0.0)
+    assert eng.costs[2].picks == {0: 1} and eng.rounds == 0 and list(eng.costs) == [2]
+    assert eng.cache.host_lens[0] == 8 and len(a.tokens) > 1 and b.tokens == []
+
+
+def test_auto_rounds_of_gamma_1_are_counted_and_observed():
+    m = tiny_model("llama")
+    gen = GenerationConfig(max_new_tokens=6, stop_on_eos=False)
+    eng = BatchSpecEngine(m, None, 2, 40, gen, BatchSpecConfig("self", 2, sinks=1, window=4, auto=True))
+    cm = eng.costs[2] = CostModel(1.0, 1e-9, {1: 1e-3, 2: 1.0})  # γ = 1 wins whatever α
+    for i, p in enumerate(prompts((5, 9), seed=19)):
+        eng.admit(batch_mod.Sequence(i, p, 6), 0.0)
+    eng.decode_segment(0.0)
+    assert cm.picks == {1: 1} and (eng.rounds, eng.seq_rounds, eng.drafted) == (1, 2, 2)
+    assert cm.accepted + cm.rejected == 2 and cm.accepted == eng.accepted
+
+
+@pytest.mark.parametrize("mode", ["self", "vanilla"])
+def test_own_sampling_row_samples_in_a_greedy_engine(mode):
+    """A greedy engine with one row that samples (its own temperature 1): the round takes the sampled path, so that
+    row's tokens are drawn (not greedy's), while the other row still decodes as greedy AR alone."""
+    from mspeckv.config import SamplingConfig
+
+    m = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, num_hidden_layers=1) if mode == "vanilla" else None
+    gen = GenerationConfig(max_new_tokens=8, stop_on_eos=False)
+    eng = BatchSpecEngine(m, draft, 2, 40, gen, BatchSpecConfig(mode, 3, sinks=1, window=4))
+    pa, pb = prompts((7, 10), seed=20)
+    mine = SamplingConfig(temperature=1.0, seed=3)
+    a = batch_mod.Sequence(0, pa, 8, sampling=mine, generator=torch.Generator().manual_seed(3))
+    b = batch_mod.Sequence(1, pb, 8)
+    with torch.inference_mode():
+        for s in (a, b):
+            eng.admit(s, 0.0)
+        while any(s.finish is None for s in (a, b)):
+            eng.decode_segment(0.0)
+    assert a.tokens[1:] != generate(m, torch.tensor([pa + a.tokens[:1]]), gen).tokens[0][:7]
+    assert b.tokens == generate(m, torch.tensor([pb]), gen).tokens[0]
+
+
+def test_rollback_ignores_the_count_of_a_free_slot():
+    c = BatchKV(1, 3, 1, 2, 16, torch.float32, "cpu")
+    for _ in range(3):
+        c.join()
+    for s, n in ((0, 5), (2, 4)):
+        c.focus(s, 1)
+        forward(c, n)
+    c.leave(1)
+    c.focus(0, 3)
+    c.rollback([1, 3, 2])  # slot 1 is free: nothing to forget, its count is not checked
+    assert c.lens.tolist() == [4, 0, 2] and c.host_lens == [4, 0, 2]
+
+
+def test_compact_by_hand():
+    """Buckets of max_batch 5: 1, 2, 4, 5. Compaction moves the sequences of the slots at or above the smallest bucket
+    that holds them all into that bucket's free slots, lowest first; nothing when no smaller bucket is gained."""
+    m = tiny_model("llama")
+    eng = BatchEngine(m, 5, 20, GenerationConfig(max_new_tokens=4, stop_on_eos=False))
+    seqs = [batch_mod.Sequence(i, p, 4) for i, p in enumerate(prompts((3, 4, 5, 6, 7), seed=21))]
+    for s in seqs:
+        eng.admit(s, 0.0)
+    last = eng.last.tolist()
+    eng.compact()  # all five: nothing to gain
+    assert eng.slot_seq == seqs and eng.cache.host_lens == [3, 4, 5, 6, 7]
+    for i in (2, 3):
+        eng.retire(seqs[i], "stop")
+    eng.compact()  # slots 0, 1, 4 -> bucket 4: slot 4 moves to 2 (slot 3 stays free)
+    assert eng.slot_seq == [seqs[0], seqs[1], seqs[4], None, None] and seqs[4].slot == 2
+    assert eng.cache.host_lens == [3, 4, 7, 0, 0] and eng.cache.host_live == [True] * 3 + [False] * 2
+    assert eng.last.tolist()[:3] == [last[0], last[1], last[4]]
+    eng.compact()  # slots 0, 1, 2 hold bucket 4 already
+    assert eng.slot_seq == [seqs[0], seqs[1], seqs[4], None, None]
+    eng.retire(seqs[0], "stop"), eng.retire(seqs[4], "stop")
+    eng.compact()  # slot 1 alone: bucket 2 -> 1, it moves to slot 0
+    assert eng.slot_seq == [seqs[1], None, None, None, None] and seqs[1].slot == 0 and eng.last[0] == last[1]
+    assert eng.cache.host_lens == [4, 0, 0, 0, 0]
+    eng.retire(seqs[1], "stop")
+    eng.compact()  # no sequence: nothing
+    assert eng.slot_seq == [None] * 5
+
+
+def test_throwaway_rows_beside_own_sampling_rows_draw_nothing_from_the_engine():
+    """Only rows with their own sampling and free slots: the free slots' rows (thrown away) take the argmax, and the
+    engine's generator is not drawn from."""
+    from mspeckv.config import SamplingConfig
+    from mspeckv.decoding.batch import Sequence
+    from mspeckv.decoding.sampling import make_generator, next_token
+
+    m = tiny_model("llama")
+    logits = torch.randn(3, 97, generator=torch.Generator().manual_seed(1)) * 3
+    hot = SamplingConfig(temperature=1.0, seed=7)
+    eng = BatchEngine(m, 3, 16, GenerationConfig(max_new_tokens=2, sampling=hot))
+    state = eng.g.get_state().clone()
+    rows = [None, Sequence(1, [1], 4, sampling=hot, generator=make_generator("cpu", 5)), None]
+    tok = eng.sample(logits, rows)
+    assert torch.equal(eng.g.get_state(), state)
+    assert tok.tolist() == [int(logits[0].argmax()), int(next_token(logits[1:2], hot, make_generator("cpu", 5))[0]),
+                            int(logits[2].argmax())]

@@ -106,7 +106,10 @@ GROUPS["batch"] = (["mspeckv/kv/batch.py", "mspeckv/kv/stack.py", "mspeckv/decod
                                                                    "test_window_kv_hands_the_kernel_the_mask_it_applies",
                                                                    "test_cost_model_arithmetic_and_choices",
                                                                    "test_auto_gamma_keeps_greedy_output_whatever_it_"
-                                                                   "picks")],
+                                                                   "picks",
+                                                                   "test_each_rows_own_sampling_is_applied",
+                                                                   "test_a_new_buckets_cost_model_starts_from_the_"
+                                                                   "acceptance_seen")],
                     "tests/test_batch_cli.py::test_gpu_memory_budget_counts_weights_kv_and_workspace"])
 # Not mutated: mspeckv/kv/quant_triton.py and the Triton parts of model/fused.py (GPU only: no CPU test reaches them).
 # Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
