@@ -109,7 +109,8 @@ GROUPS["batch"] = (["mspeckv/kv/batch.py", "mspeckv/kv/stack.py", "mspeckv/decod
                                                                    "picks",
                                                                    "test_each_rows_own_sampling_is_applied",
                                                                    "test_a_new_buckets_cost_model_starts_from_the_"
-                                                                   "acceptance_seen")],
+                                                                   "acceptance_seen",
+                                                                   "test_the_draft_model_reads_its_window_only")],
                     "tests/test_batch_cli.py::test_gpu_memory_budget_counts_weights_kv_and_workspace"])
 # Not mutated: mspeckv/kv/quant_triton.py and the Triton parts of model/fused.py (GPU only: no CPU test reaches them).
 # Optional mutant-name patterns (fnmatch) per group, to time-box a slow group to its most important functions.
