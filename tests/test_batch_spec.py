@@ -110,11 +110,13 @@ def test_bad_configs():
         BatchSpecEngine(m, None, 1, 8, gen, BatchSpecConfig("self", 3)).run([[5] * 6])
     with pytest.raises(ValueError, match="no prompts"):
         generate_batch_spec(m, None, [], gen, BatchSpecConfig())
-    with pytest.raises(ValueError, match="draft model's window"):
+    with pytest.raises(ValueError, match=r"^draft_window is the draft model's window \(vanilla, mspeckv\); self "
+                                         r"drafts over window$"):
         BatchSpecConfig("self", draft_window=8)
-    for bad in ({"draft_window": 0}, {"draft_sinks": -1}):
-        with pytest.raises(ValueError, match="draft_"):
-            BatchSpecConfig("vanilla", **bad)
+    for field, bad in (("draft_window", 0), ("draft_sinks", -1)):
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            BatchSpecConfig("vanilla", **{field: bad})
+    assert BatchSpecConfig("vanilla", draft_window=1, draft_sinks=0).draft_window == 1  # the smallest window
 
 
 def test_the_draft_model_reads_its_window_only():
