@@ -96,7 +96,8 @@ def main() -> None:
     segment = eng.decode_segment
 
     def decode_segment(t_run):
-        on.append(1) if not on else None
+        if not on:
+            on.append(1)
         return segment(t_run)
 
     eng.decode_segment = decode_segment

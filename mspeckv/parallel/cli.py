@@ -69,13 +69,14 @@ def _resolve(ref: str, r) -> str:
     return d
 
 
-def _generate_rank(r, a, text: str) -> dict:
+def _load_rank(r, a, with_draft: bool):
+    """This rank's shard of the target, its tokenizer, and (``with_draft``) the whole draft model, replicated."""
     from ..decoding.speculative import check_pair
     from ..model.api import load, load_tokenizer
-    from .tp import check_ranks_agree, load_tp
+    from .tp import load_tp
 
     target_dir = _resolve(a.model, r)
-    draft_dir = _resolve(a.draft, r) if a.mode != "ar" and a.drafter == "model" else None
+    draft_dir = _resolve(a.draft, r) if with_draft else None
     if target_dir.startswith("random:"):
         raise ValueError("generate needs a tokenizer; random:<shape> models have none (use bench tp to time them)")
     model = load_tp(target_dir, r.rank, r.world, r.device)
@@ -84,6 +85,13 @@ def _generate_rank(r, a, text: str) -> dict:
     if draft_dir is not None:
         draft, dtok, _ = load(draft_dir, r.device, progress=False)  # replicated: the whole draft on every rank
         check_pair(model, draft, tok, dtok)
+    return model, tok, draft
+
+
+def _generate_rank(r, a, text: str) -> dict:
+    from .tp import check_ranks_agree
+
+    model, tok, draft = _load_rank(r, a, a.mode != "ar" and a.drafter == "model")
     ids = encode(tok, text, a.chat)
     res = run_generation(a, model, tok, draft, ids, a.mode)
     acc = {k: v["accepted"] for k, v in getattr(res, "levels", {}).items()}
@@ -118,20 +126,9 @@ def generate_many_tp(a) -> int:
 
 def _generate_many_rank(r, a, lines, placement) -> None:
     from ..cli_batch import report_many, run_many
-    from ..decoding.speculative import check_pair
-    from ..model.api import load, load_tokenizer
-    from .tp import check_ranks_agree, load_tp
+    from .tp import check_ranks_agree
 
-    target_dir = _resolve(a.model, r)
-    draft_dir = _resolve(a.draft, r) if a.mode in ("vanilla", "mspeckv") else None
-    if target_dir.startswith("random:"):
-        raise ValueError("generate needs a tokenizer; random:<shape> models have none (use bench tp to time them)")
-    model = load_tp(target_dir, r.rank, r.world, r.device)
-    tok = load_tokenizer(target_dir)
-    draft = None
-    if draft_dir is not None:
-        draft, dtok, _ = load(draft_dir, r.device, progress=False)  # replicated: the whole draft on every rank
-        check_pair(model, draft, tok, dtok)
+    model, tok, draft = _load_rank(r, a, a.mode in ("vanilla", "mspeckv"))
     eng, res = run_many(a, lines, placement, model, tok, draft)
     check_ranks_agree([s.tokens for s in res.seqs], "generated tokens")
     if r.main:
